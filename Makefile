@@ -1,0 +1,35 @@
+# Mobile VLA platform. Two commands on a fresh machine:
+#   make demo   # the whole loop on embedded defaults (local Ray, SQLite MLflow, MiniWorld)
+#   make test   # the test suite (sets itself up first)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mobile-vla-installed
+export MLFLOW_DISABLE_TELEMETRY := true
+export PYOPENGL_PLATFORM := egl
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup test test-fast demo demo-tiny bench bench-data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/mobile-vla demo $(DEMO_ARGS)
+
+demo-tiny: setup
+	$(VENV)/bin/mobile-vla demo --preset tiny $(DEMO_ARGS)
+
+bench: setup
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf .mobile_vla benchmarks/results .pytest_cache

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up everything `make test` and `make demo` need, from nothing; quick when already done.
+#   - Debian packages for headless MiniWorld rendering (Mesa EGL)
+#   - a Python 3.11 virtual environment in $VENV (default .venv) with the package and its extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-cpu,dev}
+PYTHON=${PYTHON:-python3.11}
+
+need_debs=()
+for deb in libegl1 libegl-mesa0 libgl1-mesa-dri libglu1-mesa; do
+  dpkg -s "$deb" >/dev/null 2>&1 || need_debs+=("$deb")
+done
+if [ ${#need_debs[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_debs[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_debs[@]}"
+fi
+
+stamp="$VENV/.mobile-vla-installed"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+echo "setup: installing mobile-vla[$EXTRAS] into $VENV (a few minutes the first time)"
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+touch "$stamp"
