@@ -1,0 +1,113 @@
+"""The registry layer against a real MLflow SQLite store (and a real `mlflow server` over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mobile_vla.errors import ModelError
+
+
+def make_model_dir(root: Path, marker: str) -> Path:
+    model = root / f"model-{marker}"
+    (model / "policy").mkdir(parents=True)
+    (model / "policy" / "config.json").write_text(json.dumps({"kind": "policy", "marker": marker}))
+    return model
+
+
+def start_run():
+    import mlflow
+
+    from mobile_vla.tracking import get_or_create_experiment
+
+    exp = get_or_create_experiment("registry-test")
+    with mlflow.start_run(experiment_id=exp) as run:
+        mlflow.log_param("p", 1)
+    return run.info.run_id
+
+
+def exercise_registry(tmp_path: Path) -> None:
+    from mobile_vla import tracking
+
+    v1 = tracking.register_policy(make_model_dir(tmp_path, "a"), start_run(), name="reg-test")
+    v2 = tracking.register_policy(make_model_dir(tmp_path, "b"), start_run(), name="reg-test", alias="challenger")
+    assert (v1, v2) == ("1", "2")
+    assert tracking.get_version_by_alias("reg-test", "challenger") == "2"
+    assert tracking.get_version_by_alias("reg-test", "champion") is None
+
+    tracking.set_alias("reg-test", "champion", v1)
+    champ = tracking.resolve_model("models:/reg-test@champion")
+    assert champ.version == "1" and champ.alias == "champion"
+    assert json.loads((champ.path / "policy" / "config.json").read_text())["marker"] == "a"
+    assert tracking.resolve_model("models:/reg-test/2").path != champ.path
+
+    # Export adds onnx/ to the same version; an already-cached copy picks it up on the next resolve.
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "signature.json").write_text("{}")
+    tracking.attach_artifacts("reg-test", v1, onnx_dir, "onnx")
+    again = tracking.resolve_model("models:/reg-test@champion")
+    assert (again.path / "onnx" / "signature.json").is_file()
+    assert (again.path / "policy" / "config.json").is_file()
+
+    tracking.log_version_metrics("reg-test", v1, {"mae": 0.125, "success": 0.5})
+    assert tracking.get_version_metrics("reg-test", v1) == {"mae": 0.125, "success": 0.5}
+
+    with pytest.raises(ModelError, match="has no alias 'nope'"):
+        tracking.resolve_model("models:/reg-test@nope")
+    with pytest.raises(ModelError, match="expected models:/NAME@alias"):
+        tracking.resolve_model("models:/")
+    with pytest.raises(ModelError, match="no such folder"):
+        tracking.resolve_model(tmp_path / "missing")
+    with pytest.raises(ModelError, match="no policy/ folder"):
+        tracking.register_policy(tmp_path, start_run(), name="reg-test")
+
+
+def test_registry_on_embedded_sqlite_store(platform_home, tmp_path):
+    exercise_registry(tmp_path)
+    assert (platform_home / "mlflow.db").is_file()
+    assert not Path("mlruns").exists() or Path("mlruns").stat().st_mtime < time.time() - 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_registry_through_an_mlflow_server(platform_home, tmp_path, monkeypatch):
+    port = free_port()
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
+        "--artifacts-destination", str(server_dir / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not come up")
+                time.sleep(1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        exercise_registry(tmp_path)
+        assert not (platform_home / "mlflow.db").exists()  # everything went to the server
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
