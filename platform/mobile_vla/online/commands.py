@@ -1,0 +1,80 @@
+"""`mobile-vla promote` and `mobile-vla online-update`: the gate that moves `@champion`, and the job
+that turns fleet feedback into a challenger. Heavy imports stay inside the functions (fast --help)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    promote = subparsers.add_parser(
+        "promote",
+        help="gate a challenger against @champion and move the alias if it passes",
+        description="Compare a model version with @champion on its evaluation metrics (version tags "
+        "metric.<key>), move @champion if the gate passes, and tag the version with the decision. "
+        "Exit status: 0 promoted, 1 rejected by the gate, 2 bad input.",
+    )
+    promote.add_argument("--model", required=True, help="registered model name, e.g. mobile-vla-policy")
+    which = promote.add_mutually_exclusive_group()
+    which.add_argument("--version", help="the version to promote")
+    which.add_argument("--from-alias", default=None, help="promote the version behind this alias (default challenger)")
+    promote.add_argument(
+        "--gate", nargs="*", default=[], metavar="FILE|key=value",
+        help="a gate YAML file (e.g. jobs/configs/gate.yaml) and/or key=value overrides",
+    )
+    promote.add_argument("--force", action="store_true", help="move @champion even if the gate fails (tagged 'forced')")
+    promote.set_defaults(func=run_promote)
+
+    update = subparsers.add_parser(
+        "online-update",
+        help="fine-tune @champion on new fleet feedback, register a challenger, promote if the gate passes",
+    )
+    update.add_argument("--config", required=True, help="e.g. jobs/configs/online_update.yaml")
+    update.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    update.set_defaults(func=run_online_update_command)
+
+
+def split_gate_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`--gate FILE a=1 b=2` -> (FILE, ['a=1', 'b=2']); at most one file."""
+    from mobile_vla.errors import ConfigError
+
+    files = [item for item in items if "=" not in item]
+    if len(files) > 1:
+        raise ConfigError(f"--gate: at most one gate file, got {files}")
+    if files and not Path(files[0]).is_file():
+        raise ConfigError(f"--gate: {files[0]}: gate file not found")
+    return (files[0] if files else None), [item for item in items if "=" in item]
+
+
+def print_decision(decision) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{decision.name} v{decision.version} vs champion v{decision.compared_to or '-'}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    for check in decision.checks:
+        table.add_row(check.name, "[green]pass[/]" if check.passed else "[red]fail[/]", check.detail)
+    console = Console()
+    console.print(table)
+    console.print(f"{decision.decision}: {decision.reason}")
+
+
+def run_promote(args) -> int:
+    from mobile_vla.online.promotion import load_gate, promote
+
+    gate_file, overrides = split_gate_args(args.gate)
+    gate = load_gate(gate_file, overrides)
+    decision = promote(args.model, version=args.version, from_alias=args.from_alias, gate=gate, force=args.force)
+    print_decision(decision)
+    return 0 if decision.promoted else 1
+
+
+def run_online_update_command(args) -> int:
+    from mobile_vla.online.update import load_update_config, run_online_update
+
+    cfg = load_update_config(args.config, args.overrides)
+    report = run_online_update(cfg)
+    print(report.summary())
+    return 0
