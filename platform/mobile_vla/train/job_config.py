@@ -1,0 +1,136 @@
+"""`TrainJobConfig`: everything one training run needs, read from a YAML preset plus overrides.
+
+    cfg = load_train_config("jobs/configs/small.yaml", ["optim.lr=3e-4", "scaling.num_workers=2"])
+
+Sections mirror the stages of a run: data (which episodes, how windows are cut), model (policy preset +
+overrides), optim, train (loop settings), scaling (Ray Train workers), run (name and storage, the key for
+resuming) and mlflow (where results go). Unknown keys are errors; every message names field and value.
+`batch_size` is per worker: the global batch is batch_size x num_workers x optim.accumulate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mobile_vla.config import StrictModel, load_config, platform_home
+
+
+class DataSection(StrictModel):
+    path: str = "data/mini"  # dataset folder holding manifest.json and the episode files
+    train_split: str = "train"
+    val_split: str = "val"
+    window: int = Field(8, ge=1)  # W history frames per sample
+    chunk: int = Field(10, ge=1)  # K future actions predicted per frame
+    augment: bool = True  # train-time image augmentation (never on validation)
+
+
+class ModelSection(StrictModel):
+    preset: Literal["tiny", "small", "full"] = "small"
+    overrides: dict[str, Any] = Field(default_factory=dict)  # PolicyConfig fields, checked before launch
+
+
+class OptimSection(StrictModel):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up, then cosine annealing to min_lr_ratio x lr
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; null disables clipping
+    accumulate: int = Field(1, ge=1)  # micro-batches per optimiser step
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class TrainSection(StrictModel):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)  # per worker
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    seed: int = 0
+    keep_best: int = Field(3, ge=1)  # checkpoints kept, ranked by validation loss
+    max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke runs and benchmarks
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _non_negative(cls, resources: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in resources.items() if v < 0}
+        if bad:
+            raise ValueError(f"resource amounts must be >= 0, got {bad}")
+        return resources
+
+    def worker_bundle(self) -> dict[str, float]:
+        """What one Train worker reserves: Ray's rule (1 CPU, plus 1 GPU with use_gpu) unless overridden."""
+        bundle = {"CPU": 1.0, **({"GPU": 1.0} if self.use_gpu else {})}
+        bundle.update({k: float(v) for k, v in self.resources_per_worker.items()})
+        return {k: v for k, v in bundle.items() if v > 0}
+
+
+class RunSection(StrictModel):
+    name: str | None = None  # the same name again resumes that run from its last checkpoint
+    storage_path: str | None = None  # default $MOBILE_VLA_HOME/ray_results; shared (S3/NFS) on clusters
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
+    pid_dir: str | None = None  # each worker writes <rank>.pid here (fault-injection tests, operations)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
+            raise ValueError(f"run name must be a plain folder name, got {name!r}")
+        return name
+
+
+class MlflowSection(StrictModel):
+    enabled: bool = True
+    experiment: str = "mobile-vla"
+    registered_model: str | None = "mobile-vla-policy"  # null: log the run, register nothing
+    alias: str | None = "challenger"
+
+
+class TrainJobConfig(StrictModel):
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainJobConfig:
+        gpus = self.scaling.worker_bundle().get("GPU", 0.0)
+        if self.scaling.use_gpu and gpus == 0:
+            raise ValueError("scaling.use_gpu = true but scaling.resources_per_worker.GPU = 0")
+        if self.data.train_split == self.data.val_split:
+            raise ValueError(
+                f"data.val_split = {self.data.val_split!r}: must differ from data.train_split (held-out validation)"
+            )
+        return self
+
+    def storage_path(self) -> str:
+        """Where Ray Train keeps checkpoints; local paths are made absolute (workers run elsewhere)."""
+        raw = self.run.storage_path or str(platform_home() / "ray_results")
+        if "://" in raw:
+            return raw
+        return str(Path(raw).expanduser().resolve())
+
+    def data_path(self) -> Path:
+        return Path(self.data.path).expanduser().resolve()
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainJobConfig:
+    return load_config(path, TrainJobConfig, overrides)

@@ -1,0 +1,283 @@
+"""The driver side of a training run: checks, Ray Train V2 `TorchTrainer`, MLflow run and registration.
+
+    result = run_training(load_train_config("jobs/configs/small.yaml"))
+    result.model_version          # registered as models:/mobile-vla-policy@challenger
+
+`build_trainer` only constructs (Ray Tune trials call it per trial); `run_training` does the whole job:
+preflight (config, data, cluster resources) -> preprocessing from the manifest -> MLflow run (the same
+one again when a run name is reused, so a resumed run keeps one history) -> `fit()` -> the best
+checkpoint by validation loss becomes a new version of the registered model with the alias.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobile_vla.config import dump_config, flatten
+from mobile_vla.train.job_config import TrainJobConfig
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "mobile_vla.train_run"
+SCORE = "val_loss"
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint_dir: Path | None  # on the run's storage (local path or URI)
+    metrics: dict  # validation metrics of the best checkpoint
+    run_id: str | None  # MLflow run
+    model_version: str | None  # registered version (None when mlflow.registered_model is null)
+    run_name: str = ""
+    storage_path: str = ""
+    final_metrics: dict = field(default_factory=dict)  # the last epoch's metrics
+
+
+def ensure_ray() -> None:
+    """Connects to RAY_ADDRESS when set (e.g. inside `ray job submit`), else starts a local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
+        )
+
+
+def default_run_name(cfg: TrainJobConfig) -> str:
+    return f"{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def with_run_name(cfg: TrainJobConfig) -> TrainJobConfig:
+    """A copy whose run.name is set (a fresh name per launch unless the config names the run)."""
+    if cfg.run.name:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.name = default_run_name(cfg)
+    return cfg
+
+
+def build_preprocessing(cfg: TrainJobConfig, manifest: dict, policy_config):
+    from mobile_vla.policy.text import build_tokenizer
+    from mobile_vla.preprocessing import Preprocessing
+
+    return Preprocessing.from_manifest(
+        manifest, build_tokenizer(policy_config), window=cfg.data.window, chunk=cfg.data.chunk
+    )
+
+
+def build_datasets(cfg: TrainJobConfig, preprocessing) -> dict:
+    """Ray Data pipelines of windows; Train splits each equally across workers (DataConfig default)."""
+    from mobile_vla.data.pipeline import build_window_dataset
+
+    folder = cfg.data_path()
+    train = build_window_dataset(
+        folder, cfg.data.train_split, preprocessing, augment=cfg.data.augment, seed=cfg.train.seed
+    )
+    if cfg.train.max_steps_per_epoch:
+        cap = cfg.train.max_steps_per_epoch * cfg.train.batch_size * cfg.scaling.num_workers
+        train = train.limit(cap)
+    val = build_window_dataset(folder, cfg.data.val_split, preprocessing, augment=False, seed=cfg.train.seed)
+    return {"train": train, "val": val}
+
+
+def steps_per_epoch(cfg: TrainJobConfig, train_windows: int) -> int:
+    """Optimiser steps per epoch on each worker (equal shards: floor(N / workers) windows each)."""
+    per_worker = train_windows // cfg.scaling.num_workers
+    micro_batches = math.ceil(per_worker / cfg.train.batch_size)
+    return max(1, math.ceil(micro_batches / cfg.optim.accumulate))
+
+
+def loop_config(cfg: TrainJobConfig, preprocessing, train_windows: int, run_id: str | None, tracking_uri: str | None) -> dict:
+    from mobile_vla.train.checkpointing import pack_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        preprocessing.save(tmp)
+        packed = pack_folder(tmp)
+    return {
+        "job": dump_config(cfg),
+        "preprocessing": packed,
+        "steps_per_epoch": steps_per_epoch(cfg, train_windows),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+    }
+
+
+def build_trainer(cfg: TrainJobConfig, train_loop_config: dict, datasets: dict, callbacks=None):
+    """A Ray Train V2 TorchTrainer for this config (does not start anything)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mobile_vla.train.loop import train_loop_per_worker
+
+    bundle = cfg.scaling.worker_bundle()
+    scaling = ScalingConfig(
+        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=bundle
+    )
+    run = RunConfig(
+        name=cfg.run.name,
+        storage_path=cfg.storage_path(),
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=cfg.train.keep_best, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
+        ),
+        worker_runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
+        callbacks=callbacks,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=train_loop_config,
+        scaling_config=scaling,
+        run_config=run,
+        datasets=datasets,
+    )
+
+
+def _mlflow_run(cfg: TrainJobConfig, policy_config) -> tuple[str, str]:
+    """(run_id, tracking_uri): the run tagged with this run name, created on first launch."""
+    from mlflow import MlflowClient
+
+    from mobile_vla.tracking import configure_mlflow, get_or_create_experiment
+
+    uri = configure_mlflow()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = get_or_create_experiment(cfg.mlflow.experiment)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name}).info.run_id
+    _log_params(client, run_id, cfg, policy_config)
+    return run_id, uri
+
+
+def _log_params(client, run_id: str, cfg: TrainJobConfig, policy_config) -> None:
+    """Resolved config as params; on resume, changed values (e.g. more epochs) are kept as tags."""
+    from mlflow.entities import Param
+
+    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(dump_config(cfg)).items()}
+    params.update({f"policy.{k}": str(v) for k, v in flatten(policy_config.to_dict()).items()})
+    logged = client.get_run(run_id).data.params
+    new = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
+    for start in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[start:start + 100])
+    for key, value in params.items():
+        if key in logged and logged[key] != value[:6000]:
+            client.set_tag(run_id, f"resumed_with.{key}", value[:5000])
+    with tempfile.TemporaryDirectory() as tmp:
+        import yaml
+
+        (Path(tmp) / "train_job.yaml").write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+        (Path(tmp) / "policy_config.json").write_text(json.dumps(policy_config.to_dict(), indent=2))
+        client.log_artifacts(run_id, tmp, "config")
+
+
+def _best_checkpoint(result):
+    """(checkpoint, metrics) with the lowest validation loss among those Ray Train kept."""
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if SCORE in m]
+    if not ranked:
+        return (result.checkpoint, result.metrics or {}) if result.checkpoint else (None, {})
+    return min(ranked, key=lambda pair: pair[1][SCORE])
+
+
+def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, best_metrics) -> str | None:
+    """Plots, best metrics, and the best checkpoint as a new registered model version (+ alias)."""
+    from mlflow import MlflowClient
+
+    from mobile_vla.tracking import log_version_metrics, register_policy
+    from mobile_vla.train import checkpointing, plots
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = None
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as latest:
+                history = checkpointing.read_history(latest)
+            figure = plots.training_curves(history["steps"], history["epochs"])
+            client.log_figure(run_id, figure, "plots/training_curves.png")
+        with best.as_directory() as best_dir:
+            sample = checkpointing.read_val_sample(best_dir)
+            if sample is not None:
+                epoch = best_metrics.get("epoch")
+                figure = plots.predicted_vs_true(*sample, title=f"Validation, best epoch {epoch}: predicted vs true")
+                client.log_figure(run_id, figure, "plots/predicted_vs_true.png")
+            shutil.copytree(Path(best_dir) / checkpointing.POLICY_DIR, tmp / "model" / checkpointing.POLICY_DIR)
+        summary = {f"best_{k}": float(v) for k, v in best_metrics.items() if isinstance(v, (int, float))}
+        client.log_batch(run_id, metrics=_metric_list(summary))
+        if cfg.mlflow.registered_model:
+            evaluation = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
+            version = register_policy(
+                tmp / "model", run_id, name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias,
+                tags={"train_run": cfg.run.name, "checkpoint": Path(best.path).name,
+                      "epoch": str(best_metrics.get("epoch")), "preset": cfg.model.preset},
+            )
+            log_version_metrics(cfg.mlflow.registered_model, version, evaluation)
+    client.set_terminated(run_id, "FINISHED")
+    return version
+
+
+def _metric_list(values: dict):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, v, now, 0) for k, v in values.items()]
+
+
+def count_windows(dataset) -> int:
+    return int(dataset.count())
+
+
+def run_training(cfg: TrainJobConfig, callbacks=None) -> TrainResult:
+    """The whole job on the current Ray cluster (local when none is configured)."""
+    from mobile_vla.train.preflight import preflight
+
+    cfg = with_run_name(cfg)
+    ensure_ray()
+    manifest, policy_config = preflight(cfg)
+    preprocessing = build_preprocessing(cfg, manifest, policy_config)
+    datasets = build_datasets(cfg, preprocessing)
+    train_windows = count_windows(datasets["train"])
+    if train_windows < cfg.scaling.num_workers:
+        from mobile_vla.errors import DataError
+
+        raise DataError(
+            f"data.path = {cfg.data.path!r}: split {cfg.data.train_split!r} yields {train_windows} windows, "
+            f"fewer than scaling.num_workers = {cfg.scaling.num_workers}"
+        )
+    run_id = uri = None
+    if cfg.mlflow.enabled:
+        run_id, uri = _mlflow_run(cfg, policy_config)
+    trainer = build_trainer(cfg, loop_config(cfg, preprocessing, train_windows, run_id, uri), datasets, callbacks)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=uri).set_terminated(run_id, "FAILED")
+        raise
+    best, best_metrics = _best_checkpoint(result)
+    version = None
+    if run_id and best is not None:
+        version = _finish_mlflow(cfg, run_id, uri, result, best, best_metrics)
+    return TrainResult(
+        best_checkpoint_dir=Path(best.path) if best is not None else None,
+        metrics=dict(best_metrics),
+        run_id=run_id,
+        model_version=version,
+        run_name=cfg.run.name,
+        storage_path=cfg.storage_path(),
+        final_metrics=dict(result.metrics or {}),
+    )
