@@ -1,0 +1,115 @@
+"""`mobile-vla serve [--config serve_configs/local.yaml]`: local Ray + Serve on 127.0.0.1, until Ctrl-C.
+
+The config is a Ray Serve config file (the same one `serve deploy` takes), validated with Ray's
+own schema; this command only adds the embedded defaults: a local Ray, host forced to 127.0.0.1,
+and an API token file under the platform home when none is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "serve_configs/local.yaml"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the policy over HTTP (local Ray + Serve on 127.0.0.1:8000)",
+        description="Starts a local Ray cluster and deploys the Serve config; blocks until Ctrl-C.",
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default {DEFAULT_CONFIG})")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
+    parser.add_argument("--model", default=None, help="override the model URI of every application")
+    parser.set_defaults(func=run_serve)
+
+
+def load_serve_config(path: str | Path, port: int | None = None, model_uri: str | None = None):
+    """Reads and validates a Serve config (ServeDeploySchema); host pinned to 127.0.0.1."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from mobile_vla.config import read_yaml
+    from mobile_vla.errors import ConfigError
+
+    data = read_yaml(path)
+    http = data.setdefault("http_options", {})
+    if http.get("host") not in (None, "127.0.0.1", "localhost"):
+        print(f"note: {path}: http_options.host {http['host']!r} replaced by 127.0.0.1 for a local run")
+    http["host"] = "127.0.0.1"
+    if port is not None:
+        http["port"] = port
+    if model_uri is not None:
+        for app in data.get("applications", []):
+            app.setdefault("args", {})["model_uri"] = model_uri
+    try:
+        return ServeDeploySchema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {loc}: {first['msg']}") from None
+
+
+def ensure_tokens_file() -> Path:
+    """The configured tokens file, or a new one with one random token under the platform home."""
+    from mobile_vla.config import platform_home
+    from mobile_vla.serve.auth import create_tokens_file
+
+    configured = os.environ.get("MOBILE_VLA_TOKENS_FILE")
+    if configured:
+        return Path(configured)
+    path = platform_home() / "serve" / "tokens"
+    if not path.exists():
+        create_tokens_file(path)
+        print(f"created an API token in {path}")
+    os.environ["MOBILE_VLA_TOKENS_FILE"] = str(path)
+    return path
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from mobile_vla.errors import ResourceError
+
+    config = load_serve_config(args.config, args.port, args.model)
+    tokens = ensure_tokens_file()
+    from mobile_vla.config import platform_home
+
+    os.environ["MOBILE_VLA_HOME"] = str(platform_home())  # replicas and the app builder see the same home
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+    import ray
+    from ray import serve
+    from ray.serve._private.api import serve_start
+
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    try:
+        client = serve_start(http_options=config.http_options.model_dump(exclude_unset=True),
+                             proxy_location=config.proxy_location)
+        client.deploy_apps(config)
+        names = [app.name for app in config.applications]
+        print(f"deploying {names} from {args.config} ...")
+        deadline = time.monotonic() + 600
+        while True:
+            statuses = {name: serve.status().applications.get(name) for name in names}
+            states = {n: (s.status if s else "NOT_STARTED") for n, s in statuses.items()}
+            if all(str(v).endswith("RUNNING") for v in states.values()):
+                break
+            failed = {n: s.message for n, s in statuses.items() if s and str(s.status).endswith("DEPLOY_FAILED")}
+            if failed:
+                raise ResourceError(f"{args.config}: deployment failed: {failed}")
+            if time.monotonic() > deadline:
+                raise ResourceError(f"{args.config}: not running after 600 s: {states}")
+            time.sleep(1.0)
+        port = config.http_options.port
+        for app in config.applications:
+            print(f"serving {app.name} at http://127.0.0.1:{port}{app.route_prefix or ''}/v1/act")
+        print(f"API token: `cat {tokens}` (send it as 'Authorization: Bearer <token>'); docs: docs/http_api.md")
+        print("Ctrl-C to stop")
+        while True:
+            time.sleep(3600)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

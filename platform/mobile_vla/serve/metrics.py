@@ -1,0 +1,91 @@
+"""Prometheus metrics, exported through Ray (`ray.serve.metrics`), not a /metrics route.
+
+Why Ray's exporter: with several ingress and policy replicas behind the proxy, a per-replica
+/metrics route would answer for one random replica per scrape. Ray aggregates every replica's
+metrics on each node's metrics export port (`ray start --metrics-export-port=8080`; Ray writes
+the targets to /tmp/ray/prom_metrics_service_discovery.json for Prometheus' file_sd). The names
+below appear there with the prefix `ray_`, e.g. `ray_mobile_vla_requests_total`. Ray itself adds
+node memory and GPU utilisation (`ray_node_mem_used`, `ray_node_gpus_utilization`); the replica
+gauges here say which replica holds what.
+
+Objects are created per replica (never at import time) because Ray metrics need a connected worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500]
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128]
+CONFIDENCE_BOUNDARIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+
+
+class IngressMetrics:
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            "mobile_vla_requests", "HTTP requests by route, backend and status.", tag_keys=("route", "backend", "status")
+        )
+        self.latency_ms = Histogram(
+            "mobile_vla_request_latency_ms", "Ingress latency of answered /v1/act calls.",
+            boundaries=LATENCY_MS_BOUNDARIES, tag_keys=("backend",),
+        )
+        self.fallbacks = Counter(
+            "mobile_vla_fallbacks", "Requests sent to the fallback, by reason.", tag_keys=("reason",)
+        )
+        self.confidence = Histogram(
+            "mobile_vla_confidence", "Confidence of answered actions.", boundaries=CONFIDENCE_BOUNDARIES,
+            tag_keys=("backend",),
+        )
+        self.memory_resets = Counter("mobile_vla_memory_resets", "Memory tokens dropped (other model version).")
+        self.breaker_open = Gauge("mobile_vla_primary_breaker_open", "1 while the primary's circuit breaker is open.")
+
+    def request(self, route: str, backend: str, status: int) -> None:
+        self.requests.inc(tags={"route": route, "backend": backend, "status": str(status)})
+
+
+class PolicyMetrics:
+    def __init__(self):
+        from ray.serve.metrics import Gauge, Histogram
+
+        self.batch_size = Histogram(
+            "mobile_vla_batch_size", "Requests per executed batch.", boundaries=BATCH_SIZE_BOUNDARIES,
+            tag_keys=("backend",),
+        )
+        self.batch_latency_ms = Histogram(
+            "mobile_vla_batch_latency_ms", "Backend predict time per batch.", boundaries=LATENCY_MS_BOUNDARIES,
+            tag_keys=("backend",),
+        )
+        self.memory_bytes = Gauge("mobile_vla_replica_memory_bytes", "Resident memory of this replica.")
+        self.gpu_utilization = Gauge("mobile_vla_replica_gpu_utilization", "GPU utilisation (0-100) seen by this replica.")
+        self._last_sample = 0.0
+
+    def sample_resources(self, every_s: float = 5.0) -> None:
+        """RSS (and GPU utilisation where NVML is present), at most once per `every_s`."""
+        now = time.monotonic()
+        if now - self._last_sample < every_s:
+            return
+        self._last_sample = now
+        import psutil
+
+        self.memory_bytes.set(psutil.Process(os.getpid()).memory_info().rss)
+        utilization = gpu_utilization()
+        if utilization is not None:
+            self.gpu_utilization.set(utilization)
+
+
+def gpu_utilization() -> float | None:
+    """Utilisation of the first visible GPU, or None without a GPU or NVML."""
+    try:
+        import pynvml  # nvidia-ml-py, present on GPU nodes with the [gpu] extra
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit() else pynvml.nvmlDeviceGetHandleByIndex(0)
+        return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:  # NVML without a driver: no GPU to report
+        return None
