@@ -124,32 +124,7 @@ class Preprocessing:
 
     def prepare_image(self, image: Any) -> np.ndarray:
         """PIL image or uint8 array [H, W, 3] of any size -> uint8 [S, S, 3] by `resize_rule`."""
-        from PIL import Image
-
-        if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            shown = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise DataError(f"image: {shown}: expected uint8 RGB [H, W, 3]")
-        height, width = image.shape[:2]
-        size = self.image_size
-        if height < 1 or width < 1:
-            raise DataError(f"image: shape {list(image.shape)}: empty image")
-        if (height, width) == (size, size):
-            return np.ascontiguousarray(image)
-        if self.resize_rule == "letterbox":
-            scale = size / max(height, width)
-        else:  # center_crop
-            scale = size / min(height, width)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-        resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
-        if self.resize_rule == "letterbox":
-            canvas = Image.new("RGB", (size, size), self.pad_color)
-            canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-        else:
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            canvas = resized.crop((left, top, left + size, top + size))
-        return np.asarray(canvas, dtype=np.uint8)
+        return resize_frame(image, self.image_size, self.resize_rule, self.pad_color)
 
     # --- actions and state --------------------------------------------------------------------
 
@@ -257,3 +232,34 @@ class Preprocessing:
                 tokenizer = load_tokenizer(tmp)
         rebuilt = Preprocessing.from_dict(state["fields"], tokenizer)
         self.__dict__.update(rebuilt.__dict__)
+
+
+def resize_frame(
+    image: Any, size: int = 224, resize_rule: str = "letterbox", pad_color: tuple[int, int, int] | None = None
+) -> np.ndarray:
+    """The resize rule of the module docstring, for callers without a full Preprocessing (the importer)."""
+    from PIL import Image
+
+    if resize_rule not in RESIZE_RULES:
+        raise ConfigError(f"resize_rule = {resize_rule!r}: expected one of {RESIZE_RULES}")
+    pad_color = pad_color or tuple(int(round(m * 255)) for m in CLIP_MEAN)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shown = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise DataError(f"image: {shown}: expected uint8 RGB [H, W, 3]")
+    height, width = image.shape[:2]
+    if height < 1 or width < 1:
+        raise DataError(f"image: shape {list(image.shape)}: empty image")
+    if (height, width) == (size, size):
+        return np.ascontiguousarray(image)
+    scale = size / (max(height, width) if resize_rule == "letterbox" else min(height, width))
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if resize_rule == "letterbox":
+        canvas = Image.new("RGB", (size, size), tuple(pad_color))
+        canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
+    else:  # center_crop
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        canvas = resized.crop((left, top, left + size, top + size))
+    return np.asarray(canvas, dtype=np.uint8)

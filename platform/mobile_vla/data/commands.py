@@ -1,0 +1,194 @@
+"""`mobile-vla data ...`: generate (MiniWorld, data/generate.py), import (original collector), inspect.
+
+    mobile-vla data import --format minuum-h5 ~/robot_logs data/robot
+    mobile-vla data inspect data/robot [--check] [--json]
+
+`inspect` prints a list of sections; other stages add theirs (feedback data, say) with
+`register_inspect_section(fn)` where fn(folder, manifest, console) prints one section.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+INSPECT_SECTIONS: list[Callable] = []
+
+
+def register_inspect_section(section: Callable) -> Callable:
+    """Adds fn(folder: Path, manifest: dict, console) to `data inspect` (usable as a decorator)."""
+    INSPECT_SECTIONS.append(section)
+    return section
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="generate, import and inspect episode datasets")
+    data_subparsers = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    inspect = data_subparsers.add_parser("inspect", help="counts, splits and statistics of a dataset folder")
+    inspect.add_argument("folder", type=Path, metavar="DIR")
+    inspect.add_argument("--check", action="store_true", help="also read and validate every episode file")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(func=run_inspect)
+
+    importer = data_subparsers.add_parser(
+        "import", help="import the original collector's episodes into a dataset folder"
+    )
+    importer.add_argument("--format", required=True, choices=["minuum-h5"], help="source file format")
+    importer.add_argument("src", type=Path, metavar="SRC", help="folder (searched recursively) or one .h5 file")
+    importer.add_argument("dst", type=Path, metavar="DST", help="new dataset folder")
+    importer.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes in split 'val'")
+    importer.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    importer.add_argument("--control-hz", type=float, default=None,
+                          help="control rate (default: median num_frames/total_duration of the files)")
+    importer.add_argument("--resize-rule", choices=["letterbox", "center_crop"], default="letterbox")
+    importer.add_argument("--default-instruction", default=None,
+                          help="instruction for files with no index entry and no scenario in the name")
+    importer.set_defaults(func=run_import)
+    importer.epilog = "Exit status 1 when some files were skipped (each is named), 2 when nothing was imported."
+
+    try:
+        from mobile_vla.data.generate import register_generate
+    except ModuleNotFoundError as exc:  # generator not built yet
+        if exc.name != "mobile_vla.data.generate":
+            raise
+    else:
+        register_generate(data_subparsers)
+
+
+def summarise(folder: Path, manifest: dict) -> dict:
+    episodes = manifest["episodes"]
+    splits = {}
+    for split, names in manifest["splits"].items():
+        successes = [episodes[n].get("success") for n in names if n in episodes]
+        splits[split] = {
+            **manifest["counts"][split],
+            "success_rate": (sum(bool(s) for s in successes) / len(successes)) if successes else None,
+            "instructions": len({episodes[n]["instruction"] for n in names if n in episodes}),
+            "expert_success": manifest.get("expert_success", {}).get(split),
+        }
+    return {
+        "folder": str(folder),
+        "splits": splits,
+        "total": manifest["counts"].get("total"),
+        "control_hz": manifest["control_hz"],
+        "state_dim": manifest["state_dim"],
+        "image_sizes": manifest.get("image_sizes"),
+        "stats": manifest["stats"],
+        "generator": manifest.get("generator", {}),
+    }
+
+
+def _print_overview(folder: Path, manifest: dict, console) -> None:
+    from rich.table import Table
+
+    summary = summarise(folder, manifest)
+    table = Table(title=f"{folder}  ({summary['control_hz']} Hz, S = {summary['state_dim']}, "
+                        f"frames {summary['image_sizes']})")
+    for column in ("split", "episodes", "frames", "instructions", "success", "expert success"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, row in summary["splits"].items():
+        rate = "-" if row["success_rate"] is None else f"{row['success_rate']:.0%}"
+        expert = row["expert_success"]
+        expert = "-" if expert is None else (f"{expert:.0%}" if isinstance(expert, (int, float)) else str(expert))
+        table.add_row(split, str(row["episodes"]), str(row["frames"]), str(row["instructions"]), rate, expert)
+    console.print(table)
+
+
+def _print_stats(folder: Path, manifest: dict, console) -> None:
+    from rich.table import Table
+
+    from mobile_vla.data.manifest import STAT_KEYS
+
+    names = {"actions": ["linear_x", "linear_y", "angular_z"]}
+    for key in ("actions", "state"):
+        stats = manifest["stats"].get(key)
+        if not stats:
+            continue
+        axes = names.get(key) or [f"{key}[{i}]" for i in range(len(stats["mean"]))]
+        table = Table(title=f"{key} statistics (split {', '.join(manifest['stats'].get('computed_on', ['train']))})")
+        table.add_column("axis")
+        for stat in STAT_KEYS:
+            table.add_column(stat, justify="right")
+        for i, axis in enumerate(axes):
+            table.add_row(axis, *(f"{stats[stat][i]:+.3f}" for stat in STAT_KEYS))
+        console.print(table)
+
+
+def _print_generator(folder: Path, manifest: dict, console) -> None:
+    generator = manifest.get("generator") or {}
+    if generator:
+        console.print("generator: " + json.dumps(generator, sort_keys=True, default=str)[:2000])
+
+
+register_inspect_section(_print_overview)
+register_inspect_section(_print_stats)
+register_inspect_section(_print_generator)
+
+
+def check_episodes(folder: Path, manifest: dict, progress: bool = True) -> list[tuple[str, str]]:
+    """Reads every listed episode in full; returns (file, problem) for each bad one."""
+    from rich.progress import track
+
+    from mobile_vla.data.episodes import read_episode
+    from mobile_vla.errors import DataError
+
+    problems = []
+    names = [n for split in manifest["splits"].values() for n in split]
+    for name in track(names, description="checking episodes", transient=True, disable=not progress):
+        try:
+            episode = read_episode(folder / name)
+            expected = manifest["episodes"].get(name, {}).get("frames")
+            if expected is not None and expected != episode.num_frames:
+                problems.append((name, f"{episode.num_frames} frames, manifest says {expected}"))
+        except DataError as exc:
+            problems.append((name, str(exc)))
+    return problems
+
+
+def run_inspect(args) -> int:
+    from rich.console import Console
+
+    from mobile_vla.data.manifest import load_manifest
+
+    manifest = load_manifest(args.folder)
+    problems = check_episodes(args.folder, manifest, progress=not args.json) if args.check else None
+    if args.json:
+        summary = summarise(args.folder, manifest)
+        if problems is not None:
+            summary["problems"] = [{"file": f, "problem": p} for f, p in problems]
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        console = Console()
+        for section in INSPECT_SECTIONS:
+            section(args.folder, manifest, console)
+        if problems is not None:
+            checked = manifest["counts"]["total"]["episodes"]
+            console.print(f"checked {checked} episode files: {len(problems)} bad")
+            for name, problem in problems:
+                console.print(f"  [red]bad[/red] {problem if name in problem else f'{name}: {problem}'}")
+    return 1 if problems else 0
+
+
+def run_import(args) -> int:
+    from mobile_vla.data.importer import import_minuum_h5
+
+    report = import_minuum_h5(
+        args.src,
+        args.dst,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        control_hz=args.control_hz,
+        resize_rule=args.resize_rule,
+        default_instruction=args.default_instruction,
+    )
+    for name, reason in report.skipped:
+        print(f"skipped {reason}")
+    counts = report.manifest["counts"]
+    split_text = ", ".join(f"{s} {c['episodes']}" for s, c in counts.items() if s != "total")
+    print(
+        f"imported {len(report.imported)} episodes ({report.frames} frames, {report.control_hz} Hz) into "
+        f"{args.dst}; skipped {len(report.skipped)}; splits: {split_text}"
+    )
+    return 1 if report.skipped else 0
