@@ -88,7 +88,7 @@ def _check_finite(where: str | Path, key: str, array: np.ndarray) -> None:
     if not finite.all():
         bad = np.argwhere(~finite)[0]
         value = array[tuple(bad)]
-        raise _fail(where, key, f"{value} (NaN/inf) at index {bad.tolist()}; values must be finite")
+        raise _fail(where, key, f"{value} at index {bad.tolist()}: values must be finite (no NaN/inf)")
 
 
 def _validate_attrs(where: str | Path, attrs: dict[str, Any]) -> None:
