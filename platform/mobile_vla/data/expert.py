@@ -1,0 +1,94 @@
+"""The scripted expert: a potential field in the robot's body frame.
+
+Attracted to the target, repelled by every other object and by the walls within `influence` metres
+of clearance, with a sideways (tangential) push past an obstacle so that one straight ahead is no
+local minimum; it turns towards the target to keep it in view. It reads the simulator's true state,
+which the learned policy never sees; that is what makes it the teacher.
+
+    expert = ScriptedExpert()
+    vx, vy, wz = expert.act(env)            # m/s, m/s, rad/s; body frame (x forward, y left)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mobile_vla.data.scenes import SPEED_LIMITS
+
+
+def _xz(vec) -> np.ndarray:
+    return np.array([float(vec[0]), float(vec[2])])
+
+
+@dataclass(frozen=True)
+class ScriptedExpert:
+    max_forward: float = SPEED_LIMITS[0]  # m/s
+    max_lateral: float = SPEED_LIMITS[1]  # m/s
+    max_turn: float = 1.2  # rad/s
+    attraction_gain: float = 1.2  # 1/s: speed per metre of gap to the target, before clipping
+    repulsion_gain: float = 0.35
+    tangential_gain: float = 0.6
+    max_push: float = 0.9  # m/s: cap of one object's repulsion
+    influence: float = 1.0  # m of clearance within which objects and walls push back
+    turn_gain: float = 2.0  # 1/s: yaw rate per radian of bearing error
+
+    def act(self, env) -> tuple[float, float, float]:
+        agent = env.agent
+        here = _xz(agent.pos)
+        forward = np.array([math.cos(agent.dir), -math.sin(agent.dir)])
+        left = np.array([forward[1], -forward[0]])
+
+        to_target = _xz(env.target.pos) - here
+        distance = float(np.linalg.norm(to_target))
+        goal_dir = to_target / max(distance, 1e-6)
+        gap = distance - env.target.radius - agent.radius
+        velocity = goal_dir * min(self.max_forward, self.attraction_gain * max(gap, 0.05))
+
+        for entity in env.entities:
+            if entity is agent or entity is env.target:
+                continue
+            away = here - _xz(entity.pos)
+            centre_distance = float(np.linalg.norm(away))
+            clearance = centre_distance - entity.radius - agent.radius
+            velocity += self._push(away / max(centre_distance, 1e-6), clearance, goal_dir, getattr(entity, "side", None))
+        for a, b in env.wall_segs:
+            a, b = _xz(a), _xz(b)
+            ab = b - a
+            t = float(np.clip(np.dot(here - a, ab) / np.dot(ab, ab), 0.0, 1.0))
+            away = here - (a + t * ab)
+            wall_distance = float(np.linalg.norm(away))
+            velocity += self._push(away / max(wall_distance, 1e-6), wall_distance - agent.radius)
+
+        speed = float(np.linalg.norm(velocity))
+        if speed > self.max_forward:
+            velocity *= self.max_forward / speed
+        vx = float(np.clip(np.dot(velocity, forward), -self.max_forward, self.max_forward))
+        vy = float(np.clip(np.dot(velocity, left), -self.max_lateral, self.max_lateral))
+
+        bearing = math.atan2(float(np.dot(to_target, left)), float(np.dot(to_target, forward)))
+        wz = float(np.clip(self.turn_gain * bearing, -self.max_turn, self.max_turn))
+        return vx, vy, wz
+
+    def _push(self, away: np.ndarray, clearance: float, goal_dir: np.ndarray | None = None,
+              side: str | None = None) -> np.ndarray:
+        """Repulsion grows as 1/clearance inside `influence` (capped, so one 0.2 s step cannot
+        overshoot into the next object); an object ahead also pushes sideways, round the side the
+        robot is already on or, when it is dead ahead, away from the side the instruction names
+        (an obstacle "on the left" is passed on its right)."""
+        if clearance >= self.influence:
+            return np.zeros(2)
+        clearance = max(clearance, 0.05)
+        magnitude = min(self.repulsion_gain * (1.0 / clearance - 1.0 / self.influence), self.max_push)
+        push = magnitude * away
+        if goal_dir is not None and float(np.dot(away, goal_dir)) < 0.0:  # object between us and goal
+            tangent = np.array([away[1], -away[0]])  # slide past on the side we are already on
+            if float(np.dot(tangent, goal_dir)) < 0.0:
+                tangent = -tangent
+            if side is not None and abs(float(np.dot(tangent, goal_dir))) < 0.2:  # dead ahead: named side
+                goal_left = np.array([goal_dir[1], -goal_dir[0]])
+                tangent = goal_left if side == "right" else -goal_left
+            push += self.tangential_gain * (1.0 - clearance / self.influence) * tangent
+        return push

@@ -1,0 +1,371 @@
+"""`mobile-vla data generate`: MiniWorld episodes driven by the scripted expert, as Ray tasks.
+
+    mobile-vla data generate --out data/nav --episodes 200 --seed 0
+    mobile-vla data generate --out data/nav --split-spec my_splits.yaml --set splits.val.fraction=0.2 ...
+    mobile-vla data generate --show-split-spec > my_splits.yaml      # the defaults, to edit
+
+Each split draws an ordered list of candidate episode seeds from its own seed range (order fixed by
+`--seed`); Ray tasks simulate them (one MiniWorld env per worker process, reset per episode); a
+split keeps its first N successful candidates in that order. So the same seed gives the same
+episodes whatever the number of workers or the order tasks finish in, and the manifest's
+`expert_success` (kept / candidates tried up to the last kept one) is reproducible too.
+Ray: the running cluster, `RAY_ADDRESS`, or a local `ray.init()`. Episodes travel back to the
+driver as finished HDF5 bytes, so `--out` need not be shared storage on a multi-node cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobile_vla.errors import DataError, ResourceError
+
+SOURCE = "miniworld"
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    control_hz: float = 5.0
+    obs_size: int = 224
+    seeds_per_task: int = 4
+    max_candidates_factor: int = 5  # give up on a split after 5x its episodes + 20 failed tries
+    expert: dict = field(default_factory=dict)  # ScriptedExpert field overrides
+
+
+# -- one episode ------------------------------------------------------------------------------------
+@dataclass
+class Recording:
+    images: np.ndarray  # uint8 [T, H, W, 3]
+    actions: np.ndarray  # float32 [T, 3]
+    state: np.ndarray  # float32 [T, 3]: the command executed at the previous step
+    success: bool
+
+
+def record_episode(env, scene, expert, control_hz: float) -> Recording:
+    """Runs the expert from the scene's start until MiniWorld's `near(target)` or max_steps.
+
+    Frame t is what the robot saw before command t. On success a last frame at the target with a
+    zero command is added, so that stopping there is part of what is learned.
+    """
+    from mobile_vla.data.scenes import execute_action
+
+    frame = env.load_scene(scene)
+    images, actions, states = [], [], []
+    previous = (0.0, 0.0, 0.0)
+    success = False
+    for _ in range(scene.max_steps):
+        action = expert.act(env)
+        images.append(frame)
+        actions.append(action)
+        states.append(previous)
+        execute_action(env, action, control_hz)
+        previous = action
+        frame = env.render_obs()
+        if env.near(env.target):
+            images.append(frame)
+            actions.append((0.0, 0.0, 0.0))
+            states.append(previous)
+            success = True
+            break
+    return Recording(
+        images=np.stack(images),  # [T, H, W, 3]
+        actions=np.asarray(actions, dtype=np.float32),  # [T, 3]
+        state=np.asarray(states, dtype=np.float32),  # [T, 3]
+        success=success,
+    )
+
+
+def episode_name(split: str, seed: int) -> str:
+    return f"{split}-{seed:07d}"
+
+
+def episode_attrs(scene, control_hz: float) -> dict[str, Any]:
+    from mobile_vla.data.episodes import SCHEMA_VERSION
+
+    return {
+        "instruction": scene.instruction,
+        "episode_id": episode_name(scene.split, scene.seed),
+        "source": SOURCE,
+        "success": True,
+        "control_hz": float(control_hz),
+        "schema_version": SCHEMA_VERSION,
+        "scene": scene.to_json(),
+        "split": scene.split,
+        "seed": int(scene.seed),
+        "layout_seed": int(scene.layout_seed),
+    }
+
+
+# -- Ray worker side --------------------------------------------------------------------------------
+_WORKER_ENV = None  # one MiniWorld env (one GL context) per worker process, reused across tasks
+
+
+def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: GeneratorSettings) -> list[dict]:
+    """Ray task body: simulates (split, seed) jobs; successful episodes come back as HDF5 bytes."""
+    global _WORKER_ENV
+    from mobile_vla.data.episodes import Episode, write_episode
+    from mobile_vla.data.expert import ScriptedExpert
+    from mobile_vla.data.scenes import make_env, scene_from_seed
+    from mobile_vla.data.split_spec import SplitSpec
+
+    spec = SplitSpec.model_validate_json(spec_json)
+    expert = ScriptedExpert(**settings.expert)
+    results = []
+    for split, seed in jobs:
+        scene = scene_from_seed(split, seed, spec)
+        if _WORKER_ENV is None or _WORKER_ENV.obs_width != settings.obs_size:
+            _WORKER_ENV = make_env(scene, obs_size=settings.obs_size)
+        recording = record_episode(_WORKER_ENV, scene, expert, settings.control_hz)
+        result = {"split": split, "seed": seed, "success": recording.success,
+                  "frames": len(recording.actions), "data": None}
+        if recording.success:
+            episode = Episode(recording.images, recording.actions, recording.state,
+                              episode_attrs(scene, settings.control_hz))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = write_episode(Path(tmp) / "episode.h5", episode)
+                result["data"] = path.read_bytes()
+        results.append(result)
+    return results
+
+
+# -- driver side ------------------------------------------------------------------------------------
+@dataclass
+class _SplitRun:
+    name: str
+    needed: int
+    candidates: list[int]  # ordered seeds
+    submitted: int = 0
+    outcomes: dict[int, bool] = field(default_factory=dict)  # candidate index -> success
+    frames: dict[int, int] = field(default_factory=dict)
+
+    def kept_indices(self) -> list[int] | None:
+        """First `needed` successes in candidate order, once every earlier candidate is known."""
+        kept = []
+        for index in range(self.submitted):
+            if index not in self.outcomes:
+                return None
+            if self.outcomes[index]:
+                kept.append(index)
+                if len(kept) == self.needed:
+                    return kept
+        return None if self.needed else []
+
+    @property
+    def successes(self) -> int:
+        return sum(self.outcomes.values())
+
+
+def candidate_seeds(spec, split: str, seed: int, count: int) -> list[int]:
+    """Ordered, distinct episode seeds from the split's range; a pure function of (spec, split, seed)."""
+    seeds = spec.splits[split].seeds
+    index = list(spec.splits).index(split)
+    rng = np.random.default_rng([seed, index])
+    count = min(count, seeds.size)
+    return [seeds.start + int(s) for s in rng.choice(seeds.size, size=count, replace=False)]
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    if out.is_dir():
+        clutter = [p.name for p in out.iterdir() if p.suffix in (".h5", ".hdf5", ".json")]
+        if clutter:
+            raise DataError(
+                f"{out}: already holds {len(clutter)} dataset file(s) (e.g. {sorted(clutter)[0]}); "
+                "generate into a new or empty folder so nothing is overwritten"
+            )
+
+
+def _ensure_ray():
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def generate_dataset(
+    out: str | Path,
+    episodes: int,
+    spec=None,
+    seed: int = 0,
+    settings: GeneratorSettings | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generates `episodes` successful expert episodes split as `spec` says; returns the manifest."""
+    from mobile_vla.data.manifest import build_manifest
+    from mobile_vla.data.split_spec import default_split_spec
+
+    spec = spec if spec is not None else default_split_spec()
+    settings = settings or GeneratorSettings()
+    if episodes < 1:
+        raise DataError(f"--episodes {episodes}: expected at least 1")
+    out = Path(out)
+    _check_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    allocation = {name: n for name, n in spec.allocate(episodes).items() if n > 0}
+    runs = {
+        name: _SplitRun(name, n, candidate_seeds(spec, name, seed, settings.max_candidates_factor * n + 20))
+        for name, n in allocation.items()
+    }
+    ray = _ensure_ray()
+    task = ray.remote(num_cpus=1)(simulate_seeds)
+    spec_json = spec.model_dump_json()
+
+    written: dict[tuple[str, int], Path] = {}
+    pending: dict[Any, list[tuple[str, int]]] = {}
+
+    def submit(run: _SplitRun, count: int) -> None:
+        stop = min(run.submitted + count, len(run.candidates))
+        for start in range(run.submitted, stop, settings.seeds_per_task):
+            chunk = [(run.name, run.candidates[i]) for i in range(start, min(start + settings.seeds_per_task, stop))]
+            pending[task.remote(chunk, spec_json, settings)] = chunk
+        run.submitted = stop
+
+    for run in runs.values():  # first wave: a little more than needed, most experts succeed
+        submit(run, math.ceil(run.needed * 1.1) + 1)
+
+    with _progress_display(progress) as bars:
+        ids = {name: bars.add_task(f"{name:>18}", total=run.needed) for name, run in runs.items()}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            chunk = pending.pop(done[0])
+            try:
+                results = ray.get(done[0])
+            except Exception as exc:  # a worker could not render (no EGL?) or crashed
+                raise ResourceError(f"generation task for {chunk[0][0]} seeds {[s for _, s in chunk]} failed: {exc}") from exc
+            for result in results:
+                run = runs[result["split"]]
+                index = run.candidates.index(result["seed"])
+                run.outcomes[index] = result["success"]
+                run.frames[index] = result["frames"]
+                if result["data"] is not None:
+                    path = out / f"{episode_name(run.name, result['seed'])}.h5"
+                    _write_bytes(path, result["data"])
+                    written[(run.name, result["seed"])] = path
+                bars.update(ids[run.name], completed=min(run.successes, run.needed))
+            for run in runs.values():  # top up a split whose known outcomes cannot reach its count
+                in_flight = run.submitted - len(run.outcomes)
+                if run.successes + in_flight < run.needed:
+                    if run.submitted >= len(run.candidates):
+                        if in_flight == 0:
+                            raise DataError(
+                                f"split {run.name!r}: the expert succeeded in only {run.successes} of "
+                                f"{run.submitted} scenes, {run.needed} needed; check the split spec"
+                            )
+                        continue
+                    rate = max(run.successes / max(len(run.outcomes), 1), 0.3)
+                    submit(run, math.ceil((run.needed - run.successes - in_flight) / rate) + 1)
+
+    splits, expert_success = {}, {}
+    for name, run in runs.items():
+        kept = run.kept_indices()
+        assert kept is not None and len(kept) == run.needed, f"{name}: {run.successes}/{run.needed}"
+        kept_seeds = {run.candidates[i] for i in kept}
+        for (split, seed_), path in written.items():  # successes past the first N are not part of it
+            if split == name and seed_ not in kept_seeds:
+                path.unlink(missing_ok=True)
+        attempted = kept[-1] + 1
+        splits[name] = [f"{episode_name(name, run.candidates[i])}.h5" for i in kept]
+        expert_success[name] = {
+            "attempted": attempted,
+            "kept": len(kept),
+            "success_rate": len(kept) / attempted,
+            "mean_frames_kept": float(np.mean([run.frames[i] for i in kept])),
+        }
+
+    generator = {
+        "kind": "miniworld",
+        "env_id": "mobile-vla/NavRoom-v1",
+        "seed": seed,
+        "episodes": episodes,
+        "settings": asdict(settings),
+        "split_spec": spec.model_dump(mode="json"),
+        "held_out_splits": [name for name in runs if spec.is_held_out(name)],
+    }
+    return build_manifest(out, splits, generator=generator, expert_success=expert_success, progress=progress)
+
+
+class _NoProgress:
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress_display(enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def register_generate(data_subparsers) -> None:
+    parser = data_subparsers.add_parser(
+        "generate",
+        help="MiniWorld scenes + scripted expert -> episode files and manifest.json",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--out", type=Path, help="new or empty dataset folder")
+    parser.add_argument("--episodes", type=int, default=200, help="successful episodes over all splits")
+    parser.add_argument("--split-spec", type=Path, default=None, help="YAML split spec (default: built in)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a split spec field, e.g. splits.val.fraction=0.2 (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same episodes")
+    parser.add_argument("--control-hz", type=float, default=5.0, help="control rate of the recorded commands")
+    parser.add_argument("--seeds-per-task", type=int, default=4, help="episodes per Ray task")
+    parser.add_argument("--show-split-spec", action="store_true", help="print the resolved split spec as YAML and exit")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from mobile_vla.data.split_spec import load_split_spec, split_spec_yaml
+
+    spec = load_split_spec(args.split_spec, args.overrides)
+    if args.show_split_spec:
+        print(split_spec_yaml(spec), end="")
+        return 0
+    if args.out is None:
+        raise DataError("--out DIR is required (a new or empty folder)")
+    if not (args.control_hz > 0 and math.isfinite(args.control_hz)):
+        raise DataError(f"--control-hz {args.control_hz}: expected a positive number")
+    if args.seeds_per_task < 1:
+        raise DataError(f"--seeds-per-task {args.seeds_per_task}: expected at least 1")
+    settings = GeneratorSettings(control_hz=args.control_hz, seeds_per_task=args.seeds_per_task)
+    manifest = generate_dataset(args.out, args.episodes, spec, args.seed, settings, progress=not args.no_progress)
+    for name, rate in manifest["expert_success"].items():
+        print(f"{name:>18}: {rate['kept']:4d} episodes, expert success {rate['kept']}/{rate['attempted']}"
+              f" = {rate['success_rate']:.0%}")
+    total = manifest["counts"]["total"]
+    print(f"wrote {total['episodes']} episodes, {total['frames']} frames, to {args.out}")
+    return 0

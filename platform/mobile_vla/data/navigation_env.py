@@ -1,0 +1,127 @@
+"""The MiniWorld env that shows a `SceneSpec`. Importing this module opens no window but does set
+pyglet headless (EGL): import it only where frames are rendered (Ray workers, evaluation), never
+from a module the CLI imports at start. Use `mobile_vla.data.scenes.make_env` rather than this
+class directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+import numpy as np  # noqa: E402
+import pyglet  # noqa: E402
+
+pyglet.options["headless"] = True
+
+from miniworld.entity import Box, Entity, MeshEnt  # noqa: E402
+from miniworld.miniworld import MiniWorldEnv  # noqa: E402
+from miniworld.opengl import FrameBuffer, Texture  # noqa: E402
+from miniworld.params import DEFAULT_PARAMS  # noqa: E402
+from miniworld.utils import get_file_path  # noqa: E402
+
+from mobile_vla.data.scenes import Placed, SceneSpec  # noqa: E402
+
+
+# A small base's camera: MiniWorld's default eye height (1.5 m, level) loses a target under the
+# lower edge of the image a metre before reaching it. Ranges are used by domain randomisation.
+ROBOT_PARAMS = DEFAULT_PARAMS.copy()
+ROBOT_PARAMS.set("cam_height", 0.6, 0.55, 0.65)
+ROBOT_PARAMS.set("cam_pitch", -10, -14, -6)
+
+
+def build_entity(placed: Placed) -> Entity:
+    """A MiniWorld entity for a placed object; `.kind` and `.colour` are kept on it for evaluation."""
+    if placed.kind == "box":
+        entity = Box(color=placed.colour, size=placed.height)
+    elif placed.kind in ("ball", "key"):
+        entity = MeshEnt(mesh_name=f"{placed.kind}_{placed.colour}", height=placed.height, static=True)
+    else:  # obstacle meshes: barrel, cone
+        entity = MeshEnt(mesh_name=placed.kind, height=placed.height, static=True)
+    entity.kind, entity.colour, entity.side = placed.kind, placed.colour, placed.side
+    return entity
+
+
+def preload_textures(tex_name: str) -> None:
+    """Puts every variant of a MiniWorld texture into its cache, decoded with Pillow.
+
+    MiniWorld's own loader converts pixels through pyglet's pure-Python path: about 1-4 s per
+    texture on a small CPU, paid again in every worker process. Same GL upload, same cache keys.
+    """
+    from PIL import Image
+    from pyglet.gl import (
+        GL_GENERATE_MIPMAP_HINT, GL_LINEAR, GL_LINEAR_MIPMAP_LINEAR, GL_NICEST, GL_RGB, GL_RGBA,
+        GL_TEXTURE_2D, GL_TEXTURE_MAG_FILTER, GL_TEXTURE_MIN_FILTER, GL_UNSIGNED_BYTE,
+        glBindTexture, glEnable, glGenerateMipmap, glHint, glTexImage2D, glTexParameteri,
+    )
+
+    for variant in range(1, 10):
+        path = get_file_path("textures", f"{tex_name}_{variant}", "png")
+        if not os.path.exists(path):
+            break
+        if path in Texture.tex_cache:
+            continue
+        image = Image.open(path).convert("RGBA").transpose(Image.Transpose.FLIP_TOP_BOTTOM)  # GL rows go up
+        width, height = image.size
+        pixels = image.tobytes()
+        texture = pyglet.image.ImageData(width, height, "RGBA", pixels, pitch=width * 4).get_texture()
+        glEnable(texture.target)
+        glBindTexture(texture.target, texture.id)
+        glTexImage2D(GL_TEXTURE_2D, 0, GL_RGB, width, height, 0, GL_RGBA, GL_UNSIGNED_BYTE, pixels)
+        glHint(GL_GENERATE_MIPMAP_HINT, GL_NICEST)
+        glGenerateMipmap(GL_TEXTURE_2D)
+        glTexParameteri(GL_TEXTURE_2D, GL_TEXTURE_MAG_FILTER, GL_LINEAR)
+        glTexParameteri(GL_TEXTURE_2D, GL_TEXTURE_MIN_FILTER, GL_LINEAR_MIPMAP_LINEAR)
+        glBindTexture(GL_TEXTURE_2D, 0)
+        Texture.tex_cache[path] = Texture(texture, tex_name)
+
+
+class NavigationEnv(MiniWorldEnv):
+    """One rectangular room with a target, distractors and obstacles at the spec's exact positions.
+
+    Rendering happens in the GL context this object creates: build one per process and call
+    `load_scene` per episode (a context per episode costs ~1 s and leaks driver memory).
+    """
+
+    def __init__(self, scene: SceneSpec, obs_size: int = 224):
+        self.scene = scene
+        super().__init__(
+            max_episode_steps=scene.max_steps,
+            obs_width=obs_size,
+            obs_height=obs_size,
+            window_width=obs_size,  # the human-view buffer is never shown: keep it small
+            window_height=obs_size,
+            params=ROBOT_PARAMS,
+            domain_rand=scene.domain_rand,
+        )
+        # No multisampling: on a software GL (llvmpipe) 4x MSAA doubles the cost of a frame, and at
+        # 224x224 the edges it smooths are a pixel wide.
+        self.obs_fb = FrameBuffer(obs_size, obs_size, 1)
+        self.load_scene(scene)
+
+    def load_scene(self, scene: SceneSpec) -> np.ndarray:
+        """Rebuilds the world for `scene` and returns the first frame, uint8 [H, W, 3]."""
+        self.scene = scene
+        self.domain_rand = scene.domain_rand
+        self.max_episode_steps = scene.max_steps
+        obs, _ = self.reset(seed=scene.seed)
+        return obs
+
+    def _gen_world(self) -> None:
+        room = self.scene.room
+        for tex_name in (room.wall_tex, room.floor_tex, room.ceil_tex):
+            preload_textures(tex_name)
+        self.add_rect_room(
+            min_x=0, max_x=room.width, min_z=0, max_z=room.depth,
+            wall_tex=room.wall_tex, floor_tex=room.floor_tex, ceil_tex=room.ceil_tex,
+        )
+
+        def place(placed: Placed) -> Entity:
+            return self.place_entity(build_entity(placed), pos=np.array([placed.x, 0.0, placed.z]), dir=placed.dir)
+
+        self.target = place(self.scene.target)
+        self.distractors = [place(p) for p in self.scene.distractors]
+        self.obstacles = [place(p) for p in self.scene.obstacles]
+        agent = self.scene.agent
+        self.place_agent(pos=np.array([agent.x, 0.0, agent.z]), dir=agent.dir)
