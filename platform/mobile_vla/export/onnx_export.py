@@ -1,0 +1,403 @@
+"""ONNX export of ONE recurrent step (state in, state out, dynamic batch) + the CLIP text encoder.
+
+    result = export_model(model_dir, fp16=True)      # writes model_dir/onnx/, or raises and writes nothing
+
+Graphs (I/O in signature.json; B is dynamic, everything else fixed):
+    model.onnx         images uint8 [B,224,224,3], state f32 [B,S] (normalised), clip_text f32 [B,D],
+                       kosmos_input_ids / kosmos_attention_mask / kosmos_image_embeds_position_mask
+                       int64 [B,L], h_in / c_in f32 [layers,B,hidden]
+                       -> actions f32 [B,K,3] (normalised), confidence f32 [B], h_out / c_out
+    model.fp16.onnx    the same graph computing in fp16, fp32 I/O (so callers never change)
+    text_encoder.onnx  clip_input_ids int64 [B,77] -> clip_text f32 [B,D], once per instruction,
+                       so ONNX-only serving needs no torch
+
+Steps: torch.onnx.export (dynamo by default, the legacy TorchScript exporter if asked or if dynamo
+fails), the ONNX checker, an offline ONNX Runtime pass at the BASIC level (constant folding and
+redundant-node removal only: the result stays standard ONNX that TensorRT and every execution
+provider parse; sessions apply the hardware-specific levels when they load), the fp16 conversion
+(onnxruntime.transformers.float16, keep_io_types), the parity checks (parity.py) on the files as
+written, then signature.json with a sha256 per file. Everything is built in a scratch folder and
+moved into place only after parity passed, so a refused export leaves the previous onnx/ untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobile_vla.errors import ModelError
+from mobile_vla.export.signature import (
+    BATCH,
+    STEP_INPUTS,
+    STEP_OUTPUTS,
+    TEXT_INPUTS,
+    TEXT_OUTPUTS,
+    ActionSpec,
+    ExporterInfo,
+    ExportSignature,
+    GraphFile,
+    ModelRef,
+    PreprocessingSpec,
+    RecurrentSpec,
+    TensorSpec,
+    TokenizerSpec,
+    file_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+EXPORTERS = ("dynamo", "legacy")
+ONNX_DIR = "onnx"
+STEP_FILE = "model.onnx"
+STEP_FP16_FILE = "model.fp16.onnx"
+TEXT_FILE = "text_encoder.onnx"
+PROTOBUF_LIMIT = 1_800_000_000  # bytes of weights above which graphs keep their weights in a side file
+
+
+@dataclass
+class ExportResult:
+    onnx_dir: Path
+    signature: ExportSignature
+    seconds: dict[str, float] = field(default_factory=dict)
+    exporter_notes: list[str] = field(default_factory=list)
+
+
+# --- graph wrappers ------------------------------------------------------------------------------
+
+
+def _wrappers():
+    from torch import nn
+
+    class StepGraph(nn.Module):
+        """policy.step with clip_text and the LSTM state as explicit tensors (names = STEP_INPUTS)."""
+
+        def __init__(self, policy) -> None:
+            super().__init__()
+            self.policy = policy
+
+        def forward(self, images, state, clip_text, kosmos_input_ids, kosmos_attention_mask,
+                    kosmos_image_embeds_position_mask, h_in, c_in):
+            tokens = {
+                "kosmos_input_ids": kosmos_input_ids,
+                "kosmos_attention_mask": kosmos_attention_mask,
+                "kosmos_image_embeds_position_mask": kosmos_image_embeds_position_mask,
+            }
+            actions, confidence, (h_out, c_out) = self.policy.step(images, state, tokens, (h_in, c_in), clip_text=clip_text)
+            return actions, confidence, h_out, c_out
+
+    class TextGraph(nn.Module):
+        def __init__(self, policy) -> None:
+            super().__init__()
+            self.policy = policy
+
+        def forward(self, clip_input_ids):
+            return self.policy.encode_instruction(clip_input_ids)
+
+    return StepGraph, TextGraph
+
+
+# --- the contract, described from the model --------------------------------------------------------
+
+
+def _io_specs(model, preprocessing) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
+    config = model.config
+    size = preprocessing.image_size
+    L = config.token_length
+    layers, hidden = config.lstm_layers, config.lstm_hidden
+    D = model.clip.feature_dim
+    step_in = [
+        TensorSpec(name="images", dtype="uint8", shape=[BATCH, size, size, 3]),
+        TensorSpec(name="state", dtype="float32", shape=[BATCH, config.state_dim]),
+        TensorSpec(name="clip_text", dtype="float32", shape=[BATCH, D]),
+        *(TensorSpec(name=n, dtype="int64", shape=[BATCH, L]) for n in STEP_INPUTS[3:6]),
+        TensorSpec(name="h_in", dtype="float32", shape=[layers, BATCH, hidden]),
+        TensorSpec(name="c_in", dtype="float32", shape=[layers, BATCH, hidden]),
+    ]
+    step_out = [
+        TensorSpec(name="actions", dtype="float32", shape=[BATCH, config.chunk, 3]),
+        TensorSpec(name="confidence", dtype="float32", shape=[BATCH]),
+        TensorSpec(name="h_out", dtype="float32", shape=[layers, BATCH, hidden]),
+        TensorSpec(name="c_out", dtype="float32", shape=[layers, BATCH, hidden]),
+    ]
+    text_in = [TensorSpec(name="clip_input_ids", dtype="int64", shape=[BATCH, 77])]
+    text_out = [TensorSpec(name="clip_text", dtype="float32", shape=[BATCH, D])]
+    return step_in, step_out, text_in, text_out
+
+
+def describe_policy(model, preprocessing, name: str | None = None, version: str | None = None) -> ExportSignature:
+    """The signature of a model that has no graphs (yet): what the torch backend serves under."""
+    config = model.config
+    if preprocessing.chunk != config.chunk or preprocessing.state_dim != config.state_dim:
+        raise ModelError(
+            f"preprocessing (chunk {preprocessing.chunk}, state_dim {preprocessing.state_dim}) does not match "
+            f"the policy config (chunk {config.chunk}, state_dim {config.state_dim})"
+        )
+    step_in, step_out, _, _ = _io_specs(model, preprocessing)
+    return ExportSignature(
+        model=ModelRef(name=name, version=version),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        inputs=step_in,
+        outputs=step_out,
+        graphs={},
+        preprocessing=PreprocessingSpec(
+            image_size=preprocessing.image_size,
+            resize_rule=preprocessing.resize_rule,
+            image_mean=preprocessing.image_mean,
+            image_std=preprocessing.image_std,
+            state_dim=preprocessing.state_dim,
+            state_mean=preprocessing.state_mean,
+            state_std=preprocessing.state_std,
+            window=preprocessing.window,
+            chunk=preprocessing.chunk,
+            control_hz=preprocessing.control_hz,
+        ),
+        tokenizer=TokenizerSpec(
+            path="policy/preprocessing/tokenizer",
+            clip_length=77,
+            kosmos_length=config.token_length,
+            text_encoder=TEXT_FILE,
+        ),
+        actions=ActionSpec(low=preprocessing.action_low, high=preprocessing.action_high, chunk=config.chunk),
+        chunk=config.chunk,
+        recurrent=RecurrentSpec(
+            layers=config.lstm_layers, hidden=config.lstm_hidden, shape=[config.lstm_layers, BATCH, config.lstm_hidden]
+        ),
+        opset=None,
+        exporter=None,
+    )
+
+
+# --- export steps --------------------------------------------------------------------------------
+
+
+def _example_inputs(model, preprocessing, batch: int = 2):
+    import torch
+
+    size = preprocessing.image_size
+    texts = ["go to the red box"] * batch
+    tokens = preprocessing.tokenize(texts)
+    h, c = model.initial_memory(batch)
+    step_args = (
+        torch.zeros(batch, size, size, 3, dtype=torch.uint8),
+        torch.zeros(batch, model.config.state_dim),
+        model.encode_instruction(torch.from_numpy(tokens["clip_input_ids"])).detach(),
+        *(torch.from_numpy(tokens[k]) for k in STEP_INPUTS[3:6]),
+        h,
+        c,
+    )
+    return step_args, (torch.from_numpy(tokens["clip_input_ids"]),)
+
+
+def _batch_axes(specs: list[TensorSpec]) -> dict[str, int]:
+    return {s.name: s.shape.index(BATCH) for s in specs}
+
+
+def _torch_export(module, args, path: Path, inputs, outputs, exporter: str, opset: int, large: bool) -> None:
+    import torch
+
+    in_names = [s.name for s in inputs]
+    out_names = [s.name for s in outputs]
+    if exporter == "dynamo":
+        batch = torch.export.Dim("B", min=1, max=4096)
+        # The wrappers' forward arguments are named like the graph inputs.
+        dynamic_shapes = {name: {axis: batch} for name, axis in _batch_axes(inputs).items()}
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=in_names, output_names=out_names,
+            dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=large, verbose=False,
+        )
+        program.save(str(path), external_data=large)
+    else:
+        axes = {**_batch_axes(inputs), **_batch_axes(outputs)}
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, input_names=in_names, output_names=out_names,
+            dynamic_axes={name: {axis: BATCH} for name, axis in axes.items()}, opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def _check_graph(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # onnx raises ValidationError / InferenceError
+        raise ModelError(f"{path}: the ONNX checker refused the exported graph: {str(exc).splitlines()[0]}") from None
+
+
+def _offline_optimise(source: Path, target: Path, large: bool) -> None:
+    """BASIC-level ONNX Runtime graph optimisation, written back as standard ONNX."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    if large:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    domains = {n.domain for n in onnx.load(str(target), load_external_data=False).graph.node} - {"", "ai.onnx"}
+    if domains:
+        raise ModelError(f"{target}: offline optimisation left non-standard ops (domains {sorted(domains)})")
+
+
+def _to_fp16(source: Path, target: Path, large: bool) -> str:
+    import onnx
+    import onnxruntime
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(source))
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
+    # The converter appends the Casts of kept-fp32 inputs at the end of the node list; ONNX wants
+    # nodes in topological order, so sort them (onnx_ir comes with onnxscript).
+    import onnx_ir
+
+    graph = onnx_ir.serde.deserialize_model(converted)
+    graph.graph.sort()
+    converted = onnx_ir.serde.serialize_model(graph)
+    onnx.save_model(converted, str(target), save_as_external_data=large, location=target.name + ".data" if large else None)
+    return f"onnxruntime.transformers.float16 {onnxruntime.__version__} (keep_io_types=True)"
+
+
+def _graph_file(folder: Path, name: str, precision: str, inputs, outputs) -> GraphFile:
+    path = folder / name
+    data = {p.name: file_sha256(p) for p in sorted(folder.glob(name + ".data*"))}
+    return GraphFile(
+        file=name, precision=precision, sha256=file_sha256(path), bytes=path.stat().st_size,
+        inputs=inputs, outputs=outputs, external_data=data,
+    )
+
+
+def _cpu_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_model(
+    model_dir: str | Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    fp16: bool = True,
+    exporter: str = "dynamo",
+    opset: int = DEFAULT_OPSET,
+    data_dir: str | Path | None = None,
+    progress=None,
+) -> ExportResult:
+    """Exports `model_dir/policy` to `model_dir/onnx/` after the parity checks pass (else ModelError)."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    from mobile_vla.export import parity
+    from mobile_vla.policy import load_policy
+
+    if exporter not in EXPORTERS:
+        raise ModelError(f"exporter = {exporter!r}: expected one of {EXPORTERS}")
+    say = progress or (lambda text: log.info("%s", text))
+    model_dir = Path(model_dir)
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    clock = time.perf_counter()
+
+    say("loading the policy")
+    model, preprocessing = load_policy(model_dir)
+    if preprocessing is None:
+        raise ModelError(f"{model_dir}: the saved policy has no preprocessing/ (needed for signature.json)")
+    model = model.float().eval()
+    base = describe_policy(model, preprocessing, name=name, version=version)
+    step_in, step_out, text_in, text_out = _io_specs(model, preprocessing)
+    large = sum(p.numel() * 4 for p in model.parameters()) > PROTOBUF_LIMIT
+    StepGraph, TextGraph = _wrappers()
+    with torch.no_grad():
+        step_args, text_args = _example_inputs(model, preprocessing)
+
+    scratch = model_dir / ".onnx.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        used = exporter
+        say(f"exporting the step graph ({exporter} exporter, opset {opset})")
+        raw = scratch / "raw" / STEP_FILE
+        raw.parent.mkdir()
+        try:
+            _torch_export(StepGraph(model).eval(), step_args, raw, step_in, step_out, exporter, opset, large)
+        except Exception as exc:
+            if exporter != "dynamo":
+                raise ModelError(f"torch.onnx.export ({exporter}) failed: {str(exc).splitlines()[0]}") from exc
+            notes.append(f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); used legacy")
+            log.warning("%s", notes[-1])
+            used = "legacy"
+            shutil.rmtree(raw.parent)
+            raw.parent.mkdir()
+            _torch_export(StepGraph(model).eval(), step_args, raw, step_in, step_out, used, opset, large)
+        _torch_export(TextGraph(model).eval(), text_args, scratch / "raw" / TEXT_FILE, text_in, text_out, used, opset, False)
+        seconds["torch_export"] = time.perf_counter() - clock
+
+        say("checking and optimising the graphs")
+        for graph in (raw, scratch / "raw" / TEXT_FILE):
+            _check_graph(graph)
+        _offline_optimise(raw, scratch / STEP_FILE, large)
+        _offline_optimise(scratch / "raw" / TEXT_FILE, scratch / TEXT_FILE, False)
+        for graph in (scratch / STEP_FILE, scratch / TEXT_FILE):
+            _check_graph(graph)
+        converter = None
+        if fp16:
+            say("converting to fp16")
+            converter = _to_fp16(scratch / STEP_FILE, scratch / STEP_FP16_FILE, large)
+            _check_graph(scratch / STEP_FP16_FILE)
+        shutil.rmtree(scratch / "raw")
+        seconds["check_optimise_convert"] = time.perf_counter() - clock - sum(seconds.values())
+
+        say("measuring parity against PyTorch on real frames")
+        frames = parity.parity_frames(max(max(parity.PARITY_BATCHES), 2 * preprocessing.window),
+                                      preprocessing.image_size, data_dir)
+        figures = parity.measure_parity(
+            model, preprocessing,
+            fp32_session=_cpu_session(scratch / STEP_FILE),
+            text_session=_cpu_session(scratch / TEXT_FILE),
+            fp16_session=_cpu_session(scratch / STEP_FP16_FILE) if fp16 else None,
+            frames=frames,
+        )
+        seconds["parity"] = time.perf_counter() - clock - sum(seconds.values())
+
+        graphs = {
+            "step_fp32": _graph_file(scratch, STEP_FILE, "fp32", step_in, step_out),
+            "text_encoder": _graph_file(scratch, TEXT_FILE, "fp32", text_in, text_out),
+        }
+        if fp16:
+            graphs["step_fp16"] = _graph_file(scratch, STEP_FP16_FILE, "fp16", step_in, step_out)
+        signature = base.model_copy(update={
+            "graphs": graphs,
+            "opset": opset,
+            "exporter": ExporterInfo(
+                name="torch.onnx.export", dynamo=used == "dynamo", opset=opset, torch=torch.__version__,
+                onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
+                offline_optimisation="ORT_ENABLE_BASIC", fp16_converter=converter,
+            ),
+            "parity": figures,
+        })
+        signature.save(scratch)
+        target = model_dir / ONNX_DIR
+        if target.exists():
+            retired = model_dir / ".onnx.old"
+            shutil.rmtree(retired, ignore_errors=True)
+            target.rename(retired)
+            scratch.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - clock
+    return ExportResult(onnx_dir=target, signature=signature, seconds=seconds, exporter_notes=notes)

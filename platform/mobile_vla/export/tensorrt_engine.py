@@ -1,0 +1,280 @@
+"""TensorRT: build a plan from the exported step graph, keyed by GPU model and TensorRT version, and run it.
+
+A plan only runs on the GPU model and TensorRT version that built it, so plans live in
+`tensorrt/<gpu-slug>__trt<version>/` of the model version (next to `engine.json`, which records what
+built it and from which ONNX bytes) and a replica only ever looks at the folder for its own GPU.
+
+fp16 follows the installed major version: TensorRT 10.x builds the fp32 graph with the FP16 builder
+flag (weak typing: TensorRT picks fp16 kernels where it judges them safe); 11.x removed weak typing, so
+fp16 there means a strongly typed network built from `model.fp16.onnx` (converted at export time).
+
+`tensorrt` is imported lazily: nothing here needs it until a plan is built or loaded. This module never
+ran on the machines the platform was written on (no GPU, no TensorRT wheels); the parts that need
+neither (naming, plan selection and checks, profile shapes) are tested, see docs/gpu.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mobile_vla.errors import ModelError, ResourceError
+from mobile_vla.export.signature import BATCH, ExportSignature, TensorSpec, file_sha256
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "model.plan"
+FP16_PLAN_FILE = "model.fp16.plan"
+ENGINE_META_FILE = "engine.json"
+TENSORRT_DIR = "tensorrt"
+INSTALL_HINT = 'pip install -e ".[gpu]" --extra-index-url https://pypi.nvidia.com'
+
+
+def gpu_slug(gpu_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (safe as a folder and an artifact path)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"gpu name {gpu_name!r} gives an empty slug")
+    return slug
+
+
+def engine_key(gpu_name: str, tensorrt_version: str) -> str:
+    return f"{gpu_slug(gpu_name)}__trt{tensorrt_version}"
+
+
+def plan_file_name(fp16: bool) -> str:
+    return FP16_PLAN_FILE if fp16 else PLAN_FILE
+
+
+def fp16_mode(tensorrt_version: str) -> str:
+    """How this TensorRT major version does fp16: 'builder-flag' (10.x) or 'strongly-typed' (11.x on)."""
+    major = int(tensorrt_version.split(".")[0])
+    if major < 10:
+        raise ResourceError(f"TensorRT {tensorrt_version}: need 10.x or newer (name-based tensor API)")
+    return "builder-flag" if major == 10 else "strongly-typed"
+
+
+def profile_shapes(
+    inputs: list[TensorSpec], max_batch: int, opt_batch: int | None = None
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shape per input: the symbolic batch axis spans 1..max_batch, the rest is fixed."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch = {max_batch}: must be >= 1")
+    opt_batch = min(opt_batch or max_batch, max_batch)
+    shapes = {}
+    for spec in inputs:
+        if any(isinstance(d, str) and d != BATCH for d in spec.shape):
+            raise ModelError(f"input {spec.name!r} shape {spec.shape}: only the batch axis may be symbolic")
+        def fill(batch: int) -> tuple[int, ...]:
+            return tuple(batch if d == BATCH else int(d) for d in spec.shape)
+        shapes[spec.name] = (fill(1), fill(opt_batch), fill(max_batch))
+    return shapes
+
+
+@dataclass(frozen=True)
+class EngineMeta:
+    """engine.json: what built the plan, so a replica refuses a plan that is not for it."""
+
+    gpu: str
+    tensorrt: str
+    precision: str  # "fp32" | "fp16"
+    fp16_mode: str | None
+    max_batch: int
+    opt_batch: int
+    onnx_graph: str  # the signature graph key the plan was built from
+    onnx_sha256: str
+    model_name: str | None
+    model_version: str | None
+    build_seconds: float
+
+    def save(self, folder: Path, fp16: bool) -> None:
+        path = folder / _meta_name(fp16)
+        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path, fp16: bool) -> EngineMeta:
+        path = folder / _meta_name(fp16)
+        if not path.is_file():
+            raise ModelError(f"{path}: missing (a plan without its build record is refused)")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelError(f"{path}: invalid build record ({exc})") from None
+
+
+def _meta_name(fp16: bool) -> str:
+    return "engine.fp16.json" if fp16 else ENGINE_META_FILE
+
+
+def select_plan(
+    model_dir: str | Path, signature: ExportSignature, gpu_name: str, tensorrt_version: str, fp16: bool
+) -> tuple[Path, EngineMeta]:
+    """The plan for this GPU and TensorRT version, checked against its build record and the signature."""
+    root = Path(model_dir) / TENSORRT_DIR
+    key = engine_key(gpu_name, tensorrt_version)
+    folder = root / key
+    plan = folder / plan_file_name(fp16)
+    if not plan.is_file():
+        have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise ModelError(
+            f"{plan}: no {'fp16 ' if fp16 else ''}plan for {key} (plans here: {have or 'none'}); "
+            f"build one on this GPU: mobile-vla export --model MODEL_URI --tensorrt{' --fp16' if fp16 else ''}"
+        )
+    meta = EngineMeta.load(folder, fp16)
+    if meta.gpu != gpu_name or meta.tensorrt != tensorrt_version:
+        raise ModelError(
+            f"{plan}: built for {meta.gpu!r} with TensorRT {meta.tensorrt}, "
+            f"this is {gpu_name!r} with TensorRT {tensorrt_version}"
+        )
+    graph = signature.graphs.get(meta.onnx_graph)
+    if graph is None or graph.sha256 != meta.onnx_sha256:
+        raise ModelError(
+            f"{plan}: built from ONNX {meta.onnx_graph} sha256 {meta.onnx_sha256[:12]}..., which is not "
+            f"the graph in this version's signature.json (stale plan: rebuild with --tensorrt)"
+        )
+    if signature.model.version is not None and meta.model_version not in (None, signature.model.version):
+        raise ModelError(f"{plan}: built for model version {meta.model_version}, this is {signature.model.version}")
+    return plan, meta
+
+
+def require_tensorrt():
+    try:
+        import tensorrt  # noqa: PLC0415 (lazy on purpose: most machines have no TensorRT)
+    except ImportError as exc:
+        raise ResourceError(f"TensorRT is not installed ({exc}); on a GPU node: {INSTALL_HINT}") from None
+    if not hasattr(tensorrt, "Builder"):  # the PyPI stub package without NVIDIA's libraries
+        raise ResourceError(f"the installed 'tensorrt' package has no libraries (PyPI stub); {INSTALL_HINT}")
+    return tensorrt
+
+
+def require_cuda_gpu() -> str:
+    """The name of the current CUDA GPU, or a ResourceError saying why there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ResourceError("no CUDA GPU visible to torch (TensorRT needs one); use the ONNX Runtime backends")
+    return torch.cuda.get_device_name(torch.cuda.current_device())
+
+
+def build_engine(
+    model_dir: str | Path,
+    signature: ExportSignature,
+    max_batch: int = 32,
+    opt_batch: int = 8,
+    fp16: bool = False,
+    workspace_gib: float = 4.0,
+) -> Path:
+    """Builds and writes `tensorrt/<gpu>__trt<ver>/model[.fp16].plan` + its build record; returns the folder."""
+    trt = require_tensorrt()
+    gpu_name = require_cuda_gpu()
+    version = trt.__version__
+    mode = fp16_mode(version) if fp16 else None
+    graph_key = "step_fp16" if mode == "strongly-typed" else "step_fp32"
+    graph = signature.graph(graph_key)
+    onnx_path = Path(model_dir) / "onnx" / graph.file
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if mode == "strongly-typed" and int(version.split(".")[0]) == 10:  # 11.x is always strongly typed
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"{onnx_path}: TensorRT cannot parse the graph: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if mode == "builder-flag":
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile_shapes(signature.inputs, max_batch, opt_batch).items():
+        profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(profile)
+
+    started = time.perf_counter()
+    log.info("building TensorRT %s plan for %s (%s), batch 1..%d", "fp16" if fp16 else "fp32", gpu_name, version, max_batch)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ModelError(f"{onnx_path}: TensorRT build failed for {gpu_name} (see the TensorRT log above)")
+    folder = Path(model_dir) / TENSORRT_DIR / engine_key(gpu_name, version)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / plan_file_name(fp16)
+    tmp = plan.with_suffix(".tmp")
+    tmp.write_bytes(bytes(serialized))
+    tmp.replace(plan)
+    EngineMeta(
+        gpu=gpu_name, tensorrt=version, precision="fp16" if fp16 else "fp32", fp16_mode=mode,
+        max_batch=max_batch, opt_batch=min(opt_batch, max_batch), onnx_graph=graph_key,
+        onnx_sha256=file_sha256(onnx_path), model_name=signature.model.name,
+        model_version=signature.model.version, build_seconds=round(time.perf_counter() - started, 1),
+    ).save(folder, fp16)
+    return folder
+
+
+class TensorRTRunner:
+    """Executes a plan on torch CUDA tensors (inputs stay on the GPU; outputs are new CUDA tensors)."""
+
+    def __init__(self, model_dir: str | Path, signature: ExportSignature, fp16: bool = False):
+        import torch
+
+        trt = require_tensorrt()
+        gpu_name = require_cuda_gpu()
+        plan, self.meta = select_plan(model_dir, signature, gpu_name, trt.__version__, fp16)
+        self._torch = torch
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise ModelError(f"{plan}: TensorRT cannot deserialize this plan (corrupt, or another TensorRT build)")
+        self.context = self.engine.create_execution_context()
+        self.max_batch = self.meta.max_batch
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        want_in = {s.name for s in signature.inputs}
+        want_out = {s.name for s in signature.outputs}
+        if set(self.inputs) != want_in or set(self.outputs) != want_out:
+            raise ModelError(
+                f"{plan}: engine I/O {sorted(self.inputs)} -> {sorted(self.outputs)} does not match "
+                f"signature.json {sorted(want_in)} -> {sorted(want_out)}"
+            )
+        self._dtypes = {n: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(n)) for n in names}
+
+    def run(self, feeds: dict) -> dict:
+        """feeds: name -> CUDA tensor with the engine's dtype; batch <= max_batch. Returns name -> tensor."""
+        torch = self._torch
+        for name in self.inputs:
+            tensor = feeds[name].to(device="cuda", dtype=self._dtypes[name]).contiguous()
+            feeds[name] = tensor  # keep a reference until the work has run
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        results = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            results[name] = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
+            self.context.set_tensor_address(name, results[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ModelError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        stream.synchronize()
+        return results
+
+
+def _torch_dtype(torch, trt, dtype):
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.UINT8: torch.uint8,
+        trt.DataType.BOOL: torch.bool,
+    }
+    if dtype not in table:
+        raise ModelError(f"TensorRT I/O dtype {dtype} is not supported by this runner")
+    return table[dtype]
