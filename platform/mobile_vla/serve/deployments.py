@@ -99,6 +99,8 @@ class PolicyDeployment:
         self._load_error: str | None = None
         self._config: PolicyUserConfig | None = None
         self._metrics = PolicyMetrics()
+        self._batches = 0  # counters for info(): mean batch size = batched_requests / batches
+        self._batched_requests = 0
 
     # -- model lifecycle -------------------------------------------------------------------------
     def _load_model(self, config: PolicyUserConfig) -> LoadedModel:
@@ -161,6 +163,8 @@ class PolicyDeployment:
             "uri": model.uri if model else (self._config.model_uri if self._config else None),
             "error": self._load_error,
             "max_batch_size": self._config.max_batch_size if self._config else None,
+            "batches": self._batches,
+            "batched_requests": self._batched_requests,
         }
 
     async def step(self, request: StepRequest) -> StepResult:
@@ -197,6 +201,8 @@ class PolicyDeployment:
         self._metrics.batch_latency_ms.observe((time.perf_counter() - start) * 1000, tags={"backend": model.backend.name})
         self._metrics.batch_size.observe(B, tags={"backend": model.backend.name})
         self._metrics.sample_resources()
+        self._batches += 1
+        self._batched_requests += B
         h1, c1 = out.memory
         actions = np.asarray(out.actions, dtype=np.float32)  # [B, K, 3]
         confidence = np.asarray(out.confidence, dtype=np.float32)  # [B]

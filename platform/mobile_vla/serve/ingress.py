@@ -5,7 +5,6 @@ Bodies are read by hand (not by FastAPI's body parameter) so the size limit hold
 parsed and the content type is checked first; the pydantic models still document the API.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -182,8 +181,8 @@ class PolicyIngress:
         except ValueError as exc:  # too many tokens for the model: refused, never truncated
             raise ApiError(422, "invalid_request", f"instruction: {exc}") from None
 
-    async def _run_step(self, step) -> tuple[Any, str]:
-        """Primary (timeout + breaker), else fallback. Returns (StepResult, reason-or-empty)."""
+    async def _run_step(self, step) -> tuple[Any, str, str]:
+        """Primary (timeout + breaker), else fallback. Returns (StepResult, deployment, fallback reason or "")."""
         reason = "absent"
         if self._primary is not None:
             if self._breaker.allow():
@@ -203,7 +202,7 @@ class PolicyIngress:
                 else:
                     self._breaker.record_success()
                     self._metrics.breaker_open.set(0)
-                    return result, ""
+                    return result, self.settings.primary_name or "primary", ""
             else:
                 reason = "breaker_open"
             self._metrics.breaker_open.set(1 if self._breaker.state.value != "closed" else 0)
@@ -211,7 +210,7 @@ class PolicyIngress:
             raise ApiError(503, "unavailable", f"primary backend unavailable ({reason}) and no fallback configured")
         self._metrics.fallbacks.inc(tags={"reason": reason})
         try:
-            return await self._fallback.step.remote(step), reason
+            return await self._fallback.step.remote(step), self.settings.fallback_name or "fallback", reason
         except Exception as exc:
             logger.error("fallback failed: %s", str(exc).splitlines()[0][:200])
             raise ApiError(503, "unavailable", "no backend could answer; retry later") from None
@@ -284,7 +283,7 @@ class PolicyIngress:
                     raise ApiError(400, "invalid_memory", "memory token belongs to another robot_id")
                 step.memory_name, step.memory_version, step.h, step.c = (
                     memory.model_name, memory.model_version, memory.h, memory.c)
-            result, fallback_reason = await self._run_step(step)
+            result, served_by, fallback_reason = await self._run_step(step)
             token = self._codec.encode(RecurrentMemory(result.model_name, result.model_version, body.robot_id,
                                                        result.h, result.c))
             latency_ms = (time.perf_counter() - start) * 1000
@@ -300,7 +299,7 @@ class PolicyIngress:
                 "actions": result.actions.tolist(), "confidence": result.confidence, "memory": token,
                 "model": {"name": result.model_name, "version": result.model_version},
                 "backend": result.backend, "memory_reset": result.memory_reset, "latency_ms": round(latency_ms, 3),
-            })
+            }, headers={"X-Served-By": served_by, "X-Fallback-Reason": fallback_reason or "none"})
         except ApiError as exc:
             status = exc.status
             logger.info(json.dumps({"event": "act_refused", "status": exc.status, "code": exc.code}))
