@@ -34,6 +34,7 @@ class GeneratorSettings:
     control_hz: float = 5.0
     obs_size: int = 224
     seeds_per_task: int = 4
+    max_steps: int | None = None  # None: the scene's own limit (scenes.MAX_STEPS)
     max_candidates_factor: int = 5  # give up on a split after 5x its episodes + 20 failed tries
     expert: dict = field(default_factory=dict)  # ScriptedExpert field overrides
 
@@ -119,6 +120,8 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
     results = []
     for split, seed in jobs:
         scene = scene_from_seed(split, seed, spec)
+        if settings.max_steps is not None:
+            scene = scene.model_copy(update={"max_steps": settings.max_steps})
         if _WORKER_ENV is None or _WORKER_ENV.obs_width != settings.obs_size:
             _WORKER_ENV = make_env(scene, obs_size=settings.obs_size)
         recording = record_episode(_WORKER_ENV, scene, expert, settings.control_hz)
@@ -141,6 +144,10 @@ class _SplitRun:
     needed: int
     candidates: list[int]  # ordered seeds
     submitted: int = 0
+    index_of: dict[int, int] = field(default_factory=dict)  # seed -> candidate index
+
+    def __post_init__(self) -> None:
+        self.index_of = {seed: index for index, seed in enumerate(self.candidates)}
     outcomes: dict[int, bool] = field(default_factory=dict)  # candidate index -> success
     frames: dict[int, int] = field(default_factory=dict)
 
@@ -256,7 +263,7 @@ def generate_dataset(
                 raise ResourceError(f"generation task for {chunk[0][0]} seeds {[s for _, s in chunk]} failed: {exc}") from exc
             for result in results:
                 run = runs[result["split"]]
-                index = run.candidates.index(result["seed"])
+                index = run.index_of[result["seed"]]
                 run.outcomes[index] = result["success"]
                 run.frames[index] = result["frames"]
                 if result["data"] is not None:

@@ -129,21 +129,32 @@ def _left_of(direction: np.ndarray) -> np.ndarray:
 def sample_layout(layout_seed: int) -> _Layout:
     """Room, start pose, target spot and obstacles beside the straight path. Retries until valid."""
     rng = np.random.default_rng([LAYOUT_SALT, layout_seed])
+    count = int(rng.choice(3, p=[0.2, 0.4, 0.4]))  # fixed first, so retries cannot skew the mix
+    low, high = (9.0, 11.0) if count == 2 else (7.0, 10.0)  # a slalom needs a longer run
     room = RoomSpec(
-        width=float(rng.uniform(7.0, 10.0)),
-        depth=float(rng.uniform(7.0, 10.0)),
+        width=float(rng.uniform(low, high)),
+        depth=float(rng.uniform(low, high)),
         wall_tex=str(rng.choice(WALL_TEXTURES)),
         floor_tex=str(rng.choice(FLOOR_TEXTURES)),
         ceil_tex=str(rng.choice(CEILING_TEXTURES)),
     )
-    for _ in range(1000):
+    for attempt in range(3000):
+        if attempt and attempt % 1000 == 0:  # this room cannot hold that many: one obstacle fewer
+            count -= 1
+        # Obstacles stand at distances along the straight path; two leave room to pass between.
+        if count == 2:
+            first = rng.uniform(1.4, 2.0)
+            along = [first, first + rng.uniform(2.1, 2.7)]
+            distance = along[1] + rng.uniform(2.0, 2.5)
+        else:
+            distance = rng.uniform(3.5, 6.0)
+            along = [rng.uniform(0.4, 0.6) * distance] * count
         agent = np.array([rng.uniform(1.0, room.width - 1.0), rng.uniform(1.0, room.depth - 1.0)])
-        heading = float(rng.uniform(-math.pi, math.pi))
-        distance, bearing = rng.uniform(3.5, 6.0), rng.uniform(-0.45, 0.45)
+        heading, bearing = float(rng.uniform(-math.pi, math.pi)), rng.uniform(-0.45, 0.45)
         target = agent + distance * np.array([math.cos(heading + bearing), -math.sin(heading + bearing)])
         if _wall_clearance(room, *target) < 1.2:
             continue
-        obstacles = _sample_obstacles(rng, room, agent, target)
+        obstacles = _sample_obstacles(rng, room, agent, target, along)
         if obstacles is None:
             continue
         distractors = _sample_distractors(rng, room, agent, target, obstacles)
@@ -154,20 +165,20 @@ def sample_layout(layout_seed: int) -> _Layout:
             obstacles=[(float(x), float(z), side) for x, z, side in obstacles],
             distractors_xz=[(float(x), float(z)) for x, z in distractors],
         )
-    raise RuntimeError(f"layout seed {layout_seed}: no valid layout in 1000 tries")  # pragma: no cover
+    raise RuntimeError(f"layout seed {layout_seed}: no valid layout in 3000 tries")  # pragma: no cover
 
 
-def _sample_obstacles(rng, room, agent, target) -> list[tuple[float, float, str]] | None:
-    """0, 1 or 2 obstacles just beside the straight path, as in the original 1box_left-style runs."""
-    count = int(rng.choice(3, p=[0.2, 0.4, 0.4]))
-    fractions = {0: [], 1: [rng.uniform(0.4, 0.6)], 2: [rng.uniform(0.3, 0.42), rng.uniform(0.58, 0.7)]}[count]
+def _sample_obstacles(rng, room, agent, target, along: list[float]) -> list[tuple[float, float, str]] | None:
+    """Obstacles just beside the straight path (`along` metres from the start), as in the original
+    1box_left / 2box_right runs; None when the layout leaves no way round."""
     path = target - agent
-    left = _left_of(path / np.linalg.norm(path))
+    direction = path / np.linalg.norm(path)
+    left = _left_of(direction)
     out = []
-    for fraction in fractions:
+    for distance in along:
         side = str(rng.choice(["left", "right"]))
         sign = 1.0 if side == "left" else -1.0
-        pos = agent + fraction * path + sign * rng.uniform(0.2, 0.45) * left
+        pos = agent + distance * direction + sign * rng.uniform(0.2, 0.45) * left
         # The way round is on the other side: it must leave room for the robot before the wall.
         way_round = pos - sign * (MAX_OBSTACLE_RADIUS + AGENT_RADIUS + 0.2) * left
         if _wall_clearance(room, *pos) < MAX_OBSTACLE_RADIUS + 0.1:
@@ -179,7 +190,7 @@ def _sample_obstacles(rng, room, agent, target) -> list[tuple[float, float, str]
         if np.linalg.norm(pos - target) < MAX_OBSTACLE_RADIUS + MAX_TARGET_RADIUS + 1.0:
             return None
         # Room to pass between two obstacles, whichever sides they stand on (a slalom).
-        if any(np.hypot(pos[0] - x, pos[1] - z) < 2 * (MAX_OBSTACLE_RADIUS + AGENT_RADIUS) + 0.5 for x, z, _ in out):
+        if any(np.hypot(pos[0] - x, pos[1] - z) < 2 * (MAX_OBSTACLE_RADIUS + AGENT_RADIUS) + 0.3 for x, z, _ in out):
             return None
         out.append((pos[0], pos[1], side))
     return out
