@@ -1,0 +1,57 @@
+"""The shipped Serve configs must be valid for `serve deploy` (Ray's own schema) and for our app."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mobile_vla.config import validate_config
+from mobile_vla.errors import ConfigError
+from mobile_vla.serve.app import ServeAppArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "serve_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_against_ray_schema_and_app_args(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    text = path.read_text()
+    assert text.startswith("# Launch:") and "serve" in text.splitlines()[0]  # how to launch it, first
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    app = schema.applications[0]
+    assert app.import_path == "mobile_vla.serve.app:build_app"
+    args = validate_config(app.args, ServeAppArgs, str(path))
+    names = {d.name for d in app.deployments}
+    expected = {"PolicyIngress", {"onnx": "OnnxPolicy", "tensorrt": "TensorRTPolicy"}[args.primary]}
+    if args.fallback:
+        expected.add("OnnxPolicy")
+    assert names == expected
+    for deployment in app.deployments:
+        if deployment.name != "PolicyIngress" and deployment.max_ongoing_requests is not None:
+            assert deployment.max_ongoing_requests >= args.max_batch_size
+
+
+def test_local_config_binds_loopback_only():
+    data = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())
+    assert data["http_options"]["host"] == "127.0.0.1"
+    assert ServeAppArgs.model_validate(data["applications"][0]["args"]).primary == "onnx"
+
+
+def test_bad_app_args_name_field_and_value():
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        validate_config({"max_batch_size": 0}, ServeAppArgs, "args")
+    with pytest.raises(ConfigError, match="unknown key 'batch'"):
+        validate_config({"batch": 4}, ServeAppArgs, "args")
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        validate_config({"max_batch_size": 64, "max_ongoing_requests": 8}, ServeAppArgs, "args")
+
+
+def test_openapi_document_is_current():
+    from mobile_vla.serve.openapi_doc import openapi_document
+
+    saved = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert saved == openapi_document(), "regenerate: python -m mobile_vla.serve.openapi_doc docs/openapi.json"
+    assert {"/v1/act", "/v1/feedback", "/v1/model", "/healthz", "/readyz"} <= set(saved["paths"])
