@@ -221,16 +221,10 @@ def window_rng(seed: int | None, epoch: int, window_id: int) -> np.random.Genera
     return np.random.default_rng([seed, epoch, window_id])
 
 
-try:
-    import torch.utils.data as _torch_data
-
-    _DatasetBase = _torch_data.Dataset
-except ImportError:  # pragma: no cover - torch is a hard dependency; kept importable without it
-    _DatasetBase = object
-
-
-class WindowDataset(_DatasetBase):
-    """Map-style torch Dataset of windows; works with DataLoader workers (handles reopen per process)."""
+class WindowDataset:
+    """Map-style torch Dataset of windows (the `__len__`/`__getitem__` protocol DataLoader takes; torch
+    itself is not imported, so Ray Data tasks that assemble windows start fast). Works with DataLoader
+    workers: file handles reopen per process."""
 
     def __init__(
         self,
