@@ -212,11 +212,11 @@ def test_cluster_check_job_runs_the_shipped_package(ray_head):
     not (REPO / "jobs" / "train.py").is_file(),
     reason="jobs/train.py is not written yet (training stage)",
 )
-def test_train_job_submits_and_logs_to_mlflow(ray_head, tmp_path):
+def test_train_job_submits_and_logs_to_mlflow(ray_head, tiny_dataset, tmp_path):
     home = tmp_path / "home"
     submitted, status, logs = submit(
         ray_head,
-        ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml"],
+        ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", f"data.path={tiny_dataset}"],
         env_vars={"MOBILE_VLA_HOME": str(home)},
         timeout_s=420,
     )
