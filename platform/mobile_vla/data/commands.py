@@ -165,9 +165,9 @@ def run_inspect(args) -> int:
             section(args.folder, manifest, console)
         if problems is not None:
             checked = manifest["counts"]["total"]["episodes"]
-            console.print(f"checked {checked} episode files: {len(problems)} bad")
-            for name, problem in problems:
-                console.print(f"  [red]bad[/red] {problem if name in problem else f'{name}: {problem}'}")
+            print(f"checked {checked} episode files: {len(problems)} bad")
+            for name, problem in problems:  # plain lines: one per file, easy to grep
+                print(f"  bad {problem if name in problem else f'{name}: {problem}'}")
     return 1 if problems else 0
 
 

@@ -109,9 +109,10 @@ def _estimate_control_hz(files: list[Path]) -> float:
         try:
             with h5py.File(path, "r") as f:
                 frames, duration = f.attrs.get("num_frames"), f.attrs.get("total_duration")
-                if frames and duration and float(duration) > 0:
+                stored = f["images"].shape[0] if "images" in f else None
+                if frames and frames == stored and duration and float(duration) > 0:  # consistent files only
                     rates.append(float(frames) / float(duration))
-        except OSError:
+        except (OSError, KeyError, TypeError, ValueError):
             continue  # reported by the main pass
     return round(statistics.median(rates), 3) if rates else DEFAULT_CONTROL_HZ
 
