@@ -133,9 +133,20 @@ def _gather_to_all(array):
     return np.concatenate(parts, axis=0)
 
 
+UNUSED_BY_POLICY = ("logit_scale", "logit_bias")  # CLIP's contrastive temperature: no path to the policy loss
+
+
 def wrap_model(model, strategy: str, device):
-    """DDP via Ray's prepare_model; FSDP2 (`fully_shard`) per transformer block, then the root."""
+    """DDP via Ray's prepare_model; FSDP2 (`fully_shard`) per transformer block, then the root.
+
+    Parameters that never receive a gradient would make DDP's reducer wait forever (or error), so they
+    are frozen first instead of paying for `find_unused_parameters=True` on every step.
+    """
     import ray.train.torch
+
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in UNUSED_BY_POLICY:
+            param.requires_grad_(False)
 
     if strategy == "ddp" or not _is_distributed():
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if _is_distributed() else None)

@@ -74,19 +74,29 @@ def build_preprocessing(cfg: TrainJobConfig, manifest: dict, policy_config):
     )
 
 
-def build_datasets(cfg: TrainJobConfig, preprocessing) -> dict:
-    """Ray Data pipelines of windows; Train splits each equally across workers (DataConfig default)."""
+def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
+    """Ray Data pipelines of windows (Train splits each equally across workers) and the train window count.
+
+    Training augmentation draws fresh each pass (seed=None) so epochs see different frames; the window
+    order is fixed by train.seed and reshuffled per epoch in the loop's local shuffle buffer.
+    """
     from mobile_vla.data.pipeline import build_window_dataset
+    from mobile_vla.data.windows import build_split_index
 
     folder = cfg.data_path()
+    train_windows = len(build_split_index(folder, cfg.data.train_split, preprocessing))
     train = build_window_dataset(
-        folder, cfg.data.train_split, preprocessing, augment=cfg.data.augment, seed=cfg.train.seed
+        folder, cfg.data.train_split, preprocessing, augment=cfg.data.augment,
+        seed=None if cfg.data.augment else cfg.train.seed, shuffle=True,
     )
     if cfg.train.max_steps_per_epoch:
-        cap = cfg.train.max_steps_per_epoch * cfg.train.batch_size * cfg.scaling.num_workers
-        train = train.limit(cap)
-    val = build_window_dataset(folder, cfg.data.val_split, preprocessing, augment=False, seed=cfg.train.seed)
-    return {"train": train, "val": val}
+        cap = cfg.train.max_steps_per_epoch * cfg.train.batch_size * cfg.optim.accumulate * cfg.scaling.num_workers
+        if cap < train_windows:
+            train, train_windows = train.limit(cap), cap
+    val = build_window_dataset(folder, cfg.data.val_split, preprocessing, augment=False, shuffle=False)
+    for dataset in (train, val):  # one progress line per epoch from rank 0 says more than Ray Data's bars
+        dataset.context.enable_progress_bars = False
+    return {"train": train, "val": val}, train_windows
 
 
 def steps_per_epoch(cfg: TrainJobConfig, train_windows: int) -> int:
@@ -235,10 +245,6 @@ def _metric_list(values: dict):
     return [Metric(k, v, now, 0) for k, v in values.items()]
 
 
-def count_windows(dataset) -> int:
-    return int(dataset.count())
-
-
 def run_training(cfg: TrainJobConfig, callbacks=None) -> TrainResult:
     """The whole job on the current Ray cluster (local when none is configured)."""
     from mobile_vla.train.preflight import preflight
@@ -247,8 +253,7 @@ def run_training(cfg: TrainJobConfig, callbacks=None) -> TrainResult:
     ensure_ray()
     manifest, policy_config = preflight(cfg)
     preprocessing = build_preprocessing(cfg, manifest, policy_config)
-    datasets = build_datasets(cfg, preprocessing)
-    train_windows = count_windows(datasets["train"])
+    datasets, train_windows = build_datasets(cfg, preprocessing)
     if train_windows < cfg.scaling.num_workers:
         from mobile_vla.errors import DataError
 
