@@ -50,3 +50,19 @@ def pytest_sessionfinish(session, exitstatus):
             ray.shutdown()
     except Exception:
         pass
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(ray_cluster, tmp_path_factory):
+    """~10 generated MiniWorld episodes (224x224, 5 Hz, expert-successful) with manifest.json:
+    6 train, 2 val, 1 unseen_pair, 1 visual_shift. Generated once per session on the Ray cluster."""
+    from mobile_vla.data.generate import GeneratorSettings, generate_dataset
+    from mobile_vla.data.split_spec import SplitSpec, default_split_spec
+
+    defaults = default_split_spec()
+    fractions = {"train": 0.6, "val": 0.2, "unseen_pair": 0.1, "visual_shift": 0.1}
+    splits = {name: defaults.splits[name].model_copy(update={"fraction": f}) for name, f in fractions.items()}
+    spec = SplitSpec(**{**defaults.model_dump(exclude={"splits"}), "splits": splits})
+    out = tmp_path_factory.mktemp("tiny_dataset")
+    generate_dataset(out, 10, spec, seed=0, settings=GeneratorSettings(seeds_per_task=2), progress=False)
+    return out

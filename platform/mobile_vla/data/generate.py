@@ -61,7 +61,8 @@ def record_episode(env, scene, expert, control_hz: float) -> Recording:
     previous = (0.0, 0.0, 0.0)
     success = False
     for _ in range(scene.max_steps):
-        action = expert.act(env)
+        # Executed exactly as stored (float32), so replaying the file reproduces the episode.
+        action = tuple(float(np.float32(v)) for v in expert.act(env))
         images.append(frame)
         actions.append(action)
         states.append(previous)
@@ -122,7 +123,7 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
         scene = scene_from_seed(split, seed, spec)
         if settings.max_steps is not None:
             scene = scene.model_copy(update={"max_steps": settings.max_steps})
-        if _WORKER_ENV is None or _WORKER_ENV.obs_width != settings.obs_size:
+        if _WORKER_ENV is None or _WORKER_ENV.obs_size != settings.obs_size:
             _WORKER_ENV = make_env(scene, obs_size=settings.obs_size)
         recording = record_episode(_WORKER_ENV, scene, expert, settings.control_hz)
         result = {"split": split, "seed": seed, "success": recording.success,
@@ -228,7 +229,6 @@ def generate_dataset(
         raise DataError(f"--episodes {episodes}: expected at least 1")
     out = Path(out)
     _check_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     allocation = {name: n for name, n in spec.allocate(episodes).items() if n > 0}
     runs = {
@@ -252,6 +252,51 @@ def generate_dataset(
     for run in runs.values():  # first wave: a little more than needed, most experts succeed
         submit(run, math.ceil(run.needed * 1.1) + 1)
 
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_waves(ray, runs, pending, submit, written, out, progress)
+    except BaseException:
+        # Leave nothing behind that looks like a dataset: cancel the rest, remove what we wrote.
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        for path in written.values():
+            path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+    splits, expert_success = {}, {}
+    for name, run in runs.items():
+        kept = run.kept_indices()
+        assert kept is not None and len(kept) == run.needed, f"{name}: {run.successes}/{run.needed}"
+        kept_seeds = {run.candidates[i] for i in kept}
+        for (split, seed_), path in written.items():  # successes past the first N are not part of it
+            if split == name and seed_ not in kept_seeds:
+                path.unlink(missing_ok=True)
+        attempted = kept[-1] + 1
+        splits[name] = [f"{episode_name(name, run.candidates[i])}.h5" for i in kept]
+        expert_success[name] = {
+            "attempted": attempted,
+            "kept": len(kept),
+            "success_rate": len(kept) / attempted,
+            "mean_frames_kept": float(np.mean([run.frames[i] for i in kept])),
+        }
+
+    generator = {
+        "kind": "miniworld",
+        "env_id": "mobile-vla/NavRoom-v1",
+        "seed": seed,
+        "episodes": episodes,
+        "settings": asdict(settings),
+        "split_spec": spec.model_dump(mode="json"),
+        "held_out_splits": [name for name in runs if spec.is_held_out(name)],
+    }
+    return build_manifest(out, splits, generator=generator, expert_success=expert_success, progress=progress)
+
+
+def _run_waves(ray, runs, pending, submit, written, out: Path, progress: bool) -> None:
+    """Collects task results as they finish, writes successes, tops up splits that fall short."""
     with _progress_display(progress) as bars:
         ids = {name: bars.add_task(f"{name:>18}", total=run.needed) for name, run in runs.items()}
         while pending:
@@ -284,34 +329,6 @@ def generate_dataset(
                     rate = max(run.successes / max(len(run.outcomes), 1), 0.3)
                     submit(run, math.ceil((run.needed - run.successes - in_flight) / rate) + 1)
 
-    splits, expert_success = {}, {}
-    for name, run in runs.items():
-        kept = run.kept_indices()
-        assert kept is not None and len(kept) == run.needed, f"{name}: {run.successes}/{run.needed}"
-        kept_seeds = {run.candidates[i] for i in kept}
-        for (split, seed_), path in written.items():  # successes past the first N are not part of it
-            if split == name and seed_ not in kept_seeds:
-                path.unlink(missing_ok=True)
-        attempted = kept[-1] + 1
-        splits[name] = [f"{episode_name(name, run.candidates[i])}.h5" for i in kept]
-        expert_success[name] = {
-            "attempted": attempted,
-            "kept": len(kept),
-            "success_rate": len(kept) / attempted,
-            "mean_frames_kept": float(np.mean([run.frames[i] for i in kept])),
-        }
-
-    generator = {
-        "kind": "miniworld",
-        "env_id": "mobile-vla/NavRoom-v1",
-        "seed": seed,
-        "episodes": episodes,
-        "settings": asdict(settings),
-        "split_spec": spec.model_dump(mode="json"),
-        "held_out_splits": [name for name in runs if spec.is_held_out(name)],
-    }
-    return build_manifest(out, splits, generator=generator, expert_success=expert_success, progress=progress)
-
 
 class _NoProgress:
     def add_task(self, *args, **kwargs) -> int:
@@ -342,7 +359,7 @@ def register_generate(data_subparsers) -> None:
         help="MiniWorld scenes + scripted expert -> episode files and manifest.json",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--out", type=Path, help="new or empty dataset folder")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="new or empty dataset folder")
     parser.add_argument("--episodes", type=int, default=200, help="successful episodes over all splits")
     parser.add_argument("--split-spec", type=Path, default=None, help="YAML split spec (default: built in)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

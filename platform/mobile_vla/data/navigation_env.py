@@ -86,6 +86,7 @@ class NavigationEnv(MiniWorldEnv):
 
     def __init__(self, scene: SceneSpec, obs_size: int = 224):
         self.scene = scene
+        self.obs_size = obs_size
         super().__init__(
             max_episode_steps=scene.max_steps,
             obs_width=obs_size,
