@@ -470,15 +470,14 @@ def load_backend(
 
 
 def _load_torch(folder: Path, signature: ExportSignature | None, name, version, cache_size) -> TorchBackend:
+    """The saved policy, described afresh (the ONNX signature may be damaged or from another version)."""
+    from mobile_vla.export.onnx_export import describe_policy
     from mobile_vla.policy import load_policy
 
     model, preprocessing = load_policy(folder)
     if preprocessing is None:
         raise ModelError(f"{folder}: the saved policy has no preprocessing (cannot scale state or actions)")
-    if signature is None:
-        from mobile_vla.export.onnx_export import describe_policy
-
-        signature = describe_policy(model, preprocessing, name=name, version=version)
-    else:
-        _check_preprocessing(signature, preprocessing, str(folder))
-    return TorchBackend(folder, signature, preprocessing, model, cache_size=cache_size)
+    if name is None and version is None and signature is not None:
+        name, version = signature.model.name, signature.model.version
+    described = describe_policy(model, preprocessing, name=name, version=version)
+    return TorchBackend(folder, described, preprocessing, model, cache_size=cache_size)

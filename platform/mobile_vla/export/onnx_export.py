@@ -288,7 +288,7 @@ def export_model(
     *,
     name: str | None = None,
     version: str | None = None,
-    fp16: bool = True,
+    fp16: bool = False,
     exporter: str = "dynamo",
     opset: int = DEFAULT_OPSET,
     data_dir: str | Path | None = None,

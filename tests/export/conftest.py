@@ -1,0 +1,63 @@
+"""One tiny policy, saved and exported once per session (dynamo exporter, fp32 + fp16, parity on
+MiniWorld frames); tests that damage files work on a copy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _make_policy_dir(root: Path, seed: int = 0) -> Path:
+    """A saved tiny policy with real preprocessing (tokenizer included) in root/policy/."""
+    import torch
+
+    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
+    from mobile_vla.preprocessing import Preprocessing
+
+    config = presets.tiny()
+    torch.manual_seed(seed)
+    model = build_policy(config).eval()
+    with torch.no_grad():  # the head starts near zero; make its outputs vary so parity means something
+        model.head[-1].weight.normal_(std=0.2)
+    preprocessing = Preprocessing(
+        action_low=[-0.2, -0.3, -1.0],
+        action_high=[0.6, 0.3, 1.0],
+        state_mean=[0.1, 0.0, 0.0],
+        state_std=[0.2, 0.1, 0.5],
+        tokenizer=build_tokenizer(config),
+    )
+    save_policy(root / "policy", model, preprocessing)
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported_dir(tmp_path_factory) -> Path:
+    from mobile_vla.export.onnx_export import export_model
+
+    root = _make_policy_dir(tmp_path_factory.mktemp("tiny-export"))
+    export_model(root, fp16=True)  # the defaults users get: dynamo exporter, MiniWorld frames
+    return root
+
+
+@pytest.fixture()
+def exported_copy(exported_dir, tmp_path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(exported_dir, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def real_frames(exported_dir) -> np.ndarray:
+    """MiniWorld frames with a different seed from the export's own parity check."""
+    from mobile_vla.export.parity import parity_frames
+
+    return parity_frames(32, seed=11).images
+
+
+@pytest.fixture(scope="session")
+def make_policy_dir():
+    """make_policy_dir(root) -> root, holding a saved tiny policy (no onnx/)."""
+    return _make_policy_dir

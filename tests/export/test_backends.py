@@ -1,0 +1,152 @@
+"""The fallback chain: TensorRT -> ONNX Runtime CUDA -> ONNX Runtime CPU -> PyTorch, each skip explained,
+bad files refused, and every backend giving the same answers through one predict interface."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mobile_vla.errors import ConfigError, DataError, ModelError
+from mobile_vla.export.backends import load_backend
+from mobile_vla.export.signature import SIGNATURE_FILE, file_sha256, load_signature
+
+INSTRUCTIONS = ["go to the red box", "go to the red box", "drive to the yellow box", "navigate to the target"]
+
+
+@pytest.fixture(scope="module")
+def inputs(real_frames):
+    rng = np.random.default_rng(3)
+    return real_frames[:4], rng.normal(0.1, 0.2, size=(4, 3)).astype(np.float32)
+
+
+def _three_steps(backend, images, state):
+    memory, outs = None, []
+    for t in range(3):
+        out = backend.predict(images, state + 0.05 * t, INSTRUCTIONS, memory)
+        memory = out.memory
+        outs.append(out)
+    return outs
+
+
+def test_without_tensorrt_the_chain_picks_onnx_cpu_and_says_why(exported_dir):
+    backend = load_backend(exported_dir)
+    assert backend.name == "onnx-cpu"
+    assert list(backend.skipped) == ["tensorrt", "onnx-cuda"]
+    assert "TensorRT" in backend.skipped["tensorrt"]
+    assert "CUDAExecutionProvider" in backend.skipped["onnx-cuda"]
+    assert backend.signature.chunk == 10
+
+
+def test_backends_give_the_same_answers(exported_dir, inputs):
+    images, state = inputs
+    onnx_cpu = _three_steps(load_backend(exported_dir, prefer=("onnx-cpu",)), images, state)
+    torch_ = _three_steps(load_backend(exported_dir, prefer=("torch",)), images, state)
+    fp16 = _three_steps(load_backend(exported_dir, prefer=("onnx-cpu",), fp16=True), images, state)
+    for a, b, c in zip(onnx_cpu, torch_, fp16):
+        assert a.actions.shape == (4, 10, 3) and a.confidence.shape == (4,) and a.memory[0].shape == (1, 4, 64)
+        assert np.abs(a.actions - b.actions).max() <= 1e-4
+        assert np.abs(a.confidence - b.confidence).max() <= 1e-4
+        assert max(np.abs(x - y).max() for x, y in zip(a.memory, b.memory)) <= 1e-4
+        assert np.abs(c.actions - b.actions).max() <= 5e-2
+    # de-normalised into the recorded range, and not constant
+    low, high = np.array([-0.2, -0.3, -1.0]), np.array([0.6, 0.3, 1.0])
+    assert (onnx_cpu[0].actions >= low - 1e-6).all() and (onnx_cpu[0].actions <= high + 1e-6).all()
+    assert onnx_cpu[0].actions.std() > 1e-3
+    assert np.abs(onnx_cpu[2].actions - onnx_cpu[0].actions).max() > 1e-4  # memory and state carry through
+
+
+def test_clip_text_is_computed_once_per_instruction(exported_dir, inputs):
+    backend = load_backend(exported_dir, prefer=("onnx-cpu",), self_test=False)
+    images, state = inputs
+    backend.predict(images, state, INSTRUCTIONS)
+    backend.predict(images, state, INSTRUCTIONS)
+    assert backend.cache_stats["misses"] == 3  # three distinct instructions, encoded once each
+    assert backend.cache_stats["hits"] == 5
+
+
+def test_corrupt_onnx_is_refused_and_the_chain_moves_on(exported_copy):
+    path = exported_copy / "onnx" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    backend = load_backend(exported_copy)
+    assert backend.name == "torch"
+    assert "model.onnx" in backend.skipped["onnx-cpu"] and "sha256" in backend.skipped["onnx-cpu"]
+
+
+def _resign(folder, key, new_file_bytes):
+    """Replaces a graph file AND updates its checksum, as a careless hand-edit would."""
+    signature_path = folder / SIGNATURE_FILE
+    data = json.loads(signature_path.read_text())
+    path = folder / data["graphs"][key]["file"]
+    path.write_bytes(new_file_bytes)
+    data["graphs"][key]["sha256"] = file_sha256(path)
+    data["graphs"][key]["bytes"] = path.stat().st_size
+    signature_path.write_text(json.dumps(data))
+
+
+def test_mismatched_onnx_graph_is_refused(exported_copy):
+    """Checksums fine, but the graph is not the one the signature describes (here: the text encoder)."""
+    folder = exported_copy / "onnx"
+    _resign(folder, "step_fp32", (folder / "text_encoder.onnx").read_bytes())
+    backend = load_backend(exported_copy, prefer=("onnx-cpu", "torch"))
+    assert backend.name == "torch"
+    assert "inputs ['clip_input_ids'] do not match" in backend.skipped["onnx-cpu"]
+
+
+def test_unparseable_onnx_is_refused(exported_copy):
+    _resign(exported_copy / "onnx", "step_fp32", b"this is not a protobuf" * 10)
+    backend = load_backend(exported_copy, prefer=("onnx-cpu", "torch"))
+    assert backend.name == "torch"
+    assert "ONNX Runtime cannot load it" in backend.skipped["onnx-cpu"]
+
+
+def test_missing_fp16_graph_is_a_reason(exported_dir):
+    backend = load_backend(exported_dir, prefer=("onnx-cpu",), fp16=True)
+    assert backend.name == "onnx-cpu"  # present here
+    with pytest.raises(ModelError, match="no backend could serve"):
+        load_backend(exported_dir, prefer=("tensorrt", "onnx-cuda"))
+
+
+def test_model_without_export_is_served_by_torch(make_policy_dir, tmp_path):
+    folder = make_policy_dir(tmp_path)
+    backend = load_backend(folder)
+    assert backend.name == "torch"
+    assert "signature.json: missing" in backend.skipped["onnx-cpu"]
+    assert backend.signature.parity is None and backend.signature.chunk == 10
+
+
+def test_bad_predict_inputs_raise_data_errors(exported_dir, inputs):
+    backend = load_backend(exported_dir, prefer=("onnx-cpu",), self_test=False)
+    images, state = inputs
+    with pytest.raises(DataError, match=r"images: expected uint8 \[B,224,224,3\]"):
+        backend.predict(images[:, :100], state, INSTRUCTIONS)
+    with pytest.raises(DataError, match="images: expected uint8"):
+        backend.predict(images.astype(np.float32), state, INSTRUCTIONS)
+    with pytest.raises(DataError, match="state: contains NaN"):
+        backend.predict(images, np.full_like(state, np.nan), INSTRUCTIONS)
+    with pytest.raises(DataError, match=r"state: expected \[4,3\]"):
+        backend.predict(images, state[:, :2], INSTRUCTIONS)
+    with pytest.raises(DataError, match="list of 4 strings"):
+        backend.predict(images, state, INSTRUCTIONS[:2])
+    h, c = backend.initial_memory(3)
+    with pytest.raises(DataError, match=r"memory h: expected \[1, 4, 64\]"):
+        backend.predict(images, state, INSTRUCTIONS, (h, c))
+
+
+def test_unknown_backend_name_is_a_config_error(exported_dir):
+    with pytest.raises(ConfigError, match="prefer"):
+        load_backend(exported_dir, prefer=("tensorrt", "openvino"))
+
+
+def test_signature_from_another_version_is_refused(exported_copy):
+    (exported_copy / "model_version.json").write_text(json.dumps({"name": "mobile-vla-policy", "version": "7"}))
+    path = exported_copy / "onnx" / SIGNATURE_FILE
+    data = json.loads(path.read_text())
+    data["model"] = {"name": "mobile-vla-policy", "version": "6"}
+    path.write_text(json.dumps(data))
+    backend = load_backend(exported_copy, prefer=("onnx-cpu", "torch"))
+    assert backend.name == "torch" and backend.model_version == "7"
+    assert "exported from model version 6, this is version 7" in backend.skipped["onnx-cpu"]
