@@ -64,15 +64,16 @@ def augment_frames(
     brightness = rng.uniform(1 - config.brightness, 1 + config.brightness)
     contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
     out = np.empty_like(frames)
+    levels = np.arange(256, dtype=np.float32)
     for t, frame in enumerate(frames):
+        image = Image.fromarray(frame)
         if config.max_rotation_deg > 0:
-            frame = np.asarray(
-                Image.fromarray(frame).rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=fill)
-            )
-        x = frame.astype(np.float32) * brightness  # [H, W, 3]
-        grey = x.mean()
-        x = (x - grey) * contrast + grey
-        out[t] = np.clip(x + 0.5, 0, 255).astype(np.uint8)
+            image = image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=fill)
+        # brightness then contrast around the frame's mean grey is one affine map of the 256 levels:
+        # (x*b - m*b)*c + m*b = x*(b*c) + m*b*(1-c), applied as a lookup table (one pass per frame)
+        grey = float(frame.mean()) * brightness
+        table = np.clip(levels * (brightness * contrast) + grey * (1 - contrast) + 0.5, 0, 255).astype(np.uint8)
+        out[t] = np.asarray(image.point(table.tolist() * 3))
     return out
 
 
