@@ -1,0 +1,69 @@
+"""Training loss and regression metrics.
+
+Loss = Huber on normalised actions (as RoboVLMs ships: robust to the occasional wild expert or
+operator command) + `nll_weight` x Gaussian NLL of the target under N(mean, exp(log_var)).
+The NLL sees the mean detached: the Huber term alone fits the actions, the NLL only teaches the
+log-variance head how wrong they are (a Gaussian NLL on the mean would down-weight hard samples,
+which is the opposite of what a driving policy needs). Both honour `action_mask` [B, T, K] (0 past
+the episode end) and `frame_mask` [B, T] (0 for padding frames).
+
+Metrics are on de-normalised actions (m/s, rad/s): the caller de-normalises with its preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mobile_vla.policy.config import ACTION_NAMES
+
+
+def policy_loss(output, batch: dict, nll_weight: float = 0.1, huber_delta: float = 1.0) -> dict[str, torch.Tensor]:
+    target = torch.as_tensor(batch["actions"]).to(output.actions)  # [B, T, K, 3]
+    mask = torch.ones(target.shape[:-1], dtype=target.dtype, device=target.device)  # [B, T, K]
+    if batch.get("action_mask") is not None:
+        mask = mask * torch.as_tensor(batch["action_mask"]).to(target)
+    if batch.get("frame_mask") is not None:
+        mask = mask * torch.as_tensor(batch["frame_mask"]).to(target).unsqueeze(-1)
+    weights = mask.unsqueeze(-1).expand_as(target)  # [B, T, K, 3]
+    count = weights.sum().clamp(min=1.0)
+
+    huber = (F.huber_loss(output.actions, target, reduction="none", delta=huber_delta) * weights).sum() / count
+    error = (target - output.actions.detach()) ** 2
+    nll = 0.5 * (output.log_var + error * torch.exp(-output.log_var) + math.log(2.0 * math.pi))
+    nll = (nll * weights).sum() / count
+    return {"loss": huber + nll_weight * nll, "huber": huber, "nll": nll}
+
+
+def action_metrics(pred, true) -> dict[str, float]:
+    """MAE, RMSE, R^2 per axis (`mae_linear_x`, ...) and overall (`mae`, `rmse`, `r2` = mean of axes)."""
+    pred = _numpy(pred).reshape(-1, len(ACTION_NAMES))
+    true = _numpy(true).reshape(-1, len(ACTION_NAMES))
+    if pred.shape != true.shape:
+        raise ValueError(f"action_metrics: pred shape {pred.shape} != true shape {true.shape}")
+    error = pred - true  # [N, 3]
+    metrics: dict[str, float] = {}
+    r2_axes = []
+    for axis, name in enumerate(ACTION_NAMES):
+        e, t = error[:, axis], true[:, axis]
+        metrics[f"mae_{name}"] = float(np.abs(e).mean()) if len(e) else math.nan
+        metrics[f"rmse_{name}"] = float(np.sqrt((e**2).mean())) if len(e) else math.nan
+        total = float(((t - t.mean()) ** 2).sum()) if len(t) else 0.0
+        # R^2 is undefined for a constant target (e.g. an axis the robot never uses): NaN, not a fake 0 or 1.
+        r2 = 1.0 - float((e**2).sum()) / total if total > 0 else math.nan
+        metrics[f"r2_{name}"] = r2
+        r2_axes.append(r2)
+    metrics["mae"] = float(np.abs(error).mean()) if error.size else math.nan
+    metrics["rmse"] = float(np.sqrt((error**2).mean())) if error.size else math.nan
+    defined = [r for r in r2_axes if not math.isnan(r)]
+    metrics["r2"] = float(np.mean(defined)) if defined else math.nan
+    return metrics
+
+
+def _numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)

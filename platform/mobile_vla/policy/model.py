@@ -1,0 +1,217 @@
+"""`MobileVLAPolicy`: Kosmos-2 + CLIP features -> fusion -> LSTM over frames -> action chunk + confidence.
+
+    model = build_policy(presets.tiny())
+    out = model(batch)                                   # training: [B, T] windows
+    actions, confidence, memory = model.step(images, state, tokens, memory, clip_text)   # serving
+
+Shapes: B batch, T frames (window W), K chunk, S state, L tokens, H/W image (224), C channels,
+D feature width. Per frame: both backbones see the frame; Kosmos-2 also reads the instruction
+tokens (its feature is multimodal); CLIP's text feature depends only on the instruction, so it is
+computed once per instruction (`encode_instruction`) and broadcast over frames.
+
+Outputs, in the normalised action range [-1, 1] (the preprocessing scales actions per axis):
+- `actions` [B, T, K, 3] = tanh(mean head), the next K commands from each frame;
+- `log_var` [B, T, K, 3]: the predicted log-variance of a Gaussian around each action, learned with
+  a Gaussian NLL (losses.py), soft-clamped to [log_var_min, log_var_max];
+- `confidence` [B, T] in [0, 1]: the mean over the chunk and the 3 axes of
+  P(|a - mean| < tau) = erf(tau / (sigma * sqrt(2))) under that Gaussian, with sigma = exp(log_var / 2)
+  and tau = `confidence_tolerance` (0.1 = 5% of the normalised range). 1 means the model expects the
+  true command within tau on every axis and step; low values flag out-of-distribution frames.
+
+`forward` and `step` share one per-frame function and one recurrent step, so `step` over T frames
+equals `forward` over the window. `frame_mask` 0 frames (padding) leave the memory unchanged.
+`step` has no Python branches on tensor values and takes the LSTM state as explicit tensors, so
+`torch.onnx.export` traces it (the export wrapper passes `clip_text` as an input).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobile_vla.policy.config import ACTION_DIM, IMAGE_MEAN, IMAGE_STD, PolicyConfig
+from mobile_vla.policy.encoders import (
+    ClipEncoder,
+    KosmosEncoder,
+    apply_lora,
+    enable_gradient_checkpointing,
+    freeze,
+)
+from mobile_vla.policy.fusion import build_fusion
+from mobile_vla.policy.text import TOKEN_KEYS
+
+Memory = tuple[torch.Tensor, torch.Tensor]
+
+
+class PolicyOutput(NamedTuple):
+    actions: torch.Tensor  # [B, T, K, 3] normalised
+    log_var: torch.Tensor  # [B, T, K, 3]
+    confidence: torch.Tensor  # [B, T]
+    memory: Memory  # (h, c), each [layers, B, hidden]
+
+
+class MobileVLAPolicy(nn.Module):
+    def __init__(self, config: PolicyConfig, load_pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.kosmos = KosmosEncoder(config.kosmos, load_pretrained)
+        self.clip = ClipEncoder(config.clip, load_pretrained)
+        if config.freeze_kosmos:
+            freeze(self.kosmos)
+        if config.freeze_clip:
+            freeze(self.clip)
+        if config.kosmos.lora_rank:
+            apply_lora(self.kosmos, config.kosmos)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.kosmos, self.clip)
+        self.fusion = build_fusion(
+            config.fusion,
+            self.kosmos.feature_dim,
+            self.clip.feature_dim,
+            config.state_dim,
+            config.fusion_dim,
+            config.dropout,
+        )
+        self.lstm = nn.LSTM(
+            config.fusion_dim,
+            config.lstm_hidden,
+            num_layers=config.lstm_layers,
+            batch_first=True,
+            dropout=config.dropout if config.lstm_layers > 1 else 0.0,
+        )
+        out_dim = config.chunk * ACTION_DIM
+        self.head = nn.Sequential(
+            nn.Linear(config.lstm_hidden, config.head_hidden),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.head_hidden, 2 * out_dim),  # mean and log-variance, K x 3 each
+        )
+        nn.init.normal_(self.head[-1].weight, std=1e-3)  # start near action 0 and mid log-variance
+        nn.init.zeros_(self.head[-1].bias)
+        mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+        self.register_buffer("image_mean", mean, persistent=False)
+        self.register_buffer("image_std", std, persistent=False)
+
+    # ---- building blocks shared by forward and step -------------------------------------------
+    def train(self, mode: bool = True) -> "MobileVLAPolicy":
+        """Frozen backbones stay in eval mode (no dropout noise in features nobody trains)."""
+        super().train(mode)
+        if self.config.freeze_kosmos and not self.config.kosmos.lora_rank:
+            self.kosmos.eval()
+        if self.config.freeze_clip:
+            self.clip.eval()
+        return self
+
+    def initial_memory(self, batch_size: int) -> Memory:
+        shape = (self.config.lstm_layers, batch_size, self.config.lstm_hidden)
+        h = torch.zeros(shape, device=self.image_mean.device, dtype=self.image_mean.dtype)
+        return h, torch.zeros_like(h)
+
+    def encode_instruction(self, clip_input_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(clip_input_ids)  # [B, 77] -> [B, D_c]
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        # uint8 [N, H, W, C] -> normalised float [N, C, H, W]
+        pixels = images.permute(0, 3, 1, 2).to(self.image_mean.dtype) / 255.0
+        return (pixels - self.image_mean) / self.image_std
+
+    def _frame_features(self, images, state, tokens, clip_text) -> torch.Tensor:
+        # images [N, H, W, C] uint8, state [N, S], tokens 3 x [N, L], clip_text [N, D_c] -> [N, D]
+        pixels = self._pixels(images)
+        kosmos = self.kosmos(
+            pixels,
+            tokens["kosmos_input_ids"],
+            tokens["kosmos_attention_mask"],
+            tokens["kosmos_image_embeds_position_mask"],
+        )  # [N, D_k]
+        clip_image = self.clip.encode_image(pixels)  # [N, D_c]
+        return self.fusion(kosmos, clip_image, clip_text, state.to(pixels.dtype))  # [N, D]
+
+    def _recurrent_step(self, features: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, Memory]:
+        # features [B, D] -> hidden output [B, hidden]
+        out, (h, c) = self.lstm(features.unsqueeze(1), memory)
+        return out.squeeze(1), (h, c)
+
+    def _heads(self, hidden: torch.Tensor):
+        # hidden [..., hidden] -> actions [..., K, 3], log_var [..., K, 3], confidence [...]
+        config = self.config
+        raw = self.head(hidden).unflatten(-1, (2, config.chunk, ACTION_DIM))  # [..., 2, K, 3]
+        actions = torch.tanh(raw[..., 0, :, :])
+        span = config.log_var_max - config.log_var_min
+        log_var = config.log_var_min + span * torch.sigmoid(raw[..., 1, :, :])
+        sigma = torch.exp(0.5 * log_var)
+        within = torch.erf(config.confidence_tolerance / (sigma * math.sqrt(2.0)))  # [..., K, 3]
+        return actions, log_var, within.mean(dim=(-2, -1))
+
+    # ---- public API ---------------------------------------------------------------------------
+    def forward(self, batch: dict, memory: Memory | None = None) -> PolicyOutput:
+        images = _tensor(batch["images"])  # [B, T, H, W, C] uint8
+        B, T = images.shape[:2]
+        state = _tensor(batch["state"])  # [B, T, S]
+        clip_text = self.encode_instruction(_tensor(batch["clip_input_ids"]))  # [B, D_c]
+        frames = {key: _tensor(batch[key]).repeat_interleave(T, dim=0) for key in TOKEN_KEYS[1:]}  # [B*T, L]
+        features = self._frame_features(
+            images.flatten(0, 1),
+            state.flatten(0, 1),
+            frames,
+            clip_text.repeat_interleave(T, dim=0),
+        ).unflatten(0, (B, T))  # [B, T, D]
+        frame_mask = batch.get("frame_mask")
+        if frame_mask is not None:
+            frame_mask = _tensor(frame_mask).to(features.dtype)  # [B, T]
+        memory = self.initial_memory(B) if memory is None else memory
+        outputs = []
+        for t in range(T):
+            out, new_memory = self._recurrent_step(features[:, t], memory)  # [B, hidden]
+            if frame_mask is not None:
+                keep = frame_mask[:, t].view(1, B, 1)  # padding frames leave the memory unchanged
+                new_memory = tuple(keep * new + (1.0 - keep) * old for new, old in zip(new_memory, memory))
+            memory = new_memory
+            outputs.append(out)
+        actions, log_var, confidence = self._heads(torch.stack(outputs, dim=1))  # [B, T, ...]
+        return PolicyOutput(actions, log_var, confidence, memory)
+
+    def step(
+        self,
+        images: torch.Tensor,
+        state: torch.Tensor,
+        tokens: dict,
+        memory: Memory | None = None,
+        clip_text: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Memory]:
+        """One frame per robot: images [B, H, W, C] uint8, state [B, S] -> actions [B, K, 3], confidence [B]."""
+        tokens = {key: _tensor(value) for key, value in tokens.items()}
+        if clip_text is None:
+            clip_text = self.encode_instruction(tokens["clip_input_ids"])
+        images = _tensor(images)
+        memory = self.initial_memory(images.shape[0]) if memory is None else memory
+        features = self._frame_features(images, _tensor(state), tokens, clip_text)  # [B, D]
+        out, memory = self._recurrent_step(features, memory)
+        actions, _, confidence = self._heads(out)
+        return actions, confidence, memory
+
+    def parameter_counts(self) -> dict[str, int]:
+        parts = {"kosmos": self.kosmos, "clip": self.clip, "fusion": self.fusion, "lstm": self.lstm, "head": self.head}
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        counts["total"] = sum(counts.values())
+        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return counts
+
+
+def _tensor(value) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+
+
+def build_policy(config: PolicyConfig, load_pretrained: bool = True) -> MobileVLAPolicy:
+    """The model for `config`. `load_pretrained=False` skips hub/local weights (checkpoint loading,
+    `model info`): same modules, random init."""
+    if not isinstance(config, PolicyConfig):
+        from mobile_vla.errors import ConfigError
+
+        raise ConfigError(f"build_policy: expected a PolicyConfig, got {type(config).__name__}")
+    return MobileVLAPolicy(config, load_pretrained=load_pretrained)
