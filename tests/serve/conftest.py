@@ -27,6 +27,12 @@ def home_env(home: Path):
 
 
 @pytest.fixture(scope="session")
+def use_home():
+    """`with use_home(path):` runs a block with MOBILE_VLA_HOME = path (restored afterwards)."""
+    return home_env
+
+
+@pytest.fixture(scope="session")
 def serve_home(tmp_path_factory) -> Path:
     """A platform home holding the tiny model (champion), an API token file and the memory secret."""
     from mobile_vla.serve.auth import create_tokens_file

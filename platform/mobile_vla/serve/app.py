@@ -39,7 +39,8 @@ class ServeAppArgs(StrictModel):
     breaker_reset_s: float = Field(default=10.0, gt=0)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
-    primary_fault: FaultConfig | None = Field(default=None, description="TEST-ONLY: make the primary fail or stall on purpose")
+    primary_faults: list[FaultConfig] = Field(
+        default_factory=list, description="TEST-ONLY: make the primary fail or stall on purpose for robots named drill-*")
 
     @model_validator(mode="after")
     def _batches_fit(self):
@@ -85,7 +86,7 @@ def build_app(args: ServeAppArgs | dict | None = None):
     primary_resources = {"num_gpus": 1, "num_cpus": 1} if args.primary == "tensorrt" else {"num_cpus": 1}
     primary = primary_cls.options(
         max_ongoing_requests=ongoing, ray_actor_options={**primary_resources, **env},
-        user_config=policy_config.model_copy(update={"fault": args.primary_fault}).model_dump(mode="json"),
+        user_config=policy_config.model_copy(update={"faults": args.primary_faults}).model_dump(mode="json"),
     )
     primary_name = primary_cls.name
     fallback = fallback_name = None

@@ -32,10 +32,12 @@ DEFAULT_BATCH_WAIT_S = 0.005
 
 
 class FaultConfig(StrictModel):
-    """TEST-ONLY fault injection, so tests and drills can make a primary fail or stall on purpose
-    without mocking Ray Serve. Never set in production configs."""
+    """TEST-ONLY fault injection, so tests and failover drills can make a primary fail or stall on
+    purpose without mocking Ray Serve. It hits only robots whose id starts with `robot_prefix`, so
+    a drill never touches the rest of the fleet. Never set in production configs."""
 
     mode: Literal["error", "slow"]
+    robot_prefix: str = Field(default="drill-", min_length=1)
     delay_s: float = Field(default=1.0, ge=0, le=60)
 
 
@@ -45,7 +47,7 @@ class PolicyUserConfig(StrictModel):
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     fp16: bool = False
-    fault: FaultConfig | None = None
+    faults: list[FaultConfig] = Field(default_factory=list)
 
 
 class BackendUnavailable(RuntimeError):
@@ -56,6 +58,7 @@ class BackendUnavailable(RuntimeError):
 class StepRequest:
     """One robot's step, already validated and decoded by the ingress."""
 
+    robot_id: str
     image: np.ndarray  # uint8 [H, W, C] = [224, 224, 3]
     state: np.ndarray  # float32 [S], raw (the backend normalises)
     instruction: str
@@ -168,12 +171,12 @@ class PolicyDeployment:
         }
 
     async def step(self, request: StepRequest) -> StepResult:
-        fault = self._config.fault if self._config else None
-        if fault is not None:  # TEST-ONLY (FaultConfig)
-            if fault.mode == "slow":
-                await asyncio.sleep(fault.delay_s)
-            else:
-                raise RuntimeError("injected fault (user_config.fault.mode = error)")
+        for fault in self._config.faults if self._config else ():  # TEST-ONLY (FaultConfig)
+            if request.robot_id.startswith(fault.robot_prefix):
+                if fault.mode == "slow":
+                    await asyncio.sleep(fault.delay_s)
+                else:
+                    raise RuntimeError(f"injected fault for robots {fault.robot_prefix}* (user_config.faults)")
         if self._model is None:
             raise BackendUnavailable(f"{type(self).__name__} has no model loaded: {self._load_error}")
         return await self._predict_batch(request)

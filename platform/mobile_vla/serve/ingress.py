@@ -273,7 +273,8 @@ class PolicyIngress:
             body: ActRequest = await self._read_json(request, ActRequest)
             state = self._check_state(body.state)
             self._check_instruction(body.instruction)
-            step = StepRequest(image=self._decode_image(body.image), state=state, instruction=body.instruction)
+            step = StepRequest(robot_id=body.robot_id, image=self._decode_image(body.image), state=state,
+                               instruction=body.instruction)
             if body.memory is not None:
                 try:
                     memory = self._codec.decode(body.memory)

@@ -1,0 +1,282 @@
+"""The real Serve app on the shared local Ray cluster: tiny exported model, ONNX Runtime CPU primary
+plus an ONNX fallback deployment; every check goes through HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mobile_vla.serve.memory_token import MemoryCodec, RecurrentMemory, load_or_create_secret
+
+APP = "mobile-vla-test"
+INSTRUCTION = "go to the red box"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _jpeg(width=320, height=240, seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+IMAGE = base64.b64encode(_jpeg()).decode()
+
+
+class Served:
+    def __init__(self, url: str, token: str, home: Path):
+        self.url, self.token, self.home = url, token, home
+        self.http = httpx.Client(base_url=url, timeout=30)
+        self.auth = {"Authorization": f"Bearer {token}"}
+
+    def act(self, robot_id="r-1", memory=None, **over) -> httpx.Response:
+        body = {"robot_id": robot_id, "instruction": INSTRUCTION, "image": IMAGE, "state": [0.1, 0.0, -0.2]}
+        if memory is not None:
+            body["memory"] = memory
+        body.update(over)
+        return self.http.post("/v1/act", json=body, headers=self.auth)
+
+    def policy_info(self, name="OnnxPolicy") -> dict:
+        from ray import serve
+
+        return serve.get_deployment_handle(name, app_name=APP).info.remote().result()
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, serve_home, use_home):
+    from ray import serve
+
+    from mobile_vla.serve.app import ServeAppArgs, build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    # Test-only faults hit robots named drill-slow-* / drill-error-* only; everyone else gets a healthy primary.
+    faults = [{"mode": "slow", "robot_prefix": "drill-slow-", "delay_s": 30.0},
+              {"mode": "error", "robot_prefix": "drill-error-"}]
+    args = ServeAppArgs(tokens_file=str(serve_home / "tokens"), fallback="onnx", max_batch_size=16,
+                        batch_wait_timeout_s=0.05, primary_timeout_s=4.0, breaker_failures=2,
+                        breaker_reset_s=1.0, primary_faults=faults)
+    with use_home(serve_home):
+        serve.run(build_app(args), name=APP, route_prefix="/")
+    app = Served(f"http://127.0.0.1:{port}", (serve_home / "token").read_text(), serve_home)
+    yield app
+    app.http.close()
+    serve.delete(APP)
+    serve.shutdown()
+
+
+def _error(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]
+
+
+# -- the happy path -----------------------------------------------------------------------------------
+def test_act_round_trip_and_memory_token(served):
+    first = served.act()
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert set(body) == {"actions", "confidence", "memory", "model", "backend", "memory_reset", "latency_ms"}
+    actions = np.asarray(body["actions"])
+    assert actions.shape == (10, 3) and np.isfinite(actions).all()
+    assert (np.abs(actions[:, :2]) <= 0.5 + 1e-6).all() and (np.abs(actions[:, 2]) <= 1.0 + 1e-6).all()
+    assert 0.0 <= body["confidence"] <= 1.0
+    assert body["backend"] == "onnx-cpu" and body["model"] == {"name": "mobile-vla-policy", "version": "1"}
+    assert body["memory_reset"] is False and first.headers["x-served-by"] == "OnnxPolicy"
+
+    second = served.act(memory=body["memory"])
+    again = served.act(memory=body["memory"])  # a retry with the same token is the same step
+    assert second.status_code == again.status_code == 200
+    assert second.json()["memory_reset"] is False
+    assert second.json()["actions"] == again.json()["actions"]
+    assert second.json()["memory"] != body["memory"]  # the LSTM state moved on
+    codec = MemoryCodec(load_or_create_secret(served.home / "serve" / "memory_secret"))
+    state = codec.decode(second.json()["memory"])
+    assert state.model_version == "1" and state.robot_id == "r-1" and np.abs(state.h).sum() > 0
+
+
+def test_memory_from_another_model_version_is_reset(served):
+    codec = MemoryCodec(load_or_create_secret(served.home / "serve" / "memory_secret"))
+    fresh = served.act(robot_id="r-2").json()
+    current = codec.decode(fresh["memory"])
+    stale = codec.encode(RecurrentMemory(current.model_name, "0", "r-2", current.h + 1.0, current.c + 1.0))
+    answer = served.act(robot_id="r-2", memory=stale)
+    assert answer.status_code == 200 and answer.json()["memory_reset"] is True
+    assert answer.json()["actions"] == fresh["actions"]  # the same frame from a zero state
+    assert codec.decode(answer.json()["memory"]).model_version == "1"
+
+
+def test_batches_form_under_concurrent_load(served):
+    before = served.policy_info()
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda i: served.act(robot_id=f"fleet-{i}"), range(48)))
+    assert [a.status_code for a in answers] == [200] * 48
+    after = served.policy_info()
+    requests = after["batched_requests"] - before["batched_requests"]
+    batches = after["batches"] - before["batches"]
+    assert requests == 48 and batches < requests, (requests, batches)
+
+
+# -- auth and probes ----------------------------------------------------------------------------------
+def test_auth_required_health_open(served):
+    body = {"robot_id": "r-1", "instruction": INSTRUCTION, "image": IMAGE, "state": [0.0, 0.0, 0.0]}
+    missing = served.http.post("/v1/act", json=body)
+    wrong = served.http.post("/v1/act", json=body, headers={"Authorization": "Bearer wrong-token-0123456789"})
+    assert missing.status_code == wrong.status_code == 401
+    assert _error(missing)["code"] == _error(wrong)["code"] == "unauthorized"
+    assert served.http.get("/v1/model").status_code == 401
+    assert served.http.get("/healthz").json() == {"status": "ok"}
+    ready = served.http.get("/readyz")
+    assert ready.status_code == 200 and {b["role"] for b in ready.json()["backends"]} == {"primary", "fallback"}
+    info = served.http.get("/v1/model", headers=served.auth).json()
+    assert (info["name"], info["version"], info["alias"], info["state_dim"], info["chunk"]) == (
+        "mobile-vla-policy", "1", "champion", 3, 10)
+    assert info["active"] == "OnnxPolicy" and all(b["loaded"] for b in info["backends"])
+
+
+# -- bad input: each a 4xx with the error schema, never a 5xx -----------------------------------------
+def _png(width, height, mode="1") -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD_BODIES = {
+    "not_base64": ({"image": "%%% not base64 %%%"}, 400, "invalid_image"),
+    "not_an_image": ({"image": base64.b64encode(b"hello, this is text" * 20).decode()}, 400, "invalid_image"),
+    "truncated_jpeg": ({"image": base64.b64encode(_jpeg()[:1500]).decode()}, 400, "invalid_image"),
+    "gif": ({"image": base64.b64encode(b"GIF89a" + b"\0" * 64).decode()}, 400, "invalid_image"),
+    "huge_image": ({"image": _png(10_000, 10_000)}, 413, "image_too_large"),
+    "inf_state": ({"state": "INF"}, 422, "invalid_request"),
+    "short_state": ({"state": [0.0, 0.0]}, 422, "invalid_request"),
+    "long_state": ({"state": [0.0] * 4}, 422, "invalid_request"),
+    "string_state": ({"state": ["a", "b", "c"]}, 422, "invalid_request"),
+    "empty_instruction": ({"instruction": "   "}, 422, "invalid_request"),
+    "huge_instruction": ({"instruction": "go " * 20_000}, 422, "invalid_request"),
+    "too_many_tokens": ({"instruction": "go to the red box and then " * 12}, 422, "invalid_request"),
+    "unknown_field": ({"speed": 3}, 422, "invalid_request"),
+    "bad_robot_id": ({"robot_id": "../../etc/passwd"}, 422, "invalid_request"),
+    "forged_memory": ({"memory": "m1.AAAA.BBBB"}, 400, "invalid_memory"),
+    "garbage_memory": ({"memory": "definitely not a token"}, 400, "invalid_memory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_act_bodies_get_4xx_with_schema(served, case):
+    change, status, code = BAD_BODIES[case]
+    body = {"robot_id": "r-bad", "instruction": INSTRUCTION, "image": IMAGE, "state": [0.0, 0.0, 0.0], **change}
+    text = json.dumps(body)
+    if case == "inf_state":
+        text = text.replace('"INF"', "[1e999, 0.0, 0.0]")  # JSON number that parses to inf
+    response = served.http.post("/v1/act", content=text, headers={**served.auth, "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert _error(response)["code"] == code
+
+
+def test_bad_transport_level_requests(served):
+    body = json.dumps({"robot_id": "r-bad", "instruction": INSTRUCTION, "image": IMAGE, "state": [0, 0, 0]})
+    cases = [
+        (body.replace("[0, 0, 0]", "[NaN, 0, 0]"), "application/json", (400, 422)),
+        ("{not json", "application/json", (400,)),
+        (body, "text/plain", (415,)),
+        (body, "", (415,)),
+        (b"{" + b" " * (50 * 1024 * 1024) + b"}", "application/json", (413,)),
+    ]
+    for content, content_type, statuses in cases:
+        headers = {**served.auth, "Content-Type": content_type} if content_type else served.auth
+        response = served.http.post("/v1/act", content=content, headers=headers)
+        assert response.status_code in statuses, (content_type, response.status_code, response.text[:200])
+        _error(response)
+    stolen = served.act(robot_id="r-owner").json()["memory"]
+    response = served.act(robot_id="r-thief", memory=stolen)
+    assert response.status_code == 400 and "another robot" in _error(response)["message"]
+    # the replica survived all of it
+    assert served.http.get("/healthz").status_code == 200 and served.act().status_code == 200
+
+
+# -- feedback -----------------------------------------------------------------------------------------
+def test_feedback_is_stored_before_202_and_retries_are_duplicates(served):
+    from mobile_vla.serve.feedback_sink import read_feedback
+
+    body = {"robot_id": "fb-1", "episode_id": "ep-7", "step": 3, "instruction": INSTRUCTION, "image": IMAGE,
+            "state": [0.0, 0.1, 0.0], "action_executed": [0.2, 0.0, 0.1], "action_corrected": [0.1, 0.0, 0.0],
+            "intervention": True, "episode_done": False}
+    first = served.http.post("/v1/feedback", json=body, headers=served.auth)
+    retry = served.http.post("/v1/feedback", json=body, headers=served.auth)
+    assert first.status_code == retry.status_code == 202 and first.json()["key"] == "fb-1/ep-7/3"
+    lines = (served.home / "feedback" / "fb-1.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["action_corrected"] == [0.1, 0.0, 0.0]
+    records = [r for r in read_feedback(served.home / "feedback") if r["robot_id"] == "fb-1"]
+    assert len(records) == 1 and records[0]["intervention"] is True
+    bad = served.http.post("/v1/feedback", json={**body, "action_executed": [0.1, 0.2]}, headers=served.auth)
+    assert bad.status_code == 422 and _error(bad)["code"] == "invalid_request"
+    assert served.http.post("/v1/feedback", json=body).status_code == 401
+
+
+# -- the robot client ---------------------------------------------------------------------------------
+def test_robot_client_keeps_memory_and_steps(served):
+    from mobile_vla.client import ApiError, RobotClient
+
+    frame = np.random.default_rng(3).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    with RobotClient(served.url, served.token, robot_id="client-1", timeout_s=30) as robot:
+        robot.start_episode(INSTRUCTION, episode_id="ep-1")
+        first = robot.act(frame, state=[0.0, 0.0, 0.0])
+        token = robot.memory
+        second = robot.act(frame, state=[0.0, 0.0, 0.0])
+        assert len(first.actions) == 10 and robot.memory not in (None, token) and not second.memory_reset
+        robot.feedback(frame, [0.0, 0.0, 0.0], first.actions[0], episode_done=True, success=True)
+        assert robot.step == 1 and "token" not in repr(robot).lower()
+        with pytest.raises(ApiError) as refused:
+            robot.act(frame, state=[0.0, 0.0])
+        assert refused.value.status == 422
+
+
+# -- fallback: a slow or failing primary (test-only faults for drill-* robots, set in user_config) -----
+def test_slow_then_failing_primary_falls_back_and_breaker_opens(served):
+    slow = served.act(robot_id="drill-slow-1")  # primary stalls past primary_timeout_s
+    assert slow.status_code == 200 and slow.headers["x-served-by"] == "OnnxFallbackPolicy"
+    assert slow.headers["x-fallback-reason"] == "timeout" and slow.json()["backend"] == "onnx-cpu"
+    failed = served.act(robot_id="drill-error-1")  # second failure in a row: the breaker opens
+    assert failed.status_code == 200 and failed.headers["x-fallback-reason"] == "error"
+    bystander = served.act(robot_id="r-bystander")  # no retry of a broken primary on every request
+    assert bystander.status_code == 200 and bystander.headers["x-fallback-reason"] == "breaker_open"
+    info = served.http.get("/v1/model", headers=served.auth).json()
+    primary = next(b for b in info["backends"] if b["role"] == "primary")
+    assert primary["breaker"] == "open" and info["active"] == "OnnxFallbackPolicy"
+    time.sleep(1.2)  # cool-down over: one probe goes to the primary, succeeds, the breaker closes
+    healed = [served.act(robot_id="r-heal").headers["x-served-by"] for _ in range(2)]
+    assert healed == ["OnnxPolicy", "OnnxPolicy"]
+
+
+# -- metrics: exported through Ray's metrics port (what Prometheus scrapes) ---------------------------
+def test_metrics_reach_the_ray_metrics_endpoint(served):
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ["ray_mobile_vla_requests_total", "ray_mobile_vla_batch_size_bucket", "ray_mobile_vla_fallbacks_total",
+              "ray_mobile_vla_confidence_bucket", "ray_mobile_vla_replica_memory_bytes"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    assert 'reason="timeout"' in text and 'route="/v1/act"' in text
