@@ -4,7 +4,9 @@
 
 Runs the real CLI in a subprocess (local Ray started by the command itself, as a user would run
 it), then reads the manifest and the episode files. Writes benchmarks/results/data_generate.json.
-The load average before and after is recorded: on a shared machine it explains slow runs.
+The load average before and after is recorded (on a shared machine it explains slow runs), and so
+is the CPU time the Ray workers spent simulating, rendering and compressing, which does not depend
+on load: on an idle machine, wall time ~ worker CPU / cores + Ray start-up.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import platform as host
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,10 +43,15 @@ def main() -> int:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYOPENGL_PLATFORM": "egl",
            "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_ADDRESS": ""}
     load_before = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     completed = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_after = os.getloadavg()
+    # CPU time of the command and the Ray processes it started (reaped descendants): unlike wall
+    # time it does not depend on what else the machine runs.
+    cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if completed.returncode != 0:
         print(completed.stdout[-3000:], completed.stderr[-3000:], sep="\n")
         return completed.returncode
@@ -51,6 +59,11 @@ def main() -> int:
     manifest = json.loads((out / "manifest.json").read_text())
     episode_bytes = sum(p.stat().st_size for p in out.glob("*.h5"))
     frames = manifest["counts"]["total"]["frames"]
+    worker_cpu = sum(manifest["generator"]["worker_cpu_seconds"].values())
+    # Failed tries are simulated too: frames attempted ~ kept frames / success rate (approximate).
+    frames_attempted = sum(
+        r["mean_frames_kept"] * r["kept"] / r["success_rate"] for r in manifest["expert_success"].values()
+    )
     result = {
         "benchmark": "data_generate",
         "command": " ".join(["mobile-vla"] + command[1:]).replace(str(out), "DIR"),
@@ -61,6 +74,9 @@ def main() -> int:
         "frames": frames,
         "wall_seconds": round(seconds, 2),
         "frames_per_second": round(frames / seconds, 2),
+        "driver_and_reaped_cpu_seconds": round(cpu_seconds, 1),
+        "worker_cpu_seconds": round(worker_cpu, 1),
+        "worker_cpu_ms_per_frame_attempted": round(1000 * worker_cpu / frames_attempted, 2),
         "seconds_per_episode": round(seconds / max(args.episodes, 1), 3),
         "bytes_per_frame": round(episode_bytes / frames, 1),
         "dataset_bytes": episode_bytes,

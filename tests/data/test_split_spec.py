@@ -143,6 +143,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         (["splits.unseen_layout.layouts.start=500"], "splits.unseen_layout.layouts = [500, 1100000) partly overlaps"),
         (["splits.val.fraction=lots"], "splits.val.fraction = 'lots'"),
         (["colours=[red, red, blue]"], "duplicate"),
+        (["splits.train.domain_rand=true"], "splits.train: must use targets=train_pairs"),
+        (["splits.unseen_pair.targets=held_out_pairs", "held_out_pairs=[]"], "held_out_pairs is empty"),
     ],
 )
 def test_leaky_or_broken_specs_are_refused_naming_the_field(overrides, message):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
     expert = ScriptedExpert(**settings.expert)
     results = []
     for split, seed in jobs:
+        cpu_start = time.process_time()
         scene = scene_from_seed(split, seed, spec)
         if settings.max_steps is not None:
             scene = scene.model_copy(update={"max_steps": settings.max_steps})
@@ -134,6 +136,7 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
             with tempfile.TemporaryDirectory() as tmp:
                 path = write_episode(Path(tmp) / "episode.h5", episode)
                 result["data"] = path.read_bytes()
+        result["cpu_seconds"] = time.process_time() - cpu_start
         results.append(result)
     return results
 
@@ -146,6 +149,7 @@ class _SplitRun:
     candidates: list[int]  # ordered seeds
     submitted: int = 0
     index_of: dict[int, int] = field(default_factory=dict)  # seed -> candidate index
+    cpu_seconds: float = 0.0  # worker CPU spent on this split (simulate, render, compress)
 
     def __post_init__(self) -> None:
         self.index_of = {seed: index for index, seed in enumerate(self.candidates)}
@@ -291,6 +295,7 @@ def generate_dataset(
         "settings": asdict(settings),
         "split_spec": spec.model_dump(mode="json"),
         "held_out_splits": [name for name in runs if spec.is_held_out(name)],
+        "worker_cpu_seconds": {name: round(run.cpu_seconds, 2) for name, run in runs.items()},
     }
     return build_manifest(out, splits, generator=generator, expert_success=expert_success, progress=progress)
 
@@ -311,6 +316,7 @@ def _run_waves(ray, runs, pending, submit, written, out: Path, progress: bool) -
                 index = run.index_of[result["seed"]]
                 run.outcomes[index] = result["success"]
                 run.frames[index] = result["frames"]
+                run.cpu_seconds += result["cpu_seconds"]
                 if result["data"] is not None:
                     path = out / f"{episode_name(run.name, result['seed'])}.h5"
                     _write_bytes(path, result["data"])
