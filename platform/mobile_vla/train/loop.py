@@ -48,17 +48,34 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def with_last_flag(iterable):
-    """Yields (item, is_last) so the final partial accumulation group still steps the optimiser."""
+def with_last_flag(iterable, waited: list[float] | None = None):
+    """Yields (item, is_last) so the final partial accumulation group still steps the optimiser.
+
+    `waited[0]` accumulates the seconds spent blocked on the iterator: time the model sat idle waiting
+    for data, which says whether the input pipeline is the bottleneck.
+    """
     iterator = iter(iterable)
+
+    def pull():
+        started = time.perf_counter()
+        try:
+            return next(iterator)
+        finally:
+            if waited is not None:
+                waited[0] += time.perf_counter() - started
+
     try:
-        current = next(iterator)
+        current = pull()
     except StopIteration:
         return
-    for upcoming in iterator:
+    while True:
+        try:
+            upcoming = pull()
+        except StopIteration:
+            yield current, True
+            return
         yield current, False
         current = upcoming
-    yield current, True
 
 
 def autocast_context(precision: str, device):
@@ -294,6 +311,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[mobile-vla] resuming at epoch {progress.epoch} step {progress.step} from {checkpoint.path}")
 
+    resumed_from_epoch = progress.epoch  # 0 for a fresh start; > 0 after a resume or a worker restart
     tracker = None
     if rank == 0 and config.get("run_id"):
         tracker = RankZeroTracker(config["tracking_uri"], config["run_id"])
@@ -312,7 +330,8 @@ def train_loop_per_worker(config: dict) -> None:
             batch_size=cfg.train.batch_size, device=device, prefetch_batches=2,
             local_shuffle_buffer_size=max(2 * cfg.train.batch_size, 64), local_shuffle_seed=cfg.train.seed + epoch,
         )
-        for batch, is_last in with_last_flag(batches):
+        waited = [0.0]
+        for batch, is_last in with_last_flag(batches, waited):
             micro += 1
             stepping = micro % accumulate == 0 or is_last
             sync = contextlib.nullcontext()
@@ -359,6 +378,8 @@ def train_loop_per_worker(config: dict) -> None:
             "train_loss": train_loss[0] / max(train_loss[1], 1.0),
             "samples_per_s": global_samples / max(seconds, 1e-9),
             "epoch_seconds": seconds,
+            "resumed_from_epoch": resumed_from_epoch,
+            "data_wait_fraction": waited[0] / max(seconds, 1e-9),  # rank 0's share of the epoch spent waiting
         })
         progress.epochs.append(dict(metrics))
 

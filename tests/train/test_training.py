@@ -1,0 +1,222 @@
+"""Real Ray Train V2 runs on the shared local cluster: 2 CPU workers (DDP over gloo), tiny policy, tiny data.
+
+One baseline run is shared by the module (it is the expensive part): its MLflow run, registered
+version, resume and a fault-injected twin are all checked against it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+MODEL = "mobile-vla-policy"
+# A restarted worker group replays the interrupted epoch from the last checkpoint with the same seeds, so
+# the faulted run ends close to the clean one; Ray Data may hand the two workers different windows of the
+# same epoch, so it need not be bit-identical. Tolerance: 15% of the clean run's validation loss.
+FAULT_TOLERANCE = 0.15
+
+
+def _config(tiny_dataset, home: Path, *overrides: str):
+    from mobile_vla.train.job_config import load_train_config
+
+    return load_train_config(
+        TINY, [f"data.path={tiny_dataset}", f"run.storage_path={home / 'ray_results'}", *overrides]
+    )
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One platform home (SQLite MLflow store + Ray results) for the module's runs."""
+    path = tmp_path_factory.mktemp("train_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOBILE_VLA_HOME", str(path))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield path
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tiny_dataset, home):
+    from mobile_vla.train.trainer import run_training
+
+    cfg = _config(tiny_dataset, home, "run.name=baseline")
+    return cfg, run_training(cfg)
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    from mobile_vla.tracking import configure_mlflow
+
+    configure_mlflow()
+    return MlflowClient()
+
+
+def test_two_worker_run_learns_and_is_tracked_in_mlflow(baseline):
+    cfg, result = baseline
+    client = _client()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # resolved config as params
+    assert run.data.params["train.epochs"] == "3" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.params["policy.preset"] == "tiny" and run.data.params["policy.window"] == str(cfg.data.window)
+    # metrics per step and per epoch; the loss falls
+    step_loss = client.get_metric_history(result.run_id, "train_loss_step")
+    epoch_loss = [m.value for m in sorted(client.get_metric_history(result.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(step_loss) >= 3 and len(epoch_loss) == 3
+    assert epoch_loss[-1] < epoch_loss[0]
+    for axis in ("linear_x", "linear_y", "angular_z"):
+        for kind in ("mae", "rmse", "r2"):
+            per_epoch = {m.step for m in client.get_metric_history(result.run_id, f"val_{kind}_{axis}") if m.step > 0}
+            assert per_epoch == {1, 2, 3}  # (step 0 holds the registered version's copy)
+    # plots and the resolved config as artifacts
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert plots == {"plots/training_curves.png", "plots/predicted_vs_true.png"}
+    for path in plots:
+        local = client.download_artifacts(result.run_id, path)
+        assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {a.path for a in client.list_artifacts(result.run_id, "config")} >= {"config/train_job.yaml"}
+    # the best checkpoint (lowest validation loss) became the challenger, with its metrics attached
+    kept = sorted(p.name for p in result.best_checkpoint_dir.parent.glob("checkpoint_epoch_*"))
+    assert len(kept) <= cfg.train.keep_best + 1  # best N by val_loss, plus the latest
+    version = client.get_model_version_by_alias(MODEL, "challenger")
+    assert version.version == result.model_version and version.run_id == result.run_id
+    assert float(version.tags["metric.val_mae"]) == pytest.approx(result.metrics["val_mae"], rel=1e-4)
+    assert result.metrics["val_loss"] == pytest.approx(
+        min(m.value for m in client.get_metric_history(result.run_id, "val_loss") if m.step > 0)
+    )
+
+
+def test_challenger_loads_the_model_of_the_best_checkpoint(baseline, tiny_dataset):
+    import torch
+
+    from mobile_vla.data.windows import WindowDataset
+    from mobile_vla.policy import load_policy
+    from mobile_vla.tracking import resolve_model
+    from mobile_vla.train.loop import model_inputs
+
+    _, result = baseline
+    registered, preprocessing = load_policy(resolve_model(f"models:/{MODEL}@challenger").path)
+    checkpoint, _ = load_policy(result.best_checkpoint_dir / "policy")
+    samples = WindowDataset(tiny_dataset, "val", preprocessing, augment=False)
+    batch = {k: torch.as_tensor(np.stack([samples[i][k] for i in range(2)])) for k in samples[0]}
+    with torch.no_grad():
+        a, b = registered(model_inputs(batch)), checkpoint(model_inputs(batch))
+    assert torch.equal(a.actions, b.actions) and torch.equal(a.confidence, b.confidence)
+
+
+def test_same_run_name_resumes_and_continues_the_epoch_count(baseline, tiny_dataset, home):
+    from mobile_vla.train.checkpointing import read_history
+    from mobile_vla.train.trainer import run_training
+
+    cfg, first = baseline
+    steps_before = first.final_metrics["step"]
+    resumed = run_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 4})}))
+    assert resumed.run_id == first.run_id  # one MLflow run for the whole history
+    assert resumed.final_metrics["epoch"] == 4 and resumed.final_metrics["resumed_from_epoch"] == 3
+    assert resumed.final_metrics["step"] > steps_before
+    latest = max(Path(resumed.storage_path, cfg.run.name).glob("checkpoint_epoch_*"))
+    assert [e["epoch"] for e in read_history(latest)["epochs"]] == [1, 2, 3, 4]
+    run = _client().get_run(resumed.run_id)
+    assert run.data.tags["resumed_with.train.epochs"] == "4"
+    assert {m.step for m in _client().get_metric_history(resumed.run_id, "val_loss") if m.step > 0} == {1, 2, 3, 4}
+
+
+def _kill_rank_after_first_checkpoint(run_dir: Path, pid_dir: Path, rank: int, killed: dict) -> None:
+    """Test thread: waits for epoch 1's checkpoint, then SIGKILLs one worker process mid-run."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run_dir / "checkpoint_epoch_0001").is_dir():
+        time.sleep(0.2)
+    pid_file = pid_dir / f"rank{rank}.pid"
+    if pid_file.is_file():
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+
+def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoint(baseline, tiny_dataset, home, tmp_path):
+    from mobile_vla.train.trainer import run_training
+
+    _, clean = baseline
+    pid_dir = tmp_path / "pids"
+    cfg = _config(tiny_dataset, home, "run.name=faulted", f"run.pid_dir={pid_dir}", "mlflow.registered_model=null")
+    killed: dict = {}
+    killer = threading.Thread(
+        target=_kill_rank_after_first_checkpoint,
+        args=(Path(cfg.storage_path()) / "faulted", pid_dir, 1, killed), daemon=True,
+    )
+    killer.start()
+    result = run_training(cfg)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert int((pid_dir / "rank1.pid").read_text()) != killed["pid"]  # a new worker took rank 1
+    assert result.final_metrics["epoch"] == 3
+    assert result.final_metrics["resumed_from_epoch"] >= 1  # continued from a checkpoint, not from scratch
+    clean_loss, faulted_loss = clean.final_metrics["val_loss"], result.final_metrics["val_loss"]
+    assert abs(faulted_loss - clean_loss) <= FAULT_TOLERANCE * clean_loss, (faulted_loss, clean_loss)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts."""
+    port = _free_port()
+    mlflow_exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server_artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_run_against_an_mlflow_server(ray_cluster, tiny_dataset, platform_home, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    from mobile_vla.policy import load_policy
+    from mobile_vla.tracking import resolve_model
+    from mobile_vla.train.trainer import run_training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    cfg = _config(tiny_dataset, platform_home, "run.name=served", "train.epochs=1", "train.max_steps_per_epoch=2")
+    result = run_training(cfg)
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["run.name"] == "served"
+    assert len(client.get_metric_history(result.run_id, "train_loss_step")) == 2
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == result.model_version
+    model, _ = load_policy(resolve_model(f"models:/{MODEL}@challenger").path)
+    assert model.config.preset == "tiny"
+    assert not (platform_home / "mlflow.db").exists()  # everything went to the server
