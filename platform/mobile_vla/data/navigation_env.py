@@ -6,6 +6,7 @@ class directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -35,19 +36,19 @@ def build_entity(placed: Placed) -> Entity:
     """A MiniWorld entity for a placed object; `.kind` and `.colour` are kept on it for evaluation."""
     if placed.kind == "box":
         entity = Box(color=placed.colour, size=placed.height)
-    elif placed.kind in ("ball", "key"):
-        entity = MeshEnt(mesh_name=f"{placed.kind}_{placed.colour}", height=placed.height, static=True)
-    else:  # obstacle meshes: barrel, cone
-        entity = MeshEnt(mesh_name=placed.kind, height=placed.height, static=True)
+    else:
+        mesh = placed.kind if placed.colour is None else f"{placed.kind}_{placed.colour}"  # barrel | ball_red
+        with _fast_texture_loading():  # a mesh loads its texture once per process, through Texture.load
+            entity = MeshEnt(mesh_name=mesh, height=placed.height, static=True)
     entity.kind, entity.colour, entity.side = placed.kind, placed.colour, placed.side
     return entity
 
 
-def preload_textures(tex_name: str) -> None:
-    """Puts every variant of a MiniWorld texture into its cache, decoded with Pillow.
+def load_texture(path: str):
+    """What `miniworld.opengl.Texture.load` returns, with the pixels decoded by Pillow.
 
-    MiniWorld's own loader converts pixels through pyglet's pure-Python path: about 1-4 s per
-    texture on a small CPU, paid again in every worker process. Same GL upload, same cache keys.
+    MiniWorld's loader converts pixels through pyglet's pure-Python path: 1-4 s per texture on a
+    small CPU, paid again in every worker process. Same GL upload and filtering, ~50x faster.
     """
     from PIL import Image
     from pyglet.gl import (
@@ -56,25 +57,40 @@ def preload_textures(tex_name: str) -> None:
         glBindTexture, glEnable, glGenerateMipmap, glHint, glTexImage2D, glTexParameteri,
     )
 
+    image = Image.open(path).convert("RGBA").transpose(Image.Transpose.FLIP_TOP_BOTTOM)  # GL rows go up
+    width, height = image.size
+    pixels = image.tobytes()
+    texture = pyglet.image.ImageData(width, height, "RGBA", pixels, pitch=width * 4).get_texture()
+    glEnable(texture.target)
+    glBindTexture(texture.target, texture.id)
+    glTexImage2D(GL_TEXTURE_2D, 0, GL_RGB, width, height, 0, GL_RGBA, GL_UNSIGNED_BYTE, pixels)
+    glHint(GL_GENERATE_MIPMAP_HINT, GL_NICEST)
+    glGenerateMipmap(GL_TEXTURE_2D)
+    glTexParameteri(GL_TEXTURE_2D, GL_TEXTURE_MAG_FILTER, GL_LINEAR)
+    glTexParameteri(GL_TEXTURE_2D, GL_TEXTURE_MIN_FILTER, GL_LINEAR_MIPMAP_LINEAR)
+    glBindTexture(GL_TEXTURE_2D, 0)
+    return texture
+
+
+@contextlib.contextmanager
+def _fast_texture_loading():
+    """Routes `Texture.load` (used by mesh loading) through `load_texture` for the block only."""
+    original = Texture.__dict__["load"]
+    Texture.load = classmethod(lambda cls, path: load_texture(path))
+    try:
+        yield
+    finally:
+        Texture.load = original
+
+
+def preload_textures(tex_name: str) -> None:
+    """Puts every variant of a room texture into MiniWorld's texture cache (same cache keys)."""
     for variant in range(1, 10):
         path = get_file_path("textures", f"{tex_name}_{variant}", "png")
         if not os.path.exists(path):
             break
-        if path in Texture.tex_cache:
-            continue
-        image = Image.open(path).convert("RGBA").transpose(Image.Transpose.FLIP_TOP_BOTTOM)  # GL rows go up
-        width, height = image.size
-        pixels = image.tobytes()
-        texture = pyglet.image.ImageData(width, height, "RGBA", pixels, pitch=width * 4).get_texture()
-        glEnable(texture.target)
-        glBindTexture(texture.target, texture.id)
-        glTexImage2D(GL_TEXTURE_2D, 0, GL_RGB, width, height, 0, GL_RGBA, GL_UNSIGNED_BYTE, pixels)
-        glHint(GL_GENERATE_MIPMAP_HINT, GL_NICEST)
-        glGenerateMipmap(GL_TEXTURE_2D)
-        glTexParameteri(GL_TEXTURE_2D, GL_TEXTURE_MAG_FILTER, GL_LINEAR)
-        glTexParameteri(GL_TEXTURE_2D, GL_TEXTURE_MIN_FILTER, GL_LINEAR_MIPMAP_LINEAR)
-        glBindTexture(GL_TEXTURE_2D, 0)
-        Texture.tex_cache[path] = Texture(texture, tex_name)
+        if path not in Texture.tex_cache:
+            Texture.tex_cache[path] = Texture(load_texture(path), tex_name)
 
 
 class NavigationEnv(MiniWorldEnv):
