@@ -240,8 +240,13 @@ def prepare_model(preset: str, home: Path) -> tuple[str, str]:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from mobile_vla.serve.auth import create_tokens_file
     from mobile_vla.serve.sample_model import register_random_policy
+    from mobile_vla.tracking import get_version_by_alias, get_version_tags
 
-    uri = register_random_policy(preset=preset)
+    version = get_version_by_alias("mobile-vla-policy", "champion") if (home / "mlflow.db").exists() else None
+    if version is not None and get_version_tags("mobile-vla-policy", version).get("preset") == preset:
+        uri = "models:/mobile-vla-policy@champion"  # --home reuse: already built and exported
+    else:
+        uri = register_random_policy(preset=preset)
     tokens = home / "tokens"
     if not tokens.exists():
         create_tokens_file(tokens)
@@ -261,6 +266,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     parser.add_argument("--no-netns", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "serve_load.json"))
+    parser.add_argument("--home", default=None, help="platform home to keep (and reuse) the exported model in")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -271,7 +277,8 @@ def main() -> int:
     if args.quick:
         args.seconds, args.sweep = 4.0, "8,16"
     netns = not args.no_netns and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare") is not None
-    home = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    home = Path(args.home).resolve() if args.home else Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    home.mkdir(parents=True, exist_ok=True)
     model_uri, tokens_file = prepare_model(args.preset, home)
     from mobile_vla.tracking import resolve_model
 
@@ -312,7 +319,8 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
-    shutil.rmtree(home, ignore_errors=True)
+    if not args.home:
+        shutil.rmtree(home, ignore_errors=True)
     return 0
 
 

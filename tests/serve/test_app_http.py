@@ -240,6 +240,9 @@ def test_robot_client_keeps_memory_and_steps(served):
         token = robot.memory
         second = robot.act(frame, state=[0.0, 0.0, 0.0])
         assert len(first.actions) == 10 and robot.memory not in (None, token) and not second.memory_reset
+        robot.memory = token[:-4] + "AAAA"  # a token the server refuses (e.g. after a secret rotation)
+        recovered = robot.act(frame, state=[0.0, 0.0, 0.0])
+        assert recovered.memory_reset and recovered.actions == first.actions  # fresh state, same frame
         robot.feedback(frame, [0.0, 0.0, 0.0], first.actions[0], episode_done=True, success=True)
         assert robot.step == 1 and "token" not in repr(robot).lower()
         with pytest.raises(ApiError) as refused:

@@ -55,3 +55,18 @@ def test_openapi_document_is_current():
     saved = json.loads((ROOT / "docs" / "openapi.json").read_text())
     assert saved == openapi_document(), "regenerate: python -m mobile_vla.serve.openapi_doc docs/openapi.json"
     assert {"/v1/act", "/v1/feedback", "/v1/model", "/healthz", "/readyz"} <= set(saved["paths"])
+
+
+def test_mobile_vla_serve_pins_loopback_and_names_bad_fields(tmp_path, capsys):
+    from mobile_vla.serve.commands import load_serve_config
+
+    config = load_serve_config(ROOT / "serve_configs" / "gpu.yaml", port=8123, model_uri="models:/other/2")
+    assert (config.http_options.host, config.http_options.port) == ("127.0.0.1", 8123)
+    assert config.applications[0].args["model_uri"] == "models:/other/2"
+    assert "replaced by 127.0.0.1" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: x\n    import_path: mobile_vla.serve.app:build_app\n    route_prefix: 7\n")
+    with pytest.raises(ConfigError, match="bad.yaml: applications.0.route_prefix"):
+        load_serve_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_serve_config(tmp_path / "missing.yaml")

@@ -111,7 +111,15 @@ class RobotClient:
         if self.memory is not None:
             body["memory"] = self.memory
         start = time.perf_counter()
-        data = self._post("/v1/act", body)
+        try:
+            data = self._post("/v1/act", body)
+        except ApiError as exc:
+            if exc.code != "invalid_memory" or "memory" not in body:
+                raise
+            # The server no longer accepts our token (secret rotated, server replaced): start the
+            # episode's memory afresh rather than stop the robot, and say so in memory_reset.
+            del body["memory"]
+            data = {**self._post("/v1/act", body), "memory_reset": True}
         self.memory = data["memory"]  # only after an answer: a retried request repeats the same step
         return ActAnswer(data["actions"], data["confidence"], data["backend"], data["model"], data["memory_reset"],
                          data["latency_ms"], (time.perf_counter() - start) * 1000, data)
