@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     update = subparsers.add_parser(
         "online-update",
         help="fine-tune @champion on new fleet feedback, register a challenger, promote if the gate passes",
+        description="Exit status: 0 promoted or no new feedback, 1 challenger rejected by the gate, 2 bad input.",
     )
     update.add_argument("--config", required=True, help="e.g. jobs/configs/online_update.yaml")
     update.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -77,4 +78,4 @@ def run_online_update_command(args) -> int:
     cfg = load_update_config(args.config, args.overrides)
     report = run_online_update(cfg)
     print(report.summary())
-    return 0
+    return 1 if report.status == "rejected" else 0

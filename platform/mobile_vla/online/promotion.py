@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mobile_vla.config import StrictModel, load_config
 from mobile_vla.errors import ConfigError, ModelError
@@ -54,6 +54,17 @@ class GateConfig(StrictModel):
     min_success_rate: float = Field(0.0, ge=0.0, le=1.0)  # absolute floor, also for the very first champion
     max_offline_mae_regression: float | None = Field(0.05, ge=0.0)  # relative; null skips the offline check
     max_collision_rate_increase: float | None = Field(None, ge=0.0)  # absolute; null skips
+    # Lower-is-better metrics the challenger must improve by at least this fraction, e.g. the online
+    # update's {"online.corrected_mae": 0.05}: better where operators corrected the champion.
+    require_improvement: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("require_improvement")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not -1.0 < v < 1.0}
+        if bad:
+            raise ValueError(f"improvement fractions must be in (-1, 1), got {bad}")
+        return value
 
 
 def load_gate(path: str | Path | None = None, overrides: list[str] | None = None) -> GateConfig:
@@ -182,7 +193,15 @@ def evaluate_gate(
         if c_mae is not None and p_mae is not None:
             limit = p_mae * (1.0 + gate.max_offline_mae_regression)
             checks.append(Check("offline_mae", c_mae <= limit, f"{c_mae:.4f} <= {limit:.4f}"))
-    elif not gate.require_closed_loop and champion is None:
+    for key, fraction in gate.require_improvement.items():
+        if champion is None:
+            continue
+        c_val = _need(challenger, key, cv, missing)
+        p_val = _need(champion, key, pv, missing)
+        if c_val is not None and p_val is not None:
+            limit = p_val * (1.0 - fraction)
+            checks.append(Check(f"improves:{key}", c_val <= limit, f"{c_val:.4f} <= {limit:.4f}"))
+    if not gate.require_closed_loop and champion is None and not checks:
         checks.append(Check("first_champion", True, "no champion yet and no closed-loop requirement"))
 
     if not checks and not missing:

@@ -1,0 +1,473 @@
+"""The online update job: fleet feedback -> fine-tuned challenger -> gate -> maybe a new champion.
+
+    report = run_online_update(load_update_config("jobs/configs/online_update.yaml"))
+
+Steps, each visible in the job's MLflow run (experiment `mobile-vla-online`):
+1. resolve `@champion` (its weights AND its preprocessing: the fine-tune keeps the champion's action
+   scaling and tokenizer, so serving's contract does not change under the fleet);
+2. assemble feedback episodes not used by an earlier update (the store's watermark), split off a
+   held-out part to measure the update on;
+3. fine-tune the champion on feedback windows - each target weighted by its step's weight
+   (operator corrections and interventions up, uncorrected steps of failed episodes to zero) - mixed
+   with a replay sample of the original dataset, so the policy does not forget the scenes nobody
+   corrected this week;
+4. register the result as `@challenger`, evaluate champion and challenger on the same held-out data
+   (`online.corrected_mae`, `online.feedback_mae`, `online.replay_mae`) and, if enabled, closed-loop;
+5. promote only if the gate passes; the watermark advances when the feedback went into a champion
+   (a rejected update leaves its episodes for the next, bigger one).
+One update at a time per feedback root (a file lock); a second one is refused, not queued.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from mobile_vla.config import StrictModel, dump_config, flatten, load_config, platform_home
+from mobile_vla.errors import ConfigError, DataError, ResourceError
+from mobile_vla.online.feedback_store import FeedbackWeights
+from mobile_vla.online.promotion import GateConfig
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackSection(StrictModel):
+    root: str | None = None  # default $MOBILE_VLA_HOME/feedback (where serving's FeedbackStore writes)
+    weights: FeedbackWeights = Field(default_factory=FeedbackWeights)
+    stale_after_s: float | None = Field(3600.0, gt=0)  # unfinished episodes older than this are used too
+    holdout_fraction: float = Field(0.25, ge=0.0, lt=1.0)  # feedback episodes kept out to measure the update
+    min_new_episodes: int = Field(1, ge=1)  # fewer: nothing to learn from, the job ends without a model
+
+
+class ReplaySection(StrictModel):
+    data: str | None = None  # the original dataset folder (manifest.json); null: feedback only
+    split: str = "train"
+    eval_split: str | None = "val"  # forgetting check (online.replay_mae); null skips it
+    ratio: float = Field(1.0, ge=0.0)  # replay windows per feedback window in the fine-tuning mix
+    eval_windows: int = Field(64, ge=1)  # cap on replay windows evaluated
+
+
+class FinetuneSection(StrictModel):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    trainable: Literal["all", "policy_head"] = "all"  # policy_head: fusion + LSTM + head; backbones frozen
+    augment: bool = True
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class ClosedLoopSection(StrictModel):
+    enabled: bool = False  # true once closed-loop evaluation (mobile_vla.evaluate) is deployed on the cluster
+    split: str = "test_seen"
+    episodes: int = Field(200, ge=1)
+
+
+class OnlineUpdateConfig(StrictModel):
+    model: str = "mobile-vla-policy"  # registered model name
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    experiment: str = "mobile-vla-online"
+    workdir: str | None = None  # default $MOBILE_VLA_HOME/online_updates/<time>
+    cursor_advance: Literal["on_promotion", "always"] = "on_promotion"
+    feedback: FeedbackSection = Field(default_factory=FeedbackSection)
+    replay: ReplaySection = Field(default_factory=ReplaySection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    closed_loop: ClosedLoopSection = Field(default_factory=ClosedLoopSection)
+    gate: GateConfig = Field(default_factory=lambda: GateConfig(
+        require_closed_loop=False,
+        offline_mae_metric="online.replay_mae",
+        require_improvement={"online.corrected_mae": 0.05},
+    ))
+
+    def feedback_root(self) -> Path:
+        return Path(self.feedback.root).expanduser() if self.feedback.root else platform_home() / "feedback"
+
+
+def load_update_config(path: str | Path | None, overrides: list[str] | None = None) -> OnlineUpdateConfig:
+    return load_config(path, OnlineUpdateConfig, overrides)
+
+
+@dataclass
+class UpdateReport:
+    status: Literal["no_new_feedback", "promoted", "rejected", "forced"]
+    champion_version: str | None
+    challenger_version: str | None = None
+    run_id: str | None = None
+    feedback_episodes: int = 0
+    waiting_episodes: int = 0
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "champion"/"challenger" -> metrics
+    reason: str = ""
+    cursor_committed: bool = False
+
+    def summary(self) -> str:
+        lines = [f"online update: {self.status} (champion v{self.champion_version}, "
+                 f"challenger v{self.challenger_version or '-'}, {self.feedback_episodes} new feedback episodes, "
+                 f"{self.waiting_episodes} unfinished)"]
+        for role, metrics in self.metrics.items():
+            lines.append(f"  {role:>10}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        if self.reason:
+            lines.append(f"  gate: {self.reason}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- data
+class WeightedWindows:
+    """Windows of assembled feedback episodes whose `action_mask` [T, K] carries each target step's
+    weight: the loss (a mask-weighted mean) then counts a corrected step `weights.corrected` times."""
+
+    def __init__(self, folder: Path, split: str, preprocessing, augment: bool, seed: int):
+        import h5py
+        import numpy as np
+
+        from mobile_vla.data.windows import WindowDataset
+
+        self.windows = WindowDataset(folder, split, preprocessing, augment=augment, seed=seed)
+        self.weights, self.corrected = [], []
+        for path in self.windows.index.paths:
+            with h5py.File(path, "r") as f:
+                if "weight" not in f:
+                    raise DataError(f"{path}: weight: missing (not an assembled feedback episode)")
+                self.weights.append(f["weight"][()].astype(np.float32))  # [N]
+                self.corrected.append((f["corrected"][()] | f["intervention"][()]).astype(np.float32))  # [N]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def target_rows(self, window_id: int):
+        import numpy as np
+
+        episode, start = (int(v) for v in self.windows.index.windows[window_id])
+        pre = self.windows.index.pre
+        rows = start + np.arange(pre.window)[:, None] + np.arange(pre.chunk)[None, :]  # [T, K]
+        return episode, np.minimum(rows, len(self.weights[episode]) - 1)
+
+    def __getitem__(self, window_id: int) -> dict:
+        sample = self.windows[window_id]
+        episode, rows = self.target_rows(window_id)
+        sample["action_mask"] = sample["action_mask"] * self.weights[episode][rows]  # [T, K]
+        sample["corrected_mask"] = ((sample["action_mask"] > 0) * self.corrected[episode][rows]).astype("float32")
+        return sample
+
+
+class PlainWindows:
+    """Original-data windows (weight 1), optionally a fixed random subset of them."""
+
+    def __init__(self, folder: Path, split: str, preprocessing, augment: bool, seed: int, limit: int | None):
+        import numpy as np
+
+        from mobile_vla.data.windows import WindowDataset
+
+        self.windows = WindowDataset(folder, split, preprocessing, augment=augment, seed=seed)
+        ids = np.arange(len(self.windows))
+        if limit is not None and limit < len(ids):
+            ids = np.sort(np.random.default_rng(seed).choice(ids, size=limit, replace=False))
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.windows[int(self.ids[i])]
+        sample["corrected_mask"] = sample["action_mask"] * 0
+        return sample
+
+
+# ------------------------------------------------------------------------------------- fine-tuning
+def _device(choice: str):
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ResourceError("finetune.device = 'cuda' but no CUDA device is visible")
+    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def _to_device(batch: dict, device) -> dict:
+    import torch
+
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def finetune(model, dataset, cfg: FinetuneSection, log_metric=None) -> list[float]:
+    """Weighted fine-tuning through `mobile_vla.policy.policy_loss`; returns the loss per step."""
+    import torch
+    from rich.progress import Progress
+
+    from mobile_vla.policy import policy_loss
+
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    if cfg.trainable == "policy_head":
+        for part in (model.kosmos, model.clip):
+            for param in part.parameters():
+                param.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
+        generator=generator, num_workers=0,
+    )
+    losses: list[float] = []
+    epoch = 0
+    with Progress(transient=True) as progress:
+        task = progress.add_task("fine-tuning on feedback", total=cfg.steps)
+        while len(losses) < cfg.steps:
+            for part in getattr(dataset, "datasets", [dataset]):
+                windows = getattr(part, "windows", None)
+                if hasattr(windows, "set_epoch"):
+                    windows.set_epoch(epoch)
+            for batch in loader:
+                batch = _to_device(batch, device)
+                output = model(batch)
+                loss = policy_loss(output, batch)["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if log_metric and len(losses) % cfg.log_every_n_steps == 0:
+                    log_metric("finetune.loss", float(sum(losses[-cfg.log_every_n_steps:]) / cfg.log_every_n_steps),
+                               len(losses))
+                progress.update(task, advance=1)
+                if len(losses) >= cfg.steps:
+                    break
+            epoch += 1
+    model.eval()
+    return losses
+
+
+def evaluate_windows(model, dataset, preprocessing, batch_size: int = 8, device: str = "auto") -> dict[str, float]:
+    """MAE (m/s, rad/s) of the action to execute now (k = 0) over weighted targets (`feedback_mae`)
+    and over corrected ones (`corrected_mae`), on windows without augmentation."""
+    import numpy as np
+    import torch
+
+    dev = _device(device)
+    model.to(dev).eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    sums = {"all": [0.0, 0.0], "corrected": [0.0, 0.0]}
+    with torch.no_grad():
+        for batch in loader:
+            output = model(_to_device(batch, dev))
+            pred = preprocessing.denormalise_actions(output.actions[:, :, 0].cpu().numpy())  # [B, T, 3]
+            true = preprocessing.denormalise_actions(batch["actions"][:, :, 0].numpy())  # [B, T, 3]
+            error = np.abs(pred - true).mean(-1)  # [B, T]
+            for key, mask in (("all", batch["action_mask"][:, :, 0].numpy() > 0),
+                              ("corrected", batch["corrected_mask"][:, :, 0].numpy() > 0)):
+                sums[key][0] += float(error[mask].sum())
+                sums[key][1] += float(mask.sum())
+    return {
+        "feedback_mae" if key == "all" else "corrected_mae": total / count if count else math.nan
+        for key, (total, count) in sums.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------- job
+class _UpdateLock:
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / ".online-update.lock"
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ResourceError(f"{self.path}: another online update is running on this feedback root") from None
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _mlflow_run(cfg: OnlineUpdateConfig, champion_version: str):
+    import mlflow
+
+    from mobile_vla.tracking import get_or_create_experiment
+
+    experiment_id = get_or_create_experiment(cfg.experiment)
+    name = f"online-update-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=name,
+                                           tags={"mobile_vla.parent_version": champion_version})
+    return run.info.run_id
+
+
+def _log_loss_plot(client, run_id: str, losses: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("weighted loss")
+    ax.set_title("online fine-tuning")
+    fig.tight_layout()
+    client.log_figure(run_id, fig, "plots/finetune_loss.png")
+    plt.close(fig)
+
+
+def _closed_loop(cfg: OnlineUpdateConfig, version: str) -> dict[str, float]:
+    try:
+        from mobile_vla.evaluate import closed_loop
+    except ImportError:
+        raise ConfigError(
+            "closed_loop.enabled = true but mobile_vla.evaluate.closed_loop is not available in this install"
+        ) from None
+    return closed_loop.evaluate_model_version(cfg.model, version, split=cfg.closed_loop.split,
+                                              episodes=cfg.closed_loop.episodes)
+
+
+def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
+    """The whole job; see the module docstring. Raises MobileVLAError subclasses on bad input."""
+    from mobile_vla import tracking
+    from mobile_vla.online.feedback_store import FeedbackStore
+    from mobile_vla.online.promotion import promote
+
+    tracking.configure_mlflow()
+    root = cfg.feedback_root()
+    if not (root / "segments").is_dir():
+        raise DataError(f"{root}: no feedback segments/ folder (feedback.root; serving writes it)")
+    champion_version = tracking.get_version_by_alias(cfg.model, cfg.champion_alias)
+    if champion_version is None:
+        raise ConfigError(f"models:/{cfg.model}@{cfg.champion_alias}: no champion to fine-tune; promote a version first")
+    workdir = Path(cfg.workdir) if cfg.workdir else (
+        platform_home() / "online_updates" / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-v{champion_version}")
+
+    with _UpdateLock(root):
+        store = FeedbackStore(root)
+        assembled = store.assemble_episodes(
+            workdir / "feedback", weights=cfg.feedback.weights, stale_after_s=cfg.feedback.stale_after_s,
+            val_fraction=cfg.feedback.holdout_fraction, progress=True,
+        )
+        report = UpdateReport("no_new_feedback", champion_version, feedback_episodes=len(assembled.episodes),
+                              waiting_episodes=len(assembled.waiting))
+        if len(assembled.episodes) < cfg.feedback.min_new_episodes:
+            report.reason = f"{len(assembled.episodes)} new finished episodes < feedback.min_new_episodes"
+            log.info("online update: %s", report.reason)
+            return report
+
+        resolved = tracking.resolve_model(f"models:/{cfg.model}/{champion_version}")
+        report.run_id = run_id = _mlflow_run(cfg, champion_version)
+        try:
+            report.challenger_version, report.metrics = _train_register_evaluate(
+                cfg, resolved.path, champion_version, workdir, assembled, run_id)
+        except BaseException:
+            import mlflow
+
+            mlflow.MlflowClient().set_terminated(run_id, "FAILED")
+            raise
+        for role, version in (("champion", champion_version), ("challenger", report.challenger_version)):
+            tracking.log_version_metrics(cfg.model, version, report.metrics[role])
+            tracking.set_version_tags(cfg.model, version, {"online.eval_set": str(workdir / "feedback")})
+
+        decision = promote(cfg.model, version=report.challenger_version, gate=cfg.gate)
+        report.status, report.reason = decision.decision, decision.reason
+        if decision.promoted or cfg.cursor_advance == "always":
+            store.commit_cursor(assembled.cursor, {"challenger": report.challenger_version,
+                                                   "decision": decision.decision,
+                                                   "episodes": len(assembled.episodes)})
+            report.cursor_committed = True
+        _finish_run(run_id, report)
+        return report
+
+
+def _train_register_evaluate(
+    cfg: OnlineUpdateConfig, champion_dir: Path, champion_version: str, workdir: Path, assembled, run_id: str
+) -> tuple[str, dict[str, dict[str, float]]]:
+    import mlflow
+    import torch
+
+    from mobile_vla import tracking
+    from mobile_vla.data.manifest import load_manifest
+    from mobile_vla.policy import load_policy, save_policy
+
+    client = mlflow.MlflowClient()
+    for key, value in flatten(dump_config(cfg)).items():
+        client.log_param(run_id, key, str(value)[:6000])
+    client.log_metric(run_id, "feedback.episodes", len(assembled.episodes))
+    client.log_metric(run_id, "feedback.corrected_steps", assembled.summary.corrected_steps)
+
+    model, pre = load_policy(champion_dir / "policy")
+    if pre is None:
+        raise ConfigError(f"{champion_dir}/policy: the champion has no preprocessing/ (cannot fine-tune it)")
+    fb_dir = assembled.out_dir
+    splits = load_manifest(fb_dir)["splits"]
+    train_fb = WeightedWindows(fb_dir, "train", pre, cfg.finetune.augment, cfg.finetune.seed)
+    parts = [train_fb]
+    replay_eval = None
+    if cfg.replay.data:
+        replay_dir = Path(cfg.replay.data).expanduser()
+        limit = max(1, int(round(cfg.replay.ratio * len(train_fb)))) if cfg.replay.ratio > 0 else 0
+        if limit:
+            parts.append(PlainWindows(replay_dir, cfg.replay.split, pre, cfg.finetune.augment, cfg.finetune.seed, limit))
+        if cfg.replay.eval_split:
+            replay_eval = PlainWindows(replay_dir, cfg.replay.eval_split, pre, False, 0, cfg.replay.eval_windows)
+    holdout = WeightedWindows(fb_dir, "val", pre, False, 0) if splits.get("val") else None
+
+    def measure(m) -> dict[str, float]:
+        metrics = {}
+        if holdout is not None:
+            metrics.update({f"online.{k}": v for k, v in evaluate_windows(m, holdout, pre, device=cfg.finetune.device).items()})
+        if replay_eval is not None:
+            metrics["online.replay_mae"] = evaluate_windows(m, replay_eval, pre, device=cfg.finetune.device)["feedback_mae"]
+        return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+    before = measure(model)
+    log.info("online update: fine-tuning v%s on %d feedback + %d replay windows", champion_version,
+             len(train_fb), sum(len(p) for p in parts[1:]))
+    started = time.time()
+    losses = finetune(model, torch.utils.data.ConcatDataset(parts), cfg.finetune,
+                      log_metric=lambda k, v, s: client.log_metric(run_id, k, v, step=s))
+    client.log_metric(run_id, "finetune.seconds", time.time() - started)
+    _log_loss_plot(client, run_id, losses)
+    after = measure(model)
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        save_policy(Path(tmp) / "policy", model.cpu(), pre)
+        (Path(tmp) / "online_update.json").write_text(json.dumps({
+            "parent_version": champion_version, "feedback": str(assembled.out_dir),
+            "episodes": assembled.episodes, "summary": vars(assembled.summary),
+        }, indent=1, default=str))
+        version = tracking.register_policy(
+            tmp, run_id, name=cfg.model, alias=cfg.challenger_alias,
+            tags={"source": "online-update", "online.parent_version": champion_version,
+                  "online.feedback_episodes": str(len(assembled.episodes))},
+            description=f"online update of v{champion_version} on {len(assembled.episodes)} feedback episodes",
+        )
+    if cfg.closed_loop.enabled:
+        after.update(_closed_loop(cfg, version))
+    for key, value in after.items():
+        client.log_metric(run_id, f"challenger.{key}", value)
+    for key, value in before.items():
+        client.log_metric(run_id, f"champion.{key}", value)
+    client.log_metric(run_id, "finetune.final_loss", losses[-1])
+    return version, {"champion": before, "challenger": after}
+
+
+def _finish_run(run_id: str, report: UpdateReport) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "online.decision", report.status)
+    client.set_tag(run_id, "online.reason", report.reason[:4900])
+    client.set_terminated(run_id, "FINISHED")
