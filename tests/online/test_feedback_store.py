@@ -168,7 +168,7 @@ def test_concurrent_appends_share_fsyncs_and_all_land(tmp_path):
     assert len(fsyncs) <= 100 + 20  # never more than one per record (plus directory syncs on rotation)
 
 
-def test_assembly_labels_weights_retries_and_watermark(tmp_path):
+def test_assembly_labels_weights_retries_and_watermark(tmp_path, capsys):
     root = tmp_path / "feedback"
     replica_a, replica_b = FeedbackStore(root), FeedbackStore(root)  # two Serve replicas, two segments
     png = io.BytesIO()
@@ -198,6 +198,14 @@ def test_assembly_labels_weights_retries_and_watermark(tmp_path):
         assert f.attrs["success"] and f.attrs["corrected_steps"] == 1
     with h5py.File(tmp_path / "update-1" / "fb_beta_B.h5") as f:
         assert f["weight"][()].tolist() == [0, 0, 0] and not f.attrs["success"]
+
+    from mobile_vla.cli import main
+
+    capsys.readouterr()
+    assert main(["data", "inspect", str(tmp_path / "update-1")]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "feedback: 2 episodes from 2 robots, 9 steps, 1 corrected, 1 interventions, 3 steps with weight 0" in shown
+    assert "3 new since the last update, 0 torn tails" in shown
 
     # Nothing moves until the update that used the files commits; then only new episodes come back.
     assert len(replica_a.assemble_episodes(tmp_path / "again", stale_after_s=None).episodes) == 2

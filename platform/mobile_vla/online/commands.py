@@ -33,6 +33,44 @@ def register(subparsers) -> None:
     update.add_argument("--config", required=True, help="e.g. jobs/configs/online_update.yaml")
     update.add_argument("overrides", nargs="*", metavar="key.sub=value")
     update.set_defaults(func=run_online_update_command)
+    _add_inspect_section()
+
+
+def _add_inspect_section() -> None:
+    """`mobile-vla data inspect` on an assembled feedback dataset also shows the feedback it holds."""
+    try:
+        from mobile_vla.data.commands import INSPECT_SECTIONS, register_inspect_section
+    except ModuleNotFoundError:
+        return
+    if print_feedback_section not in INSPECT_SECTIONS:
+        register_inspect_section(print_feedback_section)
+
+
+def print_feedback_section(folder: Path, manifest: dict, console) -> None:
+    from mobile_vla.errors import DataError
+    from mobile_vla.online.feedback_store import describe_feedback, describe_feedback_dataset
+
+    generator = manifest.get("generator", {})
+    if generator.get("kind") != "feedback":
+        return
+    data = describe_feedback_dataset(folder, manifest)
+    console.print(
+        f"[bold]feedback[/]: {data['episodes']} episodes from {data['robots']} robots, {data['steps']} steps, "
+        f"{data['corrected_steps']} corrected, {data['intervention_steps']} interventions, "
+        f"{data['zero_weight_steps']} steps with weight 0, {data['successes']} successes"
+    )
+    root = generator.get("root")
+    if root and Path(root, "segments").is_dir():
+        try:
+            wal = describe_feedback(root)
+        except DataError as exc:
+            console.print(f"  store {root}: {exc}")
+            return
+        console.print(
+            f"  store {root}: {wal['records']} records in {wal['segments']} segments, {wal['episodes']} episodes, "
+            f"{wal['new_episodes_since_last_update']} new since the last update, "
+            f"{len(wal['torn_or_corrupt'])} torn tails"
+        )
 
 
 def split_gate_args(items: list[str]) -> tuple[str | None, list[str]]:

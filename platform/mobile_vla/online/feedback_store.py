@@ -663,3 +663,26 @@ def describe_feedback(root: str | Path) -> dict:
         "updates": len(cursor.history),
         "last_record_time": max((float(s.meta.get("received_at", 0)) for s in steps), default=None),
     }
+
+
+def describe_feedback_dataset(folder: str | Path, manifest: dict) -> dict:
+    """For an assembled feedback dataset (manifest generator kind 'feedback'): robots, corrections,
+    interventions and the loss weight they carry, read without loading frames."""
+    import h5py
+
+    totals = {"episodes": 0, "steps": 0, "corrected_steps": 0, "intervention_steps": 0, "weight_sum": 0.0,
+              "zero_weight_steps": 0, "successes": 0}
+    robots = set()
+    for name in manifest.get("episodes", {}):
+        with h5py.File(Path(folder) / name, "r") as f:
+            weight = f["weight"][()] if "weight" in f else None
+            totals["episodes"] += 1
+            totals["steps"] += int(f["actions"].shape[0])
+            totals["corrected_steps"] += int(f["corrected"][()].sum()) if "corrected" in f else 0
+            totals["intervention_steps"] += int(f["intervention"][()].sum()) if "intervention" in f else 0
+            totals["weight_sum"] += float(weight.sum()) if weight is not None else 0.0
+            totals["zero_weight_steps"] += int((weight == 0).sum()) if weight is not None else 0
+            totals["successes"] += int(bool(f.attrs.get("success", False)))
+            robots.add(str(f.attrs.get("robot_id", "?")))
+    totals["robots"] = len(robots)
+    return totals
