@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -43,6 +44,7 @@ def step_record(robot: str, episode: str, step: int, done: bool = False, success
         "image": image if image is not None else jpeg_bytes(step * 20),
         "state": [0.1 * step, 0.0, 0.0], "action_executed": [0.5, 0.0, float(step)],
         "action_corrected": corrected, "intervention": intervention, "episode_done": done, "success": success,
+        "model": {"name": "mobile-vla-policy", "version": "7"},  # as serving's ingress adds it
     }
 
 
@@ -196,6 +198,7 @@ def test_assembly_labels_weights_retries_and_watermark(tmp_path, capsys):
         assert f["intervention"][()].tolist() == [0, 0, 0, 0, 1, 0]
         assert f["step"][()].tolist() == list(range(6))
         assert f.attrs["success"] and f.attrs["corrected_steps"] == 1
+        assert json.loads(f.attrs["model_versions"]) == ["7"]
     with h5py.File(tmp_path / "update-1" / "fb_beta_B.h5") as f:
         assert f["weight"][()].tolist() == [0, 0, 0] and not f.attrs["success"]
 

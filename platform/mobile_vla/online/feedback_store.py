@@ -544,6 +544,13 @@ def _decode_image(data: bytes, size: tuple[int, int] | None):
         return np.asarray(image, dtype=np.uint8)  # [H, W, 3]
 
 
+def _model_version(stored: StoredRecord) -> str | None:
+    """The version that drove the step: serving's `model: {name, version}`, or a flat `model_version`."""
+    model = stored.meta.get("model")
+    version = model.get("version") if isinstance(model, dict) else stored.meta.get("model_version")
+    return str(version) if version is not None else None
+
+
 def write_feedback_episode(
     out_dir: Path, key: str, steps: dict[int, StoredRecord], weights: FeedbackWeights, control_hz: float,
     summary: FeedbackSummary,
@@ -599,7 +606,7 @@ def write_feedback_episode(
         "missing_steps": int(step_ids[-1] - step_ids[0] + 1 - len(step_ids)),
         "corrected_steps": int(corrected.sum()),
         "intervention_steps": int(intervention.sum()),
-        "model_versions": json.dumps(sorted({str(s.meta["model_version"]) for s in kept if s.meta.get("model_version")})),
+        "model_versions": json.dumps(sorted({v for v in map(_model_version, kept) if v})),
     }
     name = f"fb_{robot_id}_{episode_id}.h5"
     tmp = out_dir / f".{name}.assembling.h5"
