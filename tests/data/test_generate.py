@@ -183,9 +183,9 @@ def test_recorded_commands_replay_to_success_in_a_rebuilt_scene(ray_cluster, tin
 
 # -- generation -------------------------------------------------------------------------------------
 def test_same_seed_same_episodes_whatever_the_task_size(ray_cluster, tmp_path):
-    spec = spec_with({"train": 0.67, "unseen_layout": 0.33})
-    a = generate_dataset(tmp_path / "a", 3, spec, seed=11, settings=GeneratorSettings(seeds_per_task=1), progress=False)
-    b = generate_dataset(tmp_path / "b", 3, spec, seed=11, settings=GeneratorSettings(seeds_per_task=3), progress=False)
+    spec = spec_with({"train": 0.5, "unseen_layout": 0.5})
+    a = generate_dataset(tmp_path / "a", 2, spec, seed=11, settings=GeneratorSettings(seeds_per_task=1), progress=False)
+    b = generate_dataset(tmp_path / "b", 2, spec, seed=11, settings=GeneratorSettings(seeds_per_task=3), progress=False)
     assert a["splits"] == b["splits"] and a["expert_success"] == b["expert_success"]
     for name in list_episode_files(tmp_path / "a"):
         ea, eb = read_episode(tmp_path / "a" / name), read_episode(tmp_path / "b" / name)
