@@ -230,8 +230,12 @@ def run_child(spec: dict, netns: bool, timeout_s: float = 900) -> list[dict]:
     command = [sys.executable, __file__, "--child", handle.name, "--child-out", out_path]
     if netns:  # loopback-only network namespace: HAProxy's all-interface binds reach nothing else
         command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
-    subprocess.run(command, env=env, check=True, timeout=timeout_s)
-    return json.loads(Path(out_path).read_text())["results"]
+    try:
+        subprocess.run(command, env=env, check=True, timeout=timeout_s)
+        return json.loads(Path(out_path).read_text())["results"]
+    except (subprocess.SubprocessError, OSError, ValueError) as exc:  # one failed mode must not lose the others
+        print(f"{spec['label']}: failed: {exc}", flush=True)
+        return [{"label": spec["label"], "proxy": spec["proxy"], "mode": "failed", "error": str(exc)}]
 
 
 def prepare_model(preset: str, home: Path) -> tuple[str, str]:
