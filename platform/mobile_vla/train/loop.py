@@ -170,11 +170,17 @@ def wrap_model(model, strategy: str, device):
     from torch.distributed.fsdp import fully_shard
 
     model = model.to(device)
+    # fully_shard refuses 0-d parameters; the only ones here are frozen (CLIP's logit_scale), so leaving
+    # them replicated and outside FSDP changes nothing. A trainable one would silently diverge: refuse it.
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    trainable = [n for n, p in model.named_parameters() if p.ndim == 0 and p.requires_grad]
+    if trainable:
+        raise RuntimeError(f"train.strategy = 'fsdp': trainable 0-d parameters {trainable} cannot be sharded")
     block_suffixes = ("EncoderLayer", "DecoderLayer", "ResidualAttentionBlock", "Block")
     for module in model.modules():
         if type(module).__name__.endswith(block_suffixes) and module is not model:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
     return model
 
 
