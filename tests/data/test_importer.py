@@ -119,6 +119,11 @@ def test_inspect_check_reports_a_damaged_episode(imported, tmp_path, capsys):
     _, dst, *_ = imported
     copy = tmp_path / "copy"
     shutil.copytree(dst, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["feedback"] = {"robots": 2, "interventions": 5}  # a later data kind's own section
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["data", "inspect", str(copy)]) == 0
+    assert 'feedback: {"interventions": 5, "robots": 2}' in capsys.readouterr().out
     victim = copy / "run_007.h5"
     victim.write_bytes(victim.read_bytes()[:4000])
     assert main(["data", "inspect", str(copy), "--check"]) == 1

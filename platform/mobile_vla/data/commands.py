@@ -14,6 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 INSPECT_SECTIONS: list[Callable] = []
+# Manifest keys the built-in sections show; any other top-level section (feedback data, ...) is
+# printed as JSON by `_print_other_sections`, so new data kinds show up without code here.
+KNOWN_KEYS = {"format", "manifest_version", "created", "splits", "counts", "stats", "state_dim", "control_hz",
+              "image_sizes", "episodes", "generator", "expert_success"}
 
 
 def register_inspect_section(section: Callable) -> Callable:
@@ -77,6 +81,7 @@ def summarise(folder: Path, manifest: dict) -> dict:
         "image_sizes": manifest.get("image_sizes"),
         "stats": manifest["stats"],
         "generator": manifest.get("generator", {}),
+        "other_sections": {k: v for k, v in manifest.items() if k not in KNOWN_KEYS},
     }
 
 
@@ -119,12 +124,19 @@ def _print_stats(folder: Path, manifest: dict, console) -> None:
 def _print_generator(folder: Path, manifest: dict, console) -> None:
     generator = manifest.get("generator") or {}
     if generator:
-        console.print("generator: " + json.dumps(generator, sort_keys=True, default=str)[:2000])
+        console.print("generator: " + json.dumps(generator, sort_keys=True, default=str)[:2000], soft_wrap=True)
+
+
+def _print_other_sections(folder: Path, manifest: dict, console) -> None:
+    for key, value in manifest.items():
+        if key not in KNOWN_KEYS:
+            console.print(f"{key}: " + json.dumps(value, sort_keys=True, default=str)[:2000], soft_wrap=True)
 
 
 register_inspect_section(_print_overview)
 register_inspect_section(_print_stats)
 register_inspect_section(_print_generator)
+register_inspect_section(_print_other_sections)
 
 
 def check_episodes(folder: Path, manifest: dict, progress: bool = True) -> list[tuple[str, str]]:
