@@ -334,7 +334,7 @@ def train_loop_per_worker(config: dict) -> None:
         window_loss, micro = 0.0, 0
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size, device=device, prefetch_batches=2,
-            local_shuffle_buffer_size=max(2 * cfg.train.batch_size, 64), local_shuffle_seed=cfg.train.seed + epoch,
+            local_shuffle_buffer_size=max(2 * cfg.train.batch_size, 32), local_shuffle_seed=cfg.train.seed + epoch,
         )
         waited = [0.0]
         for batch, is_last in with_last_flag(batches, waited):
@@ -389,14 +389,15 @@ def train_loop_per_worker(config: dict) -> None:
         })
         progress.epochs.append(dict(metrics))
 
-        model_state = full_model_state(model, strategy)
+        sharded = strategy == "fsdp" and _is_distributed()
+        model_state = full_model_state(model, strategy) if sharded else None  # a collective under FSDP
         optimizer_state = full_optimizer_state(model, optimizer, strategy)
         with tempfile.TemporaryDirectory(prefix="mobile-vla-ckpt-") as tmp:
             report_checkpoint = None
             if rank == 0:
                 shipped = unwrap(model)
-                if strategy == "fsdp" and _is_distributed():
-                    shipped = build_policy(policy_config)
+                if sharded:  # rank 0 holds the gathered weights; save them through an unsharded twin
+                    shipped = build_policy(policy_config, load_pretrained=False)
                     shipped.load_state_dict(model_state)
                 checkpointing.write_checkpoint(
                     tmp, model=shipped, preprocessing=preprocessing, optimizer_state=optimizer_state,

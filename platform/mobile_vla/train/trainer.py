@@ -121,13 +121,56 @@ def loop_config(cfg: TrainJobConfig, preprocessing, train_windows: int, run_id: 
     }
 
 
-def build_trainer(cfg: TrainJobConfig, train_loop_config: dict, datasets: dict, callbacks=None):
-    """A Ray Train V2 TorchTrainer for this config (does not start anything)."""
+@dataclass
+class PreparedRun:
+    """Everything the driver resolves before Train starts (checked config, data, MLflow run)."""
+
+    cfg: TrainJobConfig  # with run.name set
+    policy_config: object
+    preprocessing: object
+    datasets: dict
+    train_windows: int
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def loop_config(self) -> dict:
+        return loop_config(self.cfg, self.preprocessing, self.train_windows, self.run_id, self.tracking_uri)
+
+
+def prepare_run(cfg: TrainJobConfig, mlflow_tags: dict | None = None) -> PreparedRun:
+    """Preflight (config, data, resources), preprocessing, datasets, MLflow run. Fails before any worker."""
+    from mobile_vla.errors import DataError
+    from mobile_vla.train.preflight import preflight
+
+    cfg = with_run_name(cfg)
+    ensure_ray()
+    manifest, policy_config = preflight(cfg)
+    preprocessing = build_preprocessing(cfg, manifest, policy_config)
+    datasets, train_windows = build_datasets(cfg, preprocessing)
+    if train_windows < cfg.scaling.num_workers:
+        raise DataError(
+            f"data.path = {cfg.data.path!r}: split {cfg.data.train_split!r} yields {train_windows} windows, "
+            f"fewer than scaling.num_workers = {cfg.scaling.num_workers}"
+        )
+    prepared = PreparedRun(cfg, policy_config, preprocessing, datasets, train_windows)
+    if cfg.mlflow.enabled:
+        prepared.run_id, prepared.tracking_uri = _mlflow_run(cfg, policy_config, mlflow_tags)
+    return prepared
+
+
+def build_trainer(cfg: TrainJobConfig, prepared: PreparedRun | None = None, callbacks=None):
+    """A Ray Train V2 TorchTrainer for this config (constructs only; `fit()` starts the workers).
+
+    Ray Tune trials: `build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()` inside the trial's
+    driver function (Train V2 has no `Tuner(trainer)`), or simply `run_training(cfg, callbacks=...)`.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mobile_vla.train.loop import train_loop_per_worker
 
+    prepared = prepared or prepare_run(cfg)
+    cfg = prepared.cfg
     bundle = cfg.scaling.worker_bundle()
     scaling = ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=bundle
@@ -144,14 +187,14 @@ def build_trainer(cfg: TrainJobConfig, train_loop_config: dict, datasets: dict, 
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=train_loop_config,
+        train_loop_config=prepared.loop_config(),
         scaling_config=scaling,
         run_config=run,
-        datasets=datasets,
+        datasets=prepared.datasets,
     )
 
 
-def _mlflow_run(cfg: TrainJobConfig, policy_config) -> tuple[str, str]:
+def _mlflow_run(cfg: TrainJobConfig, policy_config, tags: dict | None = None) -> tuple[str, str]:
     """(run_id, tracking_uri): the run tagged with this run name, created on first launch."""
     from mlflow import MlflowClient
 
@@ -167,7 +210,8 @@ def _mlflow_run(cfg: TrainJobConfig, policy_config) -> tuple[str, str]:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(experiment_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name}).info.run_id
+        run_tags = {**(tags or {}), RUN_NAME_TAG: cfg.run.name}
+        run_id = client.create_run(experiment_id, run_name=cfg.run.name, tags=run_tags).info.run_id
     _log_params(client, run_id, cfg, policy_config)
     return run_id, uri
 
@@ -228,6 +272,8 @@ def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, bes
         client.log_batch(run_id, metrics=_metric_list(summary))
         if cfg.mlflow.registered_model:
             evaluation = {k: float(v) for k, v in best_metrics.items() if k.startswith("val_")}
+            version = _registered_version(client, cfg, run_id, Path(best.path).name)
+        if cfg.mlflow.registered_model and version is None:
             version = register_policy(
                 tmp / "model", run_id, name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias,
                 tags={"train_run": cfg.run.name, "checkpoint": Path(best.path).name,
@@ -238,6 +284,18 @@ def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, bes
     return version
 
 
+def _registered_version(client, cfg: TrainJobConfig, run_id: str, checkpoint_name: str) -> str | None:
+    """The version already registered from this run's checkpoint (a re-run of a finished run), if any."""
+    from mobile_vla.tracking import set_alias
+
+    for version in client.search_model_versions(f"name = '{cfg.mlflow.registered_model}' and run_id = '{run_id}'"):
+        if version.tags.get("checkpoint") == checkpoint_name:
+            if cfg.mlflow.alias:
+                set_alias(cfg.mlflow.registered_model, cfg.mlflow.alias, version.version)
+            return str(version.version)
+    return None
+
+
 def _metric_list(values: dict):
     from mlflow.entities import Metric
 
@@ -245,34 +303,41 @@ def _metric_list(values: dict):
     return [Metric(k, v, now, 0) for k, v in values.items()]
 
 
-def run_training(cfg: TrainJobConfig, callbacks=None) -> TrainResult:
-    """The whole job on the current Ray cluster (local when none is configured)."""
-    from mobile_vla.train.preflight import preflight
+def _completed(cfg: TrainJobConfig):
+    """The stored Result when this run name already trained all its epochs (nothing left to resume)."""
+    from ray.train import Result
 
-    cfg = with_run_name(cfg)
-    ensure_ray()
-    manifest, policy_config = preflight(cfg)
-    preprocessing = build_preprocessing(cfg, manifest, policy_config)
-    datasets, train_windows = build_datasets(cfg, preprocessing)
-    if train_windows < cfg.scaling.num_workers:
-        from mobile_vla.errors import DataError
-
-        raise DataError(
-            f"data.path = {cfg.data.path!r}: split {cfg.data.train_split!r} yields {train_windows} windows, "
-            f"fewer than scaling.num_workers = {cfg.scaling.num_workers}"
-        )
-    run_id = uri = None
-    if cfg.mlflow.enabled:
-        run_id, uri = _mlflow_run(cfg, policy_config)
-    trainer = build_trainer(cfg, loop_config(cfg, preprocessing, train_windows, run_id, uri), datasets, callbacks)
+    run_dir = Path(cfg.storage_path()) / cfg.run.name
+    if "://" in cfg.storage_path() or not run_dir.is_dir():
+        return None
     try:
-        result = trainer.fit()
-    except BaseException:
-        if run_id:
-            from mlflow import MlflowClient
+        result = Result.from_path(run_dir)
+    except Exception:
+        return None
+    done = (result.metrics or {}).get("epoch", 0)
+    return result if done >= cfg.train.epochs else None
 
-            MlflowClient(tracking_uri=uri).set_terminated(run_id, "FAILED")
-        raise
+
+def run_training(cfg: TrainJobConfig, callbacks=None, mlflow_tags: dict | None = None) -> TrainResult:
+    """The whole job on the current Ray cluster (local when none is configured).
+
+    mlflow_tags go on a newly created MLflow run (e.g. `mlflow.parentRunId` for a sweep's trials).
+    """
+    prepared = prepare_run(cfg, mlflow_tags)
+    cfg, run_id, uri = prepared.cfg, prepared.run_id, prepared.tracking_uri
+    result = _completed(cfg)
+    if result is not None:
+        log.info("run %s already trained %d epochs: nothing to resume", cfg.run.name, cfg.train.epochs)
+    else:
+        trainer = build_trainer(cfg, prepared, callbacks)
+        try:
+            result = trainer.fit()
+        except BaseException:
+            if run_id:
+                from mlflow import MlflowClient
+
+                MlflowClient(tracking_uri=uri).set_terminated(run_id, "FAILED")
+            raise
     best, best_metrics = _best_checkpoint(result)
     version = None
     if run_id and best is not None:
