@@ -150,11 +150,16 @@ def submit(head: RayHead, entrypoint: list[str], env_vars: dict | None = None, t
     submission_id = f"test-{uuid.uuid4().hex[:8]}"
     runtime_env_file = head.tmp / f"{submission_id}.yaml"
     runtime_env_file.write_text(yaml.safe_dump(runtime_env))
-    submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", head.address, "--submission-id", submission_id,
-         "--working-dir", ".", "--runtime-env", str(runtime_env_file), "--", *entrypoint],
-        cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout_s,
-    )  # fmt: skip
+    for _ in range(20):
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", head.address, "--submission-id", submission_id,
+             "--working-dir", ".", "--runtime-env", str(runtime_env_file), "--", *entrypoint],
+            cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout_s,
+        )  # fmt: skip
+        # The job server answers before the head's agent has registered (slow under load).
+        if "No available agent to submit job" not in submitted.stderr + submitted.stdout:
+            break
+        time.sleep(3)
     status = job_status(head, submission_id)
     logs = subprocess.run(
         [RAY, "job", "logs", "--address", head.address, submission_id],
