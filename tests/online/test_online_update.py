@@ -138,6 +138,7 @@ def test_online_update_learns_corrections_and_takes_over_only_through_the_gate(o
     assert not weak.cursor_committed and FeedbackStore(root).load_cursor().offsets == {}
 
     report = run_online_update(update_config(tmp_path, "finetune.steps=30", f"workdir={tmp_path / 'u2'}"))
+    print(report.summary())  # shown with -s: the before/after numbers
     before, after = report.metrics["champion"], report.metrics["challenger"]
     assert report.feedback_episodes == 8  # the rejected update's episodes came back
     assert after["online.corrected_mae"] < 0.6 * before["online.corrected_mae"], report.summary()
