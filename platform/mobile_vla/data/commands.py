@@ -95,10 +95,19 @@ def _print_overview(folder: Path, manifest: dict, console) -> None:
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, row in summary["splits"].items():
         rate = "-" if row["success_rate"] is None else f"{row['success_rate']:.0%}"
-        expert = row["expert_success"]
-        expert = "-" if expert is None else (f"{expert:.0%}" if isinstance(expert, (int, float)) else str(expert))
+        expert = _format_expert(row["expert_success"])
         table.add_row(split, str(row["episodes"]), str(row["frames"]), str(row["instructions"]), rate, expert)
     console.print(table)
+
+
+def _format_expert(expert) -> str:
+    if expert is None:
+        return "-"
+    if isinstance(expert, (int, float)):
+        return f"{expert:.0%}"
+    if isinstance(expert, dict) and {"kept", "attempted", "success_rate"} <= set(expert):
+        return f"{expert['kept']}/{expert['attempted']} = {expert['success_rate']:.0%}"
+    return json.dumps(expert, default=str)
 
 
 def _print_stats(folder: Path, manifest: dict, console) -> None:
