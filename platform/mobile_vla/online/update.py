@@ -327,18 +327,16 @@ def _log_loss_plot(client, run_id: str, losses: list[float]) -> None:
 
 
 def _closed_loop(cfg: OnlineUpdateConfig, version: str) -> dict[str, float]:
-    """Closed-loop metrics of the challenger, from the evaluation stage (written on the version by it)."""
-    try:
-        from mobile_vla.evaluate import closed_loop
-    except ImportError:
-        closed_loop = None
-    evaluate = getattr(closed_loop, "evaluate_model_version", None)
-    if evaluate is None:
-        raise ConfigError(
-            "closed_loop.enabled = true but mobile_vla.evaluate.closed_loop.evaluate_model_version "
-            "is not available in this install; set closed_loop.enabled=false and gate.require_closed_loop=false"
-        )
-    return evaluate(cfg.model, version, split=cfg.closed_loop.split, episodes=cfg.closed_loop.episodes)
+    """Closed-loop metrics of the challenger from the evaluation stage (MiniWorld episodes on Ray
+    tasks), keyed as the gate reads them (`closed_loop.success_rate`, `closed_loop.episodes`, ...).
+    The champion's come from its own evaluation, on the same split's fixed scene seeds."""
+    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
+
+    report = evaluate_closed_loop(
+        f"models:/{cfg.model}/{version}", cfg.closed_loop.split, episodes=cfg.closed_loop.episodes,
+        data=cfg.replay.data,
+    )
+    return report.metrics(primary=True)
 
 
 def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
