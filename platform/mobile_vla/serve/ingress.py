@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError
 from ray import serve
 
 from mobile_vla.config import StrictModel
+from mobile_vla.errors import MobileVLAError
 from mobile_vla.serve.errors_http import ApiError, describe_errors, error_response, install_error_handlers
 from mobile_vla.serve.schemas import (
     ActRequest,
@@ -147,7 +148,10 @@ class PolicyIngress:
             status, code, message = describe_errors(exc.errors())
             raise ApiError(status, code, message) from None
 
-    def _decode_image(self, text: str) -> np.ndarray:
+    async def _decode_image(self, text: str) -> np.ndarray:
+        """base64 JPEG/PNG -> uint8 [224, 224, 3] by the saved preprocessing. The header is read
+        first, so an oversized image is refused before its pixels are decoded; frames larger than
+        a camera's usual VGA are decoded in a thread so the event loop keeps serving."""
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -155,20 +159,26 @@ class PolicyIngress:
         except (binascii.Error, ValueError):
             raise ApiError(400, "invalid_image", "image is not valid base64") from None
         try:
-            with Image.open(io.BytesIO(raw), formats=("JPEG", "PNG")) as image:
-                width, height = image.size
-                if width * height > self.settings.max_image_pixels:
-                    raise ApiError(413, "image_too_large",
-                                   f"image is {width}x{height}; at most {self.settings.max_image_pixels} pixels")
-                image.load()  # truncated or corrupt data fails here, before any resize
-                frame = self._side.prepare_image(image.convert("RGB"))
-        except ApiError:
-            raise
+            image = Image.open(io.BytesIO(raw), formats=("JPEG", "PNG"))
         except UnidentifiedImageError:
             raise ApiError(400, "invalid_image", "image is not a JPEG or PNG") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise ApiError(413, "image_too_large", str(exc)) from None
+        except (OSError, SyntaxError, ValueError) as exc:
             raise ApiError(400, "invalid_image", f"image cannot be decoded: {exc}") from None
-        return frame  # uint8 [H, W, C]
+        width, height = image.size
+        if width * height > self.settings.max_image_pixels:
+            raise ApiError(413, "image_too_large", f"image is {width}x{height}; at most {self.settings.max_image_pixels} pixels")
+
+        def decode() -> np.ndarray:
+            with image:
+                image.load()  # truncated or corrupt data fails here, before any resize
+                return self._side.prepare_image(image.convert("RGB"))
+
+        try:
+            return decode() if width * height <= 640 * 480 else await asyncio.to_thread(decode)
+        except (OSError, SyntaxError, ValueError, MobileVLAError) as exc:
+            raise ApiError(400, "invalid_image", f"image cannot be decoded: {exc}") from None
 
     def _check_state(self, state: list[float]) -> np.ndarray:
         if len(state) != self._side.state_dim:
@@ -273,7 +283,7 @@ class PolicyIngress:
             body: ActRequest = await self._read_json(request, ActRequest)
             state = self._check_state(body.state)
             self._check_instruction(body.instruction)
-            step = StepRequest(robot_id=body.robot_id, image=self._decode_image(body.image), state=state,
+            step = StepRequest(robot_id=body.robot_id, image=await self._decode_image(body.image), state=state,
                                instruction=body.instruction)
             if body.memory is not None:
                 try:
@@ -319,7 +329,7 @@ class PolicyIngress:
             self._authorize(request)
             body: FeedbackRequest = await self._read_json(request, FeedbackRequest)
             self._check_state(body.state)
-            self._decode_image(body.image)  # refuse what training could never read
+            await self._decode_image(body.image)  # refuse what training could never read
             record = body.model_dump(mode="json")
             record["received_at"] = time.time()
             record["model"] = {"name": self._side.name, "version": self._side.version}
