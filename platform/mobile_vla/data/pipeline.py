@@ -83,7 +83,9 @@ def build_window_dataset(
     window_ids = np.arange(len(index), dtype=np.int64)
     if augment if shuffle is None else shuffle:
         window_ids = np.random.default_rng(seed).permutation(window_ids)
-    blocks = max(1, -(-len(window_ids) // windows_per_task))
+    # at most ~200 input blocks: enough parallelism for a cluster, little per-block overhead
+    rows_per_block = max(windows_per_task, -(-len(window_ids) // 200))
+    blocks = max(1, -(-len(window_ids) // rows_per_block))
     ids = ray.data.from_items([{"window_id": int(i)} for i in window_ids], override_num_blocks=blocks)
     return ids.map_batches(
         assemble_batch,
