@@ -91,7 +91,7 @@ def run_export(args) -> int:
         for note in result.exporter_notes:
             console.print(f"[yellow]note:[/yellow] {note}")
         if attach:
-            _attach_onnx(resolved, signature)
+            attach_onnx(resolved, signature)
 
     plan_folder = None
     if args.tensorrt:
@@ -128,7 +128,8 @@ def run_export(args) -> int:
     return 0
 
 
-def _attach_onnx(resolved, signature) -> None:
+def attach_onnx(resolved, signature) -> None:
+    """Puts onnx/ on the MLflow version it came from, with the parity figures (also used by the demo)."""
     from mobile_vla.tracking import attach_artifacts, log_version_metrics, set_version_tags
 
     attach_artifacts(resolved.name, resolved.version, resolved.path / "onnx", "onnx")
