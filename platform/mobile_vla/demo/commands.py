@@ -1,0 +1,59 @@
+"""`mobile-vla demo`: the whole loop on embedded defaults, then a summary; everything shut down after.
+
+    mobile-vla demo                                   # small preset, <= 20 minutes on 2 CPU cores
+    mobile-vla demo --preset tiny                     # the CI-sized loop, a few minutes
+    mobile-vla demo --robots 8 --keep-serving         # leave the server up after the summary (Ctrl-C)
+
+Data (MiniWorld + scripted expert) -> Ray Train (2 workers) -> MLflow version @challenger -> ONNX
+export -> offline and closed-loop evaluation -> promotion through the demo gate -> Ray Serve on
+127.0.0.1 -> simulated robots driving MiniWorld episodes through POST /v1/act. The summary is
+printed and written to <home>/demo_summary.json. Unset options take the preset's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the whole loop on embedded defaults: data, train, evaluate, export, promote, serve, robots",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=("tiny", "small"), default="small",
+                        help="model and data sizes (default small; tiny is for CI)")
+    parser.add_argument("--episodes", type=int, help="expert episodes to generate (train + val)")
+    parser.add_argument("--epochs", type=int, help="training epochs")
+    parser.add_argument("--home", type=Path, metavar="DIR",
+                        help="platform home for data, MLflow, Ray results (default $MOBILE_VLA_HOME or ./.mobile_vla/demo)")
+    parser.add_argument("--robots", type=int, help="robots driven concurrently over HTTP")
+    parser.add_argument("--closed-loop-episodes", type=int, help="closed-loop evaluation episodes in MiniWorld")
+    parser.add_argument("--success-floor", type=float, help="closed-loop success the demo gate asks for (0..1)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000; a free one if it is busy)")
+    parser.add_argument("--keep-serving", action="store_true", help="keep serving after the summary, until Ctrl-C")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_demo_command)
+
+
+def demo_config(args):
+    """The preset's DemoConfig with the options given on the command line."""
+    from mobile_vla.demo.settings import PRESETS, default_home
+
+    overrides = {
+        "episodes": args.episodes, "epochs": args.epochs, "robots": args.robots,
+        "closed_loop_episodes": args.closed_loop_episodes, "success_floor": args.success_floor, "port": args.port,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.update(home=args.home or default_home(), keep_serving=args.keep_serving, progress=not args.no_progress)
+    return PRESETS[args.preset](**overrides)
+
+
+def run_demo_command(args) -> int:
+    from mobile_vla.demo.runner import run_demo
+
+    run_demo(demo_config(args))
+    return 0

@@ -1,0 +1,72 @@
+"""Simulated robots that drive MiniWorld episodes through the HTTP API, as a fleet would.
+
+    rows = fan_out(drive_robots, [[("val", 1000040), ("val", 1000041)]], (spec_json, url, token, settings), ...)
+
+One Ray task runs a group of robots: each robot is one `RobotClient` (its own robot id, its memory
+token carried from answer to answer) and one MiniWorld episode. Every control step the group's
+requests go out together from threads, so the server sees concurrent robots and may batch them.
+The episode rules (success, wrong target, timeout, collisions) are closed-loop evaluation's
+(`mobile_vla.evaluate.rollout.run_lockstep`); this module only adds the timings of each answer.
+GL work stays inside the Ray task: one MiniWorld env per worker process, shared with evaluation.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from mobile_vla.evaluate.rollout import HttpPolicy
+
+
+class TimedHttpPolicy(HttpPolicy):
+    """The served model, one robot client per episode, keeping each answer's timings."""
+
+    def start(self, episodes: list[tuple[str, str]]) -> None:
+        super().start(episodes)
+        self.answers: dict[int, list[dict]] = {slot: [] for slot in range(len(episodes))}
+
+    def act(self, slots, images, state, instructions, worlds):
+        def one(j: int):
+            return self.clients[slots[j]].act(images[j], state[j])
+
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            answers = list(pool.map(one, range(len(slots))))  # one request per robot, concurrently
+        for slot, answer in zip(slots, answers):
+            self.served[slot].add(f"{answer.model.get('name')}/{answer.model.get('version')} {answer.backend}")
+            self.answers[slot].append({"round_trip_ms": answer.round_trip_ms, "server_ms": answer.latency_ms,
+                                       "memory_reset": answer.memory_reset, "backend": answer.backend})
+        actions = np.array([answer.actions[0] for answer in answers], np.float32)  # [B, 3]: execute now
+        return actions, np.array([answer.confidence for answer in answers], np.float32)
+
+
+def drive_robots(jobs: list[tuple[str, int]], spec_json: str, endpoint: str, token: str, settings) -> list[dict]:
+    """Ray task body: one robot per (split, seed), all stepped together; one dict per robot."""
+    from mobile_vla.data.scenes import scene_from_seed
+    from mobile_vla.data.split_spec import SplitSpec
+    from mobile_vla.evaluate.rollout import _worker_slots, run_lockstep
+
+    spec = SplitSpec.model_validate_json(spec_json)
+    scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
+    if settings.max_steps is not None:
+        scenes = [scene.model_copy(update={"max_steps": settings.max_steps}) for scene in scenes]
+    worlds = _worker_slots(scenes[0], settings.obs_size)  # the worker's one GL context
+    policy = TimedHttpPolicy(endpoint, token)
+    try:
+        records = run_lockstep(worlds, scenes, policy, settings)
+        robot_ids = [client.robot_id for client in policy.clients]
+    finally:
+        policy.close()
+    rows = []
+    for slot, (scene, record) in enumerate(zip(scenes, records)):
+        answers = policy.answers.get(slot, [])
+        rows.append({
+            "robot_id": robot_ids[slot], "seed": scene.seed, "instruction": scene.instruction,
+            "outcome": record.outcome, "steps": record.steps, "collisions": record.collisions,
+            "requests": len(answers), "served_by": sorted(policy.served.get(slot, set())),
+            "round_trip_ms": [a["round_trip_ms"] for a in answers],
+            "server_ms": [a["server_ms"] for a in answers],
+            "memory_resets": sum(bool(a["memory_reset"]) for a in answers),
+            "backends": sorted({a["backend"] for a in answers}),
+        })
+    return rows

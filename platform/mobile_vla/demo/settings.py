@@ -1,0 +1,107 @@
+"""`DemoConfig`: how big each step of the demo is, with the two named sizes written out.
+
+    cfg = small(home="./.mobile_vla/demo")                 # `make demo`: <= 20 minutes on 2 CPU cores
+    cfg = tiny(home=tmp, episodes=8)                        # CI: the same loop in a few minutes
+
+Every number a step uses is here, so the summary can say exactly what ran. Validation errors name
+the field and the value (`demo: robots = 0: Input should be greater than or equal to 1`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mobile_vla.config import StrictModel, validate_config
+
+DEFAULT_HOME = Path(".mobile_vla") / "demo"
+REGISTERED_MODEL = "mobile-vla-policy"
+EXPERIMENT = "mobile-vla"
+
+
+class DemoConfig(StrictModel):
+    preset: Literal["tiny", "small"] = "small"
+    home: Path = Field(default=DEFAULT_HOME, description="platform home: data, MLflow store, Ray results, tokens")
+
+    # data: MiniWorld episodes driven by the scripted expert, split train / val only
+    episodes: int = Field(160, ge=4, description="successful expert episodes (train + val)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    data_seed: int = Field(0, ge=0)
+
+    # training: Ray Train V2, DDP over gloo
+    epochs: int = Field(6, ge=1)
+    train_workers: int = Field(2, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap per epoch (None: every window)")
+    train_overrides: list[str] = Field(default_factory=list, description="extra key.sub=value for the train config")
+
+    # evaluation: closed loop on held-back scene seeds of the val split, the expert beside it
+    closed_loop_episodes: int = Field(40, ge=1)
+    episode_max_steps: int | None = Field(None, ge=1, description="closed-loop step limit (None: the scene's)")
+
+    # promotion: the demo gate (see runner.demo_gate)
+    success_floor: float = Field(0.25, ge=0.0, le=1.0, description="closed-loop success a challenger must reach")
+
+    # serving: Ray Serve on 127.0.0.1, robots driving MiniWorld episodes through /v1/act
+    robots: int = Field(4, ge=1, le=64)
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 or a busy port: a free one is picked")
+    keep_serving: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _enough_data(self) -> DemoConfig:
+        val = round(self.episodes * self.val_fraction)
+        if val < 1 or self.episodes - val < self.train_workers:
+            raise ValueError(
+                f"episodes = {self.episodes} with val_fraction = {self.val_fraction}: needs >= 1 val episode and "
+                f">= train_workers ({self.train_workers}) train episodes"
+            )
+        return self
+
+    def resolved_home(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+
+def default_home() -> Path:
+    """$MOBILE_VLA_HOME when set (the platform's own home), else ./.mobile_vla/demo."""
+    env = os.environ.get("MOBILE_VLA_HOME")
+    return Path(env) if env else DEFAULT_HOME
+
+
+def tiny(**overrides) -> DemoConfig:
+    """CI: tiny policy, a dozen episodes, two epochs; exercises every step, learns nothing useful."""
+    values = dict(
+        preset="tiny",
+        episodes=12,
+        val_fraction=0.25,
+        epochs=2,
+        train_workers=2,
+        max_steps_per_epoch=None,
+        closed_loop_episodes=4,
+        episode_max_steps=25,
+        success_floor=0.25,
+        robots=2,
+    )
+    return validate_config({**values, **overrides}, DemoConfig, "demo")
+
+
+def small(**overrides) -> DemoConfig:
+    """`make demo`: the small policy (same classes as full, random init), budgeted at 20 minutes on 2 cores."""
+    values = dict(
+        preset="small",
+        episodes=160,
+        val_fraction=0.2,
+        epochs=6,
+        train_workers=2,
+        max_steps_per_epoch=None,
+        closed_loop_episodes=40,
+        episode_max_steps=None,
+        success_floor=0.25,
+        robots=4,
+    )
+    return validate_config({**values, **overrides}, DemoConfig, "demo")
+
+
+PRESETS = {"tiny": tiny, "small": small}
