@@ -184,6 +184,20 @@ async def open_loop(url: str, token: str, robots: int, hz: float, seconds: float
     return {"mode": "open_loop", "robots": robots, "hz": hz, "seconds": seconds, **_summary(record, elapsed)}
 
 
+async def _measured_phase(phase: dict, url: str, token: str, image: str) -> tuple[dict, dict, dict]:
+    """One load phase between two reads of the policy's batch counters. Handles are used inside an
+    event loop: with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 the router runs on the caller's loop."""
+    from ray import serve
+
+    policy = serve.get_deployment_handle("OnnxPolicy", app_name="bench")
+    before = await policy.info.remote()
+    if phase["kind"] == "closed":
+        out = await closed_loop(url, token, phase["robots"], phase["seconds"], image)
+    else:
+        out = await open_loop(url, token, phase["robots"], phase["hz"], phase["seconds"], image)
+    return before, out, await policy.info.remote()
+
+
 def serve_child(spec: dict) -> dict:
     """Runs in a fresh process: local Ray + the Serve app, then the load phases in `spec`."""
     import ray
@@ -198,7 +212,6 @@ def serve_child(spec: dict) -> dict:
                         max_batch_size=spec["max_batch_size"], batch_wait_timeout_s=spec["batch_wait_s"],
                         max_ongoing_requests=max(64, spec["max_batch_size"]), primary_timeout_s=5.0)
     serve.run(build_app(args), name="bench", route_prefix="/")
-    policy = serve.get_deployment_handle("OnnxPolicy", app_name="bench")
     url = f"http://127.0.0.1:{spec['port']}/v1/act"
     token = Path(spec["tokens_file"]).read_text().split()[0]
     image = sample_jpeg()
@@ -207,12 +220,7 @@ def serve_child(spec: dict) -> dict:
     for phase in spec["phases"]:
         if phase["kind"] == "open" and over_target:
             continue  # the sweep ascends: once p99 > 100 ms more robots will not meet it either
-        before = policy.info.remote().result()
-        if phase["kind"] == "closed":
-            out = asyncio.run(closed_loop(url, token, phase["robots"], phase["seconds"], image))
-        else:
-            out = asyncio.run(open_loop(url, token, phase["robots"], phase["hz"], phase["seconds"], image))
-        after = policy.info.remote().result()
+        before, out, after = asyncio.run(_measured_phase(phase, url, token, image))
         batches = after["batches"] - before["batches"]
         out["mean_batch_size"] = round((after["batched_requests"] - before["batched_requests"]) / max(1, batches), 2)
         out.update({k: spec[k] for k in ("label", "max_batch_size", "proxy")})
