@@ -1,0 +1,334 @@
+"""Closed-loop evaluation in MiniWorld: a policy drives the robot on a named split's scene seeds,
+next to the scripted expert on exactly the same scenes.
+
+    report = evaluate_closed_loop("models:/mobile-vla-policy@challenger", "unseen_pair", episodes=200)
+    report = evaluate_closed_loop("expert", "unseen_layout", episodes=200)       # the teacher itself
+    report.policy.success_rate, report.policy.success_low, report.expert.success_rate
+    folder = save_closed_loop(report, out_dir)   # JSON, trajectory plot, confidence histogram, GIFs
+    log_closed_loop(report, folder)              # version metrics + artifacts under evaluation/<split>/
+
+Seeds: episode `i` of a split is scene seed `splits.<split>.seeds.start + seed_offset + i`, so two
+evaluations with the same split, episode count and offset see the same scenes, whatever the model,
+the number of Ray tasks or the order they finish in. The split spec comes from the dataset the
+model was trained on (`data=`: its manifest records the spec) so that held-out colour x shape
+pairs, templates and layouts really are held out; without it the default spec is used.
+
+Episodes are spread over Ray tasks (`episodes_per_task` per task, stepped in lockstep so a model
+predicts for all of them in one batch; see `rollout.py` for the episode rules). Ray: the running
+cluster, `RAY_ADDRESS`, or a local `ray.init()`. Use >= 200 episodes to compare policies: 50 seeds
+swing by about +-7 points, which is what the Wilson interval in every report says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobile_vla.errors import ConfigError
+from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutSettings, rollout_seeds
+from mobile_vla.evaluate.statistics import mean_or_nan, spl, wilson_interval
+from mobile_vla.evaluate.tasks import fan_out, jsonable
+
+log = logging.getLogger(__name__)
+
+EXPERT = "expert"
+EVALUATION_ARTIFACTS = "evaluation"  # artifacts land in evaluation/<split>/ of the version's run
+PRIMARY_KEYS = ("success_rate", "episodes", "collision_rate", "spl", "wrong_target")  # unqualified gate keys
+
+
+@dataclass
+class PolicySummary:
+    """One policy's results on a set of seeds. Rates are fractions of episodes."""
+
+    episodes: int
+    successes: int
+    success_rate: float
+    success_low: float  # Wilson 95%
+    success_high: float
+    wrong_target_rate: float
+    timeout_rate: float
+    spl: float  # against the expert, over the seeds the expert solved (spl_episodes of them)
+    spl_episodes: int
+    collisions_per_episode: float
+    collision_rate: float  # episodes with at least one refused (colliding) move
+    mean_steps: float
+    confidence_success: float  # mean per-episode confidence; NaN when none (or no confidence, e.g. the expert)
+    confidence_failure: float
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], reference: list[dict]) -> PolicySummary:
+        n = len(rows)
+        successes = sum(r["outcome"] == SUCCESS for r in rows)
+        low, high = wilson_interval(successes, n)
+        solved = [(r, e) for r, e in zip(rows, reference) if e["outcome"] == SUCCESS]
+        return cls(
+            episodes=n,
+            successes=successes,
+            success_rate=successes / n if n else math.nan,
+            success_low=low,
+            success_high=high,
+            wrong_target_rate=sum(r["outcome"] == WRONG_TARGET for r in rows) / n if n else math.nan,
+            timeout_rate=sum(r["outcome"] == TIMEOUT for r in rows) / n if n else math.nan,
+            spl=spl([r["outcome"] == SUCCESS for r, _ in solved], [e["path_length"] for _, e in solved],
+                    [r["path_length"] for r, _ in solved]),
+            spl_episodes=len(solved),
+            collisions_per_episode=float(np.mean([r["collisions"] for r in rows])) if n else math.nan,
+            collision_rate=sum(r["collisions"] > 0 for r in rows) / n if n else math.nan,
+            mean_steps=float(np.mean([r["steps"] for r in rows])) if n else math.nan,
+            confidence_success=mean_or_nan([r["mean_confidence"] for r in rows if r["outcome"] == SUCCESS]),
+            confidence_failure=mean_or_nan([r["mean_confidence"] for r in rows if r["outcome"] != SUCCESS]),
+        )
+
+
+@dataclass
+class ClosedLoopReport:
+    split: str
+    model: str  # the URI or folder evaluated, or "expert"
+    model_name: str | None
+    model_version: str | None
+    run_id: str | None  # the version's source run (where artifacts are logged)
+    seeds: list[int]
+    policy: PolicySummary
+    expert: PolicySummary  # the scripted expert on the same seeds
+    episodes: list[dict]  # per episode: seed, outcome, steps, path_length, trajectory, expert {...}, scene
+    settings: dict[str, Any]
+    seconds: float
+    served_by: list[str] = field(default_factory=list)  # HTTP: the model versions and backends that answered
+    frames: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # seed -> uint8 [N, H, W, 3]
+
+    def metrics(self, primary: bool = True) -> dict[str, float]:
+        """`closed_loop.<split>.<name>` for the policy and `...expert_<name>` for the expert; with
+        `primary`, also the unqualified `closed_loop.<name>` keys the promotion gate reads."""
+        prefix = f"closed_loop.{self.split}."
+        out = {}
+        for name, value in _summary_metrics(self.policy).items():
+            out[prefix + name] = value
+        for name in ("success_rate", "success_low", "success_high", "collision_rate", "mean_steps"):
+            out[f"{prefix}expert_{name}"] = float(getattr(self.expert, name))
+        if primary:
+            out.update({f"closed_loop.{name}": out[prefix + name] for name in PRIMARY_KEYS if prefix + name in out})
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def to_dict(self) -> dict:
+        episodes = [{k: jsonable(v) for k, v in row.items() if k != "frames"} for row in self.episodes]
+        return {
+            "split": self.split, "model": self.model, "model_name": self.model_name,
+            "model_version": self.model_version, "seeds": [self.seeds[0], self.seeds[-1] + 1] if self.seeds else [],
+            "policy": jsonable(asdict(self.policy)), "expert": jsonable(asdict(self.expert)),
+            "settings": jsonable(self.settings), "seconds": round(self.seconds, 2), "served_by": self.served_by,
+            "metrics": self.metrics(), "episodes": episodes,
+        }
+
+
+def _summary_metrics(summary: PolicySummary) -> dict[str, float]:
+    return {
+        "success_rate": summary.success_rate, "success_low": summary.success_low,
+        "success_high": summary.success_high, "episodes": float(summary.episodes),
+        "wrong_target": summary.wrong_target_rate, "timeout": summary.timeout_rate, "spl": summary.spl,
+        "collision_rate": summary.collision_rate, "collisions_per_episode": summary.collisions_per_episode,
+        "mean_steps": summary.mean_steps, "confidence_success": summary.confidence_success,
+        "confidence_failure": summary.confidence_failure,
+    }
+
+
+# -- what to evaluate -------------------------------------------------------------------------------
+def split_spec_for(data: str | Path | None = None, spec_file: str | Path | None = None):
+    """The split spec a dataset was generated with (held-out pairs, templates, layouts), a spec
+    file, or the defaults."""
+    from mobile_vla.data.split_spec import SplitSpec, default_split_spec, load_split_spec
+
+    if spec_file is not None:
+        return load_split_spec(spec_file)
+    if data is not None:
+        from mobile_vla.data.manifest import load_manifest
+
+        recorded = (load_manifest(data).get("generator") or {}).get("split_spec")
+        if recorded:
+            try:
+                return SplitSpec.model_validate(recorded)
+            except Exception as exc:
+                raise ConfigError(f"{data}/manifest.json: generator.split_spec is invalid: {exc}") from None
+        log.warning("%s: manifest records no split spec (imported data?); using the default one", data)
+    return default_split_spec()
+
+
+def scene_seeds(spec, split: str, episodes: int, seed_offset: int = 0) -> list[int]:
+    if split not in spec.splits:
+        raise ConfigError(f"--split {split!r}: not in the split spec (has {sorted(spec.splits)})")
+    if episodes < 1:
+        raise ConfigError(f"--episodes {episodes}: expected at least 1")
+    if seed_offset < 0:
+        raise ConfigError(f"--seed-offset {seed_offset}: expected >= 0")
+    seeds = spec.splits[split].seeds
+    start = seeds.start + seed_offset
+    if start + episodes > seeds.stop:
+        raise ConfigError(
+            f"--episodes {episodes} from --seed-offset {seed_offset}: split {split!r} has only "
+            f"{seeds.size} seeds [{seeds.start}, {seeds.stop})"
+        )
+    return list(range(start, start + episodes))
+
+
+def _control_hz(model_dir: Path | None) -> float | None:
+    """The control rate the model was trained at (its saved preprocessing), if it says."""
+    if model_dir is None:
+        return None
+    path = model_dir / "policy" / "preprocessing" / "preprocessing.json"
+    try:
+        return float(json.loads(path.read_text())["control_hz"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- the evaluation ---------------------------------------------------------------------------------
+def evaluate_closed_loop(
+    model: str | Path | None,
+    split: str,
+    episodes: int,
+    seed_offset: int = 0,
+    *,
+    spec=None,
+    data: str | Path | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    prefer: tuple[str, ...] = (),
+    episodes_per_task: int = 8,
+    max_steps: int | None = None,
+    control_hz: float | None = None,
+    record_frames: int = 4,
+    num_gpus: float = 0,
+    progress: bool = True,
+) -> ClosedLoopReport:
+    """Runs `model` ("expert", a models:/ URI or a model folder; or the server at `endpoint`) on
+    `episodes` scene seeds of `split`, and the scripted expert on the same seeds."""
+    from mobile_vla.tracking import resolve_model
+
+    if episodes_per_task < 1:
+        raise ConfigError(f"episodes_per_task = {episodes_per_task}: expected at least 1")
+    spec = spec if spec is not None else split_spec_for(data)
+    seeds = scene_seeds(spec, split, episodes, seed_offset)
+
+    resolved = None
+    if endpoint:
+        if not token:
+            raise ConfigError(f"--endpoint {endpoint}: an API token is needed (--token-file)")
+        policy = PolicySpec("http", endpoint=endpoint, token=token)
+        if model and str(model) != EXPERT:
+            resolved = resolve_model(model)  # only to know which version the results belong to
+    elif model is None or str(model) == EXPERT:
+        policy = PolicySpec.expert()
+    else:
+        resolved = resolve_model(model)
+        policy = PolicySpec("model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer))
+    hz = control_hz or _control_hz(resolved.path if resolved and policy.kind == "model" else None) or 5.0
+    settings = RolloutSettings(control_hz=hz, max_steps=max_steps, record_frames=tuple(seeds[:max(record_frames, 0)]))
+
+    started = time.time()
+    chunks = [[(split, s) for s in seeds[i:i + episodes_per_task]] for i in range(0, len(seeds), episodes_per_task)]
+    rows = fan_out(rollout_seeds, chunks, (spec.model_dump_json(), policy, settings), f"closed loop {split}",
+                   progress, num_gpus)
+    rows.sort(key=lambda r: r["seed"])
+    frames = {r["seed"]: r.pop("frames") for r in rows if r.get("frames") is not None}
+    for r in rows:
+        r.pop("frames", None)
+    served_by = sorted({s for r in rows for s in r.pop("served_by", [])})
+    report = ClosedLoopReport(
+        split=split,
+        model=str(model) if model is not None else (endpoint or EXPERT),
+        model_name=resolved.name if resolved else None,
+        model_version=resolved.version if resolved else None,
+        run_id=resolved.run_id if resolved else None,
+        seeds=seeds,
+        policy=PolicySummary.from_rows(rows, [r["expert"] for r in rows]),
+        expert=PolicySummary.from_rows([r["expert"] for r in rows], [r["expert"] for r in rows]),
+        episodes=rows,
+        settings={"seed_offset": seed_offset, "episodes_per_task": episodes_per_task, "control_hz": hz,
+                  "max_steps": max_steps, "policy": policy.kind, "prefer": list(prefer), "endpoint": endpoint,
+                  "split_spec": spec.splits[split].model_dump(mode="json")},
+        seconds=time.time() - started,
+        served_by=served_by,
+        frames=frames,
+    )
+    log.info("closed loop %s on %s: success %.3f [%.3f, %.3f] (expert %.3f) over %d episodes in %.0f s",
+             report.model, split, report.policy.success_rate, report.policy.success_low,
+             report.policy.success_high, report.expert.success_rate, len(seeds), report.seconds)
+    return report
+
+
+# -- results on disk and in MLflow ------------------------------------------------------------------
+def default_out_dir(label: str) -> Path:
+    from mobile_vla.config import platform_home
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[-80:]
+    return platform_home() / "evaluations" / safe / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def save_closed_loop(report: ClosedLoopReport, out_dir: str | Path, gifs: int = 4) -> list[Path]:
+    """Writes `<out_dir>/<split>/`: closed_loop.json, trajectories.png, confidence.png, episode GIFs."""
+    from mobile_vla.evaluate import plots
+
+    folder = Path(out_dir) / report.split
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / "closed_loop.json"]
+    files[0].write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    files.append(plots.save_figure(plots.trajectories(report), folder / "trajectories.png"))
+    if math.isfinite(report.policy.confidence_success) or math.isfinite(report.policy.confidence_failure):
+        files.append(plots.save_figure(plots.confidence_histogram(report.episodes), folder / "confidence.png"))
+    outcome = {r["seed"]: r["outcome"] for r in report.episodes}
+    for seed in list(report.frames)[:gifs]:
+        path = folder / f"episode_{seed}_{outcome[seed]}.gif"
+        files.append(plots.write_gif(report.frames[seed], path, report.settings["control_hz"]))
+    return files
+
+
+def log_to_version(name: str, version: str, run_id: str | None, metrics: dict[str, float],
+                   files: list[Path], split: str, tags: dict[str, str] | None = None) -> None:
+    """Metrics as version tags (+ source-run metrics), files under `evaluation/<split>/` of its run."""
+    from mlflow import MlflowClient
+
+    from mobile_vla.tracking import configure_mlflow, log_version_metrics, set_version_tags
+
+    configure_mlflow()
+    log_version_metrics(name, version, metrics)
+    if tags:
+        set_version_tags(name, version, tags)
+    client = MlflowClient()
+    run_id = run_id or client.get_model_version(name, str(version)).run_id
+    for path in files if run_id else []:
+        client.log_artifact(run_id, str(path), f"{EVALUATION_ARTIFACTS}/{split}")
+
+
+def log_closed_loop(report: ClosedLoopReport, files: list[Path], primary: bool = True) -> bool:
+    """Logs to the evaluated model version (with `primary`, also the gate's unqualified keys);
+    False (and a warning) when there is no version to log to."""
+    folder = files[0].parent if files else None
+    if not (report.model_name and report.model_version):
+        log.warning("%s is not a registered model version: results stay in %s", report.model, folder)
+        return False
+    answered = {s.split(" ")[0] for s in report.served_by}
+    expected = f"{report.model_name}/{report.model_version}"
+    if answered and answered != {expected}:
+        log.warning("the server answered as %s, not %s: results stay in %s", sorted(answered), expected, folder)
+        return False
+    tags = {"evaluation.closed_loop.split": report.split,
+            "evaluation.closed_loop.seeds": f"[{report.seeds[0]}, {report.seeds[-1] + 1})"}
+    log_to_version(report.model_name, report.model_version, report.run_id, report.metrics(primary), files,
+                   report.split, tags)
+    return True
+
+
+def evaluate_model_version(name: str, version: str, split: str, episodes: int, **kwargs) -> dict[str, float]:
+    """For other stages (online update, promotion): evaluate `models:/name/version` closed-loop, store
+    the results on the version, return its metrics (with the gate's unqualified keys)."""
+    kwargs.setdefault("progress", False)
+    report = evaluate_closed_loop(f"models:/{name}/{version}", split, episodes, **kwargs)
+    log_closed_loop(report, save_closed_loop(report, default_out_dir(f"{name}-v{version}")))
+    return report.metrics()

@@ -1,0 +1,184 @@
+"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop MiniWorld runs.
+
+    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --split val
+    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \\
+        --episodes 200 --split unseen_layout --split unseen_pair --split unseen_paraphrase
+    mobile-vla evaluate --model expert --data data/nav --closed-loop --episodes 200 --split unseen_pair
+    mobile-vla evaluate --model models:/mobile-vla-policy@champion --closed-loop --episodes 50 \\
+        --endpoint http://127.0.0.1:8000 --token-file .mobile_vla/serve/tokens
+
+Results go to `--out` (default $MOBILE_VLA_HOME/evaluations/...) and, for a registered model
+version, onto the version: metrics as `metric.offline.<split>.mae`, `metric.closed_loop.<split>.
+success_rate`, ... tags, files under `evaluation/<split>/` of its run. The first `--split` is the
+primary one: its results are also written as `offline.mae`, `closed_loop.success_rate`, ... which
+the promotion gate reads. The scripted expert always runs on the same scene seeds, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from mobile_vla.errors import ConfigError
+
+EXPERT = "expert"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="offline metrics on a dataset split and closed-loop success in MiniWorld",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", metavar="MODEL_URI",
+                        help="models:/NAME@alias, models:/NAME/V, a model folder, or 'expert'")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="dataset folder: offline metrics on its splits; its split spec for closed loop")
+    parser.add_argument("--split", dest="splits", action="append", metavar="NAME",
+                        help="split to evaluate (repeatable; the first is primary; default val)")
+    parser.add_argument("--closed-loop", action="store_true", help="also run the policy in MiniWorld")
+    parser.add_argument("--no-offline", action="store_true", help="skip offline metrics even with --data")
+    parser.add_argument("--episodes", type=int, default=200, help="closed-loop episodes (scene seeds) per split")
+    parser.add_argument("--seed-offset", type=int, default=0, help="start this far into each split's seed range")
+    parser.add_argument("--episodes-per-task", type=int, default=8,
+                        help="episodes per Ray task, batched into one predict call per step")
+    parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the scene's)")
+    parser.add_argument("--split-spec", type=Path, default=None,
+                        help="YAML split spec for closed loop (default: the one recorded in --data, else built in)")
+    parser.add_argument("--backend", action="append", dest="backends", metavar="NAME",
+                        help="backend chain, e.g. --backend onnx-cpu --backend torch (default: onnx-cpu if "
+                             "exported, else torch)")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs per closed-loop Ray task")
+    parser.add_argument("--endpoint", metavar="URL", help="closed loop through the HTTP API at URL instead")
+    parser.add_argument("--token-file", type=Path, metavar="F", help="API token file for --endpoint (first line)")
+    parser.add_argument("--gifs", type=int, default=4, help="episode GIFs to write per split")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where results are written")
+    parser.add_argument("--no-log", action="store_true", help="do not write results onto the model version")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run_evaluate)
+
+
+def _check_args(args) -> None:
+    if not args.model and not args.endpoint:
+        raise ConfigError("--model MODEL_URI is required (or --endpoint URL for the served model)")
+    offline = args.data is not None and not args.no_offline and args.model != EXPERT
+    if not offline and not args.closed_loop:
+        if args.model == EXPERT:
+            raise ConfigError("--model expert has no offline metrics: add --closed-loop")
+        raise ConfigError("nothing to evaluate: give --data DIR (offline metrics) and/or --closed-loop")
+    if args.endpoint and not args.closed_loop:
+        raise ConfigError("--endpoint is for closed-loop evaluation: add --closed-loop")
+    if args.endpoint and args.model == EXPERT:
+        raise ConfigError("--endpoint and --model expert exclude each other")
+    for name in ("episodes", "episodes_per_task"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps {args.max_steps}: expected at least 1")
+    if not (args.gpus_per_task >= 0 and math.isfinite(args.gpus_per_task)):
+        raise ConfigError(f"--gpus-per-task {args.gpus_per_task}: expected a number >= 0")
+
+
+def read_token(path: Path | None) -> str:
+    if path is None:
+        raise ConfigError("--endpoint needs --token-file F (a file whose first line is an API token)")
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(f"--token-file {path}: cannot read it ({exc.strerror})") from None
+    if not lines:
+        raise ConfigError(f"--token-file {path}: empty")
+    return lines[0]
+
+
+def run_evaluate(args) -> int:
+    _check_args(args)
+    from mobile_vla.evaluate.closed_loop import (
+        default_out_dir, evaluate_closed_loop, log_closed_loop, save_closed_loop, scene_seeds, split_spec_for,
+    )
+    from mobile_vla.evaluate.offline import log_offline, offline_report, save_offline
+
+    splits = list(dict.fromkeys(args.splits or ["val"]))
+    token = read_token(args.token_file) if args.endpoint else None
+    spec = split_spec_for(args.data, args.split_spec) if args.closed_loop else None
+    if spec is not None:  # fail on a bad split or seed range before any work starts
+        for split in splits:
+            scene_seeds(spec, split, args.episodes, args.seed_offset)
+    out_dir = args.out or default_out_dir(str(args.model or args.endpoint).removeprefix("models:/"))
+    prefer = tuple(args.backends or ())
+    progress = not args.no_progress
+    results: dict[str, dict] = {}
+
+    if args.data is not None and not args.no_offline and args.model != EXPERT:
+        for index, split in enumerate(splits):
+            report = offline_report(args.model, args.data, split, prefer=prefer, progress=progress)
+            files = save_offline(report, out_dir)
+            if not args.no_log:
+                log_offline(report, files, primary=index == 0)
+            results.setdefault(split, {})["offline"] = report
+    if args.closed_loop:
+        for index, split in enumerate(splits):
+            report = evaluate_closed_loop(
+                args.model if args.model else None, split, args.episodes, args.seed_offset, spec=spec,
+                endpoint=args.endpoint, token=token, prefer=prefer, episodes_per_task=args.episodes_per_task,
+                max_steps=args.max_steps, record_frames=args.gifs, num_gpus=args.gpus_per_task, progress=progress,
+            )
+            files = save_closed_loop(report, out_dir, gifs=args.gifs)
+            if not args.no_log:
+                log_closed_loop(report, files, primary=index == 0)
+            results.setdefault(split, {})["closed_loop"] = report
+    _print_summary(results, out_dir)
+    return 0
+
+
+def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for split, parts in results.items():
+        table = Table(title=f"split {split}", title_justify="left")
+        if "closed_loop" in parts:
+            report = parts["closed_loop"]
+            table.add_column("closed loop")
+            table.add_column("policy", justify="right")
+            table.add_column("expert (same seeds)", justify="right")
+            p, e = report.policy, report.expert
+            table.add_row("episodes", str(p.episodes), str(e.episodes))
+            table.add_row("success [Wilson 95%]", _rate(p), _rate(e))
+            table.add_row("wrong target", _pct(p.wrong_target_rate), _pct(e.wrong_target_rate))
+            table.add_row("SPL vs expert", _num(p.spl), _num(e.spl))
+            table.add_row("collisions / episode", _num(p.collisions_per_episode), _num(e.collisions_per_episode))
+            table.add_row("episodes with a collision", _pct(p.collision_rate), _pct(e.collision_rate))
+            table.add_row("confidence: successes", _num(p.confidence_success), "-")
+            table.add_row("confidence: failures", _num(p.confidence_failure), "-")
+            console.print(table)
+        if "offline" in parts:
+            metrics = parts["offline"].metrics
+            offline = Table(title=f"offline {split} ({int(metrics['episodes'])} episodes, {int(metrics['frames'])} "
+                                  "frames; executed command vs recorded, m/s and rad/s)", title_justify="left")
+            offline.add_column("axis")
+            for name in ("MAE", "RMSE", "R²"):
+                offline.add_column(name, justify="right")
+            for axis in ("linear_x", "linear_y", "angular_z", ""):
+                suffix = f"_{axis}" if axis else ""
+                offline.add_row(axis or "overall", _num(metrics[f"mae{suffix}"]), _num(metrics[f"rmse{suffix}"]),
+                                _num(metrics[f"r2{suffix}"]))
+            console.print(offline)
+    console.print(f"results: {out_dir}")
+
+
+def _num(value: float) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _pct(value: float) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.1%}"
+
+
+def _rate(summary) -> str:
+    return f"{summary.success_rate:.1%} [{summary.success_low:.1%}, {summary.success_high:.1%}]"

@@ -1,0 +1,352 @@
+"""Worker side of closed-loop evaluation: several MiniWorld episodes stepped in lockstep in one process,
+so a learned policy answers all of them with one batched predict call per control step.
+
+    records = rollout_seeds([("unseen_pair", 3000000), ...], spec_json, PolicySpec.for_model(path), settings)
+
+Runs inside Ray tasks only (it opens a GL context; see `mobile_vla.data.navigation_env`). Per step
+the policy sees each episode's current frame, its state (the command executed at the previous step,
+as in generated data) and the instruction; the robot executes `actions[:, 0]` of the predicted chunk
+and the policy plans again from the next frame (receding horizon: the rest of the chunk is never
+executed open-loop, so every command reacts to the latest frame and LSTM memory). An episode ends
+at the first step where MiniWorld's `near()` holds for the target (success) or for a distractor
+(wrong target: the robot drove to the wrong object), or after the scene's `max_steps` (timeout).
+A colliding move is refused whole by MiniWorld; it counts as a collision and the robot stays put.
+
+Before the policy, the scripted expert drives every scene (physics only, no rendering): its path
+length is the SPL reference and its outcome sits next to the policy's in every report.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+SUCCESS, WRONG_TARGET, TIMEOUT = "success", "wrong_target", "timeout"
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    control_hz: float = 5.0
+    obs_size: int = 224
+    max_steps: int | None = None  # None: the scene's own limit (scenes.MAX_STEPS)
+    record_frames: tuple[int, ...] = ()  # seeds whose camera frames come back (for GIFs)
+    expert: dict = field(default_factory=dict)  # ScriptedExpert field overrides
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What drives the robot, in a form that travels to Ray workers (no sessions, no GL)."""
+
+    kind: Literal["expert", "model", "http"]
+    model_path: str | None = None  # resolved local model folder (policy/, onnx/)
+    model_uri: str | None = None  # resolved again on a worker that lacks model_path (another node)
+    prefer: tuple[str, ...] = ()  # backend chain; () = onnx-cpu when onnx/ exists, else torch
+    endpoint: str | None = None
+    token: str | None = field(default=None, repr=False)  # API token: never logged or repr'd
+
+    @classmethod
+    def expert(cls) -> PolicySpec:
+        return cls("expert")
+
+
+@dataclass
+class EpisodeRecord:
+    """One episode of one policy. Trajectory rows are the robot's (x, z) after each step, start first."""
+
+    seed: int
+    outcome: str = TIMEOUT
+    steps: int = 0
+    path_length: float = 0.0
+    collisions: int = 0
+    confidence: list[float] = field(default_factory=list)
+    trajectory: list[tuple[float, float]] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)  # uint8 [H, W, 3] per step, if recorded
+    served_by: set[str] = field(default_factory=set)  # "name/version backend" answers came from (HTTP)
+
+    @property
+    def mean_confidence(self) -> float:
+        finite = [c for c in self.confidence if math.isfinite(c)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    def to_dict(self) -> dict:
+        return {
+            "seed": self.seed, "outcome": self.outcome, "steps": self.steps,
+            "path_length": self.path_length, "collisions": self.collisions,
+            "mean_confidence": self.mean_confidence,
+            "trajectory": np.asarray(self.trajectory, np.float32),  # [steps + 1, 2]
+            "frames": np.stack(self.frames) if self.frames else None,  # uint8 [N, H, W, 3]
+            "served_by": sorted(self.served_by),
+        }
+
+
+# -- many episodes in one MiniWorld env -------------------------------------------------------------
+class SceneSlots:
+    """Holds several episodes' worlds in ONE MiniWorld env and swaps them in and out.
+
+    Why not one env per episode: every env opens a GL context (~1 s, driver memory), and MiniWorld
+    compiles each room into display list 1 of the shared GL object space, so two envs in one process
+    would draw each other's rooms. An episode's world is the env's plain Python state (agent,
+    entities, rooms, lights, RNG); swapping it is a dict update, plus recompiling the static display
+    list (~4 ms) before the next frame of that episode is drawn.
+    """
+
+    RESOURCES = frozenset({"shadow_window", "obs_fb", "vis_fb", "window", "text_label"})
+
+    def __init__(self, env) -> None:
+        self.env = env
+        self._parked: dict[int, dict] = {}
+        self._active: int | None = None
+        self._static_is_current = True
+
+    def load(self, slot: int, scene) -> np.ndarray:
+        """Builds `scene` in `slot` (replacing what was there); returns its first frame."""
+        self._park()
+        frame = self.env.load_scene(scene)
+        self._active, self._static_is_current = slot, True
+        return frame
+
+    def activate(self, slot: int):
+        """The env, showing `slot`'s world (physics may run on it at once; frames via `frame()`)."""
+        if slot != self._active:
+            self._park()
+            self.env.__dict__.update(self._parked.pop(slot))
+            self._active, self._static_is_current = slot, False
+        return self.env
+
+    def frame(self) -> np.ndarray:
+        """The active episode's camera frame, uint8 [H, W, 3]."""
+        if not self._static_is_current:
+            self.env.shadow_window.switch_to()
+            self.env._render_static()
+            self._static_is_current = True
+        return self.env.render_obs()
+
+    def _park(self) -> None:
+        if self._active is not None:
+            state = {k: v for k, v in self.env.__dict__.items() if k not in self.RESOURCES}
+            self._parked[self._active] = state
+            self._active = None
+
+
+# -- policies ---------------------------------------------------------------------------------------
+class ExpertPolicy:
+    """The scripted expert as a policy: it reads each episode's true simulator state."""
+
+    needs_frames = False
+
+    def __init__(self, overrides: dict | None = None) -> None:
+        from mobile_vla.data.expert import ScriptedExpert
+
+        self.expert = ScriptedExpert(**(overrides or {}))
+
+    def start(self, episodes: list[tuple[str, str]]) -> None:
+        pass
+
+    def act(self, slots, images, state, instructions, worlds: SceneSlots):
+        actions = np.array([self.expert.act(worlds.activate(slot)) for slot in slots], np.float32)  # [B, 3]
+        return actions, np.full(len(slots), np.nan, np.float32)
+
+
+class BackendPolicy:
+    """A model through `mobile_vla.export.backends`: one batched predict per control step."""
+
+    needs_frames = True
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.memory: tuple[np.ndarray, np.ndarray] | None = None
+
+    def start(self, episodes: list[tuple[str, str]]) -> None:
+        self.memory = self.backend.initial_memory(len(episodes))  # (h, c) [layers, slots, hidden]
+
+    def act(self, slots, images, state, instructions, worlds):
+        rows = np.asarray(slots)
+        h, c = self.memory
+        out = self.backend.predict(images, state, instructions, (h[:, rows], c[:, rows]))
+        h[:, rows], c[:, rows] = out.memory
+        return out.actions[:, 0], out.confidence  # [B, 3] now, [B]
+
+
+class HttpPolicy:
+    """The served model through the robot client, one client (robot) per episode; the requests of
+    one step go out together so the server can batch them as it would a fleet's."""
+
+    needs_frames = True
+
+    def __init__(self, endpoint: str, token: str) -> None:
+        self.endpoint, self.token = endpoint, token
+        self.clients = []
+        self.served: dict[int, set[str]] = {}
+
+    def start(self, episodes: list[tuple[str, str]]) -> None:
+        from mobile_vla.client import RobotClient
+
+        self.close()
+        self.clients = [RobotClient(self.endpoint, self.token, robot_id=episode_id, timeout_s=30.0)
+                        for episode_id, _ in episodes]
+        for client, (episode_id, instruction) in zip(self.clients, episodes):
+            client.start_episode(instruction, episode_id=episode_id)
+        self.served = {slot: set() for slot in range(len(episodes))}
+
+    def act(self, slots, images, state, instructions, worlds):
+        def one(j: int):
+            return self.clients[slots[j]].act(images[j], state[j])
+
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            answers = list(pool.map(one, range(len(slots))))
+        for slot, answer in zip(slots, answers):
+            self.served[slot].add(f"{answer.model.get('name')}/{answer.model.get('version')} {answer.backend}")
+        actions = np.array([answer.actions[0] for answer in answers], np.float32)
+        return actions, np.array([answer.confidence for answer in answers], np.float32)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients = []
+
+
+# -- the lockstep loop ------------------------------------------------------------------------------
+def run_lockstep(worlds: SceneSlots, scenes: list, policy, settings: RolloutSettings) -> list[EpisodeRecord]:
+    """Runs one episode per scene, all advanced together one control step at a time."""
+    from mobile_vla.data.scenes import execute_action
+
+    records = [EpisodeRecord(seed=scene.seed) for scene in scenes]
+    frames = {slot: worlds.load(slot, scene) for slot, scene in enumerate(scenes)}
+    for slot, scene in enumerate(scenes):
+        records[slot].trajectory.append((scene.agent.x, scene.agent.z))
+        if scene.seed in settings.record_frames:
+            records[slot].frames.append(frames[slot])
+    policy.start([(f"eval-{scene.split}-{scene.seed}", scene.instruction) for scene in scenes])
+    state = np.zeros((len(scenes), 3), np.float32)  # [B, S]: the command executed at the previous step
+    active = list(range(len(scenes)))
+    max_steps = max(scene.max_steps for scene in scenes)
+
+    for _ in range(max_steps):
+        if not active:
+            break
+        images = np.stack([frames[slot] for slot in active]) if policy.needs_frames else None  # [B, H, W, 3]
+        instructions = [scenes[slot].instruction for slot in active]
+        actions, confidence = policy.act(active, images, state[active], instructions, worlds)
+        if not np.isfinite(actions).all():
+            from mobile_vla.errors import ModelError
+
+            raise ModelError(f"policy returned non-finite actions for seeds {[records[s].seed for s in active]}")
+        still_running = []
+        for j, slot in enumerate(active):
+            env, record = worlds.activate(slot), records[slot]
+            moved = execute_action(env, actions[j], settings.control_hz)
+            state[slot] = actions[j]
+            x, z = float(env.agent.pos[0]), float(env.agent.pos[2])
+            record.path_length += math.dist(record.trajectory[-1], (x, z))
+            record.trajectory.append((x, z))
+            record.collisions += not moved
+            record.confidence.append(float(confidence[j]))
+            record.steps += 1
+            if env.near(env.target):
+                record.outcome = SUCCESS
+            elif any(env.near(d) for d in env.distractors):
+                record.outcome = WRONG_TARGET
+            elif record.steps < scenes[slot].max_steps:
+                still_running.append(slot)
+            recording = record.seed in settings.record_frames
+            if recording or (policy.needs_frames and slot in still_running):
+                frames[slot] = worlds.frame()
+                if recording:
+                    record.frames.append(frames[slot])
+        active = still_running
+    if isinstance(policy, HttpPolicy):
+        for slot, record in enumerate(records):
+            record.served_by = policy.served.get(slot, set())
+    return records
+
+
+# -- the Ray task body ------------------------------------------------------------------------------
+_WORKER: dict = {}  # per worker process: one env (one GL context), loaded backends by model folder
+
+
+def _worker_slots(first_scene, obs_size: int) -> SceneSlots:
+    slots = _WORKER.get("slots")
+    if slots is None or slots.env.obs_size != obs_size:
+        from mobile_vla.data.scenes import make_env
+
+        _load_triton_before_gl()
+        slots = _WORKER["slots"] = SceneSlots(make_env(first_scene, obs_size=obs_size))
+    return slots
+
+
+def _load_triton_before_gl() -> None:
+    """Triton's bundled LLVM segfaults when it loads into a process where Mesa's llvmpipe (software
+    GL) already runs, and torch loads triton lazily (torch._dynamo, on first model use). Loaded
+    first, both work, so a worker can take a model task after an expert-only one."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+
+def make_policy(spec: PolicySpec, settings: RolloutSettings):
+    if spec.kind == "expert":
+        return ExpertPolicy(settings.expert)
+    if spec.kind == "http":
+        return HttpPolicy(spec.endpoint, spec.token)
+    return BackendPolicy(worker_backend(spec))
+
+
+def default_prefer(model_dir: Path) -> tuple[str, ...]:
+    """ONNX Runtime on the CPU when the version was exported (fast, what CPU serving runs), else torch."""
+    return ("onnx-cpu", "torch") if (model_dir / "onnx" / "signature.json").is_file() else ("torch",)
+
+
+def worker_backend(spec: PolicySpec):
+    from mobile_vla.export.backends import load_backend
+
+    path = Path(spec.model_path) if spec.model_path else None
+    if path is None or not path.is_dir():  # a worker on another node: fetch the version there
+        from mobile_vla.tracking import resolve_model
+
+        path = resolve_model(spec.model_uri or spec.model_path).path
+    prefer = spec.prefer or default_prefer(path)
+    key = (str(path), prefer)
+    if _WORKER.get("backend_key") != key:
+        _WORKER.pop("backend", None)
+        _WORKER["backend"] = load_backend(path, prefer=prefer, threads=1)
+        _WORKER["backend_key"] = key
+    return _WORKER["backend"]
+
+
+def rollout_seeds(jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpec,
+                  settings: RolloutSettings) -> list[dict]:
+    """Ray task body: the expert and then `policy` on each (split, seed); one dict per episode."""
+    from mobile_vla.data.scenes import scene_from_seed
+    from mobile_vla.data.split_spec import SplitSpec
+
+    spec = SplitSpec.model_validate_json(spec_json)
+    scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
+    if settings.max_steps is not None:
+        scenes = [scene.model_copy(update={"max_steps": settings.max_steps}) for scene in scenes]
+    worlds = _worker_slots(scenes[0], settings.obs_size)
+
+    expert_settings = RolloutSettings(settings.control_hz, settings.obs_size, settings.max_steps, (), settings.expert)
+    if policy.kind == "expert":
+        reference = run_lockstep(worlds, scenes, ExpertPolicy(settings.expert), settings)
+        driven = reference
+    else:
+        reference = run_lockstep(worlds, scenes, ExpertPolicy(settings.expert), expert_settings)
+        runner = make_policy(policy, settings)
+        try:
+            driven = run_lockstep(worlds, scenes, runner, settings)
+        finally:
+            if isinstance(runner, HttpPolicy):
+                runner.close()
+    results = []
+    for scene, mine, expert in zip(scenes, driven, reference):
+        row = mine.to_dict()
+        row.update(split=scene.split, instruction=scene.instruction, scene=scene.to_json(),
+                   expert={k: v for k, v in expert.to_dict().items() if k != "frames"})
+        results.append(row)
+    return results

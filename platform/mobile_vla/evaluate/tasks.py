@@ -1,0 +1,98 @@
+"""Spreading evaluation over Ray tasks, shared by closed-loop and offline evaluation.
+
+    rows = fan_out(rollout_seeds, chunks, (spec_json, policy, settings), "closed loop val", progress=True)
+
+Ray: the running cluster, `RAY_ADDRESS`, or a local `ray.init()`. One task per chunk of work, one
+CPU each; a task's user error (a bad model file, a refused request) comes back as itself, anything
+else as a ResourceError naming the chunk; on failure or Ctrl-C the remaining tasks are cancelled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from mobile_vla.errors import MobileVLAError, ResourceError
+
+
+def ensure_ray():
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def fan_out(body: Callable, chunks: list[list], args: tuple, description: str, progress: bool = True,
+            num_gpus: float = 0) -> list:
+    """Runs `body(chunk, *args)` as one Ray task per chunk; returns the tasks' lists concatenated
+    (in completion order) while a progress bar counts finished chunk items."""
+    ray = ensure_ray()
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(body)
+    pending = {task.remote(chunk, *args): chunk for chunk in chunks}
+    results: list = []
+    with _Progress(progress, description, sum(len(c) for c in chunks)) as advance:
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                chunk = pending.pop(done[0])
+                results.extend(_get(ray, done[0], chunk, description))
+                advance(len(chunk))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+    return results
+
+
+def _get(ray, ref, chunk: list, description: str):
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, MobileVLAError):
+            raise type(cause)(str(cause)) from None
+        shown = f"{chunk[0]!r}..{chunk[-1]!r}" if len(chunk) > 1 else repr(chunk[0])
+        raise ResourceError(f"{description}: task for {shown} failed: {type(cause).__name__}: {cause or exc}") from exc
+
+
+class _Progress:
+    """A rich progress bar (or nothing): `with _Progress(...) as advance: advance(n)`."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled, description, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda n: self.bar.update(task, advance=n)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def jsonable(value: Any) -> Any:
+    """Results as JSON: arrays to (rounded) lists, NaN/inf to null."""
+    if isinstance(value, np.ndarray):
+        return jsonable(np.round(value.astype(np.float64), 4).tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    return value
