@@ -70,23 +70,26 @@ def measure_preset(preset: str, batches: list[int], device: str, threads: int | 
         tokens = {k: torch.from_numpy(v).to(device) for k, v in tokens.items()}
         images = torch.from_numpy(rng.integers(0, 256, (batch_size, 224, 224, 3), dtype=np.uint8)).to(device)
         state = torch.zeros(batch_size, config.state_dim, device=device)
-        times = []
+        times, cpu_times = [], []
         with torch.inference_mode():
             clip_text = model.encode_instruction(tokens["clip_input_ids"])
             memory = model.initial_memory(batch_size)
             for i in range(REPEATS[preset] + 2):  # 2 warm-up steps
                 _sync(device)
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 actions, confidence, memory = model.step(images, state, tokens, memory, clip_text)
                 _sync(device)
                 if i >= 2:
                     times.append((time.perf_counter() - started) * 1000)
+                    cpu_times.append((time.process_time() - cpu_started) * 1000)
         assert actions.shape == (batch_size, config.chunk, 3) and confidence.shape == (batch_size,)
         result["batches"][str(batch_size)] = {
             "step_ms_median": round(statistics.median(times), 2),
             "step_ms_min": round(min(times), 2),
             "step_ms_max": round(max(times), 2),
             "frames_per_s": round(1000 * batch_size / statistics.median(times), 1),
+            # CPU seconds of this process (all its threads): barely moved by other load on a shared box
+            "step_cpu_ms_median": round(statistics.median(cpu_times), 2),
             "repeats": len(times),
         }
         if device.startswith("cuda"):
@@ -152,6 +155,7 @@ def main() -> int:
         for batch_size, timing in result["batches"].items():
             console.print(
                 f"{preset:>5} batch {batch_size:>2}: {timing['step_ms_median']:9.1f} ms/step "
+                f"(cpu {timing['step_cpu_ms_median']:.1f} ms) "
                 f"({timing['frames_per_s']} frames/s), {result['parameters']:,} params, "
                 f"peak RSS {result['peak_rss_mib']:.0f} MiB"
             )

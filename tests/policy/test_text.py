@@ -80,3 +80,12 @@ def test_pretrained_processor_offline_is_a_clear_model_error(tmp_path, tiny_conf
     config = tiny_config.replace(kosmos=tiny_config.kosmos.__class__(**{**tiny_config.kosmos.__dict__, "pretrained": missing}))
     with pytest.raises(ModelError, match="cannot load the pretrained Kosmos-2 processor .*pass a local folder"):
         build_tokenizer(config)
+
+
+def test_tokenizer_pickles_as_its_files(tiny_tokenizer):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tiny_tokenizer))
+    a, b = tiny_tokenizer.encode(INSTRUCTIONS), copy.encode(INSTRUCTIONS)
+    for key in TOKEN_KEYS:
+        np.testing.assert_array_equal(a[key], b[key])

@@ -56,6 +56,15 @@ class TextTokenizer:
 
         self._blank = Image.new("RGB", (8, 8))
 
+    def __reduce__(self):
+        """Pickles (Ray tasks, Train workers) as the saved files, never as live tokenizer objects."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+        return _tokenizer_from_files, (files,)
+
     @property
     def token_length(self) -> int:
         """L: <s> <image> + N image slots + </image> + instruction tokens."""
@@ -135,6 +144,16 @@ class TextTokenizer:
             "source": self.source,
         }
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _tokenizer_from_files(files: dict[str, bytes]) -> TextTokenizer:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, blob in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(blob)
+        return load_tokenizer(tmp)
 
 
 def build_tokenizer(config: "PolicyConfig") -> TextTokenizer:
