@@ -215,12 +215,20 @@ def serve_child(spec: dict) -> dict:
     url = f"http://127.0.0.1:{spec['port']}/v1/act"
     token = Path(spec["tokens_file"]).read_text().split()[0]
     image = sample_jpeg()
+    results = asyncio.run(_run_phases(spec, url, token, image))
+    serve.shutdown()
+    ray.shutdown()
+    return {"results": results}
+
+
+async def _run_phases(spec: dict, url: str, token: str, image: str) -> list[dict]:
+    """All phases on one event loop (handles stay bound to the loop that created them)."""
     results = []
     over_target = False
     for phase in spec["phases"]:
         if phase["kind"] == "open" and over_target:
             continue  # the sweep ascends: once p99 > 100 ms more robots will not meet it either
-        before, out, after = asyncio.run(_measured_phase(phase, url, token, image))
+        before, out, after = await _measured_phase(phase, url, token, image)
         batches = after["batches"] - before["batches"]
         out["mean_batch_size"] = round((after["batched_requests"] - before["batched_requests"]) / max(1, batches), 2)
         out.update({k: spec[k] for k in ("label", "max_batch_size", "proxy")})
@@ -228,9 +236,7 @@ def serve_child(spec: dict) -> dict:
         results.append(out)
         if phase["kind"] == "open" and (out["error_rate"] > 0 or out["p99_ms"] is None or out["p99_ms"] > 100):
             over_target = True
-    serve.shutdown()
-    ray.shutdown()
-    return {"results": results}
+    return results
 
 
 def run_child(spec: dict, netns: bool, timeout_s: float = 900) -> list[dict]:
