@@ -7,7 +7,8 @@
 
 Loading rebuilds the modules from the config with random init (no hub download, even for
 pretrained presets: the weights are all in model.safetensors) and loads the tensors strictly.
-`kind` leaves room for other model kinds (an ensemble) in the same registry.
+`kind` is "policy" (MobileVLAPolicy) or "ensemble" (policy/ensemble.py: the members' configs in
+"config", all their weights in one model.safetensors); loading dispatches on it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 PREPROCESSING_DIR = "preprocessing"
 POLICY_DIR = "policy"
 FORMAT_VERSION = 1
+KINDS = ("policy", "ensemble")
 
 
 def save_policy(folder: str | Path, model, preprocessing=None) -> Path:
@@ -33,11 +35,12 @@ def save_policy(folder: str | Path, model, preprocessing=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     partial = weights.with_suffix(".safetensors.partial")
-    save_model(model, str(partial), metadata={"format": "pt", "kind": "policy"})
+    kind = getattr(model, "kind", "policy")
+    save_model(model, str(partial), metadata={"format": "pt", "kind": kind})
     os.replace(partial, weights)  # an interrupted save never leaves a truncated model.safetensors
     if preprocessing is not None:
         preprocessing.save(folder / PREPROCESSING_DIR)
-    document = {"kind": "policy", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    document = {"kind": kind, "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
     _write_text(folder / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
     return folder
 
@@ -58,12 +61,16 @@ def read_policy_config(folder: str | Path):
     path = resolve_policy_dir(folder) / CONFIG_FILE
     document = _read_json(path)
     kind = document.get("kind")
-    if kind != "policy":
-        raise ModelError(f"{path}: kind = {kind!r}: this version loads 'policy' checkpoints only")
+    if kind not in KINDS:
+        raise ModelError(f"{path}: kind = {kind!r}: this version loads {' and '.join(map(repr, KINDS))} checkpoints")
     version = document.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelError(f"{path}: format_version = {version!r}: this code reads up to {FORMAT_VERSION}")
     try:
+        if kind == "ensemble":
+            from mobile_vla.policy.ensemble import EnsembleConfig
+
+            return EnsembleConfig.from_dict(document.get("config"), source=f"{path}: kind = 'ensemble'")
         return PolicyConfig.from_dict(document.get("config"), source=str(path))
     except ConfigError as exc:
         raise ModelError(str(exc)) from None
@@ -76,14 +83,14 @@ def load_policy(folder: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from mobile_vla.policy.model import build_policy
+    from mobile_vla.policy.ensemble import build_model
 
     folder = resolve_policy_dir(folder)
     config = read_policy_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelError(f"{weights}: missing")
-    model = build_policy(config, load_pretrained=False)
+    model = build_model(config, load_pretrained=False)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=device)
     except (SafetensorError, OSError, ValueError) as exc:
