@@ -25,6 +25,7 @@ class DataSection(StrictModel):
     window: int = Field(8, ge=1)  # W history frames per sample
     chunk: int = Field(10, ge=1)  # K future actions predicted per frame
     augment: bool = True  # train-time image augmentation (never on validation)
+    augment_strength: float = Field(1.0, ge=0, le=4)  # scales the default rotation/brightness/contrast ranges (Tune)
 
 
 class ModelSection(StrictModel):

@@ -88,6 +88,7 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
     train = build_window_dataset(
         folder, cfg.data.train_split, preprocessing, augment=cfg.data.augment,
         seed=None if cfg.data.augment else cfg.train.seed, shuffle=True,
+        augment_config=augment_config(cfg.data.augment_strength),
     )
     if cfg.train.max_steps_per_epoch:
         cap = cfg.train.max_steps_per_epoch * cfg.train.batch_size * cfg.optim.accumulate * cfg.scaling.num_workers
@@ -97,6 +98,18 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
     for dataset in (train, val):  # one progress line per epoch from rank 0 says more than Ray Data's bars
         dataset.context.enable_progress_bars = False
     return {"train": train, "val": val}, train_windows
+
+
+def augment_config(strength: float):
+    """The data pipeline's default augmentation ranges scaled by `strength` (0 = none, 1 = defaults)."""
+    from mobile_vla.data.windows import AugmentConfig
+
+    base = AugmentConfig()
+    return AugmentConfig(
+        max_rotation_deg=base.max_rotation_deg * strength,
+        brightness=min(base.brightness * strength, 0.95),
+        contrast=min(base.contrast * strength, 0.95),
+    )
 
 
 def steps_per_epoch(cfg: TrainJobConfig, train_windows: int) -> int:
