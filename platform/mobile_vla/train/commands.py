@@ -30,9 +30,7 @@ def run_train(args) -> int:
     console = Console()
     if args.check:
         from mobile_vla.train.preflight import preflight
-        from mobile_vla.train.trainer import ensure_ray
 
-        ensure_ray()
         preflight(cfg)
         console.print(f"[green]ok[/green]: {args.config} is valid; data, model and resources check out")
         return 0

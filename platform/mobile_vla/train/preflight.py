@@ -180,5 +180,10 @@ def preflight(cfg: TrainJobConfig, capacity: ClusterCapacity | None = None):
     """All checks, cheapest first. Returns (manifest, policy_config)."""
     policy_config = check_model(cfg)
     manifest = check_data(cfg)
-    check_resources(cfg, capacity if capacity is not None else cluster_capacity())
+    if capacity is None:
+        from mobile_vla.train.trainer import ensure_ray
+
+        ensure_ray()  # only now: a bad config or data folder fails without starting a cluster
+        capacity = cluster_capacity()
+    check_resources(cfg, capacity)
     return manifest, policy_config

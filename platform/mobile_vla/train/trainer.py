@@ -156,8 +156,7 @@ def prepare_run(cfg: TrainJobConfig, mlflow_tags: dict | None = None) -> Prepare
     from mobile_vla.train.preflight import preflight
 
     cfg = with_run_name(cfg)
-    ensure_ray()
-    manifest, policy_config = preflight(cfg)
+    manifest, policy_config = preflight(cfg)  # connects to / starts Ray after the cheap checks pass
     preprocessing = build_preprocessing(cfg, manifest, policy_config)
     datasets, train_windows = build_datasets(cfg, preprocessing)
     if train_windows < cfg.scaling.num_workers:
