@@ -12,9 +12,9 @@ failure is recorded with its reason and the rest still runs), all against one ti
    and fp16, parity checks), then ONNX Runtime CUDA and - if `tensorrt` imports - TensorRT plans
    built with build_engine and run with TensorRTRunner, each checked against torch on the GPU, and
    load_backend's choice. This is the check of the code that cannot run on CPU-only machines.
-   The full model's ONNX Runtime CUDA row (torch_full.onnx_cuda_fp32) uses the legacy exporter traced
-   on the GPU with weights in a side file; TensorRT is not built for `full` here (an engine build of
-   1.7 B parameters takes longer than this check may run).
+3. last, if the budget allows: the full model's ONNX Runtime CUDA row (torch_full.onnx_cuda_fp32),
+   legacy exporter traced on the GPU with weights in a side file. TensorRT is not built for `full`
+   here (an engine build of 1.7 B parameters takes longer than this check may run).
 Prints one JSON document on stdout (progress goes to stderr); exits 0 even when variants fail, 0
 with a "skipped" note when there is no CUDA GPU, so `make bench` on a CPU box passes.
 """
@@ -254,14 +254,15 @@ def full_onnx_cuda(model, tokenizer, references: dict) -> dict:
     return rows
 
 
-def torch_full(results: dict, budget: Budget, onnx_cuda: bool = True) -> None:
+def torch_full(results: dict, budget: Budget):
+    """-> (model, tokenizer) for the ONNX Runtime row at the end, or None if the build failed."""
     import torch
 
     section: dict = {}
     results["torch_full"] = section
     built = guarded(section, "build", budget, 60, build_full_on_gpu)
     if built is None:
-        return
+        return None
     model, tokenizer, info = built
     section["build"] = info
     references = {}
@@ -270,8 +271,6 @@ def torch_full(results: dict, budget: Budget, onnx_cuda: bool = True) -> None:
         out = guarded(row, "fp32", budget, 20, torch_variant, model, tokenizer, batch, torch.float32)
         if out:
             row["fp32"], references[batch] = out
-    if onnx_cuda:  # same weights, same inputs (seeded) as the fp32 rows
-        guarded(section, "onnx_cuda_fp32", budget, 180, full_onnx_cuda, model, tokenizer, references)
     model.to(torch.bfloat16)
     for batch in BATCHES:
         row = section[f"batch_{batch}"]
@@ -285,11 +284,27 @@ def torch_full(results: dict, budget: Budget, onnx_cuda: bool = True) -> None:
         if out:
             row["fp16"] = out[0]
         guarded(row, "fp16_cuda_graph", budget, 15, cuda_graph_variant, model, tokenizer, batch, torch.float16)
-    del model
-    torch.cuda.empty_cache()
+    return model, tokenizer
 
 
-# --- 2. and 3. engines ---------------------------------------------------------------------------
+def full_onnx_cuda_last(results: dict, budget: Budget, built) -> None:
+    """Last, because exporting 1.7 B parameters takes minutes: the engine checks on `small` come first."""
+    import torch
+
+    if built is None:
+        return
+    model, tokenizer = built
+    model.float()  # weights went through fp16: the row compares ORT against torch on these same weights
+    references = {}
+    for batch in BATCHES:
+        try:
+            references[batch] = torch_variant(model, tokenizer, batch, torch.float32)[1]
+        except Exception:
+            pass
+    guarded(results["torch_full"], "onnx_cuda_fp32", budget, 180, full_onnx_cuda, model, tokenizer, references)
+
+
+# --- 2. engines on small ---------------------------------------------------------------------------
 
 
 def _synthetic_dataset(folder: Path) -> Path:
@@ -476,8 +491,10 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped"] = "no CUDA GPU visible to torch: nothing to measure"
         else:
             results["gpu"] = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu dry run (tiny preset)"
-            torch_full(results, budget, onnx_cuda=not args.skip_full_onnx)
+            built = torch_full(results, budget)
             engines(results, budget, "small")
+            if not args.skip_full_onnx:
+                full_onnx_cuda_last(results, budget, built)
     except Exception as exc:
         results["error"] = f"{type(exc).__name__}: {exc}"
     results["seconds"] = round(args.budget_s - budget.left(), 1)

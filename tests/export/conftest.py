@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 
-def _make_policy_dir(root: Path, seed: int = 0) -> Path:
+def _make_policy_dir(root: Path, seed: int = 0, freeze: bool = False) -> Path:
     """A saved tiny policy with real preprocessing (tokenizer included) in root/policy/."""
     import torch
 
     from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
     from mobile_vla.preprocessing import Preprocessing
 
-    config = presets.tiny()
+    config = presets.tiny().replace(freeze_kosmos=freeze, freeze_clip=freeze)
     torch.manual_seed(seed)
     model = build_policy(config).eval()
     with torch.no_grad():  # the head starts near zero; make its outputs vary so parity means something
@@ -61,3 +61,23 @@ def real_frames(exported_dir) -> np.ndarray:
 def make_policy_dir():
     """make_policy_dir(root) -> root, holding a saved tiny policy (no onnx/)."""
     return _make_policy_dir
+
+
+@pytest.fixture(scope="session")
+def frames_dataset(tmp_path_factory) -> Path:
+    """A one-episode dataset folder: frames for export's parity check without rendering MiniWorld."""
+    from mobile_vla.data.episodes import Episode, write_episode
+
+    folder = tmp_path_factory.mktemp("frames-dataset")
+    rng = np.random.default_rng(0)
+    images = np.full((8, 224, 224, 3), 90, np.uint8)
+    for t in range(8):  # floor, wall, two boxes moving across: structured frames, not noise
+        images[t, 120:] = (60, 60, 70)
+        images[t, 90:140, 40 + 6 * t : 70 + 6 * t] = (200, 30, 30)
+        images[t, 80:150, 150 - 5 * t : 190 - 5 * t] = (30, 30, 200)
+    write_episode(folder / "ep0.h5", Episode(
+        images=images, actions=rng.normal(size=(8, 3)).astype(np.float32), state=np.zeros((8, 3), np.float32),
+        attrs={"instruction": "go to the red box", "episode_id": "ep0", "source": "test", "success": True,
+               "control_hz": 5.0, "schema_version": 1},
+    ))
+    return folder

@@ -100,25 +100,26 @@ def test_parity_failures_name_each_bad_figure():
     assert any("fp16 batch_1" in f for f in failures)
 
 
-def test_refused_export_leaves_previous_graphs_untouched(exported_copy, monkeypatch, tmp_path):
+def test_refused_export_leaves_previous_graphs_untouched(exported_copy, frames_dataset, monkeypatch):
     """Parity above tolerance -> ModelError and onnx/ stays as it was (legacy exporter, dataset frames)."""
-    from mobile_vla.data.episodes import Episode, write_episode
     from mobile_vla.export.onnx_export import export_model
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    frames = (np.linspace(0, 255, 224 * 224 * 3 * 6) % 256).astype(np.uint8).reshape(6, 224, 224, 3)
-    write_episode(data / "ep0.h5", Episode(
-        images=frames, actions=rng.normal(size=(6, 3)).astype(np.float32),
-        state=np.zeros((6, 3), np.float32),
-        attrs={"instruction": "go to the red box", "episode_id": "ep0", "source": "test", "success": True,
-               "control_hz": 5.0, "schema_version": 1},
-    ))
     before = {p.name: p.read_bytes() for p in (exported_copy / "onnx").iterdir()}
     monkeypatch.setattr(parity, "FP32_TOLERANCE", 0.0)  # no real graph is bit-exact: parity must refuse
     with pytest.raises(ModelError, match="parity check failed: fp32 batch_1 max abs diff"):
-        export_model(exported_copy, exporter="legacy", data_dir=data)
+        export_model(exported_copy, exporter="legacy", data_dir=frames_dataset)
     after = {p.name: p.read_bytes() for p in (exported_copy / "onnx").iterdir()}
     assert after == before
     assert not (exported_copy / ".onnx.partial").exists()
+
+
+def test_frozen_backbones_export(make_policy_dir, frames_dataset, tmp_path):
+    """`full` freezes CLIP: without gradients nn.MultiheadAttention takes a fused path that has no ONNX
+    export. The exporter must switch it off (here: tiny with frozen backbones, legacy exporter)."""
+    from mobile_vla.export.onnx_export import export_model
+
+    folder = make_policy_dir(tmp_path, freeze=True)
+    result = export_model(folder, exporter="legacy", data_dir=frames_dataset)
+    assert result.signature.parity.frames == f"dataset:{frames_dataset}"
+    assert max(result.signature.parity.fp32_max_abs_diff.values()) <= 1e-4
+    assert result.signature.exporter.dynamo is False

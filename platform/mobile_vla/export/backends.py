@@ -155,8 +155,11 @@ class Backend:
             "c_in": memory[1],
         }
         step = self.max_batch or batch
-        parts = [self._step(_rows(feeds, i, i + step)) for i in range(0, batch, step)]
-        out = {k: np.concatenate([p[k] for p in parts], axis=1 if k in ("h_out", "c_out") else 0) for k in STEP_OUTPUTS}
+        if step >= batch:
+            out = self._step(feeds)
+        else:  # an engine with a largest batch (TensorRT profile): run slices, join them
+            parts = [self._step(_rows(feeds, i, i + step)) for i in range(0, batch, step)]
+            out = {k: np.concatenate([p[k] for p in parts], axis=1 if k in ("h_out", "c_out") else 0) for k in STEP_OUTPUTS}
         actions = np.asarray(self.preprocessing.denormalise_actions(out["actions"]), dtype=np.float32)
         return BackendOutput(
             actions=actions,
@@ -457,7 +460,9 @@ def load_backend(
                 backend = OnnxBackend(folder, sig, prep, device=device, fp16=fp16, threads=threads, cache_size=cache_size)
             if self_test:
                 backend.self_test()
-        except (MobileVLAError, ImportError, RuntimeError, OSError, ValueError) as exc:
+        except Exception as exc:  # any failure of one backend is a reason to try the next one
+            if not isinstance(exc, (MobileVLAError, ImportError, OSError)):
+                log.warning("backend %s failed unexpectedly", choice, exc_info=True)
             skipped[choice] = f"{type(exc).__name__}: {exc}"
             log.info("backend %s skipped: %s", choice, skipped[choice])
             continue

@@ -82,6 +82,9 @@ def _wrappers():
 
         def forward(self, images, state, clip_text, kosmos_input_ids, kosmos_attention_mask,
                     kosmos_image_embeds_position_mask, h_in, c_in):
+            # Cast the uint8 frames first: identical values (uint8 -> float is exact), and the uint8
+            # input then feeds only a Cast, the one use TensorRT allows for a UINT8 network input.
+            images = images.to(clip_text.dtype)
             tokens = {
                 "kosmos_input_ids": kosmos_input_ids,
                 "kosmos_attention_mask": kosmos_attention_mask,
@@ -198,6 +201,20 @@ def _batch_axes(specs: list[TensorSpec]) -> dict[str, int]:
 
 
 def _torch_export(module, args, path: Path, inputs, outputs, exporter: str, opset: int, large: bool) -> None:
+    """Exports with nn.MultiheadAttention's fused inference fast path off: it is taken whenever no
+    gradient is needed (eval + frozen CLIP, or no_grad) and `_native_multi_head_attention` has no
+    ONNX export; the unfused path computes the same attention."""
+    import torch
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _export_call(module, args, path, inputs, outputs, exporter, opset, large)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _export_call(module, args, path: Path, inputs, outputs, exporter: str, opset: int, large: bool) -> None:
     import torch
 
     in_names = [s.name for s in inputs]
