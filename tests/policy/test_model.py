@@ -164,3 +164,19 @@ def test_images_are_normalised_inside_the_model(tiny_config):
     expected = (1.0 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258, 0.27577711])
     assert pixels.shape == (1, 3, 224, 224)
     assert np.allclose(pixels[0, :, 0, 0].numpy(), expected, atol=1e-5)
+
+
+def test_pretrained_weights_offline_fail_fast_with_a_clear_message(tiny_config, monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    from mobile_vla.errors import ModelError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    kosmos = tiny_config.replace(kosmos=replace(tiny_config.kosmos, pretrained="mobile-vla-tests/no-such-kosmos"))
+    with pytest.raises(ModelError, match="cannot load pretrained Kosmos-2 weights from 'mobile-vla-tests/no-such-kosmos'"
+                                         ".*pass a local folder path or use preset small"):
+        build_policy(kosmos)
+    clip = tiny_config.replace(clip=replace(presets.full().clip, pretrained="openai"))
+    with pytest.raises(ModelError, match="cannot load pretrained CLIP weights 'ViT-B-32' / 'openai'"):
+        build_policy(clip)

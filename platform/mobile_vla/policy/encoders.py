@@ -69,11 +69,42 @@ class KosmosEncoder(nn.Module):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [N, D_k]
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP probe of the Hugging Face endpoint, so an offline box fails in seconds with a clear
+    message instead of sitting through the hub client's retries (minutes)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_local_or_hub(loader, name_or_path: str):
+    """`loader(name, local_files_only=...)`: a local folder or the hub cache first, the network last."""
+    from pathlib import Path
+
+    if Path(name_or_path).exists():
+        return loader(name_or_path, local_files_only=True)
+    try:
+        return loader(name_or_path, local_files_only=True)  # already in the hub cache
+    except (OSError, ValueError):
+        if not hub_reachable():
+            raise OSError(f"{name_or_path!r} is not a local folder, not in the hub cache, and the hub is unreachable")
+        return loader(name_or_path)
+
+
 def _load_kosmos(config: KosmosConfig):
     from transformers import Kosmos2Model
 
     try:
-        model = Kosmos2Model.from_pretrained(config.pretrained)
+        model = from_local_or_hub(Kosmos2Model.from_pretrained, config.pretrained)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load pretrained Kosmos-2 weights from {config.pretrained!r}: no network and no local "
@@ -138,7 +169,11 @@ class ClipEncoder(nn.Module):
 def _load_clip(config: ClipConfig):
     import open_clip
 
+    from pathlib import Path
+
     try:
+        if not Path(config.pretrained).is_file() and not hub_reachable():
+            raise OSError("not a local file and the hub is unreachable")
         model = open_clip.create_model(config.model_name, pretrained=config.pretrained)
     except Exception as exc:  # open_clip raises RuntimeError/OSError/hub errors alike
         raise ModelError(

@@ -193,8 +193,10 @@ def load_tokenizer(folder: str | Path) -> TextTokenizer:
 def _load_pretrained_processor(name_or_path: str):
     from transformers import Kosmos2Processor
 
+    from mobile_vla.policy.encoders import from_local_or_hub
+
     try:
-        return Kosmos2Processor.from_pretrained(name_or_path)
+        return from_local_or_hub(Kosmos2Processor.from_pretrained, name_or_path)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load the pretrained Kosmos-2 processor from {name_or_path!r}: no network and no local "
