@@ -15,8 +15,9 @@ failure is recorded with its reason and the rest still runs), all against one ti
 3. last, if the budget allows: the full model's ONNX Runtime CUDA row (torch_full.onnx_cuda_fp32),
    legacy exporter traced on the GPU with weights in a side file. TensorRT is not built for `full`
    here (an engine build of 1.7 B parameters takes longer than this check may run).
-Prints one JSON document on stdout (progress goes to stderr); exits 0 even when variants fail, 0
-with a "skipped" note when there is no CUDA GPU, so `make bench` on a CPU box passes.
+Prints one JSON document on stdout (progress goes to stderr) and, with $OUT set, rewrites
+$OUT/gpu_check.json after every variant, so a run cut short keeps what it measured. Exits 0 even
+when variants fail, and with a "skipped" note when there is no CUDA GPU (`make bench` on a CPU box).
 """
 
 from __future__ import annotations
@@ -59,8 +60,25 @@ class Budget:
         return self.left() >= seconds
 
 
+REPORT: dict = {}  # the whole document, saved to $OUT after every variant (a killed run keeps its rows)
+
+
+def save_partial() -> None:
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "gpu_check.json").write_text(json.dumps(REPORT, indent=2, default=str) + "\n")
+
+
 def guarded(results: dict, key: str, budget: Budget, needs_s: float, func, *args, **kwargs):
     """Runs one variant; records its result, its error (with the last frames) or a budget skip."""
+    try:
+        return _guarded(results, key, budget, needs_s, func, *args, **kwargs)
+    finally:
+        save_partial()
+
+
+def _guarded(results: dict, key: str, budget: Budget, needs_s: float, func, *args, **kwargs):
     if not budget.allows(needs_s):
         results[key] = {"skipped": f"time budget: {budget.left():.0f} s left, needs ~{needs_s:.0f} s"}
         log(f"{key}: skipped (budget)")
@@ -475,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_dry_run:
         DEVICE, FULL_PRESET = "cpu", "tiny"
     budget = Budget(args.budget_s)
-    results: dict = {"benchmark": "gpu_check", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    results = REPORT
+    results.update({"benchmark": "gpu_check", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     try:
         import torch
 
