@@ -70,6 +70,7 @@ def test_random_policy_next_to_expert_on_same_seeds(model_report):
     assert metrics["closed_loop.val.episodes"] == SEEDS
     assert metrics["closed_loop.success_rate"] == metrics["closed_loop.val.success_rate"]
     assert metrics["closed_loop.val.expert_success_rate"] == report.expert.success_rate
+    assert metrics["closed_loop.val.spl"] == report.policy.spl
     assert "closed_loop.val.success_rate" in report.metrics(primary=False)
     assert "closed_loop.success_rate" not in report.metrics(primary=False)
 

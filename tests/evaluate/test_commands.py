@@ -48,12 +48,13 @@ def test_offline_and_closed_loop_onto_the_version(ray_cluster, tiny_dataset, reg
 
     metrics = get_version_metrics(name, version)
     for key in ("offline.val.mae", "offline.unseen_pair.r2_linear_x", "closed_loop.val.success_rate",
-                "closed_loop.unseen_pair.spl", "closed_loop.unseen_pair.expert_success_rate"):
+                "closed_loop.unseen_pair.collision_rate", "closed_loop.unseen_pair.expert_success_rate"):
         assert key in metrics, key
     # the first --split is primary: the gate's unqualified keys come from it
     assert metrics["offline.mae"] == metrics["offline.val.mae"]
     assert metrics["closed_loop.episodes"] == 2
     assert metrics["closed_loop.success_rate"] == metrics["closed_loop.val.success_rate"]
+    assert "closed_loop.unseen_pair.spl" not in metrics  # 5 steps: the expert solved none, so no SPL reference
 
     saved = json.loads((out / "unseen_pair" / "closed_loop.json").read_text())
     assert saved["seeds"] == [3_000_000, 3_000_002] and len(saved["episodes"]) == 2

@@ -64,15 +64,15 @@ def register(subparsers) -> None:
 def _check_args(args) -> None:
     if not args.model and not args.endpoint:
         raise ConfigError("--model MODEL_URI is required (or --endpoint URL for the served model)")
+    if args.endpoint and not args.closed_loop:
+        raise ConfigError("--endpoint is for closed-loop evaluation: add --closed-loop")
+    if args.endpoint and args.model == EXPERT:
+        raise ConfigError("--endpoint and --model expert exclude each other")
     offline = args.data is not None and not args.no_offline and args.model != EXPERT
     if not offline and not args.closed_loop:
         if args.model == EXPERT:
             raise ConfigError("--model expert has no offline metrics: add --closed-loop")
         raise ConfigError("nothing to evaluate: give --data DIR (offline metrics) and/or --closed-loop")
-    if args.endpoint and not args.closed_loop:
-        raise ConfigError("--endpoint is for closed-loop evaluation: add --closed-loop")
-    if args.endpoint and args.model == EXPERT:
-        raise ConfigError("--endpoint and --model expert exclude each other")
     for name in ("episodes", "episodes_per_task"):
         value = getattr(args, name)
         if value < 1:

@@ -5,6 +5,12 @@
 Ray: the running cluster, `RAY_ADDRESS`, or a local `ray.init()`. One task per chunk of work, one
 CPU each; a task's user error (a bad model file, a refused request) comes back as itself, anything
 else as a ResourceError naming the chunk; on failure or Ctrl-C the remaining tasks are cancelled.
+
+The tasks run in worker processes of their own (a runtime env that only adds WORKER_POOL_VAR): a
+worker that already rendered MiniWorld frames for another job (data generation, parity checks)
+crashes when torch later loads triton into it (two LLVMs: triton's and Mesa's software GL), and
+Ray would otherwise hand such a worker to an evaluation task. Evaluation workers load triton before
+any GL (see rollout.py), so they can run both kinds of task.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 
 from mobile_vla.errors import MobileVLAError, ResourceError
+
+WORKER_POOL_VAR = "MOBILE_VLA_WORKER_POOL"
 
 
 def ensure_ray():
@@ -34,7 +42,8 @@ def fan_out(body: Callable, chunks: list[list], args: tuple, description: str, p
     """Runs `body(chunk, *args)` as one Ray task per chunk; returns the tasks' lists concatenated
     (in completion order) while a progress bar counts finished chunk items."""
     ray = ensure_ray()
-    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(body)
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0,
+                      runtime_env={"env_vars": {WORKER_POOL_VAR: "evaluate"}})(body)
     pending = {task.remote(chunk, *args): chunk for chunk in chunks}
     results: list = []
     with _Progress(progress, description, sum(len(c) for c in chunks)) as advance:
