@@ -31,7 +31,7 @@ from mobile_vla.errors import ConfigError, ResourceError
 APP_NAME = "mobile-vla-demo"
 EVAL_SPLIT = "val"
 ROBOTS_PER_TASK = 8  # robots stepped together by one Ray task (one MiniWorld GL context)
-SPEED_ROUNDS = 30
+SPEED_ROUNDS = 20
 
 
 # -- what each step hands on ------------------------------------------------------------------------
@@ -251,8 +251,11 @@ def export_policy(train: TrainOutcome, data: DataOutcome, say=None) -> ExportOut
 
 def measure_step_speed(model_dir: Path, data_dir: Path, rounds: int = SPEED_ROUNDS) -> tuple[float, float]:
     """Median ms of one `Backend.predict` at batch 1 (what a serving replica pays per robot step),
-    torch eager vs ONNX Runtime CPU, timed alternately so machine load hits both alike."""
+    torch eager vs ONNX Runtime CPU, timed alternately so machine load hits both alike. One thread
+    each, as in a serving replica holding one CPU (and because OpenMP's spinning thread teams make
+    multi-threaded timings on a busy shared box measure the box, not the model)."""
     import numpy as np
+    import torch
 
     from mobile_vla.data.episodes import read_episode
     from mobile_vla.data.manifest import load_manifest
@@ -260,8 +263,10 @@ def measure_step_speed(model_dir: Path, data_dir: Path, rounds: int = SPEED_ROUN
 
     manifest = load_manifest(data_dir)
     episode = read_episode(data_dir / manifest["splits"][EVAL_SPLIT][0])
-    backends = {name: load_backend(model_dir, prefer=(name,)) for name in ("torch", "onnx-cpu")}
+    backends = {name: load_backend(model_dir, prefer=(name,), threads=1) for name in ("torch", "onnx-cpu")}
     times: dict[str, list[float]] = {name: [] for name in backends}
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for round_ in range(rounds + 3):
             t = round_ % episode.num_frames
@@ -273,6 +278,7 @@ def measure_step_speed(model_dir: Path, data_dir: Path, rounds: int = SPEED_ROUN
                 if round_ >= 3:  # the first calls warm caches and allocators
                     times[name].append((time.perf_counter() - started) * 1000)
     finally:
+        torch.set_num_threads(torch_threads)
         for backend in backends.values():
             backend.close()
     return statistics.median(times["torch"]), statistics.median(times["onnx-cpu"])

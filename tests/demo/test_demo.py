@@ -1,0 +1,154 @@
+"""`mobile-vla demo --preset tiny` end to end on the shared Ray cluster: real MiniWorld data, Ray Train
+(2 workers), MLflow SQLite store, ONNX export, closed-loop evaluation, promotion, Ray Serve on
+127.0.0.1 and robots driving MiniWorld episodes over HTTP. One demo run is shared by the module."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+DEMO_ARGS = ["--preset", "tiny", "--episodes", "8", "--epochs", "1", "--robots", "2",
+             "--closed-loop-episodes", "2", "--port", "0", "--no-progress"]
+MODEL = "mobile-vla-policy"
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOBILE_VLA_HOME", str(path))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield path
+
+
+@pytest.fixture(scope="module")
+def demo(ray_cluster, demo_home):
+    """(exit status, printed output, summary) of one tiny demo through the CLI entry point."""
+    import contextlib
+    import io
+
+    from mobile_vla.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["demo", *DEMO_ARGS, "--home", str(demo_home)])
+    summary = json.loads((demo_home / "demo_summary.json").read_text())
+    return status, out.getvalue(), summary
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    from mobile_vla.tracking import configure_mlflow
+
+    configure_mlflow()
+    return MlflowClient()
+
+
+def test_demo_exits_zero_and_prints_the_summary(demo):
+    status, printed, summary = demo
+    assert status == 0
+    for section in ("data", "training", "closed loop", "export", "promotion", "serving", "where to look"):
+        assert section in printed
+    assert "mobile-vla mlflow-ui" in printed and summary["training"]["run_id"] in printed
+    assert set(summary["seconds"]) >= {"cluster", "data", "train", "export", "evaluate", "promote", "serve",
+                                        "robots", "total"}
+
+
+def test_summary_data_training_and_evaluation(demo):
+    _, _, summary = demo
+    data, training, evaluation = summary["data"], summary["training"], summary["evaluation"]
+    assert data["episodes"] == 8 and data["frames"] > 8 and not data["reused"]
+    assert data["expert_success"]["kept"] == 8 and data["expert_success"]["attempted"] >= 8
+    assert training["epochs"] == 1 and training["workers"] == 2 and math.isfinite(training["val_mae"])
+    assert evaluation["episodes"] == 2 and math.isfinite(evaluation["offline_mae"])
+    for who in ("model", "expert"):
+        rate, (low, high) = evaluation[who]["success_rate"], evaluation[who]["wilson_95"]
+        assert 0.0 <= low <= rate <= high <= 1.0
+
+
+def test_export_parity_and_speed_are_measured(demo):
+    export = demo[2]["export"]
+    assert export["parity_fp32_max_abs_diff"] < 1e-3
+    assert export["step_ms_torch"] > 0 and export["step_ms_onnx"] > 0
+    assert export["onnx_speedup"] == pytest.approx(export["step_ms_torch"] / export["step_ms_onnx"], rel=1e-6)
+
+
+def test_first_champion_is_served_and_robots_drive_over_http(demo):
+    _, _, summary = demo
+    promotion, serving = summary["promotion"], summary["serving"]
+    version = summary["where_to_look"]["model_version"]
+    # A fresh home has no champion: the version becomes it whether or not it passed the floor,
+    # and the summary says which.
+    assert promotion["first_champion"] is True and promotion["champion"] == version
+    assert promotion["decision"] in ("promoted", "forced")
+    if promotion["decision"] == "forced":
+        assert "first champion" in promotion["reason"] and "success_floor" in promotion["reason"]
+    assert serving["model_version"] == version and serving["backend"] == "onnx-cpu"
+    assert serving["robots"] == 2 and serving["requests"] >= 2
+    assert serving["served_by"] == [f"{MODEL}/{version} onnx-cpu"]
+    assert serving["success_rate"] == serving["successes"] / 2
+    assert 0 < serving["round_trip_p50_ms"] <= serving["round_trip_p99_ms"]
+    assert serving["memory_resets"] == 0  # every step carried the previous answer's memory token
+
+
+def test_mlflow_holds_the_run_version_aliases_and_demo_artifacts(demo, demo_home):
+    _, _, summary = demo
+    client = _client()
+    where = summary["where_to_look"]
+    run = client.get_run(where["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == where["experiment"] == "mobile-vla"
+    assert run.data.metrics["demo.http.success_rate"] == summary["serving"]["success_rate"]
+    artifacts = {a.path for a in client.list_artifacts(where["run_id"], "demo")}
+    assert artifacts == {"demo/demo_summary.json", "demo/http_latency.png"}
+    version = client.get_model_version(MODEL, where["model_version"])
+    assert version.run_id == where["run_id"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == where["model_version"]
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == where["model_version"]
+    tags = version.tags
+    assert tags["promotion.decision"] == summary["promotion"]["decision"]
+    assert "metric.closed_loop.success_rate" in tags and "metric.offline.mae" in tags and "export.onnx" in tags
+    assert (demo_home / "mlflow.db").is_file()
+
+
+def test_demo_leaves_no_serve_app_on_a_reused_cluster(demo, ray_cluster):
+    from ray import serve
+
+    from mobile_vla.demo.runner import APP_NAME
+
+    assert ray_cluster.is_initialized()  # the session's cluster was reused, not shut down
+    assert APP_NAME not in serve.status().applications
+
+
+def test_a_failing_step_names_the_problem_and_cleans_up(demo, demo_home):
+    """The data of the first run is reused; a bad train override fails the train step with a
+    ConfigError naming field and value; the summary of the good run stays as it was."""
+    from mobile_vla.demo.runner import run_demo
+    from mobile_vla.demo.settings import tiny
+    from mobile_vla.errors import ConfigError
+
+    before = (demo_home / "demo_summary.json").read_text()
+    cfg = tiny(home=demo_home, episodes=8, epochs=1, progress=False, train_overrides=["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"optim\.lr = 'fast'"):
+        run_demo(cfg)
+    assert (demo_home / "demo_summary.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--robots", "0"], "robots = 0"),
+        (["--episodes", "2"], "episodes = 2"),
+        (["--success-floor", "1.5"], "success_floor = 1.5"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args, message, tmp_path, capsys):
+    from mobile_vla.cli import main
+
+    assert main(["demo", "--preset", "tiny", "--home", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # refused before anything was written
