@@ -101,6 +101,7 @@ class ClosedLoopReport:
     episodes: list[dict]  # per episode: seed, outcome, steps, path_length, trajectory, expert {...}, scene
     settings: dict[str, Any]
     seconds: float
+    worker_cpu_seconds: float = 0.0  # CPU the Ray tasks spent (simulation, rendering, the model): load-independent
     served_by: list[str] = field(default_factory=list)  # HTTP: the model versions and backends that answered
     frames: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # seed -> uint8 [N, H, W, 3]
 
@@ -123,7 +124,8 @@ class ClosedLoopReport:
             "split": self.split, "model": self.model, "model_name": self.model_name,
             "model_version": self.model_version, "seeds": [self.seeds[0], self.seeds[-1] + 1] if self.seeds else [],
             "policy": jsonable(asdict(self.policy)), "expert": jsonable(asdict(self.expert)),
-            "settings": jsonable(self.settings), "seconds": round(self.seconds, 2), "served_by": self.served_by,
+            "settings": jsonable(self.settings), "seconds": round(self.seconds, 2),
+            "worker_cpu_seconds": round(self.worker_cpu_seconds, 2), "served_by": self.served_by,
             "metrics": self.metrics(), "episodes": episodes,
         }
 
@@ -254,6 +256,7 @@ def evaluate_closed_loop(
                   "max_steps": max_steps, "policy": policy.kind, "prefer": list(prefer), "endpoint": endpoint,
                   "split_spec": spec.splits[split].model_dump(mode="json")},
         seconds=time.time() - started,
+        worker_cpu_seconds=float(sum(r.get("cpu_seconds", 0.0) for r in rows)),
         served_by=served_by,
         frames=frames,
     )

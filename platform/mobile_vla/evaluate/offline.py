@@ -61,29 +61,34 @@ class OfflineReport:
 
 
 def predict_episodes(paths: list[str], policy: PolicySpec) -> list[dict]:
-    """Ray task body: every frame of each episode, episodes batched together frame by frame."""
-    from mobile_vla.data.episodes import read_episode
+    """Ray task body: every frame of each episode, episodes batched together frame by frame.
+    Frames are read one at a time (original-format episodes hold hundreds of 720p frames)."""
+    from mobile_vla.data.episodes import FrameReader, read_episode
 
     backend = worker_backend(policy)
-    episodes = [read_episode(path) for path in paths]
+    episodes = [read_episode(path, load_images=False) for path in paths]
     for path, episode in zip(paths, episodes):
         if episode.state is None and backend.state_dim > 0:
             raise DataError(f"{path}: state: missing, but the model expects S = {backend.state_dim}")
         if episode.state is not None and episode.state.shape[1] != backend.state_dim:
             raise DataError(f"{path}: state: S = {episode.state.shape[1]}, the model expects {backend.state_dim}")
-    size = backend.image_size
+    reader, size = FrameReader(), backend.image_size
     lengths = [episode.num_frames for episode in episodes]
     preds = [np.zeros((n, backend.signature.chunk, 3), np.float32) for n in lengths]  # [T, K, 3] each
     h, c = backend.initial_memory(len(episodes))  # [layers, E, hidden]
-    for t in range(max(lengths)):
-        rows = [e for e, n in enumerate(lengths) if t < n]
-        images = np.stack([_prepared(episodes[e].images[t], backend.preprocessing, size) for e in rows])  # [B,H,W,3]
-        state = np.stack([episodes[e].state[t] if episodes[e].state is not None else np.zeros(0, np.float32)
-                          for e in rows]).astype(np.float32)  # [B, S]
-        out = backend.predict(images, state, [episodes[e].instruction for e in rows], (h[:, rows], c[:, rows]))
-        h[:, rows], c[:, rows] = out.memory
-        for j, e in enumerate(rows):
-            preds[e][t] = out.actions[j]
+    try:
+        for t in range(max(lengths)):
+            rows = [e for e, n in enumerate(lengths) if t < n]
+            images = np.stack([_prepared(reader.read(paths[e], t, t + 1)[0], backend.preprocessing, size)
+                               for e in rows])  # [B, H, W, 3]
+            state = np.stack([episodes[e].state[t] if episodes[e].state is not None else np.zeros(0, np.float32)
+                              for e in rows]).astype(np.float32)  # [B, S]
+            out = backend.predict(images, state, [episodes[e].instruction for e in rows], (h[:, rows], c[:, rows]))
+            h[:, rows], c[:, rows] = out.memory
+            for j, e in enumerate(rows):
+                preds[e][t] = out.actions[j]
+    finally:
+        reader.close()
     return [{"name": Path(path).name, "pred": pred, "true": episode.actions.astype(np.float32)}
             for path, pred, episode in zip(paths, preds, episodes)]
 

@@ -322,9 +322,12 @@ def worker_backend(spec: PolicySpec):
 def rollout_seeds(jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpec,
                   settings: RolloutSettings) -> list[dict]:
     """Ray task body: the expert and then `policy` on each (split, seed); one dict per episode."""
+    import time
+
     from mobile_vla.data.scenes import scene_from_seed
     from mobile_vla.data.split_spec import SplitSpec
 
+    cpu_start = time.process_time()
     spec = SplitSpec.model_validate_json(spec_json)
     scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
     if settings.max_steps is not None:
@@ -343,10 +346,11 @@ def rollout_seeds(jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpe
         finally:
             if isinstance(runner, HttpPolicy):
                 runner.close()
+    cpu_seconds = (time.process_time() - cpu_start) / len(scenes)  # this process only (not a server's)
     results = []
     for scene, mine, expert in zip(scenes, driven, reference):
         row = mine.to_dict()
-        row.update(split=scene.split, instruction=scene.instruction, scene=scene.to_json(),
+        row.update(split=scene.split, instruction=scene.instruction, scene=scene.to_json(), cpu_seconds=cpu_seconds,
                    expert={k: v for k, v in expert.to_dict().items() if k != "frames"})
         results.append(row)
     return results
