@@ -138,8 +138,14 @@ def start_cluster(cfg: DemoConfig) -> Cluster:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=False)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, runtime_env={"env_vars": env})
+        try:
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False, runtime_env={"env_vars": env})
+        except Exception as exc:  # Ray gives its raylet 30 s to register, fixed; a swamped box misses that
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            raise ResourceError(f"the local Ray cluster did not start ({str(exc).splitlines()[0]}); "
+                                f"load average {load:.1f} on {os.cpu_count()} cores: try again when the "
+                                "machine is less busy") from exc
     return Cluster(owned=True)
 
 
