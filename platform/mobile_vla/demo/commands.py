@@ -13,6 +13,7 @@ printed and written to <home>/demo_summary.json. Unset options take the preset's
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -52,8 +53,38 @@ def demo_config(args):
     return PRESETS[args.preset](**overrides)
 
 
+@contextlib.contextmanager
+def quiet_libraries(enabled: bool = True):
+    """The demo prints its own progress: library INFO lines (exporters, MLflow table creation,
+    artifact download bars) and deprecation warnings would bury it. `mobile-vla -v demo` shows all.
+    Levels and filters are restored afterwards (the demo also runs inside test processes)."""
+    import logging
+    import os
+    import warnings
+
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    loggers = [logging.getLogger(name) for name in ("", "mlflow", "onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*were assigned during export.*")
+        warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape constraints.*")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def run_demo_command(args) -> int:
     from mobile_vla.demo.runner import run_demo
 
-    run_demo(demo_config(args))
+    cfg = demo_config(args)
+    with quiet_libraries(enabled=not getattr(args, "verbose", False)):
+        run_demo(cfg)
     return 0
