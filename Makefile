@@ -28,8 +28,11 @@ demo: setup
 demo-tiny: setup
 	$(VENV)/bin/mobile-vla demo --preset tiny $(DEMO_ARGS)
 
+# CPU benchmarks, one after another (each writes benchmarks/results/<name>.json). Run on a quiet box.
+# benchmarks/gpu_check.py is for a GPU node only (see docs/gpu.md).
+CPU_BENCHMARKS := data_generate data_pipeline policy_step inference train_overhead serve_load closed_loop
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in $(CPU_BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf .mobile_vla benchmarks/results .pytest_cache
