@@ -8,6 +8,12 @@ Data (MiniWorld + scripted expert) -> Ray Train (2 workers) -> MLflow version @c
 export -> offline and closed-loop evaluation -> promotion through the demo gate -> Ray Serve on
 127.0.0.1 -> simulated robots driving MiniWorld episodes through POST /v1/act. The summary is
 printed and written to <home>/demo_summary.json. Unset options take the preset's value.
+
+The demo gate: a challenger becomes @champion when its closed-loop success on the demo's episodes
+reaches --success-floor (0.25); in a fresh home the first version becomes champion even below the
+floor, as a "forced" promotion that the summary and the version's promotion.* tags say. The
+platform gate (jobs/configs/gate.yaml, `mobile-vla promote`) is stricter: 200 episodes and a win
+over the champion beyond sampling noise.
 """
 
 from __future__ import annotations

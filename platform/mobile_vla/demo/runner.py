@@ -544,8 +544,11 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
             if cfg.keep_serving:
                 console.print(f"[bold]serving at {serving.url}/v1/act[/bold] (token: first line of "
                               f"{serving.tokens_file}); Ctrl-C to stop")
-                while True:
-                    time.sleep(3600)
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:  # the way to stop serving: not an error
+                    pass
             return summary
         finally:
             if cluster is not None:
