@@ -1,11 +1,8 @@
-import json
-import os
 
 import pytest
 
 from mobile_vla.errors import ConfigError
 from mobile_vla.serve.auth import TokenVerifier, create_tokens_file, resolve_tokens_path
-from mobile_vla.serve.feedback_sink import JsonlFeedbackSink, read_feedback
 from mobile_vla.serve.routing import BreakerState, CircuitBreaker
 
 
@@ -53,19 +50,28 @@ def test_breaker_opens_after_failures_probes_once_and_closes():
     assert breaker.state is BreakerState.CLOSED and breaker.allow()
 
 
-def test_feedback_sink_appends_durably_and_readers_dedupe(tmp_path):
-    sink = JsonlFeedbackSink(tmp_path / "feedback")
-    record = {"robot_id": "r-1", "episode_id": "e1", "step": 0, "action_executed": [0.1, 0.0, 0.0]}
-    sink.append(record)
-    sink.append(record)  # a retried request
-    sink.append({**record, "step": 1})
-    sink.append({**record, "robot_id": "r-2"})
-    lines = (tmp_path / "feedback" / "r-1.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[2])["step"] == 1
-    with (tmp_path / "feedback" / "r-1.jsonl").open("a") as handle:
-        handle.write('{"robot_id": "r-1", "epis')  # a crash mid-write
-    keys = sorted((r["robot_id"], r["step"]) for r in read_feedback(tmp_path / "feedback"))
-    assert keys == [("r-1", 0), ("r-1", 1), ("r-2", 0)]
-    with pytest.raises(ValueError):
-        sink.path_for("../escape")
-    assert sorted(os.listdir(tmp_path / "feedback")) == ["r-1.jsonl", "r-2.jsonl"]
+def test_data_inspect_reads_a_raw_feedback_root(tmp_path, capsys):
+    """What serving writes (the FeedbackStore behind /v1/feedback) is readable with `mobile-vla data inspect`."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    from mobile_vla.cli import main
+    from mobile_vla.online.feedback_store import FeedbackStore
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    record = {"robot_id": "r-1", "episode_id": "e1", "step": 0, "instruction": "go", "state": [0.0, 0.0, 0.0],
+              "image": base64.b64encode(buffer.getvalue()).decode(), "action_executed": [0.1, 0.0, 0.0]}
+    with FeedbackStore(tmp_path / "feedback") as store:
+        store.append(record)
+        store.append(record)  # a retried request
+        store.append({**record, "step": 1, "action_corrected": [0.0, 0.0, 0.0], "episode_done": True, "success": True})
+    assert main(["data", "inspect", str(tmp_path / "feedback"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["records"], summary["unique_steps"], summary["episodes"]) == (3, 2, 1)
+    assert summary["corrected_steps"] == 1 and summary["success_rate"] == 1.0
+    assert main(["data", "inspect", str(tmp_path / "feedback")]) == 0
+    assert "finished_episodes" in capsys.readouterr().out

@@ -173,6 +173,13 @@ def run_inspect(args) -> int:
 
     from mobile_vla.data.manifest import load_manifest
 
+    if (args.folder / "segments").is_dir():  # a raw feedback root (serving's write-ahead log), not episodes
+        from mobile_vla.online.feedback_store import describe_feedback
+
+        summary = describe_feedback(args.folder)
+        print(json.dumps(summary, indent=2, default=str) if args.json else
+              "\n".join(f"{key:32s} {value}" for key, value in summary.items()))
+        return 0
     manifest = load_manifest(args.folder)
     problems = check_episodes(args.folder, manifest, progress=not args.json) if args.check else None
     if args.json:
