@@ -230,7 +230,7 @@ def evaluate_closed_loop(
     else:
         resolved = resolve_model(model)
         policy = PolicySpec("model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer))
-    hz = control_hz or _control_hz(resolved.path if resolved and policy.kind == "model" else None) or 5.0
+    hz = control_hz or _control_hz(resolved.path if resolved else None) or 5.0
     settings = RolloutSettings(control_hz=hz, max_steps=max_steps, record_frames=tuple(seeds[:max(record_frames, 0)]))
 
     started = time.time()
