@@ -72,6 +72,7 @@ def quiet_libraries(enabled: bool = True):
         yield
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its logger
     loggers = [logging.getLogger(name) for name in ("", "mlflow", "onnxscript", "onnx_ir", "torch.onnx")]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
