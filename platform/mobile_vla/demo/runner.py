@@ -389,7 +389,11 @@ def start_serving(cfg: DemoConfig, cluster: Cluster, max_wait_s: float = 300.0) 
     token = _api_token(tokens_file)
     args = ServeAppArgs(model_uri=f"models:/{REGISTERED_MODEL}@champion", primary="onnx", tokens_file=str(tokens_file),
                         max_batch_size=max(8, cfg.robots), batch_wait_timeout_s=0.005, primary_timeout_s=10.0)
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    except RuntimeError as exc:  # a replica failed to start: name why, not Serve's generic line
+        raise ResourceError(f"Ray Serve app {APP_NAME!r} did not deploy: {_deployment_failures(exc)} "
+                            "(replica logs: /tmp/ray/session_latest/logs/serve/)") from exc
     serving = Serving(url=f"http://127.0.0.1:{port}", token=token, tokens_file=tokens_file)
     deadline = time.monotonic() + max_wait_s
     with httpx.Client(base_url=serving.url, timeout=10.0) as http:
@@ -407,6 +411,19 @@ def start_serving(cfg: DemoConfig, cluster: Cluster, max_wait_s: float = 300.0) 
     active = [b for b in info["backends"] if b["deployment"] == info["active"]]
     serving.backend = active[0]["backend"] if active else None
     return serving
+
+
+def _deployment_failures(exc: Exception) -> str:
+    """The last line of each failed deployment's message (the replica's exception), else `exc`."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        reasons = [f"{name}: {[line for line in d.message.splitlines() if line.strip()][-1]}"
+                   for name, d in (app.deployments.items() if app else []) if d.message.strip()]
+    except Exception:
+        reasons = []
+    return "; ".join(reasons) or str(exc).splitlines()[0]
 
 
 # -- 7. robots --------------------------------------------------------------------------------------
