@@ -149,7 +149,8 @@ def start_cluster(cfg: DemoConfig) -> Cluster:
     return Cluster(owned=True)
 
 
-def stop_cluster(cluster: Cluster, keep_app: bool = False) -> None:
+def stop_cluster(cluster: Cluster) -> None:
+    """Serve off (or only the demo's app, on a Serve the demo did not start); Ray off if ours."""
     import ray
 
     if not ray.is_initialized():
@@ -159,14 +160,14 @@ def stop_cluster(cluster: Cluster, keep_app: bool = False) -> None:
     try:
         if cluster.serve_started:
             serve.shutdown()
-        elif not keep_app and APP_NAME in serve.status().applications:
+        elif APP_NAME in serve.status().applications:
             serve.delete(APP_NAME)
     finally:
         if cluster.owned:
             ray.shutdown()
 
 
-# -- 1. data ----------------------------------------------------------------------------------------
+# -- data -------------------------------------------------------------------------------------------
 def demo_split_spec(val_fraction: float):
     """Only train and val: every generated episode is either learned from or validated on."""
     from mobile_vla.data.split_spec import SplitSpec, default_split_spec
@@ -202,7 +203,7 @@ def generate_data(cfg: DemoConfig) -> DataOutcome:
     )
 
 
-# -- 2. train ---------------------------------------------------------------------------------------
+# -- train ------------------------------------------------------------------------------------------
 def train_config_path(preset: str) -> Path:
     """jobs/configs/<preset>.yaml of this checkout: the demo trains exactly like `mobile-vla train`."""
     import mobile_vla
@@ -239,7 +240,7 @@ def train_policy(cfg: DemoConfig, data: DataOutcome) -> TrainOutcome:
     )
 
 
-# -- 3. export --------------------------------------------------------------------------------------
+# -- export -----------------------------------------------------------------------------------------
 def export_policy(train: TrainOutcome, data: DataOutcome, say=None) -> ExportOutcome:
     from mobile_vla.export.commands import attach_onnx
     from mobile_vla.export.onnx_export import export_model
@@ -290,7 +291,7 @@ def measure_step_speed(model_dir: Path, data_dir: Path, rounds: int = SPEED_ROUN
     return statistics.median(times["torch"]), statistics.median(times["onnx-cpu"])
 
 
-# -- 4. evaluate ------------------------------------------------------------------------------------
+# -- evaluate ---------------------------------------------------------------------------------------
 def evaluate_policy(cfg: DemoConfig, train: TrainOutcome, data: DataOutcome) -> EvalOutcome:
     """Offline MAE on val episodes, then closed-loop MiniWorld success on val scene seeds; both are
     stored on the version (the gate reads them) with plots under evaluation/ of the run."""
@@ -310,7 +311,7 @@ def evaluate_policy(cfg: DemoConfig, train: TrainOutcome, data: DataOutcome) -> 
                        expert_low=e.success_low, expert_high=e.success_high, results=out_dir / EVAL_SPLIT)
 
 
-# -- 5. promote -------------------------------------------------------------------------------------
+# -- promote ----------------------------------------------------------------------------------------
 def demo_gate(cfg: DemoConfig):
     """The demo's gate: closed-loop success on the demo's episodes must reach `success_floor`.
 
@@ -343,7 +344,7 @@ def promote_policy(cfg: DemoConfig, train: TrainOutcome) -> PromotionOutcome:
                             champion=tracking.get_version_by_alias(REGISTERED_MODEL, CHAMPION), first_champion=first)
 
 
-# -- 6. serve ---------------------------------------------------------------------------------------
+# -- serve ------------------------------------------------------------------------------------------
 def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -426,7 +427,7 @@ def _deployment_failures(exc: Exception) -> str:
     return "; ".join(reasons) or str(exc).splitlines()[0]
 
 
-# -- 7. robots --------------------------------------------------------------------------------------
+# -- robots -----------------------------------------------------------------------------------------
 def drive_fleet(cfg: DemoConfig, serving: Serving, data: DataOutcome) -> FleetOutcome:
     """`robots` MiniWorld episodes on val scene seeds past the closed-loop ones, through HTTP."""
     import numpy as np
