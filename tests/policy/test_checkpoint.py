@@ -65,8 +65,11 @@ def test_corrupt_or_missing_files_are_model_errors(tmp_path, tiny_model):
     weights.unlink()
     with pytest.raises(ModelError, match="model.safetensors: missing"):
         load_policy(tmp_path)
-    (tmp_path / "config.json").write_text('{"kind": "ensemble", "format_version": 1, "config": {}}')
-    with pytest.raises(ModelError, match="kind = 'ensemble'"):
+    (tmp_path / "config.json").write_text('{"kind": "mixture-of-experts", "format_version": 1, "config": {}}')
+    with pytest.raises(ModelError, match="kind = 'mixture-of-experts'"):
+        load_policy(tmp_path)
+    (tmp_path / "config.json").write_text('{"kind": "policy", "format_version": 9, "config": {}}')
+    with pytest.raises(ModelError, match="format_version = 9"):
         load_policy(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="config.json: not valid JSON"):
