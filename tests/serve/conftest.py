@@ -43,3 +43,68 @@ def serve_home(tmp_path_factory) -> Path:
         register_random_policy(preset="tiny", alias="champion")
     (home / "token").write_text(create_tokens_file(home / "tokens"))
     return home
+
+
+class AppClient:
+    """HTTP on 127.0.0.1 to one deployed app, plus its policy deployments' info() over Serve handles."""
+
+    def __init__(self, app_name: str, url: str, token: str, home: Path):
+        import httpx
+
+        self.app_name, self.url, self.token, self.home = app_name, url, token, home
+        self.http = httpx.Client(base_url=url, timeout=60)
+        self.auth = {"Authorization": f"Bearer {token}"}
+
+    def act(self, image: str, robot_id="r-1", memory=None, instruction="go to the red box", state=(0.1, 0.0, -0.2)):
+        body = {"robot_id": robot_id, "instruction": instruction, "image": image, "state": list(state)}
+        if memory is not None:
+            body["memory"] = memory
+        return self.http.post("/v1/act", json=body, headers=self.auth)
+
+    def model(self) -> dict:
+        response = self.http.get("/v1/model", headers=self.auth)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def policy_info(self, deployment: str) -> dict:
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, app_name=self.app_name).info.remote().result()
+
+
+@contextlib.contextmanager
+def deployed_app(app_name: str, home: Path, args):
+    """`build_app(args)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards."""
+    import socket
+
+    from ray import serve
+
+    from mobile_vla.serve.app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with home_env(home):
+        serve.run(build_app(args), name=app_name, route_prefix="/")
+    client = AppClient(app_name, f"http://127.0.0.1:{port}", (home / "token").read_text(), home)
+    try:
+        yield client
+    finally:
+        client.http.close()
+        serve.delete(app_name)
+        serve.shutdown()
+
+
+def wait_until(check, timeout_s: float, every_s: float = 0.2, what: str = "condition"):
+    """Polls `check()` until it returns something truthy (returned), or fails the test after timeout_s."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(every_s)

@@ -212,7 +212,7 @@ def test_bad_transport_level_requests(served):
 
 # -- feedback -----------------------------------------------------------------------------------------
 def test_feedback_is_stored_before_202_and_retries_are_duplicates(served):
-    from mobile_vla.serve.feedback_sink import read_feedback
+    from mobile_vla.online.feedback_store import FeedbackStore, describe_feedback
 
     body = {"robot_id": "fb-1", "episode_id": "ep-7", "step": 3, "instruction": INSTRUCTION, "image": IMAGE,
             "state": [0.0, 0.1, 0.0], "action_executed": [0.2, 0.0, 0.1], "action_corrected": [0.1, 0.0, 0.0],
@@ -220,10 +220,12 @@ def test_feedback_is_stored_before_202_and_retries_are_duplicates(served):
     first = served.http.post("/v1/feedback", json=body, headers=served.auth)
     retry = served.http.post("/v1/feedback", json=body, headers=served.auth)
     assert first.status_code == retry.status_code == 202 and first.json()["key"] == "fb-1/ep-7/3"
-    lines = (served.home / "feedback" / "fb-1.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and json.loads(lines[0])["action_corrected"] == [0.1, 0.0, 0.0]
-    records = [r for r in read_feedback(served.home / "feedback") if r["robot_id"] == "fb-1"]
-    assert len(records) == 1 and records[0]["intervention"] is True
+    stored = [r for r in FeedbackStore(served.home / "feedback", repair=False).replay() if r.meta["robot_id"] == "fb-1"]
+    assert len(stored) == 2  # both writes are in the log; assembly keeps one per key
+    assert stored[0].meta["action_corrected"] == [0.1, 0.0, 0.0] and stored[0].meta["model"]["version"] == "1"
+    assert stored[0].image == base64.b64decode(IMAGE)  # the robot's JPEG bytes, not re-encoded
+    summary = describe_feedback(served.home / "feedback")
+    assert summary["unique_steps"] >= 1 and summary["intervention_steps"] >= 1 and summary["torn_or_corrupt"] == []
     bad = served.http.post("/v1/feedback", json={**body, "action_executed": [0.1, 0.2]}, headers=served.auth)
     assert bad.status_code == 422 and _error(bad)["code"] == "invalid_request"
     assert served.http.post("/v1/feedback", json=body).status_code == 401

@@ -6,15 +6,23 @@ body and differ only in which backends they accept. Requests from many robots ar
 `@serve.batch` into one `backend.predict` call, run in a thread so the event loop keeps queueing.
 
 The model comes from `user_config` (`PolicyUserConfig`): `reconfigure()` runs at start and on every
-user_config change without a restart, loads the new version beside the old one and swaps the
-reference in one assignment; a version that fails to load leaves the old one serving. All model
-loading is in `_load_model()`, the one place hot swap (issue 8) extends.
+user_config change without a restart. With `alias` set, each replica also follows the alias itself
+(hot swap): a watcher thread polls the registry every `alias_poll_s`; when the alias points to
+another version it prepares it (`_prepare_version`: the TensorRT engine fetch/build, minutes, off
+the request path), loads it beside the old one, verifies it (signature + a probe step) and swaps the
+reference in one assignment. Batches already running keep the model they started with; a version
+that fails leaves the old one serving, counts in `mobile_vla_model_load_failures` and shows in
+`info()` until a later version loads. Why each replica polls (not a controller pushing user_config):
+nothing else has to run for an alias moved in the MLflow UI to take effect, and a replica that
+restarts starts on the alias's current version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +37,9 @@ logger = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_S = 0.005
+DEFAULT_ALIAS_POLL_S = 2.0
+RETRY_FAILED_S = 30.0  # a version that failed is tried again after this (e.g. its onnx/ got attached since)
+_PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
 class FaultConfig(StrictModel):
@@ -47,6 +58,10 @@ class PolicyUserConfig(StrictModel):
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     fp16: bool = False
+    alias_poll_s: float = Field(default=DEFAULT_ALIAS_POLL_S, ge=0, le=3600,
+                                description="how often the replica checks where `alias` points; 0: only user_config changes the model")
+    prepare_delay_s: float = Field(default=0.0, ge=0, le=600,
+                                   description="TEST-ONLY: a pause before loading a new version, standing in for a TensorRT engine build")
     faults: list[FaultConfig] = Field(default_factory=list)
 
 
@@ -87,7 +102,7 @@ class LoadedModel:
     version: str
     alias: str | None
     uri: str
-    state_shape: tuple[int, int]  # (layers, hidden) of one robot's h or c
+    state_shape: tuple[int, ...]  # one robot's h or c: the backend's memory without the batch axis
 
 
 class PolicyDeployment:
@@ -104,6 +119,12 @@ class PolicyDeployment:
         self._metrics = PolicyMetrics()
         self._batches = 0  # counters for info(): mean batch size = batched_requests / batches
         self._batched_requests = 0
+        self._pending_version: str | None = None  # being prepared/loaded beside the serving model
+        self._failed: dict | None = None  # {"version", "error", "at"} of the last version that could not load
+        self._swaps = 0
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._follow_alias, name="alias-watcher", daemon=True)
+        self._watcher.start()
 
     # -- model lifecycle -------------------------------------------------------------------------
     def _load_model(self, config: PolicyUserConfig) -> LoadedModel:
@@ -113,11 +134,99 @@ class PolicyDeployment:
 
         resolved = resolve_model(config.model_uri)
         backend = load_backend(resolved.path, prefer=self.PREFER, fp16=config.fp16)
-        h, _ = backend.initial_memory(1)
+        h, _ = backend.initial_memory(1)  # [..., 1, ...]: the recurrent state's shape comes from the signature
         name = backend.model_name or resolved.name or "unknown"
         version = str(backend.model_version or resolved.version or "unknown")
         return LoadedModel(backend, name, version, config.alias or resolved.alias, config.model_uri,
-                           (int(h.shape[0]), int(h.shape[2])))
+                           tuple(int(n) for i, n in enumerate(h.shape) if i != 1))
+
+    def _prepare_version(self, config: PolicyUserConfig) -> None:
+        """What must exist before `config.model_uri` can load here; TensorRTPolicy fetches or builds
+        the engine. Runs on the watcher thread while the old model keeps serving."""
+        if config.prepare_delay_s:
+            time.sleep(config.prepare_delay_s)
+
+    @staticmethod
+    def _verify(loaded: LoadedModel, expected_version: str | None) -> None:
+        """load_backend already checked the signature and ran a probe step; the version must also be
+        the one the alias named (a cached folder of another version must never be served under it)."""
+        if expected_version is not None and loaded.version != expected_version:
+            raise RuntimeError(f"{loaded.uri}: loaded files are version {loaded.version}, expected {expected_version}")
+        probe = loaded.backend.predict(
+            np.zeros((1, loaded.backend.image_size, loaded.backend.image_size, 3), np.uint8),
+            np.zeros((1, loaded.backend.state_dim), np.float32), ["probe"])
+        if not np.isfinite(np.asarray(probe.actions)).all():
+            raise RuntimeError(f"{loaded.uri}: probe step gave non-finite actions")
+
+    # -- hot swap: following the alias ------------------------------------------------------------
+    def _follow_alias(self) -> None:
+        while True:
+            config = self._config
+            if self._stop.wait(config.alias_poll_s if config and config.alias_poll_s > 0 else 1.0):
+                return
+            try:
+                self._check_alias()
+            except Exception as exc:  # registry unreachable: keep serving, look again next poll
+                logger.warning("policy %s: alias check failed: %s", type(self).__name__, exc)
+
+    def _alias_target(self, config: PolicyUserConfig) -> PolicyUserConfig | None:
+        """`config` pointed at the version the alias names now (None: not following an alias)."""
+        from mobile_vla.tracking import get_version_by_alias
+
+        match = _PINNED_URI.match(config.model_uri)
+        if not (config.alias and config.alias_poll_s > 0 and match):
+            return None
+        version = get_version_by_alias(match["name"], config.alias)
+        if version is None:
+            return None
+        return config.model_copy(update={"model_uri": f"models:/{match['name']}/{version}"})
+
+    def _check_alias(self) -> None:
+        config = self._config
+        if config is None:
+            return
+        target = self._alias_target(config)
+        if target is None:
+            return
+        version = target.model_uri.rsplit("/", 1)[1]
+        model, failed = self._model, self._failed
+        if model is not None and model.version == version:
+            if failed is not None:
+                self._failed = None  # the alias is back on what we serve (a rollback): nothing is wrong now
+            return
+        if failed and failed["version"] == version and time.monotonic() - failed["at"] < RETRY_FAILED_S:
+            return
+        self._swap_to(target, version)
+
+    def _swap_to(self, config: PolicyUserConfig, version: str) -> bool:
+        """Prepare, load and verify `version` beside the serving model, then swap in one assignment."""
+        old = self._model
+        self._pending_version = version
+        started = time.perf_counter()
+        try:
+            self._prepare_version(config)
+            loaded = self._load_model(config)
+            self._verify(loaded, version)
+        except Exception as exc:  # the old model keeps serving
+            self._failed = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:1000], "at": time.monotonic()}
+            self._metrics.load_failures.inc()
+            logger.error("policy %s: version %s failed to load, still serving %s: %s", type(self).__name__, version,
+                         old.version if old else "nothing", self._failed["error"])
+            return False
+        finally:
+            self._pending_version = None
+        self._model, self._failed, self._load_error = loaded, None, None  # atomic swap
+        self._swaps += 1
+        self._metrics.swaps.inc()
+        self._metrics.swap_seconds.observe(time.perf_counter() - started)
+        logger.info("policy %s: hot swap %s -> %s on %s in %.1f s", type(self).__name__, old.version if old else "none",
+                    loaded.version, loaded.backend.name, time.perf_counter() - started)
+        return True
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)  # absent when __init__ failed
+        if stop is not None:
+            stop.set()
 
     def reconfigure(self, user_config: dict) -> None:
         config = PolicyUserConfig.model_validate(user_config)
@@ -129,11 +238,18 @@ class PolicyDeployment:
         if previous is not None and previous.model_uri == config.model_uri and previous.fp16 == config.fp16 \
                 and self._model is not None:
             return  # batching or fault change only
+        try:  # a (re)started replica begins on the alias's current version, not the one pinned at deploy time
+            config = self._alias_target(config) or config
+        except Exception as exc:
+            logger.warning("policy %s: alias lookup failed, loading %s: %s", type(self).__name__, config.model_uri, exc)
         try:
             loaded = self._load_model(config)
         except Exception as exc:  # stay up: the ingress routes around an unloaded replica
             self._load_error = f"{type(exc).__name__}: {exc}"
             logger.error("policy %s could not load %s: %s", type(self).__name__, config.model_uri, self._load_error)
+            # the watcher tries again at once, with _prepare_version (e.g. build the missing TensorRT engine)
+            self._failed = {"version": config.model_uri.rsplit("/", 1)[-1], "error": self._load_error,
+                            "at": time.monotonic() - RETRY_FAILED_S}
             return
         self._model, self._load_error = loaded, None  # atomic swap: in-flight batches keep the old one
         logger.info("policy %s serving %s version %s on %s", type(self).__name__, loaded.name, loaded.version,
@@ -165,6 +281,10 @@ class PolicyDeployment:
             "alias": model.alias if model else None,
             "uri": model.uri if model else (self._config.model_uri if self._config else None),
             "error": self._load_error,
+            "pending_version": self._pending_version,
+            "failed_version": self._failed["version"] if self._failed else None,
+            "failed_error": self._failed["error"] if self._failed else None,
+            "swaps": self._swaps,
             "max_batch_size": self._config.max_batch_size if self._config else None,
             "batches": self._batches,
             "batched_requests": self._batched_requests,
@@ -224,6 +344,14 @@ class TensorRTPolicy(PolicyDeployment):
     """Primary on GPU nodes: a TensorRT plan built for this GPU model and TensorRT version."""
 
     PREFER = ("tensorrt",)
+
+    def _prepare_version(self, config: PolicyUserConfig) -> None:
+        """A new version rarely has a plan for this GPU yet: fetch it from the version, else build and
+        attach it (minutes; the ingress sends this version's traffic to the ONNX fallback meanwhile)."""
+        from mobile_vla.serve.engine_provision import ensure_engine
+
+        super()._prepare_version(config)
+        ensure_engine(config.model_uri, fp16=config.fp16)
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})

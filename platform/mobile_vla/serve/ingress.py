@@ -1,6 +1,16 @@
 """The HTTP ingress (FastAPI inside Ray Serve): auth, limits, validation, image decoding, memory
 tokens, routing to the primary policy with a timeout and a circuit breaker, then the fallback.
 
+Hot swap: the ingress follows the alias too (every `alias_poll_s`) and asks each policy deployment
+which version it serves. The primary gets a request only while it serves the alias's version or
+the fallback does not; so when a new version needs minutes on the primary (a TensorRT engine build),
+the ONNX fallback answers with the new version at once and traffic returns to the primary when it
+has caught up. A version seen in an answer wakes the watcher, so no request goes back to the older
+version in between. The request checks (state size, tokenizer, resize) follow the served version.
+
+Shadow mode: after the answer is computed, a copy of the step goes to the shadow deployment in a
+background task with the shadow's own recurrent state; only the agreement is recorded.
+
 Bodies are read by hand (not by FastAPI's body parameter) so the size limit holds before a byte is
 parsed and the content type is checked first; the pydantic models still document the API.
 """
@@ -9,9 +19,11 @@ parsed and the content type is checked first; the pydantic models still document
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
+import random
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -24,7 +36,8 @@ from pydantic import Field, ValidationError
 from ray import serve
 
 from mobile_vla.config import StrictModel
-from mobile_vla.errors import MobileVLAError
+from mobile_vla.serve.app import ShadowConfig
+from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.serve.errors_http import ApiError, describe_errors, error_response, install_error_handlers
 from mobile_vla.serve.schemas import (
     ActRequest,
@@ -56,6 +69,9 @@ class IngressSettings(StrictModel):
     instruction_cache_size: int = Field(default=4096, ge=1)
     primary_name: str | None = None
     fallback_name: str | None = None
+    alias_poll_s: float = Field(default=2.0, ge=0)
+    shadow: ShadowConfig | None = None
+    shadow_name: str | None = None
 
 
 def _body_schema(model) -> dict:
@@ -98,9 +114,9 @@ class InstructionCache:
 @serve.deployment(max_ongoing_requests=256, num_replicas=1, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(fastapi_app)
 class PolicyIngress:
-    def __init__(self, settings: dict, primary=None, fallback=None):
+    def __init__(self, settings: dict, primary=None, fallback=None, shadow=None):
         from mobile_vla.serve.auth import TokenVerifier
-        from mobile_vla.serve.feedback_sink import JsonlFeedbackSink
+        from mobile_vla.online.feedback_store import FeedbackStore
         from mobile_vla.serve.memory_token import MemoryCodec, load_or_create_secret
         from mobile_vla.serve.metrics import IngressMetrics
         from mobile_vla.serve.routing import CircuitBreaker
@@ -108,19 +124,85 @@ class PolicyIngress:
         self.settings = IngressSettings.model_validate(settings)
         self._auth = TokenVerifier.from_file(Path(self.settings.tokens_file))
         self._codec = MemoryCodec(load_or_create_secret(Path(self.settings.memory_secret_file)))
-        self._sink = JsonlFeedbackSink(self.settings.feedback_dir)
+        self._sink = FeedbackStore(self.settings.feedback_dir)  # a FeedbackSink: durable when append returns
         self._metrics = IngressMetrics()
         self._breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_reset_s)
-        self._primary, self._fallback = primary, fallback
+        self._primary, self._fallback, self._shadow = primary, fallback, shadow
         self._load_model_side(self.settings.model_uri)
+        self._alias_version: str | None = self._side.version if self.settings.alias else None
+        self._versions: dict[str, str | None] = {}  # role -> version it serves (from info() and answers)
+        self._learned_at: dict[str, float] = {}  # role or "alias" -> when an answer last taught us something
+        self._side_failures: dict[str, str] = {}  # version -> why the ingress could not read it
+        self._watch_task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self._shadow_memory: OrderedDict[str, tuple] = OrderedDict()  # robot_id -> (name, version, h, c)
+        self._shadow_stats = {"compared": 0, "agreed": 0, "errors": 0, "dropped": 0, "diff_sum": 0.0, "version": None}
 
     def _load_model_side(self, model_uri: str) -> None:
         """What the ingress needs of the model: the resize rule, S, K and the tokenizer."""
         from mobile_vla.serve.model_side import load_model_side
 
         side = load_model_side(model_uri, self.settings.alias)
-        self._side = side
-        self._instructions = InstructionCache(side.tokenize_one, side.max_tokens, self.settings.instruction_cache_size)
+        instructions = InstructionCache(side.tokenize_one, side.max_tokens, self.settings.instruction_cache_size)
+        self._side, self._instructions = side, instructions
+
+    # -- hot swap: which version to serve, and who serves it -------------------------------------------
+    def _ensure_watch(self) -> None:
+        if self._watch_task is None and self.settings.alias and self.settings.alias_poll_s > 0:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self._refresh_versions()
+            except Exception as exc:  # registry or a replica unreachable: keep routing as before
+                logger.warning("version watch failed: %s", str(exc).splitlines()[0][:200])
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.alias_poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _refresh_versions(self) -> None:
+        from mobile_vla.tracking import get_version_by_alias
+
+        side = self._side
+        started = time.monotonic()  # what an answer taught us after this moment beats what we read here
+        target = await asyncio.to_thread(get_version_by_alias, side.name, self.settings.alias)
+        if target is not None and self._learned_at.get("alias", 0.0) < started:
+            self._alias_version = target
+        for status in await self._backend_statuses():
+            if status["loaded"] and self._learned_at.get(status["role"], 0.0) < started:
+                self._versions[status["role"]] = status["model_version"]
+        target = self._alias_version
+        if target and target != side.version and target in self._versions.values() and target not in self._side_failures:
+            uri = f"models:/{side.name}/{target}"
+            try:  # only once a replica serves it: a version that fails to load never changes the checks
+                await asyncio.to_thread(self._load_model_side, uri)
+                logger.info("ingress now checks requests for %s version %s", side.name, target)
+            except Exception as exc:
+                self._side_failures[target] = f"{type(exc).__name__}: {exc}"[:500]
+                logger.error("ingress cannot read %s: %s", uri, self._side_failures[target])
+
+    def _learn_version(self, role: str, version: str) -> None:
+        previous = self._versions.get(role)
+        if previous == version:
+            return
+        self._versions[role] = version
+        self._learned_at[role] = time.monotonic()
+        if previous is not None and self._alias_version is not None:
+            # A replica moved, and replicas only move to what the alias named when they looked: newer news
+            # than ours. Routing on it at once keeps the next request off the older version.
+            self._alias_version = version
+            self._learned_at["alias"] = time.monotonic()
+        self._wake.set()  # and look at the registry now rather than at the next poll
+
+    def _primary_is_current(self) -> bool:
+        target = self._alias_version
+        if target is None or self._fallback is None:
+            return True
+        return self._versions.get("primary") in (None, target) or self._versions.get("fallback") != target
 
     # -- helpers -----------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -194,7 +276,9 @@ class PolicyIngress:
     async def _run_step(self, step) -> tuple[Any, str, str]:
         """Primary (timeout + breaker), else fallback. Returns (StepResult, deployment, fallback reason or "")."""
         reason = "absent"
-        if self._primary is not None:
+        if self._primary is not None and not self._primary_is_current():
+            reason = "primary_behind"  # e.g. building the new version's TensorRT engine
+        elif self._primary is not None:
             if self._breaker.allow():
                 response = self._primary.step.remote(step)
                 try:
@@ -212,6 +296,7 @@ class PolicyIngress:
                 else:
                     self._breaker.record_success()
                     self._metrics.breaker_open.set(0)
+                    self._learn_version("primary", result.model_version)
                     return result, self.settings.primary_name or "primary", ""
             else:
                 reason = "breaker_open"
@@ -220,10 +305,64 @@ class PolicyIngress:
             raise ApiError(503, "unavailable", f"primary backend unavailable ({reason}) and no fallback configured")
         self._metrics.fallbacks.inc(tags={"reason": reason})
         try:
-            return await self._fallback.step.remote(step), self.settings.fallback_name or "fallback", reason
+            result = await self._fallback.step.remote(step)
         except Exception as exc:
             logger.error("fallback failed: %s", str(exc).splitlines()[0][:200])
             raise ApiError(503, "unavailable", "no backend could answer; retry later") from None
+        self._learn_version("fallback", result.model_version)
+        return result, self.settings.fallback_name or "fallback", reason
+
+    # -- shadow mode ---------------------------------------------------------------------------------
+    def _copy_to_shadow(self, step, champion) -> None:
+        """Fire and forget: the robot's answer is already computed and never waits for this."""
+        config = self.settings.shadow
+        if self._shadow is None or random.random() >= config.sample_rate:
+            return
+        if len(self._shadow_tasks) >= config.max_in_flight:
+            self._shadow_stats["dropped"] += 1
+            self._metrics.shadow.inc(tags={"outcome": "dropped"})
+            return
+        task = asyncio.get_running_loop().create_task(self._compare_in_shadow(step, champion))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _compare_in_shadow(self, step, champion) -> None:
+        config = self.settings.shadow
+        memory = self._shadow_memory.pop(step.robot_id, None)  # the shadow's own state for this robot
+        name, version, h, c = memory if memory else (None, None, None, None)
+        copy = dataclasses.replace(step, memory_name=name, memory_version=version, h=h, c=c)
+        try:
+            shadow = await self._shadow.step.remote(copy)
+        except Exception as exc:
+            self._shadow_stats["errors"] += 1
+            self._metrics.shadow.inc(tags={"outcome": "error"})
+            logger.warning("shadow failed: %s", str(exc).splitlines()[0][:200])
+            return
+        self._shadow_memory[step.robot_id] = (shadow.model_name, shadow.model_version, shadow.h, shadow.c)
+        while len(self._shadow_memory) > config.memory_robots:
+            self._shadow_memory.popitem(last=False)
+        diff = float(np.abs(shadow.actions - champion.actions).mean())  # [K, 3] both
+        agree = bool(np.abs(shadow.actions[0] - champion.actions[0]).max() <= config.tolerance)
+        stats = self._shadow_stats
+        stats["compared"] += 1
+        stats["agreed"] += agree
+        stats["diff_sum"] += diff
+        stats["version"] = shadow.model_version
+        self._metrics.shadow.inc(tags={"outcome": "agree" if agree else "disagree"})
+        self._metrics.shadow_action_diff.observe(diff)
+
+    def _shadow_summary(self) -> dict | None:
+        if self._shadow is None:
+            return None
+        stats = self._shadow_stats
+        compared = stats["compared"]
+        return {
+            "alias": self.settings.shadow.alias, "version": stats["version"], "compared": compared,
+            "agreed": stats["agreed"], "errors": stats["errors"], "dropped": stats["dropped"],
+            "agreement": stats["agreed"] / compared if compared else None,
+            "mean_abs_action_diff": stats["diff_sum"] / compared if compared else None,
+            "in_flight": len(self._shadow_tasks),
+        }
 
     # -- routes ------------------------------------------------------------------------------------
     @fastapi_app.get("/healthz", responses=_ERRORS)
@@ -246,7 +385,7 @@ class PolicyIngress:
             if handle is None:
                 continue
             try:
-                info = await asyncio.wait_for(handle.info.remote(), 2.0)
+                info = await asyncio.wait_for(_awaited(handle.info.remote()), 2.0)
                 detail = info.get("error")
             except Exception as exc:
                 info, detail = {"loaded": False, "backend": None, "model_version": None}, f"no answer: {type(exc).__name__}"
@@ -254,21 +393,25 @@ class PolicyIngress:
                 "role": role, "deployment": name or role, "backend": info.get("backend"), "loaded": bool(info.get("loaded")),
                 "model_version": info.get("model_version"), "detail": detail,
                 "breaker": self._breaker.state.value if role == "primary" else None,
+                "pending_version": info.get("pending_version"), "failed_version": info.get("failed_version"),
+                "failed_reason": info.get("failed_error"),
             })
         return out
 
     @fastapi_app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS)
     async def model(self, request: Request):
         self._authorize(request)
+        self._ensure_watch()
         statuses = await self._backend_statuses()
         active = None
         for s in statuses:
-            if s["loaded"] and (s["role"] == "fallback" or s["breaker"] == "closed"):
+            if s["loaded"] and (s["role"] == "fallback" or (s["breaker"] == "closed" and self._primary_is_current())):
                 active = s["deployment"]
                 break
         side = self._side
         return ModelInfo(name=side.name, version=side.version, alias=side.alias, uri=side.uri,
-                         state_dim=side.state_dim, chunk=side.chunk, backends=statuses, active=active)
+                         state_dim=side.state_dim, chunk=side.chunk, backends=statuses, active=active,
+                         alias_version=self._alias_version, shadow=self._shadow_summary())
 
     @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_body_schema(ActRequest))
     async def act(self, request: Request):
@@ -278,6 +421,7 @@ class PolicyIngress:
 
         start = time.perf_counter()
         backend_tag, status = "none", 500
+        self._ensure_watch()
         try:
             self._authorize(request)
             body: ActRequest = await self._read_json(request, ActRequest)
@@ -295,6 +439,7 @@ class PolicyIngress:
                 step.memory_name, step.memory_version, step.h, step.c = (
                     memory.model_name, memory.model_version, memory.h, memory.c)
             result, served_by, fallback_reason = await self._run_step(step)
+            self._copy_to_shadow(step, result)
             token = self._codec.encode(RecurrentMemory(result.model_name, result.model_version, body.robot_id,
                                                        result.h, result.c))
             latency_ms = (time.perf_counter() - start) * 1000
@@ -335,6 +480,8 @@ class PolicyIngress:
             record["model"] = {"name": self._side.name, "version": self._side.version}
             try:
                 await asyncio.to_thread(self._sink.append, record)
+            except DataError as exc:  # what the HTTP schema lets through but the store refuses
+                raise ApiError(422, "invalid_request", str(exc)) from None
             except OSError as exc:
                 logger.error("feedback store failed: %s", exc)
                 raise ApiError(503, "unavailable", "feedback could not be stored; retry") from None

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import time
 
+SWAP_SECONDS_BOUNDARIES = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200]
+ACTION_DIFF_BOUNDARIES = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500]
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128]
 CONFIDENCE_BOUNDARIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
@@ -41,6 +43,14 @@ class IngressMetrics:
         )
         self.memory_resets = Counter("mobile_vla_memory_resets", "Memory tokens dropped (other model version).")
         self.breaker_open = Gauge("mobile_vla_primary_breaker_open", "1 while the primary's circuit breaker is open.")
+        self.shadow = Counter(
+            "mobile_vla_shadow_requests", "Copies of /v1/act sent to the shadow (challenger), by outcome: "
+            "agree, disagree, error, dropped.", tag_keys=("outcome",),
+        )
+        self.shadow_action_diff = Histogram(
+            "mobile_vla_shadow_action_diff", "Mean absolute difference of the champion's and the shadow's action "
+            "chunks (m/s, rad/s).", boundaries=ACTION_DIFF_BOUNDARIES,
+        )
 
     def request(self, route: str, backend: str, status: int) -> None:
         self.requests.inc(tags={"route": route, "backend": backend, "status": str(status)})
@@ -48,7 +58,7 @@ class IngressMetrics:
 
 class PolicyMetrics:
     def __init__(self):
-        from ray.serve.metrics import Gauge, Histogram
+        from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.batch_size = Histogram(
             "mobile_vla_batch_size", "Requests per executed batch.", boundaries=BATCH_SIZE_BOUNDARIES,
@@ -58,6 +68,12 @@ class PolicyMetrics:
             "mobile_vla_batch_latency_ms", "Backend predict time per batch.", boundaries=LATENCY_MS_BOUNDARIES,
             tag_keys=("backend",),
         )
+        # Ray Serve tags these with the deployment and replica itself (the `deployment` tag is its own).
+        self.swaps = Counter("mobile_vla_model_swaps", "Hot swaps to a new model version.")
+        self.load_failures = Counter(
+            "mobile_vla_model_load_failures", "New versions that failed to load (the old one kept serving).")
+        self.swap_seconds = Histogram(
+            "mobile_vla_model_swap_seconds", "Prepare + load + verify time of a hot swap.", boundaries=SWAP_SECONDS_BOUNDARIES)
         self.memory_bytes = Gauge("mobile_vla_replica_memory_bytes", "Resident memory of this replica.")
         self.gpu_utilization = Gauge("mobile_vla_replica_gpu_utilization", "GPU utilisation (0-100) seen by this replica.")
         self._last_sample = 0.0

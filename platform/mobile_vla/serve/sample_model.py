@@ -44,3 +44,48 @@ def register_random_policy(
         export_model(model_dir, name=name, version=version, fp16=fp16)
         attach_artifacts(name, version, model_dir / "onnx", "onnx")
     return f"models:/{name}@{alias}"
+
+
+def register_version_copy(
+    source_dir: str | Path, name: str = "mobile-vla-policy", alias: str | None = None, action_scale: float = 1.0,
+    with_onnx: bool = True,
+) -> str:
+    """A new version made of an exported version's files (`policy/` + `onnx/`), with no export run.
+
+    The same network under a new version number; with `action_scale` != 1 its action range (the
+    de-normalisation in both preprocessing.json and signature.json) is scaled, so its answers differ by
+    exactly that factor. For hot-swap and shadow drills and tests, where an ONNX export per version
+    would cost minutes. `with_onnx=False` leaves out onnx/: a version serving cannot load (what an
+    interrupted export leaves). Returns the version."""
+    import json
+    import shutil
+
+    import mlflow
+
+    from mobile_vla.preprocessing import PREPROCESSING_FILE
+    from mobile_vla.tracking import attach_artifacts, configure_mlflow, get_or_create_experiment, register_policy
+
+    source = Path(source_dir)
+    configure_mlflow()
+    experiment_id = get_or_create_experiment(SAMPLE_EXPERIMENT)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=experiment_id, run_name="version-copy") as run:
+        model_dir = Path(tmp) / "model"
+        shutil.copytree(source / "policy", model_dir / "policy")
+        onnx_dir = Path(tmp) / "onnx"
+        shutil.copytree(source / "onnx", onnx_dir)
+        signature_path = onnx_dir / "signature.json"
+        signature = json.loads(signature_path.read_text())
+        if action_scale != 1.0:
+            prep_path = model_dir / signature["preprocessing"]["saved_at"] / PREPROCESSING_FILE
+            prep = json.loads(prep_path.read_text())
+            for key, sig_key in (("action_low", "low"), ("action_high", "high")):
+                prep[key] = [v * action_scale for v in prep[key]]
+                signature["actions"][sig_key] = prep[key]
+            prep_path.write_text(json.dumps(prep, indent=2) + "\n")
+        version = register_policy(model_dir, run.info.run_id, name=name, alias=alias,
+                                  tags={"sample": "version-copy", "copied_from": str(source), "action_scale": action_scale})
+        signature["model"] = {**signature.get("model", {}), "name": name, "version": version}
+        signature_path.write_text(json.dumps(signature, indent=2) + "\n")
+        if with_onnx:
+            attach_artifacts(name, version, onnx_dir, "onnx")
+    return version

@@ -82,6 +82,21 @@ class BackendStatus(BaseModel):
     model_version: str | None
     breaker: str | None = None
     detail: str | None = None
+    pending_version: str | None = Field(default=None, description="Version being prepared/loaded beside the served one.")
+    failed_version: str | None = Field(default=None, description="Last version that failed to load (the old one kept serving).")
+    failed_reason: str | None = None
+
+
+class ShadowSummary(BaseModel):
+    alias: str
+    version: str | None
+    compared: int
+    agreed: int
+    errors: int
+    dropped: int
+    agreement: float | None = Field(description="Share of compared steps whose first actions agree within the tolerance.")
+    mean_abs_action_diff: float | None
+    in_flight: int
 
 
 class ModelInfo(BaseModel):
@@ -92,4 +107,7 @@ class ModelInfo(BaseModel):
     state_dim: int
     chunk: int
     backends: list[BackendStatus]
-    active: str | None = Field(description="Backend that answers now: primary if its breaker is closed and it is loaded.")
+    active: str | None = Field(description="Backend that answers now: primary if its breaker is closed, it is loaded "
+                               "and it serves the alias's version.")
+    alias_version: str | None = Field(default=None, description="Version the alias points to, as this ingress saw last.")
+    shadow: ShadowSummary | None = None

@@ -1,0 +1,123 @@
+"""Shadow mode on the real Serve app: @challenger gets a copy of each /v1/act off the request path.
+
+The answers must be exactly what the champion alone gives (checked against the champion's ONNX
+model run here, without any shadow), and the recorded agreement must match what the two versions
+really do on the same inputs (also computed here).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.serve.conftest import deployed_app, wait_until
+
+APP = "mobile-vla-shadow"
+NAME = "mobile-vla-policy"
+INSTRUCTION = "go to the red box"
+STATE = [0.1, 0.0, -0.2]
+TOLERANCE = 0.05
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+FRAMES = [_jpeg(seed) for seed in range(6)]
+
+
+@pytest.fixture(scope="module")
+def shadow_home(tmp_path_factory, use_home, serve_home):
+    """v1 @champion and v2 @challenger: copies of the session's exported tiny model, v2 with its action
+    range scaled by 0.7 (so the two disagree by a known amount without another ONNX export)."""
+    from mobile_vla.serve.auth import create_tokens_file
+    from mobile_vla.serve.sample_model import register_version_copy
+    from mobile_vla.tracking import resolve_model
+
+    with use_home(serve_home):
+        exported = resolve_model(f"models:/{NAME}/1").path
+    home = tmp_path_factory.mktemp("shadow-home")
+    with use_home(home):
+        assert register_version_copy(exported, NAME, alias="champion") == "1"
+        assert register_version_copy(exported, NAME, alias="challenger", action_scale=0.7) == "2"
+    (home / "token").write_text(create_tokens_file(home / "tokens"))
+    return home
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, shadow_home):
+    from mobile_vla.serve.app import ServeAppArgs, ShadowConfig
+
+    args = ServeAppArgs(tokens_file=str(shadow_home / "tokens"), max_batch_size=8, batch_wait_timeout_s=0.01,
+                        primary_timeout_s=20.0, alias_poll_s=0.3, shadow=ShadowConfig(tolerance=TOLERANCE))
+    with deployed_app(APP, shadow_home, args) as client:
+        yield client
+
+
+def _local_actions(home, version: str, use_home) -> np.ndarray:
+    """Each frame from a fresh state through version `version`'s ONNX model, here, no Serve: [N, K, 3]."""
+    from mobile_vla.export import load_backend
+    from mobile_vla.serve.model_side import load_model_side
+
+    with use_home(home):
+        uri = f"models:/{NAME}/{version}"
+        side = load_model_side(uri)
+        backend = load_backend(uri, prefer=("onnx-cpu",))
+    out = []
+    for frame in FRAMES:
+        image = side.prepare_image(Image.open(io.BytesIO(frame)).convert("RGB"))[None]  # [1, H, W, C]
+        out.append(np.asarray(backend.predict(image, np.asarray([STATE], np.float32), [INSTRUCTION]).actions[0]))
+    return np.stack(out)
+
+
+def _send_all(app, tag: str) -> np.ndarray:
+    """One request per frame, each from a new robot (fresh state on both sides): actions [N, K, 3]."""
+    answers = []
+    for i, frame in enumerate(FRAMES):
+        r = app.act(base64.b64encode(frame).decode(), robot_id=f"{tag}-{i}", instruction=INSTRUCTION, state=STATE)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["version"] == "1"
+        answers.append(r.json()["actions"])
+    return np.asarray(answers, dtype=np.float32)
+
+
+def _shadow(app) -> dict:
+    return app.model()["shadow"]
+
+
+def test_shadow_records_agreement_and_never_changes_answers(app, shadow_home, use_home):
+    champion = _local_actions(shadow_home, "1", use_home)
+    challenger = _local_actions(shadow_home, "2", use_home)
+    assert np.abs(champion - challenger).max() > 1e-3  # the two versions really differ
+
+    served = _send_all(app, "a")
+    np.testing.assert_allclose(served, champion, atol=1e-4)  # exactly the answers without a shadow
+    stats = wait_until(lambda: (s := _shadow(app))["compared"] >= len(FRAMES) and s, 60, what="shadow comparisons")
+    assert (stats["alias"], stats["version"], stats["errors"], stats["dropped"]) == ("challenger", "2", 0, 0)
+    assert stats["compared"] == len(FRAMES)
+    diff = np.abs(challenger - champion).mean(axis=(1, 2))  # [N]
+    agree = np.abs(challenger[:, 0] - champion[:, 0]).max(axis=1) <= TOLERANCE  # [N]
+    assert stats["mean_abs_action_diff"] == pytest.approx(diff.mean(), rel=1e-3, abs=1e-5)
+    assert stats["agreed"] == int(agree.sum())
+
+    # The shadow follows its alias too: pointed at the champion's own version, everything agrees.
+    from mobile_vla.tracking import set_alias
+
+    with use_home(shadow_home):
+        set_alias(NAME, "challenger", "1")
+    wait_until(lambda: app.policy_info("ShadowPolicy")["model_version"] == "1", 60, what="the shadow swapping to v1")
+    before = _shadow(app)
+    served_again = _send_all(app, "b")
+    np.testing.assert_allclose(served_again, champion, atol=1e-4)
+    after = wait_until(lambda: (s := _shadow(app))["compared"] >= before["compared"] + len(FRAMES) and s, 60,
+                       what="shadow comparisons after the swap")
+    assert after["version"] == "1" and after["agreed"] - before["agreed"] == len(FRAMES)
+    new_diff_sum = after["mean_abs_action_diff"] * after["compared"] - before["mean_abs_action_diff"] * before["compared"]
+    assert abs(new_diff_sum) < 1e-3
