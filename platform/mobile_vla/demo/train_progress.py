@@ -49,7 +49,7 @@ class EpochProgress:
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
-                report = self.queue.get(timeout=0.5)
+                report = self.queue.get(timeout=2.0)
             except Empty:
                 continue
             except Exception:  # the queue actor is gone (Ctrl-C, cluster shutting down)
