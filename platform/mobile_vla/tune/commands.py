@@ -1,0 +1,145 @@
+"""`mobile-vla tune --config jobs/configs/tune_X.yaml` and `mobile-vla ensemble ...` (also `python jobs/tune.py`)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    tune = subparsers.add_parser(
+        "tune",
+        help="Ray Tune sweep of training runs (ASHA, Optuna), MLflow parent run, best trial -> @challenger",
+        description="Sweep hyperparameters with Ray Tune: one Ray Train run per trial, ASHA stops weak trials "
+        "early, every trial is an MLflow child run under the sweep's run, and the best trial is registered. "
+        "Re-running with the same run.name resumes the sweep.",
+    )
+    add_arguments(tune)
+    tune.set_defaults(func=run_tune)
+
+    ensemble = subparsers.add_parser(
+        "ensemble",
+        help="combine M policies (a sweep's top trials, or M seeds of one preset) into one registered ensemble",
+        description="Build an ensemble policy: mean action, confidence from the members' disagreement combined "
+        "with their own predicted variance. Registered as one model version, exported and served like a policy.",
+    )
+    source = ensemble.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-sweep", metavar="NAME", help="the top --members trials of this earlier sweep")
+    source.add_argument("--seeds", type=int, metavar="M", help="train the --config sweep's base preset with M seeds")
+    ensemble.add_argument("--config", help="tune config (jobs/configs/tune_X.yaml): MLflow names, base preset, data")
+    ensemble.add_argument("--members", type=int, default=3, help="members taken from the sweep (default 3)")
+    ensemble.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                          help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)")
+    ensemble.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the tune config")
+    ensemble.set_defaults(func=run_ensemble)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="tune config, e.g. jobs/configs/tune_small.yaml")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides of the tune config, e.g. tune.num_samples=8 run.name=sweep-1")
+    parser.add_argument("--check", action="store_true", help="validate the config, search space and data, then stop")
+
+
+def _load(args):
+    from pathlib import Path
+
+    from mobile_vla.tune.sweep_config import load_tune_config
+
+    cfg = load_tune_config(args.config, args.overrides) if args.config else load_tune_config(None, args.overrides)
+    if args.train_override:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "overrides": [*cfg.train.overrides, *args.train_override]})})
+    return cfg, (Path(args.config).resolve().parent if args.config else None)
+
+
+def run_tune(args) -> int:
+    from rich.console import Console
+
+    cfg, config_dir = _load(args)
+    console = Console()
+    if args.check:
+        import ray
+
+        from mobile_vla.train.preflight import check_data, check_model
+        from mobile_vla.train.trainer import ensure_ray
+        from mobile_vla.tune.sweep import concurrency, total_trials
+        from mobile_vla.tune.sweep_config import check_search_space, load_base_train_config
+
+        base = load_base_train_config(cfg, config_dir)
+        check_model(base)
+        check_data(base)
+        check_search_space(cfg, base)
+        ensure_ray()
+        running = concurrency(cfg, base, ray.cluster_resources())
+        console.print(f"[green]ok[/green]: {args.config}: {total_trials(cfg)} trials, {running} at a time, "
+                      f"{len(cfg.search_space)} searched keys")
+        return 0
+
+    from mobile_vla.tune.sweep import run_sweep
+
+    result = run_sweep(cfg, config_dir=config_dir, console=console)
+    print_summary(console, result, cfg)
+    return 0
+
+
+def print_summary(console, result, cfg) -> None:
+    from rich.table import Table
+
+    from mobile_vla.tune.sweep import summary_rows
+
+    metric = cfg.tune.metric
+    rows = summary_rows(result.trials, metric)
+    table = Table(title=f"sweep {result.name}: {len(rows)} trials, {result.concurrency} at a time, {result.seconds:.0f} s")
+    keys = [k for k in (rows[0] if rows else {}) if k != "mlflow_run_id"]
+    for key in keys:
+        table.add_column(key, overflow="fold")
+    best = result.best.trial_id if result.best else None
+    for row in rows:
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (row[k] for k in keys)]
+        table.add_row(*cells, style="bold green" if row["trial_id"] == best else None)
+    console.print(table)
+    console.print(f"mlflow parent run: {result.parent_run_id}")
+    if result.model_version:
+        console.print(f"best trial {best}: models:/{cfg.mlflow.registered_model}/{result.model_version} (@{cfg.mlflow.alias})")
+    if result.ensemble_version:
+        console.print(f"ensemble of {cfg.ensemble.members}: models:/{cfg.mlflow.registered_model}/"
+                      f"{result.ensemble_version} (@{cfg.ensemble.alias})")
+
+
+def run_ensemble(args) -> int:
+    from rich.console import Console
+
+    from mobile_vla.errors import ConfigError
+
+    console = Console()
+    if args.members < 2:
+        raise ConfigError(f"--members = {args.members}: an ensemble needs at least 2")
+    if args.seeds is not None:
+        if args.seeds < 2:
+            raise ConfigError(f"--seeds = {args.seeds}: an ensemble needs at least 2 members")
+        if not args.config:
+            raise ConfigError("--seeds needs --config (the tune config whose base preset is trained)")
+        from mobile_vla.tune.ensemble_build import seed_sweep_config
+        from mobile_vla.tune.sweep import run_sweep
+
+        cfg, config_dir = _load(args)
+        cfg = seed_sweep_config(cfg, args.seeds)
+        result = run_sweep(cfg, config_dir=config_dir, console=console)
+        print_summary(console, result, cfg)
+        return 0
+
+    from mobile_vla.tune.ensemble_build import ensemble_from_sweep
+    from mobile_vla.tune.sweep_config import load_base_train_config
+
+    cfg, config_dir = _load(args)
+    data_path, val_split = None, "val"
+    if args.config:
+        base = load_base_train_config(cfg, config_dir)
+        data_path, val_split = base.data_path(), base.data.val_split
+    version = ensemble_from_sweep(
+        args.from_sweep, args.members, experiment=cfg.mlflow.experiment, registered_model=cfg.mlflow.registered_model,
+        alias=cfg.ensemble.alias, metric=cfg.tune.metric, mode=cfg.tune.mode, data_path=data_path, val_split=val_split,
+    )
+    if version:
+        console.print(f"ensemble of {args.members}: models:/{cfg.mlflow.registered_model}/{version} (@{cfg.ensemble.alias})")
+    return 0
