@@ -55,6 +55,7 @@ def main() -> int:
     import ray
 
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop, split_spec_for
+    from mobile_vla.evaluate.tasks import ensure_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_closed_loop_") as tmp:
         model = args.model
@@ -63,7 +64,7 @@ def main() -> int:
             from mobile_vla.serve.sample_model import register_random_policy
 
             model = register_random_policy(preset="tiny", name="bench-random-tiny", alias="champion")
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ensure_ray()
         spec = split_spec_for(args.data)
         load_before = os.getloadavg()
         results = {}

@@ -162,11 +162,17 @@ class BackendPolicy:
         self.memory: tuple[np.ndarray, np.ndarray] | None = None
 
     def start(self, episodes: list[tuple[str, str]]) -> None:
+        if self.backend.state_dim not in (0, 3):
+            from mobile_vla.errors import ModelError
+
+            raise ModelError(f"{self.backend.model_dir}: state S = {self.backend.state_dim}; MiniWorld gives the "
+                             "previous command (S = 3) or nothing (S = 0)")
         self.memory = self.backend.initial_memory(len(episodes))  # (h, c) [layers, slots, hidden]
 
     def act(self, slots, images, state, instructions, worlds):
         rows = np.asarray(slots)
         h, c = self.memory
+        state = state[:, : self.backend.state_dim]  # [B, S]
         out = self.backend.predict(images, state, instructions, (h[:, rows], c[:, rows]))
         h[:, rows], c[:, rows] = out.memory
         return out.actions[:, 0], out.confidence  # [B, 3] now, [B]

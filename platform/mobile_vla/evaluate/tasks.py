@@ -15,6 +15,7 @@ any GL (see rollout.py), so they can run both kinds of task.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Callable
@@ -23,17 +24,29 @@ import numpy as np
 
 from mobile_vla.errors import MobileVLAError, ResourceError
 
+log = logging.getLogger(__name__)
+
 WORKER_POOL_VAR = "MOBILE_VLA_WORKER_POOL"
 
 
-def ensure_ray():
+def ensure_ray(attempts: int = 3):
+    """The running Ray, or a new local one. Ray gives a starting node 30 s to register; on a busy
+    small machine that can pass, so a local start is tried again (a cluster address is not)."""
     import ray
 
-    if not ray.is_initialized():
+    for attempt in range(1, attempts + 1):
+        if ray.is_initialized():
+            break
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
-        else:
+            break
+        try:
             ray.init(include_dashboard=False, log_to_driver=False)
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise ResourceError(f"could not start a local Ray instance: {exc}") from exc
+            log.warning("local Ray start timed out (attempt %d of %d); trying again", attempt, attempts)
+            ray.shutdown()
     return ray
 
 
