@@ -155,6 +155,7 @@ def _kill_rank_after_first_checkpoint(run_dir: Path, pid_dir: Path, rank: int, k
         killed["pid"] = pid
 
 
+@pytest.mark.timeout(1800)  # a clean run and a faulted one; about a minute on a quiet 2-core box
 def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoint(baseline, tiny_dataset, home, tmp_path):
     from mobile_vla.train.trainer import run_training
 
