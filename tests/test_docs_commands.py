@@ -53,21 +53,28 @@ COVERAGE = {
               "tests/demo/test_demo.py::test_first_champion_is_served_and_robots_drive_over_http"],
     # mobile-vla online-update --config jobs/configs/online_update.yaml replay.data=data/mini
     "online-update": ["tests/online/test_online_update.py::test_online_update_learns_corrections_and_takes_over_only_through_the_gate"],
+    # mobile-vla data import --format minuum-h5 SRC DST  (quickstart prose)
+    "data import": ["tests/data/test_importer.py::test_import_converts_good_files_and_names_the_bad_ones"],
+    # mobile-vla tune --config jobs/configs/tune_small.yaml  (quickstart prose)
+    "tune": ["tests/tune/test_sweep.py::test_asha_stops_weak_trials_early_and_the_good_one_completes"],
     # mobile-vla mlflow-ui  (run below)
     "mlflow-ui": ["tests/test_docs_commands.py::test_documented_mlflow_ui_serves_the_embedded_store"],
 }
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(file, command line) for each `mobile-vla` line in a fenced code block, continuations joined
-    and trailing comments dropped."""
+    """(file, command line) for each `mobile-vla` line in a fenced code block (continuations joined,
+    trailing comments dropped), then each inline `mobile-vla ...` span of the prose."""
     found = []
     for name in DOCS:
         text = (REPO / name).read_text()
-        for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
+        fence = re.compile(r"^```[^\n]*\n(.*?)^```", flags=re.S | re.M)
+        for block in fence.findall(text):
             for line in re.sub(r"\\\n\s*", " ", block).splitlines():
                 if line.strip().startswith("mobile-vla "):
                     found.append((name, shlex.join(shlex.split(line, comments=True))))
+        for span in re.findall(r"`(mobile-vla [^`]+)`", fence.sub("", text)):
+            found.append((name, shlex.join(shlex.split(span))))
     return found
 
 
