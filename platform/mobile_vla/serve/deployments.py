@@ -190,6 +190,8 @@ class PolicyDeployment:
             return
         version = target.model_uri.rsplit("/", 1)[1]
         model, failed = self._model, self._failed
+        if model is None and failed is None:
+            return  # reconfigure() is still loading the first model: never load twice at once
         if model is not None and model.version == version:
             if failed is not None:
                 self._failed = None  # the alias is back on what we serve (a rollback): nothing is wrong now
