@@ -20,14 +20,23 @@ def ray_cluster(tmp_path_factory):
     """A real local Ray cluster shared by the whole test session (loopback only)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,  # logical slots: 2 Train workers + a driver/Tune slot on a 2-core box
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYOPENGL_PLATFORM": "egl"}},
-        )
+    # Ray waits a fixed 30 s for its raylet to register; on a saturated 2-core box that can time out,
+    # so the session start is retried rather than failing every test that needs the cluster.
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(
+                num_cpus=4,  # logical slots: 2 Train workers + a driver/Tune slot on a 2-core box
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYOPENGL_PLATFORM": "egl"}},
+            )
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     # Left running until the interpreter exits: later tests reuse it.
 
