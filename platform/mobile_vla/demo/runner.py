@@ -32,6 +32,7 @@ APP_NAME = "mobile-vla-demo"
 EVAL_SPLIT = "val"
 ROBOTS_PER_TASK = 8  # robots stepped together by one Ray task (one MiniWorld GL context)
 SPEED_ROUNDS = 20
+RAY_START_ATTEMPTS = 3
 
 
 # -- what each step hands on ------------------------------------------------------------------------
@@ -137,16 +138,22 @@ def start_cluster(cfg: DemoConfig) -> Cluster:
            "MOBILE_VLA_HOME": str(cfg.resolved_home()), "TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
+        return Cluster(owned=True)
+    attempt = 0
+    while True:  # Ray gives its raylet 30 s to register, fixed; a swamped box can miss that: try again
+        attempt += 1
         try:
             ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1",
                      log_to_driver=False, runtime_env={"env_vars": env})
-        except Exception as exc:  # Ray gives its raylet 30 s to register, fixed; a swamped box misses that
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            raise ResourceError(f"the local Ray cluster did not start ({str(exc).splitlines()[0]}); "
-                                f"load average {load:.1f} on {os.cpu_count()} cores: try again when the "
-                                "machine is less busy") from exc
-    return Cluster(owned=True)
+            return Cluster(owned=True)
+        except Exception as exc:
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS:
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+                raise ResourceError(
+                    f"the local Ray cluster did not start in {attempt} tries ({str(exc).splitlines()[0]}); load "
+                    f"average {load:.1f} on {os.cpu_count()} cores: try again when the machine is less busy"
+                ) from exc
 
 
 def stop_cluster(cluster: Cluster) -> None:
