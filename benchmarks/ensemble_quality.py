@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     os.environ["MOBILE_VLA_HOME"] = str(home)
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False,
+    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYOPENGL_PLATFORM": "egl"}})
     started = time.perf_counter()
     data = ensure_data(args, home)

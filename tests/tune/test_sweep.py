@@ -92,7 +92,10 @@ def test_each_trial_is_a_child_run_of_the_sweep_run(sweep):
         assert run.data.tags["mobile_vla.tune.status"] == trial.status
         assert run.info.status == ("FINISHED" if trial.status == "completed" else "KILLED")
         epochs = {m.step for m in client.get_metric_history(run.info.run_id, "val_loss") if m.step > 0}
-        assert epochs == set(range(1, trial.epochs + 1))  # per-epoch curves in the child run
+        reported = set(range(1, trial.epochs + 1))  # per-epoch curves in the child run
+        # a stopped trial's worker may log one more epoch while Tune is ending it
+        assert epochs == reported if trial.status == "completed" else reported <= epochs
+        assert run.data.metrics["best_val_loss"] == pytest.approx(trial.best["val_loss"])
         assert run.data.params["optim.lr"] == str(trial.params["optim.lr"])
 
 

@@ -507,7 +507,10 @@ def summarise(grid, cfg: TuneJobConfig, sweep: dict, planned: int, client) -> li
             if summary.checkpoint:
                 client.set_tag(run.info.run_id, CHECKPOINT_TAG, summary.checkpoint)
             if status != COMPLETED and run.info.status == "RUNNING":
-                # ASHA (or a failure) ended this trial's driver before it could close its run
+                # ASHA (or a failure) ended this trial's driver before it could close its run: its best
+                # epoch's metrics (as run_training logs them for a finished run) and its end state
+                for key, value in summary.best.items():
+                    client.log_metric(run.info.run_id, f"best_{key}", value)
                 client.set_terminated(run.info.run_id, "KILLED" if status == STOPPED else "FAILED")
         trials.append(summary)
     return trials
