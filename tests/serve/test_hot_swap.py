@@ -38,7 +38,7 @@ IMAGE = _image()
 
 @pytest.fixture(scope="module")
 def swap_home(tmp_path_factory, use_home, serve_home):
-    """v1 @champion, v2 @challenger (v1's files, action range halved: other answers), v3 without onnx/.
+    """v1 @champion, v2 @challenger (v1's files, actions offset by 0.1), v3 without onnx/.
     Copies of the session's exported tiny model, so no ONNX export runs here."""
     from mobile_vla.serve.auth import create_tokens_file
     from mobile_vla.serve.sample_model import register_version_copy
@@ -49,7 +49,7 @@ def swap_home(tmp_path_factory, use_home, serve_home):
     home = tmp_path_factory.mktemp("hot-swap-home")
     with use_home(home):
         assert register_version_copy(exported, NAME, alias="champion") == "1"
-        assert register_version_copy(exported, NAME, alias="challenger", action_scale=0.5) == "2"
+        assert register_version_copy(exported, NAME, alias="challenger", action_offset=0.1) == "2"
         assert register_version_copy(exported, NAME, alias="unexported", with_onnx=False) == "3"
     (home / "token").write_text(create_tokens_file(home / "tokens"))
     return home

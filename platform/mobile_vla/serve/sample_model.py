@@ -47,14 +47,14 @@ def register_random_policy(
 
 
 def register_version_copy(
-    source_dir: str | Path, name: str = "mobile-vla-policy", alias: str | None = None, action_scale: float = 1.0,
+    source_dir: str | Path, name: str = "mobile-vla-policy", alias: str | None = None, action_offset: float = 0.0,
     with_onnx: bool = True,
 ) -> str:
     """A new version made of an exported version's files (`policy/` + `onnx/`), with no export run.
 
-    The same network under a new version number; with `action_scale` != 1 its action range (the
-    de-normalisation in both preprocessing.json and signature.json) is scaled, so its answers differ by
-    exactly that factor. For hot-swap and shadow drills and tests, where an ONNX export per version
+    The same network under a new version number; with `action_offset` != 0 its action range (the
+    de-normalisation in both preprocessing.json and signature.json) is shifted, so every answer differs
+    by exactly that offset (a random-weight network answers near the range's middle, so scaling would not do). For hot-swap and shadow drills and tests, where an ONNX export per version
     would cost minutes. `with_onnx=False` leaves out onnx/: a version serving cannot load (what an
     interrupted export leaves). Returns the version."""
     import json
@@ -75,15 +75,15 @@ def register_version_copy(
         shutil.copytree(source / "onnx", onnx_dir)
         signature_path = onnx_dir / "signature.json"
         signature = json.loads(signature_path.read_text())
-        if action_scale != 1.0:
+        if action_offset:
             prep_path = model_dir / signature["preprocessing"]["saved_at"] / PREPROCESSING_FILE
             prep = json.loads(prep_path.read_text())
             for key, sig_key in (("action_low", "low"), ("action_high", "high")):
-                prep[key] = [v * action_scale for v in prep[key]]
+                prep[key] = [v + action_offset for v in prep[key]]
                 signature["actions"][sig_key] = prep[key]
             prep_path.write_text(json.dumps(prep, indent=2) + "\n")
         version = register_policy(model_dir, run.info.run_id, name=name, alias=alias,
-                                  tags={"sample": "version-copy", "copied_from": str(source), "action_scale": action_scale})
+                                  tags={"sample": "version-copy", "copied_from": str(source), "action_offset": action_offset})
         signature["model"] = {**signature.get("model", {}), "name": name, "version": version}
         signature_path.write_text(json.dumps(signature, indent=2) + "\n")
         if with_onnx:
