@@ -73,7 +73,7 @@ class FinetuneSection(StrictModel):
 
 class ClosedLoopSection(StrictModel):
     enabled: bool = False  # true once closed-loop evaluation (mobile_vla.evaluate) is deployed on the cluster
-    split: str = "test_seen"
+    split: str = "unseen_layout"  # a held-out split of the data spec (mobile_vla.data.split_spec)
     episodes: int = Field(200, ge=1)
 
 
