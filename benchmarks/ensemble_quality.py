@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/ensemble_quality.py --data data/mini --preset small --epochs 6
 
 1. Data: MiniWorld episodes from the default split spec; members train on `train`, validate on `val`;
-   everything is scored on the held-out splits (`--eval-splits`, by default the unseen target/distractor
-   pairs and the visual shift: scenes the members never saw).
+   everything is scored on the held-out splits (`--eval-splits`, by default all four: unseen layouts,
+   unseen target/distractor pairs, unseen paraphrases, visual shift - scenes the members never saw).
 2. Members: the training preset (`--preset`) trained `--members` times with seeds 0..M-1 by the product
    path (`mobile-vla ensemble --seeds M`: a Ray Tune grid over train.seed, one TorchTrainer per trial, MLflow).
 3. Scores, per held-out frame (teacher-forced windows, de-normalised actions):
@@ -40,7 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-splits", default="unseen_pair,visual_shift", help="held-out splits, comma-separated")
+    parser.add_argument("--eval-splits", default="unseen_layout,unseen_pair,unseen_paraphrase,visual_shift",
+                        help="held-out splits, comma-separated (missing or empty ones are skipped)")
     parser.add_argument("--home", help="platform home (MLflow store, Ray results); default: a fresh temp folder")
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)

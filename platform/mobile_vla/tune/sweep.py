@@ -102,6 +102,15 @@ def concurrency(cfg: TuneJobConfig, base, cluster: dict[str, float]) -> int:
     return max(1, min(fits, limit, total_trials(cfg)))
 
 
+DRIVER_MEMORY = 512 * 1024**2  # bytes of Ray's logical memory per trial driver (it imports torch, holds datasets)
+
+
+def driver_resources(cfg: TuneJobConfig) -> dict[str, float]:
+    """The trial driver's Tune bundle; memory keeps it non-empty when driver_cpus is 0 (Tune refuses an
+    all-zero bundle), so a 2-CPU machine can run one trial with one worker and one CPU for data loading."""
+    return {"CPU": cfg.tune.driver_cpus, "memory": DRIVER_MEMORY}
+
+
 def total_trials(cfg: TuneJobConfig) -> int:
     grid = 1
     for dimension in cfg.search_space.values():
@@ -404,7 +413,7 @@ def run_sweep(cfg: TuneJobConfig, *, config_dir: Path | None = None, console=Non
         "train_storage": f"{storage.rstrip('/')}/{name}/train_runs",
     }
     trainable = tune.with_resources(
-        tune.with_parameters(train_driver, base=dump_config(base), sweep=sweep), {"CPU": cfg.tune.driver_cpus}
+        tune.with_parameters(train_driver, base=dump_config(base), sweep=sweep), driver_resources(cfg)
     )
     planned = base.train.epochs
     run_config = tune.RunConfig(
@@ -506,12 +515,12 @@ def summarise(grid, cfg: TuneJobConfig, sweep: dict, planned: int, client) -> li
             client.set_tag(run.info.run_id, STATUS_TAG, status)
             if summary.checkpoint:
                 client.set_tag(run.info.run_id, CHECKPOINT_TAG, summary.checkpoint)
-            if status != COMPLETED and run.info.status == "RUNNING":
-                # ASHA (or a failure) ended this trial's driver before it could close its run: its best
-                # epoch's metrics (as run_training logs them for a finished run) and its end state
+            if run.info.status == "RUNNING":
+                # ASHA (also at a rung that is the last epoch) or a failure ended this trial's driver before
+                # it closed its run: its best epoch's metrics (as run_training logs them) and its end state
                 for key, value in summary.best.items():
                     client.log_metric(run.info.run_id, f"best_{key}", value)
-                client.set_terminated(run.info.run_id, "KILLED" if status == STOPPED else "FAILED")
+                client.set_terminated(run.info.run_id, {COMPLETED: "FINISHED", STOPPED: "KILLED"}.get(status, "FAILED"))
         trials.append(summary)
     return trials
 
