@@ -123,3 +123,16 @@ def test_seed_ensemble_config_is_a_grid_over_seeds_without_early_stopping():
     assert list(cfg.search_space) == ["train.seed"] and cfg.search_space["train.seed"].grid == [0, 1, 2]
     assert cfg.tune.scheduler == "fifo" and cfg.tune.search == "random" and total_trials(cfg) == 3
     assert cfg.ensemble.members == 3 and cfg.tune.points_to_evaluate == []
+
+
+def test_trial_driver_bundle_is_never_empty():
+    """Tune refuses an all-zero bundle; with driver_cpus 0 the driver still reserves (logical) memory."""
+    from ray import tune
+
+    from mobile_vla.tune.sweep import driver_resources
+    from mobile_vla.tune.sweep_config import load_tune_config
+
+    resources = driver_resources(load_tune_config(TUNE_TINY))
+    assert resources["CPU"] == 0 and resources["memory"] > 0
+    wrapped = tune.with_resources(lambda config: None, resources)  # raises on an empty bundle
+    assert wrapped is not None
