@@ -20,8 +20,12 @@ def build_summary(cfg, seconds, data, train, export, evaluation, promotion, serv
     from mobile_vla.evaluate.tasks import jsonable
 
     home = cfg.resolved_home()
+    from mobile_vla.tracking.store import is_embedded, tracking_uri
+
     ui = "mobile-vla mlflow-ui"
-    if not os.environ.get("MLFLOW_TRACKING_URI") and home != Path(".mobile_vla").resolve():
+    if not is_embedded():  # a tracking server: its own UI
+        ui = f"open {tracking_uri()}"
+    elif home != Path(".mobile_vla").resolve():  # the UI command reads the home from the environment
         ui = f"MOBILE_VLA_HOME={shlex.quote(str(home))} {ui}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     machine = {"cpus": os.cpu_count(), "load_average_1m": load, "cpu_seconds_process_tree": process_tree_cpu_seconds()}
@@ -175,7 +179,7 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str]]:
         ("", "total time", f"{sec.get('total', 0):.0f} s  (" + ", ".join(
             f"{k} {v:.0f} s" for k, v in sec.items() if k != "total") + ")"),
         ("", "machine", f"{m['cpus']} cores, load average {m['load_average_1m'] or 0:.1f}, "
-                        f"{m['cpu_seconds_process_tree']:.0f} CPU-seconds used by the demo's processes"),
+                        f"at least {m['cpu_seconds_process_tree']:.0f} CPU-seconds used by the demo's processes"),
     ]
 
 
@@ -189,6 +193,10 @@ def print_summary(summary: dict, console) -> None:
     for row in summary_rows(summary):
         table.add_row(*row)
     console.print(table)
+    where = summary["where_to_look"]
+    console.print(f"MLflow UI: {where['mlflow_ui']}   then http://127.0.0.1:5000 -> experiment {where['experiment']}, "
+                  f"run {where['run_id']}; Models -> {where['registered_model']} version {where['model_version']}",
+                  soft_wrap=True)
 
 
 def load_summary(home: Path) -> dict:
