@@ -60,7 +60,7 @@ def test_save_load_round_trip_gives_identical_tokens(tmp_path, tiny_tokenizer):
 
 
 def test_bad_instructions_raise_data_errors(tiny_tokenizer):
-    with pytest.raises(DataError, match="has 40 Kosmos-2 tokens, more than max_instruction_tokens = 24"):
+    with pytest.raises(DataError, match="has 40 Kosmos-2 tokens, more than max_instruction_tokens = 32"):
         tiny_tokenizer.encode([" ".join(["go"] * 40)])
     with pytest.raises(DataError, match="has 200 CLIP tokens, more than 75"):
         tiny_tokenizer.encode([" ".join(["go"] * 200)])

@@ -79,8 +79,7 @@ def tiny(**overrides) -> DemoConfig:
         epochs=2,
         train_workers=2,
         max_steps_per_epoch=None,
-        # tiny reads 24 Kosmos-2 tokens; about 7% of generated instructions have 25-28 (as small, 32)
-        train_overrides=["model.overrides.kosmos.max_instruction_tokens=32"],
+        train_overrides=[],
         closed_loop_episodes=4,
         episode_max_steps=60,  # the expert needs about 36 steps
         success_floor=0.25,

@@ -32,7 +32,7 @@ def tiny() -> PolicyConfig:
             text_ffn=128,
             text_vocab_size=2048,
             latent_query_num=8,
-            max_instruction_tokens=24,
+            max_instruction_tokens=32,  # generated instructions need up to ~28
             dropout=0.0,
         ),
         clip=ClipConfig(
