@@ -121,7 +121,7 @@ def test_best_trial_is_registered_as_challenger(sweep, tiny_dataset):
 
     _, result = sweep
     version = _client().get_model_version_by_alias(MODEL, "challenger")
-    assert version.version == result.model_version and version.run_id == result.best.run_id
+    assert str(version.version) == result.model_version and version.run_id == result.best.run_id
     assert version.tags["trial_id"] == result.best.trial_id and version.tags["sweep"] == SWEEP
     model, preprocessing = load_policy(resolve_model(f"models:/{MODEL}@challenger").path)
     checkpoint, _ = load_policy(Path(result.best.checkpoint) / "policy")
@@ -138,7 +138,7 @@ def test_top_trials_become_one_ensemble_version(sweep):
     _, result = sweep
     client = _client()
     version = client.get_model_version_by_alias(MODEL, "ensemble")
-    assert version.version == result.ensemble_version and version.tags["kind"] == "ensemble"
+    assert str(version.version) == result.ensemble_version and version.tags["kind"] == "ensemble"
     ensemble, _ = load_policy(resolve_model(f"models:/{MODEL}@ensemble").path)
     assert isinstance(ensemble, EnsemblePolicy) and len(ensemble.members) == 3
     assert result.best.trial_id in ensemble.config.sources[0]  # best first

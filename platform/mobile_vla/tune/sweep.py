@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -130,6 +131,8 @@ def train_driver(config: dict, *, base: dict, sweep: dict) -> None:
     from mobile_vla.train.job_config import TrainJobConfig
     from mobile_vla.train.trainer import run_training
 
+    # the sweep's MLflow store, whatever environment this trial's Ray worker process was started with
+    os.environ.update(sweep["env"])
     trial_id = tune.get_context().get_trial_id()
     params = {key: config[key] for key in sweep["keys"]}
     cfg = apply_params(TrainJobConfig.model_validate(base), params)
@@ -404,8 +407,12 @@ def run_sweep(cfg: TuneJobConfig, *, config_dir: Path | None = None, console=Non
     running = concurrency(cfg, base, ray.cluster_resources())
     parent_run_id, client = _parent_run(cfg, name, base)
 
+    from mobile_vla.config import platform_home
+    from mobile_vla.tracking import configure_mlflow
+
     storage = cfg.storage_path()
     sweep = {
+        "env": {"MLFLOW_TRACKING_URI": configure_mlflow(), "MOBILE_VLA_HOME": str(platform_home())},
         "name": name,
         "keys": sorted(cfg.search_space),
         "parent_run_id": parent_run_id,
