@@ -136,3 +136,13 @@ def test_trial_driver_bundle_is_never_empty():
     assert resources["CPU"] == 0 and resources["memory"] > 0
     wrapped = tune.with_resources(lambda config: None, resources)  # raises on an empty bundle
     assert wrapped is not None
+
+
+def test_random_search_carries_the_concurrency_limit_itself():
+    """Tune applies max_concurrent_trials only to a Searcher; a BasicVariantGenerator must hold it."""
+    from mobile_vla.tune.ensemble_build import seed_sweep_config
+    from mobile_vla.tune.sweep import _search_algorithm
+    from mobile_vla.tune.sweep_config import load_tune_config
+
+    search = _search_algorithm(seed_sweep_config(load_tune_config(TUNE_TINY), 3), 1)
+    assert search.max_concurrent == 1

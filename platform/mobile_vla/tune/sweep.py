@@ -348,12 +348,17 @@ def _scheduler(cfg: TuneJobConfig, planned_epochs: int):
     )
 
 
-def _search_algorithm(cfg: TuneJobConfig):
+def _search_algorithm(cfg: TuneJobConfig, running: int):
+    """The search algorithm, limited to `running` trials at once.
+
+    TuneConfig.max_concurrent_trials only wraps a `Searcher` (Optuna); a BasicVariantGenerator passed in
+    ignores it silently (then every trial starts at once), so it gets the limit itself."""
     points = [dict(p) for p in cfg.tune.points_to_evaluate]
     if cfg.tune.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=cfg.tune.seed)
+        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=cfg.tune.seed,
+                                     max_concurrent=running)
     from ray.tune.search.optuna import OptunaSearch
 
     try:
@@ -439,8 +444,8 @@ def run_sweep(cfg: TuneJobConfig, *, config_dir: Path | None = None, console=Non
                 param_space={key: d.to_tune() for key, d in cfg.search_space.items()},
                 tune_config=tune.TuneConfig(
                     metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                    scheduler=_scheduler(cfg, planned), search_alg=_search_algorithm(cfg),
-                    max_concurrent_trials=running,
+                    scheduler=_scheduler(cfg, planned), search_alg=_search_algorithm(cfg, running),
+                    max_concurrent_trials=running if cfg.tune.search == "optuna" else None,
                 ),
                 run_config=run_config,
             )
