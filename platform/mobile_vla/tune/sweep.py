@@ -527,7 +527,8 @@ def summarise(grid, cfg: TuneJobConfig, sweep: dict, planned: int, client) -> li
             client.set_tag(run.info.run_id, STATUS_TAG, status)
             if summary.checkpoint:
                 client.set_tag(run.info.run_id, CHECKPOINT_TAG, summary.checkpoint)
-            if run.info.status == "RUNNING":
+            ended_by_sweep = status == STOPPED and run.info.status == "FAILED"  # fit() raised as ASHA ended it
+            if run.info.status == "RUNNING" or ended_by_sweep:
                 # ASHA (also at a rung that is the last epoch) or a failure ended this trial's driver before
                 # it closed its run: its best epoch's metrics (as run_training logs them) and its end state
                 for key, value in summary.best.items():
