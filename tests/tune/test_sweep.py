@@ -189,4 +189,4 @@ def test_tune_cli_check_reports_trials_and_concurrency(ray_cluster, tiny_dataset
     code = main(["tune", "--config", str(TUNE_TINY), "--train-override", f"data.path={tiny_dataset}",
                  "tune.driver_cpus=0.5", "--check"])
     assert code == 0
-    assert "4 trials, 2 at a time, 7 searched keys" in capsys.readouterr().out
+    assert "4 trials, 2 at a time, 7 searched keys" in " ".join(capsys.readouterr().out.split())  # rich wraps
