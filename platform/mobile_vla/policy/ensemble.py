@@ -138,8 +138,15 @@ class EnsembleConfig:
         members = data.get("members")
         if not isinstance(members, list) or len(members) < 2:
             raise ConfigError(f"{source}: members: expected a list of at least 2 member configs, got {members!r:.60}")
-        configs = tuple(PolicyConfig.from_dict(m, source=f"{source}: members[{i}]") for i, m in enumerate(members))
-        return cls(members=configs, sources=tuple(data.get("sources") or ()))
+        configs = []
+        for index, member in enumerate(members):
+            where = f"{source}: members[{index}]"
+            try:
+                configs.append(PolicyConfig.from_dict(member, source=where))
+            except ConfigError as exc:
+                message = str(exc)
+                raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+        return cls(members=tuple(configs), sources=tuple(data.get("sources") or ()))
 
 
 class _TextFeatures:
