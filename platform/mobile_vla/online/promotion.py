@@ -22,7 +22,6 @@ that want faster, noisier updates; `"point"` compares point estimates only.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,10 +31,10 @@ from pydantic import Field, field_validator
 
 from mobile_vla.config import StrictModel, load_config
 from mobile_vla.errors import ConfigError, ModelError
+from mobile_vla.evaluate.statistics import wilson_interval
 
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"  # kept for a one-line rollback: promote --from-alias previous-champion --force
-Z_95 = 1.959963984540054
 
 
 class GateConfig(StrictModel):
@@ -69,17 +68,6 @@ class GateConfig(StrictModel):
 
 def load_gate(path: str | Path | None = None, overrides: list[str] | None = None) -> GateConfig:
     return load_config(path, GateConfig, overrides)
-
-
-def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion: sane at 0% and 100%, unlike the normal one."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass
