@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_data import ensure_data
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ensemble_quality.json"
 PRESETS = {"tiny": REPO / "jobs" / "configs" / "tiny.yaml", "small": REPO / "jobs" / "configs" / "small.yaml"}
@@ -45,25 +47,6 @@ def parse_args(argv=None):
     parser.add_argument("--home", help="platform home (MLflow store, Ray results); default: a fresh temp folder")
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
-
-
-def ensure_data(args, home: Path) -> Path:
-    from mobile_vla.data.manifest import load_manifest
-
-    if args.data:
-        return Path(args.data).resolve()
-    folder = home / f"bench_data_{args.episodes}"
-    try:
-        load_manifest(folder)
-        return folder
-    except Exception:
-        pass
-    from mobile_vla.data.generate import generate_dataset
-    from mobile_vla.data.split_spec import default_split_spec
-
-    print(f"generating {args.episodes} episodes into {folder} ...", flush=True)
-    generate_dataset(folder, args.episodes, default_split_spec(), seed=0, progress=True)
-    return folder
 
 
 def train_members(args, data: Path):
