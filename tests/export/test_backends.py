@@ -150,3 +150,18 @@ def test_signature_from_another_version_is_refused(exported_copy):
     backend = load_backend(exported_copy, prefer=("onnx-cpu", "torch"))
     assert backend.name == "torch" and backend.model_version == "7"
     assert "exported from model version 6, this is version 7" in backend.skipped["onnx-cpu"]
+
+
+def test_serving_sessions_use_the_given_threads_and_never_spin(exported_dir, inputs):
+    """A serving replica shares its cores with the ingress and proxy: its ORT pool must not busy-wait."""
+    images, state = inputs
+    default = load_backend(exported_dir, prefer=("onnx-cpu",))
+    serving = load_backend(exported_dir, prefer=("onnx-cpu",), threads=1, spinning=False)
+    for backend, spin, threads in ((default, "1", 0), (serving, "0", 1)):
+        for session in (backend.session, backend.text_session):
+            options = session.get_session_options()
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == spin
+            assert options.intra_op_num_threads == threads
+    a = default.predict(images, state, INSTRUCTIONS, None)
+    b = serving.predict(images, state, INSTRUCTIONS, None)
+    assert np.abs(a.actions - b.actions).max() <= 1e-5

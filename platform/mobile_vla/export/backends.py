@@ -251,14 +251,18 @@ def _session_io(args) -> list[TensorSpec]:
     return specs
 
 
-def open_session(folder: Path, graph: GraphFile, providers: list[str], threads: int = 0):
-    """An ONNX Runtime session for a graph named in signature.json, refused unless bytes and I/O match."""
+def open_session(folder: Path, graph: GraphFile, providers: list[str], threads: int = 0, spinning: bool = True):
+    """An ONNX Runtime session for a graph named in signature.json, refused unless bytes and I/O match.
+
+    `threads`: intra-op threads (0: ORT's default, one per core). `spinning=False` stops idle pool
+    threads from busy-waiting: a serving replica shares its cores with the ingress and the proxy."""
     import onnxruntime as ort
 
     path = verify_graph_file(folder, graph)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
@@ -272,7 +276,8 @@ def open_session(folder: Path, graph: GraphFile, providers: list[str], threads: 
 class OnnxBackend(Backend):
     """ONNX Runtime on the CPU or on CUDA: needs no torch at run time."""
 
-    def __init__(self, model_dir, signature, preprocessing, device: str, fp16: bool, threads: int = 0, **kw):
+    def __init__(self, model_dir, signature, preprocessing, device: str, fp16: bool, threads: int = 0,
+                 spinning: bool = True, **kw):
         import onnxruntime as ort
 
         super().__init__(model_dir, signature, preprocessing, **kw)
@@ -291,12 +296,12 @@ class OnnxBackend(Backend):
         step_key = "step_fp16" if fp16 else "step_fp32"
         if step_key not in signature.graphs:
             raise ModelError(f"{folder}: no {step_key} graph (export with --fp16)" if fp16 else f"{folder}: no {step_key} graph")
-        self.session = open_session(folder, signature.graphs[step_key], providers, threads)
+        self.session = open_session(folder, signature.graphs[step_key], providers, threads, spinning)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ResourceError(f"CUDAExecutionProvider did not initialise (providers: {self.session.get_providers()})")
         check_io_matches(str(folder / signature.graphs[step_key].file), signature.inputs,
                          _session_io(self.session.get_inputs()), "inputs")
-        self.text_session = open_session(folder, signature.graph("text_encoder"), providers, threads)
+        self.text_session = open_session(folder, signature.graph("text_encoder"), providers, threads, spinning)
         self.precision = "fp16" if fp16 else "fp32"
 
     def _encode_text(self, clip_input_ids):
@@ -354,7 +359,7 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, model_dir, signature, preprocessing, fp16: bool, threads: int = 0, **kw):
+    def __init__(self, model_dir, signature, preprocessing, fp16: bool, threads: int = 0, spinning: bool = True, **kw):
         from mobile_vla.export.tensorrt_engine import TensorRTRunner
 
         super().__init__(model_dir, signature, preprocessing, **kw)
@@ -365,7 +370,7 @@ class TensorRTBackend(Backend):
 
         self._torch = torch
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.text_session = open_session(model_dir / ONNX_DIR, signature.graph("text_encoder"), providers, threads)
+        self.text_session = open_session(model_dir / ONNX_DIR, signature.graph("text_encoder"), providers, threads, spinning)
 
     def _encode_text(self, clip_input_ids):
         return self.text_session.run(TEXT_OUTPUTS, {"clip_input_ids": clip_input_ids})[0]
@@ -411,6 +416,7 @@ def load_backend(
     fp16: bool = False,
     *,
     threads: int = 0,
+    spinning: bool = True,
     cache_size: int = 1024,
     self_test: bool = True,
 ) -> Backend:
@@ -453,11 +459,13 @@ def load_backend(
                 backend = _load_torch(folder, signature, name, version, cache_size)
             elif choice == "tensorrt":
                 sig, prep = onnx_parts()
-                backend = TensorRTBackend(folder, sig, prep, fp16=fp16, threads=threads, cache_size=cache_size)
+                backend = TensorRTBackend(folder, sig, prep, fp16=fp16, threads=threads, spinning=spinning,
+                                          cache_size=cache_size)
             else:
                 sig, prep = onnx_parts()
                 device = "cuda" if choice == "onnx-cuda" else "cpu"
-                backend = OnnxBackend(folder, sig, prep, device=device, fp16=fp16, threads=threads, cache_size=cache_size)
+                backend = OnnxBackend(folder, sig, prep, device=device, fp16=fp16, threads=threads, spinning=spinning,
+                                      cache_size=cache_size)
             if self_test:
                 backend.self_test()
         except Exception as exc:  # any failure of one backend is a reason to try the next one

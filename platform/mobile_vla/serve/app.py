@@ -47,6 +47,8 @@ class ServeAppArgs(StrictModel):
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     max_ongoing_requests: int | None = Field(default=None, ge=1, description="per policy replica; default 2 x max_batch_size")
     fp16: bool = False
+    cpu_threads: int = Field(default=1, ge=0, le=256,
+                             description="ONNX Runtime threads per policy replica (0: one per core); match the replica's num_cpus")
     primary_timeout_s: float = Field(default=0.5, gt=0, le=30)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=10.0, gt=0)
@@ -97,7 +99,8 @@ def build_app(args: ServeAppArgs | dict | None = None):
 
     policy_config = PolicyUserConfig(
         model_uri=pinned_uri, alias=resolved.alias, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s, fp16=args.fp16, alias_poll_s=args.alias_poll_s,
+        batch_wait_timeout_s=args.batch_wait_timeout_s, fp16=args.fp16, cpu_threads=args.cpu_threads,
+        alias_poll_s=args.alias_poll_s,
     )
     ongoing = args.max_ongoing_requests or 2 * args.max_batch_size
     primary_cls = POLICY_CLASSES[args.primary]

@@ -58,6 +58,8 @@ class PolicyUserConfig(StrictModel):
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     fp16: bool = False
+    cpu_threads: int = Field(default=1, ge=0, le=256,
+                             description="ONNX Runtime intra-op threads (0: one per core); idle threads never spin")
     alias_poll_s: float = Field(default=DEFAULT_ALIAS_POLL_S, ge=0, le=3600,
                                 description="how often the replica checks where `alias` points; 0: only user_config changes the model")
     prepare_delay_s: float = Field(default=0.0, ge=0, le=600,
@@ -133,7 +135,8 @@ class PolicyDeployment:
         from mobile_vla.tracking import resolve_model
 
         resolved = resolve_model(config.model_uri)
-        backend = load_backend(resolved.path, prefer=self.PREFER, fp16=config.fp16)
+        backend = load_backend(resolved.path, prefer=self.PREFER, fp16=config.fp16, threads=config.cpu_threads,
+                               spinning=False)
         h, _ = backend.initial_memory(1)  # [..., 1, ...]: the recurrent state's shape comes from the signature
         name = backend.model_name or resolved.name or "unknown"
         version = str(backend.model_version or resolved.version or "unknown")
