@@ -10,7 +10,9 @@ Runs, each writing into one JSON (benchmarks/results/serve_load.json):
   open loop     N robots at H Hz each (requests leave on schedule whether or not answers came;
                 latency counts from the scheduled time, so queueing shows): the largest N whose
                 p99 <= 100 ms and error rate 0.
-Proxy modes: Ray Serve's default proxy and HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1,
+Proxy modes: `default` (Ray Serve's Python proxy, stock settings), `optimized` (the same proxy with
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between proxy and replicas, user code and router on the
+replica's own event loop; what `mobile-vla serve` uses) and `haproxy` (RAY_SERVE_ENABLE_HA_PROXY=1 +
 RAY_SERVE_THROUGHPUT_OPTIMIZED=1). Each HTTP run is a fresh Ray in a child process; with --netns
 (default when root) the child runs in a private network namespace (`unshare -n`) where loopback is
 the only interface, because HAProxy mode binds its ports on all interfaces.
@@ -245,7 +247,11 @@ async def _run_phases(spec: dict, url: str, token: str, image: str) -> list[dict
 
 def run_child(spec: dict, netns: bool, timeout_s: float = 900) -> list[dict]:
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
-    if spec["proxy"] == "haproxy":
+    env.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+    env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
+    if spec["proxy"] == "optimized":
+        env.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+    elif spec["proxy"] == "haproxy":
         env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
@@ -287,7 +293,7 @@ def main() -> int:
     parser.add_argument("--robots", type=int, default=64, help="closed-loop concurrency")
     parser.add_argument("--hz", type=float, default=10.0)
     parser.add_argument("--sweep", default="10,20,30,40,50,64", help="open-loop robot counts")
-    parser.add_argument("--proxies", default="default,haproxy")
+    parser.add_argument("--proxies", default="default,optimized,haproxy")
     parser.add_argument("--batch-wait-s", type=float, default=0.005)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
