@@ -46,9 +46,10 @@ COVERAGE = {
     # mobile-vla promote --model mobile-vla-policy --from-alias challenger [--gate jobs/configs/gate.yaml]
     "promote": ["tests/online/test_promotion.py::test_promote_cli_exit_codes_and_shipped_gate_file",
                 "tests/demo/test_demo.py::test_first_champion_is_served_and_robots_drive_over_http"],
-    # mobile-vla serve --config serve_configs/local.yaml  (config: test_configs; the app it deploys over HTTP:
-    # test_app_http and the demo)
-    "serve": ["tests/serve/test_configs.py::test_mobile_vla_serve_pins_loopback_and_names_bad_fields",
+    # mobile-vla serve --config serve_configs/local.yaml  (run as a command: test_serve_command; config:
+    # test_configs; the app it deploys over HTTP: test_app_http and the demo)
+    "serve": ["tests/serve/test_serve_command.py::test_serve_command_answers_on_loopback_and_stops_on_ctrl_c",
+              "tests/serve/test_configs.py::test_mobile_vla_serve_pins_loopback_and_names_bad_fields",
               "tests/serve/test_configs.py::test_config_validates_against_ray_schema_and_app_args",
               "tests/demo/test_demo.py::test_first_champion_is_served_and_robots_drive_over_http"],
     # mobile-vla online-update --config jobs/configs/online_update.yaml replay.data=data/mini

@@ -106,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
             time.sleep(1.0)
         port = config.http_options.port
         for app in config.applications:
-            print(f"serving {app.name} at http://127.0.0.1:{port}{app.route_prefix or ''}/v1/act")
+            print(f"serving {app.name} at http://127.0.0.1:{port}{(app.route_prefix or '').rstrip('/')}/v1/act")
         print(f"API token: `cat {tokens}` (send it as 'Authorization: Bearer <token>'); docs: docs/http_api.md")
         print("Ctrl-C to stop")
         while True:
