@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PYOPENGL_PLATFORM := egl
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast demo demo-tiny bench bench-data clean
+.PHONY: setup test test-fast demo demo-tiny bench quality clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ demo-tiny: setup
 CPU_BENCHMARKS := data_generate data_pipeline policy_step inference train_overhead serve_load closed_loop
 bench: setup
 	for b in $(CPU_BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
+
+# The quality report (about 35 minutes on 2 cores): `small` trained in a CPU budget, closed loop on
+# the held-out splits next to the expert, then an online update fixing a broken release, in closed loop.
+quality: setup
+	bash benchmarks/quality_small.sh
+	$(PY) benchmarks/online_closed_loop.py --eval-episodes 100 --feedback-episodes 60
 
 clean:
 	rm -rf .mobile_vla benchmarks/results .pytest_cache
