@@ -42,8 +42,16 @@ def configure_mlflow() -> str:
         db, artifacts = embedded_paths()
         db.parent.mkdir(parents=True, exist_ok=True)
         artifacts.mkdir(parents=True, exist_ok=True)
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # set_tracking_uri() also exports MLFLOW_TRACKING_URI for child processes. Keep the environment
+    # as the user left it: an exported value would win over MOBILE_VLA_HOME for the rest of this
+    # process (a later home pointing at an old store) and leak into every Ray worker started after.
+    if exported is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = exported
     return uri
 
 
