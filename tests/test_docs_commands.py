@@ -6,11 +6,9 @@ renamed or removed). `mobile-vla mlflow-ui` and `train --check` are run here."""
 from __future__ import annotations
 
 import ast
-import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.local_processes import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/quickstart.md"]
@@ -141,16 +141,11 @@ def test_documented_train_check_runs(ray_cluster, tiny_dataset, platform_home, c
     assert "ok" in capsys.readouterr().out.lower()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_documented_mlflow_ui_serves_the_embedded_store(platform_home):
     """`mobile-vla mlflow-ui` starts the UI on 127.0.0.1 over the embedded SQLite store."""
     assert any(c == "mobile-vla mlflow-ui" for _, c in COMMANDS)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "mobile_vla.cli", "mlflow-ui", "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # its own group: the mlflow server child stops too
@@ -166,11 +161,6 @@ def test_documented_mlflow_ui_serves_the_embedded_store(platform_home):
         assert status == 200, f"UI did not answer on 127.0.0.1:{port}"
         assert (platform_home / "mlflow.db").is_file()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process, signal.SIGTERM, timeout_s=30)
     printed = process.stdout.read()
     assert f"sqlite:///{platform_home / 'mlflow.db'}" in printed and "--host 127.0.0.1" in printed

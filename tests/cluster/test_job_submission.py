@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.local_processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME_ENV_FILE = REPO / "clusters" / "runtime_env.yaml"
@@ -38,11 +39,6 @@ class RayHead:
     token: str
     tmp: Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_job_server(head: RayHead, process: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
@@ -102,6 +98,9 @@ def ray_head():
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("RAY_ADDRESS", None)
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: a test that ran earlier in this process
+    # would otherwise point every job on this head at its own store instead of the job's home.
+    env.pop("MLFLOW_TRACKING_URI", None)
     dashboard_port = free_port()
     command = [
         RAY, "start", "--head", "--block", "--disable-usage-stats",

@@ -75,15 +75,12 @@ class AppClient:
 @contextlib.contextmanager
 def deployed_app(app_name: str, home: Path, args):
     """`build_app(args)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards."""
-    import socket
-
     from ray import serve
 
     from mobile_vla.serve.app import build_app
+    from tests.local_processes import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with home_env(home):
         serve.run(build_app(args), name=app_name, route_prefix="/")

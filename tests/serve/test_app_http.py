@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,14 +17,11 @@ from PIL import Image
 
 from mobile_vla.serve.memory_token import MemoryCodec, RecurrentMemory, load_or_create_secret
 
+from tests.local_processes import free_port
+
 APP = "mobile-vla-test"
 INSTRUCTION = "go to the red box"
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _jpeg(width=320, height=240, seed=0) -> bytes:
@@ -63,7 +59,7 @@ def served(ray_cluster, serve_home, use_home):
 
     from mobile_vla.serve.app import ServeAppArgs, build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     # Test-only faults hit robots named drill-slow-* / drill-error-* only; everyone else gets a healthy primary.

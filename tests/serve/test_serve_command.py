@@ -8,7 +8,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from tests.local_processes import free_port, stop_process_group
+
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _frame() -> str:
@@ -41,7 +37,7 @@ def _listeners(port: int) -> list[str]:
 
 
 def test_serve_command_answers_on_loopback_and_stops_on_ctrl_c(serve_home, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(MOBILE_VLA_HOME=str(serve_home), MOBILE_VLA_TOKENS_FILE=str(serve_home / "tokens"),
                MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
@@ -77,11 +73,6 @@ def test_serve_command_answers_on_loopback_and_stops_on_ctrl_c(serve_home, tmp_p
             assert http.post("/v1/act", json=body).status_code == 401
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_process_group(process, signal.SIGINT, timeout_s=120)
     assert process.returncode == 130, log.read_text()[-2000:]
     assert "interrupted" in log.read_text()

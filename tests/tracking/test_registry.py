@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from mobile_vla.errors import ModelError
+
+from tests.local_processes import free_port
 
 
 def make_model_dir(root: Path, marker: str) -> Path:
@@ -76,11 +77,6 @@ def test_registry_on_embedded_sqlite_store(platform_home, tmp_path):
     assert (platform_home / "mlflow.db").is_file()
     assert not Path("mlruns").exists() or Path("mlruns").stat().st_mtime < time.time() - 60
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_registry_through_an_mlflow_server(platform_home, tmp_path, monkeypatch):

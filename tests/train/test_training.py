@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.local_processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -184,16 +185,11 @@ def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoin
     assert abs(faulted_loss - clean_loss) <= FAULT_TOLERANCE * clean_loss, (faulted_loss, clean_loss)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts."""
-    port = _free_port()
+    port = free_port()
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
         [str(mlflow_exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
