@@ -19,7 +19,6 @@ Writes benchmarks/results/online_closed_loop.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -71,18 +70,11 @@ def break_champion(base_uri: str, workdir: Path) -> str:
     return version
 
 
-def jpeg(frame) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
 def send_corrections(root: Path, episodes: int, workdir: Path, champion: str) -> dict:
     """Fresh expert episodes (data seed 1) become feedback: every step an operator correction."""
     from mobile_vla.data.episodes import read_episode
     from mobile_vla.data.generate import generate_dataset
+    from mobile_vla.client import encode_jpeg
     from mobile_vla.online.feedback_store import FeedbackStore
 
     folder = workdir / "fleet_drives"
@@ -97,7 +89,7 @@ def send_corrections(root: Path, episodes: int, workdir: Path, champion: str) ->
             expert = [float(v) for v in episode.actions[t]]
             store.append({
                 "robot_id": f"robot-{e % 4}", "episode_id": f"fleet-{e}", "step": t,
-                "instruction": episode.instruction, "image": jpeg(episode.images[t]),
+                "instruction": episode.instruction, "image": encode_jpeg(episode.images[t], quality=90),
                 "state": [float(v) for v in episode.state[t]] if episode.state is not None else [0.0, 0.0, 0.0],
                 "action_executed": [expert[0], expert[1], -0.9], "action_corrected": expert, "intervention": True,
                 "episode_done": t == T - 1, "success": True if t == T - 1 else None, "model_version": champion,
