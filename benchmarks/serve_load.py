@@ -212,7 +212,8 @@ def serve_child(spec: dict) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": spec["port"]})
     args = ServeAppArgs(model_uri=spec["model_uri"], tokens_file=spec["tokens_file"],
                         max_batch_size=spec["max_batch_size"], batch_wait_timeout_s=spec["batch_wait_s"],
-                        max_ongoing_requests=max(64, spec["max_batch_size"]), primary_timeout_s=5.0)
+                        max_ongoing_requests=max(64, spec["max_batch_size"]), primary_timeout_s=5.0,
+                        cpu_threads=spec.get("cpu_threads", 1))
     serve.run(build_app(args), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{spec['port']}/v1/act"
     token = Path(spec["tokens_file"]).read_text().split()[0]
@@ -296,6 +297,7 @@ def main() -> int:
     parser.add_argument("--proxies", default="default,optimized,haproxy")
     parser.add_argument("--batch-wait-s", type=float, default=0.005)
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--cpu-threads", type=int, default=1, help="ONNX Runtime threads of the policy replica")
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     parser.add_argument("--no-netns", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "serve_load.json"))
@@ -322,7 +324,8 @@ def main() -> int:
     report["http"] = []
     for index, proxy in enumerate(p for p in args.proxies.split(",") if p):
         base = {"model_uri": model_uri, "tokens_file": tokens_file, "proxy": proxy, "port": 8000 + 10 * index + 100,
-                "batch_wait_s": args.batch_wait_s}
+                "batch_wait_s": args.batch_wait_s,
+                "cpu_threads": args.cpu_threads}
         phases = [{"kind": "closed", "robots": args.robots, "seconds": args.seconds}]
         phases += [{"kind": "open", "robots": n, "hz": args.hz, "seconds": max(args.seconds * 2 / 3, 4.0)} for n in sweep]
         report["http"] += run_child({**base, "label": f"{proxy}-batched", "max_batch_size": args.max_batch_size,

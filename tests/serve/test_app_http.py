@@ -126,7 +126,24 @@ def test_batches_form_under_concurrent_load(served):
     after = served.policy_info()
     requests = after["batched_requests"] - before["batched_requests"]
     batches = after["batches"] - before["batches"]
-    assert requests == 48 and batches < requests, (requests, batches)
+    calls = after["calls"] - before["calls"]  # the ingress gathers its own batches: one call each
+    assert requests == 48 and batches < requests and calls < requests, (requests, batches, calls)
+
+
+def test_a_robot_failing_in_a_batch_goes_to_the_fallback_alone(served):
+    # drill-error-* robots fail on the primary (test-only fault); their batch-mates keep the primary's answer.
+    robots = [f"drill-error-mix-{i}" if i % 4 == 0 else f"mix-{i}" for i in range(16)]
+    before = served.policy_info()
+    with ThreadPoolExecutor(16) as pool:
+        answers = dict(zip(robots, pool.map(lambda robot: served.act(robot_id=robot), robots)))
+    after = served.policy_info()
+    assert {r: a.status_code for r, a in answers.items()} == dict.fromkeys(robots, 200)
+    assert after["calls"] - before["calls"] < len(robots)  # they did share batches
+    for robot, answer in answers.items():
+        failing = robot.startswith("drill-error-")
+        assert answer.headers["x-served-by"] == ("OnnxFallbackPolicy" if failing else "OnnxPolicy"), robot
+        assert answer.headers["x-fallback-reason"] == ("error" if failing else "none"), robot
+    assert served.act(robot_id="r-after-mix").headers["x-served-by"] == "OnnxPolicy"  # the breaker closed again
 
 
 # -- auth and probes ----------------------------------------------------------------------------------
@@ -270,8 +287,9 @@ def test_metrics_reach_the_ray_metrics_endpoint(served):
     import ray
 
     port = ray._private.worker.global_worker.node.metrics_export_port
+    # metrics reach the endpoint every few seconds: wait for the slow-primary test's fallback to show too
     wanted = ["ray_mobile_vla_requests_total", "ray_mobile_vla_batch_size_bucket", "ray_mobile_vla_fallbacks_total",
-              "ray_mobile_vla_confidence_bucket", "ray_mobile_vla_replica_memory_bytes"]
+              "ray_mobile_vla_confidence_bucket", "ray_mobile_vla_replica_memory_bytes", 'reason="timeout"', 'route="/v1/act"']
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -280,4 +298,3 @@ def test_metrics_reach_the_ray_metrics_endpoint(served):
         time.sleep(2)
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
-    assert 'reason="timeout"' in text and 'route="/v1/act"' in text

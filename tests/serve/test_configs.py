@@ -70,3 +70,15 @@ def test_mobile_vla_serve_pins_loopback_and_names_bad_fields(tmp_path, capsys):
         load_serve_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_serve_config(tmp_path / "missing.yaml")
+
+
+def test_replica_grpc_messages_fit_a_full_batch_of_frames(monkeypatch):
+    # Throughput mode sends replica-to-replica calls over gRPC (4 MiB by default = 27 decoded frames);
+    # a batch of 64 robots' frames is ~9.6 MB and must fit, or every large batch fails.
+    from mobile_vla.serve.app import FRAME_BYTES, _replica_env
+
+    monkeypatch.delenv("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", raising=False)
+    assert int(_replica_env(64)["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) >= 64 * FRAME_BYTES
+    assert int(_replica_env(1)["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) == 4 * 1024 * 1024
+    monkeypatch.setenv("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", "123456789")  # an operator's choice wins
+    assert _replica_env(64)["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == "123456789"

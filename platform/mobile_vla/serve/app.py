@@ -72,8 +72,15 @@ class ServeAppArgs(StrictModel):
         return self
 
 
-def _replica_env() -> dict[str, str]:
-    env = {"MOBILE_VLA_HOME": str(platform_home()), "MLFLOW_DISABLE_TELEMETRY": "true"}
+FRAME_BYTES = 224 * 224 * 3  # one decoded uint8 frame, what the ingress sends a policy replica per robot
+
+
+def _replica_env(max_batch_size: int) -> dict[str, str]:
+    # In Serve's throughput mode replicas call each other over gRPC, whose messages stop at 4 MiB by
+    # default: 27 decoded frames. A batch of max_batch_size frames (and its answer) must fit.
+    grpc_bytes = max(4 * 1024 * 1024, 2 * max_batch_size * (FRAME_BYTES + 16 * 1024))
+    env = {"MOBILE_VLA_HOME": str(platform_home()), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": os.environ.get("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(grpc_bytes))}
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
     return env
@@ -95,11 +102,12 @@ def build_app(args: ServeAppArgs | dict | None = None):
     load_or_create_secret(secret_path)
     resolved = resolve_model(args.model_uri)
     pinned_uri = f"models:/{resolved.name}/{resolved.version}" if args.model_uri.startswith("models:/") else str(resolved.path)
-    env = {"runtime_env": {"env_vars": _replica_env()}}
+    env = {"runtime_env": {"env_vars": _replica_env(args.max_batch_size)}}
 
     policy_config = PolicyUserConfig(
         model_uri=pinned_uri, alias=resolved.alias, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s, fp16=args.fp16, cpu_threads=args.cpu_threads,
+        batch_wait_timeout_s=0.0,  # the ingress waited to fill the batch; the policy merges what queues meanwhile
+        fp16=args.fp16, cpu_threads=args.cpu_threads,
         alias_poll_s=args.alias_poll_s,
     )
     ongoing = args.max_ongoing_requests or 2 * args.max_batch_size
@@ -134,6 +142,7 @@ def build_app(args: ServeAppArgs | dict | None = None):
         model_uri=pinned_uri, alias=resolved.alias, tokens_file=str(tokens_path), memory_secret_file=str(secret_path),
         feedback_dir=str(Path(args.feedback_dir).expanduser().resolve() if args.feedback_dir else platform_home() / "feedback"),
         max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
+        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
         primary_timeout_s=args.primary_timeout_s, breaker_failures=args.breaker_failures,
         breaker_reset_s=args.breaker_reset_s, primary_name=primary_name, fallback_name=fallback_name,
         alias_poll_s=args.alias_poll_s, shadow=args.shadow, shadow_name=shadow_name,

@@ -2,8 +2,12 @@
 
 `TensorRTPolicy` (GPU, the primary on GPU nodes) and `OnnxPolicy` (ONNX Runtime: CUDA provider on
 a GPU, CPU provider otherwise; the fallback, or the primary on CPU-only machines) share one class
-body and differ only in which backends they accept. Requests from many robots are merged by
-`@serve.batch` into one `backend.predict` call, run in a thread so the event loop keeps queueing.
+body and differ only in which backends they accept. Batching happens twice: the ingress gathers
+concurrent robots into one `step_batch` call (so Serve's per-call cost is paid once per batch, not
+per robot), and `@serve.batch` here merges the batches that arrive while the model runs (from
+several ingress replicas, or the ingress's next batch) into one `backend.predict` call, run in a
+thread so the event loop keeps queueing. `CONCURRENT_BATCHES` model runs may overlap, so the
+next batch is unpacked while one computes.
 
 The model comes from `user_config` (`PolicyUserConfig`): `reconfigure()` runs at start and on every
 user_config change without a restart. With `alias` set, each replica also follows the alias itself
@@ -38,14 +42,17 @@ logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_S = 0.005
 DEFAULT_ALIAS_POLL_S = 2.0
+CONCURRENT_BATCHES = 2  # model runs at once per replica: one prepares or returns while the other computes
 RETRY_FAILED_S = 30.0  # a version that failed is tried again after this (e.g. its onnx/ got attached since)
 _PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
 class FaultConfig(StrictModel):
     """TEST-ONLY fault injection, so tests and failover drills can make a primary fail or stall on
-    purpose without mocking Ray Serve. It hits only robots whose id starts with `robot_prefix`, so
-    a drill never touches the rest of the fleet. Never set in production configs."""
+    purpose without mocking Ray Serve. It hits only robots whose id starts with `robot_prefix`: an
+    `error` fails only their steps (their batch-mates keep the primary's answer); a `slow` stall
+    holds the whole batch the drill robot is in, so batch-mates are answered by the fallback after
+    `primary_timeout_s`. Never set in production configs."""
 
     mode: Literal["error", "slow"]
     robot_prefix: str = Field(default="drill-", min_length=1)
@@ -98,6 +105,13 @@ class StepResult:
 
 
 @dataclass
+class StepFailure:
+    """In the slot of a robot whose step failed while the rest of its batch was answered."""
+
+    error: str
+
+
+@dataclass
 class LoadedModel:
     backend: Any  # mobile_vla.export Backend
     name: str
@@ -121,6 +135,7 @@ class PolicyDeployment:
         self._metrics = PolicyMetrics()
         self._batches = 0  # counters for info(): mean batch size = batched_requests / batches
         self._batched_requests = 0
+        self._calls = 0  # step/step_batch calls: the ingress sends one per batch it gathered
         self._pending_version: str | None = None  # being prepared/loaded beside the serving model
         self._failed: dict | None = None  # {"version", "error", "at"} of the last version that could not load
         self._swaps = 0
@@ -236,8 +251,8 @@ class PolicyDeployment:
     def reconfigure(self, user_config: dict) -> None:
         config = PolicyUserConfig.model_validate(user_config)
         self._check_batch_fits(config)
-        self._predict_batch.set_max_batch_size(config.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._predict_chunks.set_max_batch_size(config.max_batch_size)
+        self._predict_chunks.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         previous = self._config
         self._config = config
         if previous is not None and previous.model_uri == config.model_uri and previous.fp16 == config.fp16 \
@@ -293,22 +308,49 @@ class PolicyDeployment:
             "max_batch_size": self._config.max_batch_size if self._config else None,
             "batches": self._batches,
             "batched_requests": self._batched_requests,
+            "calls": self._calls,
         }
 
     async def step(self, request: StepRequest) -> StepResult:
+        """One robot's step (the shadow copy uses this); the ingress sends whole batches to `step_batch`."""
+        result = (await self.step_batch([request]))[0]
+        if isinstance(result, StepFailure):
+            raise RuntimeError(result.error)
+        return result
+
+    async def step_batch(self, requests: list[StepRequest]) -> list[StepResult | StepFailure]:
+        """Steps for a batch the ingress already gathered: one call per batch, not per robot. Chunks
+        arriving together (several ingress replicas, or a next batch while the model runs) are merged
+        again by `_predict_chunks` up to `max_batch_size` samples. A robot hit by an injected fault
+        gets a StepFailure in its slot; the rest of the chunk is answered."""
+        self._calls += 1
+        failed: dict[int, StepFailure] = {}
         for fault in self._config.faults if self._config else ():  # TEST-ONLY (FaultConfig)
-            if request.robot_id.startswith(fault.robot_prefix):
-                if fault.mode == "slow":
-                    await asyncio.sleep(fault.delay_s)
-                else:
-                    raise RuntimeError(f"injected fault for robots {fault.robot_prefix}* (user_config.faults)")
+            hit = [i for i, r in enumerate(requests) if r.robot_id.startswith(fault.robot_prefix)]
+            if hit and fault.mode == "slow":
+                await asyncio.sleep(fault.delay_s)
+            elif hit:
+                failed.update((i, StepFailure(f"injected fault for robots {fault.robot_prefix}* (user_config.faults)"))
+                              for i in hit)
         if self._model is None:
             raise BackendUnavailable(f"{type(self).__name__} has no model loaded: {self._load_error}")
-        return await self._predict_batch(request)
+        healthy = [r for i, r in enumerate(requests) if i not in failed]
+        answers = iter(await self._predict_chunks(healthy) if healthy else [])
+        return [failed[i] if i in failed else next(answers) for i in range(len(requests))]
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _predict_batch(self, requests: list[StepRequest]) -> list[StepResult]:
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+                 max_concurrent_batches=CONCURRENT_BATCHES, batch_size_fn=lambda chunks: sum(len(chunk) for chunk in chunks))
+    async def _predict_chunks(self, chunks: list[list[StepRequest]]) -> list[list[StepResult]]:
         model = self._model  # one model for the whole batch, even if a swap lands meanwhile
+        requests = [r for chunk in chunks for r in chunk]
+        results = await self._predict(model, requests)
+        out, start = [], 0
+        for chunk in chunks:
+            out.append(results[start:start + len(chunk)])
+            start += len(chunk)
+        return out
+
+    async def _predict(self, model: LoadedModel, requests: list[StepRequest]) -> list[StepResult]:
         B = len(requests)
         images = np.stack([r.image for r in requests])  # [B, H, W, C] uint8
         state = np.stack([r.state for r in requests]).astype(np.float32)  # [B, S]

@@ -37,6 +37,7 @@ from ray import serve
 
 from mobile_vla.config import StrictModel
 from mobile_vla.serve.app import ShadowConfig
+from mobile_vla.serve.deployments import StepRequest, StepResult
 from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.serve.errors_http import ApiError, describe_errors, error_response, install_error_handlers
 from mobile_vla.serve.schemas import (
@@ -49,6 +50,8 @@ from mobile_vla.serve.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
+
+INGRESS_CONCURRENT_BATCHES = 2  # batches on their way to the policy at once; one can form while another runs
 
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 429, 503)}
 
@@ -63,6 +66,8 @@ class IngressSettings(StrictModel):
     feedback_dir: str
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
     primary_timeout_s: float = Field(default=0.5, gt=0)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=10.0, gt=0)
@@ -128,6 +133,8 @@ class PolicyIngress:
         self._metrics = IngressMetrics()
         self._breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_reset_s)
         self._primary, self._fallback, self._shadow = primary, fallback, shadow
+        self._route_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._route_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._load_model_side(self.settings.model_uri)
         self._alias_version: str | None = self._side.version if self.settings.alias else None
         self._versions: dict[str, str | None] = {}  # role -> version it serves (from info() and answers)
@@ -274,15 +281,29 @@ class PolicyIngress:
             raise ApiError(422, "invalid_request", f"instruction: {exc}") from None
 
     async def _run_step(self, step) -> tuple[Any, str, str]:
-        """Primary (timeout + breaker), else fallback. Returns (StepResult, deployment, fallback reason or "")."""
+        """Primary (timeout + breaker), else fallback. Returns (StepResult, deployment, fallback reason or "").
+        Concurrent requests are gathered into one batch by `_route_batch`: one call per batch."""
+        outcome = await self._route_batch(step)
+        if isinstance(outcome, ApiError):
+            raise outcome
+        return outcome
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=INGRESS_CONCURRENT_BATCHES)
+    async def _route_batch(self, steps: list[StepRequest]) -> list[tuple[Any, str, str] | ApiError]:
+        """Routes a batch: the primary with a timeout (one call, one breaker verdict for the batch: a
+        failure only when it answered none of it), then the fallback for the robots the primary did not
+        answer (the whole batch on a timeout, an error or an open breaker; only the failed robots when
+        the primary answered the rest)."""
+        outcomes: list = [None] * len(steps)
+        pending = list(range(len(steps)))
         reason = "absent"
         if self._primary is not None and not self._primary_is_current():
             reason = "primary_behind"  # e.g. building the new version's TensorRT engine
         elif self._primary is not None:
             if self._breaker.allow():
-                response = self._primary.step.remote(step)
+                response = self._primary.step_batch.remote(steps)
                 try:
-                    result = await asyncio.wait_for(_awaited(response), self.settings.primary_timeout_s)
+                    results = await asyncio.wait_for(_awaited(response), self.settings.primary_timeout_s)
                 except asyncio.TimeoutError:
                     response.cancel()
                     self._breaker.record_failure()
@@ -294,23 +315,40 @@ class PolicyIngress:
                     reason = "unavailable" if "BackendUnavailable" in repr(exc) else "error"
                     logger.warning("primary failed (%s): %s", reason, str(exc).splitlines()[0][:200])
                 else:
-                    self._breaker.record_success()
-                    self._metrics.breaker_open.set(0)
-                    self._learn_version("primary", result.model_version)
-                    return result, self.settings.primary_name or "primary", ""
+                    pending = [i for i, result in enumerate(results) if not isinstance(result, StepResult)]
+                    for i, result in enumerate(results):
+                        if i not in pending:
+                            outcomes[i] = (result, self.settings.primary_name or "primary", "")
+                            self._learn_version("primary", result.model_version)
+                    if len(pending) == len(steps):  # a primary that answers part of a batch is not broken
+                        self._breaker.record_failure()
+                    else:
+                        self._breaker.record_success()
+                    if pending:
+                        reason = "error"
+                        logger.warning("primary failed (error) for %d of %d robots: %s", len(pending), len(steps),
+                                       getattr(results[pending[0]], "error", "")[:200])
             else:
                 reason = "breaker_open"
             self._metrics.breaker_open.set(1 if self._breaker.state.value != "closed" else 0)
+        if not pending:
+            return outcomes
         if self._fallback is None:
-            raise ApiError(503, "unavailable", f"primary backend unavailable ({reason}) and no fallback configured")
-        self._metrics.fallbacks.inc(tags={"reason": reason})
+            refused = ApiError(503, "unavailable", f"primary backend unavailable ({reason}) and no fallback configured")
+            return [refused if i in pending else outcome for i, outcome in enumerate(outcomes)]
+        self._metrics.fallbacks.inc(float(len(pending)), tags={"reason": reason})
         try:
-            result = await self._fallback.step.remote(step)
+            results = await self._fallback.step_batch.remote([steps[i] for i in pending])
         except Exception as exc:
             logger.error("fallback failed: %s", str(exc).splitlines()[0][:200])
-            raise ApiError(503, "unavailable", "no backend could answer; retry later") from None
-        self._learn_version("fallback", result.model_version)
-        return result, self.settings.fallback_name or "fallback", reason
+            results = [None] * len(pending)
+        for i, result in zip(pending, results):
+            if isinstance(result, StepResult):
+                outcomes[i] = (result, self.settings.fallback_name or "fallback", reason)
+                self._learn_version("fallback", result.model_version)
+            else:
+                outcomes[i] = ApiError(503, "unavailable", "no backend could answer; retry later")
+        return outcomes
 
     # -- shadow mode ---------------------------------------------------------------------------------
     def _copy_to_shadow(self, step, champion) -> None:
@@ -416,7 +454,6 @@ class PolicyIngress:
     @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_body_schema(ActRequest))
     async def act(self, request: Request):
         """One control step for one robot: next action chunk, confidence and the new memory token."""
-        from mobile_vla.serve.deployments import StepRequest
         from mobile_vla.serve.memory_token import MemoryTokenError, RecurrentMemory
 
         start = time.perf_counter()
