@@ -36,6 +36,7 @@ from pydantic import Field
 from ray import serve
 
 from mobile_vla.config import StrictModel
+from mobile_vla.serve.heap import freeze_long_lived_heap
 
 logger = logging.getLogger("ray.serve")
 
@@ -236,6 +237,7 @@ class PolicyDeployment:
         finally:
             self._pending_version = None
         self._model, self._failed, self._load_error = loaded, None, None  # atomic swap
+        freeze_long_lived_heap()
         self._swaps += 1
         self._metrics.swaps.inc()
         self._metrics.swap_seconds.observe(time.perf_counter() - started)
@@ -272,6 +274,7 @@ class PolicyDeployment:
                             "at": time.monotonic() - RETRY_FAILED_S}
             return
         self._model, self._load_error = loaded, None  # atomic swap: in-flight batches keep the old one
+        freeze_long_lived_heap()  # torch, ONNX Runtime, the model: never walked by a full collection mid-request
         logger.info("policy %s serving %s version %s on %s", type(self).__name__, loaded.name, loaded.version,
                     loaded.backend.name)
 

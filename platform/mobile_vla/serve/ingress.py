@@ -150,9 +150,12 @@ class PolicyIngress:
         """What the ingress needs of the model: the resize rule, S, K and the tokenizer."""
         from mobile_vla.serve.model_side import load_model_side
 
+        from mobile_vla.serve.heap import freeze_long_lived_heap
+
         side = load_model_side(model_uri, self.settings.alias)
         instructions = InstructionCache(side.tokenize_one, side.max_tokens, self.settings.instruction_cache_size)
         self._side, self._instructions = side, instructions
+        freeze_long_lived_heap()  # the tokenizer and its imports: never walked by a full collection mid-request
 
     # -- hot swap: which version to serve, and who serves it -------------------------------------------
     def _ensure_watch(self) -> None:
