@@ -82,3 +82,13 @@ def test_replica_grpc_messages_fit_a_full_batch_of_frames(monkeypatch):
     assert int(_replica_env(1)["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) == 4 * 1024 * 1024
     monkeypatch.setenv("RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", "123456789")  # an operator's choice wins
     assert _replica_env(64)["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == "123456789"
+
+
+def test_serve_command_proxy_environment(monkeypatch):
+    from mobile_vla.serve.commands import proxy_environment
+
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    assert proxy_environment(False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # no HAProxy unless asked
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
+    assert proxy_environment(False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}  # the operator's opt-out holds
+    assert proxy_environment(True) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}

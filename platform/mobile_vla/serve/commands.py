@@ -23,7 +23,25 @@ def register(subparsers) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default {DEFAULT_CONFIG})")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
     parser.add_argument("--model", default=None, help="override the model URI of every application")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="HAProxy instead of Ray's Python proxy (about 2x requests/s on a small CPU box); binds "
+                             "ports on ALL interfaces: see docs/http_api.md#haproxy-mode before using it")
     parser.set_defaults(func=run_serve)
+
+
+# Seen with `ss` on a local run: the ingress replicas' HTTP ports (30000-31000) follow the node address
+# (127.0.0.1 here, the node's IP on a cluster); these two are on every interface regardless.
+HAPROXY_ALL_INTERFACES = "8404 (HAProxy stats) and 9101 (HAProxy metrics)"
+
+
+def proxy_environment(haproxy: bool) -> dict[str, str]:
+    """Environment for the local Ray: Serve's throughput mode always (gRPC proxy->replica, user code on
+    the replica's loop: about 1.2x the stock settings on the same box, docs/performance.md; set
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to opt out), HAProxy mode only when asked for."""
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")}
+    if haproxy:
+        env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+    return env
 
 
 def load_serve_config(path: str | Path, port: int | None = None, model_uri: str | None = None):
@@ -77,9 +95,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     os.environ["MOBILE_VLA_HOME"] = str(platform_home())  # replicas and the app builder see the same home
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # Serve's throughput mode (gRPC proxy->replica, user code on the replica's loop): about 1.4x the
-    # requests/s of the stock settings on the same box (docs/performance.md). Set it to 0 to opt out.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.update(proxy_environment(args.haproxy))
+    if args.haproxy:
+        print(f"warning: HAProxy mode binds {HAPROXY_ALL_INTERFACES} on all interfaces, whatever "
+              "http_options.host says: firewall them (docs/http_api.md#haproxy-mode)")
 
     import ray
     from ray import serve
