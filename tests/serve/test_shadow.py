@@ -2,13 +2,15 @@
 
 The answers must be exactly what the champion alone gives (checked against the champion's ONNX
 model run here, without any shadow), and the recorded agreement must match what the two versions
-really do on the same inputs (also computed here).
+really do on the same inputs (also computed here). The same app has no fallback, which the last
+test uses: a robot the primary fails gets its 503 alone.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -55,8 +57,10 @@ def shadow_home(tmp_path_factory, use_home, serve_home):
 def app(ray_cluster, shadow_home):
     from mobile_vla.serve.app import ServeAppArgs, ShadowConfig
 
+    # No fallback here; drill-error-* robots fail on the primary (test-only fault), everyone else is served.
     args = ServeAppArgs(tokens_file=str(shadow_home / "tokens"), max_batch_size=8, batch_wait_timeout_s=0.01,
-                        primary_timeout_s=20.0, alias_poll_s=0.3, shadow=ShadowConfig(tolerance=TOLERANCE))
+                        primary_timeout_s=20.0, alias_poll_s=0.3, shadow=ShadowConfig(tolerance=TOLERANCE),
+                        primary_faults=[{"mode": "error", "robot_prefix": "drill-error-"}])
     with deployed_app(APP, shadow_home, args) as client:
         yield client
 
@@ -121,3 +125,17 @@ def test_shadow_records_agreement_and_never_changes_answers(app, shadow_home, us
     assert after["version"] == "1" and after["agreed"] - before["agreed"] == len(FRAMES)
     new_diff_sum = after["mean_abs_action_diff"] * after["compared"] - before["mean_abs_action_diff"] * before["compared"]
     assert abs(new_diff_sum) < 1e-3
+
+
+def test_without_a_fallback_only_the_robot_that_failed_gets_503(app):
+    # sent together, so usually one batch: the primary answers three robots and fails one
+    frame = base64.b64encode(FRAMES[0]).decode()
+    robots = ["drill-error-nofallback", "nofallback-0", "nofallback-1", "nofallback-2"]
+    with ThreadPoolExecutor(len(robots)) as pool:
+        answers = list(pool.map(lambda robot: app.act(frame, robot_id=robot, state=STATE), robots))
+    failed, served = answers[0], answers[1:]
+    assert failed.status_code == 503, failed.text
+    assert failed.json() == {"error": {"code": "unavailable", "message": failed.json()["error"]["message"]}}
+    assert "no fallback configured" in failed.json()["error"]["message"]
+    assert [a.status_code for a in served] == [200, 200, 200]
+    assert app.http.get("/healthz").status_code == 200

@@ -148,9 +148,8 @@ class PolicyIngress:
 
     def _load_model_side(self, model_uri: str) -> None:
         """What the ingress needs of the model: the resize rule, S, K and the tokenizer."""
-        from mobile_vla.serve.model_side import load_model_side
-
         from mobile_vla.serve.heap import freeze_long_lived_heap
+        from mobile_vla.serve.model_side import load_model_side
 
         side = load_model_side(model_uri, self.settings.alias)
         instructions = InstructionCache(side.tokenize_one, side.max_tokens, self.settings.instruction_cache_size)
@@ -318,11 +317,11 @@ class PolicyIngress:
                     reason = "unavailable" if "BackendUnavailable" in repr(exc) else "error"
                     logger.warning("primary failed (%s): %s", reason, str(exc).splitlines()[0][:200])
                 else:
-                    pending = [i for i, result in enumerate(results) if not isinstance(result, StepResult)]
                     for i, result in enumerate(results):
-                        if i not in pending:
+                        if isinstance(result, StepResult):
                             outcomes[i] = (result, self.settings.primary_name or "primary", "")
                             self._learn_version("primary", result.model_version)
+                    pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
                     if len(pending) == len(steps):  # a primary that answers part of a batch is not broken
                         self._breaker.record_failure()
                     else:
@@ -337,8 +336,8 @@ class PolicyIngress:
         if not pending:
             return outcomes
         if self._fallback is None:
-            refused = ApiError(503, "unavailable", f"primary backend unavailable ({reason}) and no fallback configured")
-            return [refused if i in pending else outcome for i, outcome in enumerate(outcomes)]
+            message = f"primary backend unavailable ({reason}) and no fallback configured"
+            return [outcome or ApiError(503, "unavailable", message) for outcome in outcomes]
         self._metrics.fallbacks.inc(float(len(pending)), tags={"reason": reason})
         try:
             results = await self._fallback.step_batch.remote([steps[i] for i in pending])
