@@ -180,6 +180,8 @@ def test_failed_load_keeps_the_old_model_and_shows_why(app, swap_home, use_home)
 
     # Moving the alias back (a rollback) clears the failure; version 2 keeps serving throughout.
     _move_champion(swap_home, "2", use_home)
-    wait_until(lambda: all(b["failed_version"] is None for b in app.model()["backends"]), 30,
-               what="the rollback clearing the failure")
-    assert app.model()["alias_version"] == "2" and app.act(IMAGE).json()["model"]["version"] == "2"
+    # The replicas and the ingress each poll the registry on their own (every alias_poll_s): wait for both.
+    wait_until(lambda: (info := app.model())["alias_version"] == "2"
+               and all(b["failed_version"] is None for b in info["backends"]), 30,
+               what="the rollback clearing the failure in the replicas and the ingress")
+    assert app.act(IMAGE).json()["model"]["version"] == "2"
