@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from mobile_vla.config import StrictModel, platform_home, validate_config
 from mobile_vla.errors import ConfigError
+from mobile_vla.policy.config import IMAGE_SIZE
 from mobile_vla.serve.deployments import DEFAULT_ALIAS_POLL_S, DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, FaultConfig
 
 
@@ -72,7 +73,7 @@ class ServeAppArgs(StrictModel):
         return self
 
 
-FRAME_BYTES = 224 * 224 * 3  # one decoded uint8 frame, what the ingress sends a policy replica per robot
+FRAME_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # one decoded uint8 frame, what the ingress sends a policy replica per robot
 
 
 def _replica_env(max_batch_size: int) -> dict[str, str]:

@@ -37,7 +37,7 @@ from ray import serve
 
 from mobile_vla.config import StrictModel
 from mobile_vla.serve.app import ShadowConfig
-from mobile_vla.serve.deployments import StepRequest, StepResult
+from mobile_vla.serve.deployments import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, StepRequest, StepResult
 from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.serve.errors_http import ApiError, describe_errors, error_response, install_error_handlers
 from mobile_vla.serve.schemas import (
@@ -66,8 +66,8 @@ class IngressSettings(StrictModel):
     feedback_dir: str
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
-    max_batch_size: int = Field(default=32, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     primary_timeout_s: float = Field(default=0.5, gt=0)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=10.0, gt=0)
@@ -290,7 +290,8 @@ class PolicyIngress:
             raise outcome
         return outcome
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=INGRESS_CONCURRENT_BATCHES)
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+                 max_concurrent_batches=INGRESS_CONCURRENT_BATCHES)  # resized from the settings in __init__
     async def _route_batch(self, steps: list[StepRequest]) -> list[tuple[Any, str, str] | ApiError]:
         """Routes a batch: the primary with a timeout (one call, one breaker verdict for the batch: a
         failure only when it answered none of it), then the fallback for the robots the primary did not
