@@ -1,6 +1,7 @@
 # Mobile VLA platform. Two commands on a fresh machine:
 #   make demo   # the whole loop on embedded defaults (local Ray, SQLite MLflow, MiniWorld)
 #   make test   # the test suite (sets itself up first)
+#   make lint   # ruff: lint and format check (rules in pyproject.toml)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,18 +10,31 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PYOPENGL_PLATFORM := egl
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test test-fast demo demo-tiny bench quality clean
+.PHONY: setup lint format test test-fast test-shuffled demo demo-tiny bench quality clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Tests run in file order (-p no:randomly); test-shuffled runs them in a random order (pytest-randomly,
+# its seed is printed at the top; repeat that order with: make test-shuffled PYTEST_ARGS="--randomly-seed=SEED").
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -p no:randomly $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -p no:randomly -m "not slow" $(PYTEST_ARGS)
+
+test-shuffled: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/mobile-vla demo $(DEMO_ARGS)

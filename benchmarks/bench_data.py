@@ -17,8 +17,8 @@ def ensure_data(args, home: Path) -> Path:
         return folder
     except Exception:
         pass
-    from mobile_vla.data.generate import generate_dataset
-    from mobile_vla.data.split_spec import default_split_spec
+    from mobile_vla.sim.generate import generate_dataset
+    from mobile_vla.sim.split_spec import default_split_spec
 
     print(f"generating {args.episodes} episodes into {folder} ...", flush=True)
     generate_dataset(folder, args.episodes, default_split_spec(), seed=0, progress=True)

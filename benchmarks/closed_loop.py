@@ -30,13 +30,18 @@ HELD_OUT = ["unseen_layout", "unseen_pair", "unseen_paraphrase", "visual_shift"]
 
 
 def summary(s) -> dict:
-    return {"episodes": s.episodes, "success_rate": round(s.success_rate, 4),
-            "wilson_95": [round(s.success_low, 4), round(s.success_high, 4)],
-            "wrong_target_rate": round(s.wrong_target_rate, 4), "timeout_rate": round(s.timeout_rate, 4),
-            "spl": None if s.spl != s.spl else round(s.spl, 4), "collision_rate": round(s.collision_rate, 4),
-            "mean_steps": round(s.mean_steps, 2),
-            "confidence_success": None if s.confidence_success != s.confidence_success else round(s.confidence_success, 4),
-            "confidence_failure": None if s.confidence_failure != s.confidence_failure else round(s.confidence_failure, 4)}
+    return {
+        "episodes": s.episodes,
+        "success_rate": round(s.success_rate, 4),
+        "wilson_95": [round(s.success_low, 4), round(s.success_high, 4)],
+        "wrong_target_rate": round(s.wrong_target_rate, 4),
+        "timeout_rate": round(s.timeout_rate, 4),
+        "spl": None if s.spl != s.spl else round(s.spl, 4),
+        "collision_rate": round(s.collision_rate, 4),
+        "mean_steps": round(s.mean_steps, 2),
+        "confidence_success": None if s.confidence_success != s.confidence_success else round(s.confidence_success, 4),
+        "confidence_failure": None if s.confidence_failure != s.confidence_failure else round(s.confidence_failure, 4),
+    }
 
 
 def main() -> int:
@@ -69,8 +74,15 @@ def main() -> int:
         load_before = os.getloadavg()
         results = {}
         for split in args.splits:
-            report = evaluate_closed_loop(model, split, args.episodes, spec=spec, max_steps=args.max_steps,
-                                          episodes_per_task=args.episodes_per_task, record_frames=0)
+            report = evaluate_closed_loop(
+                model,
+                split,
+                args.episodes,
+                spec=spec,
+                max_steps=args.max_steps,
+                episodes_per_task=args.episodes_per_task,
+                record_frames=0,
+            )
             results[split] = {
                 "seeds": [report.seeds[0], report.seeds[-1] + 1],
                 "policy": summary(report.policy),
@@ -80,9 +92,11 @@ def main() -> int:
                 "backend_chain": report.settings["prefer"] or "default (onnx-cpu if exported, else torch)",
             }
             p, e = report.policy, report.expert
-            print(f"{split:>18}: {args.model} {p.success_rate:6.1%} [{p.success_low:.1%}, {p.success_high:.1%}]"
-                  f"  expert {e.success_rate:6.1%} [{e.success_low:.1%}, {e.success_high:.1%}]"
-                  f"  {report.seconds:6.1f} s, {report.worker_cpu_seconds / len(report.seeds):.2f} CPU s/episode")
+            print(
+                f"{split:>18}: {args.model} {p.success_rate:6.1%} [{p.success_low:.1%}, {p.success_high:.1%}]"
+                f"  expert {e.success_rate:6.1%} [{e.success_low:.1%}, {e.success_high:.1%}]"
+                f"  {report.seconds:6.1f} s, {report.worker_cpu_seconds / len(report.seeds):.2f} CPU s/episode"
+            )
         ray.shutdown()
 
     document = {
@@ -93,9 +107,13 @@ def main() -> int:
         "episodes_per_split": args.episodes,
         "episodes_per_task": args.episodes_per_task,
         "max_steps": args.max_steps,
-        "machine": {"cpus": os.cpu_count(), "platform": host.platform(), "python": sys.version.split()[0],
-                    "load_avg_before": [round(v, 1) for v in load_before],
-                    "load_avg_after": [round(v, 1) for v in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": host.platform(),
+            "python": sys.version.split()[0],
+            "load_avg_before": [round(v, 1) for v in load_before],
+            "load_avg_after": [round(v, 1) for v in os.getloadavg()],
+        },
         "splits": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,25 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_data_generate_"))
     out = args.keep or work / "dataset"
     cli = Path(sys.executable).with_name("mobile-vla")
-    command = [str(cli), "data", "generate", "--out", str(out), "--episodes", str(args.episodes),
-               "--seed", str(args.seed), "--no-progress"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYOPENGL_PLATFORM": "egl",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_ADDRESS": ""}
+    command = [
+        str(cli),
+        "data",
+        "generate",
+        "--out",
+        str(out),
+        "--episodes",
+        str(args.episodes),
+        "--seed",
+        str(args.seed),
+        "--no-progress",
+    ]
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYOPENGL_PLATFORM": "egl",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_ADDRESS": "",
+    }
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -67,9 +82,13 @@ def main() -> int:
     result = {
         "benchmark": "data_generate",
         "command": " ".join(["mobile-vla"] + command[1:]).replace(str(out), "DIR"),
-        "machine": {"cpus": os.cpu_count(), "platform": host.platform(), "python": host.python_version(),
-                    "load_average_1m_before": round(load_before[0], 2),
-                    "load_average_1m_after": round(load_after[0], 2)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": host.platform(),
+            "python": host.python_version(),
+            "load_average_1m_before": round(load_before[0], 2),
+            "load_average_1m_after": round(load_after[0], 2),
+        },
         "episodes": manifest["counts"]["total"]["episodes"],
         "frames": frames,
         "wall_seconds": round(seconds, 2),

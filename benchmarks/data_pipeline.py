@@ -47,10 +47,22 @@ def synthetic_dataset(folder: Path, episodes: int, frames: int) -> None:
         actions = rng.uniform(-0.5, 0.5, (frames, 3)).astype(np.float32)
         state = np.vstack([np.zeros((1, 3), np.float32), actions[:-1]])
         name = f"synthetic_{e:04d}.h5"
-        write_episode(folder / name, Episode(images, actions, state, {
-            "instruction": ["go to the red box", "go to the blue ball avoiding the box on the left"][e % 2],
-            "episode_id": name, "source": "synthetic", "success": True, "control_hz": 5.0,
-            "schema_version": SCHEMA_VERSION}))
+        write_episode(
+            folder / name,
+            Episode(
+                images,
+                actions,
+                state,
+                {
+                    "instruction": ["go to the red box", "go to the blue ball avoiding the box on the left"][e % 2],
+                    "episode_id": name,
+                    "source": "synthetic",
+                    "success": True,
+                    "control_hz": 5.0,
+                    "schema_version": SCHEMA_VERSION,
+                },
+            ),
+        )
         names.append(name)
     build_manifest(folder, {"train": names}, {"kind": "synthetic", "episodes": episodes, "frames": frames})
 
@@ -71,8 +83,12 @@ def storage(folder: Path, names: list[str]) -> dict:
     alternatives = {}
     sample = names[: max(1, min(4, len(names)))]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, options in {"lzf": {"compression": "lzf"}, "gzip-1": {"compression_level": 1},
-                               "gzip-4": {"compression_level": 4}, "gzip-9": {"compression_level": 9}}.items():
+        for label, options in {
+            "lzf": {"compression": "lzf"},
+            "gzip-1": {"compression_level": 1},
+            "gzip-4": {"compression_level": 4},
+            "gzip-9": {"compression_level": 9},
+        }.items():
             size, count, start = 0, 0, time.perf_counter()
             for name in sample:
                 episode = read_episode(folder / name)
@@ -101,7 +117,7 @@ def storage(folder: Path, names: list[str]) -> dict:
 
 
 def ray_windows_per_s(folder: Path, preprocessing, passes: int, batch_size: int) -> dict:
-    from mobile_vla.data.pipeline import build_window_dataset
+    from mobile_vla.train.pipeline import build_window_dataset
 
     ds = build_window_dataset(folder, "train", preprocessing, augment=True, seed=None, shuffle=True)
     timings = []
@@ -122,15 +138,19 @@ def ray_windows_per_s(folder: Path, preprocessing, passes: int, batch_size: int)
 
 
 def torch_windows_per_s(folder: Path, preprocessing, limit: int) -> dict:
-    from mobile_vla.data.windows import WindowDataset
+    from mobile_vla.train.windows import WindowDataset
 
     ds = WindowDataset(folder, "train", preprocessing, augment=True, seed=0)
     count = min(limit, len(ds))
     start = time.perf_counter()
     for i in range(count):
         ds[i]
-    return {"windows": count, "windows_per_s": round(count / (time.perf_counter() - start), 1),
-            "process": "single, no DataLoader workers", "augment": True}
+    return {
+        "windows": count,
+        "windows_per_s": round(count / (time.perf_counter() - start), 1),
+        "process": "single, no DataLoader workers",
+        "augment": True,
+    }
 
 
 def main() -> None:
@@ -152,8 +172,8 @@ def main() -> None:
 
     from mobile_vla.data.manifest import load_manifest
     from mobile_vla.policy import presets
+    from mobile_vla.policy.preprocessing import Preprocessing
     from mobile_vla.policy.text import build_tokenizer
-    from mobile_vla.preprocessing import Preprocessing
 
     ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +185,7 @@ def main() -> None:
                 synthetic_dataset(folder, args.episodes, args.frames)
                 source = "synthetic flat-shaded frames"
             else:
-                from mobile_vla.data.generate import generate_dataset
+                from mobile_vla.sim.generate import generate_dataset
 
                 generate_dataset(folder, args.episodes, seed=0, progress=False)
                 source = "MiniWorld (mobile-vla data generate)"
@@ -176,10 +196,18 @@ def main() -> None:
         )
         result = {
             "benchmark": "data_pipeline",
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                        "ray_cpus": ray.cluster_resources().get("CPU")},
-            "dataset": {"source": source, "episodes": len(names),
-                        "frames": manifest["counts"]["total"]["frames"], "window": args.window, "chunk": args.chunk},
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+                "ray_cpus": ray.cluster_resources().get("CPU"),
+            },
+            "dataset": {
+                "source": source,
+                "episodes": len(names),
+                "frames": manifest["counts"]["total"]["frames"],
+                "window": args.window,
+                "chunk": args.chunk,
+            },
             "storage": storage(folder, names),
             "ray_data": ray_windows_per_s(folder, preprocessing, args.passes, args.batch_size),
             "torch_dataset": torch_windows_per_s(folder, preprocessing, limit=200),

@@ -42,8 +42,11 @@ def parse_args(argv=None):
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-splits", default="unseen_layout,unseen_pair,unseen_paraphrase,visual_shift",
-                        help="held-out splits, comma-separated (missing or empty ones are skipped)")
+    parser.add_argument(
+        "--eval-splits",
+        default="unseen_layout,unseen_pair,unseen_paraphrase,visual_shift",
+        help="held-out splits, comma-separated (missing or empty ones are skipped)",
+    )
     parser.add_argument("--home", help="platform home (MLflow store, Ray results); default: a fresh temp folder")
     parser.add_argument("--out", default=str(RESULTS))
     return parser.parse_args(argv)
@@ -55,12 +58,23 @@ def train_members(args, data: Path):
     from mobile_vla.tune.sweep import run_sweep
     from mobile_vla.tune.sweep_config import load_tune_config
 
-    overrides = [f"data.path={data}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-                 "scaling.num_workers=1", "data.augment=true"]
-    cfg = load_tune_config(TUNE_TINY, [
-        f"train.config={PRESETS[args.preset]}", f"run.name=ensemble-quality-{args.preset}-{int(time.time())}",
-        "mlflow.experiment=benchmarks", "ensemble.alias=benchmark-ensemble", "mlflow.alias=benchmark-best",
-    ])
+    overrides = [
+        f"data.path={data}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        "scaling.num_workers=1",
+        "data.augment=true",
+    ]
+    cfg = load_tune_config(
+        TUNE_TINY,
+        [
+            f"train.config={PRESETS[args.preset]}",
+            f"run.name=ensemble-quality-{args.preset}-{int(time.time())}",
+            "mlflow.experiment=benchmarks",
+            "ensemble.alias=benchmark-ensemble",
+            "mlflow.alias=benchmark-best",
+        ],
+    )
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"overrides": overrides})})
     cfg = seed_sweep_config(cfg, args.members)
     return run_sweep(cfg), cfg
@@ -74,8 +88,12 @@ def main(argv=None) -> int:
     os.environ["MOBILE_VLA_HOME"] = str(home)
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYOPENGL_PLATFORM": "egl"}})
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYOPENGL_PLATFORM": "egl"}},
+    )
     started = time.perf_counter()
     data = ensure_data(args, home)
     generated = time.perf_counter()
@@ -87,7 +105,9 @@ def main(argv=None) -> int:
     from mobile_vla.tracking import resolve_model
     from mobile_vla.tune.ensemble_build import ensemble_quality
 
-    ensemble, preprocessing = load_policy(resolve_model(f"models:/{cfg.mlflow.registered_model}/{sweep.ensemble_version}").path)
+    ensemble, preprocessing = load_policy(
+        resolve_model(f"models:/{cfg.mlflow.registered_model}/{sweep.ensemble_version}").path
+    )
     splits = [s for s in args.eval_splits.split(",") if (load_manifest(data)["splits"].get(s))]
     if not splits:
         raise SystemExit(f"{data}: none of the held-out splits {args.eval_splits!r} has episodes")
@@ -95,10 +115,13 @@ def main(argv=None) -> int:
     for split in splits:
         quality = ensemble_quality(ensemble, preprocessing, data, split, batch_size=args.batch_size)
         per_split[split] = {"windows": quality.windows, "frames": quality.frames, **quality.as_metrics()}
-        print(f"{split}: ensemble MAE {quality.ensemble_mae:.4f} vs best member {quality.best_member_mae:.4f}; "
-              f"corr(confidence, |error|) ensemble {quality.ensemble_confidence_error_corr:+.3f} "
-              f"(spearman {quality.ensemble_confidence_error_spearman:+.3f}), members "
-              + ", ".join(f"{c:+.3f}" for c in quality.member_confidence_error_corr), flush=True)
+        print(
+            f"{split}: ensemble MAE {quality.ensemble_mae:.4f} vs best member {quality.best_member_mae:.4f}; "
+            f"corr(confidence, |error|) ensemble {quality.ensemble_confidence_error_corr:+.3f} "
+            f"(spearman {quality.ensemble_confidence_error_spearman:+.3f}), members "
+            + ", ".join(f"{c:+.3f}" for c in quality.member_confidence_error_corr),
+            flush=True,
+        )
     scored = time.perf_counter()
 
     frames = sum(v["frames"] for v in per_split.values())
@@ -118,14 +141,26 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "ensemble_quality",
         "machine": {"cpus": os.cpu_count(), "platform": host.platform(), "python": host.python_version()},
-        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out",)}, "data": str(data),
-                     "eval_splits": splits, "episodes_per_split": {k: len(v) for k, v in load_manifest(data)["splits"].items()}},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k not in ("out",)},
+            "data": str(data),
+            "eval_splits": splits,
+            "episodes_per_split": {k: len(v) for k, v in load_manifest(data)["splits"].items()},
+        },
         "confidence_rule": "ensemble: variance = mean member variance + variance of member means; "
-                           "confidence = mean over chunk and axes of erf(tau / (sigma * sqrt 2))",
+        "confidence = mean over chunk and axes of erf(tau / (sigma * sqrt 2))",
         "summary": summary,
         "per_split": per_split,
-        "members": [{"trial_id": t.trial_id, "seed": t.params.get("train.seed"), "val_loss": t.best.get("val_loss"),
-                     "val_mae": t.best.get("val_mae"), "epochs": t.epochs} for t in sweep.trials],
+        "members": [
+            {
+                "trial_id": t.trial_id,
+                "seed": t.params.get("train.seed"),
+                "val_loss": t.best.get("val_loss"),
+                "val_mae": t.best.get("val_mae"),
+                "epochs": t.epochs,
+            }
+            for t in sweep.trials
+        ],
         "model_versions": {"best_member": sweep.model_version, "ensemble": sweep.ensemble_version},
         "seconds": {"data": generated - started, "train_members": trained - generated, "score": scored - trained},
     }

@@ -108,7 +108,6 @@ def _guarded(results: dict, key: str, budget: Budget, needs_s: float, func, *arg
 def time_cuda(run, rounds: int, warmup: int = 3) -> dict:
     import statistics
 
-    import torch
 
     for _ in range(warmup):
         run()
@@ -230,7 +229,7 @@ def full_onnx_cuda(model, tokenizer, references: dict) -> dict:
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if DEVICE == "cuda" else ["CPUExecutionProvider"]
     if providers[0] not in ort.get_available_providers():
         return {"skipped": f"onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})"}
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
 
     preprocessing = Preprocessing(action_low=[-1] * 3, action_high=[1] * 3, state_mean=[0] * 3, state_std=[1] * 3)
     step_in, step_out, _, _ = _io_specs(model, preprocessing)
@@ -242,8 +241,16 @@ def full_onnx_cuda(model, tokenizer, references: dict) -> dict:
         with torch.inference_mode():
             clip_text = model.encode_instruction(tokens["clip_input_ids"])
             h, c = model.initial_memory(2)
-        args = (images, state, clip_text, tokens["kosmos_input_ids"], tokens["kosmos_attention_mask"],
-                tokens["kosmos_image_embeds_position_mask"], h, c)
+        args = (
+            images,
+            state,
+            clip_text,
+            tokens["kosmos_input_ids"],
+            tokens["kosmos_attention_mask"],
+            tokens["kosmos_image_embeds_position_mask"],
+            h,
+            c,
+        )
         started = time.perf_counter()
         with torch.no_grad():
             _torch_export(StepGraph(model).eval(), args, path, step_in, step_out, "legacy", 18, True)
@@ -258,10 +265,15 @@ def full_onnx_cuda(model, tokenizer, references: dict) -> dict:
                 clip_text = model.encode_instruction(tokens["clip_input_ids"])
                 h, c = model.initial_memory(batch)
             feeds = {
-                "images": images.cpu().numpy(), "state": state.cpu().numpy(), "clip_text": clip_text.cpu().numpy(),
-                **{k: tokens[k].cpu().numpy() for k in ("kosmos_input_ids", "kosmos_attention_mask",
-                                                         "kosmos_image_embeds_position_mask")},
-                "h_in": h.cpu().numpy(), "c_in": c.cpu().numpy(),
+                "images": images.cpu().numpy(),
+                "state": state.cpu().numpy(),
+                "clip_text": clip_text.cpu().numpy(),
+                **{
+                    k: tokens[k].cpu().numpy()
+                    for k in ("kosmos_input_ids", "kosmos_attention_mask", "kosmos_image_embeds_position_mask")
+                },
+                "h_in": h.cpu().numpy(),
+                "c_in": c.cpu().numpy(),
             }
             run = lambda f=feeds: session.run(STEP_OUTPUTS, f)
             stats = time_cuda(run, ROUNDS[batch])
@@ -292,13 +304,17 @@ def torch_full(results: dict, budget: Budget):
     model.to(torch.bfloat16)
     for batch in BATCHES:
         row = section[f"batch_{batch}"]
-        out = guarded(row, "bf16", budget, 15, torch_variant, model, tokenizer, batch, torch.bfloat16, references.get(batch))
+        out = guarded(
+            row, "bf16", budget, 15, torch_variant, model, tokenizer, batch, torch.bfloat16, references.get(batch)
+        )
         if out:
             row["bf16"] = out[0]
     model.to(torch.float16)
     for batch in BATCHES:
         row = section[f"batch_{batch}"]
-        out = guarded(row, "fp16", budget, 15, torch_variant, model, tokenizer, batch, torch.float16, references.get(batch))
+        out = guarded(
+            row, "fp16", budget, 15, torch_variant, model, tokenizer, batch, torch.float16, references.get(batch)
+        )
         if out:
             row["fp16"] = out[0]
         guarded(row, "fp16_cuda_graph", budget, 15, cuda_graph_variant, model, tokenizer, batch, torch.float16)
@@ -339,11 +355,22 @@ def _synthetic_dataset(folder: Path) -> Path:
             images[t, 120:] = (60, 60, 70)
             for colour, x in (((200, 30, 30), 40 + 4 * t), ((30, 30, 200), 150 - 3 * t)):
                 images[t, 90:140, x : x + 30] = colour
-        write_episode(folder / f"ep{e}.h5", Episode(
-            images=images, actions=rng.normal(size=(16, 3)).astype(np.float32), state=np.zeros((16, 3), np.float32),
-            attrs={"instruction": "go to the red box", "episode_id": f"ep{e}", "source": "gpu_check",
-                   "success": True, "control_hz": 5.0, "schema_version": 1},
-        ))
+        write_episode(
+            folder / f"ep{e}.h5",
+            Episode(
+                images=images,
+                actions=rng.normal(size=(16, 3)).astype(np.float32),
+                state=np.zeros((16, 3), np.float32),
+                attrs={
+                    "instruction": "go to the red box",
+                    "episode_id": f"ep{e}",
+                    "source": "gpu_check",
+                    "success": True,
+                    "control_hz": 5.0,
+                    "schema_version": 1,
+                },
+            ),
+        )
     return folder
 
 
@@ -353,14 +380,17 @@ def export_preset(preset: str, folder: Path, fp16: bool = True) -> dict:
     from mobile_vla.errors import ModelError
     from mobile_vla.export.onnx_export import export_model
     from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
 
     config = presets.get_preset(preset)
     torch.manual_seed(0)
     model = build_policy(config, load_pretrained=False).eval()
     preprocessing = Preprocessing(
-        action_low=[-0.3, -0.3, -1.0], action_high=[0.6, 0.3, 1.0], state_mean=[0.0, 0.0, 0.0],
-        state_std=[0.3, 0.2, 0.5], tokenizer=build_tokenizer(config),
+        action_low=[-0.3, -0.3, -1.0],
+        action_high=[0.6, 0.3, 1.0],
+        state_mean=[0.0, 0.0, 0.0],
+        state_std=[0.3, 0.2, 0.5],
+        tokenizer=build_tokenizer(config),
     )
     save_policy(folder / "policy", model, preprocessing)
     del model
@@ -383,9 +413,9 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
     import numpy as np
     import torch
 
-    from mobile_vla.export.backends import STEP_OUTPUTS, load_backend, open_session
     from mobile_vla.export.parity import PARITY_INSTRUCTIONS, step_feeds, torch_step
     from mobile_vla.policy import load_policy
+    from mobile_vla.runtime.backends import STEP_OUTPUTS, load_backend, open_session
 
     model, preprocessing = load_policy(folder)
     rng = np.random.default_rng(0)
@@ -398,7 +428,10 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
         f = {k: torch.from_numpy(v).to(DEVICE) for k, v in feeds[batch].items()}
         tokens = {k: f[k] for k in ("kosmos_input_ids", "kosmos_attention_mask", "kosmos_image_embeds_position_mask")}
         with torch.inference_mode():
-            return time_cuda(lambda: model.step(f["images"], f["state"], tokens, (f["h_in"], f["c_in"]), f["clip_text"]), ROUNDS[batch])
+            return time_cuda(
+                lambda: model.step(f["images"], f["state"], tokens, (f["h_in"], f["c_in"]), f["clip_text"]),
+                ROUNDS[batch],
+            )
 
     for batch in batches:
         guarded(section.setdefault(f"batch_{batch}", {}), "torch_fp32", budget, 10, torch_gpu, batch)
@@ -408,7 +441,9 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
         return max(float(np.abs(references[batch][k] - outputs[k]).max()) for k in STEP_OUTPUTS)
 
     def ort_cuda(key):
-        session = open_session(folder / "onnx", signature.graphs[key], ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        session = open_session(
+            folder / "onnx", signature.graphs[key], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
         if session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeError(f"CUDA provider not active: {session.get_providers()}")
         rows = {}
@@ -425,7 +460,9 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
         for key in [k for k in ("step_fp32", "step_fp16") if k in signature.graphs]:
             guarded(section, f"onnx_cuda_{key}", budget, 30, ort_cuda, key)
     else:
-        section["onnx_cuda"] = {"skipped": f"onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})"}
+        section["onnx_cuda"] = {
+            "skipped": f"onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()})"
+        }
 
     def tensorrt(fp16: bool):
         from mobile_vla.export.tensorrt_engine import TensorRTRunner, build_engine
@@ -434,8 +471,11 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
         plan_folder = build_engine(folder, signature, max_batch=max(batches), opt_batch=8, fp16=fp16)
         build_s = time.perf_counter() - started
         runner = TensorRTRunner(folder, signature, fp16=fp16)
-        rows = {"build_seconds": round(build_s, 1), "plan_folder": plan_folder.name,
-                "plan_mb": round(sum(p.stat().st_size for p in plan_folder.glob("*.plan")) / 1e6, 1)}
+        rows = {
+            "build_seconds": round(build_s, 1),
+            "plan_folder": plan_folder.name,
+            "plan_mb": round(sum(p.stat().st_size for p in plan_folder.glob("*.plan")) / 1e6, 1),
+        }
         for batch in batches:
             cuda_feeds = {k: torch.from_numpy(v).cuda() for k, v in feeds[batch].items()}
             stats = time_cuda(lambda: runner.run(dict(cuda_feeds)), ROUNDS[batch])
@@ -478,8 +518,11 @@ def engines(results: dict, budget: Budget, preset: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting new variants after this")
-    parser.add_argument("--cpu-dry-run", action="store_true",
-                        help="plumbing check without a GPU: the tiny preset on the CPU (numbers mean nothing)")
+    parser.add_argument(
+        "--cpu-dry-run",
+        action="store_true",
+        help="plumbing check without a GPU: the tiny preset on the CPU (numbers mean nothing)",
+    )
     parser.add_argument("--skip-full-onnx", action="store_true", help="no ONNX export / ORT CUDA run of the full model")
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parents[1]

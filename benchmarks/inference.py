@@ -35,14 +35,17 @@ def build_and_export(preset: str, folder: Path) -> dict:
 
     from mobile_vla.export.onnx_export import export_model
     from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
 
     config = presets.get_preset(preset)
     torch.manual_seed(0)
     model = build_policy(config, load_pretrained=False).eval()
     preprocessing = Preprocessing(
-        action_low=[-0.3, -0.3, -1.0], action_high=[0.6, 0.3, 1.0], state_mean=[0.0, 0.0, 0.0],
-        state_std=[0.3, 0.2, 0.5], tokenizer=build_tokenizer(config),
+        action_low=[-0.3, -0.3, -1.0],
+        action_high=[0.6, 0.3, 1.0],
+        state_mean=[0.0, 0.0, 0.0],
+        state_std=[0.3, 0.2, 0.5],
+        tokenizer=build_tokenizer(config),
     )
     save_policy(folder / "policy", model, preprocessing)
     result = export_model(folder, fp16=True)
@@ -95,8 +98,8 @@ def measure_preset(preset: str, batches: list[int], rounds: int, threads: int) -
     import torch
 
     from mobile_vla.export import parity
-    from mobile_vla.export.backends import load_backend
     from mobile_vla.policy import load_policy
+    from mobile_vla.runtime.backends import load_backend
 
     if threads:
         torch.set_num_threads(threads)
@@ -123,8 +126,11 @@ def measure_preset(preset: str, batches: list[int], rounds: int, threads: int) -
             stats["onnx_fp32_speedup_vs_torch_p50"] = round(stats["torch"]["p50_ms"] / stats["onnx_fp32"]["p50_ms"], 2)
             stats["onnx_fp16_speedup_vs_torch_p50"] = round(stats["torch"]["p50_ms"] / stats["onnx_fp16"]["p50_ms"], 2)
             result["batches"][str(batch)] = stats
-            print(f"  {preset} batch {batch}: " + ", ".join(
-                f"{k} {v['p50_ms']:.2f} ms" for k, v in stats.items() if isinstance(v, dict)), flush=True)
+            print(
+                f"  {preset} batch {batch}: "
+                + ", ".join(f"{k} {v['p50_ms']:.2f} ms" for k, v in stats.items() if isinstance(v, dict)),
+                flush=True,
+            )
         # The whole serving call at batch 1 (tokens cached after the first call).
         backends = {
             "backend_onnx_cpu": load_backend(folder, prefer=("onnx-cpu",), threads=threads),
@@ -175,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             "required": TARGET_SPEEDUP,
             "met": speedup >= TARGET_SPEEDUP,
         }
-        print(f"target (small, batch 1, ONNX Runtime fp32 >= {TARGET_SPEEDUP}x torch eager): {speedup}x "
-              f"-> {'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}")
+        print(
+            f"target (small, batch 1, ONNX Runtime fp32 >= {TARGET_SPEEDUP}x torch eager): {speedup}x "
+            f"-> {'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

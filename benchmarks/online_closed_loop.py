@@ -33,12 +33,16 @@ MODEL = "mobile-vla-policy"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--home", default=str(ROOT / ".mobile_vla" / "quality"), help="platform home of the quality run")
+    parser.add_argument(
+        "--home", default=str(ROOT / ".mobile_vla" / "quality"), help="platform home of the quality run"
+    )
     parser.add_argument("--data", default=None, help="the quality run's dataset (default HOME/data)")
     parser.add_argument("--base", default="challenger", help="alias of the trained model to break")
     parser.add_argument("--split", default="unseen_layout")
     parser.add_argument("--eval-episodes", type=int, default=100)
-    parser.add_argument("--feedback-episodes", type=int, default=60, help="fresh expert episodes generated (train share used)")
+    parser.add_argument(
+        "--feedback-episodes", type=int, default=60, help="fresh expert episodes generated (train share used)"
+    )
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
     parser.add_argument("--lr", type=float, default=3e-3, help="fine-tuning learning rate (a bias of -1.5 must move)")
     parser.add_argument("--trainable", default="policy_head", choices=["policy_head", "all"])
@@ -52,8 +56,8 @@ def break_champion(base_uri: str, workdir: Path) -> str:
     import torch
 
     from mobile_vla import tracking
-    from mobile_vla.online.promotion import GateConfig, promote
     from mobile_vla.policy import load_policy, save_policy
+    from mobile_vla.tracking.lifecycle import GateConfig, promote
 
     base = tracking.resolve_model(base_uri)
     model, pre = load_policy(base.path / "policy")
@@ -63,19 +67,25 @@ def break_champion(base_uri: str, workdir: Path) -> str:
     save_policy(workdir / "broken" / "policy", model, pre)
     with mlflow.start_run(experiment_id=tracking.get_or_create_experiment("mobile-vla-online")) as run:
         mlflow.set_tag("mlflow.runName", "broken-release")
-    version = tracking.register_policy(workdir / "broken", run.info.run_id, name=MODEL, alias=None,
-                                       tags={"source": "online_closed_loop benchmark: steering bug",
-                                             "parent_version": str(base.version)})
-    promote(MODEL, version=version, gate=GateConfig(require_closed_loop=False, max_offline_mae_regression=None), force=True)
+    version = tracking.register_policy(
+        workdir / "broken",
+        run.info.run_id,
+        name=MODEL,
+        alias=None,
+        tags={"source": "online_closed_loop benchmark: steering bug", "parent_version": str(base.version)},
+    )
+    promote(
+        MODEL, version=version, gate=GateConfig(require_closed_loop=False, max_offline_mae_regression=None), force=True
+    )
     return version
 
 
 def send_corrections(root: Path, episodes: int, workdir: Path, champion: str) -> dict:
     """Fresh expert episodes (data seed 1) become feedback: every step an operator correction."""
-    from mobile_vla.data.episodes import read_episode
-    from mobile_vla.data.generate import generate_dataset
     from mobile_vla.client import encode_jpeg
+    from mobile_vla.data.episodes import read_episode
     from mobile_vla.online.feedback_store import FeedbackStore
+    from mobile_vla.sim.generate import generate_dataset
 
     folder = workdir / "fleet_drives"
     manifest = generate_dataset(folder, episodes, seed=1, progress=True)
@@ -87,13 +97,22 @@ def send_corrections(root: Path, episodes: int, workdir: Path, champion: str) ->
         T = episode.num_frames
         for t in range(T):
             expert = [float(v) for v in episode.actions[t]]
-            store.append({
-                "robot_id": f"robot-{e % 4}", "episode_id": f"fleet-{e}", "step": t,
-                "instruction": episode.instruction, "image": encode_jpeg(episode.images[t], quality=90),
-                "state": [float(v) for v in episode.state[t]] if episode.state is not None else [0.0, 0.0, 0.0],
-                "action_executed": [expert[0], expert[1], -0.9], "action_corrected": expert, "intervention": True,
-                "episode_done": t == T - 1, "success": True if t == T - 1 else None, "model_version": champion,
-            })
+            store.append(
+                {
+                    "robot_id": f"robot-{e % 4}",
+                    "episode_id": f"fleet-{e}",
+                    "step": t,
+                    "instruction": episode.instruction,
+                    "image": encode_jpeg(episode.images[t], quality=90),
+                    "state": [float(v) for v in episode.state[t]] if episode.state is not None else [0.0, 0.0, 0.0],
+                    "action_executed": [expert[0], expert[1], -0.9],
+                    "action_corrected": expert,
+                    "intervention": True,
+                    "episode_done": t == T - 1,
+                    "success": True if t == T - 1 else None,
+                    "model_version": champion,
+                }
+            )
             steps += 1
     store.close()
     return {"episodes": len(names), "steps": steps}
@@ -127,13 +146,24 @@ def main(argv=None) -> int:
     print(f"feedback: {fleet}", flush=True)
 
     shipped = ROOT / "jobs" / "configs" / "online_update.yaml"
-    cfg = load_update_config(shipped, [
-        f"feedback.root={feedback_root}", f"replay.data={data}", f"workdir={workdir / 'update'}",
-        "feedback.min_new_episodes=4", f"finetune.steps={args.steps}", f"finetune.lr={args.lr}",
-        f"finetune.trainable={args.trainable}", "finetune.device=cpu",
-        "closed_loop.enabled=true", f"closed_loop.split={args.split}", f"closed_loop.episodes={args.eval_episodes}",
-        "gate.require_closed_loop=true", f"gate.min_episodes={args.eval_episodes}",
-    ])
+    cfg = load_update_config(
+        shipped,
+        [
+            f"feedback.root={feedback_root}",
+            f"replay.data={data}",
+            f"workdir={workdir / 'update'}",
+            "feedback.min_new_episodes=4",
+            f"finetune.steps={args.steps}",
+            f"finetune.lr={args.lr}",
+            f"finetune.trainable={args.trainable}",
+            "finetune.device=cpu",
+            "closed_loop.enabled=true",
+            f"closed_loop.split={args.split}",
+            f"closed_loop.episodes={args.eval_episodes}",
+            "gate.require_closed_loop=true",
+            f"gate.min_episodes={args.eval_episodes}",
+        ],
+    )
     report = run_online_update(cfg)
     after = report.metrics.get("challenger", {})
     print(report.summary(), flush=True)
@@ -148,9 +178,11 @@ def main(argv=None) -> int:
         "eval_episodes": args.eval_episodes,
         "feedback": fleet,
         "finetune": {"steps": args.steps, "lr": args.lr, "trainable": args.trainable},
-        "before": {"success_rate": round(before.policy.success_rate, 4),
-                   "wilson_95": [round(before.policy.success_low, 4), round(before.policy.success_high, 4)],
-                   "expert_success_rate": round(before.expert.success_rate, 4)},
+        "before": {
+            "success_rate": round(before.policy.success_rate, 4),
+            "wilson_95": [round(before.policy.success_low, 4), round(before.policy.success_high, 4)],
+            "expert_success_rate": round(before.expert.success_rate, 4),
+        },
         "after": {k: round(v, 4) for k, v in after.items() if k.startswith("closed_loop.") or k.startswith("online.")},
         "champion_offline": {k: round(v, 4) for k, v in report.metrics.get("champion", {}).items()},
         "challenger_version": report.challenger_version,

@@ -137,11 +137,23 @@ def main() -> int:
     }
     for preset in args.presets:
         if preset == "full" and args.device == "cpu" and available_gib() < FULL_MIN_AVAILABLE_GIB:
-            report["presets"][preset] = {"skipped": f"MemAvailable {available_gib():.1f} GiB < {FULL_MIN_AVAILABLE_GIB} GiB"}
+            report["presets"][preset] = {
+                "skipped": f"MemAvailable {available_gib():.1f} GiB < {FULL_MIN_AVAILABLE_GIB} GiB"
+            }
             console.print(f"[yellow]{preset}: skipped ({report['presets'][preset]['skipped']})")
             continue
-        command = [sys.executable, __file__, "--child", preset, "--device", args.device,
-                   "--batches", *map(str, args.batches), "--full-batches", *map(str, args.full_batches)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            preset,
+            "--device",
+            args.device,
+            "--batches",
+            *map(str, args.batches),
+            "--full-batches",
+            *map(str, args.full_batches),
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         with console.status(f"benchmarking {preset} on {args.device} ..."):

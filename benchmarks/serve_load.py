@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,8 +46,12 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None}
     arr = np.asarray(values)
-    return {"p50_ms": round(float(np.percentile(arr, 50)), 2), "p95_ms": round(float(np.percentile(arr, 95)), 2),
-            "p99_ms": round(float(np.percentile(arr, 99)), 2), "mean_ms": round(float(arr.mean()), 2)}
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 2),
+        "p95_ms": round(float(np.percentile(arr, 95)), 2),
+        "p99_ms": round(float(np.percentile(arr, 99)), 2),
+        "mean_ms": round(float(arr.mean()), 2),
+    }
 
 
 def sample_jpeg(seed: int = 0) -> str:
@@ -63,8 +66,10 @@ def sample_jpeg(seed: int = 0) -> str:
     draw = ImageDraw.Draw(image)
     for _ in range(6):
         x0, y0 = rng.integers(0, 180, 2)
-        draw.rectangle([int(x0), int(y0), int(x0 + rng.integers(15, 45)), int(y0 + rng.integers(15, 45))],
-                       fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        draw.rectangle(
+            [int(x0), int(y0), int(x0 + rng.integers(15, 45)), int(y0 + rng.integers(15, 45))],
+            fill=tuple(int(v) for v in rng.integers(0, 255, 3)),
+        )
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -72,7 +77,7 @@ def sample_jpeg(seed: int = 0) -> str:
 
 # -- in-process limit -----------------------------------------------------------------------------
 def run_inprocess(model_dir: Path, batches: list[int], seconds: float) -> dict:
-    from mobile_vla.export import load_backend
+    from mobile_vla.runtime import load_backend
 
     backend = load_backend(model_dir, prefer=("onnx-cpu",))
     state_dim = backend.state_dim
@@ -133,8 +138,15 @@ def _new_record() -> dict:
 
 def _summary(record: dict, elapsed: float) -> dict:
     n_ok, n_err = len(record["latencies"]), sum(record["errors"].values())
-    return {"requests": n_ok + n_err, "ok": n_ok, "errors": record["errors"], "error_rate": round(n_err / max(1, n_ok + n_err), 4),
-            "throughput_rps": round(n_ok / elapsed, 1), **percentiles(record["latencies"]), "backend_mix": record["backends"]}
+    return {
+        "requests": n_ok + n_err,
+        "ok": n_ok,
+        "errors": record["errors"],
+        "error_rate": round(n_err / max(1, n_ok + n_err), 4),
+        "throughput_rps": round(n_ok / elapsed, 1),
+        **percentiles(record["latencies"]),
+        "backend_mix": record["backends"],
+    }
 
 
 async def closed_loop(url: str, token: str, robots: int, seconds: float, image: str) -> dict:
@@ -205,15 +217,21 @@ def serve_child(spec: dict) -> dict:
     import ray
     from ray import serve
 
-    from mobile_vla.serve.app import ServeAppArgs, build_app
+    from mobile_vla.serve.app import ServeAppConfig, build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": spec["port"]})
-    args = ServeAppArgs(model_uri=spec["model_uri"], tokens_file=spec["tokens_file"],
-                        max_batch_size=spec["max_batch_size"], batch_wait_timeout_s=spec["batch_wait_s"],
-                        max_ongoing_requests=max(64, spec["max_batch_size"]), primary_timeout_s=5.0,
-                        cpu_threads=spec.get("cpu_threads", 1))
+    args = ServeAppConfig(
+        model_uri=spec["model_uri"],
+        tokens_file=spec["tokens_file"],
+        max_batch_size=spec["max_batch_size"],
+        batch_wait_timeout_s=spec["batch_wait_s"],
+        max_ongoing_requests=max(64, spec["max_batch_size"]),
+        primary_timeout_s=5.0,
+        cpu_threads=spec.get("cpu_threads", 1),
+    )
     serve.run(build_app(args), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{spec['port']}/v1/act"
     token = Path(spec["tokens_file"]).read_text().split()[0]
@@ -317,33 +335,64 @@ def main() -> int:
     model_uri, tokens_file = prepare_model(args.preset, home)
     from mobile_vla.tracking import resolve_model
 
-    report = {"benchmark": "serve_load", "preset": args.preset, "machine": f"{os.cpu_count()}-core {platform.machine()} CPU box",
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "netns": netns, "settings": vars(args).copy()}
+    report = {
+        "benchmark": "serve_load",
+        "preset": args.preset,
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU box",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "netns": netns,
+        "settings": vars(args).copy(),
+    }
     report["inprocess"] = run_inprocess(resolve_model(model_uri).path, [1, 8, 32, 64], min(args.seconds, 8.0))
     sweep = [int(v) for v in args.sweep.split(",") if v]
     report["http"] = []
     for index, proxy in enumerate(p for p in args.proxies.split(",") if p):
-        base = {"model_uri": model_uri, "tokens_file": tokens_file, "proxy": proxy, "port": 8000 + 10 * index + 100,
-                "batch_wait_s": args.batch_wait_s,
-                "cpu_threads": args.cpu_threads}
+        base = {
+            "model_uri": model_uri,
+            "tokens_file": tokens_file,
+            "proxy": proxy,
+            "port": 8000 + 10 * index + 100,
+            "batch_wait_s": args.batch_wait_s,
+            "cpu_threads": args.cpu_threads,
+        }
         phases = [{"kind": "closed", "robots": args.robots, "seconds": args.seconds}]
-        phases += [{"kind": "open", "robots": n, "hz": args.hz, "seconds": max(args.seconds * 2 / 3, 4.0)} for n in sweep]
-        report["http"] += run_child({**base, "label": f"{proxy}-batched", "max_batch_size": args.max_batch_size,
-                                     "phases": phases}, netns)
-        report["http"] += run_child({**base, "label": f"{proxy}-unbatched", "max_batch_size": 1,
-                                     "phases": [{"kind": "closed", "robots": args.robots, "seconds": args.seconds}]}, netns)
+        phases += [
+            {"kind": "open", "robots": n, "hz": args.hz, "seconds": max(args.seconds * 2 / 3, 4.0)} for n in sweep
+        ]
+        report["http"] += run_child(
+            {**base, "label": f"{proxy}-batched", "max_batch_size": args.max_batch_size, "phases": phases}, netns
+        )
+        report["http"] += run_child(
+            {
+                **base,
+                "label": f"{proxy}-unbatched",
+                "max_batch_size": 1,
+                "phases": [{"kind": "closed", "robots": args.robots, "seconds": args.seconds}],
+            },
+            netns,
+        )
     limit = report["inprocess"]["max_steps_per_s"]
     summary = {"inprocess_max_steps_per_s": limit}
     for proxy in args.proxies.split(","):
         rows = {r["label"]: r for r in report["http"] if r["mode"] == "closed_loop" and r["proxy"] == proxy}
         batched, unbatched = rows.get(f"{proxy}-batched"), rows.get(f"{proxy}-unbatched")
-        ok = [r["robots"] for r in report["http"] if r["mode"] == "open_loop" and r["proxy"] == proxy
-              and r["error_rate"] == 0 and r["p99_ms"] is not None and r["p99_ms"] <= 100]
+        ok = [
+            r["robots"]
+            for r in report["http"]
+            if r["mode"] == "open_loop"
+            and r["proxy"] == proxy
+            and r["error_rate"] == 0
+            and r["p99_ms"] is not None
+            and r["p99_ms"] <= 100
+        ]
         if batched and unbatched:
             summary[proxy] = {
-                "batched_rps": batched["throughput_rps"], "batched_p50_ms": batched["p50_ms"], "batched_p99_ms": batched["p99_ms"],
+                "batched_rps": batched["throughput_rps"],
+                "batched_p50_ms": batched["p50_ms"],
+                "batched_p99_ms": batched["p99_ms"],
                 "batched_mean_batch": batched["mean_batch_size"],
-                "unbatched_rps": unbatched["throughput_rps"], "unbatched_p50_ms": unbatched["p50_ms"],
+                "unbatched_rps": unbatched["throughput_rps"],
+                "unbatched_p50_ms": unbatched["p50_ms"],
                 "unbatched_p99_ms": unbatched["p99_ms"],
                 "batching_speedup": round(batched["throughput_rps"] / max(1e-9, unbatched["throughput_rps"]), 2),
                 "fraction_of_inprocess": round(batched["throughput_rps"] / max(1e-9, limit), 3),

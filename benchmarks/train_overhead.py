@@ -51,12 +51,12 @@ def plain_pytorch(cfg, preprocessing, threads: int) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from mobile_vla.data.windows import WindowDataset
     from mobile_vla.policy import build_policy
     from mobile_vla.policy.losses import policy_loss
     from mobile_vla.train.loop import model_inputs, param_groups, warmup_cosine
     from mobile_vla.train.preflight import resolve_policy_config
     from mobile_vla.train.trainer import steps_per_epoch
+    from mobile_vla.train.windows import WindowDataset
 
     torch.set_num_threads(threads)
     dataset = WindowDataset(cfg.data_path(), cfg.data.train_split, preprocessing, augment=cfg.data.augment, seed=None)
@@ -65,17 +65,26 @@ def plain_pytorch(cfg, preprocessing, threads: int) -> dict:
         limit = min(limit, cfg.train.max_steps_per_epoch * cfg.train.batch_size)
         dataset = torch.utils.data.Subset(dataset, range(limit))
     loader = DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=1,
-        persistent_workers=True, prefetch_factor=4, multiprocessing_context="spawn",
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        num_workers=1,
+        persistent_workers=True,
+        prefetch_factor=4,
+        multiprocessing_context="spawn",
     )
     torch.manual_seed(cfg.train.seed)
     model = build_policy(resolve_policy_config(cfg))
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[-1] in ("logit_scale", "logit_bias"):
             param.requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+    )
     total = steps_per_epoch(cfg, limit) * cfg.train.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
+    )
     model.train()
     epochs = []
     for epoch in range(cfg.train.epochs):
@@ -93,8 +102,15 @@ def plain_pytorch(cfg, preprocessing, threads: int) -> dict:
             samples += int(batch["images"].shape[0])
             fetch = time.perf_counter()
         seconds = time.perf_counter() - started
-        epochs.append({"epoch": epoch + 1, "samples": samples, "seconds": seconds,
-                       "samples_per_s": samples / seconds, "data_wait_fraction": waited / seconds})
+        epochs.append(
+            {
+                "epoch": epoch + 1,
+                "samples": samples,
+                "seconds": seconds,
+                "samples_per_s": samples / seconds,
+                "data_wait_fraction": waited / seconds,
+            }
+        )
         print(f"plain pytorch epoch {epoch + 1}: {samples / seconds:.2f} samples/s", flush=True)
     return {"epochs": epochs, "samples_per_s": epochs[-1]["samples_per_s"], "train_windows": limit}
 
@@ -107,16 +123,22 @@ def ray_train(cfg) -> dict:
     latest = max(Path(result.storage_path, result.run_name).glob("checkpoint_epoch_*"))
     epochs = read_history(latest)["epochs"]
     for e in epochs:
-        print(f"ray train epoch {e['epoch']}: {e['samples_per_s']:.2f} samples/s "
-              f"(waiting for data {100 * e['data_wait_fraction']:.1f}%)", flush=True)
+        print(
+            f"ray train epoch {e['epoch']}: {e['samples_per_s']:.2f} samples/s "
+            f"(waiting for data {100 * e['data_wait_fraction']:.1f}%)",
+            flush=True,
+        )
     keep = ("epoch", "samples_per_s", "epoch_seconds", "data_wait_fraction", "train_loss", "val_loss", "val_mae")
-    return {"epochs": [{k: e[k] for k in keep} for e in epochs], "samples_per_s": epochs[-1]["samples_per_s"],
-            "data_wait_fraction": epochs[-1]["data_wait_fraction"]}
+    return {
+        "epochs": [{k: e[k] for k in keep} for e in epochs],
+        "samples_per_s": epochs[-1]["samples_per_s"],
+        "data_wait_fraction": epochs[-1]["data_wait_fraction"],
+    }
 
 
 def pipeline_alone(cfg, preprocessing) -> dict:
     """One pass of the Ray Data training pipeline (augmentation on) with nothing consuming but a counter."""
-    from mobile_vla.data.pipeline import build_window_dataset
+    from mobile_vla.train.pipeline import build_window_dataset
 
     dataset = build_window_dataset(cfg.data_path(), cfg.data.train_split, preprocessing, augment=True, seed=None)
     dataset.context.enable_progress_bars = False
@@ -132,22 +154,32 @@ def budget_run(args, data: Path, samples_per_s: float, train_windows: int) -> di
     from mobile_vla.train.trainer import run_training
 
     epochs = max(1, int(args.budget_minutes * 60 * samples_per_s // max(train_windows, 1)))
-    cfg = load_train_config(SMALL, [
-        f"data.path={data}", f"train.epochs={epochs}", f"train.batch_size={args.batch_size}",
-        f"run.name=bench-budget-{int(time.time())}", "mlflow.experiment=benchmarks",
-        "mlflow.registered_model=null",
-        f"scaling.resources_per_worker.CPU={os.cpu_count()}",
-    ])
+    cfg = load_train_config(
+        SMALL,
+        [
+            f"data.path={data}",
+            f"train.epochs={epochs}",
+            f"train.batch_size={args.batch_size}",
+            f"run.name=bench-budget-{int(time.time())}",
+            "mlflow.experiment=benchmarks",
+            "mlflow.registered_model=null",
+            f"scaling.resources_per_worker.CPU={os.cpu_count()}",
+        ],
+    )
     started = time.perf_counter()
     result = run_training(cfg)
     wall = time.perf_counter() - started
     axes = ("linear_x", "linear_y", "angular_z")
     return {
-        "budget_minutes": args.budget_minutes, "epochs": epochs, "wall_seconds": wall,
+        "budget_minutes": args.budget_minutes,
+        "epochs": epochs,
+        "wall_seconds": wall,
         "cpu_seconds_upper_bound": wall * os.cpu_count(),
-        "best_epoch": result.metrics.get("epoch"), "val_mae": result.metrics.get("val_mae"),
+        "best_epoch": result.metrics.get("epoch"),
+        "val_mae": result.metrics.get("val_mae"),
         "val_mae_per_axis": {a: result.metrics.get(f"val_mae_{a}") for a in axes},
-        "val_rmse": result.metrics.get("val_rmse"), "val_r2": result.metrics.get("val_r2"),
+        "val_rmse": result.metrics.get("val_rmse"),
+        "val_r2": result.metrics.get("val_r2"),
         "run_id": result.run_id,
     }
 
@@ -168,9 +200,13 @@ def main(argv=None) -> int:
     data = ensure_data(args, home)
     with tempfile.TemporaryDirectory(prefix="train-overhead-") as scratch:
         overrides = [
-            f"data.path={data}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-            f"scaling.resources_per_worker.CPU={cores}", "mlflow.enabled=false",
-            f"run.storage_path={scratch}", f"run.name=overhead-{int(time.time())}",
+            f"data.path={data}",
+            f"train.epochs={args.epochs}",
+            f"train.batch_size={args.batch_size}",
+            f"scaling.resources_per_worker.CPU={cores}",
+            "mlflow.enabled=false",
+            f"run.storage_path={scratch}",
+            f"run.name=overhead-{int(time.time())}",
         ]
         if args.max_steps:
             overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
@@ -182,10 +218,16 @@ def main(argv=None) -> int:
     ratio = ray_result["samples_per_s"] / plain["samples_per_s"]
     report = {
         "machine": f"{cores}-core CPU box ({host.machine()}), load average at start {os.getloadavg()[0]:.1f}",
-        "preset": "small", "batch_size": args.batch_size, "epochs": args.epochs,
-        "train_windows_per_epoch": plain["train_windows"], "torch_threads": cores,
-        "plain_pytorch": plain, "ray_train_1_worker": ray_result,
-        "ray_vs_plain": ratio, "target_ray_vs_plain": 0.9, "meets_target": ratio >= 0.9,
+        "preset": "small",
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "train_windows_per_epoch": plain["train_windows"],
+        "torch_threads": cores,
+        "plain_pytorch": plain,
+        "ray_train_1_worker": ray_result,
+        "ray_vs_plain": ratio,
+        "target_ray_vs_plain": 0.9,
+        "meets_target": ratio >= 0.9,
         "data_pipeline_alone": pipeline,
         "pipeline_vs_model_throughput": pipeline["windows_per_s"] / plain["samples_per_s"],
     }

@@ -1,12 +1,17 @@
 """Shared fixtures: one local Ray cluster per test session, a fresh MLflow SQLite store per test.
 
+One tiny policy, saved and exported once per session (dynamo exporter, fp32 + fp16, parity on
+MiniWorld frames), shared by the export, runtime and serve tests; tests that damage files work on a copy.
 Stage-specific fixtures live in the stage's own tests/<stage>/conftest.py.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -65,13 +70,97 @@ def pytest_sessionfinish(session, exitstatus):
 def tiny_dataset(ray_cluster, tmp_path_factory):
     """~10 generated MiniWorld episodes (224x224, 5 Hz, expert-successful) with manifest.json:
     6 train, 2 val, 1 unseen_pair, 1 visual_shift. Generated once per session on the Ray cluster."""
-    from mobile_vla.data.generate import GeneratorSettings, generate_dataset
-    from mobile_vla.data.split_spec import SplitSpec, default_split_spec
+    from mobile_vla.sim.generate import GeneratorConfig, generate_dataset
+    from mobile_vla.sim.split_spec import SplitSpec, default_split_spec
 
     defaults = default_split_spec()
     fractions = {"train": 0.6, "val": 0.2, "unseen_pair": 0.1, "visual_shift": 0.1}
     splits = {name: defaults.splits[name].model_copy(update={"fraction": f}) for name, f in fractions.items()}
     spec = SplitSpec(**{**defaults.model_dump(exclude={"splits"}), "splits": splits})
     out = tmp_path_factory.mktemp("tiny_dataset")
-    generate_dataset(out, 10, spec, seed=0, settings=GeneratorSettings(seeds_per_task=2), progress=False)
+    generate_dataset(out, 10, spec, seed=0, settings=GeneratorConfig(seeds_per_task=2), progress=False)
     return out
+
+
+def _make_policy_dir(root: Path, seed: int = 0, freeze: bool = False) -> Path:
+    """A saved tiny policy with real preprocessing (tokenizer included) in root/policy/."""
+    import torch
+
+    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
+    from mobile_vla.policy.preprocessing import Preprocessing
+
+    config = presets.tiny().replace(freeze_kosmos=freeze, freeze_clip=freeze)
+    torch.manual_seed(seed)
+    model = build_policy(config).eval()
+    with torch.no_grad():  # the head starts near zero; make its outputs vary so parity means something
+        model.head[-1].weight.normal_(std=0.2)
+    preprocessing = Preprocessing(
+        action_low=[-0.2, -0.3, -1.0],
+        action_high=[0.6, 0.3, 1.0],
+        state_mean=[0.1, 0.0, 0.0],
+        state_std=[0.2, 0.1, 0.5],
+        tokenizer=build_tokenizer(config),
+    )
+    save_policy(root / "policy", model, preprocessing)
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported_dir(tmp_path_factory) -> Path:
+    from mobile_vla.export.onnx_export import export_model
+
+    root = _make_policy_dir(tmp_path_factory.mktemp("tiny-export"))
+    export_model(root, fp16=True)  # the defaults users get: dynamo exporter, MiniWorld frames
+    return root
+
+
+@pytest.fixture()
+def exported_copy(exported_dir, tmp_path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(exported_dir, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def real_frames(exported_dir) -> np.ndarray:
+    """MiniWorld frames with a different seed from the export's own parity check."""
+    from mobile_vla.export.parity import parity_frames
+
+    return parity_frames(32, seed=11).images
+
+
+@pytest.fixture(scope="session")
+def make_policy_dir():
+    """make_policy_dir(root) -> root, holding a saved tiny policy (no onnx/)."""
+    return _make_policy_dir
+
+
+@pytest.fixture(scope="session")
+def frames_dataset(tmp_path_factory) -> Path:
+    """A one-episode dataset folder: frames for export's parity check without rendering MiniWorld."""
+    from mobile_vla.data.episodes import Episode, write_episode
+
+    folder = tmp_path_factory.mktemp("frames-dataset")
+    rng = np.random.default_rng(0)
+    images = np.full((8, 224, 224, 3), 90, np.uint8)
+    for t in range(8):  # floor, wall, two boxes moving across: structured frames, not noise
+        images[t, 120:] = (60, 60, 70)
+        images[t, 90:140, 40 + 6 * t : 70 + 6 * t] = (200, 30, 30)
+        images[t, 80:150, 150 - 5 * t : 190 - 5 * t] = (30, 30, 200)
+    write_episode(
+        folder / "ep0.h5",
+        Episode(
+            images=images,
+            actions=rng.normal(size=(8, 3)).astype(np.float32),
+            state=np.zeros((8, 3), np.float32),
+            attrs={
+                "instruction": "go to the red box",
+                "episode_id": "ep0",
+                "source": "test",
+                "success": True,
+                "control_hz": 5.0,
+                "schema_version": 1,
+            },
+        ),
+    )
+    return folder

@@ -22,7 +22,9 @@ def write(tmp_path, text):
 
 
 def test_yaml_with_dotted_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, "name: a\noptim:\n  lr: 0.001\n"), Job, ["optim.lr=3e-4", "optim.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        write(tmp_path, "name: a\noptim:\n  lr: 0.001\n"), Job, ["optim.lr=3e-4", "optim.betas=[0.8, 0.9]"]
+    )
     assert cfg.name == "a" and cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.betas == [0.8, 0.9]
 
 

@@ -27,33 +27,45 @@ COVERAGE = {
     # mobile-vla demo   (README "The flow"; make demo / make demo-tiny)
     "demo": ["tests/demo/test_demo.py::test_demo_exits_zero_and_prints_the_summary"],
     # mobile-vla data generate --out data/mini --episodes 200
-    "data generate": ["tests/data/test_generate.py::test_same_seed_same_episodes_whatever_the_task_size",
-                      "tests/demo/test_demo.py::test_summary_data_training_and_evaluation"],
+    "data generate": [
+        "tests/sim/test_generate.py::test_same_seed_same_episodes_whatever_the_task_size",
+        "tests/demo/test_demo.py::test_summary_data_training_and_evaluation",
+    ],
     # mobile-vla data inspect data/mini
     "data inspect": ["tests/data/test_importer.py::test_inspect_prints_counts_splits_and_stats"],
     # mobile-vla model info --preset small
     "model info": ["tests/policy/test_model_info.py::test_model_info_prints_tables"],
     # mobile-vla train --config jobs/configs/small.yaml [data.path=data/mini]
     # mobile-vla train --config jobs/configs/small.yaml data.path=data/mini --check  (run below)
-    "train": ["tests/train/test_training.py::test_two_worker_run_learns_and_is_tracked_in_mlflow",
-              "tests/demo/test_demo.py::test_summary_data_training_and_evaluation",
-              "tests/test_docs_commands.py::test_documented_train_check_runs"],
+    "train": [
+        "tests/train/test_training.py::test_two_worker_run_learns_and_is_tracked_in_mlflow",
+        "tests/demo/test_demo.py::test_summary_data_training_and_evaluation",
+        "tests/test_docs_commands.py::test_documented_train_check_runs",
+    ],
     # mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/mini --closed-loop [--episodes 200]
-    "evaluate": ["tests/evaluate/test_commands.py::test_offline_and_closed_loop_onto_the_version",
-                 "tests/demo/test_demo.py::test_summary_data_training_and_evaluation"],
+    "evaluate": [
+        "tests/evaluate/test_commands.py::test_offline_and_closed_loop_onto_the_version",
+        "tests/demo/test_demo.py::test_summary_data_training_and_evaluation",
+    ],
     # mobile-vla export --model models:/mobile-vla-policy@challenger --fp16
     "export": ["tests/export/test_commands.py::test_export_attaches_graphs_to_the_same_model_version"],
     # mobile-vla promote --model mobile-vla-policy --from-alias challenger [--gate jobs/configs/gate.yaml]
-    "promote": ["tests/online/test_promotion.py::test_promote_cli_exit_codes_and_shipped_gate_file",
-                "tests/demo/test_demo.py::test_first_champion_is_served_and_robots_drive_over_http"],
+    "promote": [
+        "tests/tracking/test_lifecycle.py::test_promote_cli_exit_codes_and_shipped_gate_file",
+        "tests/demo/test_demo.py::test_first_champion_is_served_and_robots_drive_over_http",
+    ],
     # mobile-vla serve --config serve_configs/local.yaml  (run as a command: test_serve_command; config:
     # test_configs; the app it deploys over HTTP: test_app_http and the demo)
-    "serve": ["tests/serve/test_serve_command.py::test_serve_command_answers_on_loopback_and_stops_on_ctrl_c",
-              "tests/serve/test_configs.py::test_mobile_vla_serve_pins_loopback_and_names_bad_fields",
-              "tests/serve/test_configs.py::test_config_validates_against_ray_schema_and_app_args",
-              "tests/demo/test_demo.py::test_first_champion_is_served_and_robots_drive_over_http"],
+    "serve": [
+        "tests/serve/test_serve_command.py::test_serve_command_answers_on_loopback_and_stops_on_ctrl_c",
+        "tests/serve/test_configs.py::test_mobile_vla_serve_pins_loopback_and_names_bad_fields",
+        "tests/serve/test_configs.py::test_config_validates_against_ray_schema_and_app_args",
+        "tests/demo/test_demo.py::test_first_champion_is_served_and_robots_drive_over_http",
+    ],
     # mobile-vla online-update --config jobs/configs/online_update.yaml replay.data=data/mini
-    "online-update": ["tests/online/test_online_update.py::test_online_update_learns_corrections_and_takes_over_only_through_the_gate"],
+    "online-update": [
+        "tests/online/test_online_update.py::test_online_update_learns_corrections_and_takes_over_only_through_the_gate"
+    ],
     # mobile-vla data import --format minuum-h5 SRC DST  (quickstart prose)
     "data import": ["tests/data/test_importer.py::test_import_converts_good_files_and_names_the_bad_ones"],
     # mobile-vla tune --config jobs/configs/tune_small.yaml  (quickstart prose)
@@ -141,14 +153,17 @@ def test_documented_train_check_runs(ray_cluster, tiny_dataset, platform_home, c
     assert "ok" in capsys.readouterr().out.lower()
 
 
-
 def test_documented_mlflow_ui_serves_the_embedded_store(platform_home):
     """`mobile-vla mlflow-ui` starts the UI on 127.0.0.1 over the embedded SQLite store."""
     assert any(c == "mobile-vla mlflow-ui" for _, c in COMMANDS)
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mobile_vla.cli", "mlflow-ui", "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # its own group: the mlflow server child stops too
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mobile_vla.cli", "mlflow-ui", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own group: the mlflow server child stops too
     try:
         deadline, status = time.monotonic() + 300, None  # seconds on CI; minutes on a swamped box
         while time.monotonic() < deadline and process.poll() is None:

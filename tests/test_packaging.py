@@ -12,7 +12,10 @@ def test_stdlib_platform_still_imports_from_repo_root():
     assert not (REPO / "platform" / "__init__.py").exists()
     out = subprocess.run(
         [sys.executable, "-c", "import platform, mobile_vla; print(platform.python_version(), mobile_vla.__file__)"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert out[0] == ".".join(map(str, sys.version_info[:3]))
     assert Path(out[1]).is_relative_to(REPO / "platform" / "mobile_vla")

@@ -1,5 +1,207 @@
-"""`mobile_vla.client`: the robot-side HTTP client (see mobile_vla.serve.client)."""
+"""Robot-side client of the HTTP API: keeps the memory token, JPEG-encodes frames, retries safely.
 
-from mobile_vla.serve.client import ActAnswer, ApiError, RobotClient, encode_jpeg
+    from mobile_vla.client import RobotClient
+    with RobotClient("http://127.0.0.1:8000", token, robot_id="r-17") as robot:
+        robot.start_episode("go to the red box")
+        answer = robot.act(frame, state=[0.0, 0.0, 0.0])   # frame: uint8 [H, W, 3] or PIL image
+        send_velocity(*answer.actions[0])
 
-__all__ = ["ActAnswer", "ApiError", "RobotClient", "encode_jpeg"]
+Why retries are safe: `act` sends the memory token of the last *answered* step and only replaces it
+when an answer arrives, so repeating a request whose answer was lost gives the same step again.
+`feedback` carries robot_id/episode_id/step, the key the server stores records under, so a repeat
+is a duplicate, not a second step. Only connection errors, timeouts, 429 and 503 are retried; a 4xx
+means the request itself is wrong and is raised at once (`ApiError`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
+class ApiError(RuntimeError):
+    """The server refused the request (4xx) or stayed unavailable after the retries."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class ActAnswer:
+    actions: list[list[float]]  # K x [linear_x, linear_y, angular_z]; actions[0] is for now
+    confidence: float
+    backend: str
+    model: dict[str, str]
+    memory_reset: bool
+    latency_ms: float
+    round_trip_ms: float
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def encode_jpeg(frame: Any, quality: int = 85) -> str:
+    """uint8 [H, W, 3] array or PIL image -> base64 JPEG text."""
+    from PIL import Image
+
+    image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class RobotClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        robot_id: str,
+        *,
+        timeout_s: float = 1.0,
+        retries: int = 2,
+        backoff_s: float = 0.05,
+        jpeg_quality: int = 85,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.robot_id = robot_id
+        self.retries, self.backoff_s, self.jpeg_quality = retries, backoff_s, jpeg_quality
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout_s,
+            transport=transport,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        self.memory: str | None = None
+        self.instruction: str | None = None
+        self.episode_id: str | None = None
+        self.step = 0
+
+    def __enter__(self) -> RobotClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __repr__(self) -> str:  # never show the token
+        return f"RobotClient(robot_id={self.robot_id!r}, episode_id={self.episode_id!r}, step={self.step})"
+
+    # -- episodes --------------------------------------------------------------------------------
+    def start_episode(self, instruction: str, episode_id: str | None = None) -> str:
+        """Forgets the memory: the next act starts a fresh LSTM state."""
+        self.instruction, self.memory, self.step = instruction, None, 0
+        self.episode_id = episode_id or uuid.uuid4().hex[:16]
+        return self.episode_id
+
+    def act(self, frame: Any, state: Sequence[float], instruction: str | None = None) -> ActAnswer:
+        instruction = instruction or self.instruction
+        if not instruction:
+            raise ValueError("no instruction: call start_episode(instruction) or pass instruction=")
+        body = {
+            "robot_id": self.robot_id,
+            "instruction": instruction,
+            "image": encode_jpeg(frame, self.jpeg_quality),
+            "state": [float(v) for v in state],
+        }
+        if self.memory is not None:
+            body["memory"] = self.memory
+        start = time.perf_counter()
+        try:
+            data = self._post("/v1/act", body)
+        except ApiError as exc:
+            if exc.code != "invalid_memory" or "memory" not in body:
+                raise
+            # The server no longer accepts our token (secret rotated, server replaced): start the
+            # episode's memory afresh rather than stop the robot, and say so in memory_reset.
+            del body["memory"]
+            data = {**self._post("/v1/act", body), "memory_reset": True}
+        self.memory = data["memory"]  # only after an answer: a retried request repeats the same step
+        return ActAnswer(
+            data["actions"],
+            data["confidence"],
+            data["backend"],
+            data["model"],
+            data["memory_reset"],
+            data["latency_ms"],
+            (time.perf_counter() - start) * 1000,
+            data,
+        )
+
+    def feedback(
+        self,
+        frame: Any,
+        state: Sequence[float],
+        action_executed: Sequence[float],
+        *,
+        action_corrected: Sequence[float] | None = None,
+        intervention: bool = False,
+        episode_done: bool = False,
+        success: bool | None = None,
+    ) -> dict:
+        """Reports the step just executed; advances the step counter once it is stored (202)."""
+        if self.episode_id is None or self.instruction is None:
+            raise ValueError("no episode: call start_episode(instruction) first")
+        body = {
+            "robot_id": self.robot_id,
+            "episode_id": self.episode_id,
+            "step": self.step,
+            "instruction": self.instruction,
+            "image": encode_jpeg(frame, self.jpeg_quality),
+            "state": [float(v) for v in state],
+            "action_executed": [float(v) for v in action_executed],
+            "action_corrected": [float(v) for v in action_corrected] if action_corrected is not None else None,
+            "intervention": intervention,
+            "episode_done": episode_done,
+            "success": success,
+        }
+        answer = self._post("/v1/feedback", body)
+        self.step += 1
+        return answer
+
+    def model_info(self) -> dict:
+        response = self._http.get("/v1/model")
+        return self._check(response)
+
+    # -- transport -------------------------------------------------------------------------------
+    def _post(self, path: str, body: dict) -> dict:
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * (2 ** (attempt - 1)) * (1 + random.random()))
+            try:
+                response = self._http.post(path, json=body)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                last = exc
+                continue
+            if response.status_code in RETRY_STATUSES:
+                last = self._error(response)
+                continue
+            return self._check(response)
+        if isinstance(last, ApiError):
+            raise last
+        raise ApiError(0, "unreachable", f"{path}: no answer after {self.retries + 1} tries ({last})")
+
+    @staticmethod
+    def _error(response: httpx.Response) -> ApiError:
+        try:
+            error = response.json()["error"]
+            return ApiError(response.status_code, error["code"], error["message"])
+        except Exception:
+            return ApiError(response.status_code, "http_error", response.text[:200])
+
+    def _check(self, response: httpx.Response) -> dict:
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response.json()

@@ -102,9 +102,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(
-    path: str | Path | None, model: type[ConfigT], overrides: list[str] | None = None
-) -> ConfigT:
+def load_config(path: str | Path | None, model: type[ConfigT], overrides: list[str] | None = None) -> ConfigT:
     """Reads YAML (or starts from the model's defaults when path is None), applies overrides, validates."""
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"

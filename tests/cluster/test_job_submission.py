@@ -40,7 +40,6 @@ class RayHead:
     tmp: Path
 
 
-
 def wait_for_job_server(head: RayHead, process: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
     import httpx
 
@@ -198,7 +197,7 @@ def test_cluster_check_job_runs_the_shipped_package(ray_head):
 
     lines = [line for line in logs.splitlines() if line.startswith(REPORT_PREFIX)]
     assert lines, logs[-3000:]
-    report = json.loads(lines[-1][len(REPORT_PREFIX):])
+    report = json.loads(lines[-1][len(REPORT_PREFIX) :])
     assert report["problems"] == []
     driver = report["driver"]
     assert driver["mobile_vla_version"] == mobile_vla.__version__
@@ -224,8 +223,14 @@ def test_train_job_submits_and_logs_to_mlflow(ray_head, tiny_dataset, tmp_path):
     submitted, status, logs = submit(
         ray_head,
         # One Train worker: the 2-CPU head must keep a CPU for the Ray Data pipeline (train's preflight).
-        ["python", "jobs/train.py", "--config", "jobs/configs/tiny.yaml", f"data.path={tiny_dataset}",
-         "scaling.num_workers=1"],
+        [
+            "python",
+            "jobs/train.py",
+            "--config",
+            "jobs/configs/tiny.yaml",
+            f"data.path={tiny_dataset}",
+            "scaling.num_workers=1",
+        ],
         env_vars={"MOBILE_VLA_HOME": str(home)},
         timeout_s=420,
     )

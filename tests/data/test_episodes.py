@@ -122,8 +122,10 @@ FILE_CASES = [
     ("state-dtype", None, {"state": bad.state.astype(np.int32)}, "state", "expected float32"),
     ("state-length", None, {"state": bad.state[:4]}, "state", "expected [6, S]"),
     ("state-inf", None, {"state": INF_STATE}, "state", "NaN/inf"),
-    *[(f"attr-{name}-missing", name, {}, f"attrs.{name}", "missing")
-      for name in ("instruction", "episode_id", "source", "success", "control_hz", "schema_version")],
+    *[
+        (f"attr-{name}-missing", name, {}, f"attrs.{name}", "missing")
+        for name in ("instruction", "episode_id", "source", "success", "control_hz", "schema_version")
+    ],
     ("attr-success-type", None, {"attrs_success": "yes"}, "attrs.success", "expected bool"),
     ("attr-instruction-empty", None, {"attrs_instruction": "  "}, "attrs.instruction", "empty"),
     ("attr-control-hz", None, {"attrs_control_hz": 0.0}, "attrs.control_hz", "positive"),
@@ -154,8 +156,10 @@ def test_writer_refuses_invalid_episode_and_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match="images: missing"):
         write_episode(tmp_path / "x.h5", Episode(None, episode.actions, None, episode.attrs))
     with pytest.raises(DataError, match="attrs.extra: dict"):
-        write_episode(tmp_path / "x.h5", Episode(episode.images, np.zeros((6, 3), np.float32), None,
-                                                 {**episode.attrs, "extra": {"a": 1}}))
+        write_episode(
+            tmp_path / "x.h5",
+            Episode(episode.images, np.zeros((6, 3), np.float32), None, {**episode.attrs, "extra": {"a": 1}}),
+        )
     with pytest.raises(DataError, match="compression 'zstd'"):
         write_episode(tmp_path / "x.h5", make_episode(), compression="zstd")
     assert os.listdir(tmp_path) == []

@@ -18,8 +18,14 @@ from mobile_vla.data.manifest import load_manifest
 PAD = (123, 117, 104)
 
 
-def collector_file(path, num_frames: int = 5, seed: int = 0, name: str | None = None, duration: float = 5.0,
-                   declared_frames: int | None = None) -> np.ndarray:
+def collector_file(
+    path,
+    num_frames: int = 5,
+    seed: int = 0,
+    name: str | None = None,
+    duration: float = 5.0,
+    declared_frames: int | None = None,
+) -> np.ndarray:
     """A file as mobile_vla_data_collector.py wrote it: 720x1280 frames, gzip, string event types."""
     rng = np.random.default_rng(seed)
     images = np.zeros((num_frames, 720, 1280, 3), np.uint8)
@@ -39,12 +45,15 @@ def collector_file(path, num_frames: int = 5, seed: int = 0, name: str | None = 
     return actions
 
 
-@pytest.mark.parametrize("name, instruction", [
-    ("episode_20250808_123136_1box_vert_left", "navigate to the target avoiding the box on the left"),
-    ("1box_left", "navigate to the target avoiding the box on the left"),
-    ("episode_20250901_2box_hori_right_core", "navigate to the target avoiding the two boxes on the right"),
-    ("episode_20250901_straight", None),
-])
+@pytest.mark.parametrize(
+    "name, instruction",
+    [
+        ("episode_20250808_123136_1box_vert_left", "navigate to the target avoiding the box on the left"),
+        ("1box_left", "navigate to the target avoiding the box on the left"),
+        ("episode_20250901_2box_hori_right_core", "navigate to the target avoiding the two boxes on the right"),
+        ("episode_20250901_straight", None),
+    ],
+)
 def test_instruction_from_scenario(name, instruction):
     assert instruction_from_scenario(name) == instruction
 
@@ -56,8 +65,12 @@ def imported(tmp_path_factory):
     sub = src / "day2"
     sub.mkdir()
     actions = {
-        "episode_20250808_123136_1box_vert_left": collector_file(src / "episode_20250808_123136_1box_vert_left.h5", seed=1),
-        "episode_20250809_2box_hori_right": collector_file(sub / "episode_20250809_2box_hori_right.h5", seed=2, duration=2.5),
+        "episode_20250808_123136_1box_vert_left": collector_file(
+            src / "episode_20250808_123136_1box_vert_left.h5", seed=1
+        ),
+        "episode_20250809_2box_hori_right": collector_file(
+            sub / "episode_20250809_2box_hori_right.h5", seed=2, duration=2.5
+        ),
         "run_007": collector_file(src / "run_007.h5", seed=3, duration=2.0),
     }
     (src / "dataset_index.csv").write_text("file,instruction\nrun_007.h5,go to the bottle behind the chair\n")
@@ -83,8 +96,7 @@ def test_import_converts_good_files_and_names_the_bad_ones(imported):
     assert manifest["counts"]["train"]["episodes"] == 2 and manifest["counts"]["val"]["episodes"] == 1
     assert manifest["generator"]["format"] == "minuum-h5" and len(manifest["generator"]["skipped"]) == 2
     assert manifest["control_hz"] == 2.0  # median of 5/5.0, 5/2.5, 5/2.0
-    assert sorted(p.name for p in dst.iterdir()) == sorted(
-        [f"{n}.h5" for n in actions] + ["manifest.json"])
+    assert sorted(p.name for p in dst.iterdir()) == sorted([f"{n}.h5" for n in actions] + ["manifest.json"])
 
     first = read_episode(dst / "episode_20250808_123136_1box_vert_left.h5")
     assert first.images.shape == (5, 224, 224, 3)

@@ -19,8 +19,14 @@ def episode(actions: np.ndarray, control_hz: float = 5.0, with_state: bool = Tru
         images=np.zeros((len(actions), 8, 8, 3), np.uint8),
         actions=actions,
         state=state,
-        attrs={"instruction": f"go to the {name}", "episode_id": name, "source": "test",
-               "success": name != "v", "control_hz": control_hz, "schema_version": SCHEMA_VERSION},
+        attrs={
+            "instruction": f"go to the {name}",
+            "episode_id": name,
+            "source": "test",
+            "success": name != "v",
+            "control_hz": control_hz,
+            "schema_version": SCHEMA_VERSION,
+        },
     )
 
 
@@ -36,8 +42,12 @@ def dataset(tmp_path):
 
 def test_stats_come_from_train_split_only(dataset):
     folder, train_actions = dataset
-    manifest = build_manifest(folder, {"train": ["t0.h5", "t1.h5"], "val": ["v.h5"]}, {"kind": "test", "seed": 3},
-                              expert_success={"train": 0.95})
+    manifest = build_manifest(
+        folder,
+        {"train": ["t0.h5", "t1.h5"], "val": ["v.h5"]},
+        {"kind": "test", "seed": 3},
+        expert_success={"train": 0.95},
+    )
     stats = manifest["stats"]["actions"]
     np.testing.assert_allclose(stats["mean"], train_actions.mean(0), rtol=1e-5)
     np.testing.assert_allclose(stats["q01"], np.quantile(train_actions, 0.01, axis=0), rtol=1e-5)
@@ -48,8 +58,13 @@ def test_stats_come_from_train_split_only(dataset):
     assert manifest["counts"]["train"] == {"episodes": 2, "frames": 100}
     assert manifest["counts"]["val"] == {"episodes": 1, "frames": 7}
     assert manifest["counts"]["total"] == {"episodes": 3, "frames": 107}
-    assert manifest["episodes"]["v.h5"] == {"split": "val", "frames": 7, "instruction": "go to the v",
-                                            "success": False, "source": "test"}
+    assert manifest["episodes"]["v.h5"] == {
+        "split": "val",
+        "frames": 7,
+        "instruction": "go to the v",
+        "success": False,
+        "source": "test",
+    }
     assert manifest["control_hz"] == 5.0 and manifest["image_sizes"] == [[8, 8]]
     assert manifest["generator"] == {"kind": "test", "seed": 3} and manifest["expert_success"] == {"train": 0.95}
     assert load_manifest(folder) == json.loads((folder / MANIFEST_NAME).read_text()) == manifest
@@ -81,7 +96,9 @@ def test_build_errors_name_the_file(dataset, tmp_path):
 
 def test_load_errors(dataset, tmp_path):
     folder, _ = dataset
-    with pytest.raises(DataError, match=r"no manifest\.json - is this a dataset folder\? generate one with `mobile-vla data generate`"):
+    with pytest.raises(
+        DataError, match=r"no manifest\.json - is this a dataset folder\? generate one with `mobile-vla data generate`"
+    ):
         load_manifest(folder)
     with pytest.raises(DataError, match="not a folder"):
         load_manifest(tmp_path / "absent")

@@ -9,8 +9,21 @@ import math
 
 import pytest
 
-DEMO_ARGS = ["--preset", "tiny", "--episodes", "8", "--epochs", "1", "--robots", "2",
-             "--closed-loop-episodes", "2", "--port", "0", "--no-progress"]
+DEMO_ARGS = [
+    "--preset",
+    "tiny",
+    "--episodes",
+    "8",
+    "--epochs",
+    "1",
+    "--robots",
+    "2",
+    "--closed-loop-episodes",
+    "2",
+    "--port",
+    "0",
+    "--no-progress",
+]
 MODEL = "mobile-vla-policy"
 
 
@@ -53,8 +66,17 @@ def test_demo_exits_zero_and_prints_the_summary(demo):
     for section in ("data", "training", "closed loop", "export", "promotion", "serving", "where to look"):
         assert section in printed
     assert "mobile-vla mlflow-ui" in printed and summary["training"]["run_id"] in printed
-    assert set(summary["seconds"]) >= {"cluster", "data", "train", "export", "evaluate", "promote", "serve",
-                                        "robots", "total"}
+    assert set(summary["seconds"]) >= {
+        "cluster",
+        "data",
+        "train",
+        "export",
+        "evaluate",
+        "promote",
+        "serve",
+        "robots",
+        "total",
+    }
 
 
 def test_summary_data_training_and_evaluation(demo):

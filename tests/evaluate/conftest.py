@@ -13,7 +13,7 @@ def save_tiny_policy(root: Path, seed: int = 0) -> Path:
     import torch
 
     from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
 
     config = presets.tiny()
     torch.manual_seed(seed)
@@ -21,9 +21,14 @@ def save_tiny_policy(root: Path, seed: int = 0) -> Path:
     with torch.no_grad():  # the head starts near zero: make the commands vary so the robot moves
         model.head[-1].weight.normal_(std=0.2)
     preprocessing = Preprocessing(
-        action_low=[-0.2, -0.4, -1.0], action_high=[0.75, 0.4, 1.0],
-        state_mean=[0.3, 0.0, 0.0], state_std=[0.3, 0.2, 0.5], state_dim=config.state_dim,
-        window=config.window, chunk=config.chunk, tokenizer=build_tokenizer(config),
+        action_low=[-0.2, -0.4, -1.0],
+        action_high=[0.75, 0.4, 1.0],
+        state_mean=[0.3, 0.0, 0.0],
+        state_std=[0.3, 0.2, 0.5],
+        state_dim=config.state_dim,
+        window=config.window,
+        chunk=config.chunk,
+        tokenizer=build_tokenizer(config),
     )
     save_policy(root / "policy", model, preprocessing)
     return root

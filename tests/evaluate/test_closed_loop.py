@@ -29,13 +29,14 @@ def check_summary(summary, episodes: int) -> None:
 def model_report(ray_cluster, tiny_model_dir):
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
 
-    return evaluate_closed_loop(str(tiny_model_dir), "val", SEEDS, episodes_per_task=SEEDS, record_frames=1,
-                                max_steps=MAX_STEPS, progress=False)
+    return evaluate_closed_loop(
+        str(tiny_model_dir), "val", SEEDS, episodes_per_task=SEEDS, record_frames=1, max_steps=MAX_STEPS, progress=False
+    )
 
 
 def test_random_policy_next_to_expert_on_same_seeds(model_report):
-    from mobile_vla.data.scenes import scene_from_seed
-    from mobile_vla.data.split_spec import default_split_spec
+    from mobile_vla.sim.scenes import scene_from_seed
+    from mobile_vla.sim.split_spec import default_split_spec
 
     report = model_report
     assert report.seeds == [1_000_000 + i for i in range(SEEDS)]
@@ -80,10 +81,12 @@ def test_lockstep_batch_equals_one_episode_per_task(ray_cluster):
     path must be exactly what the episode gives alone."""
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
 
-    batched = evaluate_closed_loop("expert", "unseen_layout", 2, episodes_per_task=2, record_frames=2,
-                                   max_steps=30, progress=False)
-    alone = evaluate_closed_loop("expert", "unseen_layout", 2, episodes_per_task=1, record_frames=2,
-                                 max_steps=30, progress=False)
+    batched = evaluate_closed_loop(
+        "expert", "unseen_layout", 2, episodes_per_task=2, record_frames=2, max_steps=30, progress=False
+    )
+    alone = evaluate_closed_loop(
+        "expert", "unseen_layout", 2, episodes_per_task=1, record_frames=2, max_steps=30, progress=False
+    )
     assert batched.seeds == alone.seeds == [2_000_000, 2_000_001]
     for a, b in zip(batched.episodes, alone.episodes):
         assert (a["outcome"], a["steps"], a["collisions"]) == (b["outcome"], b["steps"], b["collisions"])

@@ -39,16 +39,39 @@ def test_offline_and_closed_loop_onto_the_version(ray_cluster, tiny_dataset, reg
 
     name, version = registered_model
     out = tmp_path / "results"
-    argv = ["evaluate", "--model", f"models:/{name}@challenger", "--data", str(tiny_dataset), "--split", "val",
-            "--split", "unseen_pair", "--closed-loop", "--episodes", "2", "--max-steps", "5", "--gifs", "1",
-            "--out", str(out), "--no-progress"]
+    argv = [
+        "evaluate",
+        "--model",
+        f"models:/{name}@challenger",
+        "--data",
+        str(tiny_dataset),
+        "--split",
+        "val",
+        "--split",
+        "unseen_pair",
+        "--closed-loop",
+        "--episodes",
+        "2",
+        "--max-steps",
+        "5",
+        "--gifs",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "expert (same seeds)" in printed and "Wilson" in printed
 
     metrics = get_version_metrics(name, version)
-    for key in ("offline.val.mae", "offline.unseen_pair.r2_linear_x", "closed_loop.val.success_rate",
-                "closed_loop.unseen_pair.collision_rate", "closed_loop.unseen_pair.expert_success_rate"):
+    for key in (
+        "offline.val.mae",
+        "offline.unseen_pair.r2_linear_x",
+        "closed_loop.val.success_rate",
+        "closed_loop.unseen_pair.collision_rate",
+        "closed_loop.unseen_pair.expert_success_rate",
+    ):
         assert key in metrics, key
     # the first --split is primary: the gate's unqualified keys come from it
     assert metrics["offline.mae"] == metrics["offline.val.mae"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
 from mobile_vla.cli import main
 
 
@@ -39,7 +37,9 @@ def test_export_attaches_graphs_to_the_same_model_version(platform_home, make_po
     resolved = tracking.resolve_model(f"models:/export-test-policy/{version}")
     signature = load_signature(resolved.path / "onnx")
     assert (signature.model.name, signature.model.version) == ("export-test-policy", version)
-    assert {"model.onnx", "model.fp16.onnx", "text_encoder.onnx"} <= {p.name for p in (resolved.path / "onnx").iterdir()}
+    assert {"model.onnx", "model.fp16.onnx", "text_encoder.onnx"} <= {
+        p.name for p in (resolved.path / "onnx").iterdir()
+    }
     assert signature.exporter.dynamo is False
     tags = tracking.get_version_tags("export-test-policy", version)
     assert tags["export.onnx"] == "fp16,fp32" or tags["export.onnx"] == "fp32,fp16"
@@ -53,7 +53,7 @@ def test_export_attaches_graphs_to_the_same_model_version(platform_home, make_po
     assert "already holds verified graphs" in capsys.readouterr().err
     assert (resolved.path / "onnx" / "model.onnx").read_bytes() == before
 
-    from mobile_vla.export.backends import load_backend
+    from mobile_vla.runtime.backends import load_backend
 
     backend = load_backend(f"models:/export-test-policy/{version}")
     assert (backend.name, backend.model_name, backend.model_version) == ("onnx-cpu", "export-test-policy", version)

@@ -88,10 +88,15 @@ def test_export_records_its_parity_figures(exported_dir):
 
 def test_parity_failures_name_each_bad_figure():
     figures = ParityFigures(
-        frames="test", instructions=["x"], fp32_tolerance=1e-4,
-        fp32_max_abs_diff={"batch_1": 5e-5, "batch_32": 3e-3}, sequence_steps=8,
-        sequence_max_abs_diff=float("nan"), text_encoder_max_abs_diff=0.0,
-        fp16_tolerance=5e-2, fp16_max_abs_diff={"batch_1": float("inf")},
+        frames="test",
+        instructions=["x"],
+        fp32_tolerance=1e-4,
+        fp32_max_abs_diff={"batch_1": 5e-5, "batch_32": 3e-3},
+        sequence_steps=8,
+        sequence_max_abs_diff=float("nan"),
+        text_encoder_max_abs_diff=0.0,
+        fp16_tolerance=5e-2,
+        fp16_max_abs_diff={"batch_1": float("inf")},
     )
     failures = parity.parity_failures(figures)
     assert len(failures) == 3

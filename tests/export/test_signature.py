@@ -9,9 +9,9 @@ import pytest
 
 from mobile_vla.errors import ModelError
 from mobile_vla.export.signature import (
+    SIGNATURE_FILE,
     STEP_INPUTS,
     STEP_OUTPUTS,
-    SIGNATURE_FILE,
     file_sha256,
     load_signature,
     verify_graph_file,

@@ -34,9 +34,17 @@ def _fake_plan(model_dir, signature, gpu=GPU, version="10.12.0", sha=None, fp16=
     folder.mkdir(parents=True, exist_ok=True)
     (folder / trt_engine.plan_file_name(fp16)).write_bytes(b"plan bytes")
     trt_engine.EngineMeta(
-        gpu=gpu, tensorrt=version, precision="fp16" if fp16 else "fp32", fp16_mode=None, max_batch=32, opt_batch=8,
-        onnx_graph="step_fp32", onnx_sha256=sha or signature.graphs["step_fp32"].sha256,
-        model_name=None, model_version=None, build_seconds=1.0,
+        gpu=gpu,
+        tensorrt=version,
+        precision="fp16" if fp16 else "fp32",
+        fp16_mode=None,
+        max_batch=32,
+        opt_batch=8,
+        onnx_graph="step_fp32",
+        onnx_sha256=sha or signature.graphs["step_fp32"].sha256,
+        model_name=None,
+        model_version=None,
+        build_seconds=1.0,
     ).save(folder, fp16)
     return folder
 
@@ -51,7 +59,9 @@ def test_select_plan_finds_the_plan_for_this_gpu(exported_copy):
 def test_select_plan_refuses_other_gpus_versions_and_stale_plans(exported_copy):
     signature = load_signature(exported_copy / "onnx")
     _fake_plan(exported_copy, signature, gpu="NVIDIA A10G")
-    with pytest.raises(ModelError, match=r"no plan for nvidia-h100-80gb-hbm3__trt10.12.0 \(plans here: \['nvidia-a10g__trt10.12.0'\]\)"):
+    with pytest.raises(
+        ModelError, match=r"no plan for nvidia-h100-80gb-hbm3__trt10.12.0 \(plans here: \['nvidia-a10g__trt10.12.0'\]\)"
+    ):
         trt_engine.select_plan(exported_copy, signature, GPU, "10.12.0", fp16=False)
     with pytest.raises(ModelError, match="no fp16 plan"):
         trt_engine.select_plan(exported_copy, signature, "NVIDIA A10G", "10.12.0", fp16=True)

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -37,13 +36,28 @@ def jpeg_bytes(value: int, size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
-def step_record(robot: str, episode: str, step: int, done: bool = False, success=None, corrected=None,
-                intervention: bool = False, image: bytes | None = None) -> dict:
+def step_record(
+    robot: str,
+    episode: str,
+    step: int,
+    done: bool = False,
+    success=None,
+    corrected=None,
+    intervention: bool = False,
+    image: bytes | None = None,
+) -> dict:
     return {
-        "robot_id": robot, "episode_id": episode, "step": step, "instruction": "go to the red box",
+        "robot_id": robot,
+        "episode_id": episode,
+        "step": step,
+        "instruction": "go to the red box",
         "image": image if image is not None else jpeg_bytes(step * 20),
-        "state": [0.1 * step, 0.0, 0.0], "action_executed": [0.5, 0.0, float(step)],
-        "action_corrected": corrected, "intervention": intervention, "episode_done": done, "success": success,
+        "state": [0.1 * step, 0.0, 0.0],
+        "action_executed": [0.5, 0.0, float(step)],
+        "action_corrected": corrected,
+        "intervention": intervention,
+        "episode_done": done,
+        "success": success,
         "model": {"name": "mobile-vla-policy", "version": "7"},  # as serving's ingress adds it
     }
 
@@ -179,8 +193,17 @@ def test_assembly_labels_weights_retries_and_watermark(tmp_path, capsys):
     Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(png, format="PNG")
     for step in range(6):  # episode A, steps spread over both replicas; step 3 corrected, 4 intervention
         store = replica_a if step % 2 else replica_b
-        store.append(step_record("alpha", "A", step, done=step == 5, success=True if step == 5 else None,
-                                 corrected=[0.9, 0.1, -0.2] if step == 3 else None, intervention=step == 4))
+        store.append(
+            step_record(
+                "alpha",
+                "A",
+                step,
+                done=step == 5,
+                success=True if step == 5 else None,
+                corrected=[0.9, 0.1, -0.2] if step == 3 else None,
+                intervention=step == 4,
+            )
+        )
     replica_a.append({**step_record("alpha", "A", 2), "action_executed": [0.7, 0.0, 2.0]})  # retried step
     for step in range(3):  # episode B failed; C not finished yet
         replica_b.append(step_record("beta", "B", step, done=step == 2, success=False if step == 2 else None))

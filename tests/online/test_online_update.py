@@ -50,8 +50,14 @@ def write_original_dataset(folder: Path) -> dict:
     for i, colour in enumerate(["red", "blue", "red", "blue", "red", "blue"]):
         images = np.stack([frame(colour, 10 * i + t) for t in range(FRAMES)])
         actions = np.tile(np.array(expert_action(colour), np.float32), (FRAMES, 1))
-        attrs = {"instruction": INSTRUCTION[colour], "episode_id": f"orig-{i}", "source": "test", "success": True,
-                 "control_hz": 5.0, "schema_version": SCHEMA_VERSION}
+        attrs = {
+            "instruction": INSTRUCTION[colour],
+            "episode_id": f"orig-{i}",
+            "source": "test",
+            "success": True,
+            "control_hz": 5.0,
+            "schema_version": SCHEMA_VERSION,
+        }
         write_episode(folder / f"orig_{i}.h5", Episode(images, actions, np.zeros((FRAMES, 3), np.float32), attrs))
         names.append(f"orig_{i}.h5")
     return build_manifest(folder, {"train": names[:4], "val": names[4:]}, generator={"kind": "test"})
@@ -63,10 +69,10 @@ def register_degraded_champion(tmp_path: Path, manifest: dict) -> str:
     import torch
 
     from mobile_vla import tracking
-    from mobile_vla.online.promotion import promote
     from mobile_vla.policy import build_policy, presets, save_policy
+    from mobile_vla.policy.preprocessing import Preprocessing
     from mobile_vla.policy.text import build_tokenizer
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.tracking.lifecycle import promote
 
     config = dataclasses.replace(presets.tiny(), window=2, chunk=2)
     torch.manual_seed(0)
@@ -78,10 +84,11 @@ def register_degraded_champion(tmp_path: Path, manifest: dict) -> str:
     with mlflow.start_run(experiment_id=tracking.get_or_create_experiment("online-test")) as run:
         pass
     version = tracking.register_policy(tmp_path / "champion", run.info.run_id, name=MODEL, alias=None)
-    from mobile_vla.online.promotion import GateConfig
+    from mobile_vla.tracking.lifecycle import GateConfig
 
-    promote(MODEL, version=version, gate=GateConfig(require_closed_loop=False, max_offline_mae_regression=None),
-            force=True)
+    promote(
+        MODEL, version=version, gate=GateConfig(require_closed_loop=False, max_offline_mae_regression=None), force=True
+    )
     return version
 
 
@@ -93,14 +100,22 @@ def send_feedback(root: Path, episodes: int) -> None:
     for e in range(episodes):
         colour = "red"
         for step in range(FRAMES):
-            store.append({
-                "robot_id": f"robot-{e % 3}", "episode_id": f"ep-{e}", "step": step,
-                "instruction": INSTRUCTION[colour], "image": jpeg(frame(colour, 1000 + 10 * e + step)),
-                "state": [0.0, 0.0, 0.0], "action_executed": [0.3, 0.0, -0.45],
-                "action_corrected": expert_action(colour), "intervention": False,
-                "episode_done": step == FRAMES - 1, "success": True if step == FRAMES - 1 else None,
-                "model_version": "1",
-            })
+            store.append(
+                {
+                    "robot_id": f"robot-{e % 3}",
+                    "episode_id": f"ep-{e}",
+                    "step": step,
+                    "instruction": INSTRUCTION[colour],
+                    "image": jpeg(frame(colour, 1000 + 10 * e + step)),
+                    "state": [0.0, 0.0, 0.0],
+                    "action_executed": [0.3, 0.0, -0.45],
+                    "action_corrected": expert_action(colour),
+                    "intervention": False,
+                    "episode_done": step == FRAMES - 1,
+                    "success": True if step == FRAMES - 1 else None,
+                    "model_version": "1",
+                }
+            )
     store.close()
 
 
@@ -116,11 +131,21 @@ def update_config(tmp_path: Path, *overrides: str):
     from mobile_vla.online.update import load_update_config
 
     shipped = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "online_update.yaml"
-    return load_update_config(shipped, [
-        f"model={MODEL}", f"replay.data={tmp_path / 'original'}", "feedback.min_new_episodes=4",
-        "feedback.holdout_fraction=0.25", "finetune.batch_size=4", "finetune.lr=3e-3", "finetune.augment=false",
-        "finetune.trainable=policy_head", "finetune.device=cpu", *overrides,
-    ])
+    return load_update_config(
+        shipped,
+        [
+            f"model={MODEL}",
+            f"replay.data={tmp_path / 'original'}",
+            "feedback.min_new_episodes=4",
+            "feedback.holdout_fraction=0.25",
+            "finetune.batch_size=4",
+            "finetune.lr=3e-3",
+            "finetune.augment=false",
+            "finetune.trainable=policy_head",
+            "finetune.device=cpu",
+            *overrides,
+        ],
+    )
 
 
 def test_online_update_learns_corrections_and_takes_over_only_through_the_gate(online_setup):
@@ -153,8 +178,9 @@ def test_online_update_learns_corrections_and_takes_over_only_through_the_gate(o
     from mobile_vla.policy import load_policy
 
     model, pre = load_policy(tracking.resolve_model(f"models:/{MODEL}@champion").path / "policy")
-    actions, _, _ = model.step(frame("red", 5000)[None], np.zeros((1, 3), np.float32),
-                               pre.tokenize([INSTRUCTION["red"]]))
+    actions, _, _ = model.step(
+        frame("red", 5000)[None], np.zeros((1, 3), np.float32), pre.tokenize([INSTRUCTION["red"]])
+    )
     assert pre.denormalise_actions(actions.detach().numpy())[0, 0, 2] > 0.0  # angular_z: left
 
     # The watermark moved: nothing new, no model.

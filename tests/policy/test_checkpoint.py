@@ -14,11 +14,14 @@ def tiny_model(tiny_config):
 
 
 def _preprocessing(tokenizer):
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
 
     return Preprocessing(
-        action_low=[-0.5, -0.3, -1.0], action_high=[0.5, 0.3, 1.0],
-        state_mean=[0.0, 0.0, 0.0], state_std=[1.0, 1.0, 1.0], tokenizer=tokenizer,
+        action_low=[-0.5, -0.3, -1.0],
+        action_high=[0.5, 0.3, 1.0],
+        state_mean=[0.0, 0.0, 0.0],
+        state_std=[1.0, 1.0, 1.0],
+        tokenizer=tokenizer,
     )
 
 
@@ -36,8 +39,10 @@ def test_round_trip_gives_identical_outputs(tmp_path, tiny_model, tiny_config, t
     assert loaded.config == tiny_config and not loaded.training
     # preprocessing (with its tokenizer) comes back from the same folder
     assert loaded_pre.action_high == preprocessing.action_high
-    assert (loaded_pre.tokenize(["go to the box"])["kosmos_input_ids"]
-            == tiny_tokenizer.encode(["go to the box"])["kosmos_input_ids"]).all()
+    assert (
+        loaded_pre.tokenize(["go to the box"])["kosmos_input_ids"]
+        == tiny_tokenizer.encode(["go to the box"])["kosmos_input_ids"]
+    ).all()
 
 
 def test_folder_without_preprocessing_loads_with_none(tmp_path, tiny_model):

@@ -65,14 +65,18 @@ def test_step_by_step_equals_sequence_forward(tiny_config, tiny_tokenizer, make_
     model = _build(tiny_config).eval()
     B, T = 2, tiny_config.window
     batch = make_batch(tiny_config, tiny_tokenizer, batch_size=B, frames=T)
-    tokens = {key: batch[key] for key in ("clip_input_ids", "kosmos_input_ids", "kosmos_attention_mask",
-                                         "kosmos_image_embeds_position_mask")}
+    tokens = {
+        key: batch[key]
+        for key in ("clip_input_ids", "kosmos_input_ids", "kosmos_attention_mask", "kosmos_image_embeds_position_mask")
+    }
     with torch.no_grad():
         full = model(batch)
         clip_text = model.encode_instruction(tokens["clip_input_ids"])
         memory = model.initial_memory(B)
         for t in range(T):
-            actions, confidence, memory = model.step(batch["images"][:, t], batch["state"][:, t], tokens, memory, clip_text)
+            actions, confidence, memory = model.step(
+                batch["images"][:, t], batch["state"][:, t], tokens, memory, clip_text
+            )
             assert (actions - full.actions[:, t]).abs().max() <= 1e-5
             assert (confidence - full.confidence[:, t]).abs().max() <= 1e-5
         # without a precomputed clip_text, step encodes the instruction itself: same answer
@@ -174,8 +178,11 @@ def test_pretrained_weights_offline_fail_fast_with_a_clear_message(tiny_config, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
     kosmos = tiny_config.replace(kosmos=replace(tiny_config.kosmos, pretrained="mobile-vla-tests/no-such-kosmos"))
-    with pytest.raises(ModelError, match="cannot load pretrained Kosmos-2 weights from 'mobile-vla-tests/no-such-kosmos'"
-                                         ".*pass a local folder path or use preset small"):
+    with pytest.raises(
+        ModelError,
+        match="cannot load pretrained Kosmos-2 weights from 'mobile-vla-tests/no-such-kosmos'"
+        ".*pass a local folder path or use preset small",
+    ):
         build_policy(kosmos)
     clip = tiny_config.replace(clip=replace(presets.full().clip, pretrained="openai"))
     with pytest.raises(ModelError, match="cannot load pretrained CLIP weights 'ViT-B-32' / 'openai'"):

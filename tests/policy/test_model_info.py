@@ -3,7 +3,7 @@ import json
 import torch
 
 from mobile_vla.cli import main
-from mobile_vla.policy import build_policy, presets
+from mobile_vla.policy import build_policy
 
 
 def test_model_info_tiny_matches_the_built_model(capsys, tiny_config):

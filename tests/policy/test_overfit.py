@@ -11,10 +11,12 @@ def _two_episodes(config, tokenizer, frames=8):
     """Two episodes of `frames` steps, as full windows: chunk targets are the next K actions, masked past the end."""
     rng = np.random.default_rng(0)
     t = np.arange(frames + config.chunk) / frames
-    actions = np.stack([
-        np.stack([0.6 * np.ones_like(t), 0.3 * np.sin(3 * t), -0.5 * t], axis=-1),   # forward, weaving, turning
-        np.stack([-0.2 + 0.4 * t, -0.4 * np.ones_like(t), 0.7 * np.cos(2 * t)], axis=-1),
-    ]).astype(np.float32)  # [2, frames + K, 3]
+    actions = np.stack(
+        [
+            np.stack([0.6 * np.ones_like(t), 0.3 * np.sin(3 * t), -0.5 * t], axis=-1),  # forward, weaving, turning
+            np.stack([-0.2 + 0.4 * t, -0.4 * np.ones_like(t), 0.7 * np.cos(2 * t)], axis=-1),
+        ]
+    ).astype(np.float32)  # [2, frames + K, 3]
     targets = np.stack([actions[:, i : i + config.chunk] for i in range(frames)], axis=1)  # [2, T, K, 3]
     mask = np.stack([(i + np.arange(config.chunk)) < frames for i in range(frames)]).astype(np.float32)
     batch = {

@@ -77,7 +77,9 @@ def test_load_from_folder_without_tokenizer_is_a_model_error(tmp_path):
 
 def test_pretrained_processor_offline_is_a_clear_model_error(tmp_path, tiny_config):
     missing = str(tmp_path / "no-such-kosmos")
-    config = tiny_config.replace(kosmos=tiny_config.kosmos.__class__(**{**tiny_config.kosmos.__dict__, "pretrained": missing}))
+    config = tiny_config.replace(
+        kosmos=tiny_config.kosmos.__class__(**{**tiny_config.kosmos.__dict__, "pretrained": missing})
+    )
     with pytest.raises(ModelError, match="cannot load the pretrained Kosmos-2 processor .*pass a local folder"):
         build_tokenizer(config)
 

@@ -16,12 +16,10 @@ import pytest
 from PIL import Image
 
 from mobile_vla.serve.memory_token import MemoryCodec, RecurrentMemory, load_or_create_secret
-
 from tests.local_processes import free_port
 
 APP = "mobile-vla-test"
 INSTRUCTION = "go to the red box"
-
 
 
 def _jpeg(width=320, height=240, seed=0) -> bytes:
@@ -57,17 +55,26 @@ class Served:
 def served(ray_cluster, serve_home, use_home):
     from ray import serve
 
-    from mobile_vla.serve.app import ServeAppArgs, build_app
+    from mobile_vla.serve.app import ServeAppConfig, build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     # Test-only faults hit robots named drill-slow-* / drill-error-* only; everyone else gets a healthy primary.
-    faults = [{"mode": "slow", "robot_prefix": "drill-slow-", "delay_s": 30.0},
-              {"mode": "error", "robot_prefix": "drill-error-"}]
-    args = ServeAppArgs(tokens_file=str(serve_home / "tokens"), fallback="onnx", max_batch_size=16,
-                        batch_wait_timeout_s=0.05, primary_timeout_s=4.0, breaker_failures=2,
-                        breaker_reset_s=1.0, primary_faults=faults)
+    faults = [
+        {"mode": "slow", "robot_prefix": "drill-slow-", "delay_s": 30.0},
+        {"mode": "error", "robot_prefix": "drill-error-"},
+    ]
+    args = ServeAppConfig(
+        tokens_file=str(serve_home / "tokens"),
+        fallback="onnx",
+        max_batch_size=16,
+        batch_wait_timeout_s=0.05,
+        primary_timeout_s=4.0,
+        breaker_failures=2,
+        breaker_reset_s=1.0,
+        primary_faults=faults,
+    )
     with use_home(serve_home):
         serve.run(build_app(args), name=APP, route_prefix="/")
     app = Served(f"http://127.0.0.1:{port}", (serve_home / "token").read_text(), serve_home)
@@ -159,7 +166,12 @@ def test_auth_required_health_open(served):
     assert ready.status_code == 200 and {b["role"] for b in ready.json()["backends"]} == {"primary", "fallback"}
     info = served.http.get("/v1/model", headers=served.auth).json()
     assert (info["name"], info["version"], info["alias"], info["state_dim"], info["chunk"]) == (
-        "mobile-vla-policy", "1", "champion", 3, 10)
+        "mobile-vla-policy",
+        "1",
+        "champion",
+        3,
+        10,
+    )
     assert info["active"] == "OnnxPolicy" and all(b["loaded"] for b in info["backends"])
 
 
@@ -227,9 +239,18 @@ def test_bad_transport_level_requests(served):
 def test_feedback_is_stored_before_202_and_retries_are_duplicates(served):
     from mobile_vla.online.feedback_store import FeedbackStore, describe_feedback
 
-    body = {"robot_id": "fb-1", "episode_id": "ep-7", "step": 3, "instruction": INSTRUCTION, "image": IMAGE,
-            "state": [0.0, 0.1, 0.0], "action_executed": [0.2, 0.0, 0.1], "action_corrected": [0.1, 0.0, 0.0],
-            "intervention": True, "episode_done": False}
+    body = {
+        "robot_id": "fb-1",
+        "episode_id": "ep-7",
+        "step": 3,
+        "instruction": INSTRUCTION,
+        "image": IMAGE,
+        "state": [0.0, 0.1, 0.0],
+        "action_executed": [0.2, 0.0, 0.1],
+        "action_corrected": [0.1, 0.0, 0.0],
+        "intervention": True,
+        "episode_done": False,
+    }
     first = served.http.post("/v1/feedback", json=body, headers=served.auth)
     retry = served.http.post("/v1/feedback", json=body, headers=served.auth)
     assert first.status_code == retry.status_code == 202 and first.json()["key"] == "fb-1/ep-7/3"
@@ -288,8 +309,15 @@ def test_metrics_reach_the_ray_metrics_endpoint(served):
 
     port = ray._private.worker.global_worker.node.metrics_export_port
     # metrics reach the endpoint every few seconds: wait for the slow-primary test's fallback to show too
-    wanted = ["ray_mobile_vla_requests_total", "ray_mobile_vla_batch_size_bucket", "ray_mobile_vla_fallbacks_total",
-              "ray_mobile_vla_confidence_bucket", "ray_mobile_vla_replica_memory_bytes", 'reason="timeout"', 'route="/v1/act"']
+    wanted = [
+        "ray_mobile_vla_requests_total",
+        "ray_mobile_vla_batch_size_bucket",
+        "ray_mobile_vla_fallbacks_total",
+        "ray_mobile_vla_confidence_bucket",
+        "ray_mobile_vla_replica_memory_bytes",
+        'reason="timeout"',
+        'route="/v1/act"',
+    ]
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

@@ -1,4 +1,3 @@
-
 import pytest
 
 from mobile_vla.errors import ConfigError
@@ -63,8 +62,15 @@ def test_data_inspect_reads_a_raw_feedback_root(tmp_path, capsys):
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
-    record = {"robot_id": "r-1", "episode_id": "e1", "step": 0, "instruction": "go", "state": [0.0, 0.0, 0.0],
-              "image": base64.b64encode(buffer.getvalue()).decode(), "action_executed": [0.1, 0.0, 0.0]}
+    record = {
+        "robot_id": "r-1",
+        "episode_id": "e1",
+        "step": 0,
+        "instruction": "go",
+        "state": [0.0, 0.0, 0.0],
+        "image": base64.b64encode(buffer.getvalue()).decode(),
+        "action_executed": [0.1, 0.0, 0.0],
+    }
     with FeedbackStore(tmp_path / "feedback") as store:
         store.append(record)
         store.append(record)  # a retried request

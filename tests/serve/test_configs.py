@@ -8,7 +8,7 @@ import yaml
 
 from mobile_vla.config import validate_config
 from mobile_vla.errors import ConfigError
-from mobile_vla.serve.app import ServeAppArgs
+from mobile_vla.serve.app import ServeAppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "serve_configs").glob("*.yaml"))
@@ -23,7 +23,7 @@ def test_config_validates_against_ray_schema_and_app_args(path):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
     app = schema.applications[0]
     assert app.import_path == "mobile_vla.serve.app:build_app"
-    args = validate_config(app.args, ServeAppArgs, str(path))
+    args = validate_config(app.args, ServeAppConfig, str(path))
     names = {d.name for d in app.deployments}
     expected = {"PolicyIngress", {"onnx": "OnnxPolicy", "tensorrt": "TensorRTPolicy"}[args.primary]}
     if args.fallback:
@@ -37,16 +37,16 @@ def test_config_validates_against_ray_schema_and_app_args(path):
 def test_local_config_binds_loopback_only():
     data = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())
     assert data["http_options"]["host"] == "127.0.0.1"
-    assert ServeAppArgs.model_validate(data["applications"][0]["args"]).primary == "onnx"
+    assert ServeAppConfig.model_validate(data["applications"][0]["args"]).primary == "onnx"
 
 
 def test_bad_app_args_name_field_and_value():
     with pytest.raises(ConfigError, match="max_batch_size"):
-        validate_config({"max_batch_size": 0}, ServeAppArgs, "args")
+        validate_config({"max_batch_size": 0}, ServeAppConfig, "args")
     with pytest.raises(ConfigError, match="unknown key 'batch'"):
-        validate_config({"batch": 4}, ServeAppArgs, "args")
+        validate_config({"batch": 4}, ServeAppConfig, "args")
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
-        validate_config({"max_batch_size": 64, "max_ongoing_requests": 8}, ServeAppArgs, "args")
+        validate_config({"max_batch_size": 64, "max_ongoing_requests": 8}, ServeAppConfig, "args")
 
 
 def test_openapi_document_is_current():

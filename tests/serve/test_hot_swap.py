@@ -57,11 +57,17 @@ def swap_home(tmp_path_factory, use_home, serve_home):
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, swap_home):
-    from mobile_vla.serve.app import ServeAppArgs
+    from mobile_vla.serve.app import ServeAppConfig
 
-    args = ServeAppArgs(tokens_file=str(swap_home / "tokens"), fallback="onnx", max_batch_size=8,
-                        batch_wait_timeout_s=0.01, primary_timeout_s=20.0, alias_poll_s=0.3,
-                        primary_prepare_delay_s=ENGINE_BUILD_S)
+    args = ServeAppConfig(
+        tokens_file=str(swap_home / "tokens"),
+        fallback="onnx",
+        max_batch_size=8,
+        batch_wait_timeout_s=0.01,
+        primary_timeout_s=20.0,
+        alias_poll_s=0.3,
+        primary_prepare_delay_s=ENGINE_BUILD_S,
+    )
     with deployed_app(APP, swap_home, args) as client:
         yield client
 
@@ -85,8 +91,13 @@ class Hammer:
         memory = None
         with httpx.Client(base_url=self.app.url, timeout=60, headers=self.app.auth) as http:
             while not self.stop.is_set():
-                body = {"robot_id": f"load-{i}", "instruction": "go to the red box", "image": IMAGE,
-                        "state": [0.1, 0.0, -0.2], **({"memory": memory} if memory else {})}
+                body = {
+                    "robot_id": f"load-{i}",
+                    "instruction": "go to the red box",
+                    "image": IMAGE,
+                    "state": [0.1, 0.0, -0.2],
+                    **({"memory": memory} if memory else {}),
+                }
                 try:
                     r = http.post("/v1/act", json=body)
                 except httpx.HTTPError as exc:
@@ -139,7 +150,7 @@ def test_hot_swap_under_load_switches_once_with_no_failed_request(app, swap_home
         first_new = versions.index("2")
         assert set(versions[:first_new]) == {"1"} and set(versions[first_new:]) == {"2"}, versions
         assert log[first_new][3] is True  # its memory token belonged to version 1: fresh recurrent state
-        assert not any(reset for _, _, _, reset in log[first_new + 1:])
+        assert not any(reset for _, _, _, reset in log[first_new + 1 :])
     # While the primary prepared version 2, the ONNX fallback served it at once; then traffic returned.
     assert any(v == "2" and by == FALLBACK for _, v, by, _ in answers), "fallback never served the new version"
     assert any(active == FALLBACK and version == "1" and pending == "2" for active, version, pending in transitions)
@@ -173,15 +184,22 @@ def test_failed_load_keeps_the_old_model_and_shows_why(app, swap_home, use_home)
 
     def exported():
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        return [line for line in text.splitlines()
-                if line.startswith("ray_mobile_vla_model_load_failures_total") and not line.endswith(" 0.0")]
+        return [
+            line
+            for line in text.splitlines()
+            if line.startswith("ray_mobile_vla_model_load_failures_total") and not line.endswith(" 0.0")
+        ]
 
     assert wait_until(exported, 60, every_s=2, what="the load failure on Ray's metrics endpoint")
 
     # Moving the alias back (a rollback) clears the failure; version 2 keeps serving throughout.
     _move_champion(swap_home, "2", use_home)
     # The replicas and the ingress each poll the registry on their own (every alias_poll_s): wait for both.
-    wait_until(lambda: (info := app.model())["alias_version"] == "2"
-               and all(b["failed_version"] is None for b in info["backends"]), 30,
-               what="the rollback clearing the failure in the replicas and the ingress")
+    wait_until(
+        lambda: (
+            (info := app.model())["alias_version"] == "2" and all(b["failed_version"] is None for b in info["backends"])
+        ),
+        30,
+        what="the rollback clearing the failure in the replicas and the ingress",
+    )
     assert app.act(IMAGE).json()["model"]["version"] == "2"

@@ -8,8 +8,13 @@ SECRET = b"s" * 32
 
 def _memory(version="3", robot="r-1", seed=0):
     rng = np.random.default_rng(seed)
-    return RecurrentMemory("mobile-vla-policy", version, robot, rng.normal(size=(2, 64)).astype(np.float32),
-                           rng.normal(size=(2, 64)).astype(np.float32))
+    return RecurrentMemory(
+        "mobile-vla-policy",
+        version,
+        robot,
+        rng.normal(size=(2, 64)).astype(np.float32),
+        rng.normal(size=(2, 64)).astype(np.float32),
+    )
 
 
 def test_round_trip_keeps_state_within_float16_and_version():

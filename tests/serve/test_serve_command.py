@@ -22,7 +22,6 @@ from tests.local_processes import free_port, stop_process_group
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def _frame() -> str:
     pixels = np.random.default_rng(3).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -39,20 +38,38 @@ def _listeners(port: int) -> list[str]:
 def test_serve_command_answers_on_loopback_and_stops_on_ctrl_c(serve_home, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(MOBILE_VLA_HOME=str(serve_home), MOBILE_VLA_TOKENS_FILE=str(serve_home / "tokens"),
-               MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
+    env.update(
+        MOBILE_VLA_HOME=str(serve_home),
+        MOBILE_VLA_TOKENS_FILE=str(serve_home / "tokens"),
+        MLFLOW_DISABLE_TELEMETRY="true",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "serve.log"
     with open(log, "w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mobile_vla.cli", "serve", "--config", str(ROOT / "serve_configs" / "local.yaml"),
-             "--port", str(port)],
-            cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mobile_vla.cli",
+                "serve",
+                "--config",
+                str(ROOT / "serve_configs" / "local.yaml"),
+                "--port",
+                str(port),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 420
         while "Ctrl-C to stop" not in log.read_text():
-            assert process.poll() is None, f"mobile-vla serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            assert process.poll() is None, (
+                f"mobile-vla serve exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"not serving after 420 s:\n{log.read_text()[-3000:]}"
             time.sleep(2)
         text = log.read_text()
@@ -62,13 +79,19 @@ def test_serve_command_answers_on_loopback_and_stops_on_ctrl_c(serve_home, tmp_p
         token = (serve_home / "token").read_text().strip()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             assert http.get("/healthz").json() == {"status": "ok"}
-            body = {"robot_id": "cli-1", "instruction": "go to the red box", "image": _frame(), "state": [0.1, 0.0, 0.0]}
+            body = {
+                "robot_id": "cli-1",
+                "instruction": "go to the red box",
+                "image": _frame(),
+                "state": [0.1, 0.0, 0.0],
+            }
             first = http.post("/v1/act", json=body, headers={"Authorization": f"Bearer {token}"})
             assert first.status_code == 200, first.text
             answer = first.json()
             assert answer["backend"] == "onnx-cpu" and len(answer["actions"][0]) == 3
-            again = http.post("/v1/act", json={**body, "memory": answer["memory"]},
-                              headers={"Authorization": f"Bearer {token}"})
+            again = http.post(
+                "/v1/act", json={**body, "memory": answer["memory"]}, headers={"Authorization": f"Bearer {token}"}
+            )
             assert again.status_code == 200 and again.json()["memory_reset"] is False
             assert http.post("/v1/act", json=body).status_code == 401
     finally:

@@ -55,19 +55,25 @@ def shadow_home(tmp_path_factory, use_home, serve_home):
 
 @pytest.fixture(scope="module")
 def app(ray_cluster, shadow_home):
-    from mobile_vla.serve.app import ServeAppArgs, ShadowConfig
+    from mobile_vla.serve.app import ServeAppConfig, ShadowConfig
 
     # No fallback here; drill-error-* robots fail on the primary (test-only fault), everyone else is served.
-    args = ServeAppArgs(tokens_file=str(shadow_home / "tokens"), max_batch_size=8, batch_wait_timeout_s=0.01,
-                        primary_timeout_s=20.0, alias_poll_s=0.3, shadow=ShadowConfig(tolerance=TOLERANCE),
-                        primary_faults=[{"mode": "error", "robot_prefix": "drill-error-"}])
+    args = ServeAppConfig(
+        tokens_file=str(shadow_home / "tokens"),
+        max_batch_size=8,
+        batch_wait_timeout_s=0.01,
+        primary_timeout_s=20.0,
+        alias_poll_s=0.3,
+        shadow=ShadowConfig(tolerance=TOLERANCE),
+        primary_faults=[{"mode": "error", "robot_prefix": "drill-error-"}],
+    )
     with deployed_app(APP, shadow_home, args) as client:
         yield client
 
 
 def _local_actions(home, version: str, use_home) -> np.ndarray:
     """Each frame from a fresh state through version `version`'s ONNX model, here, no Serve: [N, K, 3]."""
-    from mobile_vla.export import load_backend
+    from mobile_vla.runtime import load_backend
     from mobile_vla.serve.model_side import load_model_side
 
     with use_home(home):
@@ -120,10 +126,15 @@ def test_shadow_records_agreement_and_never_changes_answers(app, shadow_home, us
     before = _shadow(app)
     served_again = _send_all(app, "b")
     np.testing.assert_allclose(served_again, champion, atol=1e-4)
-    after = wait_until(lambda: (s := _shadow(app))["compared"] >= before["compared"] + len(FRAMES) and s, 60,
-                       what="shadow comparisons after the swap")
+    after = wait_until(
+        lambda: (s := _shadow(app))["compared"] >= before["compared"] + len(FRAMES) and s,
+        60,
+        what="shadow comparisons after the swap",
+    )
     assert after["version"] == "1" and after["agreed"] - before["agreed"] == len(FRAMES)
-    new_diff_sum = after["mean_abs_action_diff"] * after["compared"] - before["mean_abs_action_diff"] * before["compared"]
+    new_diff_sum = (
+        after["mean_abs_action_diff"] * after["compared"] - before["mean_abs_action_diff"] * before["compared"]
+    )
     assert abs(new_diff_sum) < 1e-3
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from mobile_vla.errors import ModelError
-
 from tests.local_processes import free_port
 
 
@@ -78,16 +77,25 @@ def test_registry_on_embedded_sqlite_store(platform_home, tmp_path):
     assert not Path("mlruns").exists() or Path("mlruns").stat().st_mtime < time.time() - 60
 
 
-
 def test_registry_through_an_mlflow_server(platform_home, tmp_path, monkeypatch):
     port = free_port()
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(server_dir / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{server_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(server_dir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -68,7 +68,9 @@ def test_unknown_policy_override_is_named():
     cfg = load_train_config(PRESETS / "tiny.yaml", ["model.overrides.fusion=sum"])
     with pytest.raises(ConfigError, match=r"fusion = 'sum'"):
         resolve_policy_config(cfg)
-    nested = load_train_config(PRESETS / "tiny.yaml", ["model.overrides.kosmos.text_layers=2", "model.overrides.fusion=film"])
+    nested = load_train_config(
+        PRESETS / "tiny.yaml", ["model.overrides.kosmos.text_layers=2", "model.overrides.fusion=film"]
+    )
     policy = resolve_policy_config(nested)
     assert policy.kosmos.text_layers == 2 and policy.fusion == "film"
 
@@ -138,8 +140,18 @@ def test_impossible_gpu_request_on_the_real_cluster_fails_fast(ray_cluster, tiny
 
 def test_cli_prints_one_line_and_exits_2_on_a_bad_config(platform_home):
     proc = subprocess.run(
-        [sys.executable, "-m", "mobile_vla.cli", "train", "--config", str(PRESETS / "tiny.yaml"), "train.learning_rate=1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mobile_vla.cli",
+            "train",
+            "--config",
+            str(PRESETS / "tiny.yaml"),
+            "train.learning_rate=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "MOBILE_VLA_HOME": str(platform_home)},
     )
     assert proc.returncode == 2

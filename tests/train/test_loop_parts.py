@@ -43,8 +43,18 @@ def test_plots_draw_curves_and_predicted_vs_true(tmp_path):
     from mobile_vla.train import plots
 
     steps = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 20)]
-    epochs = [{"epoch": e, "step": 6 * e, "train_loss": 1.0 / e, "val_loss": 1.2 / e,
-               "val_mae_linear_x": 0.1, "val_mae_linear_y": 0.2, "val_mae_angular_z": 0.3} for e in (1, 2, 3)]
+    epochs = [
+        {
+            "epoch": e,
+            "step": 6 * e,
+            "train_loss": 1.0 / e,
+            "val_loss": 1.2 / e,
+            "val_mae_linear_x": 0.1,
+            "val_mae_linear_y": 0.2,
+            "val_mae_angular_z": 0.3,
+        }
+        for e in (1, 2, 3)
+    ]
     figure = plots.training_curves(steps, epochs)
     loss_axis, mae_axis = figure.axes
     assert len(loss_axis.lines) == 3 and len(mae_axis.lines) == 3
@@ -64,12 +74,19 @@ def test_checkpoint_files_round_trip(tmp_path):
 
     model = build_policy(presets.tiny())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    progress = checkpointing.Progress(epoch=2, step=17, steps=[{"step": 17, "loss": 0.5, "lr": 1e-3}],
-                                      epochs=[{"epoch": 2, "val_loss": 0.4}])
+    progress = checkpointing.Progress(
+        epoch=2, step=17, steps=[{"step": 17, "loss": 0.5, "lr": 1e-3}], epochs=[{"epoch": 2, "val_loss": 0.4}]
+    )
     folder = checkpointing.write_checkpoint(
-        tmp_path / "ckpt", model=model, preprocessing=None, optimizer_state=optimizer.state_dict(),
-        scheduler_state={"last_epoch": 17}, progress=progress, job_config={"train": {"epochs": 3}},
-        metrics={"val_loss": 0.4}, val_sample=(np.ones((4, 3), np.float32), np.zeros((4, 3), np.float32)),
+        tmp_path / "ckpt",
+        model=model,
+        preprocessing=None,
+        optimizer_state=optimizer.state_dict(),
+        scheduler_state={"last_epoch": 17},
+        progress=progress,
+        job_config={"train": {"epochs": 3}},
+        metrics={"val_loss": 0.4},
+        val_sample=(np.ones((4, 3), np.float32), np.zeros((4, 3), np.float32)),
     )
     state, restored = checkpointing.read_train_state(folder)
     assert (restored.epoch, restored.step, restored.epochs) == (2, 17, progress.epochs)

@@ -103,10 +103,10 @@ def test_two_worker_run_learns_and_is_tracked_in_mlflow(baseline):
 def test_challenger_loads_the_model_of_the_best_checkpoint(baseline, tiny_dataset):
     import torch
 
-    from mobile_vla.data.windows import WindowDataset
     from mobile_vla.policy import load_policy
     from mobile_vla.tracking import resolve_model
     from mobile_vla.train.loop import model_inputs
+    from mobile_vla.train.windows import WindowDataset
 
     _, result = baseline
     registered, preprocessing = load_policy(resolve_model(f"models:/{MODEL}@challenger").path)
@@ -157,22 +157,22 @@ def _kill_rank_after_first_checkpoint(run_dir: Path, pid_dir: Path, rank: int, k
 
 
 @pytest.mark.timeout(1800)  # a clean run and a faulted one; about a minute on a quiet 2-core box
-def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoint(baseline, tiny_dataset, home, tmp_path):
-    from mobile_vla.train.trainer import run_training
-
+def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoint(
+    baseline, tiny_dataset, home, tmp_path
+):
     from mobile_vla.train.checkpointing import read_history
+    from mobile_vla.train.trainer import run_training
 
     _, clean = baseline
     latest = max(clean.best_checkpoint_dir.parent.glob("checkpoint_epoch_*"))
     clean_epoch_3 = next(e for e in read_history(latest)["epochs"] if e["epoch"] == 3)
     pid_dir = tmp_path / "pids"
-    cfg = _config(
-        tiny_dataset, home, "run.name=faulted", f"run.pid_dir={pid_dir}", "mlflow.registered_model=null"
-    )
+    cfg = _config(tiny_dataset, home, "run.name=faulted", f"run.pid_dir={pid_dir}", "mlflow.registered_model=null")
     killed: dict = {}
     killer = threading.Thread(
         target=_kill_rank_after_first_checkpoint,
-        args=(Path(cfg.storage_path()) / "faulted", pid_dir, 1, killed), daemon=True,
+        args=(Path(cfg.storage_path()) / "faulted", pid_dir, 1, killed),
+        daemon=True,
     )
     killer.start()
     result = run_training(cfg)
@@ -185,17 +185,28 @@ def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoin
     assert abs(faulted_loss - clean_loss) <= FAULT_TOLERANCE * clean_loss, (faulted_loss, clean_loss)
 
 
-
 @pytest.fixture()
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts."""
     port = free_port()
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
-        [str(mlflow_exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server_artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(mlflow_exe),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server_artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -244,8 +255,13 @@ def test_fsdp_strategy_trains_and_checkpoints_full_weights(ray_cluster, tiny_dat
     from mobile_vla.train.trainer import run_training
 
     cfg = _config(
-        tiny_dataset, platform_home, "run.name=fsdp", "train.strategy=fsdp", "train.epochs=1",
-        "train.max_steps_per_epoch=2", "mlflow.enabled=false",
+        tiny_dataset,
+        platform_home,
+        "run.name=fsdp",
+        "train.strategy=fsdp",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        "mlflow.enabled=false",
     )
     result = run_training(cfg)
     assert result.final_metrics["epoch"] == 1 and np.isfinite(result.final_metrics["val_loss"])
@@ -253,7 +269,8 @@ def test_fsdp_strategy_trains_and_checkpoints_full_weights(ray_cluster, tiny_dat
     torch.manual_seed(cfg.train.seed)
     initial = build_policy(resolve_policy_config(cfg))
     changed = [
-        name for name, value in trained.state_dict().items()
+        name
+        for name, value in trained.state_dict().items()
         if value.is_floating_point() and not torch.equal(value, initial.state_dict()[name])
     ]
     assert changed  # the optimiser stepped and the gathered weights are the trained ones

@@ -8,13 +8,17 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_preprocessing():
     from mobile_vla.policy import build_tokenizer, presets
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
 
     config = presets.tiny()
     return Preprocessing(
-        action_low=[-0.2, -0.3, -1.0], action_high=[0.6, 0.3, 1.0],
-        state_mean=[0.1, 0.0, 0.0], state_std=[0.2, 0.1, 0.5],
-        window=config.window, chunk=config.chunk, tokenizer=build_tokenizer(config),
+        action_low=[-0.2, -0.3, -1.0],
+        action_high=[0.6, 0.3, 1.0],
+        state_mean=[0.1, 0.0, 0.0],
+        state_std=[0.2, 0.1, 0.5],
+        window=config.window,
+        chunk=config.chunk,
+        tokenizer=build_tokenizer(config),
     )
 
 

@@ -52,7 +52,7 @@ def test_confidence_drops_where_members_disagree(make_member, tiny_preprocessing
     base = make_member(0)
     chunk = base.config.chunk
     with torch.no_grad():
-        base.head[-1].bias[chunk * 3:] = -8.0  # log-variance near its floor: every member is sure of itself
+        base.head[-1].bias[chunk * 3 :] = -8.0  # log-variance near its floor: every member is sure of itself
         base.head[-1].weight[: chunk * 3].mul_(5.0)  # a mean head that reacts strongly to what the LSTM sees
     members = [base, copy.deepcopy(base), copy.deepcopy(base)]
     with torch.no_grad():  # members 1 and 2 weigh the state differently; with state 0 this changes nothing
@@ -155,11 +155,11 @@ def test_registered_ensemble_exports_and_serves_on_onnx_runtime(platform_home, m
     backend's answers match the torch backend's on the same version."""
     from mlflow import MlflowClient
 
-    from mobile_vla.export.backends import load_backend
     from mobile_vla.export.onnx_export import export_model
     from mobile_vla.export.signature import STEP_INPUTS, STEP_OUTPUTS
     from mobile_vla.policy import load_policy
     from mobile_vla.policy.ensemble import EnsemblePolicy
+    from mobile_vla.runtime.backends import load_backend
     from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, resolve_model
     from mobile_vla.tune.ensemble_build import register_ensemble
 

@@ -22,8 +22,15 @@ REPO = Path(__file__).resolve().parents[2]
 TUNE_TINY = REPO / "jobs" / "configs" / "tune_tiny.yaml"
 MODEL = "mobile-vla-policy"
 SWEEP = "asha-test"
-GOOD = {"optim.lr": 3.0e-3, "optim.weight_decay": 0.0, "model.overrides.lstm_hidden": 64, "data.window": 4,
-        "data.chunk": 4, "data.augment_strength": 0.5, "model.overrides.fusion": "gated"}
+GOOD = {
+    "optim.lr": 3.0e-3,
+    "optim.weight_decay": 0.0,
+    "model.overrides.lstm_hidden": 64,
+    "data.window": 4,
+    "data.chunk": 4,
+    "data.augment_strength": 0.5,
+    "model.overrides.fusion": "gated",
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +78,9 @@ def test_asha_stops_weak_trials_early_and_the_good_one_completes(sweep):
     assert stopped and all(t.epochs < 3 for t in stopped)
     first = next(t for t in result.trials if t.params["optim.lr"] == GOOD["optim.lr"])
     assert first.status == "completed" and first.epochs == 3
-    assert all(t.params["data.chunk"] == 4 and 1e-7 <= t.params["optim.lr"] <= 1e-6
-               for t in result.trials if t is not first)  # Optuna sampled inside the space
+    assert all(
+        t.params["data.chunk"] == 4 and 1e-7 <= t.params["optim.lr"] <= 1e-6 for t in result.trials if t is not first
+    )  # Optuna sampled inside the space
     assert result.best.trial_id == first.trial_id
     assert result.best.best["val_loss"] == min(t.best["val_loss"] for t in result.trials if t.best)
 
@@ -85,7 +93,9 @@ def test_each_trial_is_a_child_run_of_the_sweep_run(sweep):
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
     )
-    trials = {r.data.tags["mobile_vla.trial_id"]: r for r in children if r.data.tags["mobile_vla.trial_id"] != "ensemble"}
+    trials = {
+        r.data.tags["mobile_vla.trial_id"]: r for r in children if r.data.tags["mobile_vla.trial_id"] != "ensemble"
+    }
     assert set(trials) == {t.trial_id for t in result.trials}  # 4 trial runs (+ the ensemble's run)
     for trial in result.trials:
         run = trials[trial.trial_id]
@@ -164,8 +174,20 @@ def test_ensemble_cli_combines_an_earlier_sweep(sweep, tiny_dataset, home):
     from mobile_vla.policy import load_policy
     from mobile_vla.tracking import resolve_model
 
-    code = main(["ensemble", "--from-sweep", SWEEP, "--members", "2", "--config", str(TUNE_TINY),
-                 "--train-override", f"data.path={tiny_dataset}", "ensemble.alias=pair"])
+    code = main(
+        [
+            "ensemble",
+            "--from-sweep",
+            SWEEP,
+            "--members",
+            "2",
+            "--config",
+            str(TUNE_TINY),
+            "--train-override",
+            f"data.path={tiny_dataset}",
+            "ensemble.alias=pair",
+        ]
+    )
     assert code == 0
     pair, _ = load_policy(resolve_model(f"models:/{MODEL}@pair").path)
     assert len(pair.members) == 2
@@ -176,7 +198,9 @@ def test_tune_cli_check_and_bad_config(tiny_dataset, home, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search_space:\n  optim.lr: {uniform: [1.0, 0.1]}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "mobile_vla.cli", "tune", "--config", str(bad)], capture_output=True, text=True,
+        [sys.executable, "-m", "mobile_vla.cli", "tune", "--config", str(bad)],
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert result.returncode == 2 and "search_space.optim.lr" in result.stderr and "low < high" in result.stderr
@@ -186,7 +210,16 @@ def test_tune_cli_check_and_bad_config(tiny_dataset, home, tmp_path, capsys):
 def test_tune_cli_check_reports_trials_and_concurrency(ray_cluster, tiny_dataset, home, capsys):
     from mobile_vla.cli import main
 
-    code = main(["tune", "--config", str(TUNE_TINY), "--train-override", f"data.path={tiny_dataset}",
-                 "tune.driver_cpus=0.5", "--check"])
+    code = main(
+        [
+            "tune",
+            "--config",
+            str(TUNE_TINY),
+            "--train-override",
+            f"data.path={tiny_dataset}",
+            "tune.driver_cpus=0.5",
+            "--check",
+        ]
+    )
     assert code == 0
     assert "4 trials, 2 at a time, 7 searched keys" in " ".join(capsys.readouterr().out.split())  # rich wraps

@@ -28,8 +28,15 @@ def test_shipped_configs_load_and_their_search_spaces_check(path):
     assert path.read_text().startswith("# ")  # the launch line
     base = load_base_train_config(cfg)
     check_search_space(cfg, base)  # every edge value of every dimension is a valid TrainJobConfig
-    assert {"optim.lr", "optim.weight_decay", "data.window", "data.chunk", "data.augment_strength",
-            "model.overrides.fusion", "model.overrides.lstm_hidden"} <= set(cfg.search_space)
+    assert {
+        "optim.lr",
+        "optim.weight_decay",
+        "data.window",
+        "data.chunk",
+        "data.augment_strength",
+        "model.overrides.fusion",
+        "model.overrides.lstm_hidden",
+    } <= set(cfg.search_space)
     assert cfg.tune.scheduler == "asha" and cfg.tune.search == "optuna"
 
 
@@ -68,8 +75,13 @@ def test_bad_tune_configs_name_the_field(tmp_path, body, message):
 def test_search_space_is_checked_against_the_training_preset_before_any_trial(key, rule, message):
     from mobile_vla.tune.sweep_config import TuneJobConfig, check_search_space, load_base_train_config
 
-    cfg = TuneJobConfig.model_validate({"train": {"config": str(REPO / "jobs/configs/tiny.yaml")},
-                                        "search_space": {key: rule}, "tune": {"search": "random"}})
+    cfg = TuneJobConfig.model_validate(
+        {
+            "train": {"config": str(REPO / "jobs/configs/tiny.yaml")},
+            "search_space": {key: rule},
+            "tune": {"search": "random"},
+        }
+    )
     with pytest.raises(ConfigError, match=message):
         check_search_space(cfg, load_base_train_config(cfg))
 
@@ -79,8 +91,16 @@ def test_sampled_values_land_in_the_trial_config():
     from mobile_vla.tune.sweep_config import apply_params, load_base_train_config, load_tune_config
 
     base = load_base_train_config(load_tune_config(TUNE_TINY))
-    trial = apply_params(base, {"optim.lr": 0.02, "data.window": 3, "data.augment_strength": 1.5,
-                                "model.overrides.fusion": "film", "model.overrides.kosmos.dropout": 0.2})
+    trial = apply_params(
+        base,
+        {
+            "optim.lr": 0.02,
+            "data.window": 3,
+            "data.augment_strength": 1.5,
+            "model.overrides.fusion": "film",
+            "model.overrides.kosmos.dropout": 0.2,
+        },
+    )
     assert trial.optim.lr == 0.02 and trial.data.window == 3 and trial.data.augment_strength == 1.5
     policy = resolve_policy_config(trial)
     assert policy.fusion == "film" and policy.window == 3 and policy.kosmos.dropout == 0.2

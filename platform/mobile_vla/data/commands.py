@@ -1,4 +1,4 @@
-"""`mobile-vla data ...`: generate (MiniWorld, data/generate.py), import (original collector), inspect.
+"""`mobile-vla data ...`: generate (MiniWorld, sim/generate.py), import (original collector), inspect.
 
     mobile-vla data import --format minuum-h5 ~/robot_logs data/robot
     mobile-vla data inspect data/robot [--check] [--json]
@@ -16,8 +16,20 @@ from pathlib import Path
 INSPECT_SECTIONS: list[Callable] = []
 # Manifest keys the built-in sections show; any other top-level section (feedback data, ...) is
 # printed as JSON by `_print_other_sections`, so new data kinds show up without code here.
-KNOWN_KEYS = {"format", "manifest_version", "created", "splits", "counts", "stats", "state_dim", "control_hz",
-              "image_sizes", "episodes", "generator", "expert_success"}
+KNOWN_KEYS = {
+    "format",
+    "manifest_version",
+    "created",
+    "splits",
+    "counts",
+    "stats",
+    "state_dim",
+    "control_hz",
+    "image_sizes",
+    "episodes",
+    "generator",
+    "expert_success",
+}
 
 
 def register_inspect_section(section: Callable) -> Callable:
@@ -44,18 +56,25 @@ def register(subparsers) -> None:
     importer.add_argument("dst", type=Path, metavar="DST", help="new dataset folder")
     importer.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes in split 'val'")
     importer.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    importer.add_argument("--control-hz", type=float, default=None,
-                          help="control rate (default: median num_frames/total_duration of the files)")
+    importer.add_argument(
+        "--control-hz",
+        type=float,
+        default=None,
+        help="control rate (default: median num_frames/total_duration of the files)",
+    )
     importer.add_argument("--resize-rule", choices=["letterbox", "center_crop"], default="letterbox")
-    importer.add_argument("--default-instruction", default=None,
-                          help="instruction for files with no index entry and no scenario in the name")
+    importer.add_argument(
+        "--default-instruction",
+        default=None,
+        help="instruction for files with no index entry and no scenario in the name",
+    )
     importer.set_defaults(func=run_import)
     importer.epilog = "Exit status 1 when some files were skipped (each is named), 2 when nothing was imported."
 
     try:
-        from mobile_vla.data.generate import register_generate
+        from mobile_vla.sim.generate import register_generate
     except ModuleNotFoundError as exc:  # generator not built yet
-        if exc.name != "mobile_vla.data.generate":
+        if exc.name != "mobile_vla.sim.generate":
             raise
     else:
         register_generate(data_subparsers)
@@ -89,8 +108,9 @@ def _print_overview(folder: Path, manifest: dict, console) -> None:
     from rich.table import Table
 
     summary = summarise(folder, manifest)
-    table = Table(title=f"{folder}  ({summary['control_hz']} Hz, S = {summary['state_dim']}, "
-                        f"frames {summary['image_sizes']})")
+    table = Table(
+        title=f"{folder}  ({summary['control_hz']} Hz, S = {summary['state_dim']}, frames {summary['image_sizes']})"
+    )
     for column in ("split", "episodes", "frames", "instructions", "success", "expert success"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, row in summary["splits"].items():
@@ -177,8 +197,11 @@ def run_inspect(args) -> int:
         from mobile_vla.online.feedback_store import describe_feedback
 
         summary = describe_feedback(args.folder)
-        print(json.dumps(summary, indent=2, default=str) if args.json else
-              "\n".join(f"{key:32s} {value}" for key, value in summary.items()))
+        print(
+            json.dumps(summary, indent=2, default=str)
+            if args.json
+            else "\n".join(f"{key:32s} {value}" for key, value in summary.items())
+        )
         return 0
     manifest = load_manifest(args.folder)
     problems = check_episodes(args.folder, manifest, progress=not args.json) if args.check else None

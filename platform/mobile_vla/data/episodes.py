@@ -107,9 +107,7 @@ def _validate_attrs(where: str | Path, attrs: dict[str, Any]) -> None:
     if not math.isfinite(hz) or hz <= 0:
         raise _fail(where, "attrs.control_hz", f"{hz!r}: must be a positive number")
     if attrs["schema_version"] != SCHEMA_VERSION:
-        raise _fail(
-            where, "attrs.schema_version", f"{attrs['schema_version']}: this version reads {SCHEMA_VERSION}"
-        )
+        raise _fail(where, "attrs.schema_version", f"{attrs['schema_version']}: this version reads {SCHEMA_VERSION}")
     if "scene" in attrs:
         scene = attrs["scene"]
         if not isinstance(scene, str):
@@ -284,9 +282,7 @@ def read_episode(path: str | Path, load_images: bool = True) -> Episode:
 def list_episode_files(folder: str | Path) -> list[str]:
     """Episode file names (not paths) in a dataset folder, sorted; temporary files are skipped."""
     folder = Path(folder)
-    return sorted(
-        p.name for p in folder.iterdir() if p.suffix in EPISODE_SUFFIXES and not p.name.startswith(".")
-    )
+    return sorted(p.name for p in folder.iterdir() if p.suffix in EPISODE_SUFFIXES and not p.name.startswith("."))
 
 
 class FrameReader:

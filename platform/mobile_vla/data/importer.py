@@ -4,7 +4,7 @@ The collector wrote one HDF5 file per episode: `images` uint8 [T, 720, 1280, 3],
 [T, 3] (linear_x, linear_y, angular_z), `action_event_types` [T] (episode_start / start_action /
 stop_action) and attrs such as `episode_name`, `num_frames`, `total_duration`. Import rules
 (docs/data.md):
-- frames: resized to 224x224 by `preprocessing.resize_frame` (letterbox by default), the same rule
+- frames: resized to 224x224 by `data.frames.resize_frame` (letterbox by default), the same rule
   serving applies to camera frames;
 - instruction: `dataset_index.csv` beside the files (columns `file` or `episode_name`, and
   `instruction`), else a `language_instruction` dataset inside the file, else the scenario in the
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mobile_vla.data.episodes import SCHEMA_VERSION, Episode, write_episode
+from mobile_vla.data.frames import resize_frame
 from mobile_vla.data.manifest import MANIFEST_NAME, build_manifest, split_names
 from mobile_vla.errors import DataError
 
@@ -71,7 +72,9 @@ def read_index_csv(path: Path) -> dict[str, str]:
     columns = set(rows[0])
     key_columns = [c for c in ("file", "filename", "episode_name", "episode") if c in columns]
     if "instruction" not in columns or not key_columns:
-        raise DataError(f"{path}: expected columns 'instruction' and one of file/filename/episode_name/episode, got {sorted(columns)}")
+        raise DataError(
+            f"{path}: expected columns 'instruction' and one of file/filename/episode_name/episode, got {sorted(columns)}"
+        )
     lookup = {}
     for row in rows:
         for column in key_columns:
@@ -126,8 +129,6 @@ def convert_minuum_file(
 ) -> Episode:
     """One collector file -> an Episode with 224x224 frames. DataError names the file and key."""
     import h5py
-
-    from mobile_vla.preprocessing import resize_frame
 
     try:
         handle = h5py.File(path, "r")

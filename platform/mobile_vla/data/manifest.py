@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ def axis_stats(values: np.ndarray) -> dict[str, list[float]]:
 
 def split_names(names: list[str], fractions: dict[str, float], seed: int = 0) -> dict[str, list[str]]:
     """Deterministic random split, e.g. fractions {"train": 0.9, "val": 0.1}; every split with a
-    positive fraction gets at least one episode when there are enough of them."""
+    positive fraction gets at least one episode when there are enough of them.
+    """
     if not fractions or any(f < 0 for f in fractions.values()) or sum(fractions.values()) <= 0:
         raise DataError(f"split fractions {fractions}: expected non-negative numbers with a positive sum")
     shuffled = sorted(names)
@@ -83,7 +84,8 @@ def build_manifest(
     progress: bool = False,
 ) -> dict:
     """Reads every listed episode (without images), computes counts and train statistics, and writes
-    `manifest.json` atomically. Raises DataError naming the file when an episode is bad or missing."""
+    `manifest.json` atomically. Raises DataError naming the file when an episode is bad or missing.
+    """
     from mobile_vla.data.episodes import read_episode
 
     folder = Path(folder)
@@ -129,7 +131,7 @@ def build_manifest(
     manifest = {
         "format": "mobile-vla-dataset",
         "manifest_version": MANIFEST_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "splits": {s: list(names) for s, names in splits.items()},
         "counts": {
             s: {"episodes": len(names), "frames": int(sum(episodes[n]["frames"] for n in names))}

@@ -31,12 +31,20 @@ def register(subparsers) -> None:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", choices=("tiny", "small"), default="small",
-                        help="model and data sizes (default small; tiny is for CI)")
+    parser.add_argument(
+        "--preset",
+        choices=("tiny", "small"),
+        default="small",
+        help="model and data sizes (default small; tiny is for CI)",
+    )
     parser.add_argument("--episodes", type=int, help="expert episodes to generate (train + val)")
     parser.add_argument("--epochs", type=int, help="training epochs")
-    parser.add_argument("--home", type=Path, metavar="DIR",
-                        help="platform home for data, MLflow, Ray results (default $MOBILE_VLA_HOME or ./.mobile_vla/demo)")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        metavar="DIR",
+        help="platform home for data, MLflow, Ray results (default $MOBILE_VLA_HOME or ./.mobile_vla/demo)",
+    )
     parser.add_argument("--robots", type=int, help="robots driven concurrently over HTTP")
     parser.add_argument("--closed-loop-episodes", type=int, help="closed-loop evaluation episodes in MiniWorld")
     parser.add_argument("--success-floor", type=float, help="closed-loop success the demo gate asks for (0..1)")
@@ -51,8 +59,12 @@ def demo_config(args):
     from mobile_vla.demo.settings import PRESETS, default_home
 
     overrides = {
-        "episodes": args.episodes, "epochs": args.epochs, "robots": args.robots,
-        "closed_loop_episodes": args.closed_loop_episodes, "success_floor": args.success_floor, "port": args.port,
+        "episodes": args.episodes,
+        "epochs": args.epochs,
+        "robots": args.robots,
+        "closed_loop_episodes": args.closed_loop_episodes,
+        "success_floor": args.success_floor,
+        "port": args.port,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update(home=args.home or default_home(), keep_serving=args.keep_serving, progress=not args.no_progress)
@@ -63,7 +75,8 @@ def demo_config(args):
 def quiet_libraries(enabled: bool = True):
     """The demo prints its own progress: library INFO lines (exporters, MLflow table creation,
     artifact download bars) and deprecation warnings would bury it. `mobile-vla -v demo` shows all.
-    Levels and filters are restored afterwards (the demo also runs inside test processes)."""
+    Levels and filters are restored afterwards (the demo also runs inside test processes).
+    """
     import logging
     import os
     import warnings

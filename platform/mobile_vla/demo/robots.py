@@ -34,17 +34,23 @@ class TimedHttpPolicy(HttpPolicy):
             answers = list(pool.map(one, range(len(slots))))  # one request per robot, concurrently
         for slot, answer in zip(slots, answers):
             self.served[slot].add(f"{answer.model.get('name')}/{answer.model.get('version')} {answer.backend}")
-            self.answers[slot].append({"round_trip_ms": answer.round_trip_ms, "server_ms": answer.latency_ms,
-                                       "memory_reset": answer.memory_reset, "backend": answer.backend})
+            self.answers[slot].append(
+                {
+                    "round_trip_ms": answer.round_trip_ms,
+                    "server_ms": answer.latency_ms,
+                    "memory_reset": answer.memory_reset,
+                    "backend": answer.backend,
+                }
+            )
         actions = np.array([answer.actions[0] for answer in answers], np.float32)  # [B, 3]: execute now
         return actions, np.array([answer.confidence for answer in answers], np.float32)
 
 
 def drive_robots(jobs: list[tuple[str, int]], spec_json: str, endpoint: str, token: str, settings) -> list[dict]:
     """Ray task body: one robot per (split, seed), all stepped together; one dict per robot."""
-    from mobile_vla.data.scenes import scene_from_seed
-    from mobile_vla.data.split_spec import SplitSpec
     from mobile_vla.evaluate.rollout import _worker_slots, run_lockstep
+    from mobile_vla.sim.scenes import scene_from_seed
+    from mobile_vla.sim.split_spec import SplitSpec
 
     spec = SplitSpec.model_validate_json(spec_json)
     scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
@@ -60,13 +66,20 @@ def drive_robots(jobs: list[tuple[str, int]], spec_json: str, endpoint: str, tok
     rows = []
     for slot, (scene, record) in enumerate(zip(scenes, records)):
         answers = policy.answers.get(slot, [])
-        rows.append({
-            "robot_id": robot_ids[slot], "seed": scene.seed, "instruction": scene.instruction,
-            "outcome": record.outcome, "steps": record.steps, "collisions": record.collisions,
-            "requests": len(answers), "served_by": sorted(policy.served.get(slot, set())),
-            "round_trip_ms": [a["round_trip_ms"] for a in answers],
-            "server_ms": [a["server_ms"] for a in answers],
-            "memory_resets": sum(bool(a["memory_reset"]) for a in answers),
-            "backends": sorted({a["backend"] for a in answers}),
-        })
+        rows.append(
+            {
+                "robot_id": robot_ids[slot],
+                "seed": scene.seed,
+                "instruction": scene.instruction,
+                "outcome": record.outcome,
+                "steps": record.steps,
+                "collisions": record.collisions,
+                "requests": len(answers),
+                "served_by": sorted(policy.served.get(slot, set())),
+                "round_trip_ms": [a["round_trip_ms"] for a in answers],
+                "server_ms": [a["server_ms"] for a in answers],
+                "memory_resets": sum(bool(a["memory_reset"]) for a in answers),
+                "backends": sorted({a["backend"] for a in answers}),
+            }
+        )
     return rows

@@ -134,8 +134,12 @@ def start_cluster(cfg: DemoConfig) -> Cluster:
 
     if ray.is_initialized():
         return Cluster(owned=False)
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "egl"),
-           "MOBILE_VLA_HOME": str(cfg.resolved_home()), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "egl"),
+        "MOBILE_VLA_HOME": str(cfg.resolved_home()),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env}, log_to_driver=False)
         return Cluster(owned=True)
@@ -143,8 +147,13 @@ def start_cluster(cfg: DemoConfig) -> Cluster:
     while True:  # Ray gives its raylet 30 s to register, fixed; a swamped box can miss that: try again
         attempt += 1
         try:
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=False, runtime_env={"env_vars": env})
+            ray.init(
+                num_cpus=max(4, os.cpu_count() or 1),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+            )
             return Cluster(owned=True)
         except Exception as exc:
             ray.shutdown()
@@ -177,18 +186,20 @@ def stop_cluster(cluster: Cluster) -> None:
 # -- data -------------------------------------------------------------------------------------------
 def demo_split_spec(val_fraction: float):
     """Only train and val: every generated episode is either learned from or validated on."""
-    from mobile_vla.data.split_spec import SplitSpec, default_split_spec
+    from mobile_vla.sim.split_spec import SplitSpec, default_split_spec
 
     defaults = default_split_spec()
-    splits = {"train": defaults.splits["train"].model_copy(update={"fraction": 1.0 - val_fraction}),
-              "val": defaults.splits["val"].model_copy(update={"fraction": val_fraction})}
+    splits = {
+        "train": defaults.splits["train"].model_copy(update={"fraction": 1.0 - val_fraction}),
+        "val": defaults.splits["val"].model_copy(update={"fraction": val_fraction}),
+    }
     return SplitSpec(**{**defaults.model_dump(exclude={"splits"}), "splits": splits})
 
 
 def generate_data(cfg: DemoConfig) -> DataOutcome:
     """A dataset folder named by its settings; a finished one from an earlier demo is reused."""
-    from mobile_vla.data.generate import generate_dataset
     from mobile_vla.data.manifest import load_manifest
+    from mobile_vla.sim.generate import generate_dataset
 
     name = f"miniworld-{cfg.episodes}ep-val{round(cfg.val_fraction * 100)}-seed{cfg.data_seed}"
     folder = cfg.resolved_home() / "data" / name
@@ -196,8 +207,9 @@ def generate_data(cfg: DemoConfig) -> DataOutcome:
     if reused:
         manifest = load_manifest(folder)
     else:
-        manifest = generate_dataset(folder, cfg.episodes, demo_split_spec(cfg.val_fraction), seed=cfg.data_seed,
-                                    progress=cfg.progress)
+        manifest = generate_dataset(
+            folder, cfg.episodes, demo_split_spec(cfg.val_fraction), seed=cfg.data_seed, progress=cfg.progress
+        )
     expert = manifest.get("expert_success") or {}
     return DataOutcome(
         folder=folder,
@@ -227,10 +239,15 @@ def train_policy(cfg: DemoConfig, data: DataOutcome) -> TrainOutcome:
     from mobile_vla.train.trainer import run_training
 
     overrides = [
-        f"data.path={data.folder}", f"train.epochs={cfg.epochs}", f"scaling.num_workers={cfg.train_workers}",
+        f"data.path={data.folder}",
+        f"train.epochs={cfg.epochs}",
+        f"scaling.num_workers={cfg.train_workers}",
         f"run.name=demo-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-        f"run.storage_path={cfg.resolved_home() / 'ray_results'}", "mlflow.enabled=true",
-        f"mlflow.experiment={EXPERIMENT}", f"mlflow.registered_model={REGISTERED_MODEL}", "mlflow.alias=challenger",
+        f"run.storage_path={cfg.resolved_home() / 'ray_results'}",
+        "mlflow.enabled=true",
+        f"mlflow.experiment={EXPERIMENT}",
+        f"mlflow.registered_model={REGISTERED_MODEL}",
+        "mlflow.alias=challenger",
     ]
     if cfg.max_steps_per_epoch:
         overrides.append(f"train.max_steps_per_epoch={cfg.max_steps_per_epoch}")
@@ -240,9 +257,12 @@ def train_policy(cfg: DemoConfig, data: DataOutcome) -> TrainOutcome:
     if not (result.run_id and result.model_version):
         raise ResourceError(f"training run {result.run_name} finished without a registered model version")
     return TrainOutcome(
-        run_id=result.run_id, run_name=result.run_name, version=str(result.model_version),
+        run_id=result.run_id,
+        run_name=result.run_name,
+        version=str(result.model_version),
         epochs=int(result.final_metrics.get("epoch", cfg.epochs)),
-        val_mae=float(result.metrics.get("val_mae", math.nan)), val_loss=float(result.metrics.get("val_loss", math.nan)),
+        val_mae=float(result.metrics.get("val_mae", math.nan)),
+        val_loss=float(result.metrics.get("val_loss", math.nan)),
         workers=train_cfg.scaling.num_workers,
     )
 
@@ -254,26 +274,32 @@ def export_policy(train: TrainOutcome, data: DataOutcome, say=None) -> ExportOut
     from mobile_vla.tracking import resolve_model
 
     resolved = resolve_model(f"models:/{REGISTERED_MODEL}/{train.version}")
-    result = export_model(resolved.path, name=resolved.name, version=resolved.version, data_dir=data.folder,
-                          progress=say)
+    result = export_model(
+        resolved.path, name=resolved.name, version=resolved.version, data_dir=data.folder, progress=say
+    )
     attach_onnx(resolved, result.signature)
     parity = result.signature.parity
     torch_ms, onnx_ms = measure_step_speed(resolved.path, data.folder)
-    return ExportOutcome(parity_fp32=max(parity.fp32_max_abs_diff.values()),
-                         parity_sequence=parity.sequence_max_abs_diff, torch_ms=torch_ms, onnx_ms=onnx_ms)
+    return ExportOutcome(
+        parity_fp32=max(parity.fp32_max_abs_diff.values()),
+        parity_sequence=parity.sequence_max_abs_diff,
+        torch_ms=torch_ms,
+        onnx_ms=onnx_ms,
+    )
 
 
 def measure_step_speed(model_dir: Path, data_dir: Path, rounds: int = SPEED_ROUNDS) -> tuple[float, float]:
     """Median ms of one `Backend.predict` at batch 1 (what a serving replica pays per robot step),
     torch eager vs ONNX Runtime CPU, timed alternately so machine load hits both alike. One thread
     each, as in a serving replica holding one CPU (and because OpenMP's spinning thread teams make
-    multi-threaded timings on a busy shared box measure the box, not the model)."""
+    multi-threaded timings on a busy shared box measure the box, not the model).
+    """
     import numpy as np
     import torch
 
     from mobile_vla.data.episodes import read_episode
     from mobile_vla.data.manifest import load_manifest
-    from mobile_vla.export.backends import load_backend
+    from mobile_vla.runtime.backends import load_backend
 
     manifest = load_manifest(data_dir)
     episode = read_episode(data_dir / manifest["splits"][EVAL_SPLIT][0])
@@ -301,7 +327,8 @@ def measure_step_speed(model_dir: Path, data_dir: Path, rounds: int = SPEED_ROUN
 # -- evaluate ---------------------------------------------------------------------------------------
 def evaluate_policy(cfg: DemoConfig, train: TrainOutcome, data: DataOutcome) -> EvalOutcome:
     """Offline MAE on val episodes, then closed-loop MiniWorld success on val scene seeds; both are
-    stored on the version (the gate reads them) with plots under evaluation/ of the run."""
+    stored on the version (the gate reads them) with plots under evaluation/ of the run.
+    """
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop, log_closed_loop, save_closed_loop
     from mobile_vla.evaluate.offline import log_offline, offline_report, save_offline
 
@@ -309,13 +336,27 @@ def evaluate_policy(cfg: DemoConfig, train: TrainOutcome, data: DataOutcome) -> 
     out_dir = cfg.resolved_home() / "evaluations" / f"demo-v{train.version}"
     offline = offline_report(uri, data.folder, EVAL_SPLIT, progress=cfg.progress)
     log_offline(offline, save_offline(offline, out_dir))
-    report = evaluate_closed_loop(uri, EVAL_SPLIT, cfg.closed_loop_episodes, data=data.folder,
-                                  max_steps=cfg.episode_max_steps, progress=cfg.progress)
+    report = evaluate_closed_loop(
+        uri,
+        EVAL_SPLIT,
+        cfg.closed_loop_episodes,
+        data=data.folder,
+        max_steps=cfg.episode_max_steps,
+        progress=cfg.progress,
+    )
     log_closed_loop(report, save_closed_loop(report, out_dir))
     p, e = report.policy, report.expert
-    return EvalOutcome(offline_mae=float(offline.metrics["mae"]), episodes=p.episodes, success=p.success_rate,
-                       success_low=p.success_low, success_high=p.success_high, expert_success=e.success_rate,
-                       expert_low=e.success_low, expert_high=e.success_high, results=out_dir / EVAL_SPLIT)
+    return EvalOutcome(
+        offline_mae=float(offline.metrics["mae"]),
+        episodes=p.episodes,
+        success=p.success_rate,
+        success_low=p.success_low,
+        success_high=p.success_high,
+        expert_success=e.success_rate,
+        expert_low=e.success_low,
+        expert_high=e.success_high,
+        results=out_dir / EVAL_SPLIT,
+    )
 
 
 # -- promote ----------------------------------------------------------------------------------------
@@ -329,26 +370,37 @@ def demo_gate(cfg: DemoConfig):
     yet and the floor is missed, `promote_policy` still makes the version the first champion, as a
     forced promotion that the version's tags and the summary both call by its name.
     """
-    from mobile_vla.online.promotion import GateConfig
+    from mobile_vla.tracking.lifecycle import GateConfig
 
-    return GateConfig(min_episodes=cfg.closed_loop_episodes, min_success_rate=cfg.success_floor,
-                      success_rule="point", min_success_delta=-1.0, max_offline_mae_regression=None,
-                      max_collision_rate_increase=None)
+    return GateConfig(
+        min_episodes=cfg.closed_loop_episodes,
+        min_success_rate=cfg.success_floor,
+        success_rule="point",
+        min_success_delta=-1.0,
+        max_offline_mae_regression=None,
+        max_collision_rate_increase=None,
+    )
 
 
 def promote_policy(cfg: DemoConfig, train: TrainOutcome) -> PromotionOutcome:
     from mobile_vla import tracking
-    from mobile_vla.online.promotion import CHAMPION, promote
+    from mobile_vla.tracking.lifecycle import CHAMPION, promote
 
     decision = promote(REGISTERED_MODEL, version=train.version, gate=demo_gate(cfg))
     first = decision.compared_to is None
     if not decision.promoted and first:
         decision = promote(REGISTERED_MODEL, version=train.version, gate=demo_gate(cfg), force=True)
-        reason = f"first champion, promoted although the gate {decision.reason.removeprefix('forced by operator; gate ')}"
+        reason = (
+            f"first champion, promoted although the gate {decision.reason.removeprefix('forced by operator; gate ')}"
+        )
     else:
         reason = decision.reason
-    return PromotionOutcome(decision=decision.decision, reason=reason,
-                            champion=tracking.get_version_by_alias(REGISTERED_MODEL, CHAMPION), first_champion=first)
+    return PromotionOutcome(
+        decision=decision.decision,
+        reason=reason,
+        champion=tracking.get_version_by_alias(REGISTERED_MODEL, CHAMPION),
+        first_champion=first,
+    )
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -384,7 +436,7 @@ def start_serving(cfg: DemoConfig, cluster: Cluster, max_wait_s: float = 300.0) 
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from mobile_vla.serve.app import ServeAppArgs, build_app
+    from mobile_vla.serve.app import ServeAppConfig, build_app
 
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is not None:  # Serve already up on this cluster: join it on its port
@@ -395,13 +447,21 @@ def start_serving(cfg: DemoConfig, cluster: Cluster, max_wait_s: float = 300.0) 
         cluster.serve_started = True
     tokens_file = cfg.resolved_home() / "serve" / "tokens"
     token = _api_token(tokens_file)
-    args = ServeAppArgs(model_uri=f"models:/{REGISTERED_MODEL}@champion", primary="onnx", tokens_file=str(tokens_file),
-                        max_batch_size=max(8, cfg.robots), batch_wait_timeout_s=0.005, primary_timeout_s=10.0)
+    args = ServeAppConfig(
+        model_uri=f"models:/{REGISTERED_MODEL}@champion",
+        primary="onnx",
+        tokens_file=str(tokens_file),
+        max_batch_size=max(8, cfg.robots),
+        batch_wait_timeout_s=0.005,
+        primary_timeout_s=10.0,
+    )
     try:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     except RuntimeError as exc:  # a replica failed to start: name why, not Serve's generic line
-        raise ResourceError(f"Ray Serve app {APP_NAME!r} did not deploy: {_deployment_failures(exc)} "
-                            "(replica logs: /tmp/ray/session_latest/logs/serve/)") from exc
+        raise ResourceError(
+            f"Ray Serve app {APP_NAME!r} did not deploy: {_deployment_failures(exc)} "
+            "(replica logs: /tmp/ray/session_latest/logs/serve/)"
+        ) from exc
     serving = Serving(url=f"http://127.0.0.1:{port}", token=token, tokens_file=tokens_file)
     deadline = time.monotonic() + max_wait_s
     with httpx.Client(base_url=serving.url, timeout=10.0) as http:
@@ -427,8 +487,11 @@ def _deployment_failures(exc: Exception) -> str:
 
     try:
         app = serve.status().applications.get(APP_NAME)
-        reasons = [f"{name}: {[line for line in d.message.splitlines() if line.strip()][-1]}"
-                   for name, d in (app.deployments.items() if app else []) if d.message.strip()]
+        reasons = [
+            f"{name}: {[line for line in d.message.splitlines() if line.strip()][-1]}"
+            for name, d in (app.deployments.items() if app else [])
+            if d.message.strip()
+        ]
     except Exception:
         reasons = []
     return "; ".join(reasons) or str(exc).splitlines()[0]
@@ -441,17 +504,22 @@ def drive_fleet(cfg: DemoConfig, serving: Serving, data: DataOutcome) -> FleetOu
 
     from mobile_vla.demo.robots import drive_robots
     from mobile_vla.evaluate.closed_loop import scene_seeds, split_spec_for
-    from mobile_vla.evaluate.rollout import SUCCESS, RolloutSettings
-    from mobile_vla.evaluate.statistics import wilson_interval
+    from mobile_vla.evaluate.rollout import SUCCESS, RolloutConfig
     from mobile_vla.evaluate.tasks import fan_out
+    from mobile_vla.sim.success import wilson_interval
 
     spec = split_spec_for(data.folder)
     seeds = scene_seeds(spec, EVAL_SPLIT, cfg.robots, seed_offset=cfg.closed_loop_episodes)
     jobs = [(EVAL_SPLIT, seed) for seed in seeds]
-    groups = [jobs[i:i + ROBOTS_PER_TASK] for i in range(0, len(jobs), ROBOTS_PER_TASK)]
-    settings = RolloutSettings(control_hz=data.control_hz, max_steps=cfg.episode_max_steps)
-    rows = fan_out(drive_robots, groups, (spec.model_dump_json(), serving.url, serving.token, settings),
-                   f"{cfg.robots} robots over HTTP", cfg.progress)
+    groups = [jobs[i : i + ROBOTS_PER_TASK] for i in range(0, len(jobs), ROBOTS_PER_TASK)]
+    settings = RolloutConfig(control_hz=data.control_hz, max_steps=cfg.episode_max_steps)
+    rows = fan_out(
+        drive_robots,
+        groups,
+        (spec.model_dump_json(), serving.url, serving.token, settings),
+        f"{cfg.robots} robots over HTTP",
+        cfg.progress,
+    )
     rows.sort(key=lambda r: r["seed"])
     successes = sum(r["outcome"] == SUCCESS for r in rows)
     low, high = wilson_interval(successes, len(rows))
@@ -462,11 +530,19 @@ def drive_fleet(cfg: DemoConfig, serving: Serving, data: DataOutcome) -> FleetOu
         return float(np.percentile(values, q)) if values.size else math.nan
 
     return FleetOutcome(
-        robots=len(rows), successes=successes, success=successes / len(rows), success_low=low, success_high=high,
-        requests=int(round_trip.size), round_trip_p50_ms=pct(round_trip, 50), round_trip_p99_ms=pct(round_trip, 99),
-        server_p50_ms=pct(server, 50), backends=sorted({b for r in rows for b in r["backends"]}),
+        robots=len(rows),
+        successes=successes,
+        success=successes / len(rows),
+        success_low=low,
+        success_high=high,
+        requests=int(round_trip.size),
+        round_trip_p50_ms=pct(round_trip, 50),
+        round_trip_p99_ms=pct(round_trip, 99),
+        server_p50_ms=pct(server, 50),
+        backends=sorted({b for r in rows for b in r["backends"]}),
         served_by=sorted({s for r in rows for s in r["served_by"]}),
-        memory_resets=sum(r["memory_resets"] for r in rows), rows=rows,
+        memory_resets=sum(r["memory_resets"] for r in rows),
+        rows=rows,
     )
 
 
@@ -530,26 +606,41 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
                 cluster = start_cluster(cfg)
             with steps.step("data", f"data: {cfg.episodes} MiniWorld episodes from the scripted expert"):
                 data = generate_data(cfg)
-                console.print(f"{'reused' if data.reused else 'wrote'} {data.episodes} episodes, {data.frames} frames "
-                              f"in {data.folder}; expert success {data.expert_kept}/{data.expert_attempted}")
-            with steps.step("train", f"train: {cfg.preset} policy, {cfg.epochs} epochs, Ray Train with "
-                                     f"{cfg.train_workers} workers -> MLflow, @challenger"):
+                console.print(
+                    f"{'reused' if data.reused else 'wrote'} {data.episodes} episodes, {data.frames} frames "
+                    f"in {data.folder}; expert success {data.expert_kept}/{data.expert_attempted}"
+                )
+            with steps.step(
+                "train",
+                f"train: {cfg.preset} policy, {cfg.epochs} epochs, Ray Train with "
+                f"{cfg.train_workers} workers -> MLflow, @challenger",
+            ):
                 train = train_policy(cfg, data)
-                console.print(f"run {train.run_name} ({train.run_id}): {REGISTERED_MODEL} version {train.version}, "
-                              f"val MAE {train.val_mae:.4f}")
+                console.print(
+                    f"run {train.run_name} ({train.run_id}): {REGISTERED_MODEL} version {train.version}, "
+                    f"val MAE {train.val_mae:.4f}"
+                )
             with steps.step("export", "export: ONNX + parity, attached to the version"):
                 with steps.status("exporting", cfg.progress) as say:
                     export = export_policy(train, data, say)
-                console.print(f"parity fp32 {export.parity_fp32:.2g}; one step torch {export.torch_ms:.2f} ms, "
-                              f"ONNX Runtime {export.onnx_ms:.2f} ms ({export.speedup:.1f}x)")
-            with steps.step("evaluate", f"evaluate: offline on {EVAL_SPLIT}, {cfg.closed_loop_episodes} closed-loop "
-                                        "MiniWorld episodes next to the expert"):
+                console.print(
+                    f"parity fp32 {export.parity_fp32:.2g}; one step torch {export.torch_ms:.2f} ms, "
+                    f"ONNX Runtime {export.onnx_ms:.2f} ms ({export.speedup:.1f}x)"
+                )
+            with steps.step(
+                "evaluate",
+                f"evaluate: offline on {EVAL_SPLIT}, {cfg.closed_loop_episodes} closed-loop "
+                "MiniWorld episodes next to the expert",
+            ):
                 evaluation = evaluate_policy(cfg, train, data)
-                console.print(f"closed-loop success {evaluation.success:.0%} "
-                              f"[{evaluation.success_low:.0%}, {evaluation.success_high:.0%}], expert "
-                              f"{evaluation.expert_success:.0%}; offline MAE {evaluation.offline_mae:.4f}")
-            with steps.step("promote", f"promote: demo gate (closed-loop success >= {cfg.success_floor:.0%}, "
-                                       "or the first champion)"):
+                console.print(
+                    f"closed-loop success {evaluation.success:.0%} "
+                    f"[{evaluation.success_low:.0%}, {evaluation.success_high:.0%}], expert "
+                    f"{evaluation.expert_success:.0%}; offline MAE {evaluation.offline_mae:.4f}"
+                )
+            with steps.step(
+                "promote", f"promote: demo gate (closed-loop success >= {cfg.success_floor:.0%}, or the first champion)"
+            ):
                 promotion = promote_policy(cfg, train)
                 console.print(f"{promotion.decision}: {promotion.reason}; @champion = version {promotion.champion}")
             with steps.step("serve", "serve: @champion on Ray Serve, 127.0.0.1"):
@@ -558,8 +649,10 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
                 console.print(f"serving version {serving.model_version} at {serving.url}/v1/act")
             with steps.step("robots", f"robots: {cfg.robots} MiniWorld robots through POST /v1/act"):
                 fleet = drive_fleet(cfg, serving, data)
-                console.print(f"{fleet.successes}/{fleet.robots} robots reached their target; "
-                              f"round trip p50 {fleet.round_trip_p50_ms:.1f} ms, p99 {fleet.round_trip_p99_ms:.1f} ms")
+                console.print(
+                    f"{fleet.successes}/{fleet.robots} robots reached their target; "
+                    f"round trip p50 {fleet.round_trip_p50_ms:.1f} ms, p99 {fleet.round_trip_p99_ms:.1f} ms"
+                )
             steps.seconds["total"] = time.perf_counter() - started
             summary = build_summary(cfg, steps.seconds, data, train, export, evaluation, promotion, serving, fleet)
             path = write_summary(summary, home)
@@ -567,8 +660,10 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
             print_summary(summary, console)
             console.print(f"summary: {path}")
             if cfg.keep_serving:
-                console.print(f"[bold]serving at {serving.url}/v1/act[/bold] (token: first line of "
-                              f"{serving.tokens_file}); Ctrl-C to stop")
+                console.print(
+                    f"[bold]serving at {serving.url}/v1/act[/bold] (token: first line of "
+                    f"{serving.tokens_file}); Ctrl-C to stop"
+                )
                 try:
                     while True:
                         time.sleep(3600)
@@ -579,4 +674,3 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
             if cluster is not None:
                 console.print("shutting down Serve and Ray" if cluster.owned else "removing the demo's Serve app")
                 stop_cluster(cluster)
-

@@ -1,5 +1,6 @@
 """The demo's summary: one dict (written as <home>/demo_summary.json and logged to the MLflow run),
-a rich table of it, and a latency histogram of the HTTP answers logged next to it."""
+a rich table of it, and a latency histogram of the HTTP answers logged next to it.
+"""
 
 from __future__ import annotations
 
@@ -29,47 +30,96 @@ def build_summary(cfg, seconds, data, train, export, evaluation, promotion, serv
         ui = f"MOBILE_VLA_HOME={shlex.quote(str(home))} {ui}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     machine = {"cpus": os.cpu_count(), "load_average_1m": load, "cpu_seconds_process_tree": process_tree_cpu_seconds()}
-    return jsonable({
-        "preset": cfg.preset,
-        "home": str(home),
-        "machine": machine,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "data": {"folder": str(data.folder), "episodes": data.episodes, "frames": data.frames,
-                 "expert_success": {"kept": data.expert_kept, "attempted": data.expert_attempted,
-                                    "rate": data.expert_kept / max(data.expert_attempted, 1)},
-                 "reused": data.reused},
-        "training": {"run_id": train.run_id, "run_name": train.run_name, "epochs": train.epochs,
-                     "workers": train.workers, "val_mae": train.val_mae, "val_loss": train.val_loss,
-                     "seconds": round(seconds.get("train", math.nan), 1)},
-        "evaluation": {"split": "val", "offline_mae": evaluation.offline_mae, "episodes": evaluation.episodes,
-                       "model": {"success_rate": evaluation.success, "wilson_95": [evaluation.success_low,
-                                                                                  evaluation.success_high]},
-                       "expert": {"success_rate": evaluation.expert_success,
-                                  "wilson_95": [evaluation.expert_low, evaluation.expert_high]},
-                       "results": str(evaluation.results)},
-        "export": {"parity_fp32_max_abs_diff": export.parity_fp32,
-                   "parity_sequence_max_abs_diff": export.parity_sequence,
-                   "step_ms_torch": export.torch_ms, "step_ms_onnx": export.onnx_ms, "onnx_speedup": export.speedup},
-        "promotion": {"version": train.version, "decision": promotion.decision, "reason": promotion.reason,
-                      "first_champion": promotion.first_champion, "champion": promotion.champion,
-                      "gate": f"demo gate: closed-loop success >= {cfg.success_floor} on "
-                              f"{cfg.closed_loop_episodes} episodes, or the first champion"},
-        "serving": {"url": serving.url, "model_version": serving.model_version, "backend": serving.backend,
-                    "robots": fleet.robots, "successes": fleet.successes, "success_rate": fleet.success,
-                    "wilson_95": [fleet.success_low, fleet.success_high], "requests": fleet.requests,
-                    "round_trip_p50_ms": fleet.round_trip_p50_ms, "round_trip_p99_ms": fleet.round_trip_p99_ms,
-                    "server_p50_ms": fleet.server_p50_ms, "backends": fleet.backends, "served_by": fleet.served_by,
-                    "memory_resets": fleet.memory_resets},
-        "where_to_look": {"mlflow_ui": ui, "experiment": EXPERIMENT, "run_id": train.run_id,
-                          "registered_model": REGISTERED_MODEL, "model_version": train.version,
-                          "champion": promotion.champion, "summary": str(home / SUMMARY_FILE)},
-    })
+    return jsonable(
+        {
+            "preset": cfg.preset,
+            "home": str(home),
+            "machine": machine,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "data": {
+                "folder": str(data.folder),
+                "episodes": data.episodes,
+                "frames": data.frames,
+                "expert_success": {
+                    "kept": data.expert_kept,
+                    "attempted": data.expert_attempted,
+                    "rate": data.expert_kept / max(data.expert_attempted, 1),
+                },
+                "reused": data.reused,
+            },
+            "training": {
+                "run_id": train.run_id,
+                "run_name": train.run_name,
+                "epochs": train.epochs,
+                "workers": train.workers,
+                "val_mae": train.val_mae,
+                "val_loss": train.val_loss,
+                "seconds": round(seconds.get("train", math.nan), 1),
+            },
+            "evaluation": {
+                "split": "val",
+                "offline_mae": evaluation.offline_mae,
+                "episodes": evaluation.episodes,
+                "model": {
+                    "success_rate": evaluation.success,
+                    "wilson_95": [evaluation.success_low, evaluation.success_high],
+                },
+                "expert": {
+                    "success_rate": evaluation.expert_success,
+                    "wilson_95": [evaluation.expert_low, evaluation.expert_high],
+                },
+                "results": str(evaluation.results),
+            },
+            "export": {
+                "parity_fp32_max_abs_diff": export.parity_fp32,
+                "parity_sequence_max_abs_diff": export.parity_sequence,
+                "step_ms_torch": export.torch_ms,
+                "step_ms_onnx": export.onnx_ms,
+                "onnx_speedup": export.speedup,
+            },
+            "promotion": {
+                "version": train.version,
+                "decision": promotion.decision,
+                "reason": promotion.reason,
+                "first_champion": promotion.first_champion,
+                "champion": promotion.champion,
+                "gate": f"demo gate: closed-loop success >= {cfg.success_floor} on "
+                f"{cfg.closed_loop_episodes} episodes, or the first champion",
+            },
+            "serving": {
+                "url": serving.url,
+                "model_version": serving.model_version,
+                "backend": serving.backend,
+                "robots": fleet.robots,
+                "successes": fleet.successes,
+                "success_rate": fleet.success,
+                "wilson_95": [fleet.success_low, fleet.success_high],
+                "requests": fleet.requests,
+                "round_trip_p50_ms": fleet.round_trip_p50_ms,
+                "round_trip_p99_ms": fleet.round_trip_p99_ms,
+                "server_p50_ms": fleet.server_p50_ms,
+                "backends": fleet.backends,
+                "served_by": fleet.served_by,
+                "memory_resets": fleet.memory_resets,
+            },
+            "where_to_look": {
+                "mlflow_ui": ui,
+                "experiment": EXPERIMENT,
+                "run_id": train.run_id,
+                "registered_model": REGISTERED_MODEL,
+                "model_version": train.version,
+                "champion": promotion.champion,
+                "summary": str(home / SUMMARY_FILE),
+            },
+        }
+    )
 
 
 def process_tree_cpu_seconds() -> float:
     """CPU seconds used so far by this process and its descendants (the Ray processes it started):
     a load-independent measure of the demo's work, where wall time on a shared box is not. A lower
-    bound: descendants that exited without being reaped by one of ours are not counted."""
+    bound: descendants that exited without being reaped by one of ours are not counted.
+    """
     import resource
 
     import psutil
@@ -123,11 +173,17 @@ def log_summary(summary: dict, fleet, run_id: str) -> None:
     configure_mlflow()
     client = MlflowClient()
     serving = summary["serving"]
-    values = {"demo.http.success_rate": serving["success_rate"], "demo.http.round_trip_p50_ms": serving["round_trip_p50_ms"],
-              "demo.http.round_trip_p99_ms": serving["round_trip_p99_ms"], "demo.onnx_speedup": summary["export"]["onnx_speedup"],
-              "demo.total_seconds": summary["seconds"].get("total")}
+    values = {
+        "demo.http.success_rate": serving["success_rate"],
+        "demo.http.round_trip_p50_ms": serving["round_trip_p50_ms"],
+        "demo.http.round_trip_p99_ms": serving["round_trip_p99_ms"],
+        "demo.onnx_speedup": summary["export"]["onnx_speedup"],
+        "demo.total_seconds": summary["seconds"].get("total"),
+    }
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)]
+    metrics = [
+        Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)
+    ]
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, summary, f"{MLFLOW_DIR}/{SUMMARY_FILE}")
     if fleet.requests:
@@ -158,28 +214,55 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str]]:
         ("training", "epochs, workers", f"{t['epochs']} epochs on {t['workers']} Ray Train workers"),
         ("", "val MAE (best epoch)", mae),
         ("", "time", f"{sec.get('train', 0):.0f} s"),
-        ("closed loop", f"success on {ev['episodes']} {ev['split']} scenes",
-         f"model {_pct(ev['model']['success_rate'])}{_interval(ev['model']['wilson_95'])} vs expert "
-         f"{_pct(ev['expert']['success_rate'])}{_interval(ev['expert']['wilson_95'])} (Wilson 95%)"),
+        (
+            "closed loop",
+            f"success on {ev['episodes']} {ev['split']} scenes",
+            f"model {_pct(ev['model']['success_rate'])}{_interval(ev['model']['wilson_95'])} vs expert "
+            f"{_pct(ev['expert']['success_rate'])}{_interval(ev['expert']['wilson_95'])} (Wilson 95%)",
+        ),
         ("", "offline MAE (val)", "-" if ev["offline_mae"] is None else f"{ev['offline_mae']:.4f}"),
-        ("export", "parity (max abs diff)", f"fp32 {ex['parity_fp32_max_abs_diff']:.1e}, "
-                                            f"sequence {ex['parity_sequence_max_abs_diff']:.1e}"),
-        ("", "one step, batch 1", f"torch {_ms(ex['step_ms_torch'])}, ONNX Runtime {_ms(ex['step_ms_onnx'])} ({speedup})"),
+        (
+            "export",
+            "parity (max abs diff)",
+            f"fp32 {ex['parity_fp32_max_abs_diff']:.1e}, sequence {ex['parity_sequence_max_abs_diff']:.1e}",
+        ),
+        (
+            "",
+            "one step, batch 1",
+            f"torch {_ms(ex['step_ms_torch'])}, ONNX Runtime {_ms(ex['step_ms_onnx'])} ({speedup})",
+        ),
         ("promotion", f"version {p['version']}: {p['decision']}", p["reason"]),
         ("", "@champion", f"version {p['champion']}"),
-        ("serving", "robots driven over HTTP", f"{s['robots']} robots, {s['requests']} requests, "
-                                               f"{s['successes']} reached the target = {_pct(s['success_rate'])}"
-                                               f"{_interval(s['wilson_95'])}"),
-        ("", "latency per /v1/act", f"round trip p50 {_ms(s['round_trip_p50_ms'])}, p99 {_ms(s['round_trip_p99_ms'])}; "
-                                    f"server p50 {_ms(s['server_p50_ms'])}"),
+        (
+            "serving",
+            "robots driven over HTTP",
+            f"{s['robots']} robots, {s['requests']} requests, "
+            f"{s['successes']} reached the target = {_pct(s['success_rate'])}"
+            f"{_interval(s['wilson_95'])}",
+        ),
+        (
+            "",
+            "latency per /v1/act",
+            f"round trip p50 {_ms(s['round_trip_p50_ms'])}, p99 {_ms(s['round_trip_p99_ms'])}; "
+            f"server p50 {_ms(s['server_p50_ms'])}",
+        ),
         ("", "served by", ", ".join(s["served_by"]) or "-"),
         ("where to look", "MLflow UI", f"{w['mlflow_ui']}  (http://127.0.0.1:5000)"),
         ("", "experiment / run", f"{w['experiment']} / {w['run_id']}"),
         ("", "model", f"{w['registered_model']} version {w['model_version']} (@champion = {w['champion']})"),
-        ("", "total time", f"{sec.get('total', 0):.0f} s  (" + ", ".join(
-            f"{k} {v:.0f} s" for k, v in sec.items() if k != "total") + ")"),
-        ("", "machine", f"{m['cpus']} cores, load average {m['load_average_1m'] or 0:.1f}, "
-                        f"at least {m['cpu_seconds_process_tree']:.0f} CPU-seconds used by the demo's processes"),
+        (
+            "",
+            "total time",
+            f"{sec.get('total', 0):.0f} s  ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items() if k != "total")
+            + ")",
+        ),
+        (
+            "",
+            "machine",
+            f"{m['cpus']} cores, load average {m['load_average_1m'] or 0:.1f}, "
+            f"at least {m['cpu_seconds_process_tree']:.0f} CPU-seconds used by the demo's processes",
+        ),
     ]
 
 
@@ -194,9 +277,11 @@ def print_summary(summary: dict, console) -> None:
         table.add_row(*row)
     console.print(table)
     where = summary["where_to_look"]
-    console.print(f"MLflow UI: {where['mlflow_ui']}   then http://127.0.0.1:5000 -> experiment {where['experiment']}, "
-                  f"run {where['run_id']}; Models -> {where['registered_model']} version {where['model_version']}",
-                  soft_wrap=True)
+    console.print(
+        f"MLflow UI: {where['mlflow_ui']}   then http://127.0.0.1:5000 -> experiment {where['experiment']}, "
+        f"run {where['run_id']}; Models -> {where['registered_model']} version {where['model_version']}",
+        soft_wrap=True,
+    )
 
 
 def load_summary(home: Path) -> dict:

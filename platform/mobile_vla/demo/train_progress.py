@@ -38,8 +38,13 @@ class EpochProgress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[line]}"), TimeElapsedColumn())
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[line]}"),
+                TimeElapsedColumn(),
+            )
             self._bar.start()
             self._task = self._bar.add_task("epochs", total=self.epochs, line="starting workers")
         self._thread = threading.Thread(target=self._follow, name="demo-epoch-progress", daemon=True)

@@ -26,16 +26,16 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mobile_vla.errors import ConfigError
-from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutSettings, rollout_seeds
-from mobile_vla.evaluate.statistics import mean_or_nan, spl, wilson_interval
+from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutConfig, rollout_seeds
 from mobile_vla.evaluate.tasks import fan_out, jsonable
+from mobile_vla.sim.success import mean_or_nan, spl, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,11 @@ class PolicySummary:
             success_high=high,
             wrong_target_rate=sum(r["outcome"] == WRONG_TARGET for r in rows) / n if n else math.nan,
             timeout_rate=sum(r["outcome"] == TIMEOUT for r in rows) / n if n else math.nan,
-            spl=spl([r["outcome"] == SUCCESS for r, _ in solved], [e["path_length"] for _, e in solved],
-                    [r["path_length"] for r, _ in solved]),
+            spl=spl(
+                [r["outcome"] == SUCCESS for r, _ in solved],
+                [e["path_length"] for _, e in solved],
+                [r["path_length"] for r, _ in solved],
+            ),
             spl_episodes=len(solved),
             collisions_per_episode=float(np.mean([r["collisions"] for r in rows])) if n else math.nan,
             collision_rate=sum(r["collisions"] > 0 for r in rows) / n if n else math.nan,
@@ -107,7 +110,8 @@ class ClosedLoopReport:
 
     def metrics(self, primary: bool = True) -> dict[str, float]:
         """`closed_loop.<split>.<name>` for the policy and `...expert_<name>` for the expert; with
-        `primary`, also the unqualified `closed_loop.<name>` keys the promotion gate reads."""
+        `primary`, also the unqualified `closed_loop.<name>` keys the promotion gate reads.
+        """
         prefix = f"closed_loop.{self.split}."
         out = {}
         for name, value in _summary_metrics(self.policy).items():
@@ -121,22 +125,35 @@ class ClosedLoopReport:
     def to_dict(self) -> dict:
         episodes = [{k: jsonable(v) for k, v in row.items() if k != "frames"} for row in self.episodes]
         return {
-            "split": self.split, "model": self.model, "model_name": self.model_name,
-            "model_version": self.model_version, "seeds": [self.seeds[0], self.seeds[-1] + 1] if self.seeds else [],
-            "policy": jsonable(asdict(self.policy)), "expert": jsonable(asdict(self.expert)),
-            "settings": jsonable(self.settings), "seconds": round(self.seconds, 2),
-            "worker_cpu_seconds": round(self.worker_cpu_seconds, 2), "served_by": self.served_by,
-            "metrics": self.metrics(), "episodes": episodes,
+            "split": self.split,
+            "model": self.model,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "seeds": [self.seeds[0], self.seeds[-1] + 1] if self.seeds else [],
+            "policy": jsonable(asdict(self.policy)),
+            "expert": jsonable(asdict(self.expert)),
+            "settings": jsonable(self.settings),
+            "seconds": round(self.seconds, 2),
+            "worker_cpu_seconds": round(self.worker_cpu_seconds, 2),
+            "served_by": self.served_by,
+            "metrics": self.metrics(),
+            "episodes": episodes,
         }
 
 
 def _summary_metrics(summary: PolicySummary) -> dict[str, float]:
     return {
-        "success_rate": summary.success_rate, "success_low": summary.success_low,
-        "success_high": summary.success_high, "episodes": float(summary.episodes),
-        "wrong_target": summary.wrong_target_rate, "timeout": summary.timeout_rate, "spl": summary.spl,
-        "collision_rate": summary.collision_rate, "collisions_per_episode": summary.collisions_per_episode,
-        "mean_steps": summary.mean_steps, "confidence_success": summary.confidence_success,
+        "success_rate": summary.success_rate,
+        "success_low": summary.success_low,
+        "success_high": summary.success_high,
+        "episodes": float(summary.episodes),
+        "wrong_target": summary.wrong_target_rate,
+        "timeout": summary.timeout_rate,
+        "spl": summary.spl,
+        "collision_rate": summary.collision_rate,
+        "collisions_per_episode": summary.collisions_per_episode,
+        "mean_steps": summary.mean_steps,
+        "confidence_success": summary.confidence_success,
         "confidence_failure": summary.confidence_failure,
     }
 
@@ -144,8 +161,9 @@ def _summary_metrics(summary: PolicySummary) -> dict[str, float]:
 # -- what to evaluate -------------------------------------------------------------------------------
 def split_spec_for(data: str | Path | None = None, spec_file: str | Path | None = None):
     """The split spec a dataset was generated with (held-out pairs, templates, layouts), a spec
-    file, or the defaults."""
-    from mobile_vla.data.split_spec import SplitSpec, default_split_spec, load_split_spec
+    file, or the defaults.
+    """
+    from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
 
     if spec_file is not None:
         return load_split_spec(spec_file)
@@ -210,7 +228,8 @@ def evaluate_closed_loop(
     progress: bool = True,
 ) -> ClosedLoopReport:
     """Runs `model` ("expert", a models:/ URI or a model folder; or the server at `endpoint`) on
-    `episodes` scene seeds of `split`, and the scripted expert on the same seeds."""
+    `episodes` scene seeds of `split`, and the scripted expert on the same seeds.
+    """
     from mobile_vla.tracking import resolve_model
 
     if episodes_per_task < 1:
@@ -231,12 +250,13 @@ def evaluate_closed_loop(
         resolved = resolve_model(model)
         policy = PolicySpec("model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer))
     hz = control_hz or _control_hz(resolved.path if resolved else None) or 5.0
-    settings = RolloutSettings(control_hz=hz, max_steps=max_steps, record_frames=tuple(seeds[:max(record_frames, 0)]))
+    settings = RolloutConfig(control_hz=hz, max_steps=max_steps, record_frames=tuple(seeds[: max(record_frames, 0)]))
 
     started = time.time()
-    chunks = [[(split, s) for s in seeds[i:i + episodes_per_task]] for i in range(0, len(seeds), episodes_per_task)]
-    rows = fan_out(rollout_seeds, chunks, (spec.model_dump_json(), policy, settings), f"closed loop {split}",
-                   progress, num_gpus)
+    chunks = [[(split, s) for s in seeds[i : i + episodes_per_task]] for i in range(0, len(seeds), episodes_per_task)]
+    rows = fan_out(
+        rollout_seeds, chunks, (spec.model_dump_json(), policy, settings), f"closed loop {split}", progress, num_gpus
+    )
     rows.sort(key=lambda r: r["seed"])
     frames = {r["seed"]: r.pop("frames") for r in rows if r.get("frames") is not None}
     for r in rows:
@@ -252,17 +272,32 @@ def evaluate_closed_loop(
         policy=PolicySummary.from_rows(rows, [r["expert"] for r in rows]),
         expert=PolicySummary.from_rows([r["expert"] for r in rows], [r["expert"] for r in rows]),
         episodes=rows,
-        settings={"seed_offset": seed_offset, "episodes_per_task": episodes_per_task, "control_hz": hz,
-                  "max_steps": max_steps, "policy": policy.kind, "prefer": list(prefer), "endpoint": endpoint,
-                  "split_spec": spec.splits[split].model_dump(mode="json")},
+        settings={
+            "seed_offset": seed_offset,
+            "episodes_per_task": episodes_per_task,
+            "control_hz": hz,
+            "max_steps": max_steps,
+            "policy": policy.kind,
+            "prefer": list(prefer),
+            "endpoint": endpoint,
+            "split_spec": spec.splits[split].model_dump(mode="json"),
+        },
         seconds=time.time() - started,
         worker_cpu_seconds=float(sum(r.get("cpu_seconds", 0.0) for r in rows)),
         served_by=served_by,
         frames=frames,
     )
-    log.info("closed loop %s on %s: success %.3f [%.3f, %.3f] (expert %.3f) over %d episodes in %.0f s",
-             report.model, split, report.policy.success_rate, report.policy.success_low,
-             report.policy.success_high, report.expert.success_rate, len(seeds), report.seconds)
+    log.info(
+        "closed loop %s on %s: success %.3f [%.3f, %.3f] (expert %.3f) over %d episodes in %.0f s",
+        report.model,
+        split,
+        report.policy.success_rate,
+        report.policy.success_low,
+        report.policy.success_high,
+        report.expert.success_rate,
+        len(seeds),
+        report.seconds,
+    )
     return report
 
 
@@ -271,7 +306,7 @@ def default_out_dir(label: str) -> Path:
     from mobile_vla.config import platform_home
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[-80:]
-    return platform_home() / "evaluations" / safe / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return platform_home() / "evaluations" / safe / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def save_closed_loop(report: ClosedLoopReport, out_dir: str | Path, gifs: int = 4) -> list[Path]:
@@ -292,8 +327,15 @@ def save_closed_loop(report: ClosedLoopReport, out_dir: str | Path, gifs: int = 
     return files
 
 
-def log_to_version(name: str, version: str, run_id: str | None, metrics: dict[str, float],
-                   files: list[Path], split: str, tags: dict[str, str] | None = None) -> None:
+def log_to_version(
+    name: str,
+    version: str,
+    run_id: str | None,
+    metrics: dict[str, float],
+    files: list[Path],
+    split: str,
+    tags: dict[str, str] | None = None,
+) -> None:
     """Metrics as version tags (+ source-run metrics), files under `evaluation/<split>/` of its run."""
     from mlflow import MlflowClient
 
@@ -311,7 +353,8 @@ def log_to_version(name: str, version: str, run_id: str | None, metrics: dict[st
 
 def log_closed_loop(report: ClosedLoopReport, files: list[Path], primary: bool = True) -> bool:
     """Logs to the evaluated model version (with `primary`, also the gate's unqualified keys);
-    False (and a warning) when there is no version to log to."""
+    False (and a warning) when there is no version to log to.
+    """
     folder = files[0].parent if files else None
     if not (report.model_name and report.model_version):
         log.warning("%s is not a registered model version: results stay in %s", report.model, folder)
@@ -321,16 +364,20 @@ def log_closed_loop(report: ClosedLoopReport, files: list[Path], primary: bool =
     if answered and answered != {expected}:
         log.warning("the server answered as %s, not %s: results stay in %s", sorted(answered), expected, folder)
         return False
-    tags = {"evaluation.closed_loop.split": report.split,
-            "evaluation.closed_loop.seeds": f"[{report.seeds[0]}, {report.seeds[-1] + 1})"}
-    log_to_version(report.model_name, report.model_version, report.run_id, report.metrics(primary), files,
-                   report.split, tags)
+    tags = {
+        "evaluation.closed_loop.split": report.split,
+        "evaluation.closed_loop.seeds": f"[{report.seeds[0]}, {report.seeds[-1] + 1})",
+    }
+    log_to_version(
+        report.model_name, report.model_version, report.run_id, report.metrics(primary), files, report.split, tags
+    )
     return True
 
 
 def evaluate_model_version(name: str, version: str, split: str, episodes: int, **kwargs) -> dict[str, float]:
     """For other stages (online update, promotion): evaluate `models:/name/version` closed-loop, store
-    the results on the version, return its metrics (with the gate's unqualified keys)."""
+    the results on the version, return its metrics (with the gate's unqualified keys).
+    """
     kwargs.setdefault("progress", False)
     report = evaluate_closed_loop(f"models:/{name}/{version}", split, episodes, **kwargs)
     log_closed_loop(report, save_closed_loop(report, default_out_dir(f"{name}-v{version}")))

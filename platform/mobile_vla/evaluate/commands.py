@@ -33,24 +33,43 @@ def register(subparsers) -> None:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", metavar="MODEL_URI",
-                        help="models:/NAME@alias, models:/NAME/V, a model folder, or 'expert'")
-    parser.add_argument("--data", type=Path, metavar="DIR",
-                        help="dataset folder: offline metrics on its splits; its split spec for closed loop")
-    parser.add_argument("--split", dest="splits", action="append", metavar="NAME",
-                        help="split to evaluate (repeatable; the first is primary; default val)")
+    parser.add_argument(
+        "--model", metavar="MODEL_URI", help="models:/NAME@alias, models:/NAME/V, a model folder, or 'expert'"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="dataset folder: offline metrics on its splits; its split spec for closed loop",
+    )
+    parser.add_argument(
+        "--split",
+        dest="splits",
+        action="append",
+        metavar="NAME",
+        help="split to evaluate (repeatable; the first is primary; default val)",
+    )
     parser.add_argument("--closed-loop", action="store_true", help="also run the policy in MiniWorld")
     parser.add_argument("--no-offline", action="store_true", help="skip offline metrics even with --data")
     parser.add_argument("--episodes", type=int, default=200, help="closed-loop episodes (scene seeds) per split")
     parser.add_argument("--seed-offset", type=int, default=0, help="start this far into each split's seed range")
-    parser.add_argument("--episodes-per-task", type=int, default=8,
-                        help="episodes per Ray task, batched into one predict call per step")
+    parser.add_argument(
+        "--episodes-per-task", type=int, default=8, help="episodes per Ray task, batched into one predict call per step"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the scene's)")
-    parser.add_argument("--split-spec", type=Path, default=None,
-                        help="YAML split spec for closed loop (default: the one recorded in --data, else built in)")
-    parser.add_argument("--backend", action="append", dest="backends", metavar="NAME",
-                        help="backend chain, e.g. --backend onnx-cpu --backend torch (default: onnx-cpu if "
-                             "exported, else torch)")
+    parser.add_argument(
+        "--split-spec",
+        type=Path,
+        default=None,
+        help="YAML split spec for closed loop (default: the one recorded in --data, else built in)",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        dest="backends",
+        metavar="NAME",
+        help="backend chain, e.g. --backend onnx-cpu --backend torch (default: onnx-cpu if exported, else torch)",
+    )
     parser.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs per closed-loop Ray task")
     parser.add_argument("--endpoint", metavar="URL", help="closed loop through the HTTP API at URL instead")
     parser.add_argument("--token-file", type=Path, metavar="F", help="API token file for --endpoint (first line)")
@@ -98,7 +117,12 @@ def read_token(path: Path | None) -> str:
 def run_evaluate(args) -> int:
     _check_args(args)
     from mobile_vla.evaluate.closed_loop import (
-        default_out_dir, evaluate_closed_loop, log_closed_loop, save_closed_loop, scene_seeds, split_spec_for,
+        default_out_dir,
+        evaluate_closed_loop,
+        log_closed_loop,
+        save_closed_loop,
+        scene_seeds,
+        split_spec_for,
     )
     from mobile_vla.evaluate.offline import log_offline, offline_report, save_offline
 
@@ -123,9 +147,19 @@ def run_evaluate(args) -> int:
     if args.closed_loop:
         for index, split in enumerate(splits):
             report = evaluate_closed_loop(
-                args.model if args.model else None, split, args.episodes, args.seed_offset, spec=spec,
-                endpoint=args.endpoint, token=token, prefer=prefer, episodes_per_task=args.episodes_per_task,
-                max_steps=args.max_steps, record_frames=args.gifs, num_gpus=args.gpus_per_task, progress=progress,
+                args.model if args.model else None,
+                split,
+                args.episodes,
+                args.seed_offset,
+                spec=spec,
+                endpoint=args.endpoint,
+                token=token,
+                prefer=prefer,
+                episodes_per_task=args.episodes_per_task,
+                max_steps=args.max_steps,
+                record_frames=args.gifs,
+                num_gpus=args.gpus_per_task,
+                progress=progress,
             )
             files = save_closed_loop(report, out_dir, gifs=args.gifs)
             if not args.no_log:
@@ -159,15 +193,22 @@ def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
             console.print(table)
         if "offline" in parts:
             metrics = parts["offline"].metrics
-            offline = Table(title=f"offline {split} ({int(metrics['episodes'])} episodes, {int(metrics['frames'])} "
-                                  "frames; executed command vs recorded, m/s and rad/s)", title_justify="left")
+            offline = Table(
+                title=f"offline {split} ({int(metrics['episodes'])} episodes, {int(metrics['frames'])} "
+                "frames; executed command vs recorded, m/s and rad/s)",
+                title_justify="left",
+            )
             offline.add_column("axis")
             for name in ("MAE", "RMSE", "R²"):
                 offline.add_column(name, justify="right")
             for axis in ("linear_x", "linear_y", "angular_z", ""):
                 suffix = f"_{axis}" if axis else ""
-                offline.add_row(axis or "overall", _num(metrics[f"mae{suffix}"]), _num(metrics[f"rmse{suffix}"]),
-                                _num(metrics[f"r2{suffix}"]))
+                offline.add_row(
+                    axis or "overall",
+                    _num(metrics[f"mae{suffix}"]),
+                    _num(metrics[f"rmse{suffix}"]),
+                    _num(metrics[f"r2{suffix}"]),
+                )
             console.print(offline)
     console.print(f"results: {out_dir}")
 

@@ -55,14 +55,22 @@ class OfflineReport:
         return {k: float(v) for k, v in out.items() if np.isfinite(v)}
 
     def to_dict(self) -> dict:
-        return {"split": self.split, "data": self.data, "model": self.model, "model_name": self.model_name,
-                "model_version": self.model_version, "seconds": round(self.seconds, 2),
-                "metrics": jsonable(self.metrics), "episodes": [e["name"] for e in self.episodes]}
+        return {
+            "split": self.split,
+            "data": self.data,
+            "model": self.model,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "seconds": round(self.seconds, 2),
+            "metrics": jsonable(self.metrics),
+            "episodes": [e["name"] for e in self.episodes],
+        }
 
 
 def predict_episodes(paths: list[str], policy: PolicySpec) -> list[dict]:
     """Ray task body: every frame of each episode, episodes batched together frame by frame.
-    Frames are read one at a time (original-format episodes hold hundreds of 720p frames)."""
+    Frames are read one at a time (original-format episodes hold hundreds of 720p frames).
+    """
     from mobile_vla.data.episodes import FrameReader, read_episode
 
     backend = worker_backend(policy)
@@ -79,18 +87,22 @@ def predict_episodes(paths: list[str], policy: PolicySpec) -> list[dict]:
     try:
         for t in range(max(lengths)):
             rows = [e for e, n in enumerate(lengths) if t < n]
-            images = np.stack([_prepared(reader.read(paths[e], t, t + 1)[0], backend.preprocessing, size)
-                               for e in rows])  # [B, H, W, 3]
-            state = np.stack([episodes[e].state[t] if episodes[e].state is not None else np.zeros(0, np.float32)
-                              for e in rows]).astype(np.float32)  # [B, S]
+            images = np.stack(
+                [_prepared(reader.read(paths[e], t, t + 1)[0], backend.preprocessing, size) for e in rows]
+            )  # [B, H, W, 3]
+            state = np.stack(
+                [episodes[e].state[t] if episodes[e].state is not None else np.zeros(0, np.float32) for e in rows]
+            ).astype(np.float32)  # [B, S]
             out = backend.predict(images, state, [episodes[e].instruction for e in rows], (h[:, rows], c[:, rows]))
             h[:, rows], c[:, rows] = out.memory
             for j, e in enumerate(rows):
                 preds[e][t] = out.actions[j]
     finally:
         reader.close()
-    return [{"name": Path(path).name, "pred": pred, "true": episode.actions.astype(np.float32)}
-            for path, pred, episode in zip(paths, preds, episodes)]
+    return [
+        {"name": Path(path).name, "pred": pred, "true": episode.actions.astype(np.float32)}
+        for path, pred, episode in zip(paths, preds, episodes)
+    ]
 
 
 def _prepared(frame: np.ndarray, preprocessing, size: int) -> np.ndarray:
@@ -117,8 +129,15 @@ def offline_metrics(episodes: list[dict]) -> dict[str, float]:
     return metrics
 
 
-def offline_report(model: str | Path, data_dir: str | Path, split: str, *, prefer: tuple[str, ...] = (),
-                   episodes_per_task: int = 16, progress: bool = True) -> OfflineReport:
+def offline_report(
+    model: str | Path,
+    data_dir: str | Path,
+    split: str,
+    *,
+    prefer: tuple[str, ...] = (),
+    episodes_per_task: int = 16,
+    progress: bool = True,
+) -> OfflineReport:
     from mobile_vla.data.manifest import load_manifest
     from mobile_vla.tracking import resolve_model
 
@@ -136,14 +155,29 @@ def offline_report(model: str | Path, data_dir: str | Path, split: str, *, prefe
 
     started = time.time()
     paths = [str((data_dir / name).resolve()) for name in names]
-    chunks = [paths[i:i + episodes_per_task] for i in range(0, len(paths), episodes_per_task)]
+    chunks = [paths[i : i + episodes_per_task] for i in range(0, len(paths), episodes_per_task)]
     episodes = fan_out(predict_episodes, chunks, (policy,), f"offline {split}", progress)
     order = {name: i for i, name in enumerate(names)}
     episodes.sort(key=lambda e: order[e["name"]])
-    report = OfflineReport(split, str(data_dir), str(model), resolved.name, resolved.version, resolved.run_id,
-                           offline_metrics(episodes), time.time() - started, episodes)
-    log.info("offline %s on %s/%s: mae %.4f over %d frames", model, data_dir, split,
-             report.metrics["mae"], int(report.metrics["frames"]))
+    report = OfflineReport(
+        split,
+        str(data_dir),
+        str(model),
+        resolved.name,
+        resolved.version,
+        resolved.run_id,
+        offline_metrics(episodes),
+        time.time() - started,
+        episodes,
+    )
+    log.info(
+        "offline %s on %s/%s: mae %.4f over %d frames",
+        model,
+        data_dir,
+        split,
+        report.metrics["mae"],
+        int(report.metrics["frames"]),
+    )
     return report
 
 
@@ -165,11 +199,19 @@ def save_offline(report: OfflineReport, out_dir: str | Path) -> list[Path]:
 
 def log_offline(report: OfflineReport, files: list[Path], primary: bool = True) -> bool:
     """Logs to the evaluated model version (with `primary`, also the gate's unqualified keys);
-    False (and a warning) when there is no version to log to."""
+    False (and a warning) when there is no version to log to.
+    """
     if not (report.model_name and report.model_version):
         log.warning("%s is not a registered model version: results stay in %s", report.model, files[0].parent)
         return False
     tags = {"evaluation.offline.split": report.split, "evaluation.offline.data": report.data}
-    log_to_version(report.model_name, report.model_version, report.run_id, report.version_metrics(primary), files,
-                   report.split, tags)
+    log_to_version(
+        report.model_name,
+        report.model_version,
+        report.run_id,
+        report.version_metrics(primary),
+        files,
+        report.split,
+        tags,
+    )
     return True

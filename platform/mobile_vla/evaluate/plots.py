@@ -41,10 +41,11 @@ def _pick_episodes(episodes: list[dict], count: int) -> list[dict]:
 
 def trajectories(report, count: int = 8):
     """Top-down (x, z) view per episode: room, obstacles, distractors, target, the policy's path
-    (coloured by outcome) and the expert's path (dashed) on the same scene."""
+    (coloured by outcome) and the expert's path (dashed) on the same scene.
+    """
     from matplotlib.patches import Circle, Rectangle
 
-    from mobile_vla.data.scenes import AGENT_RADIUS, SceneSpec
+    from mobile_vla.sim.scenes import AGENT_RADIUS, SceneSpec
 
     plt = _pyplot()
     chosen = _pick_episodes(report.episodes, count)
@@ -60,8 +61,16 @@ def trajectories(report, count: int = 8):
         for obstacle in scene.obstacles:
             ax.add_patch(Circle((obstacle.x, obstacle.z), obstacle.radius, color="dimgray", alpha=0.7))
         for item in scene.distractors:
-            ax.scatter(item.x, item.z, s=90, marker=SHAPE_MARKERS.get(item.kind, "o"), color=item.colour,
-                       edgecolors="black", linewidths=0.6, zorder=3)
+            ax.scatter(
+                item.x,
+                item.z,
+                s=90,
+                marker=SHAPE_MARKERS.get(item.kind, "o"),
+                color=item.colour,
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=3,
+            )
         target = scene.target
         ax.add_patch(Circle((target.x, target.z), target.radius + AGENT_RADIUS, fill=False, ls=":", color="black"))
         ax.scatter(target.x, target.z, s=260, marker="*", color=target.colour, edgecolors="black", zorder=4)
@@ -78,8 +87,11 @@ def trajectories(report, count: int = 8):
         ax.tick_params(labelsize=6)
     if chosen:
         axes.flat[0].legend(fontsize=6, loc="lower left")
-    figure.suptitle(f"{report.model} on {report.split}: success {report.policy.success_rate:.0%} "
-                    f"(expert {report.expert.success_rate:.0%}); dashed = expert", fontsize=9)
+    figure.suptitle(
+        f"{report.model} on {report.split}: success {report.policy.success_rate:.0%} "
+        f"(expert {report.expert.success_rate:.0%}); dashed = expert",
+        fontsize=9,
+    )
     figure.tight_layout()
     return figure
 
@@ -90,9 +102,13 @@ def confidence_histogram(episodes: list[dict]):
     figure, ax = plt.subplots(figsize=(5.5, 3.5))
     bins = np.linspace(0.0, 1.0, 21)
     for label, keep, colour in (("success", True, "tab:green"), ("failure", False, "tab:red")):
-        values = [e["mean_confidence"] for e in episodes
-                  if (e["outcome"] == "success") == keep and e["mean_confidence"] is not None
-                  and math.isfinite(e["mean_confidence"])]
+        values = [
+            e["mean_confidence"]
+            for e in episodes
+            if (e["outcome"] == "success") == keep
+            and e["mean_confidence"] is not None
+            and math.isfinite(e["mean_confidence"])
+        ]
         if values:
             ax.hist(values, bins=bins, alpha=0.6, color=colour, label=f"{label} ({len(values)})")
     ax.set_xlabel("mean confidence over the episode")

@@ -3,7 +3,7 @@ so a learned policy answers all of them with one batched predict call per contro
 
     records = rollout_seeds([("unseen_pair", 3000000), ...], spec_json, PolicySpec.for_model(path), settings)
 
-Runs inside Ray tasks only (it opens a GL context; see `mobile_vla.data.navigation_env`). Per step
+Runs inside Ray tasks only (it opens a GL context; see `mobile_vla.sim.navigation_env`). Per step
 the policy sees each episode's current frame, its state (the command executed at the previous step,
 as in generated data) and the instruction; the robot executes `actions[:, 0]` of the predicted chunk
 and the policy plans again from the next frame (receding horizon: the rest of the chunk is never
@@ -30,7 +30,7 @@ SUCCESS, WRONG_TARGET, TIMEOUT = "success", "wrong_target", "timeout"
 
 
 @dataclass(frozen=True)
-class RolloutSettings:
+class RolloutConfig:
     control_hz: float = 5.0
     obs_size: int = 224
     max_steps: int | None = None  # None: the scene's own limit (scenes.MAX_STEPS)
@@ -75,8 +75,11 @@ class EpisodeRecord:
 
     def to_dict(self) -> dict:
         return {
-            "seed": self.seed, "outcome": self.outcome, "steps": self.steps,
-            "path_length": self.path_length, "collisions": self.collisions,
+            "seed": self.seed,
+            "outcome": self.outcome,
+            "steps": self.steps,
+            "path_length": self.path_length,
+            "collisions": self.collisions,
             "mean_confidence": self.mean_confidence,
             "trajectory": np.asarray(self.trajectory, np.float32),  # [steps + 1, 2]
             "frames": np.stack(self.frames) if self.frames else None,  # uint8 [N, H, W, 3]
@@ -140,7 +143,7 @@ class ExpertPolicy:
     needs_frames = False
 
     def __init__(self, overrides: dict | None = None) -> None:
-        from mobile_vla.data.expert import ScriptedExpert
+        from mobile_vla.sim.expert import ScriptedExpert
 
         self.expert = ScriptedExpert(**(overrides or {}))
 
@@ -153,7 +156,7 @@ class ExpertPolicy:
 
 
 class BackendPolicy:
-    """A model through `mobile_vla.export.backends`: one batched predict per control step."""
+    """A model through `mobile_vla.runtime.backends`: one batched predict per control step."""
 
     needs_frames = True
 
@@ -165,8 +168,10 @@ class BackendPolicy:
         if self.backend.state_dim not in (0, 3):
             from mobile_vla.errors import ModelError
 
-            raise ModelError(f"{self.backend.model_dir}: state S = {self.backend.state_dim}; MiniWorld gives the "
-                             "previous command (S = 3) or nothing (S = 0)")
+            raise ModelError(
+                f"{self.backend.model_dir}: state S = {self.backend.state_dim}; MiniWorld gives the "
+                "previous command (S = 3) or nothing (S = 0)"
+            )
         self.memory = self.backend.initial_memory(len(episodes))  # (h, c) [layers, slots, hidden]
 
     def act(self, slots, images, state, instructions, worlds):
@@ -180,7 +185,8 @@ class BackendPolicy:
 
 class HttpPolicy:
     """The served model through the robot client, one client (robot) per episode; the requests of
-    one step go out together so the server can batch them as it would a fleet's."""
+    one step go out together so the server can batch them as it would a fleet's.
+    """
 
     needs_frames = True
 
@@ -193,8 +199,9 @@ class HttpPolicy:
         from mobile_vla.client import RobotClient
 
         self.close()
-        self.clients = [RobotClient(self.endpoint, self.token, robot_id=episode_id, timeout_s=30.0)
-                        for episode_id, _ in episodes]
+        self.clients = [
+            RobotClient(self.endpoint, self.token, robot_id=episode_id, timeout_s=30.0) for episode_id, _ in episodes
+        ]
         for client, (episode_id, instruction) in zip(self.clients, episodes):
             client.start_episode(instruction, episode_id=episode_id)
         self.served = {slot: set() for slot in range(len(episodes))}
@@ -217,9 +224,9 @@ class HttpPolicy:
 
 
 # -- the lockstep loop ------------------------------------------------------------------------------
-def run_lockstep(worlds: SceneSlots, scenes: list, policy, settings: RolloutSettings) -> list[EpisodeRecord]:
+def run_lockstep(worlds: SceneSlots, scenes: list, policy, settings: RolloutConfig) -> list[EpisodeRecord]:
     """Runs one episode per scene, all advanced together one control step at a time."""
-    from mobile_vla.data.scenes import execute_action
+    from mobile_vla.sim.scenes import execute_action
 
     records = [EpisodeRecord(seed=scene.seed) for scene in scenes]
     frames = {slot: worlds.load(slot, scene) for slot, scene in enumerate(scenes)}
@@ -278,7 +285,7 @@ _WORKER: dict = {}  # per worker process: one env (one GL context), loaded backe
 def _worker_slots(first_scene, obs_size: int) -> SceneSlots:
     slots = _WORKER.get("slots")
     if slots is None or slots.env.obs_size != obs_size:
-        from mobile_vla.data.scenes import make_env
+        from mobile_vla.sim.scenes import make_env
 
         _load_triton_before_gl()
         slots = _WORKER["slots"] = SceneSlots(make_env(first_scene, obs_size=obs_size))
@@ -288,14 +295,15 @@ def _worker_slots(first_scene, obs_size: int) -> SceneSlots:
 def _load_triton_before_gl() -> None:
     """Triton's bundled LLVM segfaults when it loads into a process where Mesa's llvmpipe (software
     GL) already runs, and torch loads triton lazily (torch._dynamo, on first model use). Loaded
-    first, both work, so a worker can take a model task after an expert-only one."""
+    first, both work, so a worker can take a model task after an expert-only one.
+    """
     import importlib.util
 
     if importlib.util.find_spec("triton") is not None:
         import triton  # noqa: F401
 
 
-def make_policy(spec: PolicySpec, settings: RolloutSettings):
+def make_policy(spec: PolicySpec, settings: RolloutConfig):
     if spec.kind == "expert":
         return ExpertPolicy(settings.expert)
     if spec.kind == "http":
@@ -309,7 +317,7 @@ def default_prefer(model_dir: Path) -> tuple[str, ...]:
 
 
 def worker_backend(spec: PolicySpec):
-    from mobile_vla.export.backends import load_backend
+    from mobile_vla.runtime.backends import load_backend
 
     path = Path(spec.model_path) if spec.model_path else None
     if path is None or not path.is_dir():  # a worker on another node: fetch the version there
@@ -325,13 +333,14 @@ def worker_backend(spec: PolicySpec):
     return _WORKER["backend"]
 
 
-def rollout_seeds(jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpec,
-                  settings: RolloutSettings) -> list[dict]:
+def rollout_seeds(
+    jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpec, settings: RolloutConfig
+) -> list[dict]:
     """Ray task body: the expert and then `policy` on each (split, seed); one dict per episode."""
     import time
 
-    from mobile_vla.data.scenes import scene_from_seed
-    from mobile_vla.data.split_spec import SplitSpec
+    from mobile_vla.sim.scenes import scene_from_seed
+    from mobile_vla.sim.split_spec import SplitSpec
 
     cpu_start = time.process_time()
     spec = SplitSpec.model_validate_json(spec_json)
@@ -340,7 +349,7 @@ def rollout_seeds(jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpe
         scenes = [scene.model_copy(update={"max_steps": settings.max_steps}) for scene in scenes]
     worlds = _worker_slots(scenes[0], settings.obs_size)
 
-    expert_settings = RolloutSettings(settings.control_hz, settings.obs_size, settings.max_steps, (), settings.expert)
+    expert_settings = RolloutConfig(settings.control_hz, settings.obs_size, settings.max_steps, (), settings.expert)
     if policy.kind == "expert":
         reference = run_lockstep(worlds, scenes, ExpertPolicy(settings.expert), settings)
         driven = reference
@@ -356,7 +365,12 @@ def rollout_seeds(jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpe
     results = []
     for scene, mine, expert in zip(scenes, driven, reference):
         row = mine.to_dict()
-        row.update(split=scene.split, instruction=scene.instruction, scene=scene.to_json(), cpu_seconds=cpu_seconds,
-                   expert={k: v for k, v in expert.to_dict().items() if k != "frames"})
+        row.update(
+            split=scene.split,
+            instruction=scene.instruction,
+            scene=scene.to_json(),
+            cpu_seconds=cpu_seconds,
+            expert={k: v for k, v in expert.to_dict().items() if k != "frames"},
+        )
         results.append(row)
     return results

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,8 @@ WORKER_POOL_VAR = "MOBILE_VLA_WORKER_POOL"
 
 def ensure_ray(attempts: int = 3):
     """The running Ray, or a new local one. Ray gives a starting node 30 s to register; on a busy
-    small machine that can pass, so a local start is tried again (a cluster address is not)."""
+    small machine that can pass, so a local start is tried again (a cluster address is not).
+    """
     import ray
 
     for attempt in range(1, attempts + 1):
@@ -50,13 +52,16 @@ def ensure_ray(attempts: int = 3):
     return ray
 
 
-def fan_out(body: Callable, chunks: list[list], args: tuple, description: str, progress: bool = True,
-            num_gpus: float = 0) -> list:
+def fan_out(
+    body: Callable, chunks: list[list], args: tuple, description: str, progress: bool = True, num_gpus: float = 0
+) -> list:
     """Runs `body(chunk, *args)` as one Ray task per chunk; returns the tasks' lists concatenated
-    (in completion order) while a progress bar counts finished chunk items."""
+    (in completion order) while a progress bar counts finished chunk items.
+    """
     ray = ensure_ray()
-    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0,
-                      runtime_env={"env_vars": {WORKER_POOL_VAR: "evaluate"}})(body)
+    task = ray.remote(
+        num_cpus=1, num_gpus=num_gpus, max_retries=0, runtime_env={"env_vars": {WORKER_POOL_VAR: "evaluate"}}
+    )(body)
     pending = {task.remote(chunk, *args): chunk for chunk in chunks}
     results: list = []
     with _Progress(progress, description, sum(len(c) for c in chunks)) as advance:

@@ -1,8 +1,8 @@
-"""Export: the one-step recurrent ONNX graph (fp32, fp16), TensorRT plans, and the backend fallback chain.
+"""Export: the one-step recurrent ONNX graph (fp32, fp16), parity, `signature.json` and TensorRT plans.
 
     mobile-vla export --model models:/mobile-vla-policy@challenger --fp16
-    backend = load_backend(model_dir)          # tensorrt -> onnx-cuda -> onnx-cpu -> torch
-    out = backend.predict(images, state, instructions, memory)
+
+The backends that run these artifacts live in `mobile_vla.runtime`.
 
 Light at import (the CLI imports this package): torch, onnx, onnxruntime and tensorrt load on first use.
 """
@@ -12,10 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 _LAZY = {
-    "load_backend": "mobile_vla.export.backends",
-    "Backend": "mobile_vla.export.backends",
-    "BackendOutput": "mobile_vla.export.backends",
-    "BACKEND_NAMES": "mobile_vla.export.backends",
     "export_model": "mobile_vla.export.onnx_export",
     "ExportSignature": "mobile_vla.export.signature",
     "load_signature": "mobile_vla.export.signature",

@@ -20,14 +20,30 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, metavar="MODEL_URI",
-                        help="models:/NAME@alias, models:/NAME/VERSION or a model folder (holding policy/)")
-    parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (and an fp16 plan with --tensorrt)")
-    parser.add_argument("--tensorrt", action="store_true", help="build a TensorRT plan for this GPU (needs a GPU and TensorRT)")
-    parser.add_argument("--data", metavar="DIR", default=None,
-                        help="dataset folder whose frames the parity check uses (default: render MiniWorld frames)")
-    parser.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
-                        help="torch.onnx exporter (default dynamo; falls back to legacy if dynamo fails)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL_URI",
+        help="models:/NAME@alias, models:/NAME/VERSION or a model folder (holding policy/)",
+    )
+    parser.add_argument(
+        "--fp16", action="store_true", help="also write model.fp16.onnx (and an fp16 plan with --tensorrt)"
+    )
+    parser.add_argument(
+        "--tensorrt", action="store_true", help="build a TensorRT plan for this GPU (needs a GPU and TensorRT)"
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="dataset folder whose frames the parity check uses (default: render MiniWorld frames)",
+    )
+    parser.add_argument(
+        "--exporter",
+        choices=("dynamo", "legacy"),
+        default="dynamo",
+        help="torch.onnx exporter (default dynamo; falls back to legacy if dynamo fails)",
+    )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch of the TensorRT profile (default 32)")
     parser.add_argument("--force", action="store_true", help="re-export ONNX even if the version already has it")
@@ -69,22 +85,31 @@ def run_export(args) -> int:
             require_tensorrt()
             require_cuda_gpu()
         except ResourceError as exc:
-            raise ResourceError(f"--tensorrt: {exc}; nothing was exported (run without --tensorrt for ONNX only)") from None
+            raise ResourceError(
+                f"--tensorrt: {exc}; nothing was exported (run without --tensorrt for ONNX only)"
+            ) from None
 
     resolved = resolve_model(args.model)
     folder = resolved.path
     attach = bool(resolved.name and resolved.version) and not args.no_attach
     signature = None if args.force else _existing_signature(folder, args.fp16)
     if signature is not None:
-        console.print(f"[dim]{folder}/onnx already holds verified graphs (exported {signature.created_at}); "
-                      "keeping them (--force re-exports)[/dim]")
+        console.print(
+            f"[dim]{folder}/onnx already holds verified graphs (exported {signature.created_at}); "
+            "keeping them (--force re-exports)[/dim]"
+        )
     else:
         from mobile_vla.export.onnx_export import export_model
 
         with console.status("exporting") as status:
             result = export_model(
-                folder, name=resolved.name, version=resolved.version, fp16=args.fp16,
-                exporter=args.exporter, opset=args.opset, data_dir=args.data,
+                folder,
+                name=resolved.name,
+                version=resolved.version,
+                fp16=args.fp16,
+                exporter=args.exporter,
+                opset=args.opset,
+                data_dir=args.data,
                 progress=lambda text: status.update(text),
             )
         signature = result.signature
@@ -103,7 +128,11 @@ def run_export(args) -> int:
             from mobile_vla.tracking import attach_artifacts, set_version_tags
 
             attach_artifacts(resolved.name, resolved.version, plan_folder, f"{TENSORRT_DIR}/{plan_folder.name}")
-            set_version_tags(resolved.name, resolved.version, {f"export.tensorrt.{plan_folder.name}": "fp16" if args.fp16 else "fp32"})
+            set_version_tags(
+                resolved.name,
+                resolved.version,
+                {f"export.tensorrt.{plan_folder.name}": "fp16" if args.fp16 else "fp32"},
+            )
 
     table = Table(title=f"export of {resolved.uri}", show_header=True)
     table.add_column("file")
@@ -113,15 +142,22 @@ def run_export(args) -> int:
         table.add_row(f"onnx/{graph.file}", graph.precision, f"{graph.bytes / 1e6:.1f}")
     if plan_folder is not None:
         for plan in sorted(plan_folder.glob("*.plan")):
-            table.add_row(f"tensorrt/{plan_folder.name}/{plan.name}", "fp16" if "fp16" in plan.name else "fp32",
-                          f"{plan.stat().st_size / 1e6:.1f}")
+            table.add_row(
+                f"tensorrt/{plan_folder.name}/{plan.name}",
+                "fp16" if "fp16" in plan.name else "fp32",
+                f"{plan.stat().st_size / 1e6:.1f}",
+            )
     Console().print(table)
     if signature.parity is not None:
         p = signature.parity
         fp32 = ", ".join(f"{k} {v:.2g}" for k, v in p.fp32_max_abs_diff.items())
         line = f"parity (max abs diff): fp32 {fp32} (tol {p.fp32_tolerance:g}); {p.sequence_steps}-step round trip {p.sequence_max_abs_diff:.2g}"
         if p.fp16_max_abs_diff:
-            line += "; fp16 " + ", ".join(f"{k} {v:.2g}" for k, v in p.fp16_max_abs_diff.items()) + f" (tol {p.fp16_tolerance:g})"
+            line += (
+                "; fp16 "
+                + ", ".join(f"{k} {v:.2g}" for k, v in p.fp16_max_abs_diff.items())
+                + f" (tol {p.fp16_tolerance:g})"
+            )
         Console().print(line)
     where = f"attached to {resolved.name} version {resolved.version}" if attach else f"written to {folder}"
     Console().print(where)
@@ -134,11 +170,15 @@ def attach_onnx(resolved, signature) -> None:
 
     attach_artifacts(resolved.name, resolved.version, resolved.path / "onnx", "onnx")
     parity = signature.parity
-    set_version_tags(resolved.name, resolved.version, {
-        "export.onnx": ",".join(g.precision for k, g in sorted(signature.graphs.items()) if k.startswith("step")),
-        "export.opset": signature.opset,
-        "export.exporter": "dynamo" if signature.exporter.dynamo else "legacy",
-    })
+    set_version_tags(
+        resolved.name,
+        resolved.version,
+        {
+            "export.onnx": ",".join(g.precision for k, g in sorted(signature.graphs.items()) if k.startswith("step")),
+            "export.opset": signature.opset,
+            "export.exporter": "dynamo" if signature.exporter.dynamo else "legacy",
+        },
+    )
     metrics = {
         "parity_fp32_max_abs_diff": max(parity.fp32_max_abs_diff.values()),
         "parity_sequence_max_abs_diff": parity.sequence_max_abs_diff,

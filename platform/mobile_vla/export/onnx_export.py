@@ -33,9 +33,6 @@ from mobile_vla.errors import ModelError
 from mobile_vla.export.signature import (
     BATCH,
     STEP_INPUTS,
-    STEP_OUTPUTS,
-    TEXT_INPUTS,
-    TEXT_OUTPUTS,
     ActionSpec,
     ExporterInfo,
     ExportSignature,
@@ -80,8 +77,17 @@ def _wrappers():
             super().__init__()
             self.policy = policy
 
-        def forward(self, images, state, clip_text, kosmos_input_ids, kosmos_attention_mask,
-                    kosmos_image_embeds_position_mask, h_in, c_in):
+        def forward(
+            self,
+            images,
+            state,
+            clip_text,
+            kosmos_input_ids,
+            kosmos_attention_mask,
+            kosmos_image_embeds_position_mask,
+            h_in,
+            c_in,
+        ):
             # Cast the uint8 frames first: identical values (uint8 -> float is exact), and the uint8
             # input then feeds only a Cast, the one use TensorRT allows for a UINT8 network input.
             images = images.to(clip_text.dtype)
@@ -90,7 +96,9 @@ def _wrappers():
                 "kosmos_attention_mask": kosmos_attention_mask,
                 "kosmos_image_embeds_position_mask": kosmos_image_embeds_position_mask,
             }
-            actions, confidence, (h_out, c_out) = self.policy.step(images, state, tokens, (h_in, c_in), clip_text=clip_text)
+            actions, confidence, (h_out, c_out) = self.policy.step(
+                images, state, tokens, (h_in, c_in), clip_text=clip_text
+            )
             return actions, confidence, h_out, c_out
 
     class TextGraph(nn.Module):
@@ -143,7 +151,7 @@ def describe_policy(model, preprocessing, name: str | None = None, version: str 
     step_in, step_out, _, _ = _io_specs(model, preprocessing)
     return ExportSignature(
         model=ModelRef(name=name, version=version),
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         inputs=step_in,
         outputs=step_out,
         graphs={},
@@ -203,7 +211,8 @@ def _batch_axes(specs: list[TensorSpec]) -> dict[str, int]:
 def _torch_export(module, args, path: Path, inputs, outputs, exporter: str, opset: int, large: bool) -> None:
     """Exports with nn.MultiheadAttention's fused inference fast path off: it is taken whenever no
     gradient is needed (eval + frozen CLIP, or no_grad) and `_native_multi_head_attention` has no
-    ONNX export; the unfused path computes the same attention."""
+    ONNX export; the unfused path computes the same attention.
+    """
     import torch
 
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -224,15 +233,28 @@ def _export_call(module, args, path: Path, inputs, outputs, exporter: str, opset
         # The wrappers' forward arguments are named like the graph inputs.
         dynamic_shapes = {name: {axis: batch} for name, axis in _batch_axes(inputs).items()}
         program = torch.onnx.export(
-            module, args, dynamo=True, input_names=in_names, output_names=out_names,
-            dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=large, verbose=False,
+            module,
+            args,
+            dynamo=True,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            external_data=large,
+            verbose=False,
         )
         program.save(str(path), external_data=large)
     else:
         axes = {**_batch_axes(inputs), **_batch_axes(outputs)}
         torch.onnx.export(
-            module, args, str(path), dynamo=False, input_names=in_names, output_names=out_names,
-            dynamic_axes={name: {axis: BATCH} for name, axis in axes.items()}, opset_version=opset,
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes={name: {axis: BATCH} for name, axis in axes.items()},
+            opset_version=opset,
             do_constant_folding=True,
         )
 
@@ -255,7 +277,9 @@ def _offline_optimise(source: Path, target: Path, large: bool) -> None:
     options.optimized_model_filepath = str(target)
     options.log_severity_level = 3
     if large:
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", target.name + ".data"
+        )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     import onnx
@@ -279,7 +303,9 @@ def _to_fp16(source: Path, target: Path, large: bool) -> str:
     graph = onnx_ir.serde.deserialize_model(converted)
     graph.graph.sort()
     converted = onnx_ir.serde.serialize_model(graph)
-    onnx.save_model(converted, str(target), save_as_external_data=large, location=target.name + ".data" if large else None)
+    onnx.save_model(
+        converted, str(target), save_as_external_data=large, location=target.name + ".data" if large else None
+    )
     return f"onnxruntime.transformers.float16 {onnxruntime.__version__} (keep_io_types=True)"
 
 
@@ -287,8 +313,13 @@ def _graph_file(folder: Path, name: str, precision: str, inputs, outputs) -> Gra
     path = folder / name
     data = {p.name: file_sha256(p) for p in sorted(folder.glob(name + ".data*"))}
     return GraphFile(
-        file=name, precision=precision, sha256=file_sha256(path), bytes=path.stat().st_size,
-        inputs=inputs, outputs=outputs, external_data=data,
+        file=name,
+        precision=precision,
+        sha256=file_sha256(path),
+        bytes=path.stat().st_size,
+        inputs=inputs,
+        outputs=outputs,
+        external_data=data,
     )
 
 
@@ -352,13 +383,17 @@ def export_model(
         except Exception as exc:
             if exporter != "dynamo":
                 raise ModelError(f"torch.onnx.export ({exporter}) failed: {str(exc).splitlines()[0]}") from exc
-            notes.append(f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); used legacy")
+            notes.append(
+                f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); used legacy"
+            )
             log.warning("%s", notes[-1])
             used = "legacy"
             shutil.rmtree(raw.parent)
             raw.parent.mkdir()
             _torch_export(StepGraph(model).eval(), step_args, raw, step_in, step_out, used, opset, large)
-        _torch_export(TextGraph(model).eval(), text_args, scratch / "raw" / TEXT_FILE, text_in, text_out, used, opset, False)
+        _torch_export(
+            TextGraph(model).eval(), text_args, scratch / "raw" / TEXT_FILE, text_in, text_out, used, opset, False
+        )
         seconds["torch_export"] = time.perf_counter() - clock
 
         say("checking and optimising the graphs")
@@ -377,10 +412,12 @@ def export_model(
         seconds["check_optimise_convert"] = time.perf_counter() - clock - sum(seconds.values())
 
         say("measuring parity against PyTorch on real frames")
-        frames = parity.parity_frames(max(max(parity.PARITY_BATCHES), 2 * preprocessing.window),
-                                      preprocessing.image_size, data_dir)
+        frames = parity.parity_frames(
+            max(max(parity.PARITY_BATCHES), 2 * preprocessing.window), preprocessing.image_size, data_dir
+        )
         figures = parity.measure_parity(
-            model, preprocessing,
+            model,
+            preprocessing,
             fp32_session=_cpu_session(scratch / STEP_FILE),
             text_session=_cpu_session(scratch / TEXT_FILE),
             fp16_session=_cpu_session(scratch / STEP_FP16_FILE) if fp16 else None,
@@ -394,16 +431,23 @@ def export_model(
         }
         if fp16:
             graphs["step_fp16"] = _graph_file(scratch, STEP_FP16_FILE, "fp16", step_in, step_out)
-        signature = base.model_copy(update={
-            "graphs": graphs,
-            "opset": opset,
-            "exporter": ExporterInfo(
-                name="torch.onnx.export", dynamo=used == "dynamo", opset=opset, torch=torch.__version__,
-                onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
-                offline_optimisation="ORT_ENABLE_BASIC", fp16_converter=converter,
-            ),
-            "parity": figures,
-        })
+        signature = base.model_copy(
+            update={
+                "graphs": graphs,
+                "opset": opset,
+                "exporter": ExporterInfo(
+                    name="torch.onnx.export",
+                    dynamo=used == "dynamo",
+                    opset=opset,
+                    torch=torch.__version__,
+                    onnx=onnx.__version__,
+                    onnxruntime=onnxruntime.__version__,
+                    offline_optimisation="ORT_ENABLE_BASIC",
+                    fp16_converter=converter,
+                ),
+                "parity": figures,
+            }
+        )
         signature.save(scratch)
         target = model_dir / ONNX_DIR
         if target.exists():

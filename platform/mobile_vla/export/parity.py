@@ -168,7 +168,9 @@ def torch_step(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     tokens = {k: t[k] for k in STEP_INPUTS[3:6]}
     with torch.inference_mode():
-        actions, confidence, (h, c) = model.step(t["images"], t["state"], tokens, (t["h_in"], t["c_in"]), clip_text=t["clip_text"])
+        actions, confidence, (h, c) = model.step(
+            t["images"], t["state"], tokens, (t["h_in"], t["c_in"]), clip_text=t["clip_text"]
+        )
     return dict(zip(STEP_OUTPUTS, (x.numpy() for x in (actions, confidence, h, c))))
 
 
@@ -192,23 +194,30 @@ def sequence_max_abs(model, preprocessing, session, frames: np.ndarray, steps: i
     h, c = (m.numpy() for m in model.initial_memory(batch))
     worst = 0.0
     for t in range(steps):
-        out = ort_step(session, {
-            "images": np.ascontiguousarray(images[:, t]),
-            "state": state[:, t],
-            "clip_text": clip_text,
-            "kosmos_input_ids": tokens["kosmos_input_ids"],
-            "kosmos_attention_mask": tokens["kosmos_attention_mask"],
-            "kosmos_image_embeds_position_mask": tokens["kosmos_image_embeds_position_mask"],
-            "h_in": h,
-            "c_in": c,
-        })
+        out = ort_step(
+            session,
+            {
+                "images": np.ascontiguousarray(images[:, t]),
+                "state": state[:, t],
+                "clip_text": clip_text,
+                "kosmos_input_ids": tokens["kosmos_input_ids"],
+                "kosmos_attention_mask": tokens["kosmos_attention_mask"],
+                "kosmos_image_embeds_position_mask": tokens["kosmos_image_embeds_position_mask"],
+                "h_in": h,
+                "c_in": c,
+            },
+        )
         h, c = out["h_out"], out["c_out"]
         worst = max(
             worst,
             float(np.abs(out["actions"] - reference.actions[:, t].numpy()).max()),
             float(np.abs(out["confidence"] - reference.confidence[:, t].numpy()).max()),
         )
-    worst = max(worst, float(np.abs(h - reference.memory[0].numpy()).max()), float(np.abs(c - reference.memory[1].numpy()).max()))
+    worst = max(
+        worst,
+        float(np.abs(h - reference.memory[0].numpy()).max()),
+        float(np.abs(c - reference.memory[1].numpy()).max()),
+    )
     return worst
 
 

@@ -29,9 +29,14 @@ DType = Literal["uint8", "int64", "float32", "float16"]
 ACTION_AXES = ["linear_x", "linear_y", "angular_z"]
 # The step graph's I/O names, in order (serving, TensorRT and the parity checks all use these).
 STEP_INPUTS = [
-    "images", "state", "clip_text",
-    "kosmos_input_ids", "kosmos_attention_mask", "kosmos_image_embeds_position_mask",
-    "h_in", "c_in",
+    "images",
+    "state",
+    "clip_text",
+    "kosmos_input_ids",
+    "kosmos_attention_mask",
+    "kosmos_image_embeds_position_mask",
+    "h_in",
+    "c_in",
 ]
 STEP_OUTPUTS = ["actions", "confidence", "h_out", "c_out"]
 TEXT_INPUTS = ["clip_input_ids"]
@@ -173,9 +178,7 @@ def load_signature(folder: str | Path) -> ExportSignature:
         raise ModelError(f"{path}: expected a JSON object")
     version = data.get("signature_version")
     if version != SIGNATURE_VERSION:
-        raise ModelError(
-            f"{path}: signature_version = {version!r}: this reader knows version {SIGNATURE_VERSION} only"
-        )
+        raise ModelError(f"{path}: signature_version = {version!r}: this reader knows version {SIGNATURE_VERSION} only")
     try:
         return ExportSignature.model_validate(data)
     except ValidationError as exc:
@@ -213,9 +216,7 @@ def check_io_matches(where: str, expected: list[TensorSpec], actual: list[Tensor
     want = {spec.name: spec for spec in expected}
     got = {spec.name: spec for spec in actual}
     if set(want) != set(got):
-        raise ModelError(
-            f"{where}: {kind} {sorted(got)} do not match {SIGNATURE_FILE} {sorted(want)}"
-        )
+        raise ModelError(f"{where}: {kind} {sorted(got)} do not match {SIGNATURE_FILE} {sorted(want)}")
     for name, spec in want.items():
         other = got[name]
         if other.dtype != spec.dtype:
@@ -224,6 +225,4 @@ def check_io_matches(where: str, expected: list[TensorSpec], actual: list[Tensor
             isinstance(a, int) != isinstance(b, int) or (isinstance(a, int) and a != b)
             for a, b in zip(other.shape, spec.shape)
         ):
-            raise ModelError(
-                f"{where}: {kind[:-1]} {name!r} shape {other.shape}, {SIGNATURE_FILE} says {spec.shape}"
-            )
+            raise ModelError(f"{where}: {kind[:-1]} {name!r} shape {other.shape}, {SIGNATURE_FILE} says {spec.shape}")

@@ -69,8 +69,10 @@ def profile_shapes(
     for spec in inputs:
         if any(isinstance(d, str) and d != BATCH for d in spec.shape):
             raise ModelError(f"input {spec.name!r} shape {spec.shape}: only the batch axis may be symbolic")
+
         def fill(batch: int) -> tuple[int, ...]:
             return tuple(batch if d == BATCH else int(d) for d in spec.shape)
+
         shapes[spec.name] = (fill(1), fill(opt_batch), fill(max_batch))
     return shapes
 
@@ -198,7 +200,9 @@ def build_engine(
     config.add_optimization_profile(profile)
 
     started = time.perf_counter()
-    log.info("building TensorRT %s plan for %s (%s), batch 1..%d", "fp16" if fp16 else "fp32", gpu_name, version, max_batch)
+    log.info(
+        "building TensorRT %s plan for %s (%s), batch 1..%d", "fp16" if fp16 else "fp32", gpu_name, version, max_batch
+    )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelError(f"{onnx_path}: TensorRT build failed for {gpu_name} (see the TensorRT log above)")
@@ -209,10 +213,17 @@ def build_engine(
     tmp.write_bytes(bytes(serialized))
     tmp.replace(plan)
     EngineMeta(
-        gpu=gpu_name, tensorrt=version, precision="fp16" if fp16 else "fp32", fp16_mode=mode,
-        max_batch=max_batch, opt_batch=min(opt_batch, max_batch), onnx_graph=graph_key,
-        onnx_sha256=file_sha256(onnx_path), model_name=signature.model.name,
-        model_version=signature.model.version, build_seconds=round(time.perf_counter() - started, 1),
+        gpu=gpu_name,
+        tensorrt=version,
+        precision="fp16" if fp16 else "fp32",
+        fp16_mode=mode,
+        max_batch=max_batch,
+        opt_batch=min(opt_batch, max_batch),
+        onnx_graph=graph_key,
+        onnx_sha256=file_sha256(onnx_path),
+        model_name=signature.model.name,
+        model_version=signature.model.version,
+        build_seconds=round(time.perf_counter() - started, 1),
     ).save(folder, fp16)
     return folder
 

@@ -1,5 +1,6 @@
 """`mobile-vla promote` and `mobile-vla online-update`: the gate that moves `@champion`, and the job
-that turns fleet feedback into a challenger. Heavy imports stay inside the functions (fast --help)."""
+that turns fleet feedback into a challenger. Heavy imports stay inside the functions (fast --help).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ def register(subparsers) -> None:
     which.add_argument("--version", help="the version to promote")
     which.add_argument("--from-alias", default=None, help="promote the version behind this alias (default challenger)")
     promote.add_argument(
-        "--gate", nargs="*", default=[], metavar="FILE|key=value",
+        "--gate",
+        nargs="*",
+        default=[],
+        metavar="FILE|key=value",
         help="a gate YAML file (e.g. jobs/configs/gate.yaml) and/or key=value overrides",
     )
     promote.add_argument("--force", action="store_true", help="move @champion even if the gate fails (tagged 'forced')")
@@ -101,7 +105,7 @@ def print_decision(decision) -> None:
 
 
 def run_promote(args) -> int:
-    from mobile_vla.online.promotion import load_gate, promote
+    from mobile_vla.tracking.lifecycle import load_gate, promote
 
     gate_file, overrides = split_gate_args(args.gate)
     gate = load_gate(gate_file, overrides)

@@ -39,9 +39,10 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pydantic import Field
 
@@ -88,7 +89,8 @@ def image_format(data: bytes) -> str:
 
 def normalise_record(record: Mapping[str, Any]) -> tuple[dict, bytes]:
     """Checks one step (whatever the HTTP layer already checked, for other callers too) and splits it
-    into JSON meta and the raw image bytes. `image` may be bytes or base64 text (the API body)."""
+    into JSON meta and the raw image bytes. `image` may be bytes or base64 text (the API body).
+    """
     if hasattr(record, "model_dump"):
         record = record.model_dump()
     meta = {k: v for k, v in record.items() if k != "image"}
@@ -153,7 +155,8 @@ class SegmentScan:
 
 def read_segment(path: Path, start: int = 0, scan: SegmentScan | None = None) -> Iterator[StoredRecord]:
     """Valid records of one segment from `start`; stops cleanly at the first torn or corrupt frame
-    (filling `scan.problem`). A frame still being written by a live writer looks the same: not yet a record."""
+    (filling `scan.problem`). A frame still being written by a live writer looks the same: not yet a record.
+    """
     with open(path, "rb") as handle:
         handle.seek(start)
         offset = start
@@ -232,7 +235,8 @@ class FeedbackStore:
     # -- appending ------------------------------------------------------------------------------------
     def append(self, record: Mapping[str, Any]) -> None:
         """Stores one step; returns only when it is fsynced. Raises DataError on a bad record, OSError
-        when the disk refuses (then nothing is acknowledged; a retry goes to a fresh segment)."""
+        when the disk refuses (then nothing is acknowledged; a retry goes to a fresh segment).
+        """
         meta, image = normalise_record(record)
         frame = encode_frame(meta, image)
         with self._write_lock:
@@ -329,7 +333,8 @@ class FeedbackStore:
 
     def repair(self) -> list[SegmentScan]:
         """Cuts torn tails off segments whose writer is gone (its flock released), moving the cut bytes
-        to quarantine/. Segments of live writers are left alone. Returns what was cut."""
+        to quarantine/. Segments of live writers are left alone. Returns what was cut.
+        """
         repaired = []
         for path in self.segment_paths():
             try:
@@ -384,8 +389,9 @@ class FeedbackStore:
             return Cursor()
         try:
             data = json.loads(path.read_text())
-            return Cursor(offsets=dict(data["offsets"]), consumed=list(data["consumed"]),
-                          history=list(data.get("history", [])))
+            return Cursor(
+                offsets=dict(data["offsets"]), consumed=list(data["consumed"]), history=list(data.get("history", []))
+            )
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: unreadable feedback cursor ({exc}); fix or remove it to reprocess all") from None
 
@@ -428,7 +434,8 @@ class FeedbackStore:
         """Writes one episode file per finished (robot_id, episode_id), labelled with the operator's
         correction where there is one, plus per-step `weight`, `intervention`, `corrected` and
         `action_executed` arrays, and a manifest. Unfinished episodes wait unless their last step is
-        older than `stale_after_s`. Returns the cursor to commit once the files have been used."""
+        older than `stale_after_s`. Returns the cursor to commit once the files have been used.
+        """
         from mobile_vla.data.manifest import build_manifest, split_names
 
         weights = weights or FeedbackWeights()
@@ -458,11 +465,15 @@ class FeedbackStore:
             if name:
                 names.append(name)
         if names:
-            splits = split_names(names, {"train": 1 - val_fraction, "val": val_fraction}) if val_fraction else {
-                "train": names}
+            splits = (
+                split_names(names, {"train": 1 - val_fraction, "val": val_fraction})
+                if val_fraction
+                else {"train": names}
+            )
             splits = {k: v for k, v in splits.items() if v}
-            build_manifest(out_dir, splits, generator={"kind": "feedback", "root": str(self.root),
-                                                        "weights": weights.model_dump()})
+            build_manifest(
+                out_dir, splits, generator={"kind": "feedback", "root": str(self.root), "weights": weights.model_dump()}
+            )
         new_cursor = advance_cursor(self, cursor, set(ready))
         return AssembleResult(out_dir, names, waiting, new_cursor, summary)
 
@@ -480,7 +491,8 @@ def _write_all(fd: int, data: bytes) -> None:
 @dataclass
 class Cursor:
     """Per segment, the byte offset before which every record belongs to a consumed episode; plus the
-    consumed episodes that still have records after those offsets (steps interleave across episodes)."""
+    consumed episodes that still have records after those offsets (steps interleave across episodes).
+    """
 
     offsets: dict[str, int] = field(default_factory=dict)
     consumed: list[str] = field(default_factory=list)
@@ -504,7 +516,8 @@ def advance_cursor(store: FeedbackStore, cursor: Cursor, newly_consumed: set[str
 
 class FeedbackWeights(StrictModel):
     """Per-step loss weights. Uncorrected steps of failed episodes get 0 by default: imitating what
-    led to a failure teaches the failure; those frames still serve as history for the steps after."""
+    led to a failure teaches the failure; those frames still serve as history for the steps after.
+    """
 
     corrected: float = Field(4.0, ge=0)  # operator gave action_corrected, or took over (intervention)
     success: float = Field(1.0, ge=0)  # uncorrected steps of successful episodes
@@ -552,7 +565,11 @@ def _model_version(stored: StoredRecord) -> str | None:
 
 
 def write_feedback_episode(
-    out_dir: Path, key: str, steps: dict[int, StoredRecord], weights: FeedbackWeights, control_hz: float,
+    out_dir: Path,
+    key: str,
+    steps: dict[int, StoredRecord],
+    weights: FeedbackWeights,
+    control_hz: float,
     summary: FeedbackSummary,
 ) -> str | None:
     import h5py
@@ -585,8 +602,12 @@ def write_feedback_episode(
     corrected = np.array([s.meta.get("action_corrected") is not None for s in kept])  # [T]
     intervention = np.array([bool(s.meta.get("intervention")) for s in kept])  # [T]
     labels = np.array(
-        [s.meta["action_corrected"] if s.meta.get("action_corrected") is not None else s.meta["action_executed"]
-         for s in kept], dtype=np.float32)  # [T, 3]
+        [
+            s.meta["action_corrected"] if s.meta.get("action_corrected") is not None else s.meta["action_executed"]
+            for s in kept
+        ],
+        dtype=np.float32,
+    )  # [T, 3]
     base = {True: weights.success, False: weights.failure, None: weights.unknown_outcome}[success]
     step_weight = np.where(corrected | intervention, weights.corrected, base).astype(np.float32)  # [T]
     state = np.array([s.meta["state"] for s in kept], dtype=np.float32) if state_dims != {0} else None
@@ -640,7 +661,8 @@ def read_step_weights(path: str | Path) -> Any | None:
 # ---------------------------------------------------------------------------------------- inspection
 def describe_feedback(root: str | Path) -> dict:
     """What `mobile-vla data inspect` shows for a feedback root: volume, robots, episodes, corrections,
-    torn tails, and how much is new since the last online update."""
+    torn tails, and how much is new since the last online update.
+    """
     store = FeedbackStore(root, repair=False)
     if not store.segments_dir.is_dir():
         raise DataError(f"{root}: no feedback segments/ folder (is this a feedback root?)")
@@ -649,8 +671,10 @@ def describe_feedback(root: str | Path) -> dict:
     episodes = store.pending_episodes(Cursor())
     new_keys = set(store.pending_episodes(cursor))
     finished = {k: v for k, v in episodes.items() if any(s.meta.get("episode_done") for s in v.values())}
-    outcomes = [next((s.meta["success"] for s in v.values() if s.meta.get("success") is not None), None)
-                for v in finished.values()]
+    outcomes = [
+        next((s.meta["success"] for s in v.values() if s.meta.get("success") is not None), None)
+        for v in finished.values()
+    ]
     steps = [s for v in episodes.values() for s in v.values()]
     return {
         "root": str(Path(root).resolve()),
@@ -658,12 +682,15 @@ def describe_feedback(root: str | Path) -> dict:
         "bytes": sum(s.size for s in scans),
         "records": sum(s.records for s in scans),
         "unique_steps": len(steps),
-        "torn_or_corrupt": [{"segment": s.name, "at_byte": s.valid_end, "problem": s.problem} for s in scans if s.problem],
+        "torn_or_corrupt": [
+            {"segment": s.name, "at_byte": s.valid_end, "problem": s.problem} for s in scans if s.problem
+        ],
         "robots": len({k.split("/", 1)[0] for k in episodes}),
         "episodes": len(episodes),
         "finished_episodes": len(finished),
         "success_rate": (sum(bool(o) for o in outcomes if o is not None) / max(1, sum(o is not None for o in outcomes)))
-        if any(o is not None for o in outcomes) else None,
+        if any(o is not None for o in outcomes)
+        else None,
         "corrected_steps": sum(s.meta.get("action_corrected") is not None for s in steps),
         "intervention_steps": sum(bool(s.meta.get("intervention")) for s in steps),
         "new_episodes_since_last_update": len(new_keys),
@@ -674,11 +701,19 @@ def describe_feedback(root: str | Path) -> dict:
 
 def describe_feedback_dataset(folder: str | Path, manifest: dict) -> dict:
     """For an assembled feedback dataset (manifest generator kind 'feedback'): robots, corrections,
-    interventions and the loss weight they carry, read without loading frames."""
+    interventions and the loss weight they carry, read without loading frames.
+    """
     import h5py
 
-    totals = {"episodes": 0, "steps": 0, "corrected_steps": 0, "intervention_steps": 0, "weight_sum": 0.0,
-              "zero_weight_steps": 0, "successes": 0}
+    totals = {
+        "episodes": 0,
+        "steps": 0,
+        "corrected_steps": 0,
+        "intervention_steps": 0,
+        "weight_sum": 0.0,
+        "zero_weight_steps": 0,
+        "successes": 0,
+    }
     robots = set()
     for name in manifest.get("episodes", {}):
         with h5py.File(Path(folder) / name, "r") as f:

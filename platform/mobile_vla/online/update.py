@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -37,12 +37,12 @@ from pydantic import Field
 from mobile_vla.config import StrictModel, dump_config, flatten, load_config, platform_home
 from mobile_vla.errors import ConfigError, DataError, ResourceError
 from mobile_vla.online.feedback_store import FeedbackWeights
-from mobile_vla.online.promotion import GateConfig
+from mobile_vla.tracking.lifecycle import GateConfig
 
 log = logging.getLogger(__name__)
 
 
-class FeedbackSection(StrictModel):
+class FeedbackConfig(StrictModel):
     root: str | None = None  # default $MOBILE_VLA_HOME/feedback (where serving's FeedbackStore writes)
     weights: FeedbackWeights = Field(default_factory=FeedbackWeights)
     stale_after_s: float | None = Field(3600.0, gt=0)  # unfinished episodes older than this are used too
@@ -50,7 +50,7 @@ class FeedbackSection(StrictModel):
     min_new_episodes: int = Field(1, ge=1)  # fewer: nothing to learn from, the job ends without a model
 
 
-class ReplaySection(StrictModel):
+class ReplayConfig(StrictModel):
     data: str | None = None  # the original dataset folder (manifest.json); null: feedback only
     split: str = "train"
     eval_split: str | None = "val"  # forgetting check (online.replay_mae); null skips it
@@ -58,7 +58,7 @@ class ReplaySection(StrictModel):
     eval_windows: int = Field(64, ge=1)  # cap on replay windows evaluated
 
 
-class FinetuneSection(StrictModel):
+class FinetuneConfig(StrictModel):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-5, gt=0)
@@ -71,9 +71,9 @@ class FinetuneSection(StrictModel):
     log_every_n_steps: int = Field(10, ge=1)
 
 
-class ClosedLoopSection(StrictModel):
+class ClosedLoopConfig(StrictModel):
     enabled: bool = False  # true once closed-loop evaluation (mobile_vla.evaluate) is deployed on the cluster
-    split: str = "unseen_layout"  # a held-out split of the data spec (mobile_vla.data.split_spec)
+    split: str = "unseen_layout"  # a held-out split of the data spec (mobile_vla.sim.split_spec)
     episodes: int = Field(200, ge=1)
 
 
@@ -84,15 +84,17 @@ class OnlineUpdateConfig(StrictModel):
     experiment: str = "mobile-vla-online"
     workdir: str | None = None  # default $MOBILE_VLA_HOME/online_updates/<time>
     cursor_advance: Literal["on_promotion", "always"] = "on_promotion"
-    feedback: FeedbackSection = Field(default_factory=FeedbackSection)
-    replay: ReplaySection = Field(default_factory=ReplaySection)
-    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
-    closed_loop: ClosedLoopSection = Field(default_factory=ClosedLoopSection)
-    gate: GateConfig = Field(default_factory=lambda: GateConfig(
-        require_closed_loop=False,
-        offline_mae_metric="online.replay_mae",
-        require_improvement={"online.corrected_mae": 0.05},
-    ))
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    closed_loop: ClosedLoopConfig = Field(default_factory=ClosedLoopConfig)
+    gate: GateConfig = Field(
+        default_factory=lambda: GateConfig(
+            require_closed_loop=False,
+            offline_mae_metric="online.replay_mae",
+            require_improvement={"online.corrected_mae": 0.05},
+        )
+    )
 
     def feedback_root(self) -> Path:
         return Path(self.feedback.root).expanduser() if self.feedback.root else platform_home() / "feedback"
@@ -115,9 +117,11 @@ class UpdateReport:
     cursor_committed: bool = False
 
     def summary(self) -> str:
-        lines = [f"online update: {self.status} (champion v{self.champion_version}, "
-                 f"challenger v{self.challenger_version or '-'}, {self.feedback_episodes} new feedback episodes, "
-                 f"{self.waiting_episodes} unfinished)"]
+        lines = [
+            f"online update: {self.status} (champion v{self.champion_version}, "
+            f"challenger v{self.challenger_version or '-'}, {self.feedback_episodes} new feedback episodes, "
+            f"{self.waiting_episodes} unfinished)"
+        ]
         for role, metrics in self.metrics.items():
             lines.append(f"  {role:>10}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         if self.reason:
@@ -128,13 +132,14 @@ class UpdateReport:
 # --------------------------------------------------------------------------------------------- data
 class WeightedWindows:
     """Windows of assembled feedback episodes whose `action_mask` [T, K] carries each target step's
-    weight: the loss (a mask-weighted mean) then counts a corrected step `weights.corrected` times."""
+    weight: the loss (a mask-weighted mean) then counts a corrected step `weights.corrected` times.
+    """
 
     def __init__(self, folder: Path, split: str, preprocessing, augment: bool, seed: int):
         import h5py
         import numpy as np
 
-        from mobile_vla.data.windows import WindowDataset
+        from mobile_vla.train.windows import WindowDataset
 
         self.windows = WindowDataset(folder, split, preprocessing, augment=augment, seed=seed)
         self.weights, self.corrected = [], []
@@ -170,7 +175,7 @@ class PlainWindows:
     def __init__(self, folder: Path, split: str, preprocessing, augment: bool, seed: int, limit: int | None):
         import numpy as np
 
-        from mobile_vla.data.windows import WindowDataset
+        from mobile_vla.train.windows import WindowDataset
 
         self.windows = WindowDataset(folder, split, preprocessing, augment=augment, seed=seed)
         ids = np.arange(len(self.windows))
@@ -202,7 +207,7 @@ def _to_device(batch: dict, device) -> dict:
     return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def finetune(model, dataset, cfg: FinetuneSection, log_metric=None) -> list[float]:
+def finetune(model, dataset, cfg: FinetuneConfig, log_metric=None) -> list[float]:
     """Weighted fine-tuning through `mobile_vla.policy.policy_loss`; returns the loss per step."""
     import torch
     from rich.progress import Progress
@@ -220,8 +225,12 @@ def finetune(model, dataset, cfg: FinetuneSection, log_metric=None) -> list[floa
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
-        generator=generator, num_workers=0,
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > cfg.batch_size,
+        generator=generator,
+        num_workers=0,
     )
     losses: list[float] = []
     epoch = 0
@@ -243,8 +252,11 @@ def finetune(model, dataset, cfg: FinetuneSection, log_metric=None) -> list[floa
                 optimizer.step()
                 losses.append(float(loss.detach()))
                 if log_metric and len(losses) % cfg.log_every_n_steps == 0:
-                    log_metric("finetune.loss", float(sum(losses[-cfg.log_every_n_steps:]) / cfg.log_every_n_steps),
-                               len(losses))
+                    log_metric(
+                        "finetune.loss",
+                        float(sum(losses[-cfg.log_every_n_steps :]) / cfg.log_every_n_steps),
+                        len(losses),
+                    )
                 progress.update(task, advance=1)
                 if len(losses) >= cfg.steps:
                     break
@@ -255,7 +267,8 @@ def finetune(model, dataset, cfg: FinetuneSection, log_metric=None) -> list[floa
 
 def evaluate_windows(model, dataset, preprocessing, batch_size: int = 8, device: str = "auto") -> dict[str, float]:
     """MAE (m/s, rad/s) of the action to execute now (k = 0) over weighted targets (`feedback_mae`)
-    and over corrected ones (`corrected_mae`), on windows without augmentation."""
+    and over corrected ones (`corrected_mae`), on windows without augmentation.
+    """
     import numpy as np
     import torch
 
@@ -269,8 +282,10 @@ def evaluate_windows(model, dataset, preprocessing, batch_size: int = 8, device:
             pred = preprocessing.denormalise_actions(output.actions[:, :, 0].cpu().numpy())  # [B, T, 3]
             true = preprocessing.denormalise_actions(batch["actions"][:, :, 0].numpy())  # [B, T, 3]
             error = np.abs(pred - true).mean(-1)  # [B, T]
-            for key, mask in (("all", batch["action_mask"][:, :, 0].numpy() > 0),
-                              ("corrected", batch["corrected_mask"][:, :, 0].numpy() > 0)):
+            for key, mask in (
+                ("all", batch["action_mask"][:, :, 0].numpy() > 0),
+                ("corrected", batch["corrected_mask"][:, :, 0].numpy() > 0),
+            ):
                 sums[key][0] += float(error[mask].sum())
                 sums[key][1] += float(mask.sum())
     return {
@@ -304,9 +319,10 @@ def _mlflow_run(cfg: OnlineUpdateConfig, champion_version: str):
     from mobile_vla.tracking import get_or_create_experiment
 
     experiment_id = get_or_create_experiment(cfg.experiment)
-    name = f"online-update-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=name,
-                                           tags={"mobile_vla.parent_version": champion_version})
+    name = f"online-update-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run = mlflow.MlflowClient().create_run(
+        experiment_id, run_name=name, tags={"mobile_vla.parent_version": champion_version}
+    )
     return run.info.run_id
 
 
@@ -329,11 +345,14 @@ def _log_loss_plot(client, run_id: str, losses: list[float]) -> None:
 def _closed_loop(cfg: OnlineUpdateConfig, version: str) -> dict[str, float]:
     """Closed-loop metrics of the challenger from the evaluation stage (MiniWorld episodes on Ray
     tasks), keyed as the gate reads them (`closed_loop.success_rate`, `closed_loop.episodes`, ...).
-    The champion's come from its own evaluation, on the same split's fixed scene seeds."""
+    The champion's come from its own evaluation, on the same split's fixed scene seeds.
+    """
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
 
     report = evaluate_closed_loop(
-        f"models:/{cfg.model}/{version}", cfg.closed_loop.split, episodes=cfg.closed_loop.episodes,
+        f"models:/{cfg.model}/{version}",
+        cfg.closed_loop.split,
+        episodes=cfg.closed_loop.episodes,
         data=cfg.replay.data,
     )
     return report.metrics(primary=True)
@@ -343,7 +362,7 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
     """The whole job; see the module docstring. Raises MobileVLAError subclasses on bad input."""
     from mobile_vla import tracking
     from mobile_vla.online.feedback_store import FeedbackStore
-    from mobile_vla.online.promotion import promote
+    from mobile_vla.tracking.lifecycle import promote
 
     tracking.configure_mlflow()
     root = cfg.feedback_root()
@@ -351,18 +370,30 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
         raise DataError(f"{root}: no feedback segments/ folder (feedback.root; serving writes it)")
     champion_version = tracking.get_version_by_alias(cfg.model, cfg.champion_alias)
     if champion_version is None:
-        raise ConfigError(f"models:/{cfg.model}@{cfg.champion_alias}: no champion to fine-tune; promote a version first")
-    workdir = Path(cfg.workdir) if cfg.workdir else (
-        platform_home() / "online_updates" / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-v{champion_version}")
+        raise ConfigError(
+            f"models:/{cfg.model}@{cfg.champion_alias}: no champion to fine-tune; promote a version first"
+        )
+    workdir = (
+        Path(cfg.workdir)
+        if cfg.workdir
+        else (platform_home() / "online_updates" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-v{champion_version}")
+    )
 
     with _UpdateLock(root):
         store = FeedbackStore(root)
         assembled = store.assemble_episodes(
-            workdir / "feedback", weights=cfg.feedback.weights, stale_after_s=cfg.feedback.stale_after_s,
-            val_fraction=cfg.feedback.holdout_fraction, progress=True,
+            workdir / "feedback",
+            weights=cfg.feedback.weights,
+            stale_after_s=cfg.feedback.stale_after_s,
+            val_fraction=cfg.feedback.holdout_fraction,
+            progress=True,
         )
-        report = UpdateReport("no_new_feedback", champion_version, feedback_episodes=len(assembled.episodes),
-                              waiting_episodes=len(assembled.waiting))
+        report = UpdateReport(
+            "no_new_feedback",
+            champion_version,
+            feedback_episodes=len(assembled.episodes),
+            waiting_episodes=len(assembled.waiting),
+        )
         if len(assembled.episodes) < cfg.feedback.min_new_episodes:
             report.reason = f"{len(assembled.episodes)} new finished episodes < feedback.min_new_episodes"
             log.info("online update: %s", report.reason)
@@ -372,7 +403,8 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
         report.run_id = run_id = _mlflow_run(cfg, champion_version)
         try:
             report.challenger_version, report.metrics = _train_register_evaluate(
-                cfg, resolved.path, champion_version, workdir, assembled, run_id)
+                cfg, resolved.path, champion_version, workdir, assembled, run_id
+            )
         except BaseException:
             import mlflow
 
@@ -385,9 +417,14 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
         decision = promote(cfg.model, version=report.challenger_version, gate=cfg.gate)
         report.status, report.reason = decision.decision, decision.reason
         if decision.promoted or cfg.cursor_advance == "always":
-            store.commit_cursor(assembled.cursor, {"challenger": report.challenger_version,
-                                                   "decision": decision.decision,
-                                                   "episodes": len(assembled.episodes)})
+            store.commit_cursor(
+                assembled.cursor,
+                {
+                    "challenger": report.challenger_version,
+                    "decision": decision.decision,
+                    "episodes": len(assembled.episodes),
+                },
+            )
             report.cursor_committed = True
         _finish_run(run_id, report)
         return report
@@ -421,7 +458,9 @@ def _train_register_evaluate(
         replay_dir = Path(cfg.replay.data).expanduser()
         limit = max(1, int(round(cfg.replay.ratio * len(train_fb)))) if cfg.replay.ratio > 0 else 0
         if limit:
-            parts.append(PlainWindows(replay_dir, cfg.replay.split, pre, cfg.finetune.augment, cfg.finetune.seed, limit))
+            parts.append(
+                PlainWindows(replay_dir, cfg.replay.split, pre, cfg.finetune.augment, cfg.finetune.seed, limit)
+            )
         if cfg.replay.eval_split:
             replay_eval = PlainWindows(replay_dir, cfg.replay.eval_split, pre, False, 0, cfg.replay.eval_windows)
     holdout = WeightedWindows(fb_dir, "val", pre, False, 0) if splits.get("val") else None
@@ -429,31 +468,57 @@ def _train_register_evaluate(
     def measure(m) -> dict[str, float]:
         metrics = {}
         if holdout is not None:
-            metrics.update({f"online.{k}": v for k, v in evaluate_windows(m, holdout, pre, device=cfg.finetune.device).items()})
+            metrics.update(
+                {f"online.{k}": v for k, v in evaluate_windows(m, holdout, pre, device=cfg.finetune.device).items()}
+            )
         if replay_eval is not None:
-            metrics["online.replay_mae"] = evaluate_windows(m, replay_eval, pre, device=cfg.finetune.device)["feedback_mae"]
+            metrics["online.replay_mae"] = evaluate_windows(m, replay_eval, pre, device=cfg.finetune.device)[
+                "feedback_mae"
+            ]
         return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
     before = measure(model)
-    log.info("online update: fine-tuning v%s on %d feedback + %d replay windows", champion_version,
-             len(train_fb), sum(len(p) for p in parts[1:]))
+    log.info(
+        "online update: fine-tuning v%s on %d feedback + %d replay windows",
+        champion_version,
+        len(train_fb),
+        sum(len(p) for p in parts[1:]),
+    )
     started = time.time()
-    losses = finetune(model, torch.utils.data.ConcatDataset(parts), cfg.finetune,
-                      log_metric=lambda k, v, s: client.log_metric(run_id, k, v, step=s))
+    losses = finetune(
+        model,
+        torch.utils.data.ConcatDataset(parts),
+        cfg.finetune,
+        log_metric=lambda k, v, s: client.log_metric(run_id, k, v, step=s),
+    )
     client.log_metric(run_id, "finetune.seconds", time.time() - started)
     _log_loss_plot(client, run_id, losses)
     after = measure(model)
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         save_policy(Path(tmp) / "policy", model.cpu(), pre)
-        (Path(tmp) / "online_update.json").write_text(json.dumps({
-            "parent_version": champion_version, "feedback": str(assembled.out_dir),
-            "episodes": assembled.episodes, "summary": vars(assembled.summary),
-        }, indent=1, default=str))
+        (Path(tmp) / "online_update.json").write_text(
+            json.dumps(
+                {
+                    "parent_version": champion_version,
+                    "feedback": str(assembled.out_dir),
+                    "episodes": assembled.episodes,
+                    "summary": vars(assembled.summary),
+                },
+                indent=1,
+                default=str,
+            )
+        )
         version = tracking.register_policy(
-            tmp, run_id, name=cfg.model, alias=cfg.challenger_alias,
-            tags={"source": "online-update", "online.parent_version": champion_version,
-                  "online.feedback_episodes": str(len(assembled.episodes))},
+            tmp,
+            run_id,
+            name=cfg.model,
+            alias=cfg.challenger_alias,
+            tags={
+                "source": "online-update",
+                "online.parent_version": champion_version,
+                "online.feedback_episodes": str(len(assembled.episodes)),
+            },
             description=f"online update of v{champion_version} on {len(assembled.episodes)} feedback episodes",
         )
     if cfg.closed_loop.enabled:

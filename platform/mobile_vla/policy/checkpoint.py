@@ -104,7 +104,7 @@ def load_policy(folder: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     model.to(device).eval()
     preprocessing = None
     if (folder / PREPROCESSING_DIR).is_dir():
-        from mobile_vla.preprocessing import Preprocessing
+        from mobile_vla.policy.preprocessing import Preprocessing
 
         preprocessing = Preprocessing.load(folder / PREPROCESSING_DIR)
     return model, preprocessing

@@ -116,7 +116,9 @@ def run_info(args) -> int:
     console.print(shapes)
     pretrained = info["pretrained"]
     if pretrained["kosmos"] or pretrained["clip"]:
-        console.print(f"pretrained weights (not downloaded here): kosmos={pretrained['kosmos']!r} clip={pretrained['clip']!r}")
+        console.print(
+            f"pretrained weights (not downloaded here): kosmos={pretrained['kosmos']!r} clip={pretrained['clip']!r}"
+        )
     return 0
 
 

@@ -66,11 +66,19 @@ class KosmosConfig:
     def __post_init__(self) -> None:
         owner = "PolicyConfig.kosmos"
         _positive(
-            owner, vision_layers=self.vision_layers, vision_width=self.vision_width,
-            vision_heads=self.vision_heads, vision_mlp=self.vision_mlp, patch_size=self.patch_size,
-            text_layers=self.text_layers, text_width=self.text_width, text_heads=self.text_heads,
-            text_ffn=self.text_ffn, text_vocab_size=self.text_vocab_size,
-            latent_query_num=self.latent_query_num, max_instruction_tokens=self.max_instruction_tokens,
+            owner,
+            vision_layers=self.vision_layers,
+            vision_width=self.vision_width,
+            vision_heads=self.vision_heads,
+            vision_mlp=self.vision_mlp,
+            patch_size=self.patch_size,
+            text_layers=self.text_layers,
+            text_width=self.text_width,
+            text_heads=self.text_heads,
+            text_ffn=self.text_ffn,
+            text_vocab_size=self.text_vocab_size,
+            latent_query_num=self.latent_query_num,
+            max_instruction_tokens=self.max_instruction_tokens,
             lora_alpha=self.lora_alpha,
         )
         _divisible(owner, "vision_width", self.vision_width, "vision_heads", self.vision_heads)
@@ -108,9 +116,14 @@ class ClipConfig:
     def __post_init__(self) -> None:
         owner = "PolicyConfig.clip"
         _positive(
-            owner, embed_dim=self.embed_dim, vision_layers=self.vision_layers,
-            vision_width=self.vision_width, vision_head_width=self.vision_head_width,
-            patch_size=self.patch_size, text_layers=self.text_layers, text_width=self.text_width,
+            owner,
+            embed_dim=self.embed_dim,
+            vision_layers=self.vision_layers,
+            vision_width=self.vision_width,
+            vision_head_width=self.vision_head_width,
+            patch_size=self.patch_size,
+            text_layers=self.text_layers,
+            text_width=self.text_width,
             text_heads=self.text_heads,
         )
         _divisible(owner, "vision_width", self.vision_width, "vision_head_width", self.vision_head_width)
@@ -151,8 +164,13 @@ class PolicyConfig:
         if not isinstance(self.clip, ClipConfig):
             _fail(owner, "clip", self.clip, "expected a ClipConfig")
         _positive(
-            owner, window=self.window, chunk=self.chunk, state_dim=self.state_dim,
-            fusion_dim=self.fusion_dim, lstm_hidden=self.lstm_hidden, lstm_layers=self.lstm_layers,
+            owner,
+            window=self.window,
+            chunk=self.chunk,
+            state_dim=self.state_dim,
+            fusion_dim=self.fusion_dim,
+            lstm_hidden=self.lstm_hidden,
+            lstm_layers=self.lstm_layers,
             head_hidden=self.head_hidden,
         )
         if self.fusion not in FUSIONS:
@@ -175,7 +193,7 @@ class PolicyConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "PolicyConfig") -> "PolicyConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "PolicyConfig") -> PolicyConfig:
         """Rebuilds a config from `to_dict()` output (e.g. a checkpoint's config.json), strictly."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -190,7 +208,7 @@ class PolicyConfig:
         _reject_unknown(cls, data, source)
         return cls(**data, **parts)
 
-    def replace(self, **changes: Any) -> "PolicyConfig":
+    def replace(self, **changes: Any) -> PolicyConfig:
         """A copy with top-level fields changed, e.g. `tiny().replace(fusion="film")`."""
         return dataclasses.replace(self, **changes)
 

@@ -44,7 +44,8 @@ def kosmos_hf_config(config: KosmosConfig):
 
 class KosmosEncoder(nn.Module):
     """Kosmos-2's multimodal feature: its language model reads the image latents and the instruction
-    in one causal sequence; the masked mean of the last hidden states summarises both. [N, D_k]"""
+    in one causal sequence; the masked mean of the last hidden states summarises both. [N, D_k]
+    """
 
     def __init__(self, config: KosmosConfig, load_pretrained: bool = True) -> None:
         super().__init__()
@@ -71,7 +72,8 @@ class KosmosEncoder(nn.Module):
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """A quick TCP probe of the Hugging Face endpoint, so an offline box fails in seconds with a clear
-    message instead of sitting through the hub client's retries (minutes)."""
+    message instead of sitting through the hub client's retries (minutes).
+    """
     import os
     import socket
     from urllib.parse import urlparse
@@ -167,9 +169,9 @@ class ClipEncoder(nn.Module):
 
 
 def _load_clip(config: ClipConfig):
-    import open_clip
-
     from pathlib import Path
+
+    import open_clip
 
     try:
         if not Path(config.pretrained).is_file() and not hub_reachable():
@@ -194,7 +196,8 @@ def freeze(module: nn.Module) -> None:
 
 def apply_lora(encoder: KosmosEncoder, config: KosmosConfig) -> None:
     """LoRA on the language model's attention (not the vision tower): adapts how the frozen LM reads
-    instructions for driving, at ~0.5% of its parameters."""
+    instructions for driving, at ~0.5% of its parameters.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(

@@ -78,8 +78,10 @@ class EnsembleConfig:
                         f"{name} (members[0] has {getattr(first, name)!r})"
                     )
         if len({(m.kosmos.pretrained, m.kosmos.latent_query_num) for m in members}) > 1:
-            raise ConfigError("EnsembleConfig.members: members must share one instruction tokenizer "
-                              "(kosmos.pretrained and kosmos.latent_query_num differ)")
+            raise ConfigError(
+                "EnsembleConfig.members: members must share one instruction tokenizer "
+                "(kosmos.pretrained and kosmos.latent_query_num differ)"
+            )
 
     # --- the shape questions a PolicyConfig answers ---------------------------------------------
     @property
@@ -127,7 +129,7 @@ class EnsembleConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "EnsembleConfig") -> "EnsembleConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "EnsembleConfig") -> EnsembleConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         unknown = sorted(set(data) - {"preset", "combine", "members", "sources"})
@@ -168,7 +170,7 @@ class EnsemblePolicy(nn.Module):
         self.text_widths = [member.clip.feature_dim for member in self.members]
 
     @classmethod
-    def from_members(cls, members: list[MobileVLAPolicy], sources: list[str] | None = None) -> "EnsemblePolicy":
+    def from_members(cls, members: list[MobileVLAPolicy], sources: list[str] | None = None) -> EnsemblePolicy:
         """An ensemble holding copies of these trained policies' weights."""
         ensemble = cls(EnsembleConfig(members=tuple(m.config for m in members), sources=tuple(sources or ())))
         for target, member in zip(ensemble.members, members):
@@ -201,7 +203,9 @@ class EnsemblePolicy(nn.Module):
         if self.config.shared_layers:
             return tuple(torch.cat([m[i] for m in memories], dim=-1) for i in range(2))
         # [layers_m, B, hidden_m] -> [B, layers_m * hidden_m] -> joined [1, B, total]
-        return tuple(torch.cat([m[i].permute(1, 0, 2).flatten(1) for m in memories], dim=-1).unsqueeze(0) for i in range(2))
+        return tuple(
+            torch.cat([m[i].permute(1, 0, 2).flatten(1) for m in memories], dim=-1).unsqueeze(0) for i in range(2)
+        )
 
     # --- combination ------------------------------------------------------------------------------
     def _combine(self, actions: list[torch.Tensor], log_vars: list[torch.Tensor]):

@@ -98,7 +98,7 @@ class MobileVLAPolicy(nn.Module):
         self.register_buffer("pixel_shift", -mean / std, persistent=False)  # [C]
 
     # ---- building blocks shared by forward and step -------------------------------------------
-    def train(self, mode: bool = True) -> "MobileVLAPolicy":
+    def train(self, mode: bool = True) -> MobileVLAPolicy:
         """Frozen backbones stay in eval mode (no dropout noise in features nobody trains)."""
         super().train(mode)
         if self.config.freeze_kosmos and not self.config.kosmos.lora_rank:
@@ -210,7 +210,8 @@ def _tensor(value) -> torch.Tensor:
 
 def build_policy(config: PolicyConfig, load_pretrained: bool = True) -> MobileVLAPolicy:
     """The model for `config`. `load_pretrained=False` skips hub/local weights (checkpoint loading,
-    `model info`): same modules, random init."""
+    `model info`): same modules, random init.
+    """
     if not isinstance(config, PolicyConfig):
         from mobile_vla.errors import ConfigError
 

@@ -1,7 +1,7 @@
 """Named policy sizes, numbers written out. All three build the SAME classes; only sizes and weights differ.
 
-    mobile-vla model info --preset small
-    build_policy(presets.full(pretrained=False))   # real Kosmos-2 + CLIP ViT-B/32 sizes, random weights
+mobile-vla model info --preset small
+build_policy(presets.full(pretrained=False))   # real Kosmos-2 + CLIP ViT-B/32 sizes, random weights
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def _tokenizer_from_files(files: dict[str, bytes]) -> TextTokenizer:
         return load_tokenizer(tmp)
 
 
-def build_tokenizer(config: "PolicyConfig") -> TextTokenizer:
+def build_tokenizer(config: PolicyConfig) -> TextTokenizer:
     """Hub/local Kosmos-2 processor for pretrained weights, else the locally trained BPE."""
     kosmos = config.kosmos
     if kosmos.pretrained:

@@ -44,7 +44,7 @@ class TokenVerifier:
         return f"TokenVerifier({len(self._hashes)} tokens)"
 
     @classmethod
-    def from_file(cls, path: Path) -> "TokenVerifier":
+    def from_file(cls, path: Path) -> TokenVerifier:
         if not path.is_file():
             raise ConfigError(f"{path}: tokens file not found")
         hashes = []

@@ -17,15 +17,19 @@ DEFAULT_CONFIG = "serve_configs/local.yaml"
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="serve the policy over HTTP (local Ray + Serve on 127.0.0.1:8000)",
+        "serve",
+        help="serve the policy over HTTP (local Ray + Serve on 127.0.0.1:8000)",
         description="Starts a local Ray cluster and deploys the Serve config; blocks until Ctrl-C.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default {DEFAULT_CONFIG})")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
     parser.add_argument("--model", default=None, help="override the model URI of every application")
-    parser.add_argument("--haproxy", action="store_true",
-                        help="HAProxy instead of Ray's Python proxy (about 2x requests/s on a small CPU box); binds "
-                             "ports on ALL interfaces: see docs/http_api.md#haproxy-mode before using it")
+    parser.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="HAProxy instead of Ray's Python proxy (about 2x requests/s on a small CPU box); binds "
+        "ports on ALL interfaces: see docs/http_api.md#haproxy-mode before using it",
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -37,7 +41,8 @@ HAPROXY_ALL_INTERFACES = "8404 (HAProxy stats) and 9101 (HAProxy metrics)"
 def proxy_environment(haproxy: bool) -> dict[str, str]:
     """Environment for the local Ray: Serve's throughput mode always (gRPC proxy->replica, user code on
     the replica's loop: about 1.2x the stock settings on the same box, docs/performance.md; set
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to opt out), HAProxy mode only when asked for."""
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to opt out), HAProxy mode only when asked for.
+    """
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")}
     if haproxy:
         env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
@@ -97,8 +102,10 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.update(proxy_environment(args.haproxy))
     if args.haproxy:
-        print(f"warning: HAProxy mode binds {HAPROXY_ALL_INTERFACES} on all interfaces, whatever "
-              "http_options.host says: firewall them (docs/http_api.md#haproxy-mode)")
+        print(
+            f"warning: HAProxy mode binds {HAPROXY_ALL_INTERFACES} on all interfaces, whatever "
+            "http_options.host says: firewall them (docs/http_api.md#haproxy-mode)"
+        )
 
     import ray
     from ray import serve
@@ -106,8 +113,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     try:
-        client = serve_start(http_options=config.http_options.model_dump(exclude_unset=True),
-                             proxy_location=config.proxy_location)
+        client = serve_start(
+            http_options=config.http_options.model_dump(exclude_unset=True), proxy_location=config.proxy_location
+        )
         client.deploy_apps(config)
         names = [app.name for app in config.applications]
         print(f"deploying {names} from {args.config} ...")

@@ -53,7 +53,8 @@ class FaultConfig(StrictModel):
     purpose without mocking Ray Serve. It hits only robots whose id starts with `robot_prefix`: an
     `error` fails only their steps (their batch-mates keep the primary's answer); a `slow` stall
     holds the whole batch the drill robot is in, so batch-mates are answered by the fallback after
-    `primary_timeout_s`. Never set in production configs."""
+    `primary_timeout_s`. Never set in production configs.
+    """
 
     mode: Literal["error", "slow"]
     robot_prefix: str = Field(default="drill-", min_length=1)
@@ -66,12 +67,21 @@ class PolicyUserConfig(StrictModel):
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     fp16: bool = False
-    cpu_threads: int = Field(default=1, ge=0, le=256,
-                             description="ONNX Runtime intra-op threads (0: one per core); idle threads never spin")
-    alias_poll_s: float = Field(default=DEFAULT_ALIAS_POLL_S, ge=0, le=3600,
-                                description="how often the replica checks where `alias` points; 0: only user_config changes the model")
-    prepare_delay_s: float = Field(default=0.0, ge=0, le=600,
-                                   description="TEST-ONLY: a pause before loading a new version, standing in for a TensorRT engine build")
+    cpu_threads: int = Field(
+        default=1, ge=0, le=256, description="ONNX Runtime intra-op threads (0: one per core); idle threads never spin"
+    )
+    alias_poll_s: float = Field(
+        default=DEFAULT_ALIAS_POLL_S,
+        ge=0,
+        le=3600,
+        description="how often the replica checks where `alias` points; 0: only user_config changes the model",
+    )
+    prepare_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="TEST-ONLY: a pause before loading a new version, standing in for a TensorRT engine build",
+    )
     faults: list[FaultConfig] = Field(default_factory=list)
 
 
@@ -147,33 +157,44 @@ class PolicyDeployment:
     # -- model lifecycle -------------------------------------------------------------------------
     def _load_model(self, config: PolicyUserConfig) -> LoadedModel:
         """Resolves the URI and opens the first backend of PREFER that works on this machine."""
-        from mobile_vla.export import load_backend
+        from mobile_vla.runtime import load_backend
         from mobile_vla.tracking import resolve_model
 
         resolved = resolve_model(config.model_uri)
-        backend = load_backend(resolved.path, prefer=self.PREFER, fp16=config.fp16, threads=config.cpu_threads,
-                               spinning=False)
+        backend = load_backend(
+            resolved.path, prefer=self.PREFER, fp16=config.fp16, threads=config.cpu_threads, spinning=False
+        )
         h, _ = backend.initial_memory(1)  # [..., 1, ...]: the recurrent state's shape comes from the signature
         name = backend.model_name or resolved.name or "unknown"
         version = str(backend.model_version or resolved.version or "unknown")
-        return LoadedModel(backend, name, version, config.alias or resolved.alias, config.model_uri,
-                           tuple(int(n) for i, n in enumerate(h.shape) if i != 1))
+        return LoadedModel(
+            backend,
+            name,
+            version,
+            config.alias or resolved.alias,
+            config.model_uri,
+            tuple(int(n) for i, n in enumerate(h.shape) if i != 1),
+        )
 
     def _prepare_version(self, config: PolicyUserConfig) -> None:
         """What must exist before `config.model_uri` can load here; TensorRTPolicy fetches or builds
-        the engine. Runs on the watcher thread while the old model keeps serving."""
+        the engine. Runs on the watcher thread while the old model keeps serving.
+        """
         if config.prepare_delay_s:
             time.sleep(config.prepare_delay_s)
 
     @staticmethod
     def _verify(loaded: LoadedModel, expected_version: str | None) -> None:
         """load_backend already checked the signature and ran a probe step; the version must also be
-        the one the alias named (a cached folder of another version must never be served under it)."""
+        the one the alias named (a cached folder of another version must never be served under it).
+        """
         if expected_version is not None and loaded.version != expected_version:
             raise RuntimeError(f"{loaded.uri}: loaded files are version {loaded.version}, expected {expected_version}")
         probe = loaded.backend.predict(
             np.zeros((1, loaded.backend.image_size, loaded.backend.image_size, 3), np.uint8),
-            np.zeros((1, loaded.backend.state_dim), np.float32), ["probe"])
+            np.zeros((1, loaded.backend.state_dim), np.float32),
+            ["probe"],
+        )
         if not np.isfinite(np.asarray(probe.actions)).all():
             raise RuntimeError(f"{loaded.uri}: probe step gave non-finite actions")
 
@@ -231,8 +252,13 @@ class PolicyDeployment:
         except Exception as exc:  # the old model keeps serving
             self._failed = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:1000], "at": time.monotonic()}
             self._metrics.load_failures.inc()
-            logger.error("policy %s: version %s failed to load, still serving %s: %s", type(self).__name__, version,
-                         old.version if old else "nothing", self._failed["error"])
+            logger.error(
+                "policy %s: version %s failed to load, still serving %s: %s",
+                type(self).__name__,
+                version,
+                old.version if old else "nothing",
+                self._failed["error"],
+            )
             return False
         finally:
             self._pending_version = None
@@ -241,8 +267,14 @@ class PolicyDeployment:
         self._swaps += 1
         self._metrics.swaps.inc()
         self._metrics.swap_seconds.observe(time.perf_counter() - started)
-        logger.info("policy %s: hot swap %s -> %s on %s in %.1f s", type(self).__name__, old.version if old else "none",
-                    loaded.version, loaded.backend.name, time.perf_counter() - started)
+        logger.info(
+            "policy %s: hot swap %s -> %s on %s in %.1f s",
+            type(self).__name__,
+            old.version if old else "none",
+            loaded.version,
+            loaded.backend.name,
+            time.perf_counter() - started,
+        )
         return True
 
     def __del__(self):
@@ -257,8 +289,12 @@ class PolicyDeployment:
         self._predict_chunks.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         previous = self._config
         self._config = config
-        if previous is not None and previous.model_uri == config.model_uri and previous.fp16 == config.fp16 \
-                and self._model is not None:
+        if (
+            previous is not None
+            and previous.model_uri == config.model_uri
+            and previous.fp16 == config.fp16
+            and self._model is not None
+        ):
             return  # batching or fault change only
         try:  # a (re)started replica begins on the alias's current version, not the one pinned at deploy time
             config = self._alias_target(config) or config
@@ -270,13 +306,21 @@ class PolicyDeployment:
             self._load_error = f"{type(exc).__name__}: {exc}"
             logger.error("policy %s could not load %s: %s", type(self).__name__, config.model_uri, self._load_error)
             # the watcher tries again at once, with _prepare_version (e.g. build the missing TensorRT engine)
-            self._failed = {"version": config.model_uri.rsplit("/", 1)[-1], "error": self._load_error,
-                            "at": time.monotonic() - RETRY_FAILED_S}
+            self._failed = {
+                "version": config.model_uri.rsplit("/", 1)[-1],
+                "error": self._load_error,
+                "at": time.monotonic() - RETRY_FAILED_S,
+            }
             return
         self._model, self._load_error = loaded, None  # atomic swap: in-flight batches keep the old one
         freeze_long_lived_heap()  # torch, ONNX Runtime, the model: never walked by a full collection mid-request
-        logger.info("policy %s serving %s version %s on %s", type(self).__name__, loaded.name, loaded.version,
-                    loaded.backend.name)
+        logger.info(
+            "policy %s serving %s version %s on %s",
+            type(self).__name__,
+            loaded.name,
+            loaded.version,
+            loaded.backend.name,
+        )
 
     @staticmethod
     def _check_batch_fits(config: PolicyUserConfig) -> None:
@@ -325,7 +369,8 @@ class PolicyDeployment:
         """Steps for a batch the ingress already gathered: one call per batch, not per robot. Chunks
         arriving together (several ingress replicas, or a next batch while the model runs) are merged
         again by `_predict_chunks` up to `max_batch_size` samples. A robot hit by an injected fault
-        gets a StepFailure in its slot; the rest of the chunk is answered."""
+        gets a StepFailure in its slot; the rest of the chunk is answered.
+        """
         self._calls += 1
         failed: dict[int, StepFailure] = {}
         for fault in self._config.faults if self._config else ():  # TEST-ONLY (FaultConfig)
@@ -333,23 +378,29 @@ class PolicyDeployment:
             if hit and fault.mode == "slow":
                 await asyncio.sleep(fault.delay_s)
             elif hit:
-                failed.update((i, StepFailure(f"injected fault for robots {fault.robot_prefix}* (user_config.faults)"))
-                              for i in hit)
+                failed.update(
+                    (i, StepFailure(f"injected fault for robots {fault.robot_prefix}* (user_config.faults)"))
+                    for i in hit
+                )
         if self._model is None:
             raise BackendUnavailable(f"{type(self).__name__} has no model loaded: {self._load_error}")
         healthy = [r for i, r in enumerate(requests) if i not in failed]
         answers = iter(await self._predict_chunks(healthy) if healthy else [])
         return [failed[i] if i in failed else next(answers) for i in range(len(requests))]
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
-                 max_concurrent_batches=CONCURRENT_BATCHES, batch_size_fn=lambda chunks: sum(len(chunk) for chunk in chunks))
+    @serve.batch(
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+        max_concurrent_batches=CONCURRENT_BATCHES,
+        batch_size_fn=lambda chunks: sum(len(chunk) for chunk in chunks),
+    )
     async def _predict_chunks(self, chunks: list[list[StepRequest]]) -> list[list[StepResult]]:
         model = self._model  # one model for the whole batch, even if a swap lands meanwhile
         requests = [r for chunk in chunks for r in chunk]
         results = await self._predict(model, requests)
         out, start = [], 0
         for chunk in chunks:
-            out.append(results[start:start + len(chunk)])
+            out.append(results[start : start + len(chunk)])
             start += len(chunk)
         return out
 
@@ -363,15 +414,20 @@ class PolicyDeployment:
         reset = []
         for b, r in enumerate(requests):
             usable = (
-                r.h is not None and r.memory_version == model.version and r.memory_name == model.name
-                and r.h.shape == model.state_shape and r.c.shape == model.state_shape
+                r.h is not None
+                and r.memory_version == model.version
+                and r.memory_name == model.name
+                and r.h.shape == model.state_shape
+                and r.c.shape == model.state_shape
             )
             if usable:
                 h0[:, b], c0[:, b] = r.h, r.c
             reset.append(r.h is not None and not usable)
         start = time.perf_counter()
         out = await asyncio.to_thread(model.backend.predict, images, state, instructions, (h0, c0))
-        self._metrics.batch_latency_ms.observe((time.perf_counter() - start) * 1000, tags={"backend": model.backend.name})
+        self._metrics.batch_latency_ms.observe(
+            (time.perf_counter() - start) * 1000, tags={"backend": model.backend.name}
+        )
         self._metrics.batch_size.observe(B, tags={"backend": model.backend.name})
         self._metrics.sample_resources()
         self._batches += 1
@@ -380,8 +436,16 @@ class PolicyDeployment:
         actions = np.asarray(out.actions, dtype=np.float32)  # [B, K, 3]
         confidence = np.asarray(out.confidence, dtype=np.float32)  # [B]
         return [
-            StepResult(actions[b], float(confidence[b]), np.asarray(h1[:, b]), np.asarray(c1[:, b]),
-                       model.name, model.version, model.backend.name, reset[b])
+            StepResult(
+                actions[b],
+                float(confidence[b]),
+                np.asarray(h1[:, b]),
+                np.asarray(c1[:, b]),
+                model.name,
+                model.version,
+                model.backend.name,
+                reset[b],
+            )
             for b in range(B)
         ]
 
@@ -397,7 +461,8 @@ class TensorRTPolicy(PolicyDeployment):
 
     def _prepare_version(self, config: PolicyUserConfig) -> None:
         """A new version rarely has a plan for this GPU yet: fetch it from the version, else build and
-        attach it (minutes; the ingress sends this version's traffic to the ONNX fallback meanwhile)."""
+        attach it (minutes; the ingress sends this version's traffic to the ONNX fallback meanwhile).
+        """
         from mobile_vla.serve.engine_provision import ensure_engine
 
         super()._prepare_version(config)

@@ -19,7 +19,13 @@ def ensure_engine(model_uri: str, fp16: bool = False) -> Path:
     """Returns the plan for this GPU and TensorRT version, building (and attaching) it if none exists."""
     from mobile_vla.errors import ModelError
     from mobile_vla.export.signature import load_signature
-    from mobile_vla.export.tensorrt_engine import TENSORRT_DIR, build_engine, require_cuda_gpu, require_tensorrt, select_plan
+    from mobile_vla.export.tensorrt_engine import (
+        TENSORRT_DIR,
+        build_engine,
+        require_cuda_gpu,
+        require_tensorrt,
+        select_plan,
+    )
     from mobile_vla.tracking import attach_artifacts, resolve_model
 
     trt = require_tensorrt()

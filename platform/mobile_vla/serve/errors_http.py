@@ -1,7 +1,8 @@
 """The error schema `{"error": {"code", "message"}}` and the handlers that make every failure use it.
 
 Every client mistake becomes a 4xx with a code a robot can branch on; only our own faults may be
-5xx, and even then the body keeps the schema and the replica keeps running."""
+5xx, and even then the body keeps the schema and the replica keeps running.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 
 def describe_errors(errors: list[dict]) -> tuple[int, str, str]:
-    """pydantic errors -> (status, code, message): bad JSON is 400, bad fields 422."""
+    """Pydantic errors -> (status, code, message): bad JSON is 400, bad fields 422."""
     if any(err.get("type") == "json_invalid" for err in errors):
         return 400, "invalid_json", "request body is not valid JSON"
     parts = []
@@ -39,9 +40,16 @@ def describe_errors(errors: list[dict]) -> tuple[int, str, str]:
     return 422, "invalid_request", "; ".join(parts)
 
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                 413: "body_too_large", 415: "unsupported_media_type", 429: "too_many_requests",
-                 503: "unavailable"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -15,7 +15,6 @@ Bodies are read by hand (not by FastAPI's body parameter) so the size limit hold
 parsed and the content type is checked first; the pydantic models still document the API.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -36,9 +35,9 @@ from pydantic import Field, ValidationError
 from ray import serve
 
 from mobile_vla.config import StrictModel
+from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.serve.app import ShadowConfig
 from mobile_vla.serve.deployments import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, StepRequest, StepResult
-from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.serve.errors_http import ApiError, describe_errors, error_response, install_error_handlers
 from mobile_vla.serve.schemas import (
     ActRequest,
@@ -56,7 +55,7 @@ INGRESS_CONCURRENT_BATCHES = 2  # batches on their way to the policy at once; on
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 429, 503)}
 
 
-class IngressSettings(StrictModel):
+class IngressConfig(StrictModel):
     """Built by `build_app` from the app arguments (paths already resolved)."""
 
     model_uri: str
@@ -87,7 +86,7 @@ fastapi_app = FastAPI(
     title="Mobile VLA policy API",
     version="1",
     description="Velocity commands for omniwheel robots from a camera frame, an instruction and the robot state. "
-    "Errors: {\"error\": {\"code\", \"message\"}}.",
+    'Errors: {"error": {"code", "message"}}.',
 )
 install_error_handlers(fastapi_app)
 
@@ -99,7 +98,8 @@ async def _awaited(response):
 
 class InstructionCache:
     """LRU of instruction -> token ids: robots repeat one instruction every step, tokenise it once.
-    Also the check that an instruction fits the model's token length (never silently truncated)."""
+    Also the check that an instruction fits the model's token length (never silently truncated).
+    """
 
     def __init__(self, tokenize, max_tokens: int | None, size: int):
         self._tokenize, self._max_tokens, self._size = tokenize, max_tokens, size
@@ -120,13 +120,13 @@ class InstructionCache:
 @serve.ingress(fastapi_app)
 class PolicyIngress:
     def __init__(self, settings: dict, primary=None, fallback=None, shadow=None):
-        from mobile_vla.serve.auth import TokenVerifier
         from mobile_vla.online.feedback_store import FeedbackStore
+        from mobile_vla.serve.auth import TokenVerifier
         from mobile_vla.serve.memory_token import MemoryCodec, load_or_create_secret
         from mobile_vla.serve.metrics import IngressMetrics
         from mobile_vla.serve.routing import CircuitBreaker
 
-        self.settings = IngressSettings.model_validate(settings)
+        self.settings = IngressConfig.model_validate(settings)
         self._auth = TokenVerifier.from_file(Path(self.settings.tokens_file))
         self._codec = MemoryCodec(load_or_create_secret(Path(self.settings.memory_secret_file)))
         self._sink = FeedbackStore(self.settings.feedback_dir)  # a FeedbackSink: durable when append returns
@@ -169,7 +169,7 @@ class PolicyIngress:
                 logger.warning("version watch failed: %s", str(exc).splitlines()[0][:200])
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.alias_poll_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 
@@ -185,7 +185,12 @@ class PolicyIngress:
             if status["loaded"] and self._learned_at.get(status["role"], 0.0) < started:
                 self._versions[status["role"]] = status["model_version"]
         target = self._alias_version
-        if target and target != side.version and target in self._versions.values() and target not in self._side_failures:
+        if (
+            target
+            and target != side.version
+            and target in self._versions.values()
+            and target not in self._side_failures
+        ):
             uri = f"models:/{side.name}/{target}"
             try:  # only once a replica serves it: a version that fails to load never changes the checks
                 await asyncio.to_thread(self._load_model_side, uri)
@@ -221,7 +226,9 @@ class PolicyIngress:
     async def _read_json(self, request: Request, model):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            raise ApiError(415, "unsupported_media_type", f"content-type must be application/json, got {content_type or 'none'!r}")
+            raise ApiError(
+                415, "unsupported_media_type", f"content-type must be application/json, got {content_type or 'none'!r}"
+            )
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -242,7 +249,8 @@ class PolicyIngress:
     async def _decode_image(self, text: str) -> np.ndarray:
         """base64 JPEG/PNG -> uint8 [224, 224, 3] by the saved preprocessing. The header is read
         first, so an oversized image is refused before its pixels are decoded; frames larger than
-        a camera's usual VGA are decoded in a thread so the event loop keeps serving."""
+        a camera's usual VGA are decoded in a thread so the event loop keeps serving.
+        """
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -259,7 +267,9 @@ class PolicyIngress:
             raise ApiError(400, "invalid_image", f"image cannot be decoded: {exc}") from None
         width, height = image.size
         if width * height > self.settings.max_image_pixels:
-            raise ApiError(413, "image_too_large", f"image is {width}x{height}; at most {self.settings.max_image_pixels} pixels")
+            raise ApiError(
+                413, "image_too_large", f"image is {width}x{height}; at most {self.settings.max_image_pixels} pixels"
+            )
 
         def decode() -> np.ndarray:
             with image:
@@ -284,19 +294,24 @@ class PolicyIngress:
 
     async def _run_step(self, step) -> tuple[Any, str, str]:
         """Primary (timeout + breaker), else fallback. Returns (StepResult, deployment, fallback reason or "").
-        Concurrent requests are gathered into one batch by `_route_batch`: one call per batch."""
+        Concurrent requests are gathered into one batch by `_route_batch`: one call per batch.
+        """
         outcome = await self._route_batch(step)
         if isinstance(outcome, ApiError):
             raise outcome
         return outcome
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
-                 max_concurrent_batches=INGRESS_CONCURRENT_BATCHES)  # resized from the settings in __init__
+    @serve.batch(
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+        max_concurrent_batches=INGRESS_CONCURRENT_BATCHES,
+    )  # resized from the settings in __init__
     async def _route_batch(self, steps: list[StepRequest]) -> list[tuple[Any, str, str] | ApiError]:
         """Routes a batch: the primary with a timeout (one call, one breaker verdict for the batch: a
         failure only when it answered none of it), then the fallback for the robots the primary did not
         answer (the whole batch on a timeout, an error or an open breaker; only the failed robots when
-        the primary answered the rest)."""
+        the primary answered the rest).
+        """
         outcomes: list = [None] * len(steps)
         pending = list(range(len(steps)))
         reason = "absent"
@@ -307,7 +322,7 @@ class PolicyIngress:
                 response = self._primary.step_batch.remote(steps)
                 try:
                     results = await asyncio.wait_for(_awaited(response), self.settings.primary_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     response.cancel()
                     self._breaker.record_failure()
                     reason = "timeout"
@@ -329,8 +344,12 @@ class PolicyIngress:
                         self._breaker.record_success()
                     if pending:
                         reason = "error"
-                        logger.warning("primary failed (error) for %d of %d robots: %s", len(pending), len(steps),
-                                       getattr(results[pending[0]], "error", "")[:200])
+                        logger.warning(
+                            "primary failed (error) for %d of %d robots: %s",
+                            len(pending),
+                            len(steps),
+                            getattr(results[pending[0]], "error", "")[:200],
+                        )
             else:
                 reason = "breaker_open"
             self._metrics.breaker_open.set(1 if self._breaker.state.value != "closed" else 0)
@@ -398,8 +417,12 @@ class PolicyIngress:
         stats = self._shadow_stats
         compared = stats["compared"]
         return {
-            "alias": self.settings.shadow.alias, "version": stats["version"], "compared": compared,
-            "agreed": stats["agreed"], "errors": stats["errors"], "dropped": stats["dropped"],
+            "alias": self.settings.shadow.alias,
+            "version": stats["version"],
+            "compared": compared,
+            "agreed": stats["agreed"],
+            "errors": stats["errors"],
+            "dropped": stats["dropped"],
             "agreement": stats["agreed"] / compared if compared else None,
             "mean_abs_action_diff": stats["diff_sum"] / compared if compared else None,
             "in_flight": len(self._shadow_tasks),
@@ -421,22 +444,34 @@ class PolicyIngress:
 
     async def _backend_statuses(self) -> list[dict]:
         out = []
-        for role, handle, name in (("primary", self._primary, self.settings.primary_name),
-                                   ("fallback", self._fallback, self.settings.fallback_name)):
+        for role, handle, name in (
+            ("primary", self._primary, self.settings.primary_name),
+            ("fallback", self._fallback, self.settings.fallback_name),
+        ):
             if handle is None:
                 continue
             try:
                 info = await asyncio.wait_for(_awaited(handle.info.remote()), 2.0)
                 detail = info.get("error")
             except Exception as exc:
-                info, detail = {"loaded": False, "backend": None, "model_version": None}, f"no answer: {type(exc).__name__}"
-            out.append({
-                "role": role, "deployment": name or role, "backend": info.get("backend"), "loaded": bool(info.get("loaded")),
-                "model_version": info.get("model_version"), "detail": detail,
-                "breaker": self._breaker.state.value if role == "primary" else None,
-                "pending_version": info.get("pending_version"), "failed_version": info.get("failed_version"),
-                "failed_reason": info.get("failed_error"),
-            })
+                info, detail = (
+                    {"loaded": False, "backend": None, "model_version": None},
+                    f"no answer: {type(exc).__name__}",
+                )
+            out.append(
+                {
+                    "role": role,
+                    "deployment": name or role,
+                    "backend": info.get("backend"),
+                    "loaded": bool(info.get("loaded")),
+                    "model_version": info.get("model_version"),
+                    "detail": detail,
+                    "breaker": self._breaker.state.value if role == "primary" else None,
+                    "pending_version": info.get("pending_version"),
+                    "failed_version": info.get("failed_version"),
+                    "failed_reason": info.get("failed_error"),
+                }
+            )
         return out
 
     @fastapi_app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS)
@@ -450,9 +485,18 @@ class PolicyIngress:
                 active = s["deployment"]
                 break
         side = self._side
-        return ModelInfo(name=side.name, version=side.version, alias=side.alias, uri=side.uri,
-                         state_dim=side.state_dim, chunk=side.chunk, backends=statuses, active=active,
-                         alias_version=self._alias_version, shadow=self._shadow_summary())
+        return ModelInfo(
+            name=side.name,
+            version=side.version,
+            alias=side.alias,
+            uri=side.uri,
+            state_dim=side.state_dim,
+            chunk=side.chunk,
+            backends=statuses,
+            active=active,
+            alias_version=self._alias_version,
+            shadow=self._shadow_summary(),
+        )
 
     @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_body_schema(ActRequest))
     async def act(self, request: Request):
@@ -467,8 +511,12 @@ class PolicyIngress:
             body: ActRequest = await self._read_json(request, ActRequest)
             state = self._check_state(body.state)
             self._check_instruction(body.instruction)
-            step = StepRequest(robot_id=body.robot_id, image=await self._decode_image(body.image), state=state,
-                               instruction=body.instruction)
+            step = StepRequest(
+                robot_id=body.robot_id,
+                image=await self._decode_image(body.image),
+                state=state,
+                instruction=body.instruction,
+            )
             if body.memory is not None:
                 try:
                     memory = self._codec.decode(body.memory)
@@ -477,25 +525,46 @@ class PolicyIngress:
                 if memory.robot_id != body.robot_id:
                     raise ApiError(400, "invalid_memory", "memory token belongs to another robot_id")
                 step.memory_name, step.memory_version, step.h, step.c = (
-                    memory.model_name, memory.model_version, memory.h, memory.c)
+                    memory.model_name,
+                    memory.model_version,
+                    memory.h,
+                    memory.c,
+                )
             result, served_by, fallback_reason = await self._run_step(step)
             self._copy_to_shadow(step, result)
-            token = self._codec.encode(RecurrentMemory(result.model_name, result.model_version, body.robot_id,
-                                                       result.h, result.c))
+            token = self._codec.encode(
+                RecurrentMemory(result.model_name, result.model_version, body.robot_id, result.h, result.c)
+            )
             latency_ms = (time.perf_counter() - start) * 1000
             backend_tag, status = result.backend, 200
             if result.memory_reset:
                 self._metrics.memory_resets.inc()
             self._metrics.latency_ms.observe(latency_ms, tags={"backend": result.backend})
             self._metrics.confidence.observe(result.confidence, tags={"backend": result.backend})
-            logger.info(json.dumps({"event": "act", "robot_id": body.robot_id, "backend": result.backend,
-                                    "fallback": fallback_reason or None, "memory_reset": result.memory_reset,
-                                    "latency_ms": round(latency_ms, 2)}))
-            return JSONResponse({
-                "actions": result.actions.tolist(), "confidence": result.confidence, "memory": token,
-                "model": {"name": result.model_name, "version": result.model_version},
-                "backend": result.backend, "memory_reset": result.memory_reset, "latency_ms": round(latency_ms, 3),
-            }, headers={"X-Served-By": served_by, "X-Fallback-Reason": fallback_reason or "none"})
+            logger.info(
+                json.dumps(
+                    {
+                        "event": "act",
+                        "robot_id": body.robot_id,
+                        "backend": result.backend,
+                        "fallback": fallback_reason or None,
+                        "memory_reset": result.memory_reset,
+                        "latency_ms": round(latency_ms, 2),
+                    }
+                )
+            )
+            return JSONResponse(
+                {
+                    "actions": result.actions.tolist(),
+                    "confidence": result.confidence,
+                    "memory": token,
+                    "model": {"name": result.model_name, "version": result.model_version},
+                    "backend": result.backend,
+                    "memory_reset": result.memory_reset,
+                    "latency_ms": round(latency_ms, 3),
+                },
+                headers={"X-Served-By": served_by, "X-Fallback-Reason": fallback_reason or "none"},
+            )
         except ApiError as exc:
             status = exc.status
             logger.info(json.dumps({"event": "act_refused", "status": exc.status, "code": exc.code}))
@@ -503,8 +572,13 @@ class PolicyIngress:
         finally:
             self._metrics.request("/v1/act", backend_tag, status)
 
-    @fastapi_app.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted, responses=_ERRORS,
-                      openapi_extra=_body_schema(FeedbackRequest))
+    @fastapi_app.post(
+        "/v1/feedback",
+        status_code=202,
+        response_model=FeedbackAccepted,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(FeedbackRequest),
+    )
     async def feedback(self, request: Request):
         """One executed step; 202 only once the record is durably stored."""
         from mobile_vla.serve.feedback_sink import feedback_key

@@ -28,28 +28,36 @@ class IngressMetrics:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
-            "mobile_vla_requests", "HTTP requests by route, backend and status.", tag_keys=("route", "backend", "status")
+            "mobile_vla_requests",
+            "HTTP requests by route, backend and status.",
+            tag_keys=("route", "backend", "status"),
         )
         self.latency_ms = Histogram(
-            "mobile_vla_request_latency_ms", "Ingress latency of answered /v1/act calls.",
-            boundaries=LATENCY_MS_BOUNDARIES, tag_keys=("backend",),
+            "mobile_vla_request_latency_ms",
+            "Ingress latency of answered /v1/act calls.",
+            boundaries=LATENCY_MS_BOUNDARIES,
+            tag_keys=("backend",),
         )
         self.fallbacks = Counter(
             "mobile_vla_fallbacks", "Requests sent to the fallback, by reason.", tag_keys=("reason",)
         )
         self.confidence = Histogram(
-            "mobile_vla_confidence", "Confidence of answered actions.", boundaries=CONFIDENCE_BOUNDARIES,
+            "mobile_vla_confidence",
+            "Confidence of answered actions.",
+            boundaries=CONFIDENCE_BOUNDARIES,
             tag_keys=("backend",),
         )
         self.memory_resets = Counter("mobile_vla_memory_resets", "Memory tokens dropped (other model version).")
         self.breaker_open = Gauge("mobile_vla_primary_breaker_open", "1 while the primary's circuit breaker is open.")
         self.shadow = Counter(
-            "mobile_vla_shadow_requests", "Copies of /v1/act sent to the shadow (challenger), by outcome: "
-            "agree, disagree, error, dropped.", tag_keys=("outcome",),
+            "mobile_vla_shadow_requests",
+            "Copies of /v1/act sent to the shadow (challenger), by outcome: agree, disagree, error, dropped.",
+            tag_keys=("outcome",),
         )
         self.shadow_action_diff = Histogram(
-            "mobile_vla_shadow_action_diff", "Mean absolute difference of the champion's and the shadow's action "
-            "chunks (m/s, rad/s).", boundaries=ACTION_DIFF_BOUNDARIES,
+            "mobile_vla_shadow_action_diff",
+            "Mean absolute difference of the champion's and the shadow's action chunks (m/s, rad/s).",
+            boundaries=ACTION_DIFF_BOUNDARIES,
         )
 
     def request(self, route: str, backend: str, status: int) -> None:
@@ -61,21 +69,31 @@ class PolicyMetrics:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.batch_size = Histogram(
-            "mobile_vla_batch_size", "Requests per executed batch.", boundaries=BATCH_SIZE_BOUNDARIES,
+            "mobile_vla_batch_size",
+            "Requests per executed batch.",
+            boundaries=BATCH_SIZE_BOUNDARIES,
             tag_keys=("backend",),
         )
         self.batch_latency_ms = Histogram(
-            "mobile_vla_batch_latency_ms", "Backend predict time per batch.", boundaries=LATENCY_MS_BOUNDARIES,
+            "mobile_vla_batch_latency_ms",
+            "Backend predict time per batch.",
+            boundaries=LATENCY_MS_BOUNDARIES,
             tag_keys=("backend",),
         )
         # Ray Serve tags these with the deployment and replica itself (the `deployment` tag is its own).
         self.swaps = Counter("mobile_vla_model_swaps", "Hot swaps to a new model version.")
         self.load_failures = Counter(
-            "mobile_vla_model_load_failures", "New versions that failed to load (the old one kept serving).")
+            "mobile_vla_model_load_failures", "New versions that failed to load (the old one kept serving)."
+        )
         self.swap_seconds = Histogram(
-            "mobile_vla_model_swap_seconds", "Prepare + load + verify time of a hot swap.", boundaries=SWAP_SECONDS_BOUNDARIES)
+            "mobile_vla_model_swap_seconds",
+            "Prepare + load + verify time of a hot swap.",
+            boundaries=SWAP_SECONDS_BOUNDARIES,
+        )
         self.memory_bytes = Gauge("mobile_vla_replica_memory_bytes", "Resident memory of this replica.")
-        self.gpu_utilization = Gauge("mobile_vla_replica_gpu_utilization", "GPU utilisation (0-100) seen by this replica.")
+        self.gpu_utilization = Gauge(
+            "mobile_vla_replica_gpu_utilization", "GPU utilisation (0-100) seen by this replica."
+        )
         self._last_sample = 0.0
 
     def sample_resources(self, every_s: float = 5.0) -> None:
@@ -101,7 +119,11 @@ def gpu_utilization() -> float | None:
     try:
         pynvml.nvmlInit()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-        handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit() else pynvml.nvmlDeviceGetHandleByIndex(0)
+        handle = (
+            pynvml.nvmlDeviceGetHandleByIndex(int(visible))
+            if visible.isdigit()
+            else pynvml.nvmlDeviceGetHandleByIndex(0)
+        )
         return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
     except Exception:  # NVML without a driver: no GPU to report
         return None

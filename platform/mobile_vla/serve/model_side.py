@@ -1,11 +1,13 @@
 """What the ingress needs to know about the served model, read from the same version folder the
 policy replicas load: the saved preprocessing (resize rule, S, K), the instruction tokenizer
-(to refuse an instruction the model cannot take instead of truncating it) and the name/version."""
+(to refuse an instruction the model cannot take instead of truncating it) and the name/version.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +29,7 @@ class ModelSide:
 
 def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
     from mobile_vla.export import load_signature
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
     from mobile_vla.tracking import resolve_model
 
     resolved = resolve_model(model_uri)

@@ -1,6 +1,6 @@
 """Writes the OpenAPI document of the HTTP API from the FastAPI app (docs/openapi.json).
 
-    python -m mobile_vla.serve.openapi_doc docs/openapi.json
+python -m mobile_vla.serve.openapi_doc docs/openapi.json
 """
 
 import json

@@ -14,7 +14,10 @@ SAMPLE_EXPERIMENT = "mobile-vla-serve-samples"
 
 
 def register_random_policy(
-    preset: str = "tiny", name: str = "mobile-vla-policy", alias: str = "champion", seed: int = 0,
+    preset: str = "tiny",
+    name: str = "mobile-vla-policy",
+    alias: str = "champion",
+    seed: int = 0,
     fp16: bool = False,
 ) -> str:
     """Builds, saves, registers and exports a random `preset` policy; returns `models:/NAME@alias`."""
@@ -23,31 +26,43 @@ def register_random_policy(
 
     from mobile_vla.export.onnx_export import export_model
     from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
     from mobile_vla.tracking import attach_artifacts, configure_mlflow, get_or_create_experiment, register_policy
 
     config = presets.get_preset(preset)
     torch.manual_seed(seed)
     model = build_policy(config).eval()
     preprocessing = Preprocessing(
-        action_low=[-0.5, -0.5, -1.0], action_high=[0.5, 0.5, 1.0],
-        state_mean=[0.0] * config.state_dim, state_std=[1.0] * config.state_dim, state_dim=config.state_dim,
-        window=config.window, chunk=config.chunk, tokenizer=build_tokenizer(config),
+        action_low=[-0.5, -0.5, -1.0],
+        action_high=[0.5, 0.5, 1.0],
+        state_mean=[0.0] * config.state_dim,
+        state_std=[1.0] * config.state_dim,
+        state_dim=config.state_dim,
+        window=config.window,
+        chunk=config.chunk,
+        tokenizer=build_tokenizer(config),
     )
     configure_mlflow()
     experiment_id = get_or_create_experiment(SAMPLE_EXPERIMENT)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=experiment_id, run_name=f"random-{preset}") as run:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mlflow.start_run(experiment_id=experiment_id, run_name=f"random-{preset}") as run,
+    ):
         model_dir = Path(tmp) / "model"
         save_policy(model_dir / "policy", model, preprocessing)
-        version = register_policy(model_dir, run.info.run_id, name=name, alias=alias,
-                                  tags={"sample": "random-weights", "preset": preset})
+        version = register_policy(
+            model_dir, run.info.run_id, name=name, alias=alias, tags={"sample": "random-weights", "preset": preset}
+        )
         export_model(model_dir, name=name, version=version, fp16=fp16)
         attach_artifacts(name, version, model_dir / "onnx", "onnx")
     return f"models:/{name}@{alias}"
 
 
 def register_version_copy(
-    source_dir: str | Path, name: str = "mobile-vla-policy", alias: str | None = None, action_offset: float = 0.0,
+    source_dir: str | Path,
+    name: str = "mobile-vla-policy",
+    alias: str | None = None,
+    action_offset: float = 0.0,
     with_onnx: bool = True,
 ) -> str:
     """A new version made of an exported version's files (`policy/` + `onnx/`), with no export run.
@@ -56,19 +71,23 @@ def register_version_copy(
     de-normalisation in both preprocessing.json and signature.json) is shifted, so every answer differs
     by exactly that offset (a random-weight network answers near the range's middle, so scaling would not do). For hot-swap and shadow drills and tests, where an ONNX export per version
     would cost minutes. `with_onnx=False` leaves out onnx/: a version serving cannot load (what an
-    interrupted export leaves). Returns the version."""
+    interrupted export leaves). Returns the version.
+    """
     import json
     import shutil
 
     import mlflow
 
-    from mobile_vla.preprocessing import PREPROCESSING_FILE
+    from mobile_vla.policy.preprocessing import PREPROCESSING_FILE
     from mobile_vla.tracking import attach_artifacts, configure_mlflow, get_or_create_experiment, register_policy
 
     source = Path(source_dir)
     configure_mlflow()
     experiment_id = get_or_create_experiment(SAMPLE_EXPERIMENT)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=experiment_id, run_name="version-copy") as run:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mlflow.start_run(experiment_id=experiment_id, run_name="version-copy") as run,
+    ):
         model_dir = Path(tmp) / "model"
         shutil.copytree(source / "policy", model_dir / "policy")
         onnx_dir = Path(tmp) / "onnx"
@@ -82,8 +101,13 @@ def register_version_copy(
                 prep[key] = [v + action_offset for v in prep[key]]
                 signature["actions"][sig_key] = prep[key]
             prep_path.write_text(json.dumps(prep, indent=2) + "\n")
-        version = register_policy(model_dir, run.info.run_id, name=name, alias=alias,
-                                  tags={"sample": "version-copy", "copied_from": str(source), "action_offset": action_offset})
+        version = register_policy(
+            model_dir,
+            run.info.run_id,
+            name=name,
+            alias=alias,
+            tags={"sample": "version-copy", "copied_from": str(source), "action_offset": action_offset},
+        )
         signature["model"] = {**signature.get("model", {}), "name": name, "version": version}
         signature_path.write_text(json.dumps(signature, indent=2) + "\n")
         if with_onnx:

@@ -1,6 +1,7 @@
 """HTTP API v1 bodies (design.md): strict pydantic models, so unknown fields, NaN/inf and wrong
 types are refused with 422 before any work is done. Shape checks that need the model (state length
-S) happen in the ingress."""
+S) happen in the ingress.
+"""
 
 from __future__ import annotations
 
@@ -82,8 +83,12 @@ class BackendStatus(BaseModel):
     model_version: str | None
     breaker: str | None = None
     detail: str | None = None
-    pending_version: str | None = Field(default=None, description="Version being prepared/loaded beside the served one.")
-    failed_version: str | None = Field(default=None, description="Last version that failed to load (the old one kept serving).")
+    pending_version: str | None = Field(
+        default=None, description="Version being prepared/loaded beside the served one."
+    )
+    failed_version: str | None = Field(
+        default=None, description="Last version that failed to load (the old one kept serving)."
+    )
     failed_reason: str | None = None
 
 
@@ -94,7 +99,9 @@ class ShadowSummary(BaseModel):
     agreed: int
     errors: int
     dropped: int
-    agreement: float | None = Field(description="Share of compared steps whose first actions agree within the tolerance.")
+    agreement: float | None = Field(
+        description="Share of compared steps whose first actions agree within the tolerance."
+    )
     mean_abs_action_diff: float | None
     in_flight: int
 
@@ -107,7 +114,11 @@ class ModelInfo(BaseModel):
     state_dim: int
     chunk: int
     backends: list[BackendStatus]
-    active: str | None = Field(description="Backend that answers now: primary if its breaker is closed, it is loaded "
-                               "and it serves the alias's version.")
-    alias_version: str | None = Field(default=None, description="Version the alias points to, as this ingress saw last.")
+    active: str | None = Field(
+        description="Backend that answers now: primary if its breaker is closed, it is loaded "
+        "and it serves the alias's version."
+    )
+    alias_version: str | None = Field(
+        default=None, description="Version the alias points to, as this ingress saw last."
+    )
     shadow: ShadowSummary | None = None

@@ -80,8 +80,14 @@ def ui_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The `mlflow server` line that opens the UI on the embedded store (loopback only)."""
     db, artifacts = embedded_paths()
     return [
-        "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{db}",
-        "--default-artifact-root", artifacts.as_uri(),
-        "--host", host, "--port", str(port),
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--default-artifact-root",
+        artifacts.as_uri(),
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]

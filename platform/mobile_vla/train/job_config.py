@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from mobile_vla.config import StrictModel, load_config, platform_home
 
 
-class DataSection(StrictModel):
+class DataConfig(StrictModel):
     path: str = "data/mini"  # dataset folder holding manifest.json and the episode files
     train_split: str = "train"
     val_split: str = "val"
@@ -28,12 +28,12 @@ class DataSection(StrictModel):
     augment_strength: float = Field(1.0, ge=0, le=4)  # scales the default rotation/brightness/contrast ranges (Tune)
 
 
-class ModelSection(StrictModel):
+class ModelConfig(StrictModel):
     preset: Literal["tiny", "small", "full"] = "small"
     overrides: dict[str, Any] = Field(default_factory=dict)  # PolicyConfig fields, checked before launch
 
 
-class OptimSection(StrictModel):
+class OptimConfig(StrictModel):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -50,7 +50,7 @@ class OptimSection(StrictModel):
         return betas
 
 
-class TrainSection(StrictModel):
+class TrainingConfig(StrictModel):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1)  # per worker
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -61,7 +61,7 @@ class TrainSection(StrictModel):
     log_every_n_steps: int = Field(10, ge=1)
 
 
-class ScalingSection(StrictModel):
+class WorkersConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
@@ -81,7 +81,7 @@ class ScalingSection(StrictModel):
         return {k: v for k, v in bundle.items() if v > 0}
 
 
-class RunSection(StrictModel):
+class RunStorageConfig(StrictModel):
     name: str | None = None  # the same name again resumes that run from its last checkpoint
     storage_path: str | None = None  # default $MOBILE_VLA_HOME/ray_results; shared (S3/NFS) on clusters
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
@@ -95,7 +95,7 @@ class RunSection(StrictModel):
         return name
 
 
-class MlflowSection(StrictModel):
+class MlflowConfig(StrictModel):
     enabled: bool = True
     experiment: str = "mobile-vla"
     registered_model: str | None = "mobile-vla-policy"  # null: log the run, register nothing
@@ -103,13 +103,13 @@ class MlflowSection(StrictModel):
 
 
 class TrainJobConfig(StrictModel):
-    data: DataSection = Field(default_factory=DataSection)
-    model: ModelSection = Field(default_factory=ModelSection)
-    optim: OptimSection = Field(default_factory=OptimSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
-    run: RunSection = Field(default_factory=RunSection)
-    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainingConfig = Field(default_factory=TrainingConfig)
+    scaling: WorkersConfig = Field(default_factory=WorkersConfig)
+    run: RunStorageConfig = Field(default_factory=RunStorageConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainJobConfig:

@@ -20,8 +20,13 @@ import time
 from pathlib import Path
 
 INPUT_KEYS = (
-    "images", "state", "frame_mask",
-    "clip_input_ids", "kosmos_input_ids", "kosmos_attention_mask", "kosmos_image_embeds_position_mask",
+    "images",
+    "state",
+    "frame_mask",
+    "clip_input_ids",
+    "kosmos_input_ids",
+    "kosmos_attention_mask",
+    "kosmos_image_embeds_position_mask",
 )
 VAL_SAMPLE_POINTS = 3000  # predicted-vs-true points kept per epoch for the plot
 
@@ -202,9 +207,7 @@ def full_optimizer_state(model, optimizer, strategy: str) -> dict:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, strategy: str) -> None:
@@ -276,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from mobile_vla.policy import build_policy, load_policy
     from mobile_vla.policy.losses import policy_loss
-    from mobile_vla.preprocessing import Preprocessing
+    from mobile_vla.policy.preprocessing import Preprocessing
     from mobile_vla.train import checkpointing
     from mobile_vla.train.job_config import TrainJobConfig
     from mobile_vla.train.preflight import resolve_policy_config
@@ -297,7 +300,9 @@ def train_loop_per_worker(config: dict) -> None:
     model = wrap_model(build_policy(policy_config), strategy, device)
     optimizer = torch.optim.AdamW(
         param_groups(unwrap(model), cfg.optim.weight_decay),
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=device.type == "cuda",
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        fused=device.type == "cuda",
     )
     steps_per_epoch = int(config["steps_per_epoch"])
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -333,8 +338,11 @@ def train_loop_per_worker(config: dict) -> None:
         epoch_loss, epoch_batches, samples = 0.0, 0, 0
         window_loss, micro = 0.0, 0
         batches = train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, device=device, prefetch_batches=2,
-            local_shuffle_buffer_size=max(2 * cfg.train.batch_size, 32), local_shuffle_seed=cfg.train.seed + epoch,
+            batch_size=cfg.train.batch_size,
+            device=device,
+            prefetch_batches=2,
+            local_shuffle_buffer_size=max(2 * cfg.train.batch_size, 32),
+            local_shuffle_seed=cfg.train.seed + epoch,
         )
         waited = [0.0]
         for batch, is_last in with_last_flag(batches, waited):
@@ -378,15 +386,17 @@ def train_loop_per_worker(config: dict) -> None:
         global_samples = _sum_across_ranks([float(samples)], device)[0]
         metrics, val_sample = validate(model, val_shard, preprocessing, cfg, device)
         progress.epoch = epoch + 1
-        metrics.update({
-            "epoch": progress.epoch,
-            "step": progress.step,
-            "train_loss": train_loss[0] / max(train_loss[1], 1.0),
-            "samples_per_s": global_samples / max(seconds, 1e-9),
-            "epoch_seconds": seconds,
-            "resumed_from_epoch": resumed_from_epoch,
-            "data_wait_fraction": waited[0] / max(seconds, 1e-9),  # rank 0's share of the epoch spent waiting
-        })
+        metrics.update(
+            {
+                "epoch": progress.epoch,
+                "step": progress.step,
+                "train_loss": train_loss[0] / max(train_loss[1], 1.0),
+                "samples_per_s": global_samples / max(seconds, 1e-9),
+                "epoch_seconds": seconds,
+                "resumed_from_epoch": resumed_from_epoch,
+                "data_wait_fraction": waited[0] / max(seconds, 1e-9),  # rank 0's share of the epoch spent waiting
+            }
+        )
         progress.epochs.append(dict(metrics))
 
         sharded = strategy == "fsdp" and _is_distributed()
@@ -400,9 +410,15 @@ def train_loop_per_worker(config: dict) -> None:
                     shipped = build_policy(policy_config, load_pretrained=False)
                     shipped.load_state_dict(model_state)
                 checkpointing.write_checkpoint(
-                    tmp, model=shipped, preprocessing=preprocessing, optimizer_state=optimizer_state,
-                    scheduler_state=scheduler.state_dict(), progress=progress, job_config=job_dict,
-                    metrics=metrics, val_sample=val_sample,
+                    tmp,
+                    model=shipped,
+                    preprocessing=preprocessing,
+                    optimizer_state=optimizer_state,
+                    scheduler_state=scheduler.state_dict(),
+                    progress=progress,
+                    job_config=job_dict,
+                    metrics=metrics,
+                    val_sample=val_sample,
                 )
                 report_checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if tracker:

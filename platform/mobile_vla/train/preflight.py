@@ -68,9 +68,7 @@ def cluster_capacity() -> ClusterCapacity:
     """Alive nodes now, plus the autoscaler's maximum when its config is readable."""
     import ray
 
-    nodes = [
-        {k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")
-    ]
+    nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
     capacity = ClusterCapacity(nodes=nodes)
     path = Path(os.environ.get(AUTOSCALER_CONFIG_ENV, DEFAULT_AUTOSCALER_CONFIG)).expanduser()
     if path.is_file():
@@ -102,7 +100,9 @@ def check_resources(cfg: TrainJobConfig, capacity: ClusterCapacity) -> None:
     if capacity.unknown_node_types:
         log.warning(
             "cannot verify that %d workers x %s fit: autoscaler node types %s declare no resources",
-            scaling.num_workers, _fmt(bundle), capacity.unknown_node_types,
+            scaling.num_workers,
+            _fmt(bundle),
+            capacity.unknown_node_types,
         )
         return
     have = {k: capacity.total(k) for k in bundle}

@@ -66,8 +66,8 @@ def with_run_name(cfg: TrainJobConfig) -> TrainJobConfig:
 
 
 def build_preprocessing(cfg: TrainJobConfig, manifest: dict, policy_config):
+    from mobile_vla.policy.preprocessing import Preprocessing
     from mobile_vla.policy.text import build_tokenizer
-    from mobile_vla.preprocessing import Preprocessing
 
     return Preprocessing.from_manifest(
         manifest, build_tokenizer(policy_config), window=cfg.data.window, chunk=cfg.data.chunk
@@ -80,14 +80,18 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
     Training augmentation draws fresh each pass (seed=None) so epochs see different frames; the window
     order is fixed by train.seed and reshuffled per epoch in the loop's local shuffle buffer.
     """
-    from mobile_vla.data.pipeline import build_window_dataset
-    from mobile_vla.data.windows import build_split_index
+    from mobile_vla.train.pipeline import build_window_dataset
+    from mobile_vla.train.windows import build_split_index
 
     folder = cfg.data_path()
     train_windows = len(build_split_index(folder, cfg.data.train_split, preprocessing))
     train = build_window_dataset(
-        folder, cfg.data.train_split, preprocessing, augment=cfg.data.augment,
-        seed=None if cfg.data.augment else cfg.train.seed, shuffle=True,
+        folder,
+        cfg.data.train_split,
+        preprocessing,
+        augment=cfg.data.augment,
+        seed=None if cfg.data.augment else cfg.train.seed,
+        shuffle=True,
         augment_config=augment_config(cfg.data.augment_strength),
     )
     if cfg.train.max_steps_per_epoch:
@@ -102,7 +106,7 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
 
 def augment_config(strength: float):
     """The data pipeline's default augmentation ranges scaled by `strength` (0 = none, 1 = defaults)."""
-    from mobile_vla.data.windows import AugmentConfig
+    from mobile_vla.train.windows import AugmentConfig
 
     base = AugmentConfig()
     return AugmentConfig(
@@ -119,7 +123,9 @@ def steps_per_epoch(cfg: TrainJobConfig, train_windows: int) -> int:
     return max(1, math.ceil(micro_batches / cfg.optim.accumulate))
 
 
-def loop_config(cfg: TrainJobConfig, preprocessing, train_windows: int, run_id: str | None, tracking_uri: str | None) -> dict:
+def loop_config(
+    cfg: TrainJobConfig, preprocessing, train_windows: int, run_id: str | None, tracking_uri: str | None
+) -> dict:
     from mobile_vla.train.checkpointing import pack_folder
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,7 +243,7 @@ def _log_params(client, run_id: str, cfg: TrainJobConfig, policy_config) -> None
     logged = client.get_run(run_id).data.params
     new = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
     for start in range(0, len(new), 100):
-        client.log_batch(run_id, params=new[start:start + 100])
+        client.log_batch(run_id, params=new[start : start + 100])
     for key, value in params.items():
         if key in logged and logged[key] != value[:6000]:
             client.set_tag(run_id, f"resumed_with.{key}", value[:5000])
@@ -287,9 +293,16 @@ def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, bes
             version = _registered_version(client, cfg, run_id, Path(best.path).name)
         if cfg.mlflow.registered_model and version is None:
             version = register_policy(
-                tmp / "model", run_id, name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias,
-                tags={"train_run": cfg.run.name, "checkpoint": Path(best.path).name,
-                      "epoch": str(best_metrics.get("epoch")), "preset": cfg.model.preset},
+                tmp / "model",
+                run_id,
+                name=cfg.mlflow.registered_model,
+                alias=cfg.mlflow.alias,
+                tags={
+                    "train_run": cfg.run.name,
+                    "checkpoint": Path(best.path).name,
+                    "epoch": str(best_metrics.get("epoch")),
+                    "preset": cfg.model.preset,
+                },
             )
             log_version_metrics(cfg.mlflow.registered_model, version, evaluation)
     client.set_terminated(run_id, "FINISHED")

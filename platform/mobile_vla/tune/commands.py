@@ -25,18 +25,32 @@ def register(subparsers) -> None:
     source.add_argument("--seeds", type=int, metavar="M", help="train the --config sweep's base preset with M seeds")
     ensemble.add_argument("--config", help="tune config (jobs/configs/tune_X.yaml): MLflow names, base preset, data")
     ensemble.add_argument("--members", type=int, default=3, help="members taken from the sweep (default 3)")
-    ensemble.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                          help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)")
+    ensemble.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)",
+    )
     ensemble.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the tune config")
     ensemble.set_defaults(func=run_ensemble)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="tune config, e.g. jobs/configs/tune_small.yaml")
-    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides of the tune config, e.g. tune.num_samples=8 run.name=sweep-1")
+    parser.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides of the tune config, e.g. tune.num_samples=8 run.name=sweep-1",
+    )
     parser.add_argument("--check", action="store_true", help="validate the config, search space and data, then stop")
 
 
@@ -47,8 +61,9 @@ def _load(args):
 
     cfg = load_tune_config(args.config, args.overrides) if args.config else load_tune_config(None, args.overrides)
     if args.train_override:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-            "overrides": [*cfg.train.overrides, *args.train_override]})})
+        cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"overrides": [*cfg.train.overrides, *args.train_override]})}
+        )
     return cfg, (Path(args.config).resolve().parent if args.config else None)
 
 
@@ -71,8 +86,10 @@ def run_tune(args) -> int:
         check_search_space(cfg, base)
         ensure_ray()
         running = concurrency(cfg, base, ray.cluster_resources())
-        console.print(f"[green]ok[/green]: {args.config}: {total_trials(cfg)} trials, {running} at a time, "
-                      f"{len(cfg.search_space)} searched keys")
+        console.print(
+            f"[green]ok[/green]: {args.config}: {total_trials(cfg)} trials, {running} at a time, "
+            f"{len(cfg.search_space)} searched keys"
+        )
         return 0
 
     from mobile_vla.tune.sweep import run_sweep
@@ -89,7 +106,9 @@ def print_summary(console, result, cfg) -> None:
 
     metric = cfg.tune.metric
     rows = summary_rows(result.trials, metric)
-    table = Table(title=f"sweep {result.name}: {len(rows)} trials, {result.concurrency} at a time, {result.seconds:.0f} s")
+    table = Table(
+        title=f"sweep {result.name}: {len(rows)} trials, {result.concurrency} at a time, {result.seconds:.0f} s"
+    )
     keys = [k for k in (rows[0] if rows else {}) if k != "mlflow_run_id"]
     for key in keys:
         table.add_column(key, overflow="fold")
@@ -100,10 +119,14 @@ def print_summary(console, result, cfg) -> None:
     console.print(table)
     console.print(f"mlflow parent run: {result.parent_run_id}")
     if result.model_version:
-        console.print(f"best trial {best}: models:/{cfg.mlflow.registered_model}/{result.model_version} (@{cfg.mlflow.alias})")
+        console.print(
+            f"best trial {best}: models:/{cfg.mlflow.registered_model}/{result.model_version} (@{cfg.mlflow.alias})"
+        )
     if result.ensemble_version:
-        console.print(f"ensemble of {cfg.ensemble.members}: models:/{cfg.mlflow.registered_model}/"
-                      f"{result.ensemble_version} (@{cfg.ensemble.alias})")
+        console.print(
+            f"ensemble of {cfg.ensemble.members}: models:/{cfg.mlflow.registered_model}/"
+            f"{result.ensemble_version} (@{cfg.ensemble.alias})"
+        )
 
 
 def run_ensemble(args) -> int:
@@ -137,9 +160,18 @@ def run_ensemble(args) -> int:
         base = load_base_train_config(cfg, config_dir)
         data_path, val_split = base.data_path(), base.data.val_split
     version = ensemble_from_sweep(
-        args.from_sweep, args.members, experiment=cfg.mlflow.experiment, registered_model=cfg.mlflow.registered_model,
-        alias=cfg.ensemble.alias, metric=cfg.tune.metric, mode=cfg.tune.mode, data_path=data_path, val_split=val_split,
+        args.from_sweep,
+        args.members,
+        experiment=cfg.mlflow.experiment,
+        registered_model=cfg.mlflow.registered_model,
+        alias=cfg.ensemble.alias,
+        metric=cfg.tune.metric,
+        mode=cfg.tune.mode,
+        data_path=data_path,
+        val_split=val_split,
     )
     if version:
-        console.print(f"ensemble of {args.members}: models:/{cfg.mlflow.registered_model}/{version} (@{cfg.ensemble.alias})")
+        console.print(
+            f"ensemble of {args.members}: models:/{cfg.mlflow.registered_model}/{version} (@{cfg.ensemble.alias})"
+        )
     return 0

@@ -25,8 +25,19 @@ from mobile_vla.errors import ConfigError, MobileVLAError, ModelError
 
 log = logging.getLogger(__name__)
 
-SCALING_FIELDS = ("action_low", "action_high", "state_mean", "state_std", "state_dim", "chunk", "control_hz",
-                  "image_size", "resize_rule", "image_mean", "image_std")
+SCALING_FIELDS = (
+    "action_low",
+    "action_high",
+    "state_mean",
+    "state_std",
+    "state_dim",
+    "chunk",
+    "control_hz",
+    "image_size",
+    "resize_rule",
+    "image_mean",
+    "image_std",
+)
 
 
 # --- combining ----------------------------------------------------------------------------------
@@ -44,8 +55,10 @@ def check_member_preprocessing(preprocessings: list, sources: list[str]) -> None
             a, b = getattr(first, name), getattr(prep, name)
             same = np.allclose(a, b, rtol=1e-6, atol=1e-7) if isinstance(a, list) else a == b
             if not same:
-                raise ModelError(f"{source}: preprocessing {name} = {b!r} differs from {sources[0]} ({a!r}); "
-                                 "ensemble members must be trained on the same dataset statistics")
+                raise ModelError(
+                    f"{source}: preprocessing {name} = {b!r} differs from {sources[0]} ({a!r}); "
+                    "ensemble members must be trained on the same dataset statistics"
+                )
         if first.tokenizer is not None and prep.tokenizer is not None:
             probe = ["go to the red box avoiding the barrel on the left"]
             ta, tb = first.tokenize(probe), prep.tokenize(probe)
@@ -80,7 +93,9 @@ def combine_policy_dirs(folders: list[str | Path], sources: list[str] | None = N
     return combine_policies([m for m, _ in loaded], [p for _, p in loaded], sources)
 
 
-def register_ensemble(ensemble, preprocessing, run_id: str, *, name: str, alias: str | None, tags: dict | None = None) -> str:
+def register_ensemble(
+    ensemble, preprocessing, run_id: str, *, name: str, alias: str | None, tags: dict | None = None
+) -> str:
     """save_policy(kind "ensemble") into a model folder, registered as one new version of `name`."""
     from mobile_vla.policy import save_policy
     from mobile_vla.tracking import register_policy
@@ -88,8 +103,14 @@ def register_ensemble(ensemble, preprocessing, run_id: str, *, name: str, alias:
     with tempfile.TemporaryDirectory() as tmp:
         save_policy(Path(tmp) / "model" / "policy", ensemble, preprocessing)
         tags = {"kind": "ensemble", "members": str(len(ensemble.members)), **(tags or {})}
-        return register_policy(Path(tmp) / "model", run_id, name=name, alias=alias, tags=tags,
-                               description=f"ensemble of {len(ensemble.members)} policies: " + "; ".join(ensemble.config.sources))
+        return register_policy(
+            Path(tmp) / "model",
+            run_id,
+            name=name,
+            alias=alias,
+            tags=tags,
+            description=f"ensemble of {len(ensemble.members)} policies: " + "; ".join(ensemble.config.sources),
+        )
 
 
 # --- quality on held-out windows ----------------------------------------------------------------
@@ -142,8 +163,8 @@ def ensemble_quality(ensemble, preprocessing, folder: str | Path, split: str, ba
     """
     import torch
 
-    from mobile_vla.data.windows import WindowDataset
     from mobile_vla.train.loop import model_inputs
+    from mobile_vla.train.windows import WindowDataset
 
     dataset = WindowDataset(folder, split, preprocessing, augment=False)
     if len(dataset) == 0:
@@ -222,15 +243,29 @@ def register_sweep_ensemble(result, cfg, base) -> str | None:
             load_checkpoint_policy_dir(trial.checkpoint, folder)
             candidates.append((f"sweep {result.name} trial {trial.trial_id}", folder))
         return build_and_register(
-            candidates, cfg.ensemble.members, parent_run_id=result.parent_run_id, sweep_name=result.name,
-            experiment=cfg.mlflow.experiment, registered_model=cfg.mlflow.registered_model,
-            alias=cfg.ensemble.alias, data_path=base.data_path(), val_split=base.data.val_split,
+            candidates,
+            cfg.ensemble.members,
+            parent_run_id=result.parent_run_id,
+            sweep_name=result.name,
+            experiment=cfg.mlflow.experiment,
+            registered_model=cfg.mlflow.registered_model,
+            alias=cfg.ensemble.alias,
+            data_path=base.data_path(),
+            val_split=base.data.val_split,
         )
 
 
 def build_and_register(
-    candidates: list[tuple[str, Path]], count: int, *, parent_run_id: str | None, sweep_name: str,
-    experiment: str, registered_model: str | None, alias: str | None, data_path: Path | None, val_split: str,
+    candidates: list[tuple[str, Path]],
+    count: int,
+    *,
+    parent_run_id: str | None,
+    sweep_name: str,
+    experiment: str,
+    registered_model: str | None,
+    alias: str | None,
+    data_path: Path | None,
+    val_split: str,
 ) -> str | None:
     """Select, combine, evaluate on the validation split, log an 'ensemble' run and register it."""
     from mlflow import MlflowClient
@@ -252,7 +287,9 @@ def build_and_register(
     tags = {SWEEP_TAG: sweep_name, TRIAL_TAG: "ensemble"}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(get_or_create_experiment(experiment), run_name=f"{sweep_name}-ensemble", tags=tags).info.run_id
+    run_id = client.create_run(
+        get_or_create_experiment(experiment), run_name=f"{sweep_name}-ensemble", tags=tags
+    ).info.run_id
     for index, source in enumerate(sources):
         client.log_param(run_id, f"member_{index}", source)
     client.log_text(run_id, json.dumps(ensemble.config.to_dict(), indent=2), "ensemble/config.json")
@@ -264,17 +301,27 @@ def build_and_register(
             client.log_metric(run_id, key, value)
     version = None
     if registered_model:
-        version = register_ensemble(ensemble, preprocessing, run_id, name=registered_model, alias=alias,
-                                    tags={"sweep": sweep_name})
+        version = register_ensemble(
+            ensemble, preprocessing, run_id, name=registered_model, alias=alias, tags={"sweep": sweep_name}
+        )
         if "val_ensemble_mae" in metrics:
             log_version_metrics(registered_model, version, {"val_mae": metrics["val_ensemble_mae"]})
     client.set_terminated(run_id, "FINISHED")
     return version
 
 
-def ensemble_from_sweep(sweep_name: str, count: int, *, experiment: str, registered_model: str | None,
-                        alias: str | None, metric: str = "val_loss", mode: str = "min",
-                        data_path: str | Path | None = None, val_split: str = "val") -> str | None:
+def ensemble_from_sweep(
+    sweep_name: str,
+    count: int,
+    *,
+    experiment: str,
+    registered_model: str | None,
+    alias: str | None,
+    metric: str = "val_loss",
+    mode: str = "min",
+    data_path: str | Path | None = None,
+    val_split: str = "val",
+) -> str | None:
     """The top `count` trials of an earlier sweep (found in MLflow by its name) as one ensemble version."""
     from mlflow import MlflowClient
 
@@ -303,15 +350,22 @@ def ensemble_from_sweep(sweep_name: str, count: int, *, experiment: str, registe
                 continue
             candidates.append((f"sweep {sweep_name} trial {trial_id}", folder))
         return build_and_register(
-            candidates, count, parent_run_id=parents[0].info.run_id, sweep_name=sweep_name, experiment=experiment,
-            registered_model=registered_model, alias=alias,
-            data_path=Path(data_path) if data_path else None, val_split=val_split,
+            candidates,
+            count,
+            parent_run_id=parents[0].info.run_id,
+            sweep_name=sweep_name,
+            experiment=experiment,
+            registered_model=registered_model,
+            alias=alias,
+            data_path=Path(data_path) if data_path else None,
+            val_split=val_split,
         )
 
 
 def seed_sweep_config(cfg, members: int):
     """A tune config training the base preset `members` times with seeds 0..M-1 (no early stopping),
-    then combining all of them: the 'different seeds' ensemble."""
+    then combining all of them: the 'different seeds' ensemble.
+    """
     from mobile_vla.config import dump_config
     from mobile_vla.tune.sweep_config import TuneJobConfig
 

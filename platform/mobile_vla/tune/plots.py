@@ -23,8 +23,12 @@ def sweep_summary(trials, metric: str, mode: str, best_trial_id: str | None):
         epochs, values = zip(*points)
         best = trial.trial_id == best_trial_id
         curves.plot(
-            epochs, values, "o-" if trial.status == "completed" else "o--",
-            color=STATUS_COLOURS.get(trial.status, "grey"), lw=2.5 if best else 1.0, alpha=1.0 if best else 0.7,
+            epochs,
+            values,
+            "o-" if trial.status == "completed" else "o--",
+            color=STATUS_COLOURS.get(trial.status, "grey"),
+            lw=2.5 if best else 1.0,
+            alpha=1.0 if best else 0.7,
             label=f"{trial.trial_id}{' (best)' if best else ''}",
         )
     curves.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (dashed: stopped early by ASHA)")
@@ -34,7 +38,8 @@ def sweep_summary(trials, metric: str, mode: str, best_trial_id: str | None):
     ranked = [t for t in trials if metric in t.best]
     ranked.sort(key=lambda t: t.best[metric], reverse=mode == "max")
     bars.barh(
-        [t.trial_id for t in ranked], [t.best[metric] for t in ranked],
+        [t.trial_id for t in ranked],
+        [t.best[metric] for t in ranked],
         color=[STATUS_COLOURS.get(t.status, "grey") for t in ranked],
     )
     bars.invert_yaxis()

@@ -86,7 +86,8 @@ def trial_bundle(cfg: TuneJobConfig, base) -> dict[str, float]:
 
 def concurrency(cfg: TuneJobConfig, base, cluster: dict[str, float]) -> int:
     """Trials at once: what the cluster holds after one CPU is left to the Ray Data pipelines, capped by
-    tune.max_concurrent_trials and the trial count. Raises ResourceError when not even one fits."""
+    tune.max_concurrent_trials and the trial count. Raises ResourceError when not even one fits.
+    """
     from mobile_vla.errors import ResourceError
 
     need = trial_bundle(cfg, base)
@@ -108,7 +109,8 @@ DRIVER_MEMORY = 512 * 1024**2  # bytes of Ray's logical memory per trial driver 
 
 def driver_resources(cfg: TuneJobConfig) -> dict[str, float]:
     """The trial driver's Tune bundle; memory keeps it non-empty when driver_cpus is 0 (Tune refuses an
-    all-zero bundle), so a 2-CPU machine can run one trial with one worker and one CPU for data loading."""
+    all-zero bundle), so a 2-CPU machine can run one trial with one worker and one CPU for data loading.
+    """
     return {"CPU": cfg.tune.driver_cpus, "memory": DRIVER_MEMORY}
 
 
@@ -167,7 +169,8 @@ def placement_group_recorder(sweep_name: str, trial_id: str):
     """A Ray Train callback (runs in the controller) recording each worker group's placement group.
 
     RunConfig.callbacks passes non-UserCallback entries straight to the controller: Ray's documented
-    room for workarounds built on its internal callbacks."""
+    room for workarounds built on its internal callbacks.
+    """
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
     class PlacementGroupRecorder(WorkerGroupCallback):
@@ -178,8 +181,9 @@ def placement_group_recorder(sweep_name: str, trial_id: str):
             try:
                 group = worker_group.get_worker_group_state().placement_group_handle.placement_group
                 controller = ray.get_runtime_context().get_actor_id() or ""
-                _internal_kv_put(_kv_prefix(sweep_name, trial_id) + group.id.hex(), controller.encode(),
-                                 namespace=KV_NAMESPACE)
+                _internal_kv_put(
+                    _kv_prefix(sweep_name, trial_id) + group.id.hex(), controller.encode(), namespace=KV_NAMESPACE
+                )
             except Exception as exc:  # bookkeeping must never fail a training run
                 log.warning("could not record the worker placement group of trial %s: %s", trial_id, exc)
 
@@ -188,7 +192,8 @@ def placement_group_recorder(sweep_name: str, trial_id: str):
 
 def release_trial_resources(sweep_name: str, trial_id: str, wait_s: float = 0.0) -> list[str]:
     """Removes the recorded placement groups of a trial whose Train controller is dead; returns their ids
-    (those whose controller still lives are left for the next call)."""
+    (those whose controller still lives are left for the next call).
+    """
     import ray
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
@@ -203,7 +208,7 @@ def release_trial_resources(sweep_name: str, trial_id: str, wait_s: float = 0.0)
             time.sleep(0.5)
         if controller and _actor_alive(controller):
             continue
-        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(key[len(prefix):])))
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(key[len(prefix) :])))
         if placement_group_table(group).get("state") not in (None, "REMOVED"):
             remove_placement_group(group)
             removed.append(group.id.hex())
@@ -283,9 +288,14 @@ def make_progress_callback(cfg: TuneJobConfig, planned_epochs: int, console=None
 
         def setup(self, **info) -> None:
             self.progress = Progress(
-                TextColumn("[bold]sweep[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-                TimeElapsedColumn(), TextColumn("{task.description}"),
-                console=self.console or Console(stderr=True), transient=False,
+                TextColumn("[bold]sweep[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("epochs"),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=self.console or Console(stderr=True),
+                transient=False,
             )
             self.progress.start()
             self.task = self.progress.add_task("", total=total_trials(cfg) * planned_epochs)
@@ -343,8 +353,10 @@ def _scheduler(cfg: TuneJobConfig, planned_epochs: int):
     # max_t one past the last epoch: a trial that trains all its epochs ends by returning (after its
     # MLflow run is finished), never by a STOP at the final report
     return ASHAScheduler(
-        time_attr="training_iteration", max_t=planned_epochs + 1,
-        grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
+        time_attr="training_iteration",
+        max_t=planned_epochs + 1,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
     )
 
 
@@ -352,19 +364,23 @@ def _search_algorithm(cfg: TuneJobConfig, running: int):
     """The search algorithm, limited to `running` trials at once.
 
     TuneConfig.max_concurrent_trials only wraps a `Searcher` (Optuna); a BasicVariantGenerator passed in
-    ignores it silently (then every trial starts at once), so it gets the limit itself."""
+    ignores it silently (then every trial starts at once), so it gets the limit itself.
+    """
     points = [dict(p) for p in cfg.tune.points_to_evaluate]
     if cfg.tune.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points or None, random_state=cfg.tune.seed,
-                                     max_concurrent=running)
+        return BasicVariantGenerator(
+            points_to_evaluate=points or None, random_state=cfg.tune.seed, max_concurrent=running
+        )
     from ray.tune.search.optuna import OptunaSearch
 
     try:
         import optuna  # noqa: F401
     except ImportError:
-        raise ConfigError("tune.search = 'optuna': optuna is not installed (pip install optuna, or use 'random')") from None
+        raise ConfigError(
+            "tune.search = 'optuna': optuna is not installed (pip install optuna, or use 'random')"
+        ) from None
     return OptunaSearch(points_to_evaluate=points or None, seed=cfg.tune.seed)
 
 
@@ -377,7 +393,9 @@ def _parent_run(cfg: TuneJobConfig, name: str, base) -> tuple[str, Any]:
     uri = configure_mlflow()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = get_or_create_experiment(cfg.mlflow.experiment)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{TRIAL_TAG}` = 'parent'", max_results=1)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{TRIAL_TAG}` = 'parent'", max_results=1
+    )
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -390,7 +408,7 @@ def _parent_run(cfg: TuneJobConfig, name: str, base) -> tuple[str, Any]:
 
     rows = [Param(k, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000]) for k, v in params.items()]
     for start in range(0, len(rows), 100):
-        client.log_batch(run_id, params=rows[start:start + 100])
+        client.log_batch(run_id, params=rows[start : start + 100])
     return run_id, client
 
 
@@ -429,7 +447,9 @@ def run_sweep(cfg: TuneJobConfig, *, config_dir: Path | None = None, console=Non
     )
     planned = base.train.epochs
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, verbose=0,
+        name=name,
+        storage_path=storage,
+        verbose=0,
         callbacks=[make_progress_callback(cfg, planned, console), make_release_callback(name)],
         failure_config=tune.FailureConfig(max_failures=0),
     )
@@ -443,8 +463,11 @@ def run_sweep(cfg: TuneJobConfig, *, config_dir: Path | None = None, console=Non
                 trainable,
                 param_space={key: d.to_tune() for key, d in cfg.search_space.items()},
                 tune_config=tune.TuneConfig(
-                    metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                    scheduler=_scheduler(cfg, planned), search_alg=_search_algorithm(cfg, running),
+                    metric=cfg.tune.metric,
+                    mode=cfg.tune.mode,
+                    num_samples=cfg.tune.num_samples,
+                    scheduler=_scheduler(cfg, planned),
+                    search_alg=_search_algorithm(cfg, running),
                     max_concurrent_trials=running if cfg.tune.search == "optuna" else None,
                 ),
                 run_config=run_config,
@@ -500,11 +523,19 @@ def summarise(grid, cfg: TuneJobConfig, sweep: dict, planned: int, client) -> li
     for result in grid:
         frame = result.metrics_dataframe
         rows = [] if frame is None or frame.empty else frame.to_dict("records")
-        trial_id = str((result.metrics or {}).get("trial_id") or (rows[-1].get("trial_id") if rows else "")
-                       or Path(result.path or "?").name)
+        trial_id = str(
+            (result.metrics or {}).get("trial_id")
+            or (rows[-1].get("trial_id") if rows else "")
+            or Path(result.path or "?").name
+        )
         history = [
-            {k: row.get(k) for k in ("epoch", metric, "val_loss", "val_mae", "train_loss", "checkpoint_path") if k in row}
-            for row in rows if metric in row and row[metric] == row[metric]
+            {
+                k: row.get(k)
+                for k in ("epoch", metric, "val_loss", "val_mae", "train_loss", "checkpoint_path")
+                if k in row
+            }
+            for row in rows
+            if metric in row and row[metric] == row[metric]
         ]
         with_checkpoint = [h for h in history if _checkpoint_exists(h.get("checkpoint_path"))]
         sign = 1.0 if mode == "min" else -1.0
@@ -570,8 +601,9 @@ def log_summary(client, result: SweepResult, cfg: TuneJobConfig) -> None:
     writer.writeheader()
     writer.writerows(rows)
     client.log_text(result.parent_run_id, buffer.getvalue(), "sweep/summary.csv")
-    client.log_text(result.parent_run_id, json.dumps([asdict(t) for t in result.trials], indent=2, default=str),
-                    "sweep/trials.json")
+    client.log_text(
+        result.parent_run_id, json.dumps([asdict(t) for t in result.trials], indent=2, default=str), "sweep/trials.json"
+    )
     figure = plots.sweep_summary(result.trials, metric, cfg.tune.mode, result.best.trial_id if result.best else None)
     client.log_figure(result.parent_run_id, figure, "sweep/summary.png")
     counts = {status: sum(1 for t in result.trials if t.status == status) for status in (COMPLETED, STOPPED, FAILED)}
@@ -596,7 +628,6 @@ def load_checkpoint_policy_dir(checkpoint: str, into: Path) -> Path:
         shutil.copytree(source, target)
         return target
     import pyarrow.fs
-
     from ray.train import Checkpoint
 
     filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
@@ -613,10 +644,16 @@ def register_trial(client, trial: TrialSummary, cfg: TuneJobConfig, sweep_name: 
         raise MobileVLAError(f"sweep {sweep_name}: trial {trial.trial_id} has no MLflow run to register from")
     with tempfile.TemporaryDirectory() as tmp:
         load_checkpoint_policy_dir(trial.checkpoint, Path(tmp) / "model")
-        tags = {"sweep": sweep_name, "trial_id": trial.trial_id, "epoch": str(trial.best.get("epoch")),
-                **{f"param.{k}": json.dumps(v) for k, v in trial.params.items()}}
-        version = register_policy(Path(tmp) / "model", trial.run_id, name=cfg.mlflow.registered_model,
-                                  alias=cfg.mlflow.alias, tags=tags)
-    log_version_metrics(cfg.mlflow.registered_model, version,
-                        {k: v for k, v in trial.best.items() if k.startswith("val_")})
+        tags = {
+            "sweep": sweep_name,
+            "trial_id": trial.trial_id,
+            "epoch": str(trial.best.get("epoch")),
+            **{f"param.{k}": json.dumps(v) for k, v in trial.params.items()},
+        }
+        version = register_policy(
+            Path(tmp) / "model", trial.run_id, name=cfg.mlflow.registered_model, alias=cfg.mlflow.alias, tags=tags
+        )
+    log_version_metrics(
+        cfg.mlflow.registered_model, version, {k: v for k, v in trial.best.items() if k.startswith("val_")}
+    )
     return version

@@ -83,7 +83,7 @@ class TrainBase(StrictModel):
     overrides: list[str] = Field(default_factory=list)  # dotted, applied before the sampled values
 
 
-class TuneSection(StrictModel):
+class SearchConfig(StrictModel):
     num_samples: int = Field(4, ge=1)  # trials (x the grid size when a dimension is a grid)
     metric: str = "val_loss"  # reported by every epoch of train_loop_per_worker
     mode: Literal["min", "max"] = "min"
@@ -97,7 +97,7 @@ class TuneSection(StrictModel):
     driver_cpus: float = Field(0.0, ge=0)  # per trial driver (it only waits on fit(); Train workers bring their own)
 
 
-class RunSection(StrictModel):
+class SweepRunConfig(StrictModel):
     name: str | None = None  # the same name again resumes that sweep (unfinished trials go on)
     storage_path: str | None = None  # default $MOBILE_VLA_HOME/tune_results; shared (S3/NFS) on clusters
 
@@ -109,13 +109,13 @@ class RunSection(StrictModel):
         return name
 
 
-class MlflowSection(StrictModel):
+class SweepMlflowConfig(StrictModel):
     experiment: str = "mobile-vla-sweeps"
     registered_model: str | None = "mobile-vla-policy"  # null: track the sweep, register nothing
     alias: str | None = "challenger"
 
 
-class EnsembleSection(StrictModel):
+class SweepEnsembleConfig(StrictModel):
     members: int = Field(0, ge=0)  # > 1: combine the top M trials (sharing the best one's chunk) after the sweep
     alias: str | None = "challenger"  # the ensemble, registered after the best trial, takes this alias
 
@@ -130,10 +130,10 @@ class EnsembleSection(StrictModel):
 class TuneJobConfig(StrictModel):
     train: TrainBase = Field(default_factory=TrainBase)
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
-    tune: TuneSection = Field(default_factory=TuneSection)
-    run: RunSection = Field(default_factory=RunSection)
-    mlflow: MlflowSection = Field(default_factory=MlflowSection)
-    ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
+    tune: SearchConfig = Field(default_factory=SearchConfig)
+    run: SweepRunConfig = Field(default_factory=SweepRunConfig)
+    mlflow: SweepMlflowConfig = Field(default_factory=SweepMlflowConfig)
+    ensemble: SweepEnsembleConfig = Field(default_factory=SweepEnsembleConfig)
 
     @field_validator("search_space")
     @classmethod
@@ -150,7 +150,9 @@ class TuneJobConfig(StrictModel):
     def _consistent(self) -> TuneJobConfig:
         grids = [k for k, d in self.search_space.items() if d.rule == "grid"]
         if grids and self.tune.search == "optuna":
-            raise ValueError(f"search_space.{grids[0]}: grid needs tune.search = 'random' (Optuna samples, it does not enumerate)")
+            raise ValueError(
+                f"search_space.{grids[0]}: grid needs tune.search = 'random' (Optuna samples, it does not enumerate)"
+            )
         for index, point in enumerate(self.tune.points_to_evaluate):
             unknown = sorted(set(point) - set(self.search_space))
             if unknown:
@@ -170,7 +172,8 @@ def load_tune_config(path: str | Path | None, overrides: list[str] | None = None
 
 def load_base_train_config(cfg: TuneJobConfig, base_dir: Path | None = None):
     """The trials' starting TrainJobConfig: train.config (relative to the working directory, else to the
-    tune config's folder) with train.overrides."""
+    tune config's folder) with train.overrides.
+    """
     from mobile_vla.train.job_config import load_train_config
 
     path = Path(cfg.train.config).expanduser()
@@ -229,4 +232,3 @@ def check_search_space(cfg: TuneJobConfig, base) -> None:
             trial = apply_params(base, {key: value}, source="search_space")
             if key.startswith("model."):
                 resolve_policy_config(trial)  # PolicyConfig field names and values
-

@@ -21,11 +21,11 @@ import numpy as np
 from pydantic import Field
 
 from mobile_vla.config import StrictModel
-from mobile_vla.data import instructions
-from mobile_vla.data.split_spec import SplitSpec
+from mobile_vla.sim import instructions
+from mobile_vla.sim.split_spec import SplitSpec
 
 if TYPE_CHECKING:
-    from mobile_vla.data.navigation_env import NavigationEnv
+    from mobile_vla.sim.navigation_env import NavigationEnv
 
 ENV_ID = "mobile-vla/NavRoom-v1"
 CONTROL_HZ = 5.0
@@ -35,7 +35,7 @@ AGENT_RADIUS = 0.4  # miniworld.entity.Agent.radius
 SPEED_LIMITS = (0.75, 0.5, 1.5)
 
 # Entity heights (m) and bounding radius per metre of height, as MiniWorld computes them from the
-# meshes (tests/data/test_generate.py checks these against the built entities).
+# meshes (tests/sim/test_generate.py checks these against the built entities).
 HEIGHTS = {"box": 0.7, "ball": 0.65, "key": 0.45, "barrel": 0.9, "cone": 0.8}
 RADIUS_PER_HEIGHT = {"box": math.sqrt(2) / 2, "ball": 0.70854, "key": 1.22591, "barrel": 0.48951, "cone": 0.44863}
 MAX_TARGET_RADIUS = max(HEIGHTS[k] * RADIUS_PER_HEIGHT[k] for k in ("box", "ball", "key"))
@@ -45,7 +45,7 @@ WALL_TEXTURES = ("brick_wall", "concrete", "drywall", "stucco", "cinder_blocks",
 FLOOR_TEXTURES = ("floor_tiles_bw", "asphalt", "wood", "marble", "concrete_tiles", "cardboard")
 CEILING_TEXTURES = ("ceiling_tiles", "ceiling_tile_noborder", "concrete_tiles")
 
-LAYOUT_SALT = 0x1A7   # seeds the layout stream apart from the episode stream
+LAYOUT_SALT = 0x1A7  # seeds the layout stream apart from the episode stream
 EPISODE_SALT = 0xE91
 
 
@@ -170,7 +170,8 @@ def sample_layout(layout_seed: int) -> _Layout:
 
 def _sample_obstacles(rng, room, agent, target, along: list[float]) -> list[tuple[float, float, str]] | None:
     """Obstacles just beside the straight path (`along` metres from the start), as in the original
-    1box_left / 2box_right runs; None when the layout leaves no way round."""
+    1box_left / 2box_right runs; None when the layout leaves no way round.
+    """
     path = target - agent
     direction = path / np.linalg.norm(path)
     left = _left_of(direction)
@@ -210,7 +211,10 @@ def _sample_distractors(rng, room, agent, target, obstacles) -> list[np.ndarray]
             _wall_clearance(room, *pos) >= MAX_TARGET_RADIUS + 0.2
             and np.linalg.norm(pos - target) >= 2 * MAX_TARGET_RADIUS + 1.2
             and _segment_distance(pos, agent, target) >= MAX_TARGET_RADIUS + AGENT_RADIUS + 1.0
-            and all(np.linalg.norm(pos - np.array(o[:2])) >= MAX_TARGET_RADIUS + MAX_OBSTACLE_RADIUS + 0.5 for o in obstacles)
+            and all(
+                np.linalg.norm(pos - np.array(o[:2])) >= MAX_TARGET_RADIUS + MAX_OBSTACLE_RADIUS + 0.5
+                for o in obstacles
+            )
             and all(np.linalg.norm(pos - d) >= 2 * MAX_TARGET_RADIUS + 0.5 for d in out)
         )
         if clear:
@@ -236,8 +240,15 @@ def scene_from_seed(split: str, seed: int, spec: SplitSpec) -> SceneSpec:
     kinds = [str(rng.choice(spec.obstacle_kinds)) for _ in layout.obstacles]
 
     def placed(kind, colour_, x, z, side=None) -> Placed:
-        return Placed(kind=kind, colour=colour_, x=x, z=z, dir=float(rng.uniform(-math.pi, math.pi)),
-                      height=HEIGHTS[kind], side=side)
+        return Placed(
+            kind=kind,
+            colour=colour_,
+            x=x,
+            z=z,
+            dir=float(rng.uniform(-math.pi, math.pi)),
+            height=HEIGHTS[kind],
+            side=side,
+        )
 
     target = placed(shape, colour, *layout.target_xz)
     distractors = [placed(others[i][1], others[i][0], x, z) for i, (x, z) in zip(picks, layout.distractors_xz)]
@@ -268,7 +279,7 @@ def scene_from_seed(split: str, seed: int, spec: SplitSpec) -> SceneSpec:
 # -- simulation -------------------------------------------------------------------------------------
 def make_env(scene: SceneSpec, obs_size: int = 224) -> NavigationEnv:
     """A headless MiniWorld env showing `scene`; call `env.load_scene(s)` to reuse it for others."""
-    from mobile_vla.data.navigation_env import NavigationEnv
+    from mobile_vla.sim.navigation_env import NavigationEnv
 
     return NavigationEnv(scene, obs_size=obs_size)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobile_vla.data.scenes import SPEED_LIMITS
+from mobile_vla.sim.scenes import SPEED_LIMITS
 
 
 def _xz(vec) -> np.ndarray:
@@ -53,7 +53,9 @@ class ScriptedExpert:
             away = here - _xz(entity.pos)
             centre_distance = float(np.linalg.norm(away))
             clearance = centre_distance - entity.radius - agent.radius
-            velocity += self._push(away / max(centre_distance, 1e-6), clearance, goal_dir, getattr(entity, "side", None))
+            velocity += self._push(
+                away / max(centre_distance, 1e-6), clearance, goal_dir, getattr(entity, "side", None)
+            )
         for a, b in env.wall_segs:
             a, b = _xz(a), _xz(b)
             ab = b - a
@@ -72,12 +74,14 @@ class ScriptedExpert:
         wz = float(np.clip(self.turn_gain * bearing, -self.max_turn, self.max_turn))
         return vx, vy, wz
 
-    def _push(self, away: np.ndarray, clearance: float, goal_dir: np.ndarray | None = None,
-              side: str | None = None) -> np.ndarray:
+    def _push(
+        self, away: np.ndarray, clearance: float, goal_dir: np.ndarray | None = None, side: str | None = None
+    ) -> np.ndarray:
         """Repulsion grows as 1/clearance inside `influence` (capped, so one 0.2 s step cannot
         overshoot into the next object); an object ahead also pushes sideways, round the side the
         robot is already on or, when it is dead ahead, away from the side the instruction names
-        (an obstacle "on the left" is passed on its right)."""
+        (an obstacle "on the left" is passed on its right).
+        """
         if clearance >= self.influence:
             return np.zeros(2)
         clearance = max(clearance, 0.05)

@@ -13,7 +13,7 @@ from one that drives like the expert, which the success rate alone cannot.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 

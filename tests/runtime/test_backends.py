@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mobile_vla.errors import ConfigError, DataError, ModelError
-from mobile_vla.export.backends import load_backend
-from mobile_vla.export.signature import SIGNATURE_FILE, file_sha256, load_signature
+from mobile_vla.export.signature import SIGNATURE_FILE, file_sha256
+from mobile_vla.runtime.backends import load_backend
 
 INSTRUCTIONS = ["go to the red box", "go to the red box", "drive to the yellow box", "navigate to the target"]
 

@@ -7,9 +7,9 @@ import pytest
 
 from mobile_vla.data.episodes import SCHEMA_VERSION, Episode, write_episode
 from mobile_vla.data.manifest import build_manifest
-from mobile_vla.data.pipeline import build_window_dataset
-from mobile_vla.data.windows import WindowDataset
-from mobile_vla.preprocessing import Preprocessing
+from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.train.pipeline import build_window_dataset
+from mobile_vla.train.windows import WindowDataset
 
 W, K = 4, 3
 
@@ -24,13 +24,22 @@ def dataset(tmp_path_factory):
     names = []
     for i, num_frames in enumerate((9, 6, 3)):
         actions = rng.uniform(-1, 1, (num_frames, 3)).astype(np.float32)
-        write_episode(folder / f"ep{i}.h5", Episode(
-            images=rng.integers(0, 256, (num_frames, 224, 224, 3), dtype=np.uint8),
-            actions=actions,
-            state=np.vstack([np.zeros((1, 3), np.float32), actions[:-1]]),
-            attrs={"instruction": ["go to the red box", "go to the green key"][i % 2], "episode_id": f"ep{i}",
-                   "source": "test", "success": True, "control_hz": 5.0, "schema_version": SCHEMA_VERSION},
-        ))
+        write_episode(
+            folder / f"ep{i}.h5",
+            Episode(
+                images=rng.integers(0, 256, (num_frames, 224, 224, 3), dtype=np.uint8),
+                actions=actions,
+                state=np.vstack([np.zeros((1, 3), np.float32), actions[:-1]]),
+                attrs={
+                    "instruction": ["go to the red box", "go to the green key"][i % 2],
+                    "episode_id": f"ep{i}",
+                    "source": "test",
+                    "success": True,
+                    "control_hz": 5.0,
+                    "schema_version": SCHEMA_VERSION,
+                },
+            ),
+        )
         names.append(f"ep{i}.h5")
     manifest = build_manifest(folder, {"train": names}, {"kind": "test"})
     pre = Preprocessing.from_manifest(manifest, build_tokenizer(presets.tiny()), window=W, chunk=K)

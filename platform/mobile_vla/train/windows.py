@@ -36,7 +36,7 @@ import numpy as np
 from mobile_vla.data.episodes import FrameReader, read_episode
 from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import DataError
-from mobile_vla.preprocessing import Preprocessing
+from mobile_vla.policy.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,9 @@ def assemble_window(
     window: int,
     chunk: int,
 ) -> dict[str, np.ndarray]:
-    """frames uint8 [n, H, W, 3] (frames start..start+n-1, n <= W), actions [N, 3] and state [N, S]
-    of the whole episode (already normalised) -> the window arrays without tokens."""
+    """Frames uint8 [n, H, W, 3] (frames start..start+n-1, n <= W), actions [N, 3] and state [N, S]
+    of the whole episode (already normalised) -> the window arrays without tokens.
+    """
     num_frames = len(actions)
     n = len(frames)
     if n < 1 or n > window or start + n > num_frames:
@@ -122,7 +123,8 @@ def assemble_window(
 @dataclass
 class SplitIndex:
     """Everything small about a split, held in memory: normalised actions/state per episode, the
-    tokenised instructions and the window table. Frames stay on disk until a window is read."""
+    tokenised instructions and the window table. Frames stay on disk until a window is read.
+    """
 
     paths: list[str]
     actions: list[np.ndarray]  # per episode, normalised [N, 3]
@@ -181,7 +183,9 @@ def build_split_index(
     for e, name in enumerate(names):
         episode = read_episode(folder / name, load_images=False)
         if episode.state is None and preprocessing.state_dim > 0:
-            raise DataError(f"{folder / name}: state: missing, but the preprocessing expects S = {preprocessing.state_dim}")
+            raise DataError(
+                f"{folder / name}: state: missing, but the preprocessing expects S = {preprocessing.state_dim}"
+            )
         state = (
             preprocessing.normalise_state(episode.state)
             if preprocessing.state_dim > 0
@@ -225,7 +229,8 @@ def window_rng(seed: int | None, epoch: int, window_id: int) -> np.random.Genera
 class WindowDataset:
     """Map-style torch Dataset of windows (the `__len__`/`__getitem__` protocol DataLoader takes; torch
     itself is not imported, so Ray Data tasks that assemble windows start fast). Works with DataLoader
-    workers: file handles reopen per process."""
+    workers: file handles reopen per process.
+    """
 
     def __init__(
         self,

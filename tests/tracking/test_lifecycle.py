@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mobile_vla.errors import ConfigError, ModelError
-from mobile_vla.online.promotion import GateConfig, evaluate_gate, load_gate, promote, wilson_interval
+from mobile_vla.tracking.lifecycle import GateConfig, evaluate_gate, load_gate, promote, wilson_interval
 
 MODEL = "gate-test"
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from mobile_vla.data.episodes import list_episode_files, read_episode
-from mobile_vla.data.generate import GeneratorSettings, _SplitRun, candidate_seeds, generate_dataset
 from mobile_vla.data.manifest import load_manifest
-from mobile_vla.data.scenes import SceneSpec, scene_from_seed
-from mobile_vla.data.split_spec import SplitSpec, default_split_spec
 from mobile_vla.errors import DataError
+from mobile_vla.sim.generate import GeneratorConfig, _SplitRun, candidate_seeds, generate_dataset
+from mobile_vla.sim.scenes import SceneSpec, scene_from_seed
+from mobile_vla.sim.split_spec import SplitSpec, default_split_spec
 
 # Pixels that read as each colour under MiniWorld's lighting (a coarse RGB box per colour).
 COLOUR_BOXES = {
@@ -51,25 +51,41 @@ def run_in_worker(ray, fn, *args):
 # -- simulator semantics ----------------------------------------------------------------------------
 def test_actions_move_the_robot_in_its_body_frame_and_walls_stop_it(ray_cluster):
     def probe():
-        from mobile_vla.data.scenes import (
-            HEIGHTS, RADIUS_PER_HEIGHT, Placed, Pose, RoomSpec, SceneSpec, execute_action, make_env,
+        from mobile_vla.sim.scenes import (
+            HEIGHTS,
+            RADIUS_PER_HEIGHT,
+            Placed,
+            Pose,
+            RoomSpec,
+            SceneSpec,
+            execute_action,
+            make_env,
         )
 
         def thing(kind, x, z, colour=None):
             return Placed(kind=kind, colour=colour, x=x, z=z, dir=0.0, height=HEIGHTS[kind])
 
         scene = SceneSpec(
-            split="train", seed=1, layout_seed=1,
+            split="train",
+            seed=1,
+            layout_seed=1,
             room=RoomSpec(width=8, depth=8, wall_tex="brick_wall", floor_tex="asphalt", ceil_tex="ceiling_tiles"),
             agent=Pose(x=4.0, z=4.0, dir=0.0),
             target=thing("box", 7.0, 7.0, "red"),
             distractors=[thing("ball", 7.0, 1.0, "blue"), thing("key", 1.0, 7.0, "green")],
             obstacles=[thing("barrel", 1.0, 1.0), thing("cone", 4.0, 7.0)],
-            domain_rand=False, instruction="go to the red box", template_ids=["go_to"],
+            domain_rand=False,
+            instruction="go to the red box",
+            template_ids=["go_to"],
         )
         env = make_env(scene)
-        out = {"radius": {e.kind: (e.radius, HEIGHTS[e.kind] * RADIUS_PER_HEIGHT[e.kind])
-                          for e in env.entities if hasattr(e, "kind")}}
+        out = {
+            "radius": {
+                e.kind: (e.radius, HEIGHTS[e.kind] * RADIUS_PER_HEIGHT[e.kind])
+                for e in env.entities
+                if hasattr(e, "kind")
+            }
+        }
         start = env.agent.pos.copy()
         out["forward"] = execute_action(env, (0.5, 0.0, 0.0), 5.0), (env.agent.pos - start).tolist()
         start = env.agent.pos.copy()
@@ -157,7 +173,7 @@ def test_recorded_commands_replay_to_success_in_a_rebuilt_scene(ray_cluster, tin
     recorded = {name: read_episode(tiny_dataset / name) for name in names}
 
     def replay(episodes):
-        from mobile_vla.data.scenes import SceneSpec, execute_action, make_env
+        from mobile_vla.sim.scenes import SceneSpec, execute_action, make_env
 
         out = {}
         env = None
@@ -173,9 +189,7 @@ def test_recorded_commands_replay_to_success_in_a_rebuilt_scene(ray_cluster, tin
             out[name] = (np.stack(frames), reached)
         return out
 
-    replayed = run_in_worker(
-        ray_cluster, replay, {n: (e.attrs["scene"], e.actions) for n, e in recorded.items()}
-    )
+    replayed = run_in_worker(ray_cluster, replay, {n: (e.attrs["scene"], e.actions) for n, e in recorded.items()})
     for name, (frames, reached) in replayed.items():
         assert reached[-1] and not any(reached[:-1]), f"{name}: success only at the recorded end"
         np.testing.assert_array_equal(frames, recorded[name].images)  # same pixels in another process
@@ -184,8 +198,8 @@ def test_recorded_commands_replay_to_success_in_a_rebuilt_scene(ray_cluster, tin
 # -- generation -------------------------------------------------------------------------------------
 def test_same_seed_same_episodes_whatever_the_task_size(ray_cluster, tmp_path):
     spec = spec_with({"train": 0.5, "unseen_layout": 0.5})
-    a = generate_dataset(tmp_path / "a", 2, spec, seed=11, settings=GeneratorSettings(seeds_per_task=1), progress=False)
-    b = generate_dataset(tmp_path / "b", 2, spec, seed=11, settings=GeneratorSettings(seeds_per_task=3), progress=False)
+    a = generate_dataset(tmp_path / "a", 2, spec, seed=11, settings=GeneratorConfig(seeds_per_task=1), progress=False)
+    b = generate_dataset(tmp_path / "b", 2, spec, seed=11, settings=GeneratorConfig(seeds_per_task=3), progress=False)
     assert a["splits"] == b["splits"] and a["expert_success"] == b["expert_success"]
     for name in list_episode_files(tmp_path / "a"):
         ea, eb = read_episode(tmp_path / "a" / name), read_episode(tmp_path / "b" / name)
@@ -200,8 +214,9 @@ def test_only_successful_episodes_are_kept(ray_cluster, tmp_path):
     # 22 steps (4.4 s) is too short for the far targets: many tries fail and must leave no trace.
     spec = spec_with({"train": 1.0})
     out = tmp_path / "short"
-    manifest = generate_dataset(out, 2, spec, seed=3, settings=GeneratorSettings(max_steps=22, seeds_per_task=2),
-                                progress=False)
+    manifest = generate_dataset(
+        out, 2, spec, seed=3, settings=GeneratorConfig(max_steps=22, seeds_per_task=2), progress=False
+    )
     rate = manifest["expert_success"]["train"]
     assert rate["kept"] == 2 and rate["attempted"] > 2
     assert list_episode_files(out) == sorted(manifest["splits"]["train"])  # failures and extras removed
@@ -223,7 +238,7 @@ def test_kept_episodes_are_the_first_successes_in_candidate_order():
 # -- CLI --------------------------------------------------------------------------------------------
 def test_cli_prints_the_resolved_split_spec(tmp_path, capsys):
     from mobile_vla.cli import main
-    from mobile_vla.data.split_spec import load_split_spec
+    from mobile_vla.sim.split_spec import load_split_spec
 
     assert main(["data", "generate", "--show-split-spec", "--set", "held_out_templates=[approach, avoiding]"]) == 0
     path = tmp_path / "spec.yaml"

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mobile_vla.errors import ConfigError, DataError, ModelError
-from mobile_vla.preprocessing import PREPROCESSING_FILE, Preprocessing, resize_frame
+from mobile_vla.policy.preprocessing import PREPROCESSING_FILE, Preprocessing, resize_frame
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,14 @@ def tokenizer():
 
 
 def make(**changes) -> Preprocessing:
-    values = dict(action_low=[-1.0, -0.5, 0.0], action_high=[1.0, 0.5, 0.0], state_mean=[0.1, 0.0, -0.2],
-                  state_std=[0.5, 0.25, 0.0], state_dim=3, control_hz=5.0)
+    values = dict(
+        action_low=[-1.0, -0.5, 0.0],
+        action_high=[1.0, 0.5, 0.0],
+        state_mean=[0.1, 0.0, -0.2],
+        state_std=[0.5, 0.25, 0.0],
+        state_dim=3,
+        control_hz=5.0,
+    )
     return Preprocessing(**{**values, **changes})
 
 
@@ -61,8 +67,10 @@ def test_224_frames_pass_unchanged_and_pil_input_works():
     np.testing.assert_array_equal(out, resize_frame(np.full((100, 50, 3), 200, np.uint8)))
 
 
-@pytest.mark.parametrize("image", [np.zeros((10, 10, 3), np.float32), np.zeros((10, 10), np.uint8),
-                                   np.zeros((10, 10, 4), np.uint8), "frame.png"])
+@pytest.mark.parametrize(
+    "image",
+    [np.zeros((10, 10, 3), np.float32), np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), "frame.png"],
+)
 def test_prepare_image_refuses_bad_input(image):
     with pytest.raises(DataError, match="image: .*expected uint8 RGB"):
         make().prepare_image(image)
@@ -89,14 +97,17 @@ def test_state_standardised_and_constant_axis_kept_finite():
         pre.normalise_state(np.zeros((1, 2)))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"window": 0}, r"Preprocessing.window = 0: expected an integer >= 1"),
-    ({"resize_rule": "stretch"}, r"Preprocessing.resize_rule = 'stretch'"),
-    ({"action_low": [0.0, 0.0]}, r"Preprocessing.action_low = \[0.0, 0.0\]: expected 3 finite numbers"),
-    ({"action_high": [1.0, -1.0, 0.0]}, r"action_high .* below action_low .* on axis 1"),
-    ({"state_std": [1.0, float("nan"), 1.0]}, r"Preprocessing.state_std"),
-    ({"control_hz": 0}, r"Preprocessing.control_hz = 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"window": 0}, r"Preprocessing.window = 0: expected an integer >= 1"),
+        ({"resize_rule": "stretch"}, r"Preprocessing.resize_rule = 'stretch'"),
+        ({"action_low": [0.0, 0.0]}, r"Preprocessing.action_low = \[0.0, 0.0\]: expected 3 finite numbers"),
+        ({"action_high": [1.0, -1.0, 0.0]}, r"action_high .* below action_low .* on axis 1"),
+        ({"state_std": [1.0, float("nan"), 1.0]}, r"Preprocessing.state_std"),
+        ({"control_hz": 0}, r"Preprocessing.control_hz = 0"),
+    ],
+)
 def test_invalid_fields_are_named(change, message):
     with pytest.raises(ConfigError, match=message):
         make(**change)
@@ -104,16 +115,23 @@ def test_invalid_fields_are_named(change, message):
 
 def test_from_manifest_save_load_and_pickle_keep_everything(tmp_path, tokenizer):
     manifest = {
-        "stats": {"actions": {"q01": [-0.4, -0.3, -1.0], "q99": [0.8, 0.3, 1.0]},
-                  "state": {"mean": [0.1, 0.0, 0.0], "std": [0.2, 0.1, 0.5]}},
-        "state_dim": 3, "control_hz": 5.0,
+        "stats": {
+            "actions": {"q01": [-0.4, -0.3, -1.0], "q99": [0.8, 0.3, 1.0]},
+            "state": {"mean": [0.1, 0.0, 0.0], "std": [0.2, 0.1, 0.5]},
+        },
+        "state_dim": 3,
+        "control_hz": 5.0,
     }
     pre = Preprocessing.from_manifest(manifest, tokenizer, window=4, chunk=6)
     assert (pre.window, pre.chunk, pre.action_low, pre.state_std) == (4, 6, [-0.4, -0.3, -1.0], [0.2, 0.1, 0.5])
     texts = ["go to the red box", "navigate to the target avoiding the box on the left"]
     tokens = pre.tokenize(texts)
-    assert set(tokens) == {"clip_input_ids", "kosmos_input_ids", "kosmos_attention_mask",
-                           "kosmos_image_embeds_position_mask"}
+    assert set(tokens) == {
+        "clip_input_ids",
+        "kosmos_input_ids",
+        "kosmos_attention_mask",
+        "kosmos_image_embeds_position_mask",
+    }
     assert all(v.dtype == np.int64 and v.shape[0] == 2 for v in tokens.values())
 
     pre.save(tmp_path / "pre")

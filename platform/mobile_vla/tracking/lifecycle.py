@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from mobile_vla.config import StrictModel, load_config
 from mobile_vla.errors import ConfigError, ModelError
-from mobile_vla.evaluate.statistics import wilson_interval
+from mobile_vla.sim.success import wilson_interval
 
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"  # kept for a one-line rollback: promote --from-alias previous-champion --force
@@ -39,7 +39,8 @@ PREVIOUS_CHAMPION = "previous-champion"  # kept for a one-line rollback: promote
 
 class GateConfig(StrictModel):
     """What a challenger must show before it drives the fleet. Metric names are the version tags'
-    `metric.<key>` suffixes written by evaluation."""
+    `metric.<key>` suffixes written by evaluation.
+    """
 
     success_metric: str = "closed_loop.success_rate"
     episodes_metric: str = "closed_loop.episodes"
@@ -230,16 +231,18 @@ def promote(
     force: bool = False,
 ) -> PromotionDecision:
     """Runs the gate for one version against the current champion; moves `@champion` if it passes
-    (or if forced) and tags the version with the decision either way."""
+    (or if forced) and tags the version with the decision either way.
+    """
     from mobile_vla import tracking
 
     gate = gate or GateConfig()
     candidate = resolve_candidate(name, version, from_alias)
     champion = tracking.get_version_by_alias(name, CHAMPION)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     if champion == candidate:
-        decision = PromotionDecision(name, candidate, "rejected", f"version {candidate} is already champion",
-                                     champion, now, [])
+        decision = PromotionDecision(
+            name, candidate, "rejected", f"version {candidate} is already champion", champion, now, []
+        )
         tracking.set_version_tags(name, candidate, decision.tags())
         return decision
 
@@ -266,7 +269,8 @@ def promote(
         tracking.set_alias(name, CHAMPION, candidate)
         if champion:
             tracking.set_alias(name, PREVIOUS_CHAMPION, champion)
-            tracking.set_version_tags(name, champion, {"promotion.superseded_by": candidate,
-                                                       "promotion.superseded_time": now})
+            tracking.set_version_tags(
+                name, champion, {"promotion.superseded_by": candidate, "promotion.superseded_time": now}
+            )
     tracking.set_version_tags(name, candidate, decision.tags())
     return decision

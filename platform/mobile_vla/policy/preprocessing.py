@@ -31,12 +31,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mobile_vla.data.frames import RESIZE_RULES, resize_frame
 from mobile_vla.errors import ConfigError, DataError, ModelError
 
 PREPROCESSING_FILE = "preprocessing.json"
 TOKENIZER_DIR = "tokenizer"
 PREPROCESSING_VERSION = 1
-RESIZE_RULES = ("letterbox", "center_crop")
 ACTION_DIM = 3
 # OpenAI CLIP constants (open_clip.constants.OPENAI_DATASET_MEAN/STD); Kosmos-2 uses the same.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -84,9 +84,14 @@ class Preprocessing:
             raise ConfigError(f"Preprocessing.resize_rule = {self.resize_rule!r}: expected one of {RESIZE_RULES}")
         if not self.control_hz > 0:
             raise ConfigError(f"Preprocessing.control_hz = {self.control_hz!r}: expected a positive number")
-        for name, width in (("action_low", ACTION_DIM), ("action_high", ACTION_DIM),
-                            ("state_mean", self.state_dim), ("state_std", self.state_dim),
-                            ("image_mean", 3), ("image_std", 3)):
+        for name, width in (
+            ("action_low", ACTION_DIM),
+            ("action_high", ACTION_DIM),
+            ("state_mean", self.state_dim),
+            ("state_std", self.state_dim),
+            ("image_mean", 3),
+            ("image_std", 3),
+        ):
             values = getattr(self, name)
             if len(values) != width or not all(np.isfinite(values)):
                 raise ConfigError(f"Preprocessing.{name} = {values!r}: expected {width} finite numbers")
@@ -98,9 +103,13 @@ class Preprocessing:
 
     @classmethod
     def from_manifest(
-        cls, manifest: dict, tokenizer: Tokenizer | None, window: int = 8, chunk: int = 10,
+        cls,
+        manifest: dict,
+        tokenizer: Tokenizer | None,
+        window: int = 8,
+        chunk: int = 10,
         resize_rule: str = "letterbox",
-    ) -> "Preprocessing":
+    ) -> Preprocessing:
         stats = manifest["stats"]
         state = stats.get("state")
         return cls(
@@ -134,7 +143,7 @@ class Preprocessing:
         return (low + high) / 2, np.maximum((high - low) / 2, _MIN_SCALE)
 
     def normalise_actions(self, actions: np.ndarray) -> np.ndarray:
-        """float [..., 3] in m/s, rad/s -> float32 [..., 3] in [-1, 1] (clipped to q01..q99 first)."""
+        """Float [..., 3] in m/s, rad/s -> float32 [..., 3] in [-1, 1] (clipped to q01..q99 first)."""
         actions = np.asarray(actions, np.float32)
         centre, half = self._action_centre_half()
         clipped = np.clip(actions, self.action_low, self.action_high)
@@ -142,13 +151,14 @@ class Preprocessing:
 
     def denormalise_actions(self, normalised: np.ndarray) -> np.ndarray:
         """[..., 3] model output -> m/s, rad/s; clipped to [-1, 1] first so commands stay in the
-        range the robot was recorded with."""
+        range the robot was recorded with.
+        """
         normalised = np.clip(np.asarray(normalised, np.float32), -1.0, 1.0)
         centre, half = self._action_centre_half()
         return (centre + normalised * np.where(half > _MIN_SCALE, half, 0)).astype(np.float32)
 
     def normalise_state(self, state: np.ndarray) -> np.ndarray:
-        """float [..., S] -> float32 [..., S] standardised with the train split's mean/std."""
+        """Float [..., S] -> float32 [..., S] standardised with the train split's mean/std."""
         state = np.asarray(state, np.float32)
         if state.shape[-1:] != (self.state_dim,):
             raise DataError(f"state: shape {list(state.shape)}: expected [..., {self.state_dim}]")
@@ -172,7 +182,7 @@ class Preprocessing:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, tokenizer: Tokenizer | None = None) -> "Preprocessing":
+    def from_dict(cls, data: dict, tokenizer: Tokenizer | None = None) -> Preprocessing:
         known = {f.name for f in fields(cls)} - {"tokenizer"}
         unknown = set(data) - known - {"version", "tokenizer"}
         if unknown:
@@ -188,7 +198,7 @@ class Preprocessing:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Preprocessing":
+    def load(cls, folder: str | Path) -> Preprocessing:
         folder = Path(folder)
         path = folder / PREPROCESSING_FILE
         if not path.is_file():
@@ -232,34 +242,3 @@ class Preprocessing:
                 tokenizer = load_tokenizer(tmp)
         rebuilt = Preprocessing.from_dict(state["fields"], tokenizer)
         self.__dict__.update(rebuilt.__dict__)
-
-
-def resize_frame(
-    image: Any, size: int = 224, resize_rule: str = "letterbox", pad_color: tuple[int, int, int] | None = None
-) -> np.ndarray:
-    """The resize rule of the module docstring, for callers without a full Preprocessing (the importer)."""
-    from PIL import Image
-
-    if resize_rule not in RESIZE_RULES:
-        raise ConfigError(f"resize_rule = {resize_rule!r}: expected one of {RESIZE_RULES}")
-    pad_color = pad_color or tuple(int(round(m * 255)) for m in CLIP_MEAN)
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        shown = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise DataError(f"image: {shown}: expected uint8 RGB [H, W, 3]")
-    height, width = image.shape[:2]
-    if height < 1 or width < 1:
-        raise DataError(f"image: shape {list(image.shape)}: empty image")
-    if (height, width) == (size, size):
-        return np.ascontiguousarray(image)
-    scale = size / (max(height, width) if resize_rule == "letterbox" else min(height, width))
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
-    if resize_rule == "letterbox":
-        canvas = Image.new("RGB", (size, size), tuple(pad_color))
-        canvas.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    else:  # center_crop
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        canvas = resized.crop((left, top, left + size, top + size))
-    return np.asarray(canvas, dtype=np.uint8)

@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from mobile_vla.config import StrictModel, apply_overrides, format_validation_error, read_yaml
 from mobile_vla.errors import ConfigError
-from mobile_vla.data.instructions import AVOID_TEMPLATES, GOAL_TEMPLATES
+from mobile_vla.sim.instructions import AVOID_TEMPLATES, GOAL_TEMPLATES
 
 # MiniWorld's colour names (miniworld.entity.COLOR_NAMES), written out so this module stays light.
 MINIWORLD_COLOURS = ("blue", "green", "grey", "purple", "red", "yellow")
@@ -158,7 +158,9 @@ class SplitSpec(StrictModel):
                 raise ValueError(f"held_out_templates: {template_id!r} is not a template id ({known})")
         for kind in ("goal", "avoid"):
             if not self.template_ids("train", kind):
-                raise ValueError(f"held_out_templates = {self.held_out_templates}: no {kind} template left for training")
+                raise ValueError(
+                    f"held_out_templates = {self.held_out_templates}: no {kind} template left for training"
+                )
 
     def _check_splits(self) -> None:
         if TRAIN_SPLIT not in self.splits:
@@ -186,9 +188,7 @@ class SplitSpec(StrictModel):
             if split.templates == "held_out":
                 for kind in ("goal", "avoid"):
                     if not self.template_ids("held_out", kind):
-                        raise ValueError(
-                            f"splits.{name}.templates = held_out but no {kind} template is held out"
-                        )
+                        raise ValueError(f"splits.{name}.templates = held_out but no {kind} template is held out")
 
     # -- queries used by scene sampling ------------------------------------------------------------
     def train_pairs(self) -> list[tuple[str, str]]:
@@ -212,12 +212,7 @@ class SplitSpec(StrictModel):
     def is_held_out(self, split: str) -> bool:
         """True for splits that test generalisation (not train, not a same-distribution val)."""
         s, train = self.splits[split], self.splits[TRAIN_SPLIT]
-        return (
-            s.layouts != train.layouts
-            or s.targets != "train_pairs"
-            or s.templates != "train"
-            or s.domain_rand
-        )
+        return s.layouts != train.layouts or s.targets != "train_pairs" or s.templates != "train" or s.domain_rand
 
     def allocate(self, episodes: int) -> dict[str, int]:
         """Episodes per split by largest remainder, in spec order for ties (deterministic)."""
@@ -246,7 +241,9 @@ def load_split_spec(path: str | Path | None = None, overrides: list[str] | None 
     except ValidationError as exc:
         cross_field = [e for e in exc.errors() if not e["loc"]]
         if cross_field:  # whole-spec checks: the message names the fields, the input is the whole file
-            raise ConfigError("\n".join(f"{source}: {e['msg'].removeprefix('Value error, ')}" for e in cross_field)) from None
+            raise ConfigError(
+                "\n".join(f"{source}: {e['msg'].removeprefix('Value error, ')}" for e in cross_field)
+            ) from None
         raise ConfigError(format_validation_error(exc, source, data)) from None
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mobile_vla.evaluate.statistics import mean_or_nan, spl, wilson_interval
+from mobile_vla.sim.success import mean_or_nan, spl, wilson_interval
 
 
 @pytest.mark.parametrize(

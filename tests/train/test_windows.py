@@ -7,7 +7,9 @@ import pytest
 
 from mobile_vla.data.episodes import SCHEMA_VERSION, Episode, write_episode
 from mobile_vla.data.manifest import build_manifest, load_manifest
-from mobile_vla.data.windows import (
+from mobile_vla.errors import DataError
+from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.train.windows import (
     AugmentConfig,
     WindowDataset,
     assemble_window,
@@ -15,8 +17,6 @@ from mobile_vla.data.windows import (
     count_windows,
     window_starts,
 )
-from mobile_vla.errors import DataError
-from mobile_vla.preprocessing import Preprocessing
 
 W, K = 4, 3
 
@@ -36,8 +36,14 @@ def write(folder, name: str, num_frames: int, instruction: str, size: int = 224)
         images=rng.integers(0, 256, (num_frames, size, size, 3), dtype=np.uint8),
         actions=actions,
         state=np.vstack([np.zeros((1, 3), np.float32), actions[:-1]]),  # previous command
-        attrs={"instruction": instruction, "episode_id": name, "source": "test", "success": True,
-               "control_hz": 5.0, "schema_version": SCHEMA_VERSION},
+        attrs={
+            "instruction": instruction,
+            "episode_id": name,
+            "source": "test",
+            "success": True,
+            "control_hz": 5.0,
+            "schema_version": SCHEMA_VERSION,
+        },
     )
     write_episode(folder / name, episode)
     return episode
@@ -110,9 +116,13 @@ def test_dataset_samples_match_the_episode_files(dataset):
     long, short = episodes["long.h5"], episodes["short.h5"]
     sample = ds[1]  # long.h5 frames 2..5
     assert {k: (v.shape, v.dtype.name) for k, v in sample.items()} == {
-        "images": ((W, 224, 224, 3), "uint8"), "state": ((W, 3), "float32"),
-        "actions": ((W, K, 3), "float32"), "action_mask": ((W, K), "float32"), "frame_mask": ((W,), "float32"),
-        "clip_input_ids": ((77,), "int64"), "kosmos_input_ids": ((pre.tokenizer.token_length,), "int64"),
+        "images": ((W, 224, 224, 3), "uint8"),
+        "state": ((W, 3), "float32"),
+        "actions": ((W, K, 3), "float32"),
+        "action_mask": ((W, K), "float32"),
+        "frame_mask": ((W,), "float32"),
+        "clip_input_ids": ((77,), "int64"),
+        "kosmos_input_ids": ((pre.tokenizer.token_length,), "int64"),
         "kosmos_attention_mask": ((pre.tokenizer.token_length,), "int64"),
         "kosmos_image_embeds_position_mask": ((pre.tokenizer.token_length,), "int64"),
     }
@@ -124,7 +134,9 @@ def test_dataset_samples_match_the_episode_files(dataset):
     padded = ds[4]  # short.h5, 2 frames
     np.testing.assert_array_equal(padded["frame_mask"], [1, 1, 0, 0])
     np.testing.assert_array_equal(padded["images"][:2], short.images)
-    np.testing.assert_array_equal(padded["kosmos_input_ids"], pre.tokenize(["go to the blue ball"])["kosmos_input_ids"][0])
+    np.testing.assert_array_equal(
+        padded["kosmos_input_ids"], pre.tokenize(["go to the blue ball"])["kosmos_input_ids"][0]
+    )
     resized = ds[5]["images"]  # 48x48 frames go through the same resize rule as serving
     np.testing.assert_array_equal(resized[0], pre.prepare_image(episodes["small_frames.h5"].images[0]))
     with pytest.raises(IndexError):

@@ -31,7 +31,7 @@ SOURCE = "miniworld"
 
 
 @dataclass(frozen=True)
-class GeneratorSettings:
+class GeneratorConfig:
     control_hz: float = 5.0
     obs_size: int = 224
     seeds_per_task: int = 4
@@ -55,7 +55,7 @@ def record_episode(env, scene, expert, control_hz: float) -> Recording:
     Frame t is what the robot saw before command t. On success a last frame at the target with a
     zero command is added, so that stopping there is part of what is learned.
     """
-    from mobile_vla.data.scenes import execute_action
+    from mobile_vla.sim.scenes import execute_action
 
     frame = env.load_scene(scene)
     images, actions, states = [], [], []
@@ -109,13 +109,13 @@ def episode_attrs(scene, control_hz: float) -> dict[str, Any]:
 _WORKER_ENV = None  # one MiniWorld env (one GL context) per worker process, reused across tasks
 
 
-def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: GeneratorSettings) -> list[dict]:
+def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: GeneratorConfig) -> list[dict]:
     """Ray task body: simulates (split, seed) jobs; successful episodes come back as HDF5 bytes."""
     global _WORKER_ENV
     from mobile_vla.data.episodes import Episode, write_episode
-    from mobile_vla.data.expert import ScriptedExpert
-    from mobile_vla.data.scenes import make_env, scene_from_seed
-    from mobile_vla.data.split_spec import SplitSpec
+    from mobile_vla.sim.expert import ScriptedExpert
+    from mobile_vla.sim.scenes import make_env, scene_from_seed
+    from mobile_vla.sim.split_spec import SplitSpec
 
     spec = SplitSpec.model_validate_json(spec_json)
     expert = ScriptedExpert(**settings.expert)
@@ -128,11 +128,17 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
         if _WORKER_ENV is None or _WORKER_ENV.obs_size != settings.obs_size:
             _WORKER_ENV = make_env(scene, obs_size=settings.obs_size)
         recording = record_episode(_WORKER_ENV, scene, expert, settings.control_hz)
-        result = {"split": split, "seed": seed, "success": recording.success,
-                  "frames": len(recording.actions), "data": None}
+        result = {
+            "split": split,
+            "seed": seed,
+            "success": recording.success,
+            "frames": len(recording.actions),
+            "data": None,
+        }
         if recording.success:
-            episode = Episode(recording.images, recording.actions, recording.state,
-                              episode_attrs(scene, settings.control_hz))
+            episode = Episode(
+                recording.images, recording.actions, recording.state, episode_attrs(scene, settings.control_hz)
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 path = write_episode(Path(tmp) / "episode.h5", episode)
                 result["data"] = path.read_bytes()
@@ -153,6 +159,7 @@ class _SplitRun:
 
     def __post_init__(self) -> None:
         self.index_of = {seed: index for index, seed in enumerate(self.candidates)}
+
     outcomes: dict[int, bool] = field(default_factory=dict)  # candidate index -> success
     frames: dict[int, int] = field(default_factory=dict)
 
@@ -220,15 +227,15 @@ def generate_dataset(
     episodes: int,
     spec=None,
     seed: int = 0,
-    settings: GeneratorSettings | None = None,
+    settings: GeneratorConfig | None = None,
     progress: bool = True,
 ) -> dict:
     """Generates `episodes` successful expert episodes split as `spec` says; returns the manifest."""
     from mobile_vla.data.manifest import build_manifest
-    from mobile_vla.data.split_spec import default_split_spec
+    from mobile_vla.sim.split_spec import default_split_spec
 
     spec = spec if spec is not None else default_split_spec()
-    settings = settings or GeneratorSettings()
+    settings = settings or GeneratorConfig()
     if episodes < 1:
         raise DataError(f"--episodes {episodes}: expected at least 1")
     out = Path(out)
@@ -310,7 +317,9 @@ def _run_waves(ray, runs, pending, submit, written, out: Path, progress: bool) -
             try:
                 results = ray.get(done[0])
             except Exception as exc:  # a worker could not render (no EGL?) or crashed
-                raise ResourceError(f"generation task for {chunk[0][0]} seeds {[s for _, s in chunk]} failed: {exc}") from exc
+                raise ResourceError(
+                    f"generation task for {chunk[0][0]} seeds {[s for _, s in chunk]} failed: {exc}"
+                ) from exc
             for result in results:
                 run = runs[result["split"]]
                 index = run.index_of[result["seed"]]
@@ -368,8 +377,14 @@ def register_generate(data_subparsers) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR", help="new or empty dataset folder")
     parser.add_argument("--episodes", type=int, default=200, help="successful episodes over all splits")
     parser.add_argument("--split-spec", type=Path, default=None, help="YAML split spec (default: built in)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a split spec field, e.g. splits.val.fraction=0.2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a split spec field, e.g. splits.val.fraction=0.2 (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="same seed, same episodes")
     parser.add_argument("--control-hz", type=float, default=5.0, help="control rate of the recorded commands")
     parser.add_argument("--seeds-per-task", type=int, default=4, help="episodes per Ray task")
@@ -379,7 +394,7 @@ def register_generate(data_subparsers) -> None:
 
 
 def run_generate(args) -> int:
-    from mobile_vla.data.split_spec import load_split_spec, split_spec_yaml
+    from mobile_vla.sim.split_spec import load_split_spec, split_spec_yaml
 
     spec = load_split_spec(args.split_spec, args.overrides)
     if args.show_split_spec:
@@ -391,11 +406,13 @@ def run_generate(args) -> int:
         raise DataError(f"--control-hz {args.control_hz}: expected a positive number")
     if args.seeds_per_task < 1:
         raise DataError(f"--seeds-per-task {args.seeds_per_task}: expected at least 1")
-    settings = GeneratorSettings(control_hz=args.control_hz, seeds_per_task=args.seeds_per_task)
+    settings = GeneratorConfig(control_hz=args.control_hz, seeds_per_task=args.seeds_per_task)
     manifest = generate_dataset(args.out, args.episodes, spec, args.seed, settings, progress=not args.no_progress)
     for name, rate in manifest["expert_success"].items():
-        print(f"{name:>18}: {rate['kept']:4d} episodes, expert success {rate['kept']}/{rate['attempted']}"
-              f" = {rate['success_rate']:.0%}")
+        print(
+            f"{name:>18}: {rate['kept']:4d} episodes, expert success {rate['kept']}/{rate['attempted']}"
+            f" = {rate['success_rate']:.0%}"
+        )
     total = manifest["counts"]["total"]
     print(f"wrote {total['episodes']} episodes, {total['frames']} frames, to {args.out}")
     return 0

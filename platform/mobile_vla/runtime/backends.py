@@ -17,15 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from mobile_vla.errors import ConfigError, DataError, MobileVLAError, ModelError, ResourceError
 from mobile_vla.export.signature import (
-    STEP_INPUTS,
     STEP_OUTPUTS,
     TEXT_OUTPUTS,
     ExportSignature,
@@ -120,7 +119,7 @@ class Backend:
         raise NotImplementedError
 
     def _step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """feeds named as STEP_INPUTS (numpy) -> outputs named as STEP_OUTPUTS (numpy float32)."""
+        """Feeds named as STEP_INPUTS (numpy) -> outputs named as STEP_OUTPUTS (numpy float32)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -142,7 +141,7 @@ class Backend:
         instructions: list[str],
         memory: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> BackendOutput:
-        """images uint8 [B,224,224,3] (already prepared), state float32 [B,S] raw, one instruction per row."""
+        """Images uint8 [B,224,224,3] (already prepared), state float32 [B,S] raw, one instruction per row."""
         images, state, memory = self._validate(images, state, instructions, memory)
         batch = images.shape[0]
         tokens, clip_text = self._cache.lookup(list(instructions), self._encode_instructions)
@@ -159,7 +158,9 @@ class Backend:
             out = self._step(feeds)
         else:  # an engine with a largest batch (TensorRT profile): run slices, join them
             parts = [self._step(_rows(feeds, i, i + step)) for i in range(0, batch, step)]
-            out = {k: np.concatenate([p[k] for p in parts], axis=1 if k in ("h_out", "c_out") else 0) for k in STEP_OUTPUTS}
+            out = {
+                k: np.concatenate([p[k] for p in parts], axis=1 if k in ("h_out", "c_out") else 0) for k in STEP_OUTPUTS
+            }
         actions = np.asarray(self.preprocessing.denormalise_actions(out["actions"]), dtype=np.float32)
         return BackendOutput(
             actions=actions,
@@ -255,7 +256,8 @@ def open_session(folder: Path, graph: GraphFile, providers: list[str], threads: 
     """An ONNX Runtime session for a graph named in signature.json, refused unless bytes and I/O match.
 
     `threads`: intra-op threads (0: ORT's default, one per core). `spinning=False` stops idle pool
-    threads from busy-waiting: a serving replica shares its cores with the ingress and the proxy."""
+    threads from busy-waiting: a serving replica shares its cores with the ingress and the proxy.
+    """
     import onnxruntime as ort
 
     path = verify_graph_file(folder, graph)
@@ -276,8 +278,17 @@ def open_session(folder: Path, graph: GraphFile, providers: list[str], threads: 
 class OnnxBackend(Backend):
     """ONNX Runtime on the CPU or on CUDA: needs no torch at run time."""
 
-    def __init__(self, model_dir, signature, preprocessing, device: str, fp16: bool, threads: int = 0,
-                 spinning: bool = True, **kw):
+    def __init__(
+        self,
+        model_dir,
+        signature,
+        preprocessing,
+        device: str,
+        fp16: bool,
+        threads: int = 0,
+        spinning: bool = True,
+        **kw,
+    ):
         import onnxruntime as ort
 
         super().__init__(model_dir, signature, preprocessing, **kw)
@@ -295,12 +306,18 @@ class OnnxBackend(Backend):
         folder = model_dir / ONNX_DIR
         step_key = "step_fp16" if fp16 else "step_fp32"
         if step_key not in signature.graphs:
-            raise ModelError(f"{folder}: no {step_key} graph (export with --fp16)" if fp16 else f"{folder}: no {step_key} graph")
+            raise ModelError(
+                f"{folder}: no {step_key} graph (export with --fp16)" if fp16 else f"{folder}: no {step_key} graph"
+            )
         self.session = open_session(folder, signature.graphs[step_key], providers, threads, spinning)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ResourceError(f"CUDAExecutionProvider did not initialise (providers: {self.session.get_providers()})")
-        check_io_matches(str(folder / signature.graphs[step_key].file), signature.inputs,
-                         _session_io(self.session.get_inputs()), "inputs")
+        check_io_matches(
+            str(folder / signature.graphs[step_key].file),
+            signature.inputs,
+            _session_io(self.session.get_inputs()),
+            "inputs",
+        )
         self.text_session = open_session(folder, signature.graph("text_encoder"), providers, threads, spinning)
         self.precision = "fp16" if fp16 else "fp32"
 
@@ -341,7 +358,10 @@ class TorchBackend(Backend):
         t = {k: self._tensor(v) for k, v in feeds.items()}
         with self._torch.inference_mode():
             actions, confidence, (h, c) = self.model.step(
-                t["images"], t["state"], {k: t[k] for k in KOSMOS_KEYS}, (t["h_in"], t["c_in"]),
+                t["images"],
+                t["state"],
+                {k: t[k] for k in KOSMOS_KEYS},
+                (t["h_in"], t["c_in"]),
                 clip_text=t["clip_text"],
             )
         out = (actions, confidence, h, c)
@@ -370,7 +390,9 @@ class TensorRTBackend(Backend):
 
         self._torch = torch
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.text_session = open_session(model_dir / ONNX_DIR, signature.graph("text_encoder"), providers, threads, spinning)
+        self.text_session = open_session(
+            model_dir / ONNX_DIR, signature.graph("text_encoder"), providers, threads, spinning
+        )
 
     def _encode_text(self, clip_input_ids):
         return self.text_session.run(TEXT_OUTPUTS, {"clip_input_ids": clip_input_ids})[0]
@@ -398,7 +420,9 @@ def _check_preprocessing(signature: ExportSignature, preprocessing, where: str) 
     }
     for field, (a, b) in pairs.items():
         if not np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-7):
-            raise ModelError(f"{where}: {field} in signature.json {list(a)} differs from policy/preprocessing {list(b)}")
+            raise ModelError(
+                f"{where}: {field} in signature.json {list(a)} differs from policy/preprocessing {list(b)}"
+            )
     if spec.chunk != preprocessing.chunk or spec.state_dim != preprocessing.state_dim:
         raise ModelError(f"{where}: chunk/state_dim in signature.json differ from policy/preprocessing")
 
@@ -447,7 +471,7 @@ def load_backend(
                 f"{folder / ONNX_DIR}: exported from model version {signature.model.version}, this is version {version}"
             )
         if preprocessing is None:
-            from mobile_vla.preprocessing import Preprocessing
+            from mobile_vla.policy.preprocessing import Preprocessing
 
             preprocessing = Preprocessing.load(folder / signature.preprocessing.saved_at)
             _check_preprocessing(signature, preprocessing, str(folder))
@@ -459,13 +483,22 @@ def load_backend(
                 backend = _load_torch(folder, signature, name, version, cache_size)
             elif choice == "tensorrt":
                 sig, prep = onnx_parts()
-                backend = TensorRTBackend(folder, sig, prep, fp16=fp16, threads=threads, spinning=spinning,
-                                          cache_size=cache_size)
+                backend = TensorRTBackend(
+                    folder, sig, prep, fp16=fp16, threads=threads, spinning=spinning, cache_size=cache_size
+                )
             else:
                 sig, prep = onnx_parts()
                 device = "cuda" if choice == "onnx-cuda" else "cpu"
-                backend = OnnxBackend(folder, sig, prep, device=device, fp16=fp16, threads=threads, spinning=spinning,
-                                      cache_size=cache_size)
+                backend = OnnxBackend(
+                    folder,
+                    sig,
+                    prep,
+                    device=device,
+                    fp16=fp16,
+                    threads=threads,
+                    spinning=spinning,
+                    cache_size=cache_size,
+                )
             if self_test:
                 backend.self_test()
         except Exception as exc:  # any failure of one backend is a reason to try the next one

@@ -1,6 +1,6 @@
 """The MiniWorld env that shows a `SceneSpec`. Importing this module opens no window but does set
 pyglet headless (EGL): import it only where frames are rendered (Ray workers, evaluation), never
-from a module the CLI imports at start. Use `mobile_vla.data.scenes.make_env` rather than this
+from a module the CLI imports at start. Use `mobile_vla.sim.scenes.make_env` rather than this
 class directly.
 """
 
@@ -22,8 +22,7 @@ from miniworld.opengl import FrameBuffer, Texture  # noqa: E402
 from miniworld.params import DEFAULT_PARAMS  # noqa: E402
 from miniworld.utils import get_file_path  # noqa: E402
 
-from mobile_vla.data.scenes import Placed, SceneSpec  # noqa: E402
-
+from mobile_vla.sim.scenes import Placed, SceneSpec  # noqa: E402
 
 # A small base's camera: MiniWorld's default eye height (1.5 m, level) loses a target under the
 # lower edge of the image a metre before reaching it. Ranges are used by domain randomisation.
@@ -52,9 +51,22 @@ def load_texture(path: str):
     """
     from PIL import Image
     from pyglet.gl import (
-        GL_GENERATE_MIPMAP_HINT, GL_LINEAR, GL_LINEAR_MIPMAP_LINEAR, GL_NICEST, GL_RGB, GL_RGBA,
-        GL_TEXTURE_2D, GL_TEXTURE_MAG_FILTER, GL_TEXTURE_MIN_FILTER, GL_UNSIGNED_BYTE,
-        glBindTexture, glEnable, glGenerateMipmap, glHint, glTexImage2D, glTexParameteri,
+        GL_GENERATE_MIPMAP_HINT,
+        GL_LINEAR,
+        GL_LINEAR_MIPMAP_LINEAR,
+        GL_NICEST,
+        GL_RGB,
+        GL_RGBA,
+        GL_TEXTURE_2D,
+        GL_TEXTURE_MAG_FILTER,
+        GL_TEXTURE_MIN_FILTER,
+        GL_UNSIGNED_BYTE,
+        glBindTexture,
+        glEnable,
+        glGenerateMipmap,
+        glHint,
+        glTexImage2D,
+        glTexParameteri,
     )
 
     image = Image.open(path).convert("RGBA").transpose(Image.Transpose.FLIP_TOP_BOTTOM)  # GL rows go up
@@ -130,8 +142,13 @@ class NavigationEnv(MiniWorldEnv):
         for tex_name in (room.wall_tex, room.floor_tex, room.ceil_tex):
             preload_textures(tex_name)
         self.add_rect_room(
-            min_x=0, max_x=room.width, min_z=0, max_z=room.depth,
-            wall_tex=room.wall_tex, floor_tex=room.floor_tex, ceil_tex=room.ceil_tex,
+            min_x=0,
+            max_x=room.width,
+            min_z=0,
+            max_z=room.depth,
+            wall_tex=room.wall_tex,
+            floor_tex=room.floor_tex,
+            ceil_tex=room.ceil_tex,
         )
 
         def place(placed: Placed) -> Entity:

@@ -4,7 +4,7 @@
     trainer = TorchTrainer(train_loop_per_worker, datasets={"train": ds}, ...)
     # in train_loop_per_worker:
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=16):
-        batch["images"]   # uint8 [B, T, 224, 224, 3], the window sample of mobile_vla.data.windows
+        batch["images"]   # uint8 [B, T, 224, 224, 3], the window sample of mobile_vla.train.windows
 
 The driver builds the small index (normalised actions/state, instructions tokenised once, the
 window table: `windows.build_split_index`); the rows of the Ray dataset are only window ids. Frames
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mobile_vla.data.windows import AugmentConfig, SplitIndex, build_split_index, window_rng
-from mobile_vla.preprocessing import Preprocessing
+from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.train.windows import AugmentConfig, SplitIndex, build_split_index, window_rng
 
 if TYPE_CHECKING:
     import ray.data
@@ -74,9 +74,10 @@ def build_window_dataset(
     shuffle: bool | None = None,
     augment_config: AugmentConfig | None = None,
     windows_per_task: int = 16,
-) -> "ray.data.Dataset":
+) -> ray.data.Dataset:
     """A lazy `ray.data.Dataset` of window samples for `split` (`shuffle` defaults to `augment`,
-    i.e. on for training, off for evaluation)."""
+    i.e. on for training, off for evaluation).
+    """
     import ray.data
 
     index = build_split_index(folder, split, preprocessing, stride)

@@ -9,15 +9,15 @@ import itertools
 
 import pytest
 
-from mobile_vla.data import instructions
-from mobile_vla.data.scenes import SceneSpec, scene_from_seed
-from mobile_vla.data.split_spec import (
+from mobile_vla.errors import ConfigError
+from mobile_vla.sim import instructions
+from mobile_vla.sim.scenes import SceneSpec, scene_from_seed
+from mobile_vla.sim.split_spec import (
     SplitSpec,
     default_split_spec,
     load_split_spec,
     split_spec_yaml,
 )
-from mobile_vla.errors import ConfigError
 
 HELD_OUT_SPLITS = ["unseen_layout", "unseen_pair", "unseen_paraphrase", "visual_shift"]
 
@@ -133,12 +133,16 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     [
         (["splits.val.seeds.start=999000"], "splits.train.seeds and splits.val.seeds overlap"),
         (["held_out_pairs=[[red, box], [red, ball], [red, key]]"], "colour 'red' would never be seen"),
-        (["held_out_pairs=[[red, key], [green, key], [blue, key], [yellow, key], [purple, key]]"],
-         "shape 'key' would never be seen"),
+        (
+            ["held_out_pairs=[[red, key], [green, key], [blue, key], [yellow, key], [purple, key]]"],
+            "shape 'key' would never be seen",
+        ),
         (["held_out_pairs=[[pink, box]]"], "'pink', 'box'"),
         (["held_out_templates=[no_such_template]"], "'no_such_template' is not a template id"),
-        (["held_out_templates=[avoiding, steering_clear, going_around, keeping_away]"],
-         "no avoid template left for training"),
+        (
+            ["held_out_templates=[avoiding, steering_clear, going_around, keeping_away]"],
+            "no avoid template left for training",
+        ),
         (["splits.val.fraction=0.5"], "fractions add up to 1.4"),
         (["splits.unseen_layout.layouts.start=500"], "splits.unseen_layout.layouts = [500, 1100000) partly overlaps"),
         (["splits.val.fraction=lots"], "splits.val.fraction = 'lots'"),
