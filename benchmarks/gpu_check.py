@@ -108,7 +108,6 @@ def _guarded(results: dict, key: str, budget: Budget, needs_s: float, func, *arg
 def time_cuda(run, rounds: int, warmup: int = 3) -> dict:
     import statistics
 
-
     for _ in range(warmup):
         run()
     _sync()
@@ -450,7 +449,7 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
         for batch in batches:
             run = lambda b=batch: session.run(STEP_OUTPUTS, feeds[b])
             stats = time_cuda(run, ROUNDS[batch])
-            stats["max_abs_diff_vs_torch_cpu"] = diff(batch, dict(zip(STEP_OUTPUTS, run())))
+            stats["max_abs_diff_vs_torch_cpu"] = diff(batch, dict(zip(STEP_OUTPUTS, run(), strict=True)))
             rows[f"batch_{batch}"] = stats
         return rows
 
@@ -478,7 +477,7 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
         }
         for batch in batches:
             cuda_feeds = {k: torch.from_numpy(v).cuda() for k, v in feeds[batch].items()}
-            stats = time_cuda(lambda: runner.run(dict(cuda_feeds)), ROUNDS[batch])
+            stats = time_cuda(lambda feeds=cuda_feeds: runner.run(dict(feeds)), ROUNDS[batch])
             outputs = {k: v.float().cpu().numpy() for k, v in runner.run(dict(cuda_feeds)).items()}
             stats["max_abs_diff_vs_torch_cpu"] = diff(batch, outputs)
             rows[f"batch_{batch}"] = stats

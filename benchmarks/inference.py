@@ -121,7 +121,7 @@ def measure_preset(preset: str, batches: list[int], rounds: int, threads: int) -
                 "onnx_fp16": lambda f=feeds: sessions["onnx_fp16"].run(None, f),
             }
             stats = time_variants(variants, rounds if batch < 32 else max(5, rounds // 4))
-            for name, row in stats.items():
+            for row in stats.values():
                 row["throughput_per_s"] = round(batch / (row["mean_ms"] / 1e3), 1)
             stats["onnx_fp32_speedup_vs_torch_p50"] = round(stats["torch"]["p50_ms"] / stats["onnx_fp32"]["p50_ms"], 2)
             stats["onnx_fp16_speedup_vs_torch_p50"] = round(stats["torch"]["p50_ms"] / stats["onnx_fp16"]["p50_ms"], 2)

@@ -21,6 +21,7 @@ STAGES = ["data", "policy", "train", "tune", "evaluate", "export", "tracking", "
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mobile-vla` parser, with every stage's subcommands registered (each stage's commands.py)."""
     parser = argparse.ArgumentParser(
         prog="mobile-vla",
         description="Train, evaluate, export and serve the Mobile VLA policy on Ray, tracked in MLflow.",
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one `mobile-vla` command; returns its exit code (2 on a user error, 130 on Ctrl-C)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -81,6 +81,7 @@ def format_validation_error(exc: ValidationError, source: str, data: dict | None
 
 
 def validate_config(data: dict, model: type[ConfigT], source: str = "config") -> ConfigT:
+    """`data` as a `model`; ConfigError lists every bad field of `source` with its value."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -88,6 +89,7 @@ def validate_config(data: dict, model: type[ConfigT], source: str = "config") ->
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file; ConfigError names the file (and line) when it is missing or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
