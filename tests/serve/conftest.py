@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.local_processes import free_port, wait_until  # noqa: F401  (wait_until: re-exported for the serve tests)
+
 
 @contextlib.contextmanager
 def home_env(home: Path):
@@ -78,7 +80,6 @@ def deployed_app(app_name: str, home: Path, args):
     from ray import serve
 
     from mobile_vla.serve.app import build_app
-    from tests.local_processes import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -91,17 +92,3 @@ def deployed_app(app_name: str, home: Path, args):
         client.http.close()
         serve.delete(app_name)
         serve.shutdown()
-
-
-def wait_until(check, timeout_s: float, every_s: float = 0.2, what: str = "condition"):
-    """Polls `check()` until it returns something truthy (returned), or fails the test after timeout_s."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(every_s)
