@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 
 from mobile_vla.errors import DataError
-from mobile_vla.online.feedback_store import (
-    FeedbackStore,
-    FeedbackWeights,
-    describe_feedback,
-    encode_frame,
-    normalise_record,
-)
+from mobile_vla.online.assembly import FeedbackWeights
+from mobile_vla.online.feedback_record import normalise_record
+from mobile_vla.online.feedback_store import FeedbackStore
+from mobile_vla.online.inspect_feedback import describe_feedback
+from mobile_vla.online.wal import encode_frame
 
 
 def jpeg_bytes(value: int, size: int = 32) -> bytes:

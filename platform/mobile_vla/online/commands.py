@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mobile_vla.errors import ConfigError, DataError
+
 
 def register(subparsers) -> None:
+    """Adds `promote` and `online-update` to the CLI, and the feedback section of `data inspect`."""
     promote = subparsers.add_parser(
         "promote",
         help="gate a challenger against @champion and move the alias if it passes",
@@ -51,8 +54,8 @@ def _add_inspect_section() -> None:
 
 
 def print_feedback_section(folder: Path, manifest: dict, console) -> None:
-    from mobile_vla.errors import DataError
-    from mobile_vla.online.feedback_store import describe_feedback, describe_feedback_dataset
+    """`data inspect` on a feedback dataset: its corrections and weights, and the store it came from."""
+    from mobile_vla.online.inspect_feedback import describe_feedback, describe_feedback_dataset
 
     generator = manifest.get("generator", {})
     if generator.get("kind") != "feedback":
@@ -79,8 +82,6 @@ def print_feedback_section(folder: Path, manifest: dict, console) -> None:
 
 def split_gate_args(items: list[str]) -> tuple[str | None, list[str]]:
     """`--gate FILE a=1 b=2` -> (FILE, ['a=1', 'b=2']); at most one file."""
-    from mobile_vla.errors import ConfigError
-
     files = [item for item in items if "=" not in item]
     if len(files) > 1:
         raise ConfigError(f"--gate: at most one gate file, got {files}")
@@ -90,6 +91,7 @@ def split_gate_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def print_decision(decision) -> None:
+    """The gate's checks as a table, then the decision and its reason."""
     from rich.console import Console
     from rich.table import Table
 
@@ -105,6 +107,7 @@ def print_decision(decision) -> None:
 
 
 def run_promote(args) -> int:
+    """`mobile-vla promote`: exit 0 when promoted, 1 when the gate rejected the version."""
     from mobile_vla.tracking.lifecycle import load_gate, promote
 
     gate_file, overrides = split_gate_args(args.gate)
@@ -115,6 +118,7 @@ def run_promote(args) -> int:
 
 
 def run_online_update_command(args) -> int:
+    """`mobile-vla online-update`: exit 0 when promoted or nothing new, 1 when the challenger was rejected."""
     from mobile_vla.online.update import load_update_config, run_online_update
 
     cfg = load_update_config(args.config, args.overrides)

@@ -1,0 +1,104 @@
+"""One /v1/feedback step, checked and split into JSON meta and the image bytes the robot sent.
+
+    meta, image = normalise_record(record)     # DataError naming the field when something is wrong
+
+The HTTP layer checks the same fields; this check also guards every other caller of the store.
+The image stays exactly as sent (JPEG or PNG): no decode or re-encode in the request path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from mobile_vla.errors import DataError
+
+ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+IMAGE_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
+ACTION_DIM = 3  # (vx, vy, wz), as the robot executed or the operator corrected it
+
+
+def _check_id(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or value[0] in "._-" or len(value) > 128 or set(value) - ID_CHARS:
+        raise DataError(f"feedback record: {name} = {value!r}: expected letters, digits, '.', '_', '-' (max 128)")
+    return value
+
+
+def _check_vector(name: str, value: Any, length: int | None = None) -> list[float]:
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        want = f"{length} numbers" if length is not None else "a list of numbers"
+        raise DataError(f"feedback record: {name} = {value!r}: expected {want}")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+            raise DataError(f"feedback record: {name} = {value!r}: every value must be a finite number")
+        out.append(float(item))
+    return out
+
+
+def _image_bytes(image: Any) -> bytes:
+    """The image as bytes: given as bytes, or as base64 text (the API body)."""
+    if isinstance(image, str):
+        try:
+            image = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise DataError("feedback record: image: not valid base64") from None
+    if not isinstance(image, (bytes, bytearray, memoryview)) or not image:
+        raise DataError(f"feedback record: image: {type(image).__name__}: expected JPEG/PNG bytes or base64 text")
+    return bytes(image)
+
+
+def image_format(data: bytes) -> str:
+    """'jpeg' or 'png' from the leading magic bytes.
+
+    Raises:
+        DataError: the bytes are neither JPEG nor PNG.
+    """
+    for magic, name in IMAGE_MAGIC.items():
+        if data.startswith(magic):
+            return name
+    raise DataError(f"feedback record: image: {data[:8]!r}...: expected JPEG or PNG bytes")
+
+
+def normalise_record(record: Mapping[str, Any]) -> tuple[dict, bytes]:
+    """Checks one step and splits it into JSON meta and the raw image bytes.
+
+    Args:
+        record: the step as a mapping (or a pydantic model): robot_id, episode_id, step, instruction,
+            image (bytes or base64 text), state, action_executed, and the optional action_corrected,
+            intervention, episode_done, success, received_at.
+
+    Returns:
+        (meta, image): meta with defaults filled in and `image_format` added; image as sent.
+
+    Raises:
+        DataError: a field is missing or malformed (the message names it).
+    """
+    if hasattr(record, "model_dump"):
+        record = record.model_dump()
+    meta = {k: v for k, v in record.items() if k != "image"}
+    image = _image_bytes(record.get("image"))
+    meta["image_format"] = image_format(image)
+    _check_id("robot_id", meta.get("robot_id"))
+    _check_id("episode_id", meta.get("episode_id"))
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DataError(f"feedback record: step = {step!r}: expected an integer >= 0")
+    instruction = meta.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"feedback record: instruction = {instruction!r}: expected non-empty text")
+    meta["state"] = _check_vector("state", meta.get("state", []))
+    meta["action_executed"] = _check_vector("action_executed", meta.get("action_executed"), ACTION_DIM)
+    if meta.get("action_corrected") is not None:
+        meta["action_corrected"] = _check_vector("action_corrected", meta["action_corrected"], ACTION_DIM)
+    for flag in ("intervention", "episode_done"):
+        if not isinstance(meta.setdefault(flag, False), bool):
+            raise DataError(f"feedback record: {flag} = {meta[flag]!r}: expected true or false")
+    if meta.setdefault("success", None) is not None and not isinstance(meta["success"], bool):
+        raise DataError(f"feedback record: success = {meta['success']!r}: expected true, false or null")
+    meta.setdefault("received_at", time.time())
+    return meta, image
