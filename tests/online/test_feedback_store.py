@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -154,8 +155,10 @@ def test_concurrent_appends_share_fsyncs_and_all_land(tmp_path):
     real_fsync = os.fsync
 
     def counting_fsync(fd):
-        fsyncs.append(fd)
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # segment files; directory syncs on rotation are not counted
+            fsyncs.append(fd)
         real_fsync(fd)
+        time.sleep(0.02)  # a slow disk: appends arriving meanwhile must ride on the next fsync
 
     errors = []
 
@@ -179,7 +182,8 @@ def test_concurrent_appends_share_fsyncs_and_all_land(tmp_path):
     stored = [(r.meta["robot_id"], r.meta["step"]) for r in store.replay()]
     assert sorted(stored) == sorted((f"r{i}", s) for i in range(4) for s in range(25))
     assert len(list((tmp_path / "segments").glob("*.wal"))) > 1
-    assert len(fsyncs) <= 100 + 20  # never more than one per record (plus directory syncs on rotation)
+    # without group commit every record pays its own fsync (100, plus one per rotation); shared, ~60
+    assert len(fsyncs) < 90, len(fsyncs)
 
 
 def test_assembly_labels_weights_retries_and_watermark(tmp_path, capsys):

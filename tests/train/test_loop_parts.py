@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 
-from mobile_vla.train.loop import warmup_cosine, with_last_flag
+from mobile_vla.train.loop import with_last_flag
+from mobile_vla.train.step import warmup_cosine
 
 
 def test_warmup_then_cosine_down_to_the_floor():
@@ -15,16 +17,25 @@ def test_warmup_then_cosine_down_to_the_floor():
     warm = [factor(s) for s in range(10)]
     assert warm == sorted(warm) and warm[0] == pytest.approx(0.1) and warm[-1] == pytest.approx(1.0)
     decay = [factor(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
     assert decay[0] == pytest.approx(1.0) and decay[-1] == pytest.approx(0.1)
     assert factor(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert warmup_cosine(0, 100, 0.0)(0) == pytest.approx(1.0)
 
 
 def test_last_flag_marks_only_the_final_item_and_counts_waiting():
-    waited = [0.0]
-    assert list(with_last_flag(iter([1, 2, 3]), waited)) == [(1, False), (2, False), (3, True)]
-    assert waited[0] >= 0.0
+    def slow_source(delay_s: float):  # the input pipeline: 0.05 s per item
+        for item in (1, 2, 3):
+            time.sleep(delay_s)
+            yield item
+
+    waited, flagged = [0.0], []
+    for item, is_last in with_last_flag(slow_source(0.05), waited):
+        flagged.append((item, is_last))
+        time.sleep(0.2)  # the model's step: not waiting for data, so not counted
+    assert flagged == [(1, False), (2, False), (3, True)]
+    # 3 x 0.05 s blocked on the source; counting the 3 x 0.2 s steps too would give >= 0.75 s
+    assert 0.15 <= waited[0] < 0.6, waited
     assert list(with_last_flag([])) == []
     assert list(with_last_flag([7])) == [(7, True)]
 
