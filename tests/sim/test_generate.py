@@ -51,16 +51,8 @@ def run_in_worker(ray, fn, *args):
 # -- simulator semantics ----------------------------------------------------------------------------
 def test_actions_move_the_robot_in_its_body_frame_and_walls_stop_it(ray_cluster):
     def probe():
-        from mobile_vla.sim.scenes import (
-            HEIGHTS,
-            RADIUS_PER_HEIGHT,
-            Placed,
-            Pose,
-            RoomSpec,
-            SceneSpec,
-            execute_action,
-            make_env,
-        )
+        from mobile_vla.sim.navigation_env import NavigationEnv  # GL: in the worker only
+        from mobile_vla.sim.scenes import HEIGHTS, RADIUS_PER_HEIGHT, Placed, Pose, RoomSpec, SceneSpec
 
         def thing(kind, x, z, colour=None):
             return Placed(kind=kind, colour=colour, x=x, z=z, dir=0.0, height=HEIGHTS[kind])
@@ -78,7 +70,7 @@ def test_actions_move_the_robot_in_its_body_frame_and_walls_stop_it(ray_cluster)
             instruction="go to the red box",
             template_ids=["go_to"],
         )
-        env = make_env(scene)
+        env = NavigationEnv(scene)
         out = {
             "radius": {
                 e.kind: (e.radius, HEIGHTS[e.kind] * RADIUS_PER_HEIGHT[e.kind])
@@ -87,14 +79,14 @@ def test_actions_move_the_robot_in_its_body_frame_and_walls_stop_it(ray_cluster)
             }
         }
         start = env.agent.pos.copy()
-        out["forward"] = execute_action(env, (0.5, 0.0, 0.0), 5.0), (env.agent.pos - start).tolist()
+        out["forward"] = env.execute_action((0.5, 0.0, 0.0), 5.0), (env.agent.pos - start).tolist()
         start = env.agent.pos.copy()
-        out["left"] = execute_action(env, (0.0, 0.5, 0.0), 5.0), (env.agent.pos - start).tolist()
+        out["left"] = env.execute_action((0.0, 0.5, 0.0), 5.0), (env.agent.pos - start).tolist()
         start = env.agent.pos.copy()
-        out["clipped"] = execute_action(env, (10.0, 0.0, 0.0), 5.0), (env.agent.pos - start).tolist()
-        out["turn"] = execute_action(env, (0.0, 0.0, 1.0), 5.0), env.agent.dir
+        out["clipped"] = env.execute_action((10.0, 0.0, 0.0), 5.0), (env.agent.pos - start).tolist()
+        out["turn"] = env.execute_action((0.0, 0.0, 1.0), 5.0), env.agent.dir
         env.agent.pos, env.agent.dir = np.array([7.45, 0.0, 4.0]), 0.0  # 0.15 m from the east wall
-        out["blocked"] = execute_action(env, (0.75, 0.0, 0.0), 5.0), env.agent.pos.tolist()
+        out["blocked"] = env.execute_action((0.75, 0.0, 0.0), 5.0), env.agent.pos.tolist()
         out["near_far"] = bool(env.near(env.target))
         env.agent.pos = np.array([7.0, 0.0, 5.95])  # beside the red box, 1.05 m between centres
         out["near_close"] = bool(env.near(env.target))
@@ -173,17 +165,17 @@ def test_recorded_commands_replay_to_success_in_a_rebuilt_scene(ray_cluster, tin
     recorded = {name: read_episode(tiny_dataset / name) for name in names}
 
     def replay(episodes):
-        from mobile_vla.sim.scenes import SceneSpec, execute_action, make_env
+        from mobile_vla.sim.navigation_env import NavigationEnv  # GL: in the worker only
 
         out = {}
         env = None
         for name, (scene_json, actions) in episodes.items():
             scene = SceneSpec.from_json(scene_json)
-            env = env or make_env(scene)
+            env = env or NavigationEnv(scene)
             frames = [env.load_scene(scene)]
             reached = []
             for action in actions[:-1]:
-                execute_action(env, action, 5.0)
+                env.execute_action(action, 5.0)
                 frames.append(env.render_obs())
                 reached.append(bool(env.near(env.target)))
             out[name] = (np.stack(frames), reached)

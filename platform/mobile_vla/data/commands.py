@@ -1,5 +1,8 @@
 """`mobile-vla data ...`: generate (MiniWorld, sim/generate.py), import (original collector), inspect.
 
+    mobile-vla data generate --out data/nav --episodes 200 --seed 0
+    mobile-vla data generate --out data/nav --split-spec my_splits.yaml --set splits.val.fraction=0.2 ...
+    mobile-vla data generate --show-split-spec > my_splits.yaml      # the defaults, to edit
     mobile-vla data import --format minuum-h5 ~/robot_logs data/robot
     mobile-vla data inspect data/robot [--check] [--json]
 
@@ -10,8 +13,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
+
+from mobile_vla.errors import DataError
+
+# The stage modules (numpy, h5py, Ray, MiniWorld) are imported inside the run_* functions: the CLI
+# imports this module to build its parser, and `mobile-vla --help` must stay fast.
 
 INSPECT_SECTIONS: list[Callable] = []
 # Manifest keys the built-in sections show; any other top-level section (feedback data, ...) is
@@ -39,6 +48,7 @@ def register_inspect_section(section: Callable) -> Callable:
 
 
 def register(subparsers) -> None:
+    """Adds `data generate`, `data import` and `data inspect` to the CLI."""
     data = subparsers.add_parser("data", help="generate, import and inspect episode datasets")
     data_subparsers = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
@@ -71,16 +81,63 @@ def register(subparsers) -> None:
     importer.set_defaults(func=run_import)
     importer.epilog = "Exit status 1 when some files were skipped (each is named), 2 when nothing was imported."
 
-    try:
-        from mobile_vla.sim.generate import register_generate
-    except ModuleNotFoundError as exc:  # generator not built yet
-        if exc.name != "mobile_vla.sim.generate":
-            raise
-    else:
-        register_generate(data_subparsers)
+    _register_generate(data_subparsers)
+
+
+def _register_generate(data_subparsers) -> None:
+    parser = data_subparsers.add_parser(
+        "generate",
+        help="MiniWorld scenes + scripted expert -> episode files and manifest.json",
+        description="MiniWorld episodes driven by the scripted expert, as Ray tasks.",
+    )
+    parser.add_argument("--out", type=Path, metavar="DIR", help="new or empty dataset folder")
+    parser.add_argument("--episodes", type=int, default=200, help="successful episodes over all splits")
+    parser.add_argument("--split-spec", type=Path, default=None, help="YAML split spec (default: built in)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a split spec field, e.g. splits.val.fraction=0.2 (repeatable)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same episodes")
+    parser.add_argument("--control-hz", type=float, default=5.0, help="control rate of the recorded commands")
+    parser.add_argument("--seeds-per-task", type=int, default=4, help="episodes per Ray task")
+    parser.add_argument("--show-split-spec", action="store_true", help="print the resolved split spec as YAML and exit")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    """`data generate`: validates the options, generates, prints each split's expert success."""
+    from mobile_vla.sim.generate import GeneratorConfig, generate_dataset
+    from mobile_vla.sim.split_spec import load_split_spec, split_spec_yaml
+
+    spec = load_split_spec(args.split_spec, args.overrides)
+    if args.show_split_spec:
+        print(split_spec_yaml(spec), end="")
+        return 0
+    if args.out is None:
+        raise DataError("--out DIR is required (a new or empty folder)")
+    if not (args.control_hz > 0 and math.isfinite(args.control_hz)):
+        raise DataError(f"--control-hz {args.control_hz}: expected a positive number")
+    if args.seeds_per_task < 1:
+        raise DataError(f"--seeds-per-task {args.seeds_per_task}: expected at least 1")
+    settings = GeneratorConfig(control_hz=args.control_hz, seeds_per_task=args.seeds_per_task)
+    manifest = generate_dataset(args.out, args.episodes, spec, args.seed, settings, progress=not args.no_progress)
+    for name, rate in manifest["expert_success"].items():
+        print(
+            f"{name:>18}: {rate['kept']:4d} episodes, expert success {rate['kept']}/{rate['attempted']}"
+            f" = {rate['success_rate']:.0%}"
+        )
+    total = manifest["counts"]["total"]
+    print(f"wrote {total['episodes']} episodes, {total['frames']} frames, to {args.out}")
+    return 0
 
 
 def summarise(folder: Path, manifest: dict) -> dict:
+    """What `data inspect --json` prints: per-split counts and success, stats, generator, other sections."""
     episodes = manifest["episodes"]
     splits = {}
     for split, names in manifest["splits"].items():
@@ -173,7 +230,6 @@ def check_episodes(folder: Path, manifest: dict, progress: bool = True) -> list[
     from rich.progress import track
 
     from mobile_vla.data.episodes import read_episode
-    from mobile_vla.errors import DataError
 
     problems = []
     names = [n for split in manifest["splits"].values() for n in split]
@@ -189,6 +245,7 @@ def check_episodes(folder: Path, manifest: dict, progress: bool = True) -> list[
 
 
 def run_inspect(args) -> int:
+    """`data inspect`: the manifest's sections (or a raw feedback root); exit 1 when --check finds bad files."""
     from rich.console import Console
 
     from mobile_vla.data.manifest import load_manifest
@@ -223,6 +280,7 @@ def run_inspect(args) -> int:
 
 
 def run_import(args) -> int:
+    """`data import`: converts the collector's files; exit 1 when some files were skipped."""
     from mobile_vla.data.importer import import_minuum_h5
 
     report = import_minuum_h5(
@@ -234,7 +292,7 @@ def run_import(args) -> int:
         resize_rule=args.resize_rule,
         default_instruction=args.default_instruction,
     )
-    for name, reason in report.skipped:
+    for _name, reason in report.skipped:
         print(f"skipped {reason}")
     counts = report.manifest["counts"]
     split_text = ", ".join(f"{s} {c['episodes']}" for s, c in counts.items() if s != "total")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mobile_vla.data.episodes import read_episode
 from mobile_vla.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -63,6 +64,7 @@ def split_names(names: list[str], fractions: dict[str, float], seed: int = 0) ->
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Writes `data` as indented JSON through a temporary file and a rename: never half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as handle:
@@ -86,8 +88,6 @@ def build_manifest(
     """Reads every listed episode (without images), computes counts and train statistics, and writes
     `manifest.json` atomically. Raises DataError naming the file when an episode is bad or missing.
     """
-    from mobile_vla.data.episodes import read_episode
-
     folder = Path(folder)
     seen: dict[str, str] = {}
     for split, names in splits.items():
@@ -200,6 +200,7 @@ class _Manifest(BaseModel):
 
 
 def load_manifest(folder: str | Path) -> dict:
+    """The validated `manifest.json` of a dataset folder; DataError naming the problem otherwise."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():

@@ -25,6 +25,8 @@ def _xz(vec) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScriptedExpert:
+    """The teacher: a body-frame potential field over the simulator's true state (see module doc)."""
+
     max_forward: float = SPEED_LIMITS[0]  # m/s
     max_lateral: float = SPEED_LIMITS[1]  # m/s
     max_turn: float = 1.2  # rad/s

@@ -1,16 +1,15 @@
-"""`mobile-vla data generate`: MiniWorld episodes driven by the scripted expert, as Ray tasks.
+"""MiniWorld episodes driven by the scripted expert, as Ray tasks (`mobile-vla data generate`).
 
-    mobile-vla data generate --out data/nav --episodes 200 --seed 0
-    mobile-vla data generate --out data/nav --split-spec my_splits.yaml --set splits.val.fraction=0.2 ...
-    mobile-vla data generate --show-split-spec > my_splits.yaml      # the defaults, to edit
+    manifest = generate_dataset("data/nav", episodes=200, spec=default_split_spec(), seed=0)
 
 Each split draws an ordered list of candidate episode seeds from its own seed range (order fixed by
 `--seed`); Ray tasks simulate them (one MiniWorld env per worker process, reset per episode); a
 split keeps its first N successful candidates in that order. So the same seed gives the same
 episodes whatever the number of workers or the order tasks finish in, and the manifest's
 `expert_success` (kept / candidates tried up to the last kept one) is reproducible too.
-Ray: the running cluster, `RAY_ADDRESS`, or a local `ray.init()`. Episodes travel back to the
-driver as finished HDF5 bytes, so `--out` need not be shared storage on a multi-node cluster.
+Ray: `mobile_vla.ray_session.ensure_ray` (the running cluster, `RAY_ADDRESS`, or a local one).
+Episodes travel back to the driver as finished HDF5 bytes, so `--out` need not be shared storage
+on a multi-node cluster.
 """
 
 from __future__ import annotations
@@ -24,15 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mobile_vla.data.episodes import SCHEMA_VERSION, Episode, write_episode
+from mobile_vla.data.manifest import build_manifest
 from mobile_vla.errors import DataError, ResourceError
+from mobile_vla.ray_session import ensure_ray
+from mobile_vla.sim.expert import ScriptedExpert
+from mobile_vla.sim.scenes import CONTROL_HZ, ENV_ID, SceneSpec, scene_from_seed
+from mobile_vla.sim.split_spec import SplitSpec, default_split_spec
 
 SOURCE = "miniworld"
 
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    control_hz: float = 5.0
+    """How episodes are simulated and recorded; travels to every Ray task."""
+
+    control_hz: float = CONTROL_HZ
     obs_size: int = 224
     seeds_per_task: int = 4
     max_steps: int | None = None  # None: the scene's own limit (scenes.MAX_STEPS)
@@ -43,6 +52,8 @@ class GeneratorConfig:
 # -- one episode ------------------------------------------------------------------------------------
 @dataclass
 class Recording:
+    """One expert episode as simulated: frames, commands, states and whether it reached the target."""
+
     images: np.ndarray  # uint8 [T, H, W, 3]
     actions: np.ndarray  # float32 [T, 3]
     state: np.ndarray  # float32 [T, 3]: the command executed at the previous step
@@ -55,8 +66,6 @@ def record_episode(env, scene, expert, control_hz: float) -> Recording:
     Frame t is what the robot saw before command t. On success a last frame at the target with a
     zero command is added, so that stopping there is part of what is learned.
     """
-    from mobile_vla.sim.scenes import execute_action
-
     frame = env.load_scene(scene)
     images, actions, states = [], [], []
     previous = (0.0, 0.0, 0.0)
@@ -67,7 +76,7 @@ def record_episode(env, scene, expert, control_hz: float) -> Recording:
         images.append(frame)
         actions.append(action)
         states.append(previous)
-        execute_action(env, action, control_hz)
+        env.execute_action(action, control_hz)
         previous = action
         frame = env.render_obs()
         if env.near(env.target):
@@ -85,12 +94,12 @@ def record_episode(env, scene, expert, control_hz: float) -> Recording:
 
 
 def episode_name(split: str, seed: int) -> str:
+    """The file stem of a generated episode: `<split>-<seed, 7 digits>`."""
     return f"{split}-{seed:07d}"
 
 
-def episode_attrs(scene, control_hz: float) -> dict[str, Any]:
-    from mobile_vla.data.episodes import SCHEMA_VERSION
-
+def episode_attrs(scene: SceneSpec, control_hz: float) -> dict[str, Any]:
+    """The attributes a generated episode file carries, the scene JSON that rebuilds it included."""
     return {
         "instruction": scene.instruction,
         "episode_id": episode_name(scene.split, scene.seed),
@@ -112,10 +121,9 @@ _WORKER_ENV = None  # one MiniWorld env (one GL context) per worker process, reu
 def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: GeneratorConfig) -> list[dict]:
     """Ray task body: simulates (split, seed) jobs; successful episodes come back as HDF5 bytes."""
     global _WORKER_ENV
-    from mobile_vla.data.episodes import Episode, write_episode
-    from mobile_vla.sim.expert import ScriptedExpert
-    from mobile_vla.sim.scenes import make_env, scene_from_seed
-    from mobile_vla.sim.split_spec import SplitSpec
+    # Here only: importing the env module loads MiniWorld and GL, which must happen in the worker
+    # that renders, never in the driver (see navigation_env's docstring).
+    from mobile_vla.sim.navigation_env import NavigationEnv
 
     spec = SplitSpec.model_validate_json(spec_json)
     expert = ScriptedExpert(**settings.expert)
@@ -126,7 +134,7 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
         if settings.max_steps is not None:
             scene = scene.model_copy(update={"max_steps": settings.max_steps})
         if _WORKER_ENV is None or _WORKER_ENV.obs_size != settings.obs_size:
-            _WORKER_ENV = make_env(scene, obs_size=settings.obs_size)
+            _WORKER_ENV = NavigationEnv(scene, obs_size=settings.obs_size)
         recording = record_episode(_WORKER_ENV, scene, expert, settings.control_hz)
         result = {
             "split": split,
@@ -180,7 +188,7 @@ class _SplitRun:
         return sum(self.outcomes.values())
 
 
-def candidate_seeds(spec, split: str, seed: int, count: int) -> list[int]:
+def candidate_seeds(spec: SplitSpec, split: str, seed: int, count: int) -> list[int]:
     """Ordered, distinct episode seeds from the split's range; a pure function of (spec, split, seed)."""
     seeds = spec.splits[split].seeds
     index = list(spec.splits).index(split)
@@ -201,17 +209,6 @@ def _check_out_dir(out: Path) -> None:
             )
 
 
-def _ensure_ray():
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
-    return ray
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -225,15 +222,12 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def generate_dataset(
     out: str | Path,
     episodes: int,
-    spec=None,
+    spec: SplitSpec | None = None,
     seed: int = 0,
     settings: GeneratorConfig | None = None,
     progress: bool = True,
 ) -> dict:
     """Generates `episodes` successful expert episodes split as `spec` says; returns the manifest."""
-    from mobile_vla.data.manifest import build_manifest
-    from mobile_vla.sim.split_spec import default_split_spec
-
     spec = spec if spec is not None else default_split_spec()
     settings = settings or GeneratorConfig()
     if episodes < 1:
@@ -246,7 +240,7 @@ def generate_dataset(
         name: _SplitRun(name, n, candidate_seeds(spec, name, seed, settings.max_candidates_factor * n + 20))
         for name, n in allocation.items()
     }
-    ray = _ensure_ray()
+    ensure_ray()
     task = ray.remote(num_cpus=1)(simulate_seeds)
     spec_json = spec.model_dump_json()
 
@@ -266,7 +260,7 @@ def generate_dataset(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _run_waves(ray, runs, pending, submit, written, out, progress)
+        _run_waves(runs, pending, submit, written, out, progress)
     except BaseException:
         # Leave nothing behind that looks like a dataset: cancel the rest, remove what we wrote.
         for ref in pending:
@@ -296,7 +290,7 @@ def generate_dataset(
 
     generator = {
         "kind": "miniworld",
-        "env_id": "mobile-vla/NavRoom-v1",
+        "env_id": ENV_ID,
         "seed": seed,
         "episodes": episodes,
         "settings": asdict(settings),
@@ -307,7 +301,7 @@ def generate_dataset(
     return build_manifest(out, splits, generator=generator, expert_success=expert_success, progress=progress)
 
 
-def _run_waves(ray, runs, pending, submit, written, out: Path, progress: bool) -> None:
+def _run_waves(runs, pending, submit, written, out: Path, progress: bool) -> None:
     """Collects task results as they finish, writes successes, tops up splits that fall short."""
     with _progress_display(progress) as bars:
         ids = {name: bars.add_task(f"{name:>18}", total=run.needed) for name, run in runs.items()}
@@ -362,57 +356,4 @@ class _NoProgress:
 def _progress_display(enabled: bool):
     if not enabled:
         return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-def register_generate(data_subparsers) -> None:
-    parser = data_subparsers.add_parser(
-        "generate",
-        help="MiniWorld scenes + scripted expert -> episode files and manifest.json",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--out", type=Path, metavar="DIR", help="new or empty dataset folder")
-    parser.add_argument("--episodes", type=int, default=200, help="successful episodes over all splits")
-    parser.add_argument("--split-spec", type=Path, default=None, help="YAML split spec (default: built in)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a split spec field, e.g. splits.val.fraction=0.2 (repeatable)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same episodes")
-    parser.add_argument("--control-hz", type=float, default=5.0, help="control rate of the recorded commands")
-    parser.add_argument("--seeds-per-task", type=int, default=4, help="episodes per Ray task")
-    parser.add_argument("--show-split-spec", action="store_true", help="print the resolved split spec as YAML and exit")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(func=run_generate)
-
-
-def run_generate(args) -> int:
-    from mobile_vla.sim.split_spec import load_split_spec, split_spec_yaml
-
-    spec = load_split_spec(args.split_spec, args.overrides)
-    if args.show_split_spec:
-        print(split_spec_yaml(spec), end="")
-        return 0
-    if args.out is None:
-        raise DataError("--out DIR is required (a new or empty folder)")
-    if not (args.control_hz > 0 and math.isfinite(args.control_hz)):
-        raise DataError(f"--control-hz {args.control_hz}: expected a positive number")
-    if args.seeds_per_task < 1:
-        raise DataError(f"--seeds-per-task {args.seeds_per_task}: expected at least 1")
-    settings = GeneratorConfig(control_hz=args.control_hz, seeds_per_task=args.seeds_per_task)
-    manifest = generate_dataset(args.out, args.episodes, spec, args.seed, settings, progress=not args.no_progress)
-    for name, rate in manifest["expert_success"].items():
-        print(
-            f"{name:>18}: {rate['kept']:4d} episodes, expert success {rate['kept']}/{rate['attempted']}"
-            f" = {rate['success_rate']:.0%}"
-        )
-    total = manifest["counts"]["total"]
-    print(f"wrote {total['episodes']} episodes, {total['frames']} frames, to {args.out}")
-    return 0

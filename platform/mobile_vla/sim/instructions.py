@@ -38,6 +38,7 @@ ALL_TEMPLATE_IDS: tuple[str, ...] = tuple(GOAL_TEMPLATES) + tuple(AVOID_TEMPLATE
 
 
 def target_phrase(colour: str, shape: str) -> str:
+    """("red", "box") -> 'red box'."""
     return f"{colour} {shape}"
 
 

@@ -1,12 +1,19 @@
-"""The MiniWorld env that shows a `SceneSpec`. Importing this module opens no window but does set
-pyglet headless (EGL): import it only where frames are rendered (Ray workers, evaluation), never
-from a module the CLI imports at start. Use `mobile_vla.sim.scenes.make_env` rather than this
-class directly.
+"""The MiniWorld env that shows a `SceneSpec` and executes body-frame commands in it.
+
+    env = NavigationEnv(scene, obs_size=224)               # one per worker process (one GL context)
+    frame = env.load_scene(other_scene)                    # uint8 [H, W, 3]; reuse the env per episode
+    moved = env.execute_action((0.5, 0.0, 0.2), control_hz=5.0)
+    done = env.near(env.target)                            # MiniWorld's own success predicate
+
+Importing this module sets pyglet headless (EGL) and loads MiniWorld and pyglet's GL: import it
+only inside the process that renders (a Ray task body, after anything that must load before GL),
+never from a module the CLI imports at start, nor in a process that later forks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
@@ -21,8 +28,27 @@ from miniworld.miniworld import MiniWorldEnv  # noqa: E402
 from miniworld.opengl import FrameBuffer, Texture  # noqa: E402
 from miniworld.params import DEFAULT_PARAMS  # noqa: E402
 from miniworld.utils import get_file_path  # noqa: E402
+from PIL import Image  # noqa: E402
+from pyglet.gl import (  # noqa: E402
+    GL_GENERATE_MIPMAP_HINT,
+    GL_LINEAR,
+    GL_LINEAR_MIPMAP_LINEAR,
+    GL_NICEST,
+    GL_RGB,
+    GL_RGBA,
+    GL_TEXTURE_2D,
+    GL_TEXTURE_MAG_FILTER,
+    GL_TEXTURE_MIN_FILTER,
+    GL_UNSIGNED_BYTE,
+    glBindTexture,
+    glEnable,
+    glGenerateMipmap,
+    glHint,
+    glTexImage2D,
+    glTexParameteri,
+)
 
-from mobile_vla.sim.scenes import Placed, SceneSpec  # noqa: E402
+from mobile_vla.sim.scenes import CONTROL_HZ, SPEED_LIMITS, Placed, SceneSpec  # noqa: E402
 
 # A small base's camera: MiniWorld's default eye height (1.5 m, level) loses a target under the
 # lower edge of the image a metre before reaching it. Ranges are used by domain randomisation.
@@ -49,26 +75,6 @@ def load_texture(path: str):
     MiniWorld's loader converts pixels through pyglet's pure-Python path: 1-4 s per texture on a
     small CPU, paid again in every worker process. Same GL upload and filtering, ~50x faster.
     """
-    from PIL import Image
-    from pyglet.gl import (
-        GL_GENERATE_MIPMAP_HINT,
-        GL_LINEAR,
-        GL_LINEAR_MIPMAP_LINEAR,
-        GL_NICEST,
-        GL_RGB,
-        GL_RGBA,
-        GL_TEXTURE_2D,
-        GL_TEXTURE_MAG_FILTER,
-        GL_TEXTURE_MIN_FILTER,
-        GL_UNSIGNED_BYTE,
-        glBindTexture,
-        glEnable,
-        glGenerateMipmap,
-        glHint,
-        glTexImage2D,
-        glTexParameteri,
-    )
-
     image = Image.open(path).convert("RGBA").transpose(Image.Transpose.FLIP_TOP_BOTTOM)  # GL rows go up
     width, height = image.size
     pixels = image.tobytes()
@@ -136,6 +142,25 @@ class NavigationEnv(MiniWorldEnv):
         self.max_episode_steps = scene.max_steps
         obs, _ = self.reset(seed=scene.seed)
         return obs
+
+    def execute_action(self, action, control_hz: float = CONTROL_HZ) -> bool:
+        """Applies one body-frame velocity command for 1/control_hz seconds: translate, then turn.
+
+        Args:
+            action: (vx, vy, wz) in m/s, m/s, rad/s (x forward, y left); clipped to `SPEED_LIMITS`.
+            control_hz: the control rate the command is held for.
+
+        Returns:
+            False when the translation would collide: MiniWorld refuses such a move whole (the robot
+            stays put), as a bumper-stopped base would. The turn is always applied.
+        """
+        dt = 1.0 / control_hz
+        vx, vy, wz = (float(np.clip(v, -lim, lim)) for v, lim in zip(action, SPEED_LIMITS, strict=True))
+        # MiniWorld's drift axis points right; body +y is left.
+        moved = bool(self.move_agent(vx * dt, -vy * dt))
+        self.turn_agent(math.degrees(wz * dt))
+        self.step_count += 1
+        return moved
 
     def _gen_world(self) -> None:
         room = self.scene.room

@@ -1,21 +1,21 @@
-"""MiniWorld navigation scenes: a JSON scene spec, its sampling from seeds, and how to act in it.
+"""MiniWorld navigation scenes as data: the JSON scene spec and its sampling from seeds.
 
     scene = scene_from_seed("train", 123, split_spec)     # pure numpy: no GL, no MiniWorld import
-    env = make_env(scene)                                  # MiniWorld env showing exactly that scene
-    frame = env.load_scene(other_scene)                    # reuse one env (one GL context) per worker
-    moved = execute_action(env, (0.5, 0.0, 0.2), control_hz=5.0)
-    done = env.near(env.target)                            # MiniWorld's own success predicate
+    SceneSpec.from_json(scene.to_json()) == scene
 
-The spec holds everything needed to rebuild a scene (positions, textures, colours, instruction), so
-closed-loop evaluation rebuilds the recorded scene from an episode's `scene` attribute alone.
+Pure and light at import: the MiniWorld env that shows a scene and executes commands in it is
+`mobile_vla.sim.navigation_env` (GL; Ray workers only). The spec holds everything needed to
+rebuild a scene (positions, textures, colours, instruction), so closed-loop evaluation rebuilds
+the recorded scene from an episode's `scene` attribute alone.
 World frame is MiniWorld's: floor plane (x, z), y up, heading `dir` in radians with forward =
-(cos dir, -sin dir). Actions are in the body frame of REP-103: x forward, y left, yaw left-positive.
+(cos dir, -sin dir). Actions are in the body frame of REP-103: x forward, y left, yaw left-positive;
+`SPEED_LIMITS` and `CONTROL_HZ` are the simulated base's.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -23,9 +23,6 @@ from pydantic import Field
 from mobile_vla.config import StrictModel
 from mobile_vla.sim import instructions
 from mobile_vla.sim.split_spec import SplitSpec
-
-if TYPE_CHECKING:
-    from mobile_vla.sim.navigation_env import NavigationEnv
 
 ENV_ID = "mobile-vla/NavRoom-v1"
 CONTROL_HZ = 5.0
@@ -50,6 +47,8 @@ EPISODE_SALT = 0xE91
 
 
 class Pose(StrictModel):
+    """A position on the floor plane (x, z) and a heading `dir` in radians (forward = (cos, -sin))."""
+
     x: float
     z: float
     dir: float
@@ -72,6 +71,8 @@ class Placed(StrictModel):
 
 
 class RoomSpec(StrictModel):
+    """One rectangular room: its size in metres and its wall, floor and ceiling textures."""
+
     width: float  # along x
     depth: float  # along z
     wall_tex: str
@@ -80,6 +81,11 @@ class RoomSpec(StrictModel):
 
 
 class SceneSpec(StrictModel):
+    """Everything needed to rebuild one episode's scene: room, start pose, objects, instruction.
+
+    Travels as JSON (`to_json` / `from_json`) in every episode file's `scene` attribute.
+    """
+
     env_id: str = ENV_ID
     split: str
     seed: int
@@ -251,8 +257,10 @@ def scene_from_seed(split: str, seed: int, spec: SplitSpec) -> SceneSpec:
         )
 
     target = placed(shape, colour, *layout.target_xz)
-    distractors = [placed(others[i][1], others[i][0], x, z) for i, (x, z) in zip(picks, layout.distractors_xz)]
-    obstacles = [placed(kind, None, x, z, side) for kind, (x, z, side) in zip(kinds, layout.obstacles)]
+    distractors = [
+        placed(others[i][1], others[i][0], x, z) for i, (x, z) in zip(picks, layout.distractors_xz, strict=False)
+    ]
+    obstacles = [placed(kind, None, x, z, side) for kind, (x, z, side) in zip(kinds, layout.obstacles, strict=True)]
 
     goal_ids = spec.template_ids(config.templates, "goal")
     avoid_ids = spec.template_ids(config.templates, "avoid")
@@ -274,26 +282,3 @@ def scene_from_seed(split: str, seed: int, spec: SplitSpec) -> SceneSpec:
         instruction=instruction,
         template_ids=[goal_id, avoid_id] if obstacles else [goal_id],
     )
-
-
-# -- simulation -------------------------------------------------------------------------------------
-def make_env(scene: SceneSpec, obs_size: int = 224) -> NavigationEnv:
-    """A headless MiniWorld env showing `scene`; call `env.load_scene(s)` to reuse it for others."""
-    from mobile_vla.sim.navigation_env import NavigationEnv
-
-    return NavigationEnv(scene, obs_size=obs_size)
-
-
-def execute_action(env: NavigationEnv, action, control_hz: float = CONTROL_HZ) -> bool:
-    """Applies one body-frame velocity command for 1/control_hz seconds: translate, then turn.
-
-    Returns False when the translation would collide: MiniWorld refuses such a move whole (the
-    robot stays put), as a bumper-stopped base would. The turn is always applied.
-    """
-    dt = 1.0 / control_hz
-    vx, vy, wz = (float(np.clip(v, -lim, lim)) for v, lim in zip(action, SPEED_LIMITS))
-    # MiniWorld's drift axis points right; body +y is left.
-    moved = bool(env.move_agent(vx * dt, -vy * dt))
-    env.turn_agent(math.degrees(wz * dt))
-    env.step_count += 1
-    return moved

@@ -100,6 +100,8 @@ def _default_splits() -> dict[str, SplitConfig]:
 
 
 class SplitSpec(StrictModel):
+    """What the generator may put in each split: colours, shapes, held-out pairs, seeds, templates."""
+
     colours: list[str] = Field(
         default_factory=lambda: ["red", "green", "blue", "yellow", "purple"],
         description="target/distractor colours (grey is left out: it vanishes against concrete)",
@@ -226,6 +228,7 @@ class SplitSpec(StrictModel):
 
 
 def default_split_spec() -> SplitSpec:
+    """The built-in split spec (`mobile-vla data generate --show-split-spec` prints it)."""
     return SplitSpec()
 
 

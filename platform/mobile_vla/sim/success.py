@@ -43,7 +43,7 @@ def spl(success: Sequence[bool], reference: Sequence[float], taken: Sequence[flo
     if not len(success):
         return math.nan
     total = 0.0
-    for ok, best, path in zip(success, reference, taken):
+    for ok, best, path in zip(success, reference, taken, strict=True):
         if best < 0 or path < 0:
             raise ValueError(f"spl: negative path length (reference {best}, taken {path})")
         if ok:
