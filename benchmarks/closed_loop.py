@@ -60,7 +60,7 @@ def main() -> int:
     import ray
 
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop, split_spec_for
-    from mobile_vla.evaluate.tasks import ensure_ray
+    from mobile_vla.ray_session import ensure_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_closed_loop_") as tmp:
         model = args.model

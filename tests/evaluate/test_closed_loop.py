@@ -88,7 +88,7 @@ def test_lockstep_batch_equals_one_episode_per_task(ray_cluster):
         "expert", "unseen_layout", 2, episodes_per_task=1, record_frames=2, max_steps=30, progress=False
     )
     assert batched.seeds == alone.seeds == [2_000_000, 2_000_001]
-    for a, b in zip(batched.episodes, alone.episodes):
+    for a, b in zip(batched.episodes, alone.episodes, strict=True):
         assert (a["outcome"], a["steps"], a["collisions"]) == (b["outcome"], b["steps"], b["collisions"])
         np.testing.assert_array_equal(a["trajectory"], b["trajectory"])
     for seed in batched.seeds:

@@ -31,11 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow import MlflowClient
 
+from mobile_vla.config import platform_home
+from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import ConfigError
+from mobile_vla.evaluate import plots
 from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutConfig, rollout_seeds
 from mobile_vla.evaluate.tasks import fan_out, jsonable
+from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
 from mobile_vla.sim.success import mean_or_nan, spl, wilson_interval
+from mobile_vla.tracking import configure_mlflow, log_version_metrics, resolve_model, set_version_tags
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +71,11 @@ class PolicySummary:
 
     @classmethod
     def from_rows(cls, rows: list[dict], reference: list[dict]) -> PolicySummary:
+        """The summary of `rows` (one per episode); SPL against the `reference` (expert) rows."""
         n = len(rows)
         successes = sum(r["outcome"] == SUCCESS for r in rows)
         low, high = wilson_interval(successes, n)
-        solved = [(r, e) for r, e in zip(rows, reference) if e["outcome"] == SUCCESS]
+        solved = [(r, e) for r, e in zip(rows, reference, strict=True) if e["outcome"] == SUCCESS]
         return cls(
             episodes=n,
             successes=successes,
@@ -93,6 +100,8 @@ class PolicySummary:
 
 @dataclass
 class ClosedLoopReport:
+    """One closed-loop evaluation: the policy's and the expert's summaries, every episode, settings."""
+
     split: str
     model: str  # the URI or folder evaluated, or "expert"
     model_name: str | None
@@ -163,13 +172,9 @@ def split_spec_for(data: str | Path | None = None, spec_file: str | Path | None 
     """The split spec a dataset was generated with (held-out pairs, templates, layouts), a spec
     file, or the defaults.
     """
-    from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
-
     if spec_file is not None:
         return load_split_spec(spec_file)
     if data is not None:
-        from mobile_vla.data.manifest import load_manifest
-
         recorded = (load_manifest(data).get("generator") or {}).get("split_spec")
         if recorded:
             try:
@@ -180,7 +185,8 @@ def split_spec_for(data: str | Path | None = None, spec_file: str | Path | None 
     return default_split_spec()
 
 
-def scene_seeds(spec, split: str, episodes: int, seed_offset: int = 0) -> list[int]:
+def scene_seeds(spec: SplitSpec, split: str, episodes: int, seed_offset: int = 0) -> list[int]:
+    """The scene seeds of `episodes` episodes of `split` from `seed_offset`; ConfigError if out of range."""
     if split not in spec.splits:
         raise ConfigError(f"--split {split!r}: not in the split spec (has {sorted(spec.splits)})")
     if episodes < 1:
@@ -209,7 +215,7 @@ def _control_hz(model_dir: Path | None) -> float | None:
 
 
 # -- the evaluation ---------------------------------------------------------------------------------
-def evaluate_closed_loop(
+def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-vla evaluate`)
     model: str | Path | None,
     split: str,
     episodes: int,
@@ -230,8 +236,6 @@ def evaluate_closed_loop(
     """Runs `model` ("expert", a models:/ URI or a model folder; or the server at `endpoint`) on
     `episodes` scene seeds of `split`, and the scripted expert on the same seeds.
     """
-    from mobile_vla.tracking import resolve_model
-
     if episodes_per_task < 1:
         raise ConfigError(f"episodes_per_task = {episodes_per_task}: expected at least 1")
     spec = spec if spec is not None else split_spec_for(data)
@@ -303,16 +307,13 @@ def evaluate_closed_loop(
 
 # -- results on disk and in MLflow ------------------------------------------------------------------
 def default_out_dir(label: str) -> Path:
-    from mobile_vla.config import platform_home
-
+    """`<home>/evaluations/<label, file-safe>/<UTC time>`: where results go when no --out is given."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[-80:]
     return platform_home() / "evaluations" / safe / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def save_closed_loop(report: ClosedLoopReport, out_dir: str | Path, gifs: int = 4) -> list[Path]:
     """Writes `<out_dir>/<split>/`: closed_loop.json, trajectories.png, confidence.png, episode GIFs."""
-    from mobile_vla.evaluate import plots
-
     folder = Path(out_dir) / report.split
     folder.mkdir(parents=True, exist_ok=True)
     files = [folder / "closed_loop.json"]
@@ -337,10 +338,6 @@ def log_to_version(
     tags: dict[str, str] | None = None,
 ) -> None:
     """Metrics as version tags (+ source-run metrics), files under `evaluation/<split>/` of its run."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import configure_mlflow, log_version_metrics, set_version_tags
-
     configure_mlflow()
     log_version_metrics(name, version, metrics)
     if tags:

@@ -1,10 +1,10 @@
-"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop MiniWorld runs.
+r"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop MiniWorld runs.
 
     mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --split val
-    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \\
+    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \
         --episodes 200 --split unseen_layout --split unseen_pair --split unseen_paraphrase
     mobile-vla evaluate --model expert --data data/nav --closed-loop --episodes 200 --split unseen_pair
-    mobile-vla evaluate --model models:/mobile-vla-policy@champion --closed-loop --episodes 50 \\
+    mobile-vla evaluate --model models:/mobile-vla-policy@champion --closed-loop --episodes 50 \
         --endpoint http://127.0.0.1:8000 --token-file .mobile_vla/serve/tokens
 
 Results go to `--out` (default $MOBILE_VLA_HOME/evaluations/...) and, for a registered model
@@ -22,10 +22,14 @@ from pathlib import Path
 
 from mobile_vla.errors import ConfigError
 
+# The evaluation modules (Ray, MLflow, torch) and rich are imported inside run_evaluate: the CLI
+# imports this module to build its parser, and `mobile-vla --help` must stay fast.
+
 EXPERT = "expert"
 
 
 def register(subparsers) -> None:
+    """Adds `mobile-vla evaluate` to the CLI."""
     parser = subparsers.add_parser(
         "evaluate",
         help="offline metrics on a dataset split and closed-loop success in MiniWorld",
@@ -103,6 +107,7 @@ def _check_args(args) -> None:
 
 
 def read_token(path: Path | None) -> str:
+    """The first non-empty line of --token-file; ConfigError when there is none."""
     if path is None:
         raise ConfigError("--endpoint needs --token-file F (a file whose first line is an API token)")
     try:
@@ -115,7 +120,7 @@ def read_token(path: Path | None) -> str:
 
 
 def run_evaluate(args) -> int:
-    _check_args(args)
+    """`mobile-vla evaluate`: offline and/or closed-loop per split, saved, logged and printed."""
     from mobile_vla.evaluate.closed_loop import (
         default_out_dir,
         evaluate_closed_loop,
@@ -125,6 +130,8 @@ def run_evaluate(args) -> int:
         split_spec_for,
     )
     from mobile_vla.evaluate.offline import log_offline, offline_report, save_offline
+
+    _check_args(args)
 
     splits = list(dict.fromkeys(args.splits or ["val"]))
     token = read_token(args.token_file) if args.endpoint else None

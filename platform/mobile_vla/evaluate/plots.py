@@ -1,6 +1,7 @@
 """Evaluation plots: top-down trajectories, confidence on successes vs failures, episode GIFs, and
-predicted vs recorded actions (offline). Drawn from the scene specs alone (no GL), with matplotlib's
-Agg backend, so they work in any process.
+predicted vs recorded actions (offline). Drawn from the scene specs alone (no GL) on plain
+`matplotlib.figure.Figure` objects (no pyplot, no GUI backend, no global state), so they work in any
+process and thread.
 """
 
 from __future__ import annotations
@@ -9,24 +10,20 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, Rectangle
+from PIL import Image
+
+from mobile_vla.policy.config import ACTION_NAMES
+from mobile_vla.sim.scenes import AGENT_RADIUS, SceneSpec
 
 OUTCOME_COLOURS = {"success": "tab:green", "wrong_target": "tab:orange", "timeout": "tab:red"}
 SHAPE_MARKERS = {"box": "s", "ball": "o", "key": "P"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure, path: str | Path) -> Path:
-    plt = _pyplot()
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Writes `figure` as a PNG (110 dpi) and returns the path."""
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return Path(path)
 
 
@@ -43,18 +40,14 @@ def trajectories(report, count: int = 8):
     """Top-down (x, z) view per episode: room, obstacles, distractors, target, the policy's path
     (coloured by outcome) and the expert's path (dashed) on the same scene.
     """
-    from matplotlib.patches import Circle, Rectangle
-
-    from mobile_vla.sim.scenes import AGENT_RADIUS, SceneSpec
-
-    plt = _pyplot()
     chosen = _pick_episodes(report.episodes, count)
     columns = min(4, max(len(chosen), 1))
     rows = max(1, math.ceil(len(chosen) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.6 * rows + 0.6), squeeze=False)
+    figure = Figure(figsize=(3.6 * columns, 3.6 * rows + 0.6), layout="tight")
+    axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, episode in zip(axes.flat, chosen):
+    for ax, episode in zip(axes.flat, chosen, strict=False):
         scene = SceneSpec.from_json(episode["scene"])
         ax.set_axis_on()
         ax.add_patch(Rectangle((0, 0), scene.room.width, scene.room.depth, fill=False, lw=1.5, color="black"))
@@ -92,14 +85,13 @@ def trajectories(report, count: int = 8):
         f"(expert {report.expert.success_rate:.0%}); dashed = expert",
         fontsize=9,
     )
-    figure.tight_layout()
     return figure
 
 
 def confidence_histogram(episodes: list[dict]):
     """Per-episode mean confidence, successes vs failures: a useful confidence separates them."""
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(5.5, 3.5))
+    figure = Figure(figsize=(5.5, 3.5), layout="tight")
+    ax = figure.subplots()
     bins = np.linspace(0.0, 1.0, 21)
     for label, keep, colour in (("success", True, "tab:green"), ("failure", False, "tab:red")):
         values = [
@@ -114,14 +106,11 @@ def confidence_histogram(episodes: list[dict]):
     ax.set_xlabel("mean confidence over the episode")
     ax.set_ylabel("episodes")
     ax.legend(fontsize=8)
-    figure.tight_layout()
     return figure
 
 
 def write_gif(frames: np.ndarray, path: str | Path, control_hz: float = 5.0, max_frames: int = 60) -> Path:
     """uint8 [N, H, W, 3] camera frames -> an animated GIF at real speed (every n-th frame if long)."""
-    from PIL import Image
-
     every = max(1, math.ceil(len(frames) / max_frames))
     shown = [Image.fromarray(np.asarray(f, np.uint8)) for f in frames[::every]]
     duration_ms = int(round(1000.0 * every / control_hz))
@@ -131,20 +120,17 @@ def write_gif(frames: np.ndarray, path: str | Path, control_hz: float = 5.0, max
 
 def actions_over_time(episodes: list[dict], count: int = 3):
     """Recorded vs predicted (executed, k = 0) command per axis over a few episodes (offline)."""
-    from mobile_vla.policy.config import ACTION_NAMES
-
-    plt = _pyplot()
     chosen = episodes[:count]
-    figure, axes = plt.subplots(len(chosen), 3, figsize=(11, 2.4 * max(len(chosen), 1)), squeeze=False)
-    for row, episode in zip(axes, chosen):
+    figure = Figure(figsize=(11, 2.4 * max(len(chosen), 1)), layout="tight")
+    axes = figure.subplots(len(chosen), 3, squeeze=False)
+    for row, episode in zip(axes, chosen, strict=True):
         true = np.asarray(episode["true"])  # [T, 3]
         pred = np.asarray(episode["pred"])[:, 0]  # [T, 3]
-        for axis, (ax, name) in enumerate(zip(row, ACTION_NAMES)):
+        for axis, (ax, name) in enumerate(zip(row, ACTION_NAMES, strict=True)):
             ax.plot(true[:, axis], color="black", lw=1.2, label="recorded")
             ax.plot(pred[:, axis], color="tab:blue", lw=1.2, label="predicted")
             ax.set_title(f"{episode['name']}: {name}", fontsize=8)
             ax.tick_params(labelsize=6)
     if chosen:
         axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
     return figure

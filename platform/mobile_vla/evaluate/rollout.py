@@ -3,7 +3,8 @@ so a learned policy answers all of them with one batched predict call per contro
 
     records = rollout_seeds([("unseen_pair", 3000000), ...], spec_json, PolicySpec.for_model(path), settings)
 
-Runs inside Ray tasks only (it opens a GL context; see `mobile_vla.sim.navigation_env`). Per step
+The task bodies run inside Ray tasks only (they open a GL context; see `mobile_vla.sim.navigation_env`,
+imported by `worker_slots` alone, after triton). Per step
 the policy sees each episode's current frame, its state (the command executed at the previous step,
 as in generated data) and the instruction; the robot executes `actions[:, 0]` of the predicted chunk
 and the policy plans again from the next frame (receding horizon: the rest of the chunk is never
@@ -18,7 +19,9 @@ length is the SPL reference and its outcome sits next to the policy's in every r
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +29,22 @@ from typing import Literal
 
 import numpy as np
 
+from mobile_vla.client import RobotClient
+from mobile_vla.errors import ModelError
+from mobile_vla.runtime.backends import load_backend
+from mobile_vla.sim.expert import ScriptedExpert
+from mobile_vla.sim.scenes import CONTROL_HZ, SceneSpec, scene_from_seed
+from mobile_vla.sim.split_spec import SplitSpec
+from mobile_vla.tracking import resolve_model
+
 SUCCESS, WRONG_TARGET, TIMEOUT = "success", "wrong_target", "timeout"
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    control_hz: float = 5.0
+    """How episodes are stepped and what comes back; travels to every Ray task."""
+
+    control_hz: float = CONTROL_HZ
     obs_size: int = 224
     max_steps: int | None = None  # None: the scene's own limit (scenes.MAX_STEPS)
     record_frames: tuple[int, ...] = ()  # seeds whose camera frames come back (for GIFs)
@@ -143,8 +156,6 @@ class ExpertPolicy:
     needs_frames = False
 
     def __init__(self, overrides: dict | None = None) -> None:
-        from mobile_vla.sim.expert import ScriptedExpert
-
         self.expert = ScriptedExpert(**(overrides or {}))
 
     def start(self, episodes: list[tuple[str, str]]) -> None:
@@ -166,8 +177,6 @@ class BackendPolicy:
 
     def start(self, episodes: list[tuple[str, str]]) -> None:
         if self.backend.state_dim not in (0, 3):
-            from mobile_vla.errors import ModelError
-
             raise ModelError(
                 f"{self.backend.model_dir}: state S = {self.backend.state_dim}; MiniWorld gives the "
                 "previous command (S = 3) or nothing (S = 0)"
@@ -196,13 +205,11 @@ class HttpPolicy:
         self.served: dict[int, set[str]] = {}
 
     def start(self, episodes: list[tuple[str, str]]) -> None:
-        from mobile_vla.client import RobotClient
-
         self.close()
         self.clients = [
             RobotClient(self.endpoint, self.token, robot_id=episode_id, timeout_s=30.0) for episode_id, _ in episodes
         ]
-        for client, (episode_id, instruction) in zip(self.clients, episodes):
+        for client, (episode_id, instruction) in zip(self.clients, episodes, strict=True):
             client.start_episode(instruction, episode_id=episode_id)
         self.served = {slot: set() for slot in range(len(episodes))}
 
@@ -211,11 +218,15 @@ class HttpPolicy:
             return self.clients[slots[j]].act(images[j], state[j])
 
         with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-            answers = list(pool.map(one, range(len(slots))))
-        for slot, answer in zip(slots, answers):
-            self.served[slot].add(f"{answer.model.get('name')}/{answer.model.get('version')} {answer.backend}")
-        actions = np.array([answer.actions[0] for answer in answers], np.float32)
+            answers = list(pool.map(one, range(len(slots))))  # one request per robot, concurrently
+        for slot, answer in zip(slots, answers, strict=True):
+            self.note_answer(slot, answer)
+        actions = np.array([answer.actions[0] for answer in answers], np.float32)  # [B, 3]: execute now
         return actions, np.array([answer.confidence for answer in answers], np.float32)
+
+    def note_answer(self, slot: int, answer) -> None:
+        """Remembers which model version and backend answered `slot` (subclasses keep more)."""
+        self.served[slot].add(f"{answer.model.get('name')}/{answer.model.get('version')} {answer.backend}")
 
     def close(self) -> None:
         for client in self.clients:
@@ -224,10 +235,8 @@ class HttpPolicy:
 
 
 # -- the lockstep loop ------------------------------------------------------------------------------
-def run_lockstep(worlds: SceneSlots, scenes: list, policy, settings: RolloutConfig) -> list[EpisodeRecord]:
+def run_lockstep(worlds: SceneSlots, scenes: list[SceneSpec], policy, settings: RolloutConfig) -> list[EpisodeRecord]:
     """Runs one episode per scene, all advanced together one control step at a time."""
-    from mobile_vla.sim.scenes import execute_action
-
     records = [EpisodeRecord(seed=scene.seed) for scene in scenes]
     frames = {slot: worlds.load(slot, scene) for slot, scene in enumerate(scenes)}
     for slot, scene in enumerate(scenes):
@@ -246,13 +255,11 @@ def run_lockstep(worlds: SceneSlots, scenes: list, policy, settings: RolloutConf
         instructions = [scenes[slot].instruction for slot in active]
         actions, confidence = policy.act(active, images, state[active], instructions, worlds)
         if not np.isfinite(actions).all():
-            from mobile_vla.errors import ModelError
-
             raise ModelError(f"policy returned non-finite actions for seeds {[records[s].seed for s in active]}")
         still_running = []
         for j, slot in enumerate(active):
             env, record = worlds.activate(slot), records[slot]
-            moved = execute_action(env, actions[j], settings.control_hz)
+            moved = env.execute_action(actions[j], settings.control_hz)
             state[slot] = actions[j]
             x, z = float(env.agent.pos[0]), float(env.agent.pos[2])
             record.path_length += math.dist(record.trajectory[-1], (x, z))
@@ -282,13 +289,15 @@ def run_lockstep(worlds: SceneSlots, scenes: list, policy, settings: RolloutConf
 _WORKER: dict = {}  # per worker process: one env (one GL context), loaded backends by model folder
 
 
-def _worker_slots(first_scene, obs_size: int) -> SceneSlots:
+def worker_slots(first_scene: SceneSpec, obs_size: int) -> SceneSlots:
+    """This worker process's one MiniWorld env (one GL context), created on first use."""
     slots = _WORKER.get("slots")
     if slots is None or slots.env.obs_size != obs_size:
-        from mobile_vla.sim.scenes import make_env
-
         _load_triton_before_gl()
-        slots = _WORKER["slots"] = SceneSlots(make_env(first_scene, obs_size=obs_size))
+        # Imported here, after triton: the env module loads MiniWorld and GL (see its docstring).
+        from mobile_vla.sim.navigation_env import NavigationEnv
+
+        slots = _WORKER["slots"] = SceneSlots(NavigationEnv(first_scene, obs_size=obs_size))
     return slots
 
 
@@ -297,13 +306,12 @@ def _load_triton_before_gl() -> None:
     GL) already runs, and torch loads triton lazily (torch._dynamo, on first model use). Loaded
     first, both work, so a worker can take a model task after an expert-only one.
     """
-    import importlib.util
-
     if importlib.util.find_spec("triton") is not None:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (optional, and its load order is the point)
 
 
 def make_policy(spec: PolicySpec, settings: RolloutConfig):
+    """The policy object a task steps: the expert, the HTTP client fleet, or a loaded backend."""
     if spec.kind == "expert":
         return ExpertPolicy(settings.expert)
     if spec.kind == "http":
@@ -317,12 +325,9 @@ def default_prefer(model_dir: Path) -> tuple[str, ...]:
 
 
 def worker_backend(spec: PolicySpec):
-    from mobile_vla.runtime.backends import load_backend
-
+    """The backend for `spec`, loaded once per worker process and model folder (one thread)."""
     path = Path(spec.model_path) if spec.model_path else None
     if path is None or not path.is_dir():  # a worker on another node: fetch the version there
-        from mobile_vla.tracking import resolve_model
-
         path = resolve_model(spec.model_uri or spec.model_path).path
     prefer = spec.prefer or default_prefer(path)
     key = (str(path), prefer)
@@ -337,17 +342,12 @@ def rollout_seeds(
     jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpec, settings: RolloutConfig
 ) -> list[dict]:
     """Ray task body: the expert and then `policy` on each (split, seed); one dict per episode."""
-    import time
-
-    from mobile_vla.sim.scenes import scene_from_seed
-    from mobile_vla.sim.split_spec import SplitSpec
-
     cpu_start = time.process_time()
     spec = SplitSpec.model_validate_json(spec_json)
     scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
     if settings.max_steps is not None:
         scenes = [scene.model_copy(update={"max_steps": settings.max_steps}) for scene in scenes]
-    worlds = _worker_slots(scenes[0], settings.obs_size)
+    worlds = worker_slots(scenes[0], settings.obs_size)
 
     expert_settings = RolloutConfig(settings.control_hz, settings.obs_size, settings.max_steps, (), settings.expert)
     if policy.kind == "expert":
@@ -363,7 +363,7 @@ def rollout_seeds(
                 runner.close()
     cpu_seconds = (time.process_time() - cpu_start) / len(scenes)  # this process only (not a server's)
     results = []
-    for scene, mine, expert in zip(scenes, driven, reference):
+    for scene, mine, expert in zip(scenes, driven, reference, strict=True):
         row = mine.to_dict()
         row.update(
             split=scene.split,

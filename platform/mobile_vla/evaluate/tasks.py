@@ -2,9 +2,10 @@
 
     rows = fan_out(rollout_seeds, chunks, (spec_json, policy, settings), "closed loop val", progress=True)
 
-Ray: the running cluster, `RAY_ADDRESS`, or a local `ray.init()`. One task per chunk of work, one
-CPU each; a task's user error (a bad model file, a refused request) comes back as itself, anything
-else as a ResourceError naming the chunk; on failure or Ctrl-C the remaining tasks are cancelled.
+Ray: `mobile_vla.ray_session.ensure_ray` (the running cluster, `RAY_ADDRESS`, or a local one).
+One task per chunk of work, one CPU each; a task's user error (a bad model file, a refused
+request) comes back as itself, anything else as a ResourceError naming the chunk; on failure or
+Ctrl-C the remaining tasks are cancelled.
 
 The tasks run in worker processes of their own (a runtime env that only adds WORKER_POOL_VAR): a
 worker that already rendered MiniWorld frames for another job (data generation, parity checks)
@@ -15,41 +16,18 @@ any GL (see rollout.py), so they can run both kinds of task.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import ray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mobile_vla.errors import MobileVLAError, ResourceError
-
-log = logging.getLogger(__name__)
+from mobile_vla.ray_session import ensure_ray
 
 WORKER_POOL_VAR = "MOBILE_VLA_WORKER_POOL"
-
-
-def ensure_ray(attempts: int = 3):
-    """The running Ray, or a new local one. Ray gives a starting node 30 s to register; on a busy
-    small machine that can pass, so a local start is tried again (a cluster address is not).
-    """
-    import ray
-
-    for attempt in range(1, attempts + 1):
-        if ray.is_initialized():
-            break
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-            break
-        try:
-            ray.init(include_dashboard=False, log_to_driver=False)
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == attempts:
-                raise ResourceError(f"could not start a local Ray instance: {exc}") from exc
-            log.warning("local Ray start timed out (attempt %d of %d); trying again", attempt, attempts)
-            ray.shutdown()
-    return ray
 
 
 def fan_out(
@@ -58,7 +36,7 @@ def fan_out(
     """Runs `body(chunk, *args)` as one Ray task per chunk; returns the tasks' lists concatenated
     (in completion order) while a progress bar counts finished chunk items.
     """
-    ray = ensure_ray()
+    ensure_ray()
     task = ray.remote(
         num_cpus=1, num_gpus=num_gpus, max_retries=0, runtime_env={"env_vars": {WORKER_POOL_VAR: "evaluate"}}
     )(body)
@@ -69,7 +47,7 @@ def fan_out(
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 chunk = pending.pop(done[0])
-                results.extend(_get(ray, done[0], chunk, description))
+                results.extend(_get(done[0], chunk, description))
                 advance(len(chunk))
         except BaseException:
             for ref in pending:
@@ -78,7 +56,7 @@ def fan_out(
     return results
 
 
-def _get(ray, ref, chunk: list, description: str):
+def _get(ref, chunk: list, description: str):
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
@@ -98,8 +76,6 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         self.bar.start()
         task = self.bar.add_task(self.description, total=self.total)
