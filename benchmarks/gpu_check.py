@@ -222,8 +222,8 @@ def full_onnx_cuda(model, tokenizer, references: dict) -> dict:
     import onnxruntime as ort
     import torch
 
-    from mobile_vla.export.onnx_export import _io_specs, _torch_export, _wrappers
     from mobile_vla.export.signature import STEP_OUTPUTS
+    from mobile_vla.export.torch_graphs import StepGraph, io_specs, torch_export
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if DEVICE == "cuda" else ["CPUExecutionProvider"]
     if providers[0] not in ort.get_available_providers():
@@ -231,8 +231,7 @@ def full_onnx_cuda(model, tokenizer, references: dict) -> dict:
     from mobile_vla.policy.preprocessing import Preprocessing
 
     preprocessing = Preprocessing(action_low=[-1] * 3, action_high=[1] * 3, state_mean=[0] * 3, state_std=[1] * 3)
-    step_in, step_out, _, _ = _io_specs(model, preprocessing)
-    StepGraph, _ = _wrappers()
+    step_in, step_out, _, _ = io_specs(model, preprocessing)
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
@@ -252,7 +251,7 @@ def full_onnx_cuda(model, tokenizer, references: dict) -> dict:
         )
         started = time.perf_counter()
         with torch.no_grad():
-            _torch_export(StepGraph(model).eval(), args, path, step_in, step_out, "legacy", 18, True)
+            torch_export(StepGraph(model).eval(), args, path, step_in, step_out, "legacy", 18, True)
         rows["export_seconds"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         session = ort.InferenceSession(str(path), providers=providers)
@@ -413,8 +412,10 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
     import torch
 
     from mobile_vla.export.parity import PARITY_INSTRUCTIONS, step_feeds, torch_step
+    from mobile_vla.export.signature import STEP_OUTPUTS
     from mobile_vla.policy import load_policy
-    from mobile_vla.runtime.backends import STEP_OUTPUTS, load_backend, open_session
+    from mobile_vla.runtime.backends import load_backend
+    from mobile_vla.runtime.onnx_backend import open_session
 
     model, preprocessing = load_policy(folder)
     rng = np.random.default_rng(0)
@@ -464,7 +465,8 @@ def engine_variants(section: dict, budget: Budget, folder: Path, signature, batc
         }
 
     def tensorrt(fp16: bool):
-        from mobile_vla.export.tensorrt_engine import TensorRTRunner, build_engine
+        from mobile_vla.export.tensorrt_engine import build_engine
+        from mobile_vla.runtime.tensorrt_backend import TensorRTRunner
 
         started = time.perf_counter()
         plan_folder = build_engine(folder, signature, max_batch=max(batches), opt_batch=8, fp16=fp16)

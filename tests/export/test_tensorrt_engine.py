@@ -7,7 +7,9 @@ import pytest
 
 from mobile_vla.errors import ModelError, ResourceError
 from mobile_vla.export import tensorrt_engine as trt_engine
+from mobile_vla.export.publish import publish_plan
 from mobile_vla.export.signature import load_signature
+from mobile_vla.tracking import resolve_model
 
 GPU = "NVIDIA H100 80GB HBM3"
 
@@ -30,6 +32,8 @@ def test_profile_spans_batch_one_to_max(exported_dir):
 
 
 def _fake_plan(model_dir, signature, gpu=GPU, version="10.12.0", sha=None, fp16=False):
+    """FAKE plan: a few bytes where a TensorRT plan would be (TensorRT cannot be installed here), with a
+    real build record; select_plan reads only the record and the folder, never the plan's bytes."""
     folder = model_dir / "tensorrt" / trt_engine.engine_key(gpu, version)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / trt_engine.plan_file_name(fp16)).write_bytes(b"plan bytes")
@@ -87,5 +91,18 @@ def test_without_tensorrt_the_runtime_says_how_to_install():
     except ImportError:
         with pytest.raises(ResourceError, match="extra-index-url https://pypi.nvidia.com"):
             trt_engine.require_tensorrt()
+    else:
+        pytest.skip("tensorrt is importable here")
+
+
+def test_publish_plan_without_tensorrt_changes_nothing(exported_copy):
+    """The one "ensure a plan and attach it" step (CLI --tensorrt, TensorRT serving replicas) checks
+    TensorRT and the GPU before any work."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ResourceError, match="TensorRT is not installed"):
+            publish_plan(resolve_model(exported_copy))
+        assert not (exported_copy / "tensorrt").exists()
     else:
         pytest.skip("tensorrt is importable here")

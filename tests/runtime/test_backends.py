@@ -8,9 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from mobile_vla.errors import ConfigError, DataError, ModelError
+from mobile_vla.errors import ConfigError, DataError, ModelError, ResourceError
 from mobile_vla.export.signature import SIGNATURE_FILE, file_sha256
-from mobile_vla.runtime.backends import load_backend
+from mobile_vla.runtime import backends as backends_module
+from mobile_vla.runtime.backends import BACKEND_NAMES, BACKENDS, load_backend
+from mobile_vla.runtime.base import Backend, BackendSpec
+from mobile_vla.runtime.onnx_backend import OnnxBackend
 
 INSTRUCTIONS = ["go to the red box", "go to the red box", "drive to the yellow box", "navigate to the target"]
 
@@ -44,11 +47,11 @@ def test_backends_give_the_same_answers(exported_dir, inputs):
     onnx_cpu = _three_steps(load_backend(exported_dir, prefer=("onnx-cpu",)), images, state)
     torch_ = _three_steps(load_backend(exported_dir, prefer=("torch",)), images, state)
     fp16 = _three_steps(load_backend(exported_dir, prefer=("onnx-cpu",), fp16=True), images, state)
-    for a, b, c in zip(onnx_cpu, torch_, fp16):
+    for a, b, c in zip(onnx_cpu, torch_, fp16, strict=True):
         assert a.actions.shape == (4, 10, 3) and a.confidence.shape == (4,) and a.memory[0].shape == (1, 4, 64)
         assert np.abs(a.actions - b.actions).max() <= 1e-4
         assert np.abs(a.confidence - b.confidence).max() <= 1e-4
-        assert max(np.abs(x - y).max() for x, y in zip(a.memory, b.memory)) <= 1e-4
+        assert max(np.abs(x - y).max() for x, y in zip(a.memory, b.memory, strict=True)) <= 1e-4
         assert np.abs(c.actions - b.actions).max() <= 5e-2
     # de-normalised into the recorded range, and not constant
     low, high = np.array([-0.2, -0.3, -1.0]), np.array([0.6, 0.3, 1.0])
@@ -165,3 +168,61 @@ def test_serving_sessions_use_the_given_threads_and_never_spin(exported_dir, inp
     a = default.predict(images, state, INSTRUCTIONS, None)
     b = serving.predict(images, state, INSTRUCTIONS, None)
     assert np.abs(a.actions - b.actions).max() <= 1e-5
+
+
+# --- the table is the chain ----------------------------------------------------------------------
+
+
+class RefusingBackend(Backend):
+    """A test backend that can never run here (as TensorRT on a CPU box): the chain must move on."""
+
+    @classmethod
+    def open(cls, name, spec, model, options):
+        raise ResourceError(f"{name}: the {spec.artifact} device is not on this machine")
+
+
+class NonFiniteOnnxBackend(OnnxBackend):
+    """Real ONNX Runtime sessions whose step answers NaN actions: loads fine, must fail the self-test."""
+
+    def _step(self, feeds):
+        out = super()._step(feeds)
+        return {**out, "actions": np.full_like(out["actions"], np.nan)}
+
+
+def test_backend_names_are_the_table_in_chain_order():
+    assert BACKEND_NAMES == tuple(BACKENDS) == ("tensorrt", "onnx-cuda", "onnx-cpu", "torch")
+    for name, spec in BACKENDS.items():
+        assert issubclass(spec.backend_class(), Backend), name
+    assert BACKENDS["onnx-cuda"].gpu and BACKENDS["tensorrt"].gpu and not BACKENDS["onnx-cpu"].gpu
+    assert BACKENDS["onnx-cuda"].providers[0] == "CUDAExecutionProvider"
+
+
+def test_a_backend_added_to_the_table_is_tried_in_its_place(exported_dir, inputs, monkeypatch):
+    """Adding a backend = one class + one row: the default chain, `prefer` and the skip reasons follow."""
+    table = {
+        "refusing": BackendSpec(backend=f"{__name__}:RefusingBackend", artifact="fake-accelerator/"),
+        "non-finite": BackendSpec(
+            backend=f"{__name__}:NonFiniteOnnxBackend", artifact="onnx/", providers=("CPUExecutionProvider",)
+        ),
+        **BACKENDS,
+        "onnx-cpu-one-thread": BackendSpec(  # a new ONNX Runtime row needs no class of its own
+            backend="mobile_vla.runtime.onnx_backend:OnnxBackend", artifact="onnx/", providers=("CPUExecutionProvider",)
+        ),
+    }
+    monkeypatch.setattr(backends_module, "BACKENDS", table)
+
+    backend = load_backend(exported_dir)  # default chain = table order
+    assert backend.name == "onnx-cpu"
+    assert list(backend.skipped) == ["refusing", "non-finite", "tensorrt", "onnx-cuda"]
+    assert "fake-accelerator/ device is not on this machine" in backend.skipped["refusing"]
+    assert "non-finite: self-test step gave actions" in backend.skipped["non-finite"]
+
+    extra = load_backend(exported_dir, prefer=("refusing", "onnx-cpu-one-thread"), threads=1)
+    assert extra.name == "onnx-cpu-one-thread" and list(extra.skipped) == ["refusing"]
+    images, state = inputs
+    a = backend.predict(images, state, INSTRUCTIONS)
+    b = extra.predict(images, state, INSTRUCTIONS)
+    assert np.abs(a.actions - b.actions).max() <= 1e-5
+
+    with pytest.raises(ConfigError, match="onnx-cpu-one-thread"):  # the error lists the table's names
+        load_backend(exported_dir, prefer=("openvino",))

@@ -269,16 +269,12 @@ def train_policy(cfg: DemoConfig, data: DataOutcome) -> TrainOutcome:
 
 # -- export -----------------------------------------------------------------------------------------
 def export_policy(train: TrainOutcome, data: DataOutcome, say=None) -> ExportOutcome:
-    from mobile_vla.export.commands import attach_onnx
-    from mobile_vla.export.onnx_export import export_model
+    from mobile_vla.export.publish import publish_onnx
     from mobile_vla.tracking import resolve_model
 
     resolved = resolve_model(f"models:/{REGISTERED_MODEL}/{train.version}")
-    result = export_model(
-        resolved.path, name=resolved.name, version=resolved.version, data_dir=data.folder, progress=say
-    )
-    attach_onnx(resolved, result.signature)
-    parity = result.signature.parity
+    published = publish_onnx(resolved, data_dir=data.folder, force=True, progress=say)  # export + attach
+    parity = published.signature.parity
     torch_ms, onnx_ms = measure_step_speed(resolved.path, data.folder)
     return ExportOutcome(
         parity_fp32=max(parity.fp32_max_abs_diff.values()),

@@ -11,7 +11,7 @@ Graphs (I/O in signature.json; B is dynamic, everything else fixed):
     text_encoder.onnx  clip_input_ids int64 [B,77] -> clip_text f32 [B,D], once per instruction,
                        so ONNX-only serving needs no torch
 
-Steps: torch.onnx.export (dynamo by default, the legacy TorchScript exporter if asked or if dynamo
+Steps: torch.onnx.export (torch_graphs.py; dynamo by default, the legacy TorchScript exporter if asked or if dynamo
 fails), the ONNX checker, an offline ONNX Runtime pass at the BASIC level (constant folding and
 redundant-node removal only: the result stays standard ONNX that TensorRT and every execution
 provider parse; sessions apply the hardware-specific levels when they load), the fp16 conversion
@@ -26,13 +26,21 @@ import datetime as dt
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+import onnx_ir
+import onnxruntime as ort
+import torch
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
 from mobile_vla.errors import ModelError
+from mobile_vla.export import parity
 from mobile_vla.export.signature import (
     BATCH,
-    STEP_INPUTS,
+    ONNX_DIR,
     ActionSpec,
     ExporterInfo,
     ExportSignature,
@@ -40,16 +48,15 @@ from mobile_vla.export.signature import (
     ModelRef,
     PreprocessingSpec,
     RecurrentSpec,
-    TensorSpec,
     TokenizerSpec,
     file_sha256,
 )
+from mobile_vla.export.torch_graphs import EXPORTERS, export_graphs, io_specs
+from mobile_vla.policy import load_policy
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-EXPORTERS = ("dynamo", "legacy")
-ONNX_DIR = "onnx"
 STEP_FILE = "model.onnx"
 STEP_FP16_FILE = "model.fp16.onnx"
 TEXT_FILE = "text_encoder.onnx"
@@ -58,86 +65,15 @@ PROTOBUF_LIMIT = 1_800_000_000  # bytes of weights above which graphs keep their
 
 @dataclass
 class ExportResult:
+    """The exported folder, its signature, seconds per export step and notes for the user."""
+
     onnx_dir: Path
     signature: ExportSignature
     seconds: dict[str, float] = field(default_factory=dict)
     exporter_notes: list[str] = field(default_factory=list)
 
 
-# --- graph wrappers ------------------------------------------------------------------------------
-
-
-def _wrappers():
-    from torch import nn
-
-    class StepGraph(nn.Module):
-        """policy.step with clip_text and the LSTM state as explicit tensors (names = STEP_INPUTS)."""
-
-        def __init__(self, policy) -> None:
-            super().__init__()
-            self.policy = policy
-
-        def forward(
-            self,
-            images,
-            state,
-            clip_text,
-            kosmos_input_ids,
-            kosmos_attention_mask,
-            kosmos_image_embeds_position_mask,
-            h_in,
-            c_in,
-        ):
-            # Cast the uint8 frames first: identical values (uint8 -> float is exact), and the uint8
-            # input then feeds only a Cast, the one use TensorRT allows for a UINT8 network input.
-            images = images.to(clip_text.dtype)
-            tokens = {
-                "kosmos_input_ids": kosmos_input_ids,
-                "kosmos_attention_mask": kosmos_attention_mask,
-                "kosmos_image_embeds_position_mask": kosmos_image_embeds_position_mask,
-            }
-            actions, confidence, (h_out, c_out) = self.policy.step(
-                images, state, tokens, (h_in, c_in), clip_text=clip_text
-            )
-            return actions, confidence, h_out, c_out
-
-    class TextGraph(nn.Module):
-        def __init__(self, policy) -> None:
-            super().__init__()
-            self.policy = policy
-
-        def forward(self, clip_input_ids):
-            return self.policy.encode_instruction(clip_input_ids)
-
-    return StepGraph, TextGraph
-
-
 # --- the contract, described from the model --------------------------------------------------------
-
-
-def _io_specs(model, preprocessing) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
-    config = model.config
-    size = preprocessing.image_size
-    L = config.token_length
-    layers, hidden = config.lstm_layers, config.lstm_hidden
-    D = model.clip.feature_dim
-    step_in = [
-        TensorSpec(name="images", dtype="uint8", shape=[BATCH, size, size, 3]),
-        TensorSpec(name="state", dtype="float32", shape=[BATCH, config.state_dim]),
-        TensorSpec(name="clip_text", dtype="float32", shape=[BATCH, D]),
-        *(TensorSpec(name=n, dtype="int64", shape=[BATCH, L]) for n in STEP_INPUTS[3:6]),
-        TensorSpec(name="h_in", dtype="float32", shape=[layers, BATCH, hidden]),
-        TensorSpec(name="c_in", dtype="float32", shape=[layers, BATCH, hidden]),
-    ]
-    step_out = [
-        TensorSpec(name="actions", dtype="float32", shape=[BATCH, config.chunk, 3]),
-        TensorSpec(name="confidence", dtype="float32", shape=[BATCH]),
-        TensorSpec(name="h_out", dtype="float32", shape=[layers, BATCH, hidden]),
-        TensorSpec(name="c_out", dtype="float32", shape=[layers, BATCH, hidden]),
-    ]
-    text_in = [TensorSpec(name="clip_input_ids", dtype="int64", shape=[BATCH, 77])]
-    text_out = [TensorSpec(name="clip_text", dtype="float32", shape=[BATCH, D])]
-    return step_in, step_out, text_in, text_out
 
 
 def describe_policy(model, preprocessing, name: str | None = None, version: str | None = None) -> ExportSignature:
@@ -148,7 +84,7 @@ def describe_policy(model, preprocessing, name: str | None = None, version: str 
             f"preprocessing (chunk {preprocessing.chunk}, state_dim {preprocessing.state_dim}) does not match "
             f"the policy config (chunk {config.chunk}, state_dim {config.state_dim})"
         )
-    step_in, step_out, _, _ = _io_specs(model, preprocessing)
+    step_in, step_out, _, _ = io_specs(model, preprocessing)
     return ExportSignature(
         model=ModelRef(name=name, version=version),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -186,82 +122,7 @@ def describe_policy(model, preprocessing, name: str | None = None, version: str 
 # --- export steps --------------------------------------------------------------------------------
 
 
-def _example_inputs(model, preprocessing, batch: int = 2):
-    import torch
-
-    size = preprocessing.image_size
-    texts = ["go to the red box"] * batch
-    tokens = preprocessing.tokenize(texts)
-    h, c = model.initial_memory(batch)
-    step_args = (
-        torch.zeros(batch, size, size, 3, dtype=torch.uint8),
-        torch.zeros(batch, model.config.state_dim),
-        model.encode_instruction(torch.from_numpy(tokens["clip_input_ids"])).detach(),
-        *(torch.from_numpy(tokens[k]) for k in STEP_INPUTS[3:6]),
-        h,
-        c,
-    )
-    return step_args, (torch.from_numpy(tokens["clip_input_ids"]),)
-
-
-def _batch_axes(specs: list[TensorSpec]) -> dict[str, int]:
-    return {s.name: s.shape.index(BATCH) for s in specs}
-
-
-def _torch_export(module, args, path: Path, inputs, outputs, exporter: str, opset: int, large: bool) -> None:
-    """Exports with nn.MultiheadAttention's fused inference fast path off: it is taken whenever no
-    gradient is needed (eval + frozen CLIP, or no_grad) and `_native_multi_head_attention` has no
-    ONNX export; the unfused path computes the same attention.
-    """
-    import torch
-
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        _export_call(module, args, path, inputs, outputs, exporter, opset, large)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def _export_call(module, args, path: Path, inputs, outputs, exporter: str, opset: int, large: bool) -> None:
-    import torch
-
-    in_names = [s.name for s in inputs]
-    out_names = [s.name for s in outputs]
-    if exporter == "dynamo":
-        batch = torch.export.Dim("B", min=1, max=4096)
-        # The wrappers' forward arguments are named like the graph inputs.
-        dynamic_shapes = {name: {axis: batch} for name, axis in _batch_axes(inputs).items()}
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            input_names=in_names,
-            output_names=out_names,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            external_data=large,
-            verbose=False,
-        )
-        program.save(str(path), external_data=large)
-    else:
-        axes = {**_batch_axes(inputs), **_batch_axes(outputs)}
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            dynamo=False,
-            input_names=in_names,
-            output_names=out_names,
-            dynamic_axes={name: {axis: BATCH} for name, axis in axes.items()},
-            opset_version=opset,
-            do_constant_folding=True,
-        )
-
-
 def _check_graph(path: Path) -> None:
-    import onnx
-
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx raises ValidationError / InferenceError
@@ -270,8 +131,6 @@ def _check_graph(path: Path) -> None:
 
 def _offline_optimise(source: Path, target: Path, large: bool) -> None:
     """BASIC-level ONNX Runtime graph optimisation, written back as standard ONNX."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
@@ -282,31 +141,23 @@ def _offline_optimise(source: Path, target: Path, large: bool) -> None:
         )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    import onnx
-
     domains = {n.domain for n in onnx.load(str(target), load_external_data=False).graph.node} - {"", "ai.onnx"}
     if domains:
         raise ModelError(f"{target}: offline optimisation left non-standard ops (domains {sorted(domains)})")
 
 
 def _to_fp16(source: Path, target: Path, large: bool) -> str:
-    import onnx
-    import onnxruntime
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     model = onnx.load(str(source))
     converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
     # The converter appends the Casts of kept-fp32 inputs at the end of the node list; ONNX wants
     # nodes in topological order, so sort them (onnx_ir comes with onnxscript).
-    import onnx_ir
-
     graph = onnx_ir.serde.deserialize_model(converted)
     graph.graph.sort()
     converted = onnx_ir.serde.serialize_model(graph)
     onnx.save_model(
         converted, str(target), save_as_external_data=large, location=target.name + ".data" if large else None
     )
-    return f"onnxruntime.transformers.float16 {onnxruntime.__version__} (keep_io_types=True)"
+    return f"onnxruntime.transformers.float16 {ort.__version__} (keep_io_types=True)"
 
 
 def _graph_file(folder: Path, name: str, precision: str, inputs, outputs) -> GraphFile:
@@ -323,9 +174,35 @@ def _graph_file(folder: Path, name: str, precision: str, inputs, outputs) -> Gra
     )
 
 
-def _cpu_session(path: Path):
-    import onnxruntime as ort
+def _check_optimise_convert(scratch: Path, fp16: bool, large: bool, say: Callable[[str], None]) -> str | None:
+    """scratch/raw/*.onnx -> checked, optimised scratch/*.onnx (+ the fp16 step graph); returns the fp16 converter."""
+    for name in (STEP_FILE, TEXT_FILE):
+        _check_graph(scratch / "raw" / name)
+        _offline_optimise(scratch / "raw" / name, scratch / name, large and name == STEP_FILE)
+        _check_graph(scratch / name)
+    converter = None
+    if fp16:
+        say("converting to fp16")
+        converter = _to_fp16(scratch / STEP_FILE, scratch / STEP_FP16_FILE, large)
+        _check_graph(scratch / STEP_FP16_FILE)
+    shutil.rmtree(scratch / "raw")
+    return converter
 
+
+def _install(scratch: Path, target: Path) -> Path:
+    """Moves the finished scratch folder into place; the previous onnx/ goes only once the new one is there."""
+    if target.exists():
+        retired = target.parent / ".onnx.old"
+        shutil.rmtree(retired, ignore_errors=True)
+        target.rename(retired)
+        scratch.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        scratch.rename(target)
+    return target
+
+
+def _cpu_session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -343,19 +220,11 @@ def export_model(
     progress=None,
 ) -> ExportResult:
     """Exports `model_dir/policy` to `model_dir/onnx/` after the parity checks pass (else ModelError)."""
-    import onnx
-    import onnxruntime
-    import torch
-
-    from mobile_vla.export import parity
-    from mobile_vla.policy import load_policy
-
     if exporter not in EXPORTERS:
         raise ModelError(f"exporter = {exporter!r}: expected one of {EXPORTERS}")
     say = progress or (lambda text: log.info("%s", text))
     model_dir = Path(model_dir)
     seconds: dict[str, float] = {}
-    notes: list[str] = []
     clock = time.perf_counter()
 
     say("loading the policy")
@@ -364,51 +233,20 @@ def export_model(
         raise ModelError(f"{model_dir}: the saved policy has no preprocessing/ (needed for signature.json)")
     model = model.float().eval()
     base = describe_policy(model, preprocessing, name=name, version=version)
-    step_in, step_out, text_in, text_out = _io_specs(model, preprocessing)
+    step_in, step_out, text_in, text_out = io_specs(model, preprocessing)
     large = sum(p.numel() * 4 for p in model.parameters()) > PROTOBUF_LIMIT
-    StepGraph, TextGraph = _wrappers()
-    with torch.no_grad():
-        step_args, text_args = _example_inputs(model, preprocessing)
 
     scratch = model_dir / ".onnx.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    (scratch / "raw").mkdir(parents=True)
     try:
-        used = exporter
-        say(f"exporting the step graph ({exporter} exporter, opset {opset})")
-        raw = scratch / "raw" / STEP_FILE
-        raw.parent.mkdir()
-        try:
-            _torch_export(StepGraph(model).eval(), step_args, raw, step_in, step_out, exporter, opset, large)
-        except Exception as exc:
-            if exporter != "dynamo":
-                raise ModelError(f"torch.onnx.export ({exporter}) failed: {str(exc).splitlines()[0]}") from exc
-            notes.append(
-                f"dynamo exporter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); used legacy"
-            )
-            log.warning("%s", notes[-1])
-            used = "legacy"
-            shutil.rmtree(raw.parent)
-            raw.parent.mkdir()
-            _torch_export(StepGraph(model).eval(), step_args, raw, step_in, step_out, used, opset, large)
-        _torch_export(
-            TextGraph(model).eval(), text_args, scratch / "raw" / TEXT_FILE, text_in, text_out, used, opset, False
-        )
+        say(f"exporting the graphs ({exporter} exporter, opset {opset})")
+        raw_step, raw_text = scratch / "raw" / STEP_FILE, scratch / "raw" / TEXT_FILE
+        used, notes = export_graphs(model, preprocessing, raw_step, raw_text, exporter, opset, large)
         seconds["torch_export"] = time.perf_counter() - clock
 
         say("checking and optimising the graphs")
-        for graph in (raw, scratch / "raw" / TEXT_FILE):
-            _check_graph(graph)
-        _offline_optimise(raw, scratch / STEP_FILE, large)
-        _offline_optimise(scratch / "raw" / TEXT_FILE, scratch / TEXT_FILE, False)
-        for graph in (scratch / STEP_FILE, scratch / TEXT_FILE):
-            _check_graph(graph)
-        converter = None
-        if fp16:
-            say("converting to fp16")
-            converter = _to_fp16(scratch / STEP_FILE, scratch / STEP_FP16_FILE, large)
-            _check_graph(scratch / STEP_FP16_FILE)
-        shutil.rmtree(scratch / "raw")
+        converter = _check_optimise_convert(scratch, fp16, large, say)
         seconds["check_optimise_convert"] = time.perf_counter() - clock - sum(seconds.values())
 
         say("measuring parity against PyTorch on real frames")
@@ -441,7 +279,7 @@ def export_model(
                     opset=opset,
                     torch=torch.__version__,
                     onnx=onnx.__version__,
-                    onnxruntime=onnxruntime.__version__,
+                    onnxruntime=ort.__version__,
                     offline_optimisation="ORT_ENABLE_BASIC",
                     fp16_converter=converter,
                 ),
@@ -449,15 +287,7 @@ def export_model(
             }
         )
         signature.save(scratch)
-        target = model_dir / ONNX_DIR
-        if target.exists():
-            retired = model_dir / ".onnx.old"
-            shutil.rmtree(retired, ignore_errors=True)
-            target.rename(retired)
-            scratch.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            scratch.rename(target)
+        target = _install(scratch, model_dir / ONNX_DIR)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds["total"] = time.perf_counter() - clock

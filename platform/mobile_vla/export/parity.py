@@ -21,11 +21,17 @@ conversion (an overflow gives inf or errors of order 1) without failing on hones
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from mobile_vla.data.episodes import list_episode_files, read_episode
 from mobile_vla.errors import DataError, ModelError
 from mobile_vla.export.signature import STEP_INPUTS, STEP_OUTPUTS, ParityFigures
 
@@ -45,14 +51,16 @@ MINIWORLD_ENVS = ("MiniWorld-PutNext-v0", "MiniWorld-RoomObjects-v0", "MiniWorld
 
 @dataclass(frozen=True)
 class Frames:
+    """Real frames for the parity check, and where they came from (recorded in signature.json)."""
+
     images: np.ndarray  # uint8 [N, 224, 224, 3]
     source: str
 
 
 def _render_miniworld(count: int, size: int, seed: int) -> np.ndarray:
     """Runs in its own interpreter (see parity_frames)."""
-    import os
-
+    # Imported here, in the child interpreter only: a GL context must not exist in a process that
+    # forks later, and pyglet reads PYOPENGL_PLATFORM / its options when first imported.
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
     import pyglet
 
@@ -84,10 +92,6 @@ def parity_frames(count: int, size: int = 224, data_dir: str | Path | None = Non
     """
     if data_dir is not None:
         return _dataset_frames(Path(data_dir), count, size)
-    import subprocess
-    import sys
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "frames.npy"
         command = [sys.executable, "-m", "mobile_vla.export.parity", str(count), str(size), str(seed), str(out)]
@@ -106,8 +110,6 @@ def parity_frames(count: int, size: int = 224, data_dir: str | Path | None = Non
 
 
 def _dataset_frames(folder: Path, count: int, size: int) -> Frames:
-    from mobile_vla.data.episodes import list_episode_files, read_episode
-
     if not folder.is_dir():
         raise DataError(f"{folder}: no such dataset folder")
     names = list_episode_files(folder)
@@ -141,8 +143,6 @@ def _max_abs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> fl
 
 def step_feeds(model, preprocessing, images: np.ndarray, instructions: list[str], seed: int) -> dict[str, np.ndarray]:
     """Feeds for one step: real frames, plausible normalised state, a non-zero memory."""
-    import torch
-
     batch = len(images)
     rng = np.random.default_rng(seed)
     texts = [instructions[i % len(instructions)] for i in range(batch)]
@@ -163,25 +163,23 @@ def step_feeds(model, preprocessing, images: np.ndarray, instructions: list[str]
 
 
 def torch_step(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import torch
-
+    """One PyTorch `policy.step` on numpy feeds named as STEP_INPUTS -> outputs named as STEP_OUTPUTS."""
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     tokens = {k: t[k] for k in STEP_INPUTS[3:6]}
     with torch.inference_mode():
         actions, confidence, (h, c) = model.step(
             t["images"], t["state"], tokens, (t["h_in"], t["c_in"]), clip_text=t["clip_text"]
         )
-    return dict(zip(STEP_OUTPUTS, (x.numpy() for x in (actions, confidence, h, c))))
+    return dict(zip(STEP_OUTPUTS, (x.numpy() for x in (actions, confidence, h, c)), strict=True))
 
 
 def ort_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return dict(zip(STEP_OUTPUTS, session.run(STEP_OUTPUTS, feeds)))
+    """One step of an ONNX Runtime session of the step graph -> outputs named as STEP_OUTPUTS."""
+    return dict(zip(STEP_OUTPUTS, session.run(STEP_OUTPUTS, feeds), strict=True))
 
 
 def sequence_max_abs(model, preprocessing, session, frames: np.ndarray, steps: int, batch: int, seed: int) -> float:
     """T graph steps from zero memory, feeding the state back, vs PyTorch `forward` over the window."""
-    import torch
-
     images = frames[: batch * steps].reshape(batch, steps, *frames.shape[1:])  # [B, T, H, W, C]
     rng = np.random.default_rng(seed)
     state = rng.normal(size=(batch, steps, preprocessing.state_dim)).astype(np.float32)  # [B, T, S]
@@ -233,8 +231,6 @@ def measure_parity(
     seed: int = 0,
 ) -> ParityFigures:
     """All figures; raises ModelError (with every figure) if one is above its tolerance."""
-    import torch
-
     steps = preprocessing.window
     fp32: dict[str, float] = {}
     fp16: dict[str, float] = {}
@@ -284,7 +280,5 @@ def parity_failures(figures: ParityFigures) -> list[str]:
 
 
 if __name__ == "__main__":  # python -m mobile_vla.export.parity COUNT SIZE SEED OUT.npy
-    import sys
-
     _count, _size, _seed, _out = sys.argv[1:5]
     np.save(_out, _render_miniworld(int(_count), int(_size), int(_seed)))

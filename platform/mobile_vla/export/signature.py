@@ -24,6 +24,7 @@ from mobile_vla.errors import ModelError
 
 SIGNATURE_VERSION = 1
 SIGNATURE_FILE = "signature.json"
+ONNX_DIR = "onnx"  # the model version's folder holding signature.json and the graphs
 BATCH = "B"
 DType = Literal["uint8", "int64", "float32", "float16"]
 ACTION_AXES = ["linear_x", "linear_y", "angular_z"]
@@ -44,6 +45,8 @@ TEXT_OUTPUTS = ["clip_text"]
 
 
 class TensorSpec(StrictModel):
+    """One graph input or output: name, dtype and shape (ints fixed, "B" the dynamic batch axis)."""
+
     name: str
     dtype: DType
     shape: list[int | str]  # ints are fixed, "B" is the dynamic batch axis
@@ -62,6 +65,8 @@ class GraphFile(StrictModel):
 
 
 class ModelRef(StrictModel):
+    """The registered model version the graphs were exported from (None for a plain folder)."""
+
     name: str | None = None
     version: str | None = None
 
@@ -112,6 +117,8 @@ class RecurrentSpec(StrictModel):
 
 
 class ExporterInfo(StrictModel):
+    """How the graphs were made: exporter, opset, library versions, optimisation and fp16 conversion."""
+
     name: str  # "torch.onnx.export"
     dynamo: bool
     opset: int
@@ -137,6 +144,8 @@ class ParityFigures(StrictModel):
 
 
 class ExportSignature(StrictModel):
+    """signature.json: the step graph's I/O, the graph files, preprocessing, actions, recurrent state, parity."""
+
     signature_version: Literal[1] = SIGNATURE_VERSION
     model: ModelRef
     created_at: str
@@ -186,6 +195,7 @@ def load_signature(folder: str | Path) -> ExportSignature:
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk_bytes):
@@ -223,6 +233,6 @@ def check_io_matches(where: str, expected: list[TensorSpec], actual: list[Tensor
             raise ModelError(f"{where}: {kind[:-1]} {name!r} dtype {other.dtype}, {SIGNATURE_FILE} says {spec.dtype}")
         if len(other.shape) != len(spec.shape) or any(
             isinstance(a, int) != isinstance(b, int) or (isinstance(a, int) and a != b)
-            for a, b in zip(other.shape, spec.shape)
+            for a, b in zip(other.shape, spec.shape, strict=True)
         ):
             raise ModelError(f"{where}: {kind[:-1]} {name!r} shape {other.shape}, {SIGNATURE_FILE} says {spec.shape}")

@@ -1,4 +1,4 @@
-"""TensorRT: build a plan from the exported step graph, keyed by GPU model and TensorRT version, and run it.
+"""TensorRT: build a plan from the exported step graph, keyed by GPU model and TensorRT version.
 
 A plan only runs on the GPU model and TensorRT version that built it, so plans live in
 `tensorrt/<gpu-slug>__trt<version>/` of the model version (next to `engine.json`, which records what
@@ -8,9 +8,13 @@ fp16 follows the installed major version: TensorRT 10.x builds the fp32 graph wi
 flag (weak typing: TensorRT picks fp16 kernels where it judges them safe); 11.x removed weak typing, so
 fp16 there means a strongly typed network built from `model.fp16.onnx` (converted at export time).
 
-`tensorrt` is imported lazily: nothing here needs it until a plan is built or loaded. This module never
-ran on the machines the platform was written on (no GPU, no TensorRT wheels); the parts that need
-neither (naming, plan selection and checks, profile shapes) are tested, see docs/gpu.md.
+The plan's folder, its build record and `select_plan` (which plan a replica may load) live here with
+the builder; running a plan is `mobile_vla.runtime.tensorrt_backend`, and attaching one to a model
+version is `mobile_vla.export.publish`.
+
+`tensorrt` is imported lazily (require_tensorrt): most machines have none. This module never ran on
+the machines the platform was written on (no GPU, no TensorRT wheels); the parts that need neither
+(naming, plan selection and checks, profile shapes) are tested, see docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mobile_vla.errors import ModelError, ResourceError
-from mobile_vla.export.signature import BATCH, ExportSignature, TensorSpec, file_sha256
+from mobile_vla.export.signature import BATCH, ONNX_DIR, ExportSignature, TensorSpec, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,8 @@ PLAN_FILE = "model.plan"
 FP16_PLAN_FILE = "model.fp16.plan"
 ENGINE_META_FILE = "engine.json"
 TENSORRT_DIR = "tensorrt"
+DEFAULT_MAX_BATCH = 32  # the largest batch of the optimisation profile
+DEFAULT_OPT_BATCH = 8  # the batch TensorRT tunes its kernels for
 INSTALL_HINT = 'pip install -e ".[gpu]" --extra-index-url https://pypi.nvidia.com'
 
 
@@ -43,10 +51,12 @@ def gpu_slug(gpu_name: str) -> str:
 
 
 def engine_key(gpu_name: str, tensorrt_version: str) -> str:
+    """The plan folder's name: '<gpu-slug>__trt<version>' (a plan only runs where both match)."""
     return f"{gpu_slug(gpu_name)}__trt{tensorrt_version}"
 
 
 def plan_file_name(fp16: bool) -> str:
+    """model.plan or model.fp16.plan."""
     return FP16_PLAN_FILE if fp16 else PLAN_FILE
 
 
@@ -69,11 +79,9 @@ def profile_shapes(
     for spec in inputs:
         if any(isinstance(d, str) and d != BATCH for d in spec.shape):
             raise ModelError(f"input {spec.name!r} shape {spec.shape}: only the batch axis may be symbolic")
-
-        def fill(batch: int) -> tuple[int, ...]:
-            return tuple(batch if d == BATCH else int(d) for d in spec.shape)
-
-        shapes[spec.name] = (fill(1), fill(opt_batch), fill(max_batch))
+        shapes[spec.name] = tuple(
+            tuple(batch if d == BATCH else int(d) for d in spec.shape) for batch in (1, opt_batch, max_batch)
+        )
     return shapes
 
 
@@ -144,6 +152,7 @@ def select_plan(
 
 
 def require_tensorrt():
+    """The `tensorrt` module, or a ResourceError saying how to install it."""
     try:
         import tensorrt  # noqa: PLC0415 (lazy on purpose: most machines have no TensorRT)
     except ImportError as exc:
@@ -155,8 +164,6 @@ def require_tensorrt():
 
 def require_cuda_gpu() -> str:
     """The name of the current CUDA GPU, or a ResourceError saying why there is none."""
-    import torch
-
     if not torch.cuda.is_available():
         raise ResourceError("no CUDA GPU visible to torch (TensorRT needs one); use the ONNX Runtime backends")
     return torch.cuda.get_device_name(torch.cuda.current_device())
@@ -165,8 +172,8 @@ def require_cuda_gpu() -> str:
 def build_engine(
     model_dir: str | Path,
     signature: ExportSignature,
-    max_batch: int = 32,
-    opt_batch: int = 8,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    opt_batch: int = DEFAULT_OPT_BATCH,
     fp16: bool = False,
     workspace_gib: float = 4.0,
 ) -> Path:
@@ -177,7 +184,7 @@ def build_engine(
     mode = fp16_mode(version) if fp16 else None
     graph_key = "step_fp16" if mode == "strongly-typed" else "step_fp32"
     graph = signature.graph(graph_key)
-    onnx_path = Path(model_dir) / "onnx" / graph.file
+    onnx_path = Path(model_dir) / ONNX_DIR / graph.file
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -226,66 +233,3 @@ def build_engine(
         build_seconds=round(time.perf_counter() - started, 1),
     ).save(folder, fp16)
     return folder
-
-
-class TensorRTRunner:
-    """Executes a plan on torch CUDA tensors (inputs stay on the GPU; outputs are new CUDA tensors)."""
-
-    def __init__(self, model_dir: str | Path, signature: ExportSignature, fp16: bool = False):
-        import torch
-
-        trt = require_tensorrt()
-        gpu_name = require_cuda_gpu()
-        plan, self.meta = select_plan(model_dir, signature, gpu_name, trt.__version__, fp16)
-        self._torch = torch
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self.engine is None:
-            raise ModelError(f"{plan}: TensorRT cannot deserialize this plan (corrupt, or another TensorRT build)")
-        self.context = self.engine.create_execution_context()
-        self.max_batch = self.meta.max_batch
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        want_in = {s.name for s in signature.inputs}
-        want_out = {s.name for s in signature.outputs}
-        if set(self.inputs) != want_in or set(self.outputs) != want_out:
-            raise ModelError(
-                f"{plan}: engine I/O {sorted(self.inputs)} -> {sorted(self.outputs)} does not match "
-                f"signature.json {sorted(want_in)} -> {sorted(want_out)}"
-            )
-        self._dtypes = {n: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(n)) for n in names}
-
-    def run(self, feeds: dict) -> dict:
-        """feeds: name -> CUDA tensor with the engine's dtype; batch <= max_batch. Returns name -> tensor."""
-        torch = self._torch
-        for name in self.inputs:
-            tensor = feeds[name].to(device="cuda", dtype=self._dtypes[name]).contiguous()
-            feeds[name] = tensor  # keep a reference until the work has run
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        results = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            results[name] = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, results[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ModelError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        stream.synchronize()
-        return results
-
-
-def _torch_dtype(torch, trt, dtype):
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.INT64: torch.int64,
-        trt.DataType.UINT8: torch.uint8,
-        trt.DataType.BOOL: torch.bool,
-    }
-    if dtype not in table:
-        raise ModelError(f"TensorRT I/O dtype {dtype} is not supported by this runner")
-    return table[dtype]

@@ -3,7 +3,21 @@
     backend = load_backend(model_dir)          # tensorrt -> onnx-cuda -> onnx-cpu -> torch
     out = backend.predict(images, state, instructions, memory)
 
-Light at import (serve and the CLI import this package): torch, onnxruntime and tensorrt load on first use.
+Modules: `base` (Backend, BackendOutput, BackendSpec, the model files a backend opens), `instruction_cache`
+(the one per-instruction cache), `backends` (the BACKENDS table and load_backend's fallback chain), one
+module per backend: `onnx_backend`, `torch_backend`, `tensorrt_backend`.
+
+Adding a backend (say OpenVINO):
+1. a `Backend` subclass in its own module, e.g. `runtime/openvino_backend.py`, with
+   `open(name, spec, model, options)` (load it, or raise why it cannot run here: the chain moves on),
+   `_encode_text(clip_input_ids)` and `_step(feeds)` (numpy in, numpy out, named as in signature.json);
+2. one row in `BACKENDS` (runtime/backends.py): `"openvino": BackendSpec(backend="module:Class",
+   artifact=..., gpu=..., providers=...)`. Its position in the table is its place in the default chain;
+   `BACKEND_NAMES`, `load_backend(prefer=...)` and serving's configuration read the table.
+An ONNX Runtime execution provider needs no class at all: a row with `OnnxBackend` and its providers.
+
+Light at import (serve and the CLI import this package): the modules load on first use, and each
+backend module (torch, onnxruntime, tensorrt) only when the chain tries it.
 """
 
 from __future__ import annotations
@@ -13,9 +27,11 @@ from typing import Any
 
 _LAZY = {
     "load_backend": "mobile_vla.runtime.backends",
-    "Backend": "mobile_vla.runtime.backends",
-    "BackendOutput": "mobile_vla.runtime.backends",
+    "BACKENDS": "mobile_vla.runtime.backends",
     "BACKEND_NAMES": "mobile_vla.runtime.backends",
+    "Backend": "mobile_vla.runtime.base",
+    "BackendOutput": "mobile_vla.runtime.base",
+    "BackendSpec": "mobile_vla.runtime.base",
 }
 
 __all__ = list(_LAZY)

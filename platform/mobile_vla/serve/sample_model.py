@@ -7,8 +7,26 @@ uses plausible fixed statistics (velocities within +-0.5 m/s, +-1 rad/s; state s
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 from pathlib import Path
+
+import mlflow
+import torch
+
+from mobile_vla.export.onnx_export import export_model
+from mobile_vla.export.publish import attach_onnx
+from mobile_vla.export.signature import ONNX_DIR, SIGNATURE_FILE
+from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
+from mobile_vla.policy.preprocessing import PREPROCESSING_FILE, Preprocessing
+from mobile_vla.tracking import (
+    ResolvedModel,
+    attach_artifacts,
+    configure_mlflow,
+    get_or_create_experiment,
+    register_policy,
+)
 
 SAMPLE_EXPERIMENT = "mobile-vla-serve-samples"
 
@@ -21,14 +39,6 @@ def register_random_policy(
     fp16: bool = False,
 ) -> str:
     """Builds, saves, registers and exports a random `preset` policy; returns `models:/NAME@alias`."""
-    import mlflow
-    import torch
-
-    from mobile_vla.export.onnx_export import export_model
-    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.policy.preprocessing import Preprocessing
-    from mobile_vla.tracking import attach_artifacts, configure_mlflow, get_or_create_experiment, register_policy
-
     config = presets.get_preset(preset)
     torch.manual_seed(seed)
     model = build_policy(config).eval()
@@ -53,8 +63,9 @@ def register_random_policy(
         version = register_policy(
             model_dir, run.info.run_id, name=name, alias=alias, tags={"sample": "random-weights", "preset": preset}
         )
-        export_model(model_dir, name=name, version=version, fp16=fp16)
-        attach_artifacts(name, version, model_dir / "onnx", "onnx")
+        result = export_model(model_dir, name=name, version=version, fp16=fp16)
+        registered = ResolvedModel(path=model_dir, uri=f"models:/{name}/{version}", name=name, version=version)
+        attach_onnx(registered, result.signature)  # the same files, tags and parity metrics as a real export
     return f"models:/{name}@{alias}"
 
 
@@ -69,18 +80,11 @@ def register_version_copy(
 
     The same network under a new version number; with `action_offset` != 0 its action range (the
     de-normalisation in both preprocessing.json and signature.json) is shifted, so every answer differs
-    by exactly that offset (a random-weight network answers near the range's middle, so scaling would not do). For hot-swap and shadow drills and tests, where an ONNX export per version
-    would cost minutes. `with_onnx=False` leaves out onnx/: a version serving cannot load (what an
+    by exactly that offset (a random-weight network answers near the range's middle, so scaling would
+    not do). For hot-swap and shadow drills and tests, where an ONNX export per version would cost
+    minutes. `with_onnx=False` leaves out onnx/: a version serving cannot load (what an
     interrupted export leaves). Returns the version.
     """
-    import json
-    import shutil
-
-    import mlflow
-
-    from mobile_vla.policy.preprocessing import PREPROCESSING_FILE
-    from mobile_vla.tracking import attach_artifacts, configure_mlflow, get_or_create_experiment, register_policy
-
     source = Path(source_dir)
     configure_mlflow()
     experiment_id = get_or_create_experiment(SAMPLE_EXPERIMENT)
@@ -91,8 +95,8 @@ def register_version_copy(
         model_dir = Path(tmp) / "model"
         shutil.copytree(source / "policy", model_dir / "policy")
         onnx_dir = Path(tmp) / "onnx"
-        shutil.copytree(source / "onnx", onnx_dir)
-        signature_path = onnx_dir / "signature.json"
+        shutil.copytree(source / ONNX_DIR, onnx_dir)
+        signature_path = onnx_dir / SIGNATURE_FILE
         signature = json.loads(signature_path.read_text())
         if action_offset:
             prep_path = model_dir / signature["preprocessing"]["saved_at"] / PREPROCESSING_FILE
@@ -111,5 +115,5 @@ def register_version_copy(
         signature["model"] = {**signature.get("model", {}), "name": name, "version": version}
         signature_path.write_text(json.dumps(signature, indent=2) + "\n")
         if with_onnx:
-            attach_artifacts(name, version, onnx_dir, "onnx")
+            attach_artifacts(name, version, onnx_dir, ONNX_DIR)
     return version

@@ -1,0 +1,182 @@
+"""Publish an export on its MLflow model version: the ONNX graphs, and a TensorRT plan for this GPU.
+
+    published = publish_onnx(resolve_model("models:/mobile-vla-policy/3"), fp16=True)
+    plan = publish_plan(resolve_model("models:/mobile-vla-policy/3"), fp16=True)    # on a GPU node
+
+The one place that decides what a version gets and attaches it, used by `mobile-vla export`, the demo
+and the TensorRT serving replicas. A version that already holds verified graphs keeps them (a plan
+is built from exactly those bytes) and one that holds a valid plan for this GPU keeps it, unless
+forced. Nothing is attached for a plain model folder (no registered name and version).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobile_vla.errors import ModelError
+from mobile_vla.export.onnx_export import DEFAULT_OPSET, export_model
+from mobile_vla.export.signature import ONNX_DIR, ExportSignature, load_signature, verify_graph_file
+from mobile_vla.export.tensorrt_engine import (
+    DEFAULT_MAX_BATCH,
+    TENSORRT_DIR,
+    build_engine,
+    require_cuda_gpu,
+    require_tensorrt,
+    select_plan,
+)
+from mobile_vla.tracking import ResolvedModel, attach_artifacts, log_version_metrics, set_version_tags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PublishedOnnx:
+    """What publish_onnx did: the graphs' signature, whether it exported them, whether it attached them."""
+
+    signature: ExportSignature
+    exported: bool  # False: the version already held verified graphs and keeps them
+    attached: bool
+    notes: list[str] = field(default_factory=list)  # exporter notes (e.g. dynamo fell back to legacy)
+
+
+def is_registered(resolved: ResolvedModel) -> bool:
+    """Whether `resolved` is a registry version (artifacts can be attached), not a plain folder."""
+    return bool(resolved.name and resolved.version)
+
+
+def verified_signature(folder: Path, fp16: bool) -> ExportSignature | None:
+    """The folder's signature if every graph it names verifies (and an fp16 graph exists when asked)."""
+    try:
+        signature = load_signature(folder / ONNX_DIR)
+        for graph in signature.graphs.values():
+            verify_graph_file(folder / ONNX_DIR, graph)
+    except ModelError:
+        return None
+    if fp16 and "step_fp16" not in signature.graphs:
+        return None
+    return signature
+
+
+def publish_onnx(
+    resolved: ResolvedModel,
+    *,
+    fp16: bool = False,
+    exporter: str = "dynamo",
+    opset: int = DEFAULT_OPSET,
+    data_dir: str | Path | None = None,
+    force: bool = False,
+    attach: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> PublishedOnnx:
+    """Makes sure the version has verified ONNX graphs: keeps the ones it has, else exports and attaches them.
+
+    Args:
+        resolved: the model version (resolve_model), or a plain folder.
+        fp16: also the fp16 step graph.
+        exporter: "dynamo" or "legacy" (export_model).
+        opset: the ONNX opset.
+        data_dir: dataset folder whose frames the parity check uses (None: MiniWorld renders).
+        force: export again even if the version has verified graphs.
+        attach: attach new graphs to the registry version (False: local files only).
+        progress: called with a short text per export step.
+
+    Returns:
+        The signature of the graphs the version now has, and what was done.
+
+    Raises:
+        ModelError: the export or its parity check failed (the version's onnx/ is left as it was).
+    """
+    signature = None if force else verified_signature(resolved.path, fp16)
+    if signature is not None:
+        return PublishedOnnx(signature=signature, exported=False, attached=False)
+    result = export_model(
+        resolved.path,
+        name=resolved.name,
+        version=resolved.version,
+        fp16=fp16,
+        exporter=exporter,
+        opset=opset,
+        data_dir=data_dir,
+        progress=progress,
+    )
+    attached = attach and is_registered(resolved)
+    if attached:
+        attach_onnx(resolved, result.signature)
+    return PublishedOnnx(signature=result.signature, exported=True, attached=attached, notes=result.exporter_notes)
+
+
+def attach_onnx(resolved: ResolvedModel, signature: ExportSignature) -> None:
+    """Puts onnx/ on the registry version it came from, with tags and the parity figures as metrics."""
+    attach_artifacts(resolved.name, resolved.version, resolved.path / ONNX_DIR, ONNX_DIR)
+    parity = signature.parity
+    set_version_tags(
+        resolved.name,
+        resolved.version,
+        {
+            "export.onnx": ",".join(g.precision for k, g in sorted(signature.graphs.items()) if k.startswith("step")),
+            "export.opset": signature.opset,
+            "export.exporter": "dynamo" if signature.exporter.dynamo else "legacy",
+        },
+    )
+    metrics = {
+        "parity_fp32_max_abs_diff": max(parity.fp32_max_abs_diff.values()),
+        "parity_sequence_max_abs_diff": parity.sequence_max_abs_diff,
+    }
+    if parity.fp16_max_abs_diff:
+        metrics["parity_fp16_max_abs_diff"] = max(parity.fp16_max_abs_diff.values())
+    log_version_metrics(resolved.name, resolved.version, metrics)
+
+
+def publish_plan(
+    resolved: ResolvedModel,
+    *,
+    fp16: bool = False,
+    max_batch: int | None = None,
+    rebuild: bool = False,
+    attach: bool = True,
+) -> Path:
+    """The TensorRT plan for this GPU model and TensorRT version: the version's own, else built here and attached.
+
+    A plan is tied to the GPU model and the TensorRT version (`tensorrt/<gpu>__trt<ver>/`). One that
+    another replica or `mobile-vla export --tensorrt` attached arrives with resolve_model; without
+    one it is built here and attached, so the other replicas on this GPU model fetch it instead of
+    building again. Replicas that start building at the same moment each build once; the plans are
+    equivalent and the last attached one stays.
+
+    Args:
+        resolved: the model version (resolve it just before: that fetches plans attached since).
+        fp16: the fp16 plan.
+        max_batch: the largest batch of the plan's profile; a plan with another one is rebuilt
+            (None: keep any valid plan, build with DEFAULT_MAX_BATCH).
+        rebuild: build even if a valid plan exists.
+        attach: attach a new plan to the registry version.
+
+    Returns:
+        The plan file.
+
+    Raises:
+        ResourceError: no TensorRT or no CUDA GPU here.
+        ModelError: the version has no verified ONNX graphs, or TensorRT cannot build the plan.
+    """
+    trt = require_tensorrt()
+    gpu_name = require_cuda_gpu()
+    signature = load_signature(resolved.path / ONNX_DIR)
+    if not rebuild:
+        try:
+            plan, meta = select_plan(resolved.path, signature, gpu_name, trt.__version__, fp16)
+        except ModelError as missing:
+            log.info("no usable TensorRT plan for %s (%s); building one", resolved.uri, missing)
+        else:
+            if max_batch is None or meta.max_batch == max_batch:
+                return plan
+            log.info("%s: plan has max batch %d, %d asked; rebuilding", plan, meta.max_batch, max_batch)
+    folder = build_engine(resolved.path, signature, max_batch=max_batch or DEFAULT_MAX_BATCH, fp16=fp16)
+    if attach and is_registered(resolved):
+        attach_artifacts(resolved.name, resolved.version, folder, f"{TENSORRT_DIR}/{folder.name}")
+        precision = "fp16" if fp16 else "fp32"
+        set_version_tags(resolved.name, resolved.version, {f"export.tensorrt.{folder.name}": precision})
+    plan, _ = select_plan(resolved.path, signature, gpu_name, trt.__version__, fp16)
+    return plan

@@ -1,0 +1,127 @@
+"""ONNX Runtime: the exported graphs on any execution provider (CPU, CUDA, ...), with no torch at run time.
+
+    session = open_session(model_dir / "onnx", signature.graph("text_encoder"), ["CPUExecutionProvider"])
+
+A session is only opened on a file whose sha256 and I/O match signature.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from mobile_vla.errors import ModelError, ResourceError
+from mobile_vla.export.signature import (
+    ONNX_DIR,
+    STEP_OUTPUTS,
+    TEXT_OUTPUTS,
+    GraphFile,
+    TensorSpec,
+    check_io_matches,
+    verify_graph_file,
+)
+from mobile_vla.runtime.base import Backend, BackendSpec, LoadOptions, ModelFiles
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+}
+_PROVIDER_HINTS = {"CUDAExecutionProvider": "install onnxruntime-gpu on GPU nodes"}
+
+
+def session_io(args) -> list[TensorSpec]:
+    """A session's inputs or outputs (`get_inputs()`), as signature TensorSpecs (symbolic axes -> "B")."""
+    specs = []
+    for arg in args:
+        dtype = _ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise ModelError(f"graph {arg.name!r} has unsupported type {arg.type}")
+        shape = [d if isinstance(d, int) else "B" for d in arg.shape]
+        specs.append(TensorSpec(name=arg.name, dtype=dtype, shape=shape))
+    return specs
+
+
+def require_provider(provider: str) -> None:
+    """Raises ResourceError when this onnxruntime build lacks `provider`."""
+    available = ort.get_available_providers()
+    if provider not in available:
+        hint = _PROVIDER_HINTS.get(provider)
+        raise ResourceError(
+            f"onnxruntime {ort.__version__} has no {provider} (has {available})" + (f"; {hint}" if hint else "")
+        )
+
+
+def open_session(
+    folder: Path, graph: GraphFile, providers: list[str], threads: int = 0, spinning: bool = True
+) -> ort.InferenceSession:
+    """An ONNX Runtime session for a graph named in signature.json, refused unless bytes and I/O match.
+
+    Args:
+        folder: the folder holding signature.json and the graph files.
+        graph: the graph's entry in the signature.
+        providers: execution providers, most preferred first.
+        threads: intra-op threads (0: ORT's default, one per core).
+        spinning: False stops idle pool threads from busy-waiting (a serving replica shares its cores
+            with the ingress and the proxy).
+
+    Returns:
+        The session.
+
+    Raises:
+        ModelError: the file is missing, corrupt, unloadable or has other I/O than the signature says.
+    """
+    path = verify_graph_file(folder, graph)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... classes
+        raise ModelError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0][:300]}") from None
+    check_io_matches(str(path), graph.inputs, session_io(session.get_inputs()), "inputs")
+    check_io_matches(str(path), graph.outputs, session_io(session.get_outputs()), "outputs")
+    return session
+
+
+class OnnxBackend(Backend):
+    """The step and text-encoder graphs in ONNX Runtime, on the providers its table row names."""
+
+    @classmethod
+    def open(cls, name: str, spec: BackendSpec, model: ModelFiles, options: LoadOptions) -> OnnxBackend:
+        signature, preprocessing = model.exported()
+        backend = cls(name, model.folder, signature, preprocessing, options.cache_size)
+        providers = list(spec.providers)
+        require_provider(providers[0])
+        folder = model.folder / ONNX_DIR
+        step_key = "step_fp16" if options.fp16 else "step_fp32"
+        if step_key not in signature.graphs:
+            hint = " (export with --fp16)" if options.fp16 else ""
+            raise ModelError(f"{folder}: no {step_key} graph{hint}")
+        backend.session = open_session(folder, signature.graphs[step_key], providers, options.threads, options.spinning)
+        if backend.session.get_providers()[0] != providers[0]:
+            raise ResourceError(f"{providers[0]} did not initialise (providers: {backend.session.get_providers()})")
+        check_io_matches(
+            str(folder / signature.graphs[step_key].file),
+            signature.inputs,
+            session_io(backend.session.get_inputs()),
+            "inputs",
+        )
+        backend.text_session = open_session(
+            folder, signature.graph("text_encoder"), providers, options.threads, options.spinning
+        )
+        backend.precision = "fp16" if options.fp16 else "fp32"
+        return backend
+
+    def _encode_text(self, clip_input_ids):
+        return self.text_session.run(TEXT_OUTPUTS, {"clip_input_ids": clip_input_ids})[0]
+
+    def _step(self, feeds):
+        return dict(zip(STEP_OUTPUTS, self.session.run(STEP_OUTPUTS, feeds), strict=True))
+
+    def close(self):
+        self.session = self.text_session = None
