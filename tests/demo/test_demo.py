@@ -26,6 +26,8 @@ DEMO_ARGS = [
 ]
 MODEL = "mobile-vla-policy"
 
+pytestmark = pytest.mark.slow  # the whole loop: data, training, export, evaluation, Serve, robots
+
 
 @pytest.fixture(scope="module")
 def demo_home(tmp_path_factory):
@@ -145,18 +147,33 @@ def test_demo_leaves_no_serve_app_on_a_reused_cluster(demo, ray_cluster):
     assert APP_NAME not in serve.status().applications
 
 
-def test_a_failing_step_names_the_problem_and_cleans_up(demo, demo_home):
+def test_a_failing_step_names_the_problem_and_cleans_up(demo, demo_home, ray_cluster, monkeypatch, tmp_path):
     """The data of the first run is reused; a bad train override fails the train step with a
-    ConfigError naming field and value; the summary of the good run stays as it was."""
-    from mobile_vla.demo.runner import run_demo
+    ConfigError naming field and value; the summary of the good run stays as it was. Cleaned up: the
+    reused cluster stays up without a demo Serve app, no MLflow run is left open, and MOBILE_VLA_HOME
+    is the caller's again."""
+    import io
+    import os
+
+    import mlflow
+    from ray import serve
+    from rich.console import Console
+
+    from mobile_vla.demo.runner import APP_NAME, run_demo
     from mobile_vla.demo.settings import tiny
     from mobile_vla.errors import ConfigError
 
     before = (demo_home / "demo_summary.json").read_text()
+    monkeypatch.setenv("MOBILE_VLA_HOME", str(tmp_path / "callers-home"))
     cfg = tiny(home=demo_home, episodes=8, epochs=1, progress=False, train_overrides=["optim.lr=fast"])
+    printed = io.StringIO()
     with pytest.raises(ConfigError, match=r"optim\.lr = 'fast'"):
-        run_demo(cfg)
+        run_demo(cfg, console=Console(file=printed, width=200))
+    assert "reused 8 episodes" in printed.getvalue()
     assert (demo_home / "demo_summary.json").read_text() == before
+    assert os.environ["MOBILE_VLA_HOME"] == str(tmp_path / "callers-home")
+    assert ray_cluster.is_initialized() and APP_NAME not in serve.status().applications
+    assert mlflow.active_run() is None
 
 
 @pytest.mark.parametrize(
