@@ -30,6 +30,8 @@ RUNTIME_ENV_FILE = REPO / "clusters" / "runtime_env.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
 REPORT_PREFIX = "CLUSTER_CHECK "
 
+pytestmark = pytest.mark.slow  # a second Ray cluster (`ray start --head`) and jobs submitted to it
+
 
 @dataclasses.dataclass
 class RayHead:

@@ -13,6 +13,8 @@ from mobile_vla.errors import ConfigError, ModelError
 SEEDS = 2  # val seeds 1_000_000.. (the expert solves these in 31 and 51 steps; a random policy does not)
 MAX_STEPS = 60
 
+pytestmark = pytest.mark.slow  # MiniWorld episodes in Ray tasks, each run twice (model and expert)
+
 
 def check_summary(summary, episodes: int) -> None:
     assert summary.episodes == episodes

@@ -22,6 +22,8 @@ from tests.serve.conftest import deployed_app, wait_until
 
 APP = "mobile-vla-hot-swap"
 NAME = "mobile-vla-policy"
+
+pytestmark = pytest.mark.slow  # Serve apps deployed, swapped and rolled back: minutes on 2 cores
 PRIMARY, FALLBACK = "OnnxPolicy", "OnnxFallbackPolicy"
 ENGINE_BUILD_S = 6.0
 

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.local_processes import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # `mobile-vla serve` as a process with its own Ray cluster
 
 
 def _frame() -> str:

@@ -20,6 +20,8 @@ from tests.serve.conftest import deployed_app, wait_until
 
 APP = "mobile-vla-shadow"
 NAME = "mobile-vla-policy"
+
+pytestmark = pytest.mark.slow  # Serve apps with a shadow deployment: minutes on 2 cores
 INSTRUCTION = "go to the red box"
 STATE = [0.1, 0.0, -0.2]
 TOLERANCE = 0.05

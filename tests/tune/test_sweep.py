@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 TUNE_TINY = REPO / "jobs" / "configs" / "tune_tiny.yaml"
 MODEL = "mobile-vla-policy"
 SWEEP = "asha-test"
+
+pytestmark = pytest.mark.slow  # a 4-trial sweep of real Ray Train runs: minutes on 2 cores
 GOOD = {
     "optim.lr": 3.0e-3,
     "optim.weight_decay": 0.0,
