@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 
 from mobile_vla.serve.memory_token import MemoryCodec, RecurrentMemory, load_or_create_secret
-from tests.local_processes import free_port
+from tests.local_processes import free_port, wait_until
 
 APP = "mobile-vla-test"
+
+pytestmark = pytest.mark.slow  # one Serve app for the module: about a minute to deploy on 2 cores
 INSTRUCTION = "go to the red box"
 
 
@@ -142,7 +144,7 @@ def test_a_robot_failing_in_a_batch_goes_to_the_fallback_alone(served):
     robots = [f"drill-error-mix-{i}" if i % 4 == 0 else f"mix-{i}" for i in range(16)]
     before = served.policy_info()
     with ThreadPoolExecutor(16) as pool:
-        answers = dict(zip(robots, pool.map(lambda robot: served.act(robot_id=robot), robots)))
+        answers = dict(zip(robots, pool.map(lambda robot: served.act(robot_id=robot), robots), strict=True))
     after = served.policy_info()
     assert {r: a.status_code for r, a in answers.items()} == dict.fromkeys(robots, 200)
     assert after["calls"] - before["calls"] < len(robots)  # they did share batches
@@ -298,9 +300,15 @@ def test_slow_then_failing_primary_falls_back_and_breaker_opens(served):
     info = served.http.get("/v1/model", headers=served.auth).json()
     primary = next(b for b in info["backends"] if b["role"] == "primary")
     assert primary["breaker"] == "open" and info["active"] == "OnnxFallbackPolicy"
-    time.sleep(1.2)  # cool-down over: one probe goes to the primary, succeeds, the breaker closes
+
+    def primary_breaker() -> str:
+        info = served.http.get("/v1/model", headers=served.auth).json()
+        return next(b for b in info["backends"] if b["role"] == "primary")["breaker"]
+
+    # cool-down over (however long the box took): one probe goes to the primary, succeeds, the breaker closes
+    wait_until(lambda: primary_breaker() == "half_open", 30, what="the breaker's cool-down to end")
     healed = [served.act(robot_id="r-heal").headers["x-served-by"] for _ in range(2)]
-    assert healed == ["OnnxPolicy", "OnnxPolicy"]
+    assert healed == ["OnnxPolicy", "OnnxPolicy"] and primary_breaker() == "closed"
 
 
 # -- metrics: exported through Ray's metrics port (what Prometheus scrapes) ---------------------------
@@ -308,7 +316,11 @@ def test_metrics_reach_the_ray_metrics_endpoint(served):
     import ray
 
     port = ray._private.worker.global_worker.node.metrics_export_port
-    # metrics reach the endpoint every few seconds: wait for the slow-primary test's fallback to show too
+    # this test's own traffic (no other test's): a served request, then a timed-out primary's fallback
+    assert served.act(robot_id="metrics-1").status_code == 200
+    assert served.act(robot_id="drill-slow-metrics").headers["x-fallback-reason"] == "timeout"
+    assert served.act(robot_id="metrics-2").headers["x-served-by"] == "OnnxPolicy"  # a success resets the breaker
+    # metrics reach the endpoint every few seconds
     wanted = [
         "ray_mobile_vla_requests_total",
         "ray_mobile_vla_batch_size_bucket",
