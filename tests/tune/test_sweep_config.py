@@ -155,7 +155,8 @@ def test_trial_driver_bundle_is_never_empty():
     resources = driver_resources(load_tune_config(TUNE_TINY))
     assert resources["CPU"] == 0 and resources["memory"] > 0
     wrapped = tune.with_resources(lambda config: None, resources)  # raises on an empty bundle
-    assert wrapped is not None
+    [bundle] = wrapped._resources.bundles  # what Tune will reserve for each trial's driver
+    assert bundle == {"memory": float(resources["memory"])}
 
 
 def test_random_search_carries_the_concurrency_limit_itself():
