@@ -215,7 +215,6 @@ def test_cluster_check_job_runs_the_shipped_package(ray_head):
     assert not list((shared / ".cluster_check").iterdir())  # the marker is cleaned up
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     not (REPO / "jobs" / "train.py").is_file(),
     reason="jobs/train.py is not written yet (training stage)",
