@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 
+from mobile_vla import tracking
+from mobile_vla.cli import main
 from mobile_vla.errors import ConfigError, ModelError
-from mobile_vla.tracking.lifecycle import GateConfig, evaluate_gate, load_gate, promote, wilson_interval
+from mobile_vla.sim.success import wilson_interval
+from mobile_vla.tracking.lifecycle import GateConfig, evaluate_gate, load_gate, promote
 
 MODEL = "gate-test"
 
 
 def register_version(tmp_path: Path, marker: str, metrics: dict[str, float] | None) -> str:
-    import mlflow
-
-    from mobile_vla import tracking
-
     model_dir = tmp_path / f"model-{marker}"
     (model_dir / "policy").mkdir(parents=True)
     (model_dir / "policy" / "config.json").write_text(json.dumps({"marker": marker}))
@@ -47,8 +47,6 @@ def test_wilson_interval_matches_reference_values():
 
 
 def test_gate_passes_first_challenger_then_moves_champion_and_tags_both(platform_home, tmp_path):
-    from mobile_vla import tracking
-
     gate = GateConfig(min_episodes=100, min_success_rate=0.5)
     v1 = register_version(tmp_path, "a", eval_metrics(0.60))
     first = promote(MODEL, from_alias="challenger", gate=gate)
@@ -70,8 +68,6 @@ def test_gate_passes_first_challenger_then_moves_champion_and_tags_both(platform
 
 
 def test_gate_fails_keeps_champion_and_tags_say_why(platform_home, tmp_path):
-    from mobile_vla import tracking
-
     gate = GateConfig(min_episodes=100)
     v1 = register_version(tmp_path, "a", eval_metrics(0.70))
     promote(MODEL, version=v1, gate=gate)
@@ -93,8 +89,6 @@ def test_gate_fails_keeps_champion_and_tags_say_why(platform_home, tmp_path):
 
 
 def test_missing_metric_is_named_and_refused_unless_forced(platform_home, tmp_path):
-    from mobile_vla import tracking
-
     v1 = register_version(tmp_path, "a", eval_metrics(0.70))
     promote(MODEL, version=v1, gate=GateConfig(min_episodes=100))
     v2 = register_version(tmp_path, "b", {"offline.mae": 0.05})  # never evaluated closed-loop
@@ -128,9 +122,6 @@ def test_bad_gate_input_names_field_and_value(tmp_path, platform_home):
 
 
 def test_promote_cli_exit_codes_and_shipped_gate_file(platform_home, tmp_path, capsys):
-    from mobile_vla import tracking
-    from mobile_vla.cli import main
-
     gate_file = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "gate.yaml"
     assert load_gate(gate_file).success_rule == "superior"
     v1 = register_version(tmp_path, "a", eval_metrics(0.4))

@@ -1,7 +1,10 @@
 """MLflow: the tracking store, runs, registered model versions and aliases."""
 
 from mobile_vla.tracking.registry import (
+    CHALLENGER,
+    CHAMPION,
     DEFAULT_MODEL_NAME,
+    PREVIOUS_CHAMPION,
     ResolvedModel,
     attach_artifacts,
     get_version_by_alias,
@@ -16,7 +19,10 @@ from mobile_vla.tracking.registry import (
 from mobile_vla.tracking.store import configure_mlflow, get_or_create_experiment, tracking_uri
 
 __all__ = [
+    "CHALLENGER",
+    "CHAMPION",
     "DEFAULT_MODEL_NAME",
+    "PREVIOUS_CHAMPION",
     "ResolvedModel",
     "attach_artifacts",
     "configure_mlflow",

@@ -32,9 +32,18 @@ from pydantic import Field, field_validator
 from mobile_vla.config import StrictModel, load_config
 from mobile_vla.errors import ConfigError, ModelError
 from mobile_vla.sim.success import wilson_interval
+from mobile_vla.tracking.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    get_version_by_alias,
+    get_version_metrics,
+    get_version_tags,
+    set_alias,
+    set_version_tags,
+)
 
-CHAMPION = "champion"
-PREVIOUS_CHAMPION = "previous-champion"  # kept for a one-line rollback: promote --from-alias previous-champion --force
+__all__ = ["CHALLENGER", "CHAMPION", "PREVIOUS_CHAMPION"]  # the alias names, also importable from here
 
 
 class GateConfig(StrictModel):
@@ -125,56 +134,73 @@ def _need(metrics: dict[str, float], key: str, version: str, missing: list[str])
     return metrics[key]
 
 
+def _success_check(gate: GateConfig, c_rate: float, c_n: float, p_rate: float) -> Check:
+    """The challenger's closed-loop success against the champion's, by `gate.success_rule`."""
+    low, high = wilson_interval(c_rate * c_n, c_n)
+    target = p_rate + gate.min_success_delta
+    if gate.success_rule == "superior":
+        ok = low >= target
+        detail = f"challenger Wilson low {low:.3f} >= champion {p_rate:.3f} + {gate.min_success_delta:.3f}"
+    elif gate.success_rule == "non_inferior":
+        ok = high >= p_rate and c_rate >= target
+        detail = (
+            f"challenger {c_rate:.3f} [{low:.3f}, {high:.3f}] vs champion {p_rate:.3f}, "
+            f"min delta {gate.min_success_delta:.3f}"
+        )
+    else:
+        ok = c_rate >= target
+        detail = f"challenger {c_rate:.3f} >= champion {p_rate:.3f} + {gate.min_success_delta:.3f}"
+    return Check(f"success_{gate.success_rule}", ok, detail)
+
+
+def _closed_loop_checks(
+    gate: GateConfig,
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    cv: str,
+    pv: str,
+    missing: list[str],
+) -> list[Check]:
+    """Episodes, success floor, success against the champion and collisions (metrics lacking go to `missing`)."""
+    checks: list[Check] = []
+    c_rate = _need(challenger, gate.success_metric, cv, missing)
+    c_n = _need(challenger, gate.episodes_metric, cv, missing)
+    p_rate = p_n = None
+    if champion is not None:
+        p_rate = _need(champion, gate.success_metric, pv, missing)
+        p_n = _need(champion, gate.episodes_metric, pv, missing)
+    if c_rate is not None and c_n is not None:
+        checks.append(Check("episodes", c_n >= gate.min_episodes, f"challenger {c_n:.0f} >= {gate.min_episodes}"))
+        checks.append(
+            Check("success_floor", c_rate >= gate.min_success_rate, f"{c_rate:.3f} >= {gate.min_success_rate:.3f}")
+        )
+        if p_rate is not None and p_n is not None:
+            checks.append(
+                Check("champion_episodes", p_n >= gate.min_episodes, f"champion {p_n:.0f} >= {gate.min_episodes}")
+            )
+            checks.append(_success_check(gate, c_rate, c_n, p_rate))
+
+    if gate.max_collision_rate_increase is not None and champion is not None:
+        c_col = _need(challenger, gate.collision_metric, cv, missing)
+        p_col = _need(champion, gate.collision_metric, pv, missing)
+        if c_col is not None and p_col is not None:
+            limit = p_col + gate.max_collision_rate_increase
+            checks.append(Check("collisions", c_col <= limit, f"{c_col:.3f} <= {limit:.3f}"))
+
+    return checks
+
+
 def evaluate_gate(
     gate: GateConfig,
     challenger: dict[str, float],
     champion: dict[str, float] | None,
-    challenger_version: str = "challenger",
-    champion_version: str = "champion",
+    challenger_version: str = CHALLENGER,
+    champion_version: str = CHAMPION,
 ) -> GateResult:
     """Pure function of the two versions' metrics: every check, and what was missing."""
-    checks: list[Check] = []
     missing: list[str] = []
     cv, pv = challenger_version, champion_version
-
-    if gate.require_closed_loop:
-        c_rate = _need(challenger, gate.success_metric, cv, missing)
-        c_n = _need(challenger, gate.episodes_metric, cv, missing)
-        p_rate = p_n = None
-        if champion is not None:
-            p_rate = _need(champion, gate.success_metric, pv, missing)
-            p_n = _need(champion, gate.episodes_metric, pv, missing)
-        if c_rate is not None and c_n is not None:
-            checks.append(Check("episodes", c_n >= gate.min_episodes, f"challenger {c_n:.0f} >= {gate.min_episodes}"))
-            checks.append(
-                Check("success_floor", c_rate >= gate.min_success_rate, f"{c_rate:.3f} >= {gate.min_success_rate:.3f}")
-            )
-            low, high = wilson_interval(c_rate * c_n, c_n)
-            if p_rate is not None and p_n is not None:
-                checks.append(
-                    Check("champion_episodes", p_n >= gate.min_episodes, f"champion {p_n:.0f} >= {gate.min_episodes}")
-                )
-                target = p_rate + gate.min_success_delta
-                if gate.success_rule == "superior":
-                    ok = low >= target
-                    detail = f"challenger Wilson low {low:.3f} >= champion {p_rate:.3f} + {gate.min_success_delta:.3f}"
-                elif gate.success_rule == "non_inferior":
-                    ok = high >= p_rate and c_rate >= target
-                    detail = (
-                        f"challenger {c_rate:.3f} [{low:.3f}, {high:.3f}] vs champion {p_rate:.3f}, "
-                        f"min delta {gate.min_success_delta:.3f}"
-                    )
-                else:
-                    ok = c_rate >= target
-                    detail = f"challenger {c_rate:.3f} >= champion {p_rate:.3f} + {gate.min_success_delta:.3f}"
-                checks.append(Check(f"success_{gate.success_rule}", ok, detail))
-
-        if gate.max_collision_rate_increase is not None and champion is not None:
-            c_col = _need(challenger, gate.collision_metric, cv, missing)
-            p_col = _need(champion, gate.collision_metric, pv, missing)
-            if c_col is not None and p_col is not None:
-                limit = p_col + gate.max_collision_rate_increase
-                checks.append(Check("collisions", c_col <= limit, f"{c_col:.3f} <= {limit:.3f}"))
+    checks = _closed_loop_checks(gate, challenger, champion, cv, pv, missing) if gate.require_closed_loop else []
 
     if gate.max_offline_mae_regression is not None and champion is not None:
         c_mae = _need(challenger, gate.offline_mae_metric, cv, missing)
@@ -200,25 +226,21 @@ def evaluate_gate(
 
 
 def resolve_candidate(name: str, version: str | None, from_alias: str | None) -> str:
-    from mobile_vla import tracking
-
     if version and from_alias:
         raise ConfigError("promote: give --version or --from-alias, not both")
     if version:
         _require_version(name, str(version))
         return str(version)
-    alias = from_alias or "challenger"
-    found = tracking.get_version_by_alias(name, alias)
+    alias = from_alias or CHALLENGER
+    found = get_version_by_alias(name, alias)
     if found is None:
         raise ModelError(f"models:/{name}@{alias}: registered model '{name}' has no alias '{alias}'")
     return found
 
 
 def _require_version(name: str, version: str) -> None:
-    from mobile_vla import tracking
-
     try:
-        tracking.get_version_tags(name, version)
+        get_version_tags(name, version)
     except Exception as exc:
         raise ModelError(f"models:/{name}/{version}: no such registered model version ({exc})") from None
 
@@ -233,23 +255,21 @@ def promote(
     """Runs the gate for one version against the current champion; moves `@champion` if it passes
     (or if forced) and tags the version with the decision either way.
     """
-    from mobile_vla import tracking
-
     gate = gate or GateConfig()
     candidate = resolve_candidate(name, version, from_alias)
-    champion = tracking.get_version_by_alias(name, CHAMPION)
+    champion = get_version_by_alias(name, CHAMPION)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     if champion == candidate:
         decision = PromotionDecision(
             name, candidate, "rejected", f"version {candidate} is already champion", champion, now, []
         )
-        tracking.set_version_tags(name, candidate, decision.tags())
+        set_version_tags(name, candidate, decision.tags())
         return decision
 
     result = evaluate_gate(
         gate,
-        tracking.get_version_metrics(name, candidate),
-        tracking.get_version_metrics(name, champion) if champion else None,
+        get_version_metrics(name, candidate),
+        get_version_metrics(name, champion) if champion else None,
         challenger_version=candidate,
         champion_version=champion or "-",
     )
@@ -264,13 +284,11 @@ def promote(
 
     if decision.promoted:
         # Compare-and-set: refuse if someone moved the alias while the gate ran.
-        if tracking.get_version_by_alias(name, CHAMPION) != champion:
+        if get_version_by_alias(name, CHAMPION) != champion:
             raise ModelError(f"models:/{name}@{CHAMPION} moved while the gate ran; run promote again")
-        tracking.set_alias(name, CHAMPION, candidate)
+        set_alias(name, CHAMPION, candidate)
         if champion:
-            tracking.set_alias(name, PREVIOUS_CHAMPION, champion)
-            tracking.set_version_tags(
-                name, champion, {"promotion.superseded_by": candidate, "promotion.superseded_time": now}
-            )
-    tracking.set_version_tags(name, candidate, decision.tags())
+            set_alias(name, PREVIOUS_CHAMPION, champion)
+            set_version_tags(name, champion, {"promotion.superseded_by": candidate, "promotion.superseded_time": now})
+    set_version_tags(name, candidate, decision.tags())
     return decision

@@ -26,12 +26,19 @@ from mobile_vla.errors import ModelError
 from mobile_vla.tracking.store import configure_mlflow
 
 DEFAULT_MODEL_NAME = "mobile-vla-policy"
+# The registered model's aliases: serving follows CHAMPION, which only the promotion gate (or a person)
+# moves; training, sweeps and online updates register their result as CHALLENGER.
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS_CHAMPION = "previous-champion"  # kept for a one-line rollback: promote --from-alias previous-champion --force
 MODEL_ARTIFACT_PATH = "model"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
+    """A `models:/` URI (or folder) resolved to a local folder, with the version it names."""
+
     path: Path  # local folder with policy/ (and onnx/, tensorrt/ once exported)
     uri: str
     name: str | None = None
@@ -58,7 +65,7 @@ def register_policy(
     model_dir: str | Path,
     run_id: str,
     name: str = DEFAULT_MODEL_NAME,
-    alias: str | None = "challenger",
+    alias: str | None = CHALLENGER,
     tags: dict[str, str] | None = None,
     description: str | None = None,
 ) -> str:
@@ -161,10 +168,12 @@ def attach_artifacts(name: str, version: str, local_dir: str | Path, artifact_pa
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
+    """Points `models:/name@alias` at `version` (moving it if it pointed elsewhere)."""
     _client().set_registered_model_alias(name, alias, str(version))
 
 
 def get_version_by_alias(name: str, alias: str) -> str | None:
+    """The version behind `models:/name@alias`, or None when the model or the alias does not exist."""
     client = _client()
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
@@ -175,12 +184,14 @@ def get_version_by_alias(name: str, alias: str) -> str | None:
 
 
 def set_version_tags(name: str, version: str, tags: dict) -> None:
+    """Sets tags on a model version (values stringified)."""
     client = _client()
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, str(value))
 
 
 def get_version_tags(name: str, version: str) -> dict[str, str]:
+    """A model version's tags."""
     return dict(_client().get_model_version(name, str(version)).tags)
 
 
@@ -195,6 +206,7 @@ def log_version_metrics(name: str, version: str, metrics: dict[str, float], step
 
 
 def get_version_metrics(name: str, version: str) -> dict[str, float]:
+    """A version's evaluation metrics, from its `metric.<key>` tags (see `log_version_metrics`)."""
     return {
         k.removeprefix("metric."): float(v)
         for k, v in get_version_tags(name, version).items()
