@@ -11,14 +11,17 @@ resuming) and mlflow (where results go). Unknown keys are errors; every message 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from mobile_vla.config import StrictModel, load_config, platform_home
+from mobile_vla.tracking.registry import CHALLENGER, DEFAULT_MODEL_NAME
 
 
 class DataConfig(StrictModel):
+    """Which episodes a run trains and validates on, and how windows are cut from them."""
+
     path: str = "data/mini"  # dataset folder holding manifest.json and the episode files
     train_split: str = "train"
     val_split: str = "val"
@@ -29,11 +32,15 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
+    """The policy preset and the PolicyConfig fields it overrides."""
+
     preset: Literal["tiny", "small", "full"] = "small"
     overrides: dict[str, Any] = Field(default_factory=dict)  # PolicyConfig fields, checked before launch
 
 
 class OptimConfig(StrictModel):
+    """AdamW with linear warm-up then cosine annealing, gradient clipping and accumulation."""
+
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -51,6 +58,8 @@ class OptimConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
+    """The training loop: epochs, per-worker batch, precision, parallel strategy, checkpoints kept."""
+
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1)  # per worker
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -62,6 +71,8 @@ class TrainingConfig(StrictModel):
 
 
 class WorkersConfig(StrictModel):
+    """The Ray Train workers: how many, and what each reserves."""
+
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
@@ -81,28 +92,57 @@ class WorkersConfig(StrictModel):
         return {k: v for k, v in bundle.items() if v > 0}
 
 
-class RunStorageConfig(StrictModel):
+class NamedRunConfig(StrictModel):
+    """A job's name (the same name again resumes it) and where it stores results; the `run` section of
+    training and of sweeps (`tune.sweep_config.SweepRunConfig`), which differ only in what they add.
+    """
+
+    kind: ClassVar[str] = "run"  # what the name names, in error messages
+    default_storage: ClassVar[str] = "ray_results"  # under $MOBILE_VLA_HOME, when storage_path is not set
     name: str | None = None  # the same name again resumes that run from its last checkpoint
     storage_path: str | None = None  # default $MOBILE_VLA_HOME/ray_results; shared (S3/NFS) on clusters
-    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
-    pid_dir: str | None = None  # each worker writes <rank>.pid here (fault-injection tests, operations)
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str | None) -> str | None:
         if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
-            raise ValueError(f"run name must be a plain folder name, got {name!r}")
+            raise ValueError(f"{cls.kind} name must be a plain folder name, got {name!r}")
         return name
 
+    def storage_uri(self) -> str:
+        """Where results go: a storage URI as given, a local path made absolute (workers run elsewhere)."""
+        raw = self.storage_path or str(platform_home() / self.default_storage)
+        if "://" in raw:
+            return raw
+        return str(Path(raw).expanduser().resolve())
 
-class MlflowConfig(StrictModel):
-    enabled: bool = True
+
+class RunStorageConfig(NamedRunConfig):
+    """A training run's name and storage, plus how it survives worker failures."""
+
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
+    pid_dir: str | None = None  # each worker writes <rank>.pid here (fault-injection tests, operations)
+
+
+class MlflowTargetConfig(StrictModel):
+    """The MLflow experiment a job logs to, and the registered model and alias its result becomes; the
+    `mlflow` section of training and of sweeps (`tune.sweep_config.SweepMlflowConfig`).
+    """
+
     experiment: str = "mobile-vla"
-    registered_model: str | None = "mobile-vla-policy"  # null: log the run, register nothing
-    alias: str | None = "challenger"
+    registered_model: str | None = DEFAULT_MODEL_NAME  # null: log the run, register nothing
+    alias: str | None = CHALLENGER
+
+
+class MlflowConfig(MlflowTargetConfig):
+    """Training's MLflow section: the target, and whether the run is tracked at all."""
+
+    enabled: bool = True
 
 
 class TrainJobConfig(StrictModel):
+    """Everything one training run needs (see the module docstring for the sections)."""
+
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -124,14 +164,17 @@ class TrainJobConfig(StrictModel):
 
     def storage_path(self) -> str:
         """Where Ray Train keeps checkpoints; local paths are made absolute (workers run elsewhere)."""
-        raw = self.run.storage_path or str(platform_home() / "ray_results")
-        if "://" in raw:
-            return raw
-        return str(Path(raw).expanduser().resolve())
+        return self.run.storage_uri()
 
     def data_path(self) -> Path:
+        """The dataset folder, absolute."""
         return Path(self.data.path).expanduser().resolve()
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainJobConfig:
+    """A TrainJobConfig from a YAML preset (None: the defaults) plus dotted overrides.
+
+    Raises:
+        ConfigError: a bad file, key or value (the message names it).
+    """
     return load_config(path, TrainJobConfig, overrides)

@@ -13,12 +13,21 @@ Keys the sweep owns itself (run.*, mlflow.*) cannot be searched; every error nam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from ray import tune
 
-from mobile_vla.config import StrictModel, load_config, platform_home
+from mobile_vla.config import StrictModel, dump_config, format_validation_error, load_config
 from mobile_vla.errors import ConfigError
+from mobile_vla.tracking.registry import CHALLENGER
+from mobile_vla.train.job_config import (
+    MlflowTargetConfig,
+    NamedRunConfig,
+    TrainJobConfig,
+    load_train_config,
+)
+from mobile_vla.train.preflight import resolve_policy_config
 
 RULES = ("loguniform", "uniform", "randint", "choice", "grid")
 SWEEP_OWNED = ("run", "mlflow")  # set per trial by the sweep, never sampled
@@ -64,8 +73,6 @@ class SearchDimension(StrictModel):
         return [low, high - 1] if self.rule == "randint" else [low, high]
 
     def to_tune(self):
-        from ray import tune
-
         rule, value = self.rule, self.values
         if rule == "loguniform":
             return tune.loguniform(*value)
@@ -78,12 +85,16 @@ class SearchDimension(StrictModel):
         return tune.grid_search(list(value))
 
 
-class TrainBase(StrictModel):
+class TrainPresetConfig(StrictModel):
+    """The training preset every trial starts from, with its own dotted overrides."""
+
     config: str = "jobs/configs/tiny.yaml"  # the TrainJobConfig preset every trial starts from
     overrides: list[str] = Field(default_factory=list)  # dotted, applied before the sampled values
 
 
 class SearchConfig(StrictModel):
+    """The `tune` section: trial count, the compared metric, the ASHA scheduler and the search algorithm."""
+
     num_samples: int = Field(4, ge=1)  # trials (x the grid size when a dimension is a grid)
     metric: str = "val_loss"  # reported by every epoch of train_loop_per_worker
     mode: Literal["min", "max"] = "min"
@@ -97,27 +108,26 @@ class SearchConfig(StrictModel):
     driver_cpus: float = Field(0.0, ge=0)  # per trial driver (it only waits on fit(); Train workers bring their own)
 
 
-class SweepRunConfig(StrictModel):
-    name: str | None = None  # the same name again resumes that sweep (unfinished trials go on)
-    storage_path: str | None = None  # default $MOBILE_VLA_HOME/tune_results; shared (S3/NFS) on clusters
+class SweepRunConfig(NamedRunConfig):
+    """The sweep's name (the same name again resumes it: unfinished trials go on) and storage
+    (default $MOBILE_VLA_HOME/tune_results; shared (S3/NFS) on clusters).
+    """
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, name: str | None) -> str | None:
-        if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
-            raise ValueError(f"sweep name must be a plain folder name, got {name!r}")
-        return name
+    kind: ClassVar[str] = "sweep"
+    default_storage: ClassVar[str] = "tune_results"
 
 
-class SweepMlflowConfig(StrictModel):
+class SweepMlflowConfig(MlflowTargetConfig):
+    """The sweep's experiment; `registered_model: null` tracks the sweep and registers nothing."""
+
     experiment: str = "mobile-vla-sweeps"
-    registered_model: str | None = "mobile-vla-policy"  # null: track the sweep, register nothing
-    alias: str | None = "challenger"
 
 
 class SweepEnsembleConfig(StrictModel):
+    """Optionally, the sweep's top trials combined into one registered ensemble policy."""
+
     members: int = Field(0, ge=0)  # > 1: combine the top M trials (sharing the best one's chunk) after the sweep
-    alias: str | None = "challenger"  # the ensemble, registered after the best trial, takes this alias
+    alias: str | None = CHALLENGER  # the ensemble, registered after the best trial, takes this alias
 
     @field_validator("members")
     @classmethod
@@ -128,7 +138,9 @@ class SweepEnsembleConfig(StrictModel):
 
 
 class TuneJobConfig(StrictModel):
-    train: TrainBase = Field(default_factory=TrainBase)
+    """A Ray Tune sweep over a training preset (see the module docstring for the sections)."""
+
+    train: TrainPresetConfig = Field(default_factory=TrainPresetConfig)
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
     tune: SearchConfig = Field(default_factory=SearchConfig)
     run: SweepRunConfig = Field(default_factory=SweepRunConfig)
@@ -160,13 +172,16 @@ class TuneJobConfig(StrictModel):
         return self
 
     def storage_path(self) -> str:
-        raw = self.run.storage_path or str(platform_home() / "tune_results")
-        if "://" in raw:
-            return raw
-        return str(Path(raw).expanduser().resolve())
+        """Where Tune keeps the sweep's experiment state and trial results (absolute when local)."""
+        return self.run.storage_uri()
 
 
 def load_tune_config(path: str | Path | None, overrides: list[str] | None = None) -> TuneJobConfig:
+    """A TuneJobConfig from YAML (None: the defaults) plus dotted overrides.
+
+    Raises:
+        ConfigError: a bad file, key or value (the message names it).
+    """
     return load_config(path, TuneJobConfig, overrides)
 
 
@@ -174,8 +189,6 @@ def load_base_train_config(cfg: TuneJobConfig, base_dir: Path | None = None):
     """The trials' starting TrainJobConfig: train.config (relative to the working directory, else to the
     tune config's folder) with train.overrides.
     """
-    from mobile_vla.train.job_config import load_train_config
-
     path = Path(cfg.train.config).expanduser()
     if not path.is_absolute() and not path.is_file() and base_dir is not None and (base_dir / path).is_file():
         path = base_dir / path
@@ -186,9 +199,6 @@ def load_base_train_config(cfg: TuneJobConfig, base_dir: Path | None = None):
 
 def apply_params(base, params: dict[str, Any], source: str = "search_space"):
     """A TrainJobConfig with the sampled dotted values applied (validated: bad values name the key)."""
-    from mobile_vla.config import dump_config
-    from mobile_vla.train.job_config import TrainJobConfig
-
     data = dump_config(base)
     for key, value in params.items():
         node = data
@@ -205,17 +215,12 @@ def apply_params(base, params: dict[str, Any], source: str = "search_space"):
         node[parts[-1]] = value
     try:
         return TrainJobConfig.model_validate(data)
-    except Exception as exc:
-        from pydantic import ValidationError
-
-        from mobile_vla.config import format_validation_error
-
-        if isinstance(exc, ValidationError):
-            raise ConfigError(format_validation_error(exc, f"{source} {params}")) from None
-        raise
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{source} {params}")) from None
 
 
 def cfg_keys_hint(data: dict, parents: list[str]) -> str:
+    """The keys that exist under `parents` in a dumped training config (for an unknown-key message)."""
     node = data
     for part in parents:
         node = node.get(part, {})
@@ -225,8 +230,6 @@ def cfg_keys_hint(data: dict, parents: list[str]) -> str:
 
 def check_search_space(cfg: TuneJobConfig, base) -> None:
     """Every key exists and every edge value validates, so a typo fails before the first trial starts."""
-    from mobile_vla.train.preflight import resolve_policy_config
-
     for key, dimension in cfg.search_space.items():
         for value in dimension.examples():
             trial = apply_params(base, {key: value}, source="search_space")
