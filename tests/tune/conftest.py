@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+from mobile_vla.policy import build_policy, build_tokenizer, presets
+from mobile_vla.policy.preprocessing import Preprocessing
 
 
 @pytest.fixture(scope="session")
 def tiny_preprocessing():
-    from mobile_vla.policy import build_tokenizer, presets
-    from mobile_vla.policy.preprocessing import Preprocessing
-
     config = presets.tiny()
     return Preprocessing(
         action_low=[-0.2, -0.3, -1.0],
@@ -27,10 +28,6 @@ def make_member():
     """make_member(seed, **PolicyConfig changes) -> a tiny policy whose head outputs vary with its input."""
 
     def build(seed: int, **changes):
-        import torch
-
-        from mobile_vla.policy import build_policy, presets
-
         torch.manual_seed(seed)
         model = build_policy(presets.tiny().replace(**changes)).eval()
         with torch.no_grad():  # the head starts near zero; spread it so members differ where their inputs do

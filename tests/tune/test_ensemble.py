@@ -4,12 +4,22 @@ and that export + the ONNX backend take an ensemble exactly like a single policy
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from mobile_vla.errors import ConfigError, ModelError
+from mobile_vla.export.onnx_export import export_model
+from mobile_vla.export.signature import STEP_INPUTS, STEP_OUTPUTS
+from mobile_vla.policy import load_policy, save_policy
+from mobile_vla.policy.ensemble import EnsemblePolicy
+from mobile_vla.runtime.backends import load_backend
+from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, resolve_model
+from mobile_vla.tune.ensemble_build import combine_policy_dirs, register_ensemble
 
 
 def _frames(batch_size: int, frames: int, seed: int = 0):
@@ -30,8 +40,6 @@ def _tokens(batch):
 
 
 def test_identical_members_give_the_member_itself(make_member, tiny_preprocessing):
-    from mobile_vla.policy.ensemble import EnsemblePolicy
-
     member = make_member(0)
     ensemble = EnsemblePolicy.from_members([member, copy.deepcopy(member), copy.deepcopy(member)])
     batch = _batch(tiny_preprocessing)
@@ -47,7 +55,6 @@ def test_confidence_drops_where_members_disagree(make_member, tiny_preprocessing
     """Three members, each confident alone (low predicted variance), identical except for how they read
     the robot state: on a robot whose state is zero they agree exactly, on a robot with a non-zero state
     they disagree. The ensemble keeps the members' confidence on the first and drops it on the second."""
-    from mobile_vla.policy.ensemble import EnsemblePolicy
 
     base = make_member(0)
     chunk = base.config.chunk
@@ -77,8 +84,6 @@ def test_confidence_drops_where_members_disagree(make_member, tiny_preprocessing
 
 
 def test_step_over_frames_equals_forward_and_memory_holds_every_member(make_member, tiny_preprocessing):
-    from mobile_vla.policy.ensemble import EnsemblePolicy
-
     members = [make_member(0), make_member(1, lstm_hidden=32), make_member(2, lstm_layers=2, lstm_hidden=16)]
     ensemble = EnsemblePolicy.from_members(members)
     # mixed lstm_layers: every member's [layers_m, B, hidden_m] state flattened into one row per robot
@@ -103,8 +108,6 @@ def test_step_over_frames_equals_forward_and_memory_holds_every_member(make_memb
 
 
 def test_members_must_share_chunk_state_and_tokenizer(make_member):
-    from mobile_vla.policy.ensemble import EnsemblePolicy
-
     with pytest.raises(ConfigError, match=r"members\[1\].chunk = 4: members must share chunk"):
         EnsemblePolicy.from_members([make_member(0), make_member(1, chunk=4)])
     with pytest.raises(ConfigError, match="at least 2"):
@@ -112,11 +115,6 @@ def test_members_must_share_chunk_state_and_tokenizer(make_member):
 
 
 def test_save_load_round_trip_is_kind_ensemble(tmp_path, make_member, tiny_preprocessing):
-    import json
-
-    from mobile_vla.policy import load_policy, save_policy
-    from mobile_vla.policy.ensemble import EnsemblePolicy
-
     ensemble = EnsemblePolicy.from_members([make_member(s) for s in range(3)], ["a", "b", "c"])
     save_policy(tmp_path / "policy", ensemble, tiny_preprocessing)
     document = json.loads((tmp_path / "policy" / "config.json").read_text())
@@ -135,11 +133,6 @@ def test_save_load_round_trip_is_kind_ensemble(tmp_path, make_member, tiny_prepr
 
 
 def test_combining_saved_policies_checks_their_preprocessing(tmp_path, make_member, tiny_preprocessing):
-    import dataclasses
-
-    from mobile_vla.policy import save_policy
-    from mobile_vla.tune.ensemble_build import combine_policy_dirs
-
     save_policy(tmp_path / "a" / "policy", make_member(0), tiny_preprocessing)
     save_policy(tmp_path / "b" / "policy", make_member(1), tiny_preprocessing)
     other = dataclasses.replace(tiny_preprocessing, action_high=[0.9, 0.3, 1.0])
@@ -153,15 +146,6 @@ def test_combining_saved_policies_checks_their_preprocessing(tmp_path, make_memb
 def test_registered_ensemble_exports_and_serves_on_onnx_runtime(platform_home, make_member, tiny_preprocessing):
     """One MLflow version; `export_model` writes the same graph contract (only a wider state); the ONNX
     backend's answers match the torch backend's on the same version."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.export.onnx_export import export_model
-    from mobile_vla.export.signature import STEP_INPUTS, STEP_OUTPUTS
-    from mobile_vla.policy import load_policy
-    from mobile_vla.policy.ensemble import EnsemblePolicy
-    from mobile_vla.runtime.backends import load_backend
-    from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, resolve_model
-    from mobile_vla.tune.ensemble_build import register_ensemble
 
     ensemble = EnsemblePolicy.from_members([make_member(s) for s in range(3)])
     client = MlflowClient(tracking_uri=configure_mlflow())

@@ -16,7 +16,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from mlflow import MlflowClient
+from ray.util.placement_group import placement_group_table
+
+from mobile_vla.cli import main
+from mobile_vla.policy import load_policy
+from mobile_vla.policy.ensemble import EnsemblePolicy
+from mobile_vla.tracking import configure_mlflow, resolve_model
+from mobile_vla.tune.sweep import run_sweep
+from mobile_vla.tune.sweep_config import TuneJobConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TUNE_TINY = REPO / "jobs" / "configs" / "tune_tiny.yaml"
@@ -45,8 +55,6 @@ def home(tmp_path_factory):
 
 
 def _config(tiny_dataset):
-    from mobile_vla.tune.sweep_config import TuneJobConfig
-
     data = yaml.safe_load(TUNE_TINY.read_text())
     data["train"]["overrides"].append(f"data.path={tiny_dataset}")
     data["search_space"]["optim.lr"] = {"loguniform": [1.0e-7, 1.0e-6]}
@@ -58,17 +66,11 @@ def _config(tiny_dataset):
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tiny_dataset, home):
-    from mobile_vla.tune.sweep import run_sweep
-
     cfg = _config(tiny_dataset)
     return cfg, run_sweep(cfg, config_dir=TUNE_TINY.parent)
 
 
 def _client():
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import configure_mlflow
-
     configure_mlflow()
     return MlflowClient()
 
@@ -126,11 +128,6 @@ def test_sweep_summary_table_and_plot_are_on_the_parent_run(sweep):
 
 
 def test_best_trial_is_registered_as_challenger(sweep, tiny_dataset):
-    import torch
-
-    from mobile_vla.policy import load_policy
-    from mobile_vla.tracking import resolve_model
-
     _, result = sweep
     version = _client().get_model_version_by_alias(MODEL, "challenger")
     assert str(version.version) == result.model_version and version.run_id == result.best.run_id
@@ -138,15 +135,11 @@ def test_best_trial_is_registered_as_challenger(sweep, tiny_dataset):
     model, preprocessing = load_policy(resolve_model(f"models:/{MODEL}@challenger").path)
     checkpoint, _ = load_policy(Path(result.best.checkpoint) / "policy")
     assert preprocessing.window == GOOD["data.window"] and model.config.lstm_hidden == 64
-    for a, b in zip(model.state_dict().values(), checkpoint.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), checkpoint.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_top_trials_become_one_ensemble_version(sweep):
-    from mobile_vla.policy import load_policy
-    from mobile_vla.policy.ensemble import EnsemblePolicy
-    from mobile_vla.tracking import resolve_model
-
     _, result = sweep
     client = _client()
     version = client.get_model_version_by_alias(MODEL, "ensemble")
@@ -160,7 +153,6 @@ def test_top_trials_become_one_ensemble_version(sweep):
 
 def test_no_placement_group_outlives_the_sweep(sweep, ray_cluster):
     """Stopped trials' worker groups are freed even without the dashboard's state API."""
-    from ray.util.placement_group import placement_group_table
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -172,10 +164,6 @@ def test_no_placement_group_outlives_the_sweep(sweep, ray_cluster):
 
 
 def test_ensemble_cli_combines_an_earlier_sweep(sweep, tiny_dataset, home):
-    from mobile_vla.cli import main
-    from mobile_vla.policy import load_policy
-    from mobile_vla.tracking import resolve_model
-
     code = main(
         [
             "ensemble",
@@ -210,8 +198,6 @@ def test_tune_cli_check_and_bad_config(tiny_dataset, home, tmp_path, capsys):
 
 
 def test_tune_cli_check_reports_trials_and_concurrency(ray_cluster, tiny_dataset, home, capsys):
-    from mobile_vla.cli import main
-
     code = main(
         [
             "tune",

@@ -6,8 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from ray import tune
 
 from mobile_vla.errors import ConfigError, ResourceError
+from mobile_vla.train.preflight import resolve_policy_config
+from mobile_vla.tune.ensemble_build import seed_sweep_config
+from mobile_vla.tune.search import build_search_algorithm
+from mobile_vla.tune.sweep_config import (
+    TuneJobConfig,
+    apply_params,
+    check_search_space,
+    load_base_train_config,
+    load_tune_config,
+)
+from mobile_vla.tune.trial_resources import concurrency, driver_resources, total_trials, trial_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 TUNE_TINY = REPO / "jobs" / "configs" / "tune_tiny.yaml"
@@ -22,8 +34,6 @@ def _write(tmp_path, text: str) -> Path:
 
 @pytest.mark.parametrize("path", [TUNE_TINY, TUNE_SMALL])
 def test_shipped_configs_load_and_their_search_spaces_check(path):
-    from mobile_vla.tune.sweep_config import check_search_space, load_base_train_config, load_tune_config
-
     cfg = load_tune_config(path)
     assert path.read_text().startswith("# ")  # the launch line
     base = load_base_train_config(cfg)
@@ -56,8 +66,6 @@ def test_shipped_configs_load_and_their_search_spaces_check(path):
     ],
 )
 def test_bad_tune_configs_name_the_field(tmp_path, body, message):
-    from mobile_vla.tune.sweep_config import load_tune_config
-
     with pytest.raises(ConfigError, match=message):
         load_tune_config(_write(tmp_path, body))
 
@@ -73,8 +81,6 @@ def test_bad_tune_configs_name_the_field(tmp_path, body, message):
     ],
 )
 def test_search_space_is_checked_against_the_training_preset_before_any_trial(key, rule, message):
-    from mobile_vla.tune.sweep_config import TuneJobConfig, check_search_space, load_base_train_config
-
     cfg = TuneJobConfig.model_validate(
         {
             "train": {"config": str(REPO / "jobs/configs/tiny.yaml")},
@@ -87,9 +93,6 @@ def test_search_space_is_checked_against_the_training_preset_before_any_trial(ke
 
 
 def test_sampled_values_land_in_the_trial_config():
-    from mobile_vla.train.preflight import resolve_policy_config
-    from mobile_vla.tune.sweep_config import apply_params, load_base_train_config, load_tune_config
-
     base = load_base_train_config(load_tune_config(TUNE_TINY))
     trial = apply_params(
         base,
@@ -108,17 +111,12 @@ def test_sampled_values_land_in_the_trial_config():
 
 
 def test_missing_base_preset_is_a_config_error(tmp_path):
-    from mobile_vla.tune.sweep_config import load_base_train_config, load_tune_config
-
     cfg = load_tune_config(_write(tmp_path, "train:\n  config: nowhere/preset.yaml\n"))
     with pytest.raises(ConfigError, match="train.config = 'nowhere/preset.yaml': no such file"):
         load_base_train_config(cfg, tmp_path)
 
 
 def test_concurrency_follows_cluster_resources():
-    from mobile_vla.tune.sweep import concurrency, trial_bundle
-    from mobile_vla.tune.sweep_config import load_base_train_config, load_tune_config
-
     cfg = load_tune_config(TUNE_TINY, ["tune.driver_cpus=0.5"])
     base = load_base_train_config(cfg)  # 1 worker x 1 CPU per trial
     assert trial_bundle(cfg, base) == {"CPU": 1.5}
@@ -135,10 +133,6 @@ def test_concurrency_follows_cluster_resources():
 
 
 def test_seed_ensemble_config_is_a_grid_over_seeds_without_early_stopping():
-    from mobile_vla.tune.ensemble_build import seed_sweep_config
-    from mobile_vla.tune.sweep import total_trials
-    from mobile_vla.tune.sweep_config import load_tune_config
-
     cfg = seed_sweep_config(load_tune_config(TUNE_SMALL), 3)
     assert list(cfg.search_space) == ["train.seed"] and cfg.search_space["train.seed"].grid == [0, 1, 2]
     assert cfg.tune.scheduler == "fifo" and cfg.tune.search == "random" and total_trials(cfg) == 3
@@ -147,10 +141,6 @@ def test_seed_ensemble_config_is_a_grid_over_seeds_without_early_stopping():
 
 def test_trial_driver_bundle_is_never_empty():
     """Tune refuses an all-zero bundle; with driver_cpus 0 the driver still reserves (logical) memory."""
-    from ray import tune
-
-    from mobile_vla.tune.sweep import driver_resources
-    from mobile_vla.tune.sweep_config import load_tune_config
 
     resources = driver_resources(load_tune_config(TUNE_TINY))
     assert resources["CPU"] == 0 and resources["memory"] > 0
@@ -161,9 +151,6 @@ def test_trial_driver_bundle_is_never_empty():
 
 def test_random_search_carries_the_concurrency_limit_itself():
     """Tune applies max_concurrent_trials only to a Searcher; a BasicVariantGenerator must hold it."""
-    from mobile_vla.tune.ensemble_build import seed_sweep_config
-    from mobile_vla.tune.sweep import _search_algorithm
-    from mobile_vla.tune.sweep_config import load_tune_config
 
-    search = _search_algorithm(seed_sweep_config(load_tune_config(TUNE_TINY), 3), 1)
+    search = build_search_algorithm(seed_sweep_config(load_tune_config(TUNE_TINY), 3), 1)
     assert search.max_concurrent == 1

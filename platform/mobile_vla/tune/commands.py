@@ -1,9 +1,16 @@
-"""`mobile-vla tune --config jobs/configs/tune_X.yaml` and `mobile-vla ensemble ...` (also `python jobs/tune.py`)."""
+"""`mobile-vla tune --config jobs/configs/tune_X.yaml` and `mobile-vla ensemble ...` (also `python jobs/tune.py`).
+
+The tune modules import Ray (and MLflow, torch) at the top, so they load inside the run functions:
+`mobile-vla --help` never pays for them.
+"""
 
 from __future__ import annotations
 
+from mobile_vla.errors import ConfigError
+
 
 def register(subparsers) -> None:
+    """Adds `tune` and `ensemble` to the CLI."""
     tune = subparsers.add_parser(
         "tune",
         help="Ray Tune sweep of training runs (ASHA, Optuna), MLflow parent run, best trial -> @challenger",
@@ -37,6 +44,7 @@ def register(subparsers) -> None:
 
 
 def add_arguments(parser) -> None:
+    """The `tune` arguments (also used by `python jobs/tune.py`)."""
     parser.add_argument("--config", required=True, help="tune config, e.g. jobs/configs/tune_small.yaml")
     parser.add_argument(
         "--train-override",
@@ -68,6 +76,7 @@ def _load(args):
 
 
 def run_tune(args) -> int:
+    """`mobile-vla tune`: the sweep, or with --check only the config, search space, data and cluster fit."""
     from rich.console import Console
 
     cfg, config_dir = _load(args)
@@ -75,10 +84,10 @@ def run_tune(args) -> int:
     if args.check:
         import ray
 
+        from mobile_vla.ray_session import ensure_ray
         from mobile_vla.train.preflight import check_data, check_model
-        from mobile_vla.train.trainer import ensure_ray
-        from mobile_vla.tune.sweep import concurrency, total_trials
         from mobile_vla.tune.sweep_config import check_search_space, load_base_train_config
+        from mobile_vla.tune.trial_resources import concurrency, total_trials
 
         base = load_base_train_config(cfg, config_dir)
         check_model(base)
@@ -100,9 +109,10 @@ def run_tune(args) -> int:
 
 
 def print_summary(console, result, cfg) -> None:
+    """The sweep's trials as a table (best trial in bold), then the versions it registered."""
     from rich.table import Table
 
-    from mobile_vla.tune.sweep import summary_rows
+    from mobile_vla.tune.sweep_tracking import summary_rows
 
     metric = cfg.tune.metric
     rows = summary_rows(result.trials, metric)
@@ -130,9 +140,8 @@ def print_summary(console, result, cfg) -> None:
 
 
 def run_ensemble(args) -> int:
+    """`mobile-vla ensemble`: from an earlier sweep's top trials, or from a new sweep over M seeds."""
     from rich.console import Console
-
-    from mobile_vla.errors import ConfigError
 
     console = Console()
     if args.members < 2:

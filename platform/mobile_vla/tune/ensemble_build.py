@@ -20,8 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mlflow import MlflowClient
 
+from mobile_vla.config import dump_config
 from mobile_vla.errors import ConfigError, MobileVLAError, ModelError
+from mobile_vla.policy import load_policy, save_policy
+from mobile_vla.policy.ensemble import EnsemblePolicy
+from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, log_version_metrics, register_policy
+from mobile_vla.tune.sweep_config import TuneJobConfig
+from mobile_vla.tune.sweep_tracking import load_checkpoint_policy_dir
+from mobile_vla.tune.trials import CHECKPOINT_TAG, ENSEMBLE_TRIAL, PARENT_TRIAL, SWEEP_TAG, TRIAL_TAG, SweepResult
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,7 @@ def check_member_preprocessing(preprocessings: list, sources: list[str]) -> None
     first = preprocessings[0]
     if first is None:
         raise ModelError(f"{sources[0]}: member has no preprocessing/ (cannot serve an ensemble without it)")
-    for prep, source in zip(preprocessings[1:], sources[1:]):
+    for prep, source in zip(preprocessings[1:], sources[1:], strict=True):
         if prep is None:
             raise ModelError(f"{source}: member has no preprocessing/")
         for name in SCALING_FIELDS:
@@ -68,9 +76,6 @@ def check_member_preprocessing(preprocessings: list, sources: list[str]) -> None
 
 def combine_policies(members: list, preprocessings: list, sources: list[str]):
     """(EnsemblePolicy, preprocessing of the first member) from loaded members."""
-    from mobile_vla.errors import ConfigError as _ConfigError
-    from mobile_vla.policy.ensemble import EnsemblePolicy
-
     if len(members) < 2:
         raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
     kinds = [getattr(m, "kind", "policy") for m in members]
@@ -79,15 +84,13 @@ def combine_policies(members: list, preprocessings: list, sources: list[str]):
     check_member_preprocessing(preprocessings, sources)
     try:
         ensemble = EnsemblePolicy.from_members(members, sources)
-    except _ConfigError as exc:
+    except ConfigError as exc:
         raise ModelError(f"members {sources}: {exc}") from None
     return ensemble, preprocessings[0]
 
 
 def combine_policy_dirs(folders: list[str | Path], sources: list[str] | None = None):
     """Loads saved policies (folders holding policy/ or config.json) and combines them."""
-    from mobile_vla.policy import load_policy
-
     sources = sources or [str(f) for f in folders]
     loaded = [load_policy(folder) for folder in folders]
     return combine_policies([m for m, _ in loaded], [p for _, p in loaded], sources)
@@ -97,9 +100,6 @@ def register_ensemble(
     ensemble, preprocessing, run_id: str, *, name: str, alias: str | None, tags: dict | None = None
 ) -> str:
     """save_policy(kind "ensemble") into a model folder, registered as one new version of `name`."""
-    from mobile_vla.policy import save_policy
-    from mobile_vla.tracking import register_policy
-
     with tempfile.TemporaryDirectory() as tmp:
         save_policy(Path(tmp) / "model" / "policy", ensemble, preprocessing)
         tags = {"kind": "ensemble", "members": str(len(ensemble.members)), **(tags or {})}
@@ -118,6 +118,10 @@ def register_ensemble(
 
 @dataclass
 class EnsembleQuality:
+    """An ensemble and its members scored on the same held-out windows: MAE and how well confidence
+    tracks error (Pearson and Spearman, per frame).
+    """
+
     windows: int
     frames: int  # valid (non-padding) frames scored
     ensemble_mae: float  # de-normalised, over every valid chunk step and axis
@@ -140,7 +144,7 @@ class EnsembleQuality:
             "ensemble_confidence_error_spearman": self.ensemble_confidence_error_spearman,
             "mean_confidence": self.mean_confidence,
         }
-        for i, (mae, corr) in enumerate(zip(self.member_mae, self.member_confidence_error_corr)):
+        for i, (mae, corr) in enumerate(zip(self.member_mae, self.member_confidence_error_corr, strict=True)):
             metrics[f"member_{i}_mae"] = mae
             metrics[f"member_{i}_confidence_error_corr"] = corr
         return metrics
@@ -212,8 +216,6 @@ def ensemble_quality(ensemble, preprocessing, folder: str | Path, split: str, ba
 
 def _select_members(candidates: list[tuple[str, Path]], count: int) -> tuple[list, list, list[str], list[str]]:
     """The first `count` loadable candidates compatible with the first: (models, preps, sources, skipped)."""
-    from mobile_vla.policy import load_policy
-
     models, preps, sources, skipped = [], [], [], []
     for source, folder in candidates:
         if len(models) == count:
@@ -231,10 +233,8 @@ def _select_members(candidates: list[tuple[str, Path]], count: int) -> tuple[lis
     return models, preps, sources, skipped
 
 
-def register_sweep_ensemble(result, cfg, base) -> str | None:
+def register_sweep_ensemble(result: SweepResult, cfg: TuneJobConfig, base) -> str | None:
     """The top `ensemble.members` trials of a finished sweep as one ensemble version (child run 'ensemble')."""
-    from mobile_vla.tune.sweep import load_checkpoint_policy_dir
-
     ranked = result.ranked(cfg.tune.metric, cfg.tune.mode)
     with tempfile.TemporaryDirectory() as tmp:
         candidates = []
@@ -268,11 +268,6 @@ def build_and_register(
     val_split: str,
 ) -> str | None:
     """Select, combine, evaluate on the validation split, log an 'ensemble' run and register it."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, log_version_metrics
-    from mobile_vla.tune.sweep import SWEEP_TAG, TRIAL_TAG
-
     models, preps, sources, skipped = _select_members(candidates, count)
     for reason in skipped:
         log.warning("ensemble member skipped: %s", reason)
@@ -284,7 +279,7 @@ def build_and_register(
     ensemble, preprocessing = combine_policies(models, preps, sources)
     uri = configure_mlflow()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    tags = {SWEEP_TAG: sweep_name, TRIAL_TAG: "ensemble"}
+    tags = {SWEEP_TAG: sweep_name, TRIAL_TAG: ENSEMBLE_TRIAL}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(
@@ -323,16 +318,11 @@ def ensemble_from_sweep(
     val_split: str = "val",
 ) -> str | None:
     """The top `count` trials of an earlier sweep (found in MLflow by its name) as one ensemble version."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import configure_mlflow, get_or_create_experiment
-    from mobile_vla.tune.sweep import CHECKPOINT_TAG, SWEEP_TAG, TRIAL_TAG, load_checkpoint_policy_dir
-
     uri = configure_mlflow()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = get_or_create_experiment(experiment)
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_name}'", max_results=10_000)
-    parents = [r for r in runs if r.data.tags.get(TRIAL_TAG) == "parent"]
+    parents = [r for r in runs if r.data.tags.get(TRIAL_TAG) == PARENT_TRIAL]
     if not parents:
         raise ConfigError(f"--from-sweep {sweep_name!r}: no such sweep in MLflow experiment {experiment!r}")
     trials = [r for r in runs if r.data.tags.get(CHECKPOINT_TAG) and f"best_{metric}" in r.data.metrics]
@@ -362,13 +352,10 @@ def ensemble_from_sweep(
         )
 
 
-def seed_sweep_config(cfg, members: int):
+def seed_sweep_config(cfg: TuneJobConfig, members: int) -> TuneJobConfig:
     """A tune config training the base preset `members` times with seeds 0..M-1 (no early stopping),
     then combining all of them: the 'different seeds' ensemble.
     """
-    from mobile_vla.config import dump_config
-    from mobile_vla.tune.sweep_config import TuneJobConfig
-
     data = dump_config(cfg)
     data["search_space"] = {"train.seed": {"grid": list(range(members))}}
     data["tune"].update(search="random", scheduler="fifo", num_samples=1, points_to_evaluate=[])

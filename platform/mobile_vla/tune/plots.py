@@ -5,22 +5,24 @@ Early-stopped trials are dashed (ASHA's decisions at a glance); the best trial i
 
 from __future__ import annotations
 
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
 STATUS_COLOURS = {"completed": "tab:blue", "early-stopped": "tab:orange", "failed": "tab:red"}
 
 
-def sweep_summary(trials, metric: str, mode: str, best_trial_id: str | None):
-    """trials: TrialSummary list (history per epoch, best, status) -> matplotlib figure."""
-    import matplotlib
+def sweep_summary(trials, metric: str, mode: str, best_trial_id: str | None) -> Figure:
+    """trials: TrialSummary list (history per epoch, best, status) -> matplotlib figure.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    Built without pyplot (no backend, no global figure registry): safe in any process.
+    """
+    fig = Figure(figsize=(12, 4.5))
+    curves, bars = fig.subplots(1, 2)
     for trial in trials:
         points = [(h["epoch"], h[metric]) for h in trial.history if h.get("epoch") is not None and metric in h]
         if not points:
             continue
-        epochs, values = zip(*points)
+        epochs, values = zip(*points, strict=True)
         best = trial.trial_id == best_trial_id
         curves.plot(
             epochs,
@@ -44,7 +46,7 @@ def sweep_summary(trials, metric: str, mode: str, best_trial_id: str | None):
     )
     bars.invert_yaxis()
     bars.set(xlabel=f"best {metric}", title="Best value per trial (best first)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in STATUS_COLOURS.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in STATUS_COLOURS.values()]
     bars.legend(handles, list(STATUS_COLOURS), fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
