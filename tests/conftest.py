@@ -2,48 +2,47 @@
 
 One tiny policy, saved and exported once per session (dynamo exporter, fp32 + fp16, parity on
 MiniWorld frames), shared by the export, runtime and serve tests; tests that damage files work on a copy.
-Stage-specific fixtures live in the stage's own tests/<stage>/conftest.py.
+Stage-specific fixtures live in the stage's own tests/<stage>/conftest.py. Heavy libraries (torch,
+Ray, MLflow, MiniWorld) are imported inside the fixtures that use them: a run of light tests does not
+load them. `make test-fast` deselects the modules marked `slow` (minutes each on 2 cores).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TEST_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYOPENGL_PLATFORM": "egl",  # MiniWorld renders headless
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def pytest_configure(config):
+    """The environment every test (and every process a test starts) runs with, unless already set."""
+    for key, value in TEST_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster shared by the whole test session (loopback only)."""
+def ray_cluster():
+    """A real local Ray cluster shared by the whole test session (loopback only), started the way the
+    platform starts one (`ensure_ray`, which retries a start that timed out on a busy box)."""
     import ray
 
-    # Ray waits a fixed 30 s for its raylet to register; on a saturated 2-core box that can time out,
-    # so the session start is retried rather than failing every test that needs the cluster.
-    for attempt in range(3):
-        if ray.is_initialized():
-            break
-        try:
-            ray.init(
-                num_cpus=4,  # logical slots: 2 Train workers + a driver/Tune slot on a 2-core box
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-                runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "PYOPENGL_PLATFORM": "egl"}},
-            )
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    from mobile_vla.ray_session import ensure_ray
+
+    # 4 logical slots: 2 Train workers + a driver/Tune slot on a 2-core box
+    ensure_ray(env_vars={"PYOPENGL_PLATFORM": "egl"}, num_cpus=4, loopback=True)
     yield ray
-    # Left running until the interpreter exits: later tests reuse it.
+    # Left running until the session ends (pytest_sessionfinish): later tests reuse it.
 
 
 @pytest.fixture()
@@ -57,13 +56,10 @@ def platform_home(tmp_path, monkeypatch):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:
-        pass
+    """Stops the session's Ray cluster, if a test started one (Ray is not imported otherwise)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

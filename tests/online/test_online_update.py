@@ -127,40 +127,49 @@ def online_setup(platform_home, tmp_path):
     return tmp_path, champion
 
 
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "online_update.yaml"
+
+
+def update_overrides(tmp_path: Path, *overrides: str) -> list[str]:
+    """The shipped config's overrides for these tests: the test champion, a small quick fine-tune."""
+    return [
+        f"model={MODEL}",
+        f"replay.data={tmp_path / 'original'}",
+        "feedback.min_new_episodes=4",
+        "feedback.holdout_fraction=0.25",
+        "finetune.batch_size=4",
+        "finetune.lr=3e-3",
+        "finetune.augment=false",
+        "finetune.trainable=policy_head",
+        "finetune.device=cpu",
+        *overrides,
+    ]
+
+
 def update_config(tmp_path: Path, *overrides: str):
     from mobile_vla.online.update import load_update_config
 
-    shipped = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "online_update.yaml"
-    return load_update_config(
-        shipped,
-        [
-            f"model={MODEL}",
-            f"replay.data={tmp_path / 'original'}",
-            "feedback.min_new_episodes=4",
-            "feedback.holdout_fraction=0.25",
-            "finetune.batch_size=4",
-            "finetune.lr=3e-3",
-            "finetune.augment=false",
-            "finetune.trainable=policy_head",
-            "finetune.device=cpu",
-            *overrides,
-        ],
-    )
+    return load_update_config(SHIPPED_CONFIG, update_overrides(tmp_path, *overrides))
 
 
-def test_online_update_learns_corrections_and_takes_over_only_through_the_gate(online_setup):
+def test_online_update_learns_corrections_and_takes_over_only_through_the_gate(online_setup, capsys):
     from mobile_vla import tracking
+    from mobile_vla.cli import main
     from mobile_vla.online.feedback_store import FeedbackStore
     from mobile_vla.online.update import run_online_update
 
     tmp_path, champion = online_setup
     root = tmp_path / "home" / "feedback"
 
-    # A one-step update cannot have learned the rule: the gate refuses it and the feedback stays pending.
-    weak = run_online_update(update_config(tmp_path, "finetune.steps=1", f"workdir={tmp_path / 'u1'}"))
-    assert weak.status == "rejected" and "online.corrected_mae" in weak.reason
+    # A one-step update (`mobile-vla online-update`, as documented) cannot have learned the rule: the gate
+    # refuses it (exit status 1) and the feedback stays pending.
+    overrides = update_overrides(tmp_path, "finetune.steps=1", f"workdir={tmp_path / 'u1'}")
+    assert main(["online-update", "--config", str(SHIPPED_CONFIG), *overrides]) == 1
+    printed = capsys.readouterr().out
+    assert "online update: rejected (champion v1, challenger v2" in printed
+    assert "online.corrected_mae" in next(line for line in printed.splitlines() if line.strip().startswith("gate:"))
     assert tracking.get_version_by_alias(MODEL, "champion") == champion
-    assert not weak.cursor_committed and FeedbackStore(root).load_cursor().offsets == {}
+    assert FeedbackStore(root).load_cursor().offsets == {}  # the cursor did not move
 
     report = run_online_update(update_config(tmp_path, "finetune.steps=30", f"workdir={tmp_path / 'u2'}"))
     print(report.summary())  # shown with -s: the before/after numbers
@@ -197,6 +206,5 @@ def test_online_update_refuses_bad_input_clearly(platform_home, tmp_path, capsys
     send_feedback(platform_home / "feedback", episodes=1)
     with pytest.raises(ConfigError, match="no champion to fine-tune"):
         run_online_update(update_config(tmp_path))
-    shipped = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "online_update.yaml"
-    assert main(["online-update", "--config", str(shipped), "finetune.steps=0"]) == 2
+    assert main(["online-update", "--config", str(SHIPPED_CONFIG), "finetune.steps=0"]) == 2
     assert "finetune.steps = 0" in capsys.readouterr().err
