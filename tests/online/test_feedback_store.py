@@ -18,7 +18,11 @@ import time
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
+from mobile_vla.cli import main
+from mobile_vla.data.episodes import read_episode
+from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import DataError
 from mobile_vla.online.assembly import FeedbackWeights
 from mobile_vla.online.feedback_record import normalise_record
@@ -28,8 +32,6 @@ from mobile_vla.online.wal import encode_frame
 
 
 def jpeg_bytes(value: int, size: int = 32) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(np.full((size, size, 3), value % 256, dtype=np.uint8)).save(buffer, format="JPEG")
     return buffer.getvalue()
@@ -120,9 +122,6 @@ def test_acknowledged_records_survive_kill_9_and_torn_tail_is_cut(tmp_path):
     store.append(step_record("r5", "after", 0, done=True, success=True))
     assert len(list((root / "segments").glob("*.wal"))) == 2
 
-    from mobile_vla.data.episodes import read_episode
-    from mobile_vla.data.manifest import load_manifest
-
     result = store.assemble_episodes(tmp_path / "episodes", stale_after_s=None)
     finished = {key.rsplit("/", 1)[0] for key in acked if key.endswith("/7")}
     assert len(result.episodes) == len(finished) + 1  # + r5/after
@@ -190,8 +189,6 @@ def test_assembly_labels_weights_retries_and_watermark(tmp_path, capsys):
     root = tmp_path / "feedback"
     replica_a, replica_b = FeedbackStore(root), FeedbackStore(root)  # two Serve replicas, two segments
     png = io.BytesIO()
-    from PIL import Image
-
     Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(png, format="PNG")
     for step in range(6):  # episode A, steps spread over both replicas; step 3 corrected, 4 intervention
         store = replica_a if step % 2 else replica_b
@@ -226,8 +223,6 @@ def test_assembly_labels_weights_retries_and_watermark(tmp_path, capsys):
         assert json.loads(f.attrs["model_versions"]) == ["7"]
     with h5py.File(tmp_path / "update-1" / "fb_beta_B.h5") as f:
         assert f["weight"][()].tolist() == [0, 0, 0] and not f.attrs["success"]
-
-    from mobile_vla.cli import main
 
     capsys.readouterr()
     assert main(["data", "inspect", str(tmp_path / "update-1")]) == 0
