@@ -21,6 +21,8 @@ from mobile_vla.export.signature import ONNX_DIR, SIGNATURE_FILE
 from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
 from mobile_vla.policy.preprocessing import PREPROCESSING_FILE, Preprocessing
 from mobile_vla.tracking import (
+    CHAMPION,
+    DEFAULT_MODEL_NAME,
     ResolvedModel,
     attach_artifacts,
     configure_mlflow,
@@ -33,8 +35,8 @@ SAMPLE_EXPERIMENT = "mobile-vla-serve-samples"
 
 def register_random_policy(
     preset: str = "tiny",
-    name: str = "mobile-vla-policy",
-    alias: str = "champion",
+    name: str = DEFAULT_MODEL_NAME,
+    alias: str = CHAMPION,
     seed: int = 0,
     fp16: bool = False,
 ) -> str:
@@ -71,7 +73,7 @@ def register_random_policy(
 
 def register_version_copy(
     source_dir: str | Path,
-    name: str = "mobile-vla-policy",
+    name: str = DEFAULT_MODEL_NAME,
     alias: str | None = None,
     action_offset: float = 0.0,
     with_onnx: bool = True,
