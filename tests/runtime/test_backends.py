@@ -4,16 +4,19 @@ bad files refused, and every backend giving the same answers through one predict
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from mobile_vla.errors import ConfigError, DataError, ModelError, ResourceError
 from mobile_vla.export.signature import SIGNATURE_FILE, file_sha256
-from mobile_vla.runtime import backends as backends_module
-from mobile_vla.runtime.backends import BACKEND_NAMES, BACKENDS, load_backend
-from mobile_vla.runtime.base import Backend, BackendSpec
+from mobile_vla.runtime import registry
+from mobile_vla.runtime.backends import load_backend
+from mobile_vla.runtime.base import Backend
 from mobile_vla.runtime.onnx_backend import OnnxBackend
+from mobile_vla.runtime.registry import BACKEND_NAMES, BACKENDS, BackendSpec
 
 INSTRUCTIONS = ["go to the red box", "go to the red box", "drive to the yellow box", "navigate to the target"]
 
@@ -192,7 +195,7 @@ class NonFiniteOnnxBackend(OnnxBackend):
 def test_backend_names_are_the_table_in_chain_order():
     assert BACKEND_NAMES == tuple(BACKENDS) == ("tensorrt", "onnx-cuda", "onnx-cpu", "torch")
     for name, spec in BACKENDS.items():
-        assert issubclass(spec.backend_class(), Backend), name
+        assert issubclass(spec.load_class(), Backend), name
     assert BACKENDS["onnx-cuda"].gpu and BACKENDS["tensorrt"].gpu and not BACKENDS["onnx-cpu"].gpu
     assert BACKENDS["onnx-cuda"].providers[0] == "CUDAExecutionProvider"
 
@@ -209,7 +212,7 @@ def test_a_backend_added_to_the_table_is_tried_in_its_place(exported_dir, inputs
             backend="mobile_vla.runtime.onnx_backend:OnnxBackend", artifact="onnx/", providers=("CPUExecutionProvider",)
         ),
     }
-    monkeypatch.setattr(backends_module, "BACKENDS", table)
+    monkeypatch.setattr(registry, "BACKENDS", table)
 
     backend = load_backend(exported_dir)  # default chain = table order
     assert backend.name == "onnx-cpu"
@@ -226,3 +229,16 @@ def test_a_backend_added_to_the_table_is_tried_in_its_place(exported_dir, inputs
 
     with pytest.raises(ConfigError, match="onnx-cpu-one-thread"):  # the error lists the table's names
         load_backend(exported_dir, prefer=("openvino",))
+
+
+def test_the_backend_table_is_free_to_import():
+    """Serving's request schemas and settings read BACKEND_NAMES: that must not load torch or onnxruntime."""
+    script = (
+        "import sys\n"
+        "from mobile_vla.runtime import BACKEND_NAMES, BACKENDS\n"
+        "assert BACKEND_NAMES == tuple(BACKENDS)\n"
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'numpy', 'mlflow') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -1,10 +1,10 @@
-"""The backend table and the verified fallback chain that reads it.
+"""The verified fallback chain over the backend table (runtime/registry.py).
 
     backend = load_backend(model_dir)            # tries tensorrt, onnx-cuda, onnx-cpu, torch in that order
     backend.name, backend.skipped                # "onnx-cpu", {"tensorrt": "TensorRT is not installed ...", ...}
 
-`BACKENDS` is the one list of backends: its order is the default chain, from the fastest to the most
-portable. A backend is only chosen after it has loaded, matched signature.json and answered one
+`registry.BACKENDS` is the one list of backends: its order is the default chain, from the fastest to
+the most portable. A backend is only chosen after it has loaded, matched signature.json and answered one
 self-test step; every skip keeps its reason, so an operator sees why a GPU replica runs on the CPU.
 """
 
@@ -15,31 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mobile_vla.errors import ConfigError, MobileVLAError, ModelError
-from mobile_vla.runtime.base import Backend, BackendSpec, LoadOptions, ModelFiles
+from mobile_vla.runtime import registry
+from mobile_vla.runtime.base import Backend, LoadOptions, ModelFiles
 from mobile_vla.tracking import resolve_model
 
 log = logging.getLogger(__name__)
-
-_CUDA_FIRST = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
-BACKENDS: dict[str, BackendSpec] = {
-    "tensorrt": BackendSpec(
-        backend="mobile_vla.runtime.tensorrt_backend:TensorRTBackend",
-        artifact="tensorrt/<gpu>__trt<version>/model[.fp16].plan + onnx/text_encoder.onnx",
-        gpu=True,
-        providers=_CUDA_FIRST,  # the text encoder's, where available
-    ),
-    "onnx-cuda": BackendSpec(
-        backend="mobile_vla.runtime.onnx_backend:OnnxBackend", artifact="onnx/", gpu=True, providers=_CUDA_FIRST
-    ),
-    "onnx-cpu": BackendSpec(
-        backend="mobile_vla.runtime.onnx_backend:OnnxBackend",
-        artifact="onnx/",
-        providers=("CPUExecutionProvider",),
-    ),
-    "torch": BackendSpec(backend="mobile_vla.runtime.torch_backend:TorchBackend", artifact="policy/"),  # GPU if any
-}
-BACKEND_NAMES = tuple(BACKENDS)
 
 
 def load_backend(
@@ -56,7 +36,7 @@ def load_backend(
 
     Args:
         model_dir: a resolved model folder (policy/, onnx/, tensorrt/) or a models:/ URI.
-        prefer: names from `BACKENDS`, tried in this order (default: all of them, in table order).
+        prefer: names from `registry.BACKENDS`, tried in this order (default: all of them, in table order).
         fp16: the fp16 ONNX graph / TensorRT plan (torch stays fp32: it is the reference).
         threads: ONNX Runtime intra-op threads (0: one per core).
         spinning: whether idle ONNX Runtime pool threads busy-wait.
@@ -70,18 +50,19 @@ def load_backend(
         ConfigError: `prefer` is empty or names an unknown backend.
         ModelError: no backend could serve the model (the message names every reason).
     """
-    prefer = tuple(BACKENDS if prefer is None else prefer)
-    unknown = [p for p in prefer if p not in BACKENDS]
+    table = registry.BACKENDS  # read at call time: the one table, whatever was added to it
+    prefer = tuple(table if prefer is None else prefer)
+    unknown = [p for p in prefer if p not in table]
     if unknown or not prefer:
-        raise ConfigError(f"prefer = {list(prefer)!r}: expected names from {list(BACKENDS)}")
+        raise ConfigError(f"prefer = {list(prefer)!r}: expected names from {list(table)}")
     resolved = resolve_model(model_dir)
     model = ModelFiles(Path(resolved.path), resolved.name, resolved.version)
     options = LoadOptions(fp16=fp16, threads=threads, spinning=spinning, cache_size=cache_size)
     skipped: dict[str, str] = {}
     for choice in prefer:
-        spec = BACKENDS[choice]
+        spec = table[choice]
         try:
-            backend = spec.backend_class().open(choice, spec, model, options)
+            backend = spec.load_class().open(choice, spec, model, options)
             if self_test:
                 backend.self_test()
         except Exception as exc:  # any failure of one backend is a reason to try the next one

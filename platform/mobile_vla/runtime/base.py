@@ -5,14 +5,13 @@
 
 `Backend` holds the code around the graph (validation, tokenisation, the per-instruction text cache,
 state scaling, action de-normalisation, batch slicing), so backends can only differ in the step
-itself. A subclass provides `open`, `_encode_text` and `_step`; `BackendSpec` is its row in the
-`BACKENDS` table (runtime/backends.py); `ModelFiles` is the model folder with its export, read and
+itself. A subclass provides `open`, `_encode_text` and `_step`; a `BackendSpec` is its row in the
+`BACKENDS` table (runtime/registry.py); `ModelFiles` is the model folder with its export, read and
 checked once for all the backends the fallback chain tries.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from mobile_vla.errors import DataError, ModelError
 from mobile_vla.export.signature import ONNX_DIR, STEP_OUTPUTS, ExportSignature, load_signature
 from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.runtime.instruction_cache import InstructionCache
+from mobile_vla.runtime.registry import BackendSpec
 
 SELF_TEST_INSTRUCTION = "go forward to the target"
 KOSMOS_KEYS = ("kosmos_input_ids", "kosmos_attention_mask", "kosmos_image_embeds_position_mask")
@@ -55,28 +55,6 @@ class LoadOptions:
     threads: int = 0
     spinning: bool = True
     cache_size: int = 1024
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """One row of the backend table: which class runs it and what it needs from the machine and model.
-
-    Args:
-        backend: "module:Class" of a `Backend` subclass; imported only when the chain tries it, so a
-            replica that never tries the torch or TensorRT backends never imports torch or tensorrt.
-        artifact: the files it serves from, relative to the model folder.
-        gpu: whether it needs a CUDA GPU (serving places it on a GPU node).
-        providers: ONNX Runtime execution providers, most preferred first (the first must initialise).
-    """
-
-    backend: str
-    artifact: str
-    gpu: bool = False
-    providers: tuple[str, ...] = ()
-
-    def backend_class(self) -> type[Backend]:
-        module, _, name = self.backend.partition(":")
-        return getattr(importlib.import_module(module), name)
 
 
 class ModelFiles:
@@ -137,7 +115,7 @@ class Backend:
     """Validation, tokens, text cache, state and action scaling around one step; subclasses run the step.
 
     Args:
-        name: the backend's name in `BACKENDS` (what `describe()` and the serving metrics report).
+        name: the backend's name in the `BACKENDS` table (what `describe()` and the serving metrics report).
         model_dir: the model folder it serves from.
         signature: the contract it serves under (signature.json, or described from the policy).
         preprocessing: the saved scaling and tokenizer.

@@ -21,7 +21,8 @@ from mobile_vla.export.signature import (
     check_io_matches,
     verify_graph_file,
 )
-from mobile_vla.runtime.base import Backend, BackendSpec, LoadOptions, ModelFiles
+from mobile_vla.runtime.base import Backend, LoadOptions, ModelFiles
+from mobile_vla.runtime.registry import BackendSpec
 
 _ORT_DTYPES = {
     "tensor(float)": "float32",

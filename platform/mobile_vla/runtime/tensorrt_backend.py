@@ -18,8 +18,9 @@ import torch
 from mobile_vla.errors import ModelError
 from mobile_vla.export.signature import ONNX_DIR, STEP_OUTPUTS, TEXT_OUTPUTS, ExportSignature
 from mobile_vla.export.tensorrt_engine import require_cuda_gpu, require_tensorrt, select_plan
-from mobile_vla.runtime.base import Backend, BackendSpec, LoadOptions, ModelFiles
+from mobile_vla.runtime.base import Backend, LoadOptions, ModelFiles
 from mobile_vla.runtime.onnx_backend import open_session
+from mobile_vla.runtime.registry import BackendSpec
 
 
 class TensorRTRunner:

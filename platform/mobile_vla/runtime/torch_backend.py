@@ -9,7 +9,8 @@ from mobile_vla.errors import ModelError
 from mobile_vla.export.onnx_export import describe_policy
 from mobile_vla.export.signature import STEP_OUTPUTS
 from mobile_vla.policy import load_policy
-from mobile_vla.runtime.base import KOSMOS_KEYS, Backend, BackendSpec, LoadOptions, ModelFiles
+from mobile_vla.runtime.base import KOSMOS_KEYS, Backend, LoadOptions, ModelFiles
+from mobile_vla.runtime.registry import BackendSpec
 
 
 class TorchBackend(Backend):
