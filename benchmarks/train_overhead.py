@@ -53,8 +53,9 @@ def plain_pytorch(cfg, preprocessing, threads: int) -> dict:
 
     from mobile_vla.policy import build_policy
     from mobile_vla.policy.losses import policy_loss
-    from mobile_vla.train.loop import model_inputs, param_groups, warmup_cosine
+    from mobile_vla.train.evaluation import model_inputs
     from mobile_vla.train.preflight import resolve_policy_config
+    from mobile_vla.train.step import param_groups, warmup_cosine
     from mobile_vla.train.trainer import steps_per_epoch
     from mobile_vla.train.windows import WindowDataset
 

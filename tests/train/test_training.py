@@ -107,7 +107,7 @@ def test_challenger_loads_the_model_of_the_best_checkpoint(baseline, tiny_datase
 
     from mobile_vla.policy import load_policy
     from mobile_vla.tracking import resolve_model
-    from mobile_vla.train.loop import model_inputs
+    from mobile_vla.train.evaluation import model_inputs
     from mobile_vla.train.windows import WindowDataset
 
     _, result = baseline

@@ -26,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mobile_vla.data.episodes import FrameReader, read_episode
+from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import DataError
 from mobile_vla.evaluate.closed_loop import log_to_version
 from mobile_vla.evaluate.rollout import PolicySpec, worker_backend
 from mobile_vla.evaluate.tasks import fan_out, jsonable
+from mobile_vla.tracking import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ PRIMARY_KEYS = ("mae", "rmse", "r2")  # written unqualified too (`offline.mae`: 
 
 @dataclass
 class OfflineReport:
+    """One offline evaluation: what was scored (split, data, model version), its metrics and the replays."""
+
     split: str
     data: str
     model: str
@@ -71,11 +76,9 @@ def predict_episodes(paths: list[str], policy: PolicySpec) -> list[dict]:
     """Ray task body: every frame of each episode, episodes batched together frame by frame.
     Frames are read one at a time (original-format episodes hold hundreds of 720p frames).
     """
-    from mobile_vla.data.episodes import FrameReader, read_episode
-
     backend = worker_backend(policy)
     episodes = [read_episode(path, load_images=False) for path in paths]
-    for path, episode in zip(paths, episodes):
+    for path, episode in zip(paths, episodes, strict=True):
         if episode.state is None and backend.state_dim > 0:
             raise DataError(f"{path}: state: missing, but the model expects S = {backend.state_dim}")
         if episode.state is not None and episode.state.shape[1] != backend.state_dim:
@@ -101,7 +104,7 @@ def predict_episodes(paths: list[str], policy: PolicySpec) -> list[dict]:
         reader.close()
     return [
         {"name": Path(path).name, "pred": pred, "true": episode.actions.astype(np.float32)}
-        for path, pred, episode in zip(paths, preds, episodes)
+        for path, pred, episode in zip(paths, preds, episodes, strict=True)
     ]
 
 
@@ -109,23 +112,30 @@ def _prepared(frame: np.ndarray, preprocessing, size: int) -> np.ndarray:
     return frame if frame.shape[:2] == (size, size) else preprocessing.prepare_image(frame)
 
 
-def offline_metrics(episodes: list[dict]) -> dict[str, float]:
-    """Now (k = 0) and whole-chunk metrics over all frames of all episodes (see module doc)."""
-    from mobile_vla.policy.losses import action_metrics
+def replayed_predictions(episodes: list[dict]):
+    """Every replayed frame as a one-frame window: its predicted chunk [K, 3] against the next K
+    recorded commands, entries past the episode's end unscored. -> `WindowPredictions` [N, 1, K, 3].
+    """
+    # torch (under train.evaluation) stays out of the Ray workers that import this module for predict_episodes
+    from mobile_vla.train.evaluation import WindowPredictions
 
-    now_pred = np.concatenate([e["pred"][:, 0] for e in episodes])  # [N, 3]
-    now_true = np.concatenate([e["true"] for e in episodes])  # [N, 3]
-    chunk_pred, chunk_true = [], []
+    actions, targets, weights = [], [], []
     for e in episodes:
         T, K = e["pred"].shape[:2]
         target = np.arange(T)[:, None] + np.arange(K)[None, :]  # [T, K] frame of each chunk entry
-        valid = target < T
-        chunk_pred.append(e["pred"][valid])
-        chunk_true.append(e["true"][target[valid]])
-    metrics = action_metrics(now_pred, now_true)
-    chunk = action_metrics(np.concatenate(chunk_pred), np.concatenate(chunk_true))
+        actions.append(e["pred"][:, None])  # [T, 1, K, 3]
+        targets.append(e["true"][np.minimum(target, T - 1)][:, None])  # [T, 1, K, 3]
+        weights.append((target < T).astype(np.float32)[:, None])  # [T, 1, K]
+    return WindowPredictions(np.concatenate(actions), np.concatenate(targets), np.concatenate(weights))
+
+
+def offline_metrics(episodes: list[dict]) -> dict[str, float]:
+    """Now (k = 0) and whole-chunk metrics over all frames of all episodes (see module doc)."""
+    scored = replayed_predictions(episodes)
+    metrics = scored.metrics(now_only=True)
+    chunk = scored.metrics()
     metrics.update({f"chunk_{k}": v for k, v in chunk.items() if k in ("mae", "rmse", "r2")})
-    metrics.update(episodes=float(len(episodes)), frames=float(len(now_true)))
+    metrics.update(episodes=float(len(episodes)), frames=float(scored.windows))
     return metrics
 
 
@@ -138,9 +148,7 @@ def offline_report(
     episodes_per_task: int = 16,
     progress: bool = True,
 ) -> OfflineReport:
-    from mobile_vla.data.manifest import load_manifest
-    from mobile_vla.tracking import resolve_model
-
+    """Replays every episode of a split through `model` on Ray tasks and scores it (see module doc)."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     names = manifest["splits"].get(split)
@@ -188,6 +196,7 @@ def evaluate_offline(model: str | Path, data_dir: str | Path, split: str, **kwar
 
 def save_offline(report: OfflineReport, out_dir: str | Path) -> list[Path]:
     """Writes `<out_dir>/<split>/offline.json` and `offline_actions.png`."""
+    # matplotlib (under evaluate.plots) stays out of the Ray workers that import this module
     from mobile_vla.evaluate import plots
 
     folder = Path(out_dir) / report.split

@@ -32,17 +32,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import mlflow
+import torch
+from matplotlib.figure import Figure
 from pydantic import Field
 
+from mobile_vla import tracking
 from mobile_vla.config import StrictModel, dump_config, flatten, load_config, platform_home
+from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import ConfigError, DataError, ResourceError
-from mobile_vla.online.feedback_store import FeedbackWeights
-from mobile_vla.tracking.lifecycle import GateConfig
+from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
+from mobile_vla.online.feedback_store import FeedbackStore, FeedbackWeights
+from mobile_vla.online.finetune import FinetuneConfig, PlainWindows, WeightedWindows, feedback_metrics, finetune
+from mobile_vla.policy.checkpoint import load_policy, save_policy
+from mobile_vla.tracking.lifecycle import GateConfig, promote
+from mobile_vla.tracking.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
 
 
 class FeedbackConfig(StrictModel):
+    """Which feedback an update learns from, how it is weighted, and how much is held out to measure it."""
+
     root: str | None = None  # default $MOBILE_VLA_HOME/feedback (where serving's FeedbackStore writes)
     weights: FeedbackWeights = Field(default_factory=FeedbackWeights)
     stale_after_s: float | None = Field(3600.0, gt=0)  # unfinished episodes older than this are used too
@@ -51,6 +62,8 @@ class FeedbackConfig(StrictModel):
 
 
 class ReplayConfig(StrictModel):
+    """The original dataset mixed into the fine-tune (against forgetting) and scored (`online.replay_mae`)."""
+
     data: str | None = None  # the original dataset folder (manifest.json); null: feedback only
     split: str = "train"
     eval_split: str | None = "val"  # forgetting check (online.replay_mae); null skips it
@@ -58,29 +71,20 @@ class ReplayConfig(StrictModel):
     eval_windows: int = Field(64, ge=1)  # cap on replay windows evaluated
 
 
-class FinetuneConfig(StrictModel):
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(3e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    trainable: Literal["all", "policy_head"] = "all"  # policy_head: fusion + LSTM + head; backbones frozen
-    augment: bool = True
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every_n_steps: int = Field(10, ge=1)
-
-
 class ClosedLoopConfig(StrictModel):
+    """Optional closed-loop MiniWorld evaluation of the challenger before the gate."""
+
     enabled: bool = False  # true once closed-loop evaluation (mobile_vla.evaluate) is deployed on the cluster
     split: str = "unseen_layout"  # a held-out split of the data spec (mobile_vla.sim.split_spec)
     episodes: int = Field(200, ge=1)
 
 
 class OnlineUpdateConfig(StrictModel):
-    model: str = "mobile-vla-policy"  # registered model name
-    champion_alias: str = "champion"
-    challenger_alias: str = "challenger"
+    """The online update job (`jobs/configs/online_update.yaml`): models, feedback, replay, fine-tune, gate."""
+
+    model: str = DEFAULT_MODEL_NAME  # registered model name
+    champion_alias: str = CHAMPION
+    challenger_alias: str = CHALLENGER
     experiment: str = "mobile-vla-online"
     workdir: str | None = None  # default $MOBILE_VLA_HOME/online_updates/<time>
     cursor_advance: Literal["on_promotion", "always"] = "on_promotion"
@@ -101,11 +105,14 @@ class OnlineUpdateConfig(StrictModel):
 
 
 def load_update_config(path: str | Path | None, overrides: list[str] | None = None) -> OnlineUpdateConfig:
+    """The job config from a YAML file (None: the defaults) with dotted `key=value` overrides applied."""
     return load_config(path, OnlineUpdateConfig, overrides)
 
 
 @dataclass
 class UpdateReport:
+    """What an online update did: the decision, the versions involved, their metrics and the gate's reason."""
+
     status: Literal["no_new_feedback", "promoted", "rejected", "forced"]
     champion_version: str | None
     challenger_version: str | None = None
@@ -129,171 +136,6 @@ class UpdateReport:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------- data
-class WeightedWindows:
-    """Windows of assembled feedback episodes whose `action_mask` [T, K] carries each target step's
-    weight: the loss (a mask-weighted mean) then counts a corrected step `weights.corrected` times.
-    """
-
-    def __init__(self, folder: Path, split: str, preprocessing, augment: bool, seed: int):
-        import h5py
-        import numpy as np
-
-        from mobile_vla.train.windows import WindowDataset
-
-        self.windows = WindowDataset(folder, split, preprocessing, augment=augment, seed=seed)
-        self.weights, self.corrected = [], []
-        for path in self.windows.index.paths:
-            with h5py.File(path, "r") as f:
-                if "weight" not in f:
-                    raise DataError(f"{path}: weight: missing (not an assembled feedback episode)")
-                self.weights.append(f["weight"][()].astype(np.float32))  # [N]
-                self.corrected.append((f["corrected"][()] | f["intervention"][()]).astype(np.float32))  # [N]
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def target_rows(self, window_id: int):
-        import numpy as np
-
-        episode, start = (int(v) for v in self.windows.index.windows[window_id])
-        pre = self.windows.index.pre
-        rows = start + np.arange(pre.window)[:, None] + np.arange(pre.chunk)[None, :]  # [T, K]
-        return episode, np.minimum(rows, len(self.weights[episode]) - 1)
-
-    def __getitem__(self, window_id: int) -> dict:
-        sample = self.windows[window_id]
-        episode, rows = self.target_rows(window_id)
-        sample["action_mask"] = sample["action_mask"] * self.weights[episode][rows]  # [T, K]
-        sample["corrected_mask"] = ((sample["action_mask"] > 0) * self.corrected[episode][rows]).astype("float32")
-        return sample
-
-
-class PlainWindows:
-    """Original-data windows (weight 1), optionally a fixed random subset of them."""
-
-    def __init__(self, folder: Path, split: str, preprocessing, augment: bool, seed: int, limit: int | None):
-        import numpy as np
-
-        from mobile_vla.train.windows import WindowDataset
-
-        self.windows = WindowDataset(folder, split, preprocessing, augment=augment, seed=seed)
-        ids = np.arange(len(self.windows))
-        if limit is not None and limit < len(ids):
-            ids = np.sort(np.random.default_rng(seed).choice(ids, size=limit, replace=False))
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        sample = self.windows[int(self.ids[i])]
-        sample["corrected_mask"] = sample["action_mask"] * 0
-        return sample
-
-
-# ------------------------------------------------------------------------------------- fine-tuning
-def _device(choice: str):
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ResourceError("finetune.device = 'cuda' but no CUDA device is visible")
-    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
-def _to_device(batch: dict, device) -> dict:
-    import torch
-
-    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def finetune(model, dataset, cfg: FinetuneConfig, log_metric=None) -> list[float]:
-    """Weighted fine-tuning through `mobile_vla.policy.policy_loss`; returns the loss per step."""
-    import torch
-    from rich.progress import Progress
-
-    from mobile_vla.policy import policy_loss
-
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model.to(device).train()
-    if cfg.trainable == "policy_head":
-        for part in (model.kosmos, model.clip):
-            for param in part.parameters():
-                param.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > cfg.batch_size,
-        generator=generator,
-        num_workers=0,
-    )
-    losses: list[float] = []
-    epoch = 0
-    with Progress(transient=True) as progress:
-        task = progress.add_task("fine-tuning on feedback", total=cfg.steps)
-        while len(losses) < cfg.steps:
-            for part in getattr(dataset, "datasets", [dataset]):
-                windows = getattr(part, "windows", None)
-                if hasattr(windows, "set_epoch"):
-                    windows.set_epoch(epoch)
-            for batch in loader:
-                batch = _to_device(batch, device)
-                output = model(batch)
-                loss = policy_loss(output, batch)["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                if log_metric and len(losses) % cfg.log_every_n_steps == 0:
-                    log_metric(
-                        "finetune.loss",
-                        float(sum(losses[-cfg.log_every_n_steps :]) / cfg.log_every_n_steps),
-                        len(losses),
-                    )
-                progress.update(task, advance=1)
-                if len(losses) >= cfg.steps:
-                    break
-            epoch += 1
-    model.eval()
-    return losses
-
-
-def evaluate_windows(model, dataset, preprocessing, batch_size: int = 8, device: str = "auto") -> dict[str, float]:
-    """MAE (m/s, rad/s) of the action to execute now (k = 0) over weighted targets (`feedback_mae`)
-    and over corrected ones (`corrected_mae`), on windows without augmentation.
-    """
-    import numpy as np
-    import torch
-
-    dev = _device(device)
-    model.to(dev).eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    sums = {"all": [0.0, 0.0], "corrected": [0.0, 0.0]}
-    with torch.no_grad():
-        for batch in loader:
-            output = model(_to_device(batch, dev))
-            pred = preprocessing.denormalise_actions(output.actions[:, :, 0].cpu().numpy())  # [B, T, 3]
-            true = preprocessing.denormalise_actions(batch["actions"][:, :, 0].numpy())  # [B, T, 3]
-            error = np.abs(pred - true).mean(-1)  # [B, T]
-            for key, mask in (
-                ("all", batch["action_mask"][:, :, 0].numpy() > 0),
-                ("corrected", batch["corrected_mask"][:, :, 0].numpy() > 0),
-            ):
-                sums[key][0] += float(error[mask].sum())
-                sums[key][1] += float(mask.sum())
-    return {
-        "feedback_mae" if key == "all" else "corrected_mae": total / count if count else math.nan
-        for key, (total, count) in sums.items()
-    }
-
-
 # ---------------------------------------------------------------------------------------------- job
 class _UpdateLock:
     def __init__(self, root: Path):
@@ -313,12 +155,8 @@ class _UpdateLock:
         os.close(self.fd)
 
 
-def _mlflow_run(cfg: OnlineUpdateConfig, champion_version: str):
-    import mlflow
-
-    from mobile_vla.tracking import get_or_create_experiment
-
-    experiment_id = get_or_create_experiment(cfg.experiment)
+def _mlflow_run(cfg: OnlineUpdateConfig, champion_version: str) -> str:
+    experiment_id = tracking.get_or_create_experiment(cfg.experiment)
     name = f"online-update-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run = mlflow.MlflowClient().create_run(
         experiment_id, run_name=name, tags={"mobile_vla.parent_version": champion_version}
@@ -327,19 +165,14 @@ def _mlflow_run(cfg: OnlineUpdateConfig, champion_version: str):
 
 
 def _log_loss_plot(client, run_id: str, losses: list[float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))  # no pyplot: no backend, no global figure to close
+    ax = fig.subplots()
     ax.plot(range(1, len(losses) + 1), losses, lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("weighted loss")
     ax.set_title("online fine-tuning")
     fig.tight_layout()
     client.log_figure(run_id, fig, "plots/finetune_loss.png")
-    plt.close(fig)
 
 
 def _closed_loop(cfg: OnlineUpdateConfig, version: str) -> dict[str, float]:
@@ -347,8 +180,6 @@ def _closed_loop(cfg: OnlineUpdateConfig, version: str) -> dict[str, float]:
     tasks), keyed as the gate reads them (`closed_loop.success_rate`, `closed_loop.episodes`, ...).
     The champion's come from its own evaluation, on the same split's fixed scene seeds.
     """
-    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
-
     report = evaluate_closed_loop(
         f"models:/{cfg.model}/{version}",
         cfg.closed_loop.split,
@@ -360,10 +191,6 @@ def _closed_loop(cfg: OnlineUpdateConfig, version: str) -> dict[str, float]:
 
 def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
     """The whole job; see the module docstring. Raises MobileVLAError subclasses on bad input."""
-    from mobile_vla import tracking
-    from mobile_vla.online.feedback_store import FeedbackStore
-    from mobile_vla.tracking.lifecycle import promote
-
     tracking.configure_mlflow()
     root = cfg.feedback_root()
     if not (root / "segments").is_dir():
@@ -406,8 +233,6 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
                 cfg, resolved.path, champion_version, workdir, assembled, run_id
             )
         except BaseException:
-            import mlflow
-
             mlflow.MlflowClient().set_terminated(run_id, "FAILED")
             raise
         for role, version in (("champion", champion_version), ("challenger", report.challenger_version)):
@@ -433,13 +258,6 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
 def _train_register_evaluate(
     cfg: OnlineUpdateConfig, champion_dir: Path, champion_version: str, workdir: Path, assembled, run_id: str
 ) -> tuple[str, dict[str, dict[str, float]]]:
-    import mlflow
-    import torch
-
-    from mobile_vla import tracking
-    from mobile_vla.data.manifest import load_manifest
-    from mobile_vla.policy import load_policy, save_policy
-
     client = mlflow.MlflowClient()
     for key, value in flatten(dump_config(cfg)).items():
         client.log_param(run_id, key, str(value)[:6000])
@@ -469,12 +287,10 @@ def _train_register_evaluate(
         metrics = {}
         if holdout is not None:
             metrics.update(
-                {f"online.{k}": v for k, v in evaluate_windows(m, holdout, pre, device=cfg.finetune.device).items()}
+                {f"online.{k}": v for k, v in feedback_metrics(m, holdout, pre, cfg.finetune.device).items()}
             )
         if replay_eval is not None:
-            metrics["online.replay_mae"] = evaluate_windows(m, replay_eval, pre, device=cfg.finetune.device)[
-                "feedback_mae"
-            ]
+            metrics["online.replay_mae"] = feedback_metrics(m, replay_eval, pre, cfg.finetune.device)["feedback_mae"]
         return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
     before = measure(model)
@@ -532,8 +348,6 @@ def _train_register_evaluate(
 
 
 def _finish_run(run_id: str, report: UpdateReport) -> None:
-    import mlflow
-
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "online.decision", report.status)
     client.set_tag(run_id, "online.reason", report.reason[:4900])

@@ -16,10 +16,14 @@ latest, which is what a resumed or restarted run picks up).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-POLICY_DIR = "policy"
+import numpy as np
+import torch
+
+from mobile_vla.policy.checkpoint import POLICY_DIR, save_policy
+
 TRAIN_STATE = "train_state.pt"
 JOB_CONFIG = "job_config.json"
 METRICS = "metrics.json"
@@ -44,6 +48,7 @@ def pack_folder(folder: str | Path) -> dict[str, bytes]:
 
 
 def unpack_folder(files: dict[str, bytes], folder: str | Path) -> Path:
+    """Writes a `pack_folder` result under `folder`; returns the folder."""
     folder = Path(folder)
     for rel, data in files.items():
         target = folder / rel
@@ -65,11 +70,6 @@ def write_checkpoint(
     val_sample: tuple | None = None,
 ) -> Path:
     """Writes one checkpoint folder (rank 0 only); `model` is the unwrapped policy holding full weights."""
-    import numpy as np
-    import torch
-
-    from mobile_vla.policy import save_policy
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_policy(folder / POLICY_DIR, model, preprocessing)
@@ -88,8 +88,6 @@ def write_checkpoint(
 
 def read_train_state(folder: str | Path) -> tuple[dict, Progress]:
     """(optimiser/scheduler states, Progress) of a checkpoint folder."""
-    import torch
-
     folder = Path(folder)
     state = torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True)
     history = json.loads((folder / HISTORY).read_text())
@@ -97,24 +95,15 @@ def read_train_state(folder: str | Path) -> tuple[dict, Progress]:
     return state, progress
 
 
-def read_metrics(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / METRICS).read_text())
-
-
 def read_history(folder: str | Path) -> dict:
+    """{"steps": [...], "epochs": [...]}: the training curves so far."""
     return json.loads((Path(folder) / HISTORY).read_text())
 
 
 def read_val_sample(folder: str | Path):
     """(pred [N,3], true [N,3]) or None."""
-    import numpy as np
-
     path = Path(folder) / VAL_PREDICTIONS
     if not path.is_file():
         return None
     with np.load(path) as data:
         return data["pred"], data["true"]
-
-
-def progress_dict(progress: Progress) -> dict:
-    return asdict(progress)

@@ -10,13 +10,20 @@ the nodes alive now plus, when the cluster has an autoscaler, the largest cluste
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
+import yaml
+
+from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import ConfigError, DataError, ResourceError
+from mobile_vla.policy import presets
+from mobile_vla.ray_session import ensure_ray
 from mobile_vla.train.job_config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -47,8 +54,6 @@ def workers_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) ->
 
 
 def _autoscaler_nodes(path: Path) -> tuple[list[dict[str, float]], list[str]]:
-    import yaml
-
     spec = yaml.safe_load(path.read_text()) or {}
     budget = spec.get("max_workers")
     nodes, unknown = [], []
@@ -66,8 +71,6 @@ def _autoscaler_nodes(path: Path) -> tuple[list[dict[str, float]], list[str]]:
 
 def cluster_capacity() -> ClusterCapacity:
     """Alive nodes now, plus the autoscaler's maximum when its config is readable."""
-    import ray
-
     nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
     capacity = ClusterCapacity(nodes=nodes)
     path = Path(os.environ.get(AUTOSCALER_CONFIG_ENV, DEFAULT_AUTOSCALER_CONFIG)).expanduser()
@@ -119,8 +122,6 @@ def _fmt(resources: dict[str, float]) -> str:
 
 def check_data(cfg: TrainJobConfig) -> dict:
     """The dataset folder has a manifest and both splits; returns the manifest."""
-    from mobile_vla.data.manifest import load_manifest
-
     folder = cfg.data_path()
     if not folder.is_dir():
         raise DataError(f"data.path = {cfg.data.path!r}: no such folder ({folder})")
@@ -138,8 +139,6 @@ def check_data(cfg: TrainJobConfig) -> dict:
 
 def _replace_fields(config, overrides: dict, where: str):
     """dataclasses.replace, recursing into nested dataclass fields given as dicts."""
-    import dataclasses
-
     known = {f.name: f for f in dataclasses.fields(config)}
     changes = {}
     for key, value in overrides.items():
@@ -161,8 +160,6 @@ def _replace_fields(config, overrides: dict, where: str):
 
 def resolve_policy_config(cfg: TrainJobConfig):
     """The PolicyConfig a run trains: preset + model.overrides, with window/chunk taken from data."""
-    from mobile_vla.policy import presets
-
     for key in ("window", "chunk"):
         if key in cfg.model.overrides:
             raise ConfigError(f"model.overrides.{key}: set data.{key} instead (data and model must agree)")
@@ -181,8 +178,6 @@ def preflight(cfg: TrainJobConfig, capacity: ClusterCapacity | None = None):
     policy_config = check_model(cfg)
     manifest = check_data(cfg)
     if capacity is None:
-        from mobile_vla.train.trainer import ensure_ray
-
         ensure_ray()  # only now: a bad config or data folder fails without starting a cluster
         capacity = cluster_capacity()
     check_resources(cfg, capacity)

@@ -14,15 +14,35 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from mobile_vla.config import dump_config, flatten
+from mobile_vla.errors import DataError
+from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.policy.text import build_tokenizer
+from mobile_vla.tracking import (
+    configure_mlflow,
+    get_or_create_experiment,
+    log_version_metrics,
+    register_policy,
+    set_alias,
+)
+from mobile_vla.train import checkpointing, plots
 from mobile_vla.train.job_config import TrainJobConfig
+from mobile_vla.train.loop import train_loop_per_worker
+from mobile_vla.train.pipeline import build_window_dataset
+from mobile_vla.train.preflight import preflight
+from mobile_vla.train.windows import AugmentConfig, build_split_index
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +52,8 @@ SCORE = "val_loss"
 
 @dataclass
 class TrainResult:
+    """What a finished training run produced: the best checkpoint, its metrics, the MLflow run and version."""
+
     best_checkpoint_dir: Path | None  # on the run's storage (local path or URI)
     metrics: dict  # validation metrics of the best checkpoint
     run_id: str | None  # MLflow run
@@ -41,18 +63,8 @@ class TrainResult:
     final_metrics: dict = field(default_factory=dict)  # the last epoch's metrics
 
 
-def ensure_ray() -> None:
-    """Connects to RAY_ADDRESS when set (e.g. inside `ray job submit`), else starts a local cluster."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
-        )
-
-
 def default_run_name(cfg: TrainJobConfig) -> str:
+    """`<preset>-<YYYYmmdd-HHMMSS>`: a fresh name per launch."""
     return f"{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -65,10 +77,8 @@ def with_run_name(cfg: TrainJobConfig) -> TrainJobConfig:
     return cfg
 
 
-def build_preprocessing(cfg: TrainJobConfig, manifest: dict, policy_config):
-    from mobile_vla.policy.preprocessing import Preprocessing
-    from mobile_vla.policy.text import build_tokenizer
-
+def build_preprocessing(cfg: TrainJobConfig, manifest: dict, policy_config) -> Preprocessing:
+    """The run's preprocessing: the dataset's statistics and resize rule, the policy's tokenizer."""
     return Preprocessing.from_manifest(
         manifest, build_tokenizer(policy_config), window=cfg.data.window, chunk=cfg.data.chunk
     )
@@ -80,9 +90,6 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
     Training augmentation draws fresh each pass (seed=None) so epochs see different frames; the window
     order is fixed by train.seed and reshuffled per epoch in the loop's local shuffle buffer.
     """
-    from mobile_vla.train.pipeline import build_window_dataset
-    from mobile_vla.train.windows import build_split_index
-
     folder = cfg.data_path()
     train_windows = len(build_split_index(folder, cfg.data.train_split, preprocessing))
     train = build_window_dataset(
@@ -106,8 +113,6 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
 
 def augment_config(strength: float):
     """The data pipeline's default augmentation ranges scaled by `strength` (0 = none, 1 = defaults)."""
-    from mobile_vla.train.windows import AugmentConfig
-
     base = AugmentConfig()
     return AugmentConfig(
         max_rotation_deg=base.max_rotation_deg * strength,
@@ -126,11 +131,10 @@ def steps_per_epoch(cfg: TrainJobConfig, train_windows: int) -> int:
 def loop_config(
     cfg: TrainJobConfig, preprocessing, train_windows: int, run_id: str | None, tracking_uri: str | None
 ) -> dict:
-    from mobile_vla.train.checkpointing import pack_folder
-
+    """The `config` every Train worker receives (see `loop.train_loop_per_worker`), preprocessing packed."""
     with tempfile.TemporaryDirectory() as tmp:
         preprocessing.save(tmp)
-        packed = pack_folder(tmp)
+        packed = checkpointing.pack_folder(tmp)
     return {
         "job": dump_config(cfg),
         "preprocessing": packed,
@@ -158,9 +162,6 @@ class PreparedRun:
 
 def prepare_run(cfg: TrainJobConfig, mlflow_tags: dict | None = None) -> PreparedRun:
     """Preflight (config, data, resources), preprocessing, datasets, MLflow run. Fails before any worker."""
-    from mobile_vla.errors import DataError
-    from mobile_vla.train.preflight import preflight
-
     cfg = with_run_name(cfg)
     manifest, policy_config = preflight(cfg)  # connects to / starts Ray after the cheap checks pass
     preprocessing = build_preprocessing(cfg, manifest, policy_config)
@@ -182,11 +183,6 @@ def build_trainer(cfg: TrainJobConfig, prepared: PreparedRun | None = None, call
     Ray Tune trials: `build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()` inside the trial's
     driver function (Train V2 has no `Tuner(trainer)`), or simply `run_training(cfg, callbacks=...)`.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mobile_vla.train.loop import train_loop_per_worker
-
     prepared = prepared or prepare_run(cfg)
     cfg = prepared.cfg
     bundle = cfg.scaling.worker_bundle()
@@ -214,10 +210,6 @@ def build_trainer(cfg: TrainJobConfig, prepared: PreparedRun | None = None, call
 
 def _mlflow_run(cfg: TrainJobConfig, policy_config, tags: dict | None = None) -> tuple[str, str]:
     """(run_id, tracking_uri): the run tagged with this run name, created on first launch."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import configure_mlflow, get_or_create_experiment
-
     uri = configure_mlflow()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = get_or_create_experiment(cfg.mlflow.experiment)
@@ -236,8 +228,6 @@ def _mlflow_run(cfg: TrainJobConfig, policy_config, tags: dict | None = None) ->
 
 def _log_params(client, run_id: str, cfg: TrainJobConfig, policy_config) -> None:
     """Resolved config as params; on resume, changed values (e.g. more epochs) are kept as tags."""
-    from mlflow.entities import Param
-
     params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(dump_config(cfg)).items()}
     params.update({f"policy.{k}": str(v) for k, v in flatten(policy_config.to_dict()).items()})
     logged = client.get_run(run_id).data.params
@@ -248,8 +238,6 @@ def _log_params(client, run_id: str, cfg: TrainJobConfig, policy_config) -> None
         if key in logged and logged[key] != value[:6000]:
             client.set_tag(run_id, f"resumed_with.{key}", value[:5000])
     with tempfile.TemporaryDirectory() as tmp:
-        import yaml
-
         (Path(tmp) / "train_job.yaml").write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
         (Path(tmp) / "policy_config.json").write_text(json.dumps(policy_config.to_dict(), indent=2))
         client.log_artifacts(run_id, tmp, "config")
@@ -265,11 +253,6 @@ def _best_checkpoint(result):
 
 def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, best_metrics) -> str | None:
     """Plots, best metrics, and the best checkpoint as a new registered model version (+ alias)."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import log_version_metrics, register_policy
-    from mobile_vla.train import checkpointing, plots
-
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -311,8 +294,6 @@ def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, bes
 
 def _registered_version(client, cfg: TrainJobConfig, run_id: str, checkpoint_name: str) -> str | None:
     """The version already registered from this run's checkpoint (a re-run of a finished run), if any."""
-    from mobile_vla.tracking import set_alias
-
     for version in client.search_model_versions(f"name = '{cfg.mlflow.registered_model}' and run_id = '{run_id}'"):
         if version.tags.get("checkpoint") == checkpoint_name:
             if cfg.mlflow.alias:
@@ -321,17 +302,13 @@ def _registered_version(client, cfg: TrainJobConfig, run_id: str, checkpoint_nam
     return None
 
 
-def _metric_list(values: dict):
-    from mlflow.entities import Metric
-
+def _metric_list(values: dict) -> list[Metric]:
     now = int(time.time() * 1000)
     return [Metric(k, v, now, 0) for k, v in values.items()]
 
 
 def _completed(cfg: TrainJobConfig):
     """The stored Result when this run name already trained all its epochs (nothing left to resume)."""
-    from ray.train import Result
-
     run_dir = Path(cfg.storage_path()) / cfg.run.name
     if "://" in cfg.storage_path() or not run_dir.is_dir():
         return None
@@ -359,8 +336,6 @@ def run_training(cfg: TrainJobConfig, callbacks=None, mlflow_tags: dict | None =
             result = trainer.fit()
         except BaseException:
             if run_id:
-                from mlflow import MlflowClient
-
                 MlflowClient(tracking_uri=uri).set_terminated(run_id, "FAILED")
             raise
     best, best_metrics = _best_checkpoint(result)

@@ -163,42 +163,20 @@ def ensemble_quality(ensemble, preprocessing, folder: str | Path, split: str, ba
     """Windows of a held-out split through the ensemble and each member (teacher-forced over the window).
 
     Per valid frame: error = mean |action - target| over the valid chunk steps and the 3 axes,
-    de-normalised (m/s, rad/s); confidence = the model's confidence for that frame.
+    de-normalised (m/s, rad/s); confidence = the model's confidence for that frame. Scored by
+    `train.evaluation.evaluate_windows`, so `ensemble_mae` is the same MAE as training's `val_mae`.
     """
-    import torch
-
-    from mobile_vla.train.loop import model_inputs
+    from mobile_vla.train.evaluation import evaluate_windows, window_batches
     from mobile_vla.train.windows import WindowDataset
 
     dataset = WindowDataset(folder, split, preprocessing, augment=False)
     if len(dataset) == 0:
         raise MobileVLAError(f"{folder}: split {split!r} has no windows to evaluate on")
     models = [ensemble, *ensemble.members]
-    errors: list[list[np.ndarray]] = [[] for _ in models]  # per valid frame
-    confidences: list[list[np.ndarray]] = [[] for _ in models]
-    absolute_sum, entries = np.zeros(len(models)), 0.0  # over every valid (frame, step, axis), as val_mae
-    ensemble.eval()
-    with torch.inference_mode():
-        for start in range(0, len(dataset), batch_size):
-            samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
-            frames = batch["frame_mask"].numpy() > 0  # [B, T]
-            steps = batch["action_mask"].numpy()[..., None] * frames[..., None, None] * np.ones(3)  # [B, T, K, 3]
-            entries += float(steps.sum())
-            target = preprocessing.denormalise_actions(batch["actions"].numpy())  # [B, T, K, 3]
-            for index, model in enumerate(models):
-                output = model(model_inputs(batch))
-                predicted = preprocessing.denormalise_actions(output.actions.numpy())
-                absolute = np.abs(predicted - target) * steps
-                absolute_sum[index] += float(absolute.sum())
-                per_frame = absolute.sum(axis=(-2, -1)) / np.maximum(steps.sum(axis=(-2, -1)), 1)  # [B, T]
-                keep = frames & (steps.sum(axis=(-2, -1)) > 0)
-                errors[index].append(per_frame[keep])
-                confidences[index].append(output.confidence.numpy()[keep])
-    error = [np.concatenate(e) for e in errors]
-    confidence = [np.concatenate(c) for c in confidences]
-    maes = [float(total / max(entries, 1.0)) for total in absolute_sum]
-    correlations = [_correlations(c, e) for c, e in zip(confidence, error)]
+    scored = [evaluate_windows(model, window_batches(dataset, batch_size), preprocessing) for model in models]
+    maes = [s.metrics()["mae"] for s in scored]
+    error, confidence = zip(*(s.frame_errors() for s in scored), strict=True)
+    correlations = [_correlations(c, e) for c, e in zip(confidence, error, strict=True)]
     return EnsembleQuality(
         windows=len(dataset),
         frames=int(len(error[0])),
