@@ -113,6 +113,25 @@ def test_invalid_fields_are_named(change, message):
         make(**change)
 
 
+@pytest.mark.parametrize(
+    "generator, rule",
+    [
+        ({"kind": "import", "format": "minuum-h5", "resize_rule": "center_crop"}, "center_crop"),
+        ({"kind": "import", "format": "minuum-h5", "resize_rule": "letterbox"}, "letterbox"),
+        ({"kind": "miniworld"}, "letterbox"),  # generated frames are already 224x224: the default
+        (None, "letterbox"),
+    ],
+)
+def test_from_manifest_takes_the_resize_rule_the_frames_were_made_with(generator, rule):
+    manifest = {
+        "stats": {"actions": {"q01": [-1.0, 0.0, -1.0], "q99": [1.0, 0.0, 1.0]}, "state": None},
+        "state_dim": 0,
+        "control_hz": 5.0,
+        "generator": generator,
+    }
+    assert Preprocessing.from_manifest(manifest, None).resize_rule == rule
+
+
 def test_from_manifest_save_load_and_pickle_keep_everything(tmp_path, tokenizer):
     manifest = {
         "stats": {

@@ -38,10 +38,17 @@ PREPROCESSING_FILE = "preprocessing.json"
 TOKENIZER_DIR = "tokenizer"
 PREPROCESSING_VERSION = 1
 ACTION_DIM = 3
-# OpenAI CLIP constants (open_clip.constants.OPENAI_DATASET_MEAN/STD); Kosmos-2 uses the same.
+# OpenAI CLIP constants (open_clip.constants.OPENAI_DATASET_MEAN/STD); Kosmos-2 uses the same. The one
+# copy: the model normalises pixels with them (policy.model) and letterbox bars are filled with the mean.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _MIN_SCALE = 1e-6  # below this an axis is treated as constant
+DEFAULT_RESIZE_RULE = "letterbox"
+
+
+def manifest_resize_rule(manifest: dict) -> str:
+    """The resize rule a dataset's frames were made with (`letterbox` when the manifest names none)."""
+    return (manifest.get("generator") or {}).get("resize_rule") or DEFAULT_RESIZE_RULE
 
 
 class Tokenizer(Protocol):
@@ -54,6 +61,8 @@ class Tokenizer(Protocol):
 
 @dataclass
 class Preprocessing:
+    """How raw frames, commands, state and instructions become model inputs and back (see the module doc)."""
+
     action_low: list[float]  # q01 per axis (linear_x, linear_y, angular_z)
     action_high: list[float]  # q99 per axis
     state_mean: list[float]  # [S]
@@ -63,7 +72,7 @@ class Preprocessing:
     chunk: int = 10  # K future actions predicted per frame
     control_hz: float = 5.0
     image_size: int = 224
-    resize_rule: str = "letterbox"
+    resize_rule: str = DEFAULT_RESIZE_RULE
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     tokenizer: Any = field(default=None, repr=False, compare=False)
@@ -98,18 +107,20 @@ class Preprocessing:
         bad = [i for i in range(ACTION_DIM) if self.action_high[i] < self.action_low[i]]
         if bad:
             raise ConfigError(
-                f"Preprocessing.action_high = {self.action_high!r}: below action_low {self.action_low!r} on axis {bad[0]}"
+                f"Preprocessing.action_high = {self.action_high!r}: "
+                f"below action_low {self.action_low!r} on axis {bad[0]}"
             )
 
     @classmethod
     def from_manifest(
-        cls,
-        manifest: dict,
-        tokenizer: Tokenizer | None,
-        window: int = 8,
-        chunk: int = 10,
-        resize_rule: str = "letterbox",
+        cls, manifest: dict, tokenizer: Tokenizer | None, window: int = 8, chunk: int = 10
     ) -> Preprocessing:
+        """The preprocessing of a dataset: its train statistics, control rate and resize rule.
+
+        The resize rule is the one the dataset's frames were made with (`data import --resize-rule`
+        records it under `generator.resize_rule`; generated data, already 224x224, records none and
+        gets the default), so a model serves camera frames exactly as it was trained on them.
+        """
         stats = manifest["stats"]
         state = stats.get("state")
         return cls(
@@ -121,7 +132,7 @@ class Preprocessing:
             window=window,
             chunk=chunk,
             control_hz=float(manifest["control_hz"]),
-            resize_rule=resize_rule,
+            resize_rule=manifest_resize_rule(manifest),
             tokenizer=tokenizer,
         )
 
