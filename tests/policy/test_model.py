@@ -82,7 +82,7 @@ def test_step_by_step_equals_sequence_forward(tiny_config, tiny_tokenizer, make_
         # without a precomputed clip_text, step encodes the instruction itself: same answer
         again, _, _ = model.step(batch["images"][:, -1], batch["state"][:, -1], tokens, None, None)
         first, _, _ = model.step(batch["images"][:, -1], batch["state"][:, -1], tokens, None, clip_text)
-    for got, want in zip(memory, full.memory):
+    for got, want in zip(memory, full.memory, strict=True):
         assert (got - want).abs().max() <= 1e-5
     assert torch.allclose(again, first, atol=1e-6)
 
@@ -97,9 +97,9 @@ def test_padding_frames_leave_memory_unchanged(tiny_config, tiny_tokenizer, make
         out = model(masked)
         unmasked = model(batch)
     # sample 0: memory after two real frames + two padding frames == memory after the two real frames
-    for got, want in zip(out.memory, short.memory):
+    for got, want in zip(out.memory, short.memory, strict=True):
         assert torch.allclose(got[:, 0], want[:, 0], atol=1e-6)
-    for got, want in zip(out.memory, unmasked.memory):  # sample 1 is unmasked: unaffected
+    for got, want in zip(out.memory, unmasked.memory, strict=True):  # sample 1 is unmasked: unaffected
         assert torch.allclose(got[:, 1], want[:, 1], atol=1e-6)
         assert not torch.allclose(got[:, 0], want[:, 0])
 
@@ -168,6 +168,21 @@ def test_images_are_normalised_inside_the_model(tiny_config):
     expected = (1.0 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258, 0.27577711])
     assert pixels.shape == (1, 3, 224, 224)
     assert np.allclose(pixels[0, :, 0, 0].numpy(), expected, atol=1e-5)
+
+
+def test_the_model_normalises_with_the_preprocessing_image_constants(tiny_config):
+    from mobile_vla.policy.preprocessing import Preprocessing
+
+    pre = Preprocessing(action_low=[-1.0] * 3, action_high=[1.0] * 3, state_mean=[], state_std=[], state_dim=0)
+    mean, std = np.array(pre.image_mean), np.array(pre.image_std)
+    model = _build(tiny_config)
+    # the exact mean colour maps to 0 and mean + one std to 1: the same constants, not a look-alike copy
+    colours = torch.tensor(np.stack([mean * 255, (mean + std) * 255]), dtype=torch.float32).view(2, 1, 1, 3)
+    pixels = model._pixels(colours)[:, :, 0, 0].numpy()  # [2, C]
+    np.testing.assert_allclose(pixels, [[0.0] * 3, [1.0] * 3], atol=1e-5)
+    # letterbox bars (the pad colour, the mean rounded to uint8) come out within 1/255 of a std of 0
+    bars = model._pixels(torch.tensor(pre.pad_color, dtype=torch.uint8).view(1, 1, 1, 3))[0, :, 0, 0].numpy()
+    assert np.abs(bars).max() < 0.5 / 255 / std.min()
 
 
 def test_pretrained_weights_offline_fail_fast_with_a_clear_message(tiny_config, monkeypatch, tmp_path):

@@ -22,9 +22,6 @@ ACTION_NAMES = ("linear_x", "linear_y", "angular_z")
 IMAGE_SIZE = 224
 CLIP_CONTEXT_LENGTH = 77
 FUSIONS = ("gated", "concat", "film")
-# OpenAI CLIP constants: Kosmos-2's image processor uses the same ones, so one normalisation feeds both.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _fail(owner: str, name: str, value: Any, expected: str) -> None:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mobile_vla.policy.config import ACTION_DIM, IMAGE_MEAN, IMAGE_STD, PolicyConfig
+from mobile_vla.errors import ConfigError
+from mobile_vla.policy.config import ACTION_DIM, PolicyConfig
 from mobile_vla.policy.encoders import (
     ClipEncoder,
     KosmosEncoder,
@@ -42,12 +43,15 @@ from mobile_vla.policy.encoders import (
     freeze,
 )
 from mobile_vla.policy.fusion import build_fusion
+from mobile_vla.policy.preprocessing import CLIP_MEAN, CLIP_STD
 from mobile_vla.policy.text import TOKEN_KEYS
 
 Memory = tuple[torch.Tensor, torch.Tensor]
 
 
 class PolicyOutput(NamedTuple):
+    """What the policy returns for a batch of windows (shapes below; actions in the normalised range)."""
+
     actions: torch.Tensor  # [B, T, K, 3] normalised
     log_var: torch.Tensor  # [B, T, K, 3]
     confidence: torch.Tensor  # [B, T]
@@ -55,6 +59,8 @@ class PolicyOutput(NamedTuple):
 
 
 class MobileVLAPolicy(nn.Module):
+    """The hybrid policy (see the module docstring): backbones, fusion, LSTM and the action/variance head."""
+
     def __init__(self, config: PolicyConfig, load_pretrained: bool = True) -> None:
         super().__init__()
         self.config = config
@@ -92,8 +98,9 @@ class MobileVLAPolicy(nn.Module):
         )
         nn.init.normal_(self.head[-1].weight, std=1e-3)  # start near action 0 and mid log-variance
         nn.init.zeros_(self.head[-1].bias)
-        # (x / 255 - mean) / std as one affine map on the channel-last axis: x * scale + shift
-        mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
+        # (x / 255 - mean) / std as one affine map on the channel-last axis: x * scale + shift, with the
+        # preprocessing's CLIP constants (the same ones its letterbox bars are filled with)
+        mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)  # [C]
         self.register_buffer("pixel_shift", -mean / std, persistent=False)  # [C]
 
@@ -171,7 +178,7 @@ class MobileVLAPolicy(nn.Module):
             out, new_memory = self._recurrent_step(features[:, t], memory)  # [B, hidden]
             if frame_mask is not None:
                 keep = frame_mask[:, t].view(1, B, 1)  # padding frames leave the memory unchanged
-                new_memory = tuple(keep * new + (1.0 - keep) * old for new, old in zip(new_memory, memory))
+                new_memory = tuple(keep * new + (1.0 - keep) * old for new, old in zip(new_memory, memory, strict=True))
             memory = new_memory
             outputs.append(out)
         actions, log_var, confidence = self._heads(torch.stack(outputs, dim=1))  # [B, T, ...]
@@ -213,7 +220,5 @@ def build_policy(config: PolicyConfig, load_pretrained: bool = True) -> MobileVL
     `model info`): same modules, random init.
     """
     if not isinstance(config, PolicyConfig):
-        from mobile_vla.errors import ConfigError
-
         raise ConfigError(f"build_policy: expected a PolicyConfig, got {type(config).__name__}")
     return MobileVLAPolicy(config, load_pretrained=load_pretrained)
