@@ -141,7 +141,7 @@ def test_mlflow_holds_the_run_version_aliases_and_demo_artifacts(demo, demo_home
 def test_demo_leaves_no_serve_app_on_a_reused_cluster(demo, ray_cluster):
     from ray import serve
 
-    from mobile_vla.demo.runner import APP_NAME
+    from mobile_vla.demo.settings import APP_NAME
 
     assert ray_cluster.is_initialized()  # the session's cluster was reused, not shut down
     assert APP_NAME not in serve.status().applications
@@ -159,8 +159,8 @@ def test_a_failing_step_names_the_problem_and_cleans_up(demo, demo_home, ray_clu
     from ray import serve
     from rich.console import Console
 
-    from mobile_vla.demo.runner import APP_NAME, run_demo
-    from mobile_vla.demo.settings import tiny
+    from mobile_vla.demo.runner import run_demo
+    from mobile_vla.demo.settings import APP_NAME, tiny
     from mobile_vla.errors import ConfigError
 
     before = (demo_home / "demo_summary.json").read_text()

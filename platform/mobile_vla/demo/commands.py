@@ -20,10 +20,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
+import warnings
 from pathlib import Path
+
+from mobile_vla.demo.settings import PRESETS, DemoConfig, default_home
+
+# The demo itself (Ray, torch, MLflow, MiniWorld) is imported inside run_demo_command: the CLI
+# imports this module to build its parser, and `mobile-vla --help` must stay fast.
 
 
 def register(subparsers) -> None:
+    """Adds `mobile-vla demo` to the CLI."""
     parser = subparsers.add_parser(
         "demo",
         help="the whole loop on embedded defaults: data, train, evaluate, export, promote, serve, robots",
@@ -54,10 +63,8 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_demo_command)
 
 
-def demo_config(args):
+def demo_config(args) -> DemoConfig:
     """The preset's DemoConfig with the options given on the command line."""
-    from mobile_vla.demo.settings import PRESETS, default_home
-
     overrides = {
         "episodes": args.episodes,
         "epochs": args.epochs,
@@ -77,10 +84,6 @@ def quiet_libraries(enabled: bool = True):
     artifact download bars) and deprecation warnings would bury it. `mobile-vla -v demo` shows all.
     Levels and filters are restored afterwards (the demo also runs inside test processes).
     """
-    import logging
-    import os
-    import warnings
-
     if not enabled:
         yield
         return
@@ -97,11 +100,12 @@ def quiet_libraries(enabled: bool = True):
         try:
             yield
         finally:
-            for logger, level in zip(loggers, levels):
+            for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
 
 
 def run_demo_command(args) -> int:
+    """`mobile-vla demo`: runs the whole loop with library chatter turned down (unless -v)."""
     from mobile_vla.demo.runner import run_demo
 
     cfg = demo_config(args)

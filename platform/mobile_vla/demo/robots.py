@@ -1,4 +1,4 @@
-"""Simulated robots that drive MiniWorld episodes through the HTTP API, as a fleet would.
+"""Simulated robots that drive MiniWorld episodes through the HTTP API, as a fleet would (Ray task side).
 
     rows = fan_out(drive_robots, [[("val", 1000040), ("val", 1000041)]], (spec_json, url, token, settings), ...)
 
@@ -12,11 +12,7 @@ GL work stays inside the Ray task: one MiniWorld env per worker process, shared 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
-
-from mobile_vla.evaluate.rollout import HttpPolicy
+from mobile_vla.evaluate.rollout import HttpPolicy, RolloutConfig, job_scenes, run_lockstep, worker_slots
 
 
 class TimedHttpPolicy(HttpPolicy):
@@ -26,37 +22,24 @@ class TimedHttpPolicy(HttpPolicy):
         super().start(episodes)
         self.answers: dict[int, list[dict]] = {slot: [] for slot in range(len(episodes))}
 
-    def act(self, slots, images, state, instructions, worlds):
-        def one(j: int):
-            return self.clients[slots[j]].act(images[j], state[j])
-
-        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-            answers = list(pool.map(one, range(len(slots))))  # one request per robot, concurrently
-        for slot, answer in zip(slots, answers):
-            self.served[slot].add(f"{answer.model.get('name')}/{answer.model.get('version')} {answer.backend}")
-            self.answers[slot].append(
-                {
-                    "round_trip_ms": answer.round_trip_ms,
-                    "server_ms": answer.latency_ms,
-                    "memory_reset": answer.memory_reset,
-                    "backend": answer.backend,
-                }
-            )
-        actions = np.array([answer.actions[0] for answer in answers], np.float32)  # [B, 3]: execute now
-        return actions, np.array([answer.confidence for answer in answers], np.float32)
+    def note_answer(self, slot: int, answer) -> None:
+        super().note_answer(slot, answer)
+        self.answers[slot].append(
+            {
+                "round_trip_ms": answer.round_trip_ms,
+                "server_ms": answer.latency_ms,
+                "memory_reset": answer.memory_reset,
+                "backend": answer.backend,
+            }
+        )
 
 
-def drive_robots(jobs: list[tuple[str, int]], spec_json: str, endpoint: str, token: str, settings) -> list[dict]:
+def drive_robots(
+    jobs: list[tuple[str, int]], spec_json: str, endpoint: str, token: str, settings: RolloutConfig
+) -> list[dict]:
     """Ray task body: one robot per (split, seed), all stepped together; one dict per robot."""
-    from mobile_vla.evaluate.rollout import _worker_slots, run_lockstep
-    from mobile_vla.sim.scenes import scene_from_seed
-    from mobile_vla.sim.split_spec import SplitSpec
-
-    spec = SplitSpec.model_validate_json(spec_json)
-    scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
-    if settings.max_steps is not None:
-        scenes = [scene.model_copy(update={"max_steps": settings.max_steps}) for scene in scenes]
-    worlds = _worker_slots(scenes[0], settings.obs_size)  # the worker's one GL context
+    scenes = job_scenes(jobs, spec_json, settings)
+    worlds = worker_slots(scenes[0], settings.obs_size)  # the worker's one GL context
     policy = TimedHttpPolicy(endpoint, token)
     try:
         records = run_lockstep(worlds, scenes, policy, settings)
@@ -64,7 +47,7 @@ def drive_robots(jobs: list[tuple[str, int]], spec_json: str, endpoint: str, tok
     finally:
         policy.close()
     rows = []
-    for slot, (scene, record) in enumerate(zip(scenes, records)):
+    for slot, (scene, record) in enumerate(zip(scenes, records, strict=True)):
         answers = policy.answers.get(slot, [])
         rows.append(
             {

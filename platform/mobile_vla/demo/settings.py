@@ -16,13 +16,18 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mobile_vla.config import StrictModel, validate_config
+from mobile_vla.tracking.registry import DEFAULT_MODEL_NAME
 
 DEFAULT_HOME = Path(".mobile_vla") / "demo"
-REGISTERED_MODEL = "mobile-vla-policy"
+REGISTERED_MODEL = DEFAULT_MODEL_NAME
 EXPERIMENT = "mobile-vla"
+APP_NAME = "mobile-vla-demo"  # the demo's Ray Serve application
+EVAL_SPLIT = "val"  # the split evaluation, the speed check and the robots use
 
 
 class DemoConfig(StrictModel):
+    """Every size and switch of one demo run (see the module docstring); presets: `tiny`, `small`."""
+
     preset: Literal["tiny", "small"] = "small"
     home: Path = Field(default=DEFAULT_HOME, description="platform home: data, MLflow store, Ray results, tokens")
 

@@ -4,25 +4,32 @@ a rich table of it, and a latency histogram of the HTTP answers logged next to i
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import resource
 import shlex
 import time
 from pathlib import Path
 
-from mobile_vla.demo.settings import EXPERIMENT, REGISTERED_MODEL
+import psutil
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from rich.table import Table
+
+from mobile_vla.data.manifest import write_json_atomic
+from mobile_vla.demo.settings import EVAL_SPLIT, EXPERIMENT, REGISTERED_MODEL
+from mobile_vla.evaluate.tasks import jsonable
+from mobile_vla.tracking import configure_mlflow
+from mobile_vla.tracking.store import is_embedded, tracking_uri
 
 SUMMARY_FILE = "demo_summary.json"
 MLFLOW_DIR = "demo"
 
 
 def build_summary(cfg, seconds, data, train, export, evaluation, promotion, serving, fleet) -> dict:
-    from mobile_vla.evaluate.tasks import jsonable
-
+    """The summary dict (JSON-safe) of one demo run from each step's outcome and the step times."""
     home = cfg.resolved_home()
-    from mobile_vla.tracking.store import is_embedded, tracking_uri
-
     ui = "mobile-vla mlflow-ui"
     if not is_embedded():  # a tracking server: its own UI
         ui = f"open {tracking_uri()}"
@@ -57,7 +64,7 @@ def build_summary(cfg, seconds, data, train, export, evaluation, promotion, serv
                 "seconds": round(seconds.get("train", math.nan), 1),
             },
             "evaluation": {
-                "split": "val",
+                "split": EVAL_SPLIT,
                 "offline_mae": evaluation.offline_mae,
                 "episodes": evaluation.episodes,
                 "model": {
@@ -120,10 +127,6 @@ def process_tree_cpu_seconds() -> float:
     a load-independent measure of the demo's work, where wall time on a shared box is not. A lower
     bound: descendants that exited without being reaped by one of ours are not counted.
     """
-    import resource
-
-    import psutil
-
     total = 0.0
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         usage = resource.getrusage(who)
@@ -138,8 +141,7 @@ def process_tree_cpu_seconds() -> float:
 
 
 def write_summary(summary: dict, home: Path) -> Path:
-    from mobile_vla.data.manifest import write_json_atomic
-
+    """Writes <home>/demo_summary.json atomically; returns its path."""
     path = Path(home) / SUMMARY_FILE
     write_json_atomic(path, summary)
     return path
@@ -147,8 +149,6 @@ def write_summary(summary: dict, home: Path) -> Path:
 
 def latency_figure(rows: list[dict]):
     """Histogram of the robots' round-trip times (what a robot waits per step) and the server's share."""
-    from matplotlib.figure import Figure
-
     round_trip = [ms for r in rows for ms in r["round_trip_ms"]]
     server = [ms for r in rows for ms in r["server_ms"]]
     figure = Figure(figsize=(6, 3.5), layout="constrained")
@@ -165,11 +165,6 @@ def latency_figure(rows: list[dict]):
 
 def log_summary(summary: dict, fleet, run_id: str) -> None:
     """Serving figures as metrics of the training run, with the summary and the latency plot."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    from mobile_vla.tracking import configure_mlflow
-
     configure_mlflow()
     client = MlflowClient()
     serving = summary["serving"]
@@ -203,6 +198,7 @@ def _ms(value) -> str:
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str, str]]:
+    """The printed table's rows: (section, what, result) per line."""
     d, t, ev, ex = summary["data"], summary["training"], summary["evaluation"], summary["export"]
     p, s, w, sec = summary["promotion"], summary["serving"], summary["where_to_look"], summary["seconds"]
     expert, m = d["expert_success"], summary["machine"]
@@ -267,8 +263,7 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str]]:
 
 
 def print_summary(summary: dict, console) -> None:
-    from rich.table import Table
-
+    """Prints the summary table and where to look in the MLflow UI."""
     table = Table(title=f"mobile-vla demo ({summary['preset']})", title_justify="left", show_lines=False)
     table.add_column("", style="bold")
     table.add_column("what")
@@ -282,7 +277,3 @@ def print_summary(summary: dict, console) -> None:
         f"run {where['run_id']}; Models -> {where['registered_model']} version {where['model_version']}",
         soft_wrap=True,
     )
-
-
-def load_summary(home: Path) -> dict:
-    return json.loads((Path(home) / SUMMARY_FILE).read_text())

@@ -10,6 +10,7 @@ import threading
 
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 class ReportForwarder(UserCallback):
@@ -36,8 +37,6 @@ class EpochProgress:
         self._stop = threading.Event()
         self._bar = None
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self._bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -64,7 +63,8 @@ class EpochProgress:
     def _show(self, report: dict) -> None:
         self.reports.append(report)
         if self._bar is not None:
-            line = f"val_mae {report.get('val_mae', float('nan')):.4f}  val_loss {report.get('val_loss', float('nan')):.4f}"
+            mae, loss = report.get("val_mae", float("nan")), report.get("val_loss", float("nan"))
+            line = f"val_mae {mae:.4f}  val_loss {loss:.4f}"
             self._bar.update(self._task, completed=int(report.get("epoch", len(self.reports))), line=line)
 
     def __exit__(self, *exc) -> None:

@@ -338,15 +338,21 @@ def worker_backend(spec: PolicySpec):
     return _WORKER["backend"]
 
 
+def job_scenes(jobs: list[tuple[str, int]], spec_json: str, settings: RolloutConfig) -> list[SceneSpec]:
+    """The scene of each (split, seed) job under the split spec, capped at `settings.max_steps`."""
+    spec = SplitSpec.model_validate_json(spec_json)
+    scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
+    if settings.max_steps is not None:
+        scenes = [scene.model_copy(update={"max_steps": settings.max_steps}) for scene in scenes]
+    return scenes
+
+
 def rollout_seeds(
     jobs: list[tuple[str, int]], spec_json: str, policy: PolicySpec, settings: RolloutConfig
 ) -> list[dict]:
     """Ray task body: the expert and then `policy` on each (split, seed); one dict per episode."""
     cpu_start = time.process_time()
-    spec = SplitSpec.model_validate_json(spec_json)
-    scenes = [scene_from_seed(split, seed, spec) for split, seed in jobs]
-    if settings.max_steps is not None:
-        scenes = [scene.model_copy(update={"max_steps": settings.max_steps}) for scene in scenes]
+    scenes = job_scenes(jobs, spec_json, settings)
     worlds = worker_slots(scenes[0], settings.obs_size)
 
     expert_settings = RolloutConfig(settings.control_hz, settings.obs_size, settings.max_steps, (), settings.expert)
