@@ -77,6 +77,7 @@ def test_registry_on_embedded_sqlite_store(platform_home, tmp_path):
     assert not Path("mlruns").exists() or Path("mlruns").stat().st_mtime < time.time() - 60
 
 
+@pytest.mark.slow  # an `mlflow server` process: it takes a while to answer on 2 cores
 def test_registry_through_an_mlflow_server(platform_home, tmp_path, monkeypatch):
     port = free_port()
     server_dir = tmp_path / "server"
