@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mobile_vla.errors import DataError
+from mobile_vla.sim.split_spec import load_split_spec, split_spec_yaml
 
-# The stage modules (numpy, h5py, Ray, MiniWorld) are imported inside the run_* functions: the CLI
+# The stage modules (numpy, h5py, Ray, MiniWorld) and rich are imported inside the run_* functions: the CLI
 # imports this module to build its parser, and `mobile-vla --help` must stay fast.
 
 INSPECT_SECTIONS: list[Callable] = []
@@ -112,7 +113,6 @@ def _register_generate(data_subparsers) -> None:
 def run_generate(args) -> int:
     """`data generate`: validates the options, generates, prints each split's expert success."""
     from mobile_vla.sim.generate import GeneratorConfig, generate_dataset
-    from mobile_vla.sim.split_spec import load_split_spec, split_spec_yaml
 
     spec = load_split_spec(args.split_spec, args.overrides)
     if args.show_split_spec:
