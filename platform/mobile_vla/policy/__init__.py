@@ -8,6 +8,7 @@ Light at import (the CLI imports this package): torch, transformers and open_cli
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from mobile_vla.policy import presets
@@ -31,7 +32,5 @@ __all__ = ["ClipConfig", "KosmosConfig", "PolicyConfig", "presets", *_LAZY]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mobile_vla.policy' has no attribute {name!r}")

@@ -18,7 +18,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
 from mobile_vla.errors import ConfigError, ModelError
+from mobile_vla.policy.config import PolicyConfig
+from mobile_vla.policy.ensemble import EnsembleConfig, build_model
+from mobile_vla.policy.preprocessing import Preprocessing
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -29,8 +35,7 @@ KINDS = ("policy", "ensemble")
 
 
 def save_policy(folder: str | Path, model, preprocessing=None) -> Path:
-    from safetensors.torch import save_model
-
+    """Writes `model` (a policy or an ensemble) and its preprocessing as one folder (layout above)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
@@ -56,8 +61,7 @@ def resolve_policy_dir(folder: str | Path) -> Path:
 
 
 def read_policy_config(folder: str | Path):
-    from mobile_vla.policy.config import PolicyConfig
-
+    """The PolicyConfig (or EnsembleConfig) a saved folder rebuilds its model from; ModelError when unreadable."""
     path = resolve_policy_dir(folder) / CONFIG_FILE
     document = _read_json(path)
     kind = document.get("kind")
@@ -68,8 +72,6 @@ def read_policy_config(folder: str | Path):
         raise ModelError(f"{path}: format_version = {version!r}: this code reads up to {FORMAT_VERSION}")
     try:
         if kind == "ensemble":
-            from mobile_vla.policy.ensemble import EnsembleConfig
-
             return EnsembleConfig.from_dict(document.get("config"), source=f"{path}: kind = 'ensemble'")
         return PolicyConfig.from_dict(document.get("config"), source=str(path))
     except ConfigError as exc:
@@ -80,11 +82,6 @@ def read_policy_config(folder: str | Path):
 
 def load_policy(folder: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """-> (model in eval mode, Preprocessing or None when the folder has none)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    from mobile_vla.policy.ensemble import build_model
-
     folder = resolve_policy_dir(folder)
     config = read_policy_config(folder)
     weights = folder / WEIGHTS_FILE
@@ -99,13 +96,12 @@ def load_policy(folder: str | Path, device: str = "cpu") -> tuple[Any, Any]:
         raise ModelError(f"{weights}: does not match config.json ({str(exc).splitlines()[0]})") from None
     if missing or unexpected:
         raise ModelError(
-            f"{weights}: does not match config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            f"{weights}: does not match config.json "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     model.to(device).eval()
     preprocessing = None
     if (folder / PREPROCESSING_DIR).is_dir():
-        from mobile_vla.policy.preprocessing import Preprocessing
-
         preprocessing = Preprocessing.load(folder / PREPROCESSING_DIR)
     return model, preprocessing
 

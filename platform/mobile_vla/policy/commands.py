@@ -1,15 +1,20 @@
 """`mobile-vla model info --preset NAME`: parameters per part, shapes and weight memory, no download.
 
 The model is built on torch's `meta` device (shapes only, no memory, no weights), so even `full`
-(1.8 B parameters) is described in a couple of seconds on a laptop.
+(1.8 B parameters) is described in a couple of seconds on a laptop. A CLI face: torch, the model
+and rich are imported inside the command functions, so `mobile-vla --help` never loads them.
 """
 
 from __future__ import annotations
 
 import json
 
+from mobile_vla.policy.config import ACTION_DIM, CLIP_CONTEXT_LENGTH, IMAGE_SIZE
+from mobile_vla.policy.presets import get_preset
+
 
 def register(subparsers) -> None:
+    """Adds `model info` to the CLI."""
     model = subparsers.add_parser("model", help="describe policy presets (parameters, shapes, memory)")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
     info = model_sub.add_parser("info", help="parameter counts per part, input/output shapes, weight memory")
@@ -23,9 +28,7 @@ def describe_preset(name: str) -> dict:
     """Parameter counts, memory and shapes of a preset, computed on the meta device."""
     import torch
 
-    from mobile_vla.policy.config import ACTION_DIM, CLIP_CONTEXT_LENGTH, IMAGE_SIZE
     from mobile_vla.policy.model import MobileVLAPolicy
-    from mobile_vla.policy.presets import get_preset
 
     config = get_preset(name)
     with torch.device("meta"):
@@ -84,6 +87,7 @@ def describe_preset(name: str) -> dict:
 
 
 def run_info(args) -> int:
+    """Prints `describe_preset` of one preset as tables, or as JSON with --json."""
     info = describe_preset(args.preset)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -8,17 +8,22 @@ saved from a pretrained run rebuilds from its config alone (random init, then it
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import open_clip
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
+from transformers import Kosmos2Config, Kosmos2Model
 
 from mobile_vla.errors import ModelError
 from mobile_vla.policy.config import CLIP_CONTEXT_LENGTH, IMAGE_SIZE, ClipConfig, KosmosConfig
+from mobile_vla.policy.hub import from_local_or_hub, hub_reachable
 
 CLIP_VOCAB_SIZE = 49408  # open_clip's shipped BPE, shared by every CLIP preset
 
 
 def kosmos_hf_config(config: KosmosConfig):
-    from transformers import Kosmos2Config
-
     return Kosmos2Config(
         text_config=dict(
             vocab_size=config.text_vocab_size,
@@ -49,8 +54,6 @@ class KosmosEncoder(nn.Module):
 
     def __init__(self, config: KosmosConfig, load_pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import Kosmos2Model
-
         if config.pretrained and load_pretrained:
             self.model = _load_kosmos(config)
         else:
@@ -70,41 +73,7 @@ class KosmosEncoder(nn.Module):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [N, D_k]
 
 
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """A quick TCP probe of the Hugging Face endpoint, so an offline box fails in seconds with a clear
-    message instead of sitting through the hub client's retries (minutes).
-    """
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
-def from_local_or_hub(loader, name_or_path: str):
-    """`loader(name, local_files_only=...)`: a local folder or the hub cache first, the network last."""
-    from pathlib import Path
-
-    if Path(name_or_path).exists():
-        return loader(name_or_path, local_files_only=True)
-    try:
-        return loader(name_or_path, local_files_only=True)  # already in the hub cache
-    except (OSError, ValueError):
-        if not hub_reachable():
-            raise OSError(f"{name_or_path!r} is not a local folder, not in the hub cache, and the hub is unreachable")
-        return loader(name_or_path)
-
-
 def _load_kosmos(config: KosmosConfig):
-    from transformers import Kosmos2Model
-
     try:
         model = from_local_or_hub(Kosmos2Model.from_pretrained, config.pretrained)
     except (OSError, ValueError) as exc:
@@ -128,8 +97,6 @@ def _load_kosmos(config: KosmosConfig):
 
 
 def clip_configs(config: ClipConfig):
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
     vision = CLIPVisionCfg(
         layers=config.vision_layers,
         width=config.vision_width,
@@ -155,8 +122,6 @@ class ClipEncoder(nn.Module):
         if config.pretrained and load_pretrained:
             self.model = _load_clip(config)
         else:
-            from open_clip.model import CLIP
-
             vision, text = clip_configs(config)
             self.model = CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text)
         self.feature_dim = config.embed_dim
@@ -169,10 +134,6 @@ class ClipEncoder(nn.Module):
 
 
 def _load_clip(config: ClipConfig):
-    from pathlib import Path
-
-    import open_clip
-
     try:
         if not Path(config.pretrained).is_file() and not hub_reachable():
             raise OSError("not a local file and the hub is unreachable")
@@ -190,6 +151,7 @@ def _load_clip(config: ClipConfig):
 
 
 def freeze(module: nn.Module) -> None:
+    """Stops every parameter of `module` from training."""
     for parameter in module.parameters():
         parameter.requires_grad_(False)
 
@@ -198,8 +160,6 @@ def apply_lora(encoder: KosmosEncoder, config: KosmosConfig) -> None:
     """LoRA on the language model's attention (not the vision tower): adapts how the frozen LM reads
     instructions for driving, at ~0.5% of its parameters.
     """
-    from peft import LoraConfig, inject_adapter_in_model
-
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -210,11 +170,13 @@ def apply_lora(encoder: KosmosEncoder, config: KosmosConfig) -> None:
 
 
 def enable_gradient_checkpointing(kosmos: KosmosEncoder, clip: ClipEncoder) -> None:
+    """Recomputes both backbones' activations in backward instead of storing them (memory for time)."""
     kosmos.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     clip.model.set_grad_checkpointing(True)
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of scalar parameters in `module`, trainable or not."""
     return sum(p.numel() for p in module.parameters())
 
 

@@ -159,6 +159,8 @@ class _TextFeatures:
 
 
 class EnsemblePolicy(nn.Module):
+    """M trained policies run side by side: one combined action chunk and a confidence that falls as they disagree."""
+
     kind = "ensemble"  # save_policy writes it to config.json; load_policy dispatches on it
 
     def __init__(self, config: EnsembleConfig, load_pretrained: bool = False) -> None:
@@ -173,7 +175,7 @@ class EnsemblePolicy(nn.Module):
     def from_members(cls, members: list[MobileVLAPolicy], sources: list[str] | None = None) -> EnsemblePolicy:
         """An ensemble holding copies of these trained policies' weights."""
         ensemble = cls(EnsembleConfig(members=tuple(m.config for m in members), sources=tuple(sources or ())))
-        for target, member in zip(ensemble.members, members):
+        for target, member in zip(ensemble.members, members, strict=True):
             target.load_state_dict(member.state_dict())
         return ensemble.eval()
 
@@ -191,12 +193,12 @@ class EnsemblePolicy(nn.Module):
         if self.config.shared_layers:
             sizes = [m.lstm_hidden for m in configs]
             parts = [torch.split(state, sizes, dim=-1) for state in memory]
-            return [(h, c) for h, c in zip(*parts)]
+            return [(h, c) for h, c in zip(*parts, strict=True)]
         sizes = [m.lstm_layers * m.lstm_hidden for m in configs]
         parts = [torch.split(state[0], sizes, dim=-1) for state in memory]  # [B, layers_m * hidden_m] each
         return [
             tuple(p.unflatten(-1, (m.lstm_layers, m.lstm_hidden)).permute(1, 0, 2).contiguous() for p in pair)
-            for pair, m in zip(zip(*parts), configs)
+            for pair, m in zip(zip(*parts, strict=True), configs, strict=True)
         ]
 
     def _join(self, memories: list[Memory]) -> Memory:
@@ -226,7 +228,7 @@ class EnsemblePolicy(nn.Module):
 
     def forward(self, batch: dict, memory: Memory | None = None) -> PolicyOutput:
         memories = self._split(memory) if memory is not None else [None] * len(self.members)
-        outputs = [member(batch, mem) for member, mem in zip(self.members, memories)]
+        outputs = [member(batch, mem) for member, mem in zip(self.members, memories, strict=True)]
         actions, log_var, confidence = self._combine([o.actions for o in outputs], [o.log_var for o in outputs])
         return PolicyOutput(actions, log_var, confidence, self._join([o.memory for o in outputs]))
 
@@ -251,7 +253,7 @@ class EnsemblePolicy(nn.Module):
         memories = self._split(memory) if memory is not None else [None] * len(self.members)
         texts = torch.split(clip_text, self.text_widths, dim=-1)
         actions, log_vars, new_memories = [], [], []
-        for member, text, mem in zip(self.members, texts, memories):
+        for member, text, mem in zip(self.members, texts, memories, strict=True):
             mem = member.initial_memory(images.shape[0]) if mem is None else mem
             # the member's own step, keeping its log-variance (its public step returns only confidence)
             features = member._frame_features(images, state, tokens, text)  # [B, D]

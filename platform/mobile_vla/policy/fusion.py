@@ -23,6 +23,8 @@ def _projection(in_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class GatedFusion(nn.Module):
+    """A learnt per-feature gate between the Kosmos-2 and the CLIP features (starts at an even mix), plus state."""
+
     def __init__(self, kosmos_dim: int, clip_dim: int, state_dim: int, dim: int, dropout: float) -> None:
         super().__init__()
         self.kosmos = _projection(kosmos_dim, dim)
@@ -41,6 +43,8 @@ class GatedFusion(nn.Module):
 
 
 class ConcatFusion(nn.Module):
+    """All features and the state concatenated through one MLP."""
+
     def __init__(self, kosmos_dim: int, clip_dim: int, state_dim: int, dim: int, dropout: float) -> None:
         super().__init__()
         in_dim = kosmos_dim + 2 * clip_dim + state_dim
@@ -53,6 +57,8 @@ class ConcatFusion(nn.Module):
 
 
 class FilmFusion(nn.Module):
+    """The instruction's CLIP text feature scales and shifts the visual features (FiLM; identity at start)."""
+
     def __init__(self, kosmos_dim: int, clip_dim: int, state_dim: int, dim: int, dropout: float) -> None:
         super().__init__()
         self.visual = _projection(kosmos_dim + clip_dim, dim)
@@ -72,4 +78,5 @@ FUSION_MODULES = {"gated": GatedFusion, "concat": ConcatFusion, "film": FilmFusi
 
 
 def build_fusion(name: str, kosmos_dim: int, clip_dim: int, state_dim: int, dim: int, dropout: float) -> nn.Module:
+    """The fusion module `name` ("gated", "concat", "film") for these feature widths -> [N, dim]."""
     return FUSION_MODULES[name](kosmos_dim, clip_dim, state_dim, dim, dropout)

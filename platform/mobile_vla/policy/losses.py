@@ -22,6 +22,7 @@ from mobile_vla.policy.config import ACTION_NAMES
 
 
 def policy_loss(output, batch: dict, nll_weight: float = 0.1, huber_delta: float = 1.0) -> dict[str, torch.Tensor]:
+    """{"loss", "huber", "nll"}: the masked training loss of a batch of windows (see the module docstring)."""
     target = torch.as_tensor(batch["actions"]).to(output.actions)  # [B, T, K, 3]
     mask = torch.ones(target.shape[:-1], dtype=target.dtype, device=target.device)  # [B, T, K]
     if batch.get("action_mask") is not None:

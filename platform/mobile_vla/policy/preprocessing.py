@@ -224,6 +224,8 @@ class Preprocessing:
             raise ModelError(f"{path}: version {data.get('version')}: this code reads up to {PREPROCESSING_VERSION}")
         tokenizer = None
         if data.get("tokenizer"):
+            # policy.text loads open_clip (torch) and transformers: only a preprocessing with a tokenizer
+            # pays for them, not the serving and data modules that import this one for the numbers
             from mobile_vla.policy.text import load_tokenizer
 
             tokenizer = load_tokenizer(folder / data["tokenizer"])
@@ -244,7 +246,7 @@ class Preprocessing:
     def __setstate__(self, state: dict) -> None:
         tokenizer = None
         if state["tokenizer_files"] is not None:
-            from mobile_vla.policy.text import load_tokenizer
+            from mobile_vla.policy.text import load_tokenizer  # heavy: see load()
 
             with tempfile.TemporaryDirectory() as tmp:
                 for rel, blob in state["tokenizer_files"].items():

@@ -6,6 +6,7 @@ build_policy(presets.full(pretrained=False))   # real Kosmos-2 + CLIP ViT-B/32 s
 
 from __future__ import annotations
 
+from mobile_vla.errors import ConfigError
 from mobile_vla.policy.config import ClipConfig, KosmosConfig, PolicyConfig
 
 KOSMOS_HUB_ID = "microsoft/kosmos-2-patch14-224"
@@ -161,8 +162,7 @@ PRESETS = {"tiny": tiny, "small": small, "full": full}
 
 
 def get_preset(name: str) -> PolicyConfig:
-    from mobile_vla.errors import ConfigError
-
+    """The PolicyConfig of a named preset ("tiny", "small", "full"); ConfigError for any other name."""
     if name not in PRESETS:
         raise ConfigError(f"policy preset {name!r}: expected one of {', '.join(map(repr, PRESETS))}")
     return PRESETS[name]()

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import open_clip
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import CLIPImageProcessor, Kosmos2Processor, PreTrainedTokenizerFast
 
 from mobile_vla.errors import DataError, ModelError
-from mobile_vla.policy.config import CLIP_CONTEXT_LENGTH
-
-if TYPE_CHECKING:
-    from mobile_vla.policy.config import PolicyConfig
+from mobile_vla.policy.config import CLIP_CONTEXT_LENGTH, PolicyConfig
+from mobile_vla.policy.hub import from_local_or_hub
 
 TOKEN_KEYS = ("clip_input_ids", "kosmos_input_ids", "kosmos_attention_mask", "kosmos_image_embeds_position_mask")
 LOCAL_BPE_VOCAB = 1000  # trained merges + base alphabet; the processor's ~1,035 tags come on top
@@ -42,8 +44,6 @@ class TextTokenizer:
     """Both tokenizers behind one `encode`; rows are cached per instruction (robots repeat them)."""
 
     def __init__(self, processor, num_image_tokens: int, max_instruction_tokens: int, source: str) -> None:
-        import open_clip
-
         self.processor = processor
         self.num_image_tokens = num_image_tokens
         self.max_instruction_tokens = max_instruction_tokens
@@ -52,14 +52,10 @@ class TextTokenizer:
         self._encode_one = functools.lru_cache(maxsize=4096)(self._encode_uncached)
         # The image slots hold placeholder ids that the model overwrites; any non-None image
         # makes the processor insert them, so a tiny blank frame keeps the image processor's work trivial.
-        from PIL import Image
-
         self._blank = Image.new("RGB", (8, 8))
 
     def __reduce__(self):
         """Pickles (Ray tasks, Train workers) as the saved files, never as live tokenizer objects."""
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             self.save(tmp)
             files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
@@ -147,8 +143,6 @@ class TextTokenizer:
 
 
 def _tokenizer_from_files(files: dict[str, bytes]) -> TextTokenizer:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         for name, blob in files.items():
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
@@ -171,8 +165,7 @@ def build_tokenizer(config: PolicyConfig) -> TextTokenizer:
 
 
 def load_tokenizer(folder: str | Path) -> TextTokenizer:
-    from transformers import Kosmos2Processor
-
+    """The tokenizer `TextTokenizer.save` wrote to `folder`; ModelError when the files are missing or bad."""
     folder = Path(folder)
     meta_path = folder / META_FILE
     try:
@@ -191,10 +184,6 @@ def load_tokenizer(folder: str | Path) -> TextTokenizer:
 
 
 def _load_pretrained_processor(name_or_path: str):
-    from transformers import Kosmos2Processor
-
-    from mobile_vla.policy.encoders import from_local_or_hub
-
     try:
         return from_local_or_hub(Kosmos2Processor.from_pretrained, name_or_path)
     except (OSError, ValueError) as exc:
@@ -205,14 +194,13 @@ def _load_pretrained_processor(name_or_path: str):
 
 
 def corpus_lines() -> list[str]:
+    """The shipped instruction corpus the local BPE is trained on (comments and blank lines dropped)."""
     text = resources.files("mobile_vla.policy").joinpath("text_corpus.txt").read_text()
     return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 @functools.lru_cache(maxsize=1)
 def _local_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.normalizer = normalizers.NFKC()
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -229,9 +217,6 @@ def _local_tokenizer_json() -> str:
 
 def build_local_processor():
     """A real `Kosmos2Processor` around a BPE trained on the shipped corpus (random-init presets)."""
-    from tokenizers import Tokenizer
-    from transformers import CLIPImageProcessor, Kosmos2Processor, PreTrainedTokenizerFast
-
     fast = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_local_tokenizer_json()),
         bos_token="<s>",

@@ -1,9 +1,14 @@
-"""`mobile-vla train --config jobs/configs/X.yaml [key.sub=value ...]` (also `python jobs/train.py ...`)."""
+"""`mobile-vla train --config jobs/configs/X.yaml [key.sub=value ...]` (also `python jobs/train.py ...`).
+
+A CLI face: the trainer (Ray, torch, MLflow) and rich are imported inside `run_train`, so
+`mobile-vla --help` never loads them.
+"""
 
 from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    """Adds `train` to the CLI."""
     parser = subparsers.add_parser(
         "train",
         help="train the policy on Ray Train (DDP/FSDP), log to MLflow, register @challenger",
@@ -15,12 +20,14 @@ def register(subparsers) -> None:
 
 
 def add_arguments(parser) -> None:
+    """The train arguments (shared with `jobs/train.py`): --config, dotted overrides, --check."""
     parser.add_argument("--config", required=True, help="YAML preset, e.g. jobs/configs/small.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=5")
     parser.add_argument("--check", action="store_true", help="validate config, data and cluster resources, then stop")
 
 
 def run_train(args) -> int:
+    """Checks (--check) or runs the training job and prints the best checkpoint's metrics."""
     from rich.console import Console
     from rich.table import Table
 

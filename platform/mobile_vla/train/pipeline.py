@@ -21,15 +21,13 @@ with `iter_torch_batches(local_shuffle_buffer_size=...)`. Augmentation draws are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import ray.data
 
+from mobile_vla.data.episodes import FrameReader
 from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.train.windows import AugmentConfig, SplitIndex, build_split_index, window_rng
-
-if TYPE_CHECKING:
-    import ray.data
 
 _READER = None  # one FrameReader per worker process: file handles stay open across batches
 
@@ -37,8 +35,6 @@ _READER = None  # one FrameReader per worker process: file handles stay open acr
 def _frame_reader():
     global _READER
     if _READER is None:
-        from mobile_vla.data.episodes import FrameReader
-
         _READER = FrameReader()
     return _READER
 
@@ -78,8 +74,6 @@ def build_window_dataset(
     """A lazy `ray.data.Dataset` of window samples for `split` (`shuffle` defaults to `augment`,
     i.e. on for training, off for evaluation).
     """
-    import ray.data
-
     index = build_split_index(folder, split, preprocessing, stride)
     window_ids = np.arange(len(index), dtype=np.int64)
     if augment if shuffle is None else shuffle:

@@ -1,21 +1,16 @@
 """Figures logged to MLflow at the end of a run: training curves and predicted-vs-true actions per axis.
 
-Drawn with matplotlib's Agg backend (no display) and returned as figures; the caller logs them.
+Drawn as plain matplotlib `Figure`s (no pyplot: no display backend, no global figure state to close)
+and returned; the caller logs them.
 """
 
 from __future__ import annotations
 
+import numpy as np
+from matplotlib.figure import Figure
+
 AXES = ("linear_x", "linear_y", "angular_z")
 UNITS = ("m/s", "m/s", "rad/s")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def training_curves(steps: list[dict], epochs: list[dict]):
@@ -23,8 +18,8 @@ def training_curves(steps: list[dict], epochs: list[dict]):
 
     steps: [{"step", "loss", "lr"}]; epochs: [{"epoch", "train_loss", "val_loss", "val_mae_<axis>"...}].
     """
-    plt = _pyplot()
-    fig, (ax_loss, ax_mae) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_mae = fig.subplots(1, 2)
     if steps:
         ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.6, label="train (step)")
     if epochs:
@@ -48,12 +43,10 @@ def training_curves(steps: list[dict], epochs: list[dict]):
 
 def predicted_vs_true(pred, true, title: str = "Validation: predicted vs true"):
     """One scatter per axis with the identity line; pred and true are [N, 3] de-normalised actions."""
-    import numpy as np
-
-    plt = _pyplot()
     pred, true = np.asarray(pred), np.asarray(true)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    for i, (ax, axis, unit) in enumerate(zip(axes, AXES, UNITS)):
+    fig = Figure(figsize=(13, 4.2))
+    axes = fig.subplots(1, 3)
+    for i, (ax, axis, unit) in enumerate(zip(axes, AXES, UNITS, strict=True)):
         ax.scatter(true[:, i], pred[:, i], s=4, alpha=0.35)
         if len(true):
             lo = float(min(true[:, i].min(), pred[:, i].min()))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mobile_vla.data.episodes import FrameReader, read_episode
 from mobile_vla.data.manifest import load_manifest
@@ -58,8 +59,6 @@ def augment_frames(
     frames: np.ndarray, rng: np.random.Generator, config: AugmentConfig, fill: tuple[int, int, int]
 ) -> np.ndarray:
     """uint8 [T, H, W, 3] -> uint8 [T, H, W, 3]; one rotation/brightness/contrast draw for all T."""
-    from PIL import Image
-
     angle = rng.uniform(-config.max_rotation_deg, config.max_rotation_deg)
     brightness = rng.uniform(1 - config.brightness, 1 + config.brightness)
     contrast = rng.uniform(1 - config.contrast, 1 + config.contrast)
