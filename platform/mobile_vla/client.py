@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from PIL import Image
 
 RETRY_STATUSES = (429, 502, 503, 504)
 
@@ -40,6 +41,8 @@ class ApiError(RuntimeError):
 
 @dataclass
 class ActAnswer:
+    """One /v1/act answer, plus the round trip the robot measured."""
+
     actions: list[list[float]]  # K x [linear_x, linear_y, angular_z]; actions[0] is for now
     confidence: float
     backend: str
@@ -52,8 +55,6 @@ class ActAnswer:
 
 def encode_jpeg(frame: Any, quality: int = 85) -> str:
     """uint8 [H, W, 3] array or PIL image -> base64 JPEG text."""
-    from PIL import Image
-
     image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame, dtype=np.uint8))
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
@@ -61,6 +62,8 @@ def encode_jpeg(frame: Any, quality: int = 85) -> str:
 
 
 class RobotClient:
+    """One robot's connection: keeps its memory token and episode step, retries only what is safe."""
+
     def __init__(
         self,
         base_url: str,

@@ -58,15 +58,18 @@ def served(ray_cluster, serve_home, use_home):
     from ray import serve
 
     from mobile_vla.serve.app import ServeAppConfig, build_app
+    from mobile_vla.serve.drills import DrillConfig
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     # Test-only faults hit robots named drill-slow-* / drill-error-* only; everyone else gets a healthy primary.
-    faults = [
-        {"mode": "slow", "robot_prefix": "drill-slow-", "delay_s": 30.0},
-        {"mode": "error", "robot_prefix": "drill-error-"},
-    ]
+    drill = DrillConfig(
+        primary_faults=[
+            {"mode": "slow", "robot_prefix": "drill-slow-", "delay_s": 30.0},
+            {"mode": "error", "robot_prefix": "drill-error-"},
+        ]
+    )
     args = ServeAppConfig(
         tokens_file=str(serve_home / "tokens"),
         fallback="onnx",
@@ -75,10 +78,9 @@ def served(ray_cluster, serve_home, use_home):
         primary_timeout_s=4.0,
         breaker_failures=2,
         breaker_reset_s=1.0,
-        primary_faults=faults,
     )
     with use_home(serve_home):
-        serve.run(build_app(args), name=APP, route_prefix="/")
+        serve.run(build_app(args, drill=drill), name=APP, route_prefix="/")
     app = Served(f"http://127.0.0.1:{port}", (serve_home / "token").read_text(), serve_home)
     yield app
     app.http.close()
@@ -137,6 +139,39 @@ def test_batches_form_under_concurrent_load(served):
     batches = after["batches"] - before["batches"]
     calls = after["calls"] - before["calls"]  # the ingress gathers its own batches: one call each
     assert requests == 48 and batches < requests and calls < requests, (requests, batches, calls)
+
+
+def test_each_act_tokenises_its_instruction_once_in_the_policy_replica(served):
+    # The ingress holds no tokenizer; the policy replica's instruction cache counts every lookup:
+    # a miss is the one tokenisation of an instruction, a hit a request served without tokenising.
+    instruction = "go to the green ball by the far wall"  # no other test sends it
+    before = served.policy_info()["instructions"]
+    answers = [served.act(robot_id="tok-1", instruction=instruction) for _ in range(3)]
+    assert [(a.status_code, a.headers["x-served-by"]) for a in answers] == [(200, "OnnxPolicy")] * 3
+    after = served.policy_info()["instructions"]
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 2)
+
+
+def test_an_instruction_too_long_for_the_model_is_refused_alone_in_its_batch(served):
+    # The replica finds the refused robot inside the batch: 422 for it, its batch-mates served, no fallback.
+    long_instruction = "go to the red box and then " * 12
+    robots = [f"long-{i}" if i % 3 == 0 else f"short-{i}" for i in range(9)]
+
+    def act(robot):
+        return served.act(robot_id=robot, instruction=long_instruction if robot.startswith("long") else INSTRUCTION)
+
+    before = served.policy_info()
+    with ThreadPoolExecutor(9) as pool:
+        answers = dict(zip(robots, pool.map(act, robots), strict=True))
+    after = served.policy_info()
+    assert after["calls"] - before["calls"] < len(robots)  # they did share batches
+    for robot, answer in answers.items():
+        if robot.startswith("long"):
+            assert answer.status_code == 422 and _error(answer)["code"] == "invalid_request", answer.text
+            assert "tokens, more than" in _error(answer)["message"]  # the tokenizer says which limit
+        else:
+            assert answer.status_code == 200 and answer.headers["x-served-by"] == "OnnxPolicy", answer.text
+    assert served.act(robot_id="r-after-long").headers["x-fallback-reason"] == "none"  # the breaker stayed closed
 
 
 def test_a_robot_failing_in_a_batch_goes_to_the_fallback_alone(served):
@@ -288,7 +323,7 @@ def test_robot_client_keeps_memory_and_steps(served):
         assert refused.value.status == 422
 
 
-# -- fallback: a slow or failing primary (test-only faults for drill-* robots, set in user_config) -----
+# -- fallback: a slow or failing primary (test-only drill faults for drill-* robots) ------------------
 def test_slow_then_failing_primary_falls_back_and_breaker_opens(served):
     slow = served.act(robot_id="drill-slow-1")  # primary stalls past primary_timeout_s
     assert slow.status_code == 200 and slow.headers["x-served-by"] == "OnnxFallbackPolicy"

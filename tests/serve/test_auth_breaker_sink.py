@@ -2,7 +2,7 @@ import pytest
 
 from mobile_vla.errors import ConfigError
 from mobile_vla.serve.auth import TokenVerifier, create_tokens_file, resolve_tokens_path
-from mobile_vla.serve.routing import BreakerState, CircuitBreaker
+from mobile_vla.serve.router import BreakerState, CircuitBreaker
 
 
 def test_tokens_are_hashed_and_checked(tmp_path):

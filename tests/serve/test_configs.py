@@ -92,3 +92,32 @@ def test_serve_command_proxy_environment(monkeypatch):
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
     assert proxy_environment(False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}  # the operator's opt-out holds
     assert proxy_environment(True) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def test_test_only_drills_are_no_app_argument():
+    # Fault injection and the fake engine-build pause reach the primary only through build_app(drill=...).
+    from mobile_vla.serve.drills import DrillConfig, DrillPolicyConfig
+    from mobile_vla.serve.settings import PolicyUserConfig
+
+    for key, value in [("primary_faults", [{"mode": "error"}]), ("primary_prepare_delay_s", 5.0)]:
+        with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+            validate_config({key: value}, ServeAppConfig, "args")
+    with pytest.raises(ValueError, match="faults"):
+        PolicyUserConfig.model_validate({"model_uri": "models:/m/1", "faults": []})
+    drill = DrillConfig(primary_faults=[{"mode": "slow", "delay_s": 2}], primary_prepare_delay_s=3)
+    primary = drill.policy_config(PolicyUserConfig(model_uri="models:/m/1", max_batch_size=8))
+    assert isinstance(primary, DrillPolicyConfig) and primary.max_batch_size == 8
+    assert (primary.faults[0].robot_prefix, primary.prepare_delay_s) == ("drill-", 3)
+
+
+def test_serving_reads_the_runtime_backend_table():
+    from typing import get_args
+
+    from mobile_vla.runtime import BACKEND_NAMES
+    from mobile_vla.serve.schemas import ActResponse
+    from mobile_vla.serve.settings import POLICY_BACKENDS
+
+    assert get_args(ActResponse.model_fields["backend"].annotation) == BACKEND_NAMES
+    for kind, backends in POLICY_BACKENDS.items():
+        assert backends and set(backends) <= set(BACKEND_NAMES), kind
+    assert set(get_args(ServeAppConfig.model_fields["primary"].annotation)) == set(POLICY_BACKENDS)

@@ -2,8 +2,8 @@
 tracking.set_alias) while client threads hammer /v1/act.
 
 The primary is an ONNX Runtime deployment whose "engine build" for a new version is a configured
-delay (`primary_prepare_delay_s`, standing in for TensorRT): meanwhile the ONNX fallback must serve
-the new version, then traffic returns to the primary. One deployment, swapped several times.
+delay (the test-only drill's `primary_prepare_delay_s`, standing in for TensorRT): meanwhile the
+ONNX fallback must serve the new version, then traffic returns to the primary. One deployment, swapped several times.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -60,6 +59,7 @@ def swap_home(tmp_path_factory, use_home, serve_home):
 @pytest.fixture(scope="module")
 def app(ray_cluster, swap_home):
     from mobile_vla.serve.app import ServeAppConfig
+    from mobile_vla.serve.drills import DrillConfig
 
     args = ServeAppConfig(
         tokens_file=str(swap_home / "tokens"),
@@ -68,9 +68,9 @@ def app(ray_cluster, swap_home):
         batch_wait_timeout_s=0.01,
         primary_timeout_s=20.0,
         alias_poll_s=0.3,
-        primary_prepare_delay_s=ENGINE_BUILD_S,
     )
-    with deployed_app(APP, swap_home, args) as client:
+    drill = DrillConfig(primary_prepare_delay_s=ENGINE_BUILD_S)  # test-only: the primary's "engine build"
+    with deployed_app(APP, swap_home, args, drill=drill) as client:
         yield client
 
 
@@ -129,7 +129,15 @@ class Hammer:
         return [log[-1] for log in self.log if log]
 
 
+def _serving(app, version: str) -> bool:
+    """The alias points at `version` and the primary serves it."""
+    info = app.model()
+    return info["version"] == info["alias_version"] == version and info["active"] == PRIMARY
+
+
 def test_hot_swap_under_load_switches_once_with_no_failed_request(app, swap_home, use_home):
+    _move_champion(swap_home, "1", use_home)  # whatever another test left: start from version 1
+    wait_until(lambda: _serving(app, "1"), 120, every_s=0.5, what="the primary serving version 1")
     assert app.act(IMAGE).json()["model"]["version"] == "1"
     transitions = []  # what /v1/model said while the primary was "building its engine"
     with Hammer(app) as hammer:
@@ -144,7 +152,12 @@ def test_hot_swap_under_load_switches_once_with_no_failed_request(app, swap_home
             return len(last) == 4 and all(v == "2" and by == PRIMARY for _, v, by, _ in last)
 
         wait_until(primary_took_over, 180, every_s=0.5, what="the primary serving version 2 to every client")
-        time.sleep(0.5)
+        seen = [len(log) for log in hammer.log]  # then a few more answers each: the switch must hold
+        wait_until(
+            lambda: all(len(log) >= n + 3 for log, n in zip(hammer.log, seen, strict=True)),
+            60,
+            what="more answers after the switch",
+        )
     answers = hammer.answers()
     assert [a[0] for a in answers] == [200] * len(answers), [a for a in answers if a[0] != 200][:5]
     for log in hammer.log:  # per robot: 1 ... 1 2 ... 2, never back
@@ -164,6 +177,8 @@ def test_hot_swap_under_load_switches_once_with_no_failed_request(app, swap_home
 def test_failed_load_keeps_the_old_model_and_shows_why(app, swap_home, use_home):
     import ray
 
+    _move_champion(swap_home, "2", use_home)  # whatever another test left: start from version 2
+    wait_until(lambda: _serving(app, "2"), 120, every_s=0.5, what="the primary serving version 2")
     assert app.act(IMAGE).json()["model"]["version"] == "2"
     with Hammer(app, threads=2) as hammer:
         _move_champion(swap_home, "3", use_home)  # registered without onnx/: no backend can load it

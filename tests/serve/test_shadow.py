@@ -58,6 +58,7 @@ def shadow_home(tmp_path_factory, use_home, serve_home):
 @pytest.fixture(scope="module")
 def app(ray_cluster, shadow_home):
     from mobile_vla.serve.app import ServeAppConfig, ShadowConfig
+    from mobile_vla.serve.drills import DrillConfig
 
     # No fallback here; drill-error-* robots fail on the primary (test-only fault), everyone else is served.
     args = ServeAppConfig(
@@ -67,9 +68,9 @@ def app(ray_cluster, shadow_home):
         primary_timeout_s=20.0,
         alias_poll_s=0.3,
         shadow=ShadowConfig(tolerance=TOLERANCE),
-        primary_faults=[{"mode": "error", "robot_prefix": "drill-error-"}],
     )
-    with deployed_app(APP, shadow_home, args) as client:
+    drill = DrillConfig(primary_faults=[{"mode": "error", "robot_prefix": "drill-error-"}])
+    with deployed_app(APP, shadow_home, args, drill=drill) as client:
         yield client
 
 
@@ -104,20 +105,38 @@ def _shadow(app) -> dict:
     return app.model()["shadow"]
 
 
+def _settled_shadow(app) -> dict:
+    """The shadow's counters once every earlier request has been compared (two reads 1 s apart agree)."""
+    reads = []
+
+    def settled():
+        reads.append(_shadow(app))
+        counts = [(r["compared"], r["errors"], r["dropped"]) for r in reads[-2:]]
+        return reads[-1] if len(counts) == 2 and counts[0] == counts[1] else None
+
+    return wait_until(settled, 60, every_s=1.0, what="the shadow's earlier comparisons to finish")
+
+
 def test_shadow_records_agreement_and_never_changes_answers(app, shadow_home, use_home):
     champion = _local_actions(shadow_home, "1", use_home)
     challenger = _local_actions(shadow_home, "2", use_home)
     np.testing.assert_allclose(challenger - champion, 0.1, atol=1e-4)  # the two versions really differ
 
+    start = _settled_shadow(app)  # counters so far (another test's traffic is compared too)
     served = _send_all(app, "a")
     np.testing.assert_allclose(served, champion, atol=1e-4)  # exactly the answers without a shadow
-    stats = wait_until(lambda: (s := _shadow(app))["compared"] >= len(FRAMES) and s, 60, what="shadow comparisons")
-    assert (stats["alias"], stats["version"], stats["errors"], stats["dropped"]) == ("challenger", "2", 0, 0)
-    assert stats["compared"] == len(FRAMES)
+    stats = wait_until(
+        lambda: (s := _shadow(app))["compared"] >= start["compared"] + len(FRAMES) and s, 60, what="shadow comparisons"
+    )
+    assert (stats["alias"], stats["version"]) == ("challenger", "2")
+    assert (stats["errors"], stats["dropped"]) == (start["errors"], start["dropped"])
+    assert stats["compared"] - start["compared"] == len(FRAMES)
     diff = np.abs(challenger - champion).mean(axis=(1, 2))  # [N]
     agree = np.abs(challenger[:, 0] - champion[:, 0]).max(axis=1) <= TOLERANCE  # [N]
-    assert stats["mean_abs_action_diff"] == pytest.approx(diff.mean(), rel=1e-3, abs=1e-5)
-    assert stats["agreed"] == int(agree.sum())
+    earlier_sum = (start["mean_abs_action_diff"] or 0.0) * start["compared"]  # None before any comparison
+    diff_sum = stats["mean_abs_action_diff"] * stats["compared"] - earlier_sum
+    assert diff_sum / len(FRAMES) == pytest.approx(diff.mean(), rel=1e-3, abs=1e-5)
+    assert stats["agreed"] - start["agreed"] == int(agree.sum())
 
     # The shadow follows its alias too: pointed at the champion's own version, everything agrees.
     from mobile_vla.tracking import set_alias
@@ -141,14 +160,22 @@ def test_shadow_records_agreement_and_never_changes_answers(app, shadow_home, us
 
 
 def test_without_a_fallback_only_the_robot_that_failed_gets_503(app):
-    # sent together, so usually one batch: the primary answers three robots and fails one
+    """One robot the primary fails and three healthy ones in the same batch: only the failing one gets
+    503. The burst is sent again until the primary's counters show all four in one call."""
     frame = base64.b64encode(FRAMES[0]).decode()
     robots = ["drill-error-nofallback", "nofallback-0", "nofallback-1", "nofallback-2"]
-    with ThreadPoolExecutor(len(robots)) as pool:
-        answers = list(pool.map(lambda robot: app.act(frame, robot_id=robot, state=STATE), robots))
-    failed, served = answers[0], answers[1:]
-    assert failed.status_code == 503, failed.text
-    assert failed.json() == {"error": {"code": "unavailable", "message": failed.json()["error"]["message"]}}
-    assert "no fallback configured" in failed.json()["error"]["message"]
-    assert [a.status_code for a in served] == [200, 200, 200]
+    calls = []
+    for _ in range(10):
+        before = app.policy_info("OnnxPolicy")["calls"]
+        with ThreadPoolExecutor(len(robots)) as pool:
+            answers = list(pool.map(lambda robot: app.act(frame, robot_id=robot, state=STATE), robots))
+        failed, served = answers[0], answers[1:]
+        assert failed.status_code == 503, failed.text
+        assert failed.json() == {"error": {"code": "unavailable", "message": failed.json()["error"]["message"]}}
+        assert "no fallback configured" in failed.json()["error"]["message"]
+        assert [a.status_code for a in served] == [200, 200, 200]
+        calls.append(app.policy_info("OnnxPolicy")["calls"] - before)
+        if calls[-1] == 1:
+            break  # the four shared one batch
+    assert calls[-1] == 1, f"the four robots never shared a batch (primary calls per burst: {calls})"
     assert app.http.get("/healthz").status_code == 200

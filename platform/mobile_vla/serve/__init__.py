@@ -1,5 +1,6 @@
-"""Ray Serve application: HTTP ingress, TensorRT / ONNX policy deployments, memory tokens, auth,
-metrics, the feedback sink and the robot client. `build_app` lives in `mobile_vla.serve.app`.
+"""Ray Serve application: HTTP ingress (routes, request checks, batch router, alias watcher, shadow),
+TensorRT / ONNX policy deployments, memory tokens, auth, metrics and the feedback sink. `build_app`
+lives in `mobile_vla.serve.app`; the robot client is `mobile_vla.client`.
 
 Light at import: ray, fastapi and onnxruntime load in the submodules that need them.
 """

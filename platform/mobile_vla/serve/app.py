@@ -15,100 +15,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, model_validator
-
-from mobile_vla.config import StrictModel, platform_home, validate_config
+from mobile_vla.config import platform_home, validate_config
 from mobile_vla.errors import ConfigError
 from mobile_vla.policy.config import IMAGE_SIZE
-from mobile_vla.serve.deployments import DEFAULT_ALIAS_POLL_S, DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, FaultConfig
+from mobile_vla.serve.auth import TokenVerifier, resolve_tokens_path
+from mobile_vla.serve.deployments import POLICY_DEPLOYMENTS, REPLICA_RESOURCES, OnnxPolicy
+from mobile_vla.serve.drills import DrillConfig, drill_deployment
+from mobile_vla.serve.memory_token import load_or_create_secret, resolve_secret_path
+from mobile_vla.serve.routes import PolicyIngress
+from mobile_vla.serve.settings import ONNX, IngressConfig, PolicyUserConfig, ServeAppConfig, ShadowConfig
+from mobile_vla.tracking import resolve_model
 
-
-class ShadowConfig(StrictModel):
-    """Shadow mode: the `alias` version answers a copy of live requests; only agreement is recorded."""
-
-    alias: str = Field(default="challenger", min_length=1, description="registry alias the shadow serves and follows")
-    sample_rate: float = Field(default=1.0, gt=0, le=1, description="share of /v1/act requests copied to the shadow")
-    tolerance: float = Field(
-        default=0.05, gt=0, description="agree when the first actions differ by at most this (m/s, rad/s)"
-    )
-    max_in_flight: int = Field(
-        default=64, ge=1, description="copies waiting for the shadow; more are dropped, never queued"
-    )
-    memory_robots: int = Field(
-        default=10_000, ge=1, description="robots whose shadow recurrent state the ingress keeps"
-    )
-
-
-class ServeAppConfig(StrictModel):
-    """Arguments of the application (`args:` in a Serve config file, or key=value for `serve run`)."""
-
-    model_uri: str = Field(
-        default="models:/mobile-vla-policy@champion", description="models:/NAME@alias, models:/NAME/V or a folder"
-    )
-    primary: Literal["tensorrt", "onnx"] = Field(
-        default="onnx", description="tensorrt on GPU nodes, onnx on CPU-only machines"
-    )
-    fallback: Literal["onnx"] | None = Field(
-        default=None, description="deployment used when the primary fails, is slow or absent"
-    )
-    tokens_file: str | None = Field(
-        default=None, description="API tokens, one per line; default env MOBILE_VLA_TOKENS_FILE"
-    )
-    memory_secret_file: str | None = Field(
-        default=None,
-        description="HMAC secret of memory tokens; default env MOBILE_VLA_MEMORY_SECRET_FILE, else $MOBILE_VLA_HOME/serve/memory_secret",
-    )
-    feedback_dir: str | None = Field(
-        default=None, description="feedback write-ahead log (FeedbackStore root); default $MOBILE_VLA_HOME/feedback"
-    )
-    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
-    max_ongoing_requests: int | None = Field(
-        default=None, ge=1, description="per policy replica; default 2 x max_batch_size"
-    )
-    fp16: bool = False
-    cpu_threads: int = Field(
-        default=1,
-        ge=0,
-        le=256,
-        description="ONNX Runtime threads per policy replica (0: one per core); match the replica's num_cpus",
-    )
-    primary_timeout_s: float = Field(default=0.5, gt=0, le=30)
-    breaker_failures: int = Field(default=3, ge=1)
-    breaker_reset_s: float = Field(default=10.0, gt=0)
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
-    alias_poll_s: float = Field(
-        default=DEFAULT_ALIAS_POLL_S,
-        ge=0,
-        le=3600,
-        description="how often replicas check where the alias points (hot swap); 0: never",
-    )
-    shadow: ShadowConfig | None = Field(
-        default=None, description="copy live requests to a challenger (off the request path)"
-    )
-    primary_prepare_delay_s: float = Field(
-        default=0.0,
-        ge=0,
-        le=600,
-        description="TEST-ONLY: the primary's pause before a new version, standing in for an engine build",
-    )
-    primary_faults: list[FaultConfig] = Field(
-        default_factory=list,
-        description="TEST-ONLY: make the primary fail or stall on purpose for robots named drill-*",
-    )
-
-    @model_validator(mode="after")
-    def _batches_fit(self):
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(
-                f"max_ongoing_requests = {self.max_ongoing_requests} < max_batch_size = {self.max_batch_size}: "
-                "batches could never fill"
-            )
-        return self
-
+__all__ = ["ServeAppConfig", "ShadowConfig", "build_app"]  # the app arguments, importable beside their builder
 
 FRAME_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # one decoded uint8 frame, what the ingress sends a policy replica per robot
 
@@ -129,14 +48,20 @@ def _replica_env(max_batch_size: int) -> dict[str, str]:
     return env
 
 
-def build_app(args: ServeAppConfig | dict | None = None):
-    """Typed builder used by `serve run/deploy` (dict args) and by code and tests (ServeAppConfig)."""
-    from mobile_vla.serve.auth import TokenVerifier, resolve_tokens_path
-    from mobile_vla.serve.deployments import POLICY_CLASSES, OnnxPolicy, PolicyUserConfig
-    from mobile_vla.serve.ingress import IngressConfig, PolicyIngress
-    from mobile_vla.serve.memory_token import load_or_create_secret, resolve_secret_path
-    from mobile_vla.tracking import resolve_model
+def build_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | None = None):
+    """The Serve application: ingress, primary policy, optional fallback and optional shadow.
 
+    Args:
+        args: the app arguments; a dict (from `serve run/deploy`) is validated as `ServeAppConfig`.
+        drill: TEST-ONLY fault injection into the primary (`serve.drills`); never in production.
+
+    Returns:
+        The bound ingress deployment, for `serve.run` or a Serve config's `import_path`.
+
+    Raises:
+        ConfigError: bad arguments, no tokens file, or shadow mode without a registered model.
+        ModelError: the model (or the shadow alias) cannot be resolved.
+    """
     if not isinstance(args, ServeAppConfig):
         args = validate_config(dict(args or {}), ServeAppConfig, "serve app args")
     tokens_path = resolve_tokens_path(args.tokens_file)
@@ -159,23 +84,24 @@ def build_app(args: ServeAppConfig | dict | None = None):
         alias_poll_s=args.alias_poll_s,
     )
     ongoing = args.max_ongoing_requests or 2 * args.max_batch_size
-    primary_cls = POLICY_CLASSES[args.primary]
-    primary_resources = {"num_gpus": 1, "num_cpus": 1} if args.primary == "tensorrt" else {"num_cpus": 1}
+    primary_cls = POLICY_DEPLOYMENTS[args.primary]
+    primary_config = policy_config
+    if drill is not None:
+        primary_cls, primary_config = drill_deployment(args.primary), drill.policy_config(policy_config)
     primary = primary_cls.options(
         max_ongoing_requests=ongoing,
-        ray_actor_options={**primary_resources, **env},
-        user_config=policy_config.model_copy(
-            update={"faults": args.primary_faults, "prepare_delay_s": args.primary_prepare_delay_s}
-        ).model_dump(mode="json"),
+        ray_actor_options={**REPLICA_RESOURCES[args.primary], **env},
+        user_config=primary_config.model_dump(mode="json"),
     )
     primary_name = primary_cls.name
     fallback = fallback_name = None
     if args.fallback is not None:
-        fallback_name = "OnnxFallbackPolicy" if primary_cls is OnnxPolicy else OnnxPolicy.name
-        fallback = OnnxPolicy.options(
+        fallback_cls = POLICY_DEPLOYMENTS[args.fallback]
+        fallback_name = "OnnxFallbackPolicy" if args.fallback == args.primary else fallback_cls.name
+        fallback = fallback_cls.options(
             name=fallback_name,
             max_ongoing_requests=ongoing,
-            ray_actor_options={"num_cpus": 1, **env},
+            ray_actor_options={**REPLICA_RESOURCES[args.fallback], **env},
             user_config=policy_config.model_dump(mode="json"),
         )
     shadow = shadow_name = None
@@ -191,7 +117,7 @@ def build_app(args: ServeAppConfig | dict | None = None):
         shadow = OnnxPolicy.options(
             name=shadow_name,
             max_ongoing_requests=ongoing,
-            ray_actor_options={"num_cpus": 1, **env},
+            ray_actor_options={**REPLICA_RESOURCES[ONNX], **env},
             user_config=policy_config.model_copy(
                 update={
                     "model_uri": f"models:/{shadow_resolved.name}/{shadow_resolved.version}",

@@ -19,6 +19,7 @@ MIN_TOKEN_CHARS = 16
 
 
 def resolve_tokens_path(tokens_file: str | None) -> Path:
+    """The tokens file: the app argument, else env MOBILE_VLA_TOKENS_FILE; ConfigError when neither is set."""
     chosen = tokens_file or os.environ.get("MOBILE_VLA_TOKENS_FILE")
     if not chosen:
         raise ConfigError(

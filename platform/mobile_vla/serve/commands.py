@@ -1,4 +1,5 @@
-"""`mobile-vla serve [--config serve_configs/local.yaml]`: local Ray + Serve on 127.0.0.1, until Ctrl-C.
+"""`mobile-vla serve [--config serve_configs/local.yaml]`: local Ray + Serve on 127.0.0.1, until Ctrl-C
+or SIGTERM (either shuts Serve and the local Ray down: no process left behind, the port freed).
 
 The config is a Ray Serve config file (the same one `serve deploy` takes), validated with Ray's
 own schema; this command only adds the embedded defaults: a local Ray, host forced to 127.0.0.1,
@@ -9,17 +10,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
 from pathlib import Path
+
+from mobile_vla.config import platform_home, read_yaml
+from mobile_vla.errors import ConfigError, ResourceError
+from mobile_vla.serve.auth import create_tokens_file
 
 DEFAULT_CONFIG = "serve_configs/local.yaml"
 
 
 def register(subparsers) -> None:
+    """Adds `mobile-vla serve`."""
     parser = subparsers.add_parser(
         "serve",
         help="serve the policy over HTTP (local Ray + Serve on 127.0.0.1:8000)",
-        description="Starts a local Ray cluster and deploys the Serve config; blocks until Ctrl-C.",
+        description="Starts a local Ray cluster and deploys the Serve config; blocks until Ctrl-C or SIGTERM.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default {DEFAULT_CONFIG})")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
@@ -51,11 +58,9 @@ def proxy_environment(haproxy: bool) -> dict[str, str]:
 
 def load_serve_config(path: str | Path, port: int | None = None, model_uri: str | None = None):
     """Reads and validates a Serve config (ServeDeploySchema); host pinned to 127.0.0.1."""
+    # Here, not at the top: `mobile-vla --help` imports this module and must not load Ray.
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
-
-    from mobile_vla.config import read_yaml
-    from mobile_vla.errors import ConfigError
 
     data = read_yaml(path)
     http = data.setdefault("http_options", {})
@@ -77,9 +82,6 @@ def load_serve_config(path: str | Path, port: int | None = None, model_uri: str 
 
 def ensure_tokens_file() -> Path:
     """The configured tokens file, or a new one with one random token under the platform home."""
-    from mobile_vla.config import platform_home
-    from mobile_vla.serve.auth import create_tokens_file
-
     configured = os.environ.get("MOBILE_VLA_TOKENS_FILE")
     if configured:
         return Path(configured)
@@ -91,13 +93,19 @@ def ensure_tokens_file() -> Path:
     return path
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from mobile_vla.errors import ResourceError
+def _stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (a service manager, `kill`) stops the server like Ctrl-C.
 
+    A second SIGTERM is ignored while Serve and Ray shut down.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Deploys the config on a local Ray and blocks; Ctrl-C or SIGTERM shut everything down."""
     config = load_serve_config(args.config, args.port, args.model)
     tokens = ensure_tokens_file()
-    from mobile_vla.config import platform_home
-
     os.environ["MOBILE_VLA_HOME"] = str(platform_home())  # replicas and the app builder see the same home
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.update(proxy_environment(args.haproxy))
@@ -107,11 +115,15 @@ def run_serve(args: argparse.Namespace) -> int:
             "http_options.host says: firewall them (docs/http_api.md#haproxy-mode)"
         )
 
+    # Here, not at the top: `mobile-vla --help` imports this module and must not load Ray.
     import ray
     from ray import serve
     from ray.serve._private.api import serve_start
 
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    from mobile_vla.ray_session import ensure_ray
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    owned = ensure_ray(loopback=True, log_to_driver=True)  # replica logs show here
     try:
         client = serve_start(
             http_options=config.http_options.model_dump(exclude_unset=True), proxy_location=config.proxy_location
@@ -135,11 +147,12 @@ def run_serve(args: argparse.Namespace) -> int:
         for app in config.applications:
             print(f"serving {app.name} at http://127.0.0.1:{port}{(app.route_prefix or '').rstrip('/')}/v1/act")
         print(f"API token: `cat {tokens}` (send it as 'Authorization: Bearer <token>'); docs: docs/http_api.md")
-        print("Ctrl-C to stop")
+        print("Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     finally:
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
+            if owned:
+                ray.shutdown()

@@ -1,13 +1,13 @@
 """Policy deployments: stateless replicas that run one recurrent step for a batch of robots.
 
 `TensorRTPolicy` (GPU, the primary on GPU nodes) and `OnnxPolicy` (ONNX Runtime: CUDA provider on
-a GPU, CPU provider otherwise; the fallback, or the primary on CPU-only machines) share one class
-body and differ only in which backends they accept. Batching happens twice: the ingress gathers
-concurrent robots into one `step_batch` call (so Serve's per-call cost is paid once per batch, not
-per robot), and `@serve.batch` here merges the batches that arrive while the model runs (from
-several ingress replicas, or the ingress's next batch) into one `backend.predict` call, run in a
-thread so the event loop keeps queueing. `CONCURRENT_BATCHES` model runs may overlap, so the
-next batch is unpacked while one computes.
+a GPU, CPU provider otherwise; the fallback, or the primary on CPU-only machines) share one replica
+body (`PolicyReplica`) and differ only in which runtime backends they accept (`POLICY_BACKENDS`).
+Batching happens twice: the ingress gathers concurrent robots into one `step_batch` call (so
+Serve's per-call cost is paid once per batch, not per robot), and `@serve.batch` here merges the
+batches that arrive while the model runs (from several ingress replicas, or the ingress's next
+batch) into one `backend.predict` call, run in a thread so the event loop keeps queueing.
+`CONCURRENT_BATCHES` model runs may overlap, so the next batch is unpacked while one computes.
 
 The model comes from `user_config` (`PolicyUserConfig`): `reconfigure()` runs at start and on every
 user_config change without a restart. With `alias` set, each replica also follows the alias itself
@@ -19,127 +19,50 @@ that fails leaves the old one serving, counts in `mobile_vla_model_load_failures
 `info()` until a later version loads. Why each replica polls (not a controller pushing user_config):
 nothing else has to run for an alias moved in the MLflow UI to take effect, and a replica that
 restarts starts on the alias's current version.
+
+The replica is also the one place an instruction is tokenised (the backend's instruction cache): a
+batch the backend refuses (an instruction with more tokens than the model takes) is run robot by
+robot, and only the robots at fault get a refusal (`StepFailure.refused`: a 422 at the ingress).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
 from ray import serve
 
-from mobile_vla.config import StrictModel
+from mobile_vla.errors import DataError
+from mobile_vla.serve.engine_provision import ensure_engine
 from mobile_vla.serve.heap import freeze_long_lived_heap
+from mobile_vla.serve.metrics import PolicyMetrics
+from mobile_vla.serve.model_versions import LoadedModel, alias_target, load_model, verify_model
+from mobile_vla.serve.schemas import BackendUnavailable, StepFailure, StepRequest, StepResult
+from mobile_vla.serve.settings import (
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    ONNX,
+    POLICY_BACKENDS,
+    TENSORRT,
+    PolicyUserConfig,
+)
 
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_MAX_BATCH_SIZE = 32
-DEFAULT_BATCH_WAIT_S = 0.005
-DEFAULT_ALIAS_POLL_S = 2.0
 CONCURRENT_BATCHES = 2  # model runs at once per replica: one prepares or returns while the other computes
 RETRY_FAILED_S = 30.0  # a version that failed is tried again after this (e.g. its onnx/ got attached since)
-_PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
-class FaultConfig(StrictModel):
-    """TEST-ONLY fault injection, so tests and failover drills can make a primary fail or stall on
-    purpose without mocking Ray Serve. It hits only robots whose id starts with `robot_prefix`: an
-    `error` fails only their steps (their batch-mates keep the primary's answer); a `slow` stall
-    holds the whole batch the drill robot is in, so batch-mates are answered by the fallback after
-    `primary_timeout_s`. Never set in production configs.
-    """
+class PolicyReplica:
+    """Shared body of the policy deployments; subclasses set `KIND` (which backends they accept)."""
 
-    mode: Literal["error", "slow"]
-    robot_prefix: str = Field(default="drill-", min_length=1)
-    delay_s: float = Field(default=1.0, ge=0, le=60)
-
-
-class PolicyUserConfig(StrictModel):
-    model_uri: str = Field(description="models:/NAME/VERSION (or a local model folder)")
-    alias: str | None = None
-    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
-    fp16: bool = False
-    cpu_threads: int = Field(
-        default=1, ge=0, le=256, description="ONNX Runtime intra-op threads (0: one per core); idle threads never spin"
-    )
-    alias_poll_s: float = Field(
-        default=DEFAULT_ALIAS_POLL_S,
-        ge=0,
-        le=3600,
-        description="how often the replica checks where `alias` points; 0: only user_config changes the model",
-    )
-    prepare_delay_s: float = Field(
-        default=0.0,
-        ge=0,
-        le=600,
-        description="TEST-ONLY: a pause before loading a new version, standing in for a TensorRT engine build",
-    )
-    faults: list[FaultConfig] = Field(default_factory=list)
-
-
-class BackendUnavailable(RuntimeError):
-    """This replica has no model loaded (e.g. no TensorRT plan for this GPU): use the fallback."""
-
-
-@dataclass
-class StepRequest:
-    """One robot's step, already validated and decoded by the ingress."""
-
-    robot_id: str
-    image: np.ndarray  # uint8 [H, W, C] = [224, 224, 3]
-    state: np.ndarray  # float32 [S], raw (the backend normalises)
-    instruction: str
-    memory_version: str | None = None  # model version the memory belongs to
-    memory_name: str | None = None
-    h: np.ndarray | None = None  # float32 [layers, hidden]
-    c: np.ndarray | None = None
-
-
-@dataclass
-class StepResult:
-    actions: np.ndarray  # float32 [K, 3], de-normalised
-    confidence: float
-    h: np.ndarray  # float32 [layers, hidden]
-    c: np.ndarray
-    model_name: str
-    model_version: str
-    backend: str
-    memory_reset: bool
-
-
-@dataclass
-class StepFailure:
-    """In the slot of a robot whose step failed while the rest of its batch was answered."""
-
-    error: str
-
-
-@dataclass
-class LoadedModel:
-    backend: Any  # mobile_vla.export Backend
-    name: str
-    version: str
-    alias: str | None
-    uri: str
-    state_shape: tuple[int, ...]  # one robot's h or c: the backend's memory without the batch axis
-
-
-class PolicyDeployment:
-    """Shared body of both policy deployments; subclasses set `PREFER`."""
-
-    PREFER: tuple[str, ...] = ()
+    KIND: str = ""
+    CONFIG: type[PolicyUserConfig] = PolicyUserConfig  # what user_config must hold
 
     def __init__(self):
-        from mobile_vla.serve.metrics import PolicyMetrics
-
         self._model: LoadedModel | None = None
         self._load_error: str | None = None
         self._config: PolicyUserConfig | None = None
@@ -155,48 +78,10 @@ class PolicyDeployment:
         self._watcher.start()
 
     # -- model lifecycle -------------------------------------------------------------------------
-    def _load_model(self, config: PolicyUserConfig) -> LoadedModel:
-        """Resolves the URI and opens the first backend of PREFER that works on this machine."""
-        from mobile_vla.runtime import load_backend
-        from mobile_vla.tracking import resolve_model
-
-        resolved = resolve_model(config.model_uri)
-        backend = load_backend(
-            resolved.path, prefer=self.PREFER, fp16=config.fp16, threads=config.cpu_threads, spinning=False
-        )
-        h, _ = backend.initial_memory(1)  # [..., 1, ...]: the recurrent state's shape comes from the signature
-        name = backend.model_name or resolved.name or "unknown"
-        version = str(backend.model_version or resolved.version or "unknown")
-        return LoadedModel(
-            backend,
-            name,
-            version,
-            config.alias or resolved.alias,
-            config.model_uri,
-            tuple(int(n) for i, n in enumerate(h.shape) if i != 1),
-        )
-
     def _prepare_version(self, config: PolicyUserConfig) -> None:
         """What must exist before `config.model_uri` can load here; TensorRTPolicy fetches or builds
         the engine. Runs on the watcher thread while the old model keeps serving.
         """
-        if config.prepare_delay_s:
-            time.sleep(config.prepare_delay_s)
-
-    @staticmethod
-    def _verify(loaded: LoadedModel, expected_version: str | None) -> None:
-        """load_backend already checked the signature and ran a probe step; the version must also be
-        the one the alias named (a cached folder of another version must never be served under it).
-        """
-        if expected_version is not None and loaded.version != expected_version:
-            raise RuntimeError(f"{loaded.uri}: loaded files are version {loaded.version}, expected {expected_version}")
-        probe = loaded.backend.predict(
-            np.zeros((1, loaded.backend.image_size, loaded.backend.image_size, 3), np.uint8),
-            np.zeros((1, loaded.backend.state_dim), np.float32),
-            ["probe"],
-        )
-        if not np.isfinite(np.asarray(probe.actions)).all():
-            raise RuntimeError(f"{loaded.uri}: probe step gave non-finite actions")
 
     # -- hot swap: following the alias ------------------------------------------------------------
     def _follow_alias(self) -> None:
@@ -209,23 +94,11 @@ class PolicyDeployment:
             except Exception as exc:  # registry unreachable: keep serving, look again next poll
                 logger.warning("policy %s: alias check failed: %s", type(self).__name__, exc)
 
-    def _alias_target(self, config: PolicyUserConfig) -> PolicyUserConfig | None:
-        """`config` pointed at the version the alias names now (None: not following an alias)."""
-        from mobile_vla.tracking import get_version_by_alias
-
-        match = _PINNED_URI.match(config.model_uri)
-        if not (config.alias and config.alias_poll_s > 0 and match):
-            return None
-        version = get_version_by_alias(match["name"], config.alias)
-        if version is None:
-            return None
-        return config.model_copy(update={"model_uri": f"models:/{match['name']}/{version}"})
-
     def _check_alias(self) -> None:
         config = self._config
         if config is None:
             return
-        target = self._alias_target(config)
+        target = alias_target(config)
         if target is None:
             return
         version = target.model_uri.rsplit("/", 1)[1]
@@ -247,8 +120,8 @@ class PolicyDeployment:
         started = time.perf_counter()
         try:
             self._prepare_version(config)
-            loaded = self._load_model(config)
-            self._verify(loaded, version)
+            loaded = load_model(config, POLICY_BACKENDS[self.KIND])
+            verify_model(loaded, version)
         except Exception as exc:  # the old model keeps serving
             self._failed = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:1000], "at": time.monotonic()}
             self._metrics.load_failures.inc()
@@ -283,7 +156,7 @@ class PolicyDeployment:
             stop.set()
 
     def reconfigure(self, user_config: dict) -> None:
-        config = PolicyUserConfig.model_validate(user_config)
+        config = self.CONFIG.model_validate(user_config)
         self._check_batch_fits(config)
         self._predict_chunks.set_max_batch_size(config.max_batch_size)
         self._predict_chunks.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -295,13 +168,13 @@ class PolicyDeployment:
             and previous.fp16 == config.fp16
             and self._model is not None
         ):
-            return  # batching or fault change only
+            return  # batching change only
         try:  # a (re)started replica begins on the alias's current version, not the one pinned at deploy time
-            config = self._alias_target(config) or config
+            config = alias_target(config) or config
         except Exception as exc:
             logger.warning("policy %s: alias lookup failed, loading %s: %s", type(self).__name__, config.model_uri, exc)
         try:
-            loaded = self._load_model(config)
+            loaded = load_model(config, POLICY_BACKENDS[self.KIND])
         except Exception as exc:  # stay up: the ingress routes around an unloaded replica
             self._load_error = f"{type(exc).__name__}: {exc}"
             logger.error("policy %s could not load %s: %s", type(self).__name__, config.model_uri, self._load_error)
@@ -324,8 +197,6 @@ class PolicyDeployment:
 
     @staticmethod
     def _check_batch_fits(config: PolicyUserConfig) -> None:
-        from ray import serve
-
         try:
             limit = serve.get_replica_context()._deployment_config.max_ongoing_requests
         except Exception:
@@ -356,6 +227,8 @@ class PolicyDeployment:
             "batches": self._batches,
             "batched_requests": self._batched_requests,
             "calls": self._calls,
+            # hits/misses of the backend's instruction cache: a miss is the one tokenisation of an instruction
+            "instructions": dict(model.backend.cache_stats) if model else None,
         }
 
     async def step(self, request: StepRequest) -> StepResult:
@@ -368,25 +241,13 @@ class PolicyDeployment:
     async def step_batch(self, requests: list[StepRequest]) -> list[StepResult | StepFailure]:
         """Steps for a batch the ingress already gathered: one call per batch, not per robot. Chunks
         arriving together (several ingress replicas, or a next batch while the model runs) are merged
-        again by `_predict_chunks` up to `max_batch_size` samples. A robot hit by an injected fault
-        gets a StepFailure in its slot; the rest of the chunk is answered.
+        again by `_predict_chunks` up to `max_batch_size` samples. A robot whose request the model
+        refuses gets a StepFailure in its slot; the rest of the chunk is answered.
         """
         self._calls += 1
-        failed: dict[int, StepFailure] = {}
-        for fault in self._config.faults if self._config else ():  # TEST-ONLY (FaultConfig)
-            hit = [i for i, r in enumerate(requests) if r.robot_id.startswith(fault.robot_prefix)]
-            if hit and fault.mode == "slow":
-                await asyncio.sleep(fault.delay_s)
-            elif hit:
-                failed.update(
-                    (i, StepFailure(f"injected fault for robots {fault.robot_prefix}* (user_config.faults)"))
-                    for i in hit
-                )
         if self._model is None:
             raise BackendUnavailable(f"{type(self).__name__} has no model loaded: {self._load_error}")
-        healthy = [r for i, r in enumerate(requests) if i not in failed]
-        answers = iter(await self._predict_chunks(healthy) if healthy else [])
-        return [failed[i] if i in failed else next(answers) for i in range(len(requests))]
+        return await self._predict_chunks(requests) if requests else []
 
     @serve.batch(
         max_batch_size=DEFAULT_MAX_BATCH_SIZE,
@@ -394,15 +255,29 @@ class PolicyDeployment:
         max_concurrent_batches=CONCURRENT_BATCHES,
         batch_size_fn=lambda chunks: sum(len(chunk) for chunk in chunks),
     )
-    async def _predict_chunks(self, chunks: list[list[StepRequest]]) -> list[list[StepResult]]:
+    async def _predict_chunks(self, chunks: list[list[StepRequest]]) -> list[list[StepResult | StepFailure]]:
         model = self._model  # one model for the whole batch, even if a swap lands meanwhile
         requests = [r for chunk in chunks for r in chunk]
-        results = await self._predict(model, requests)
+        results = await self._predict_or_refuse(model, requests)
         out, start = [], 0
         for chunk in chunks:
             out.append(results[start : start + len(chunk)])
             start += len(chunk)
         return out
+
+    async def _predict_or_refuse(
+        self, model: LoadedModel, requests: list[StepRequest]
+    ) -> list[StepResult | StepFailure]:
+        """The batch in one predict; when the backend refuses its input (DataError, e.g. an instruction
+        with too many tokens), each robot alone, so only the robots at fault are refused. Instructions
+        that were fine stay tokenised in the tokenizer's cache: the retry tokenises nothing again.
+        """
+        try:
+            return await self._predict(model, requests)
+        except DataError as exc:
+            if len(requests) == 1:
+                return [StepFailure(str(exc), refused=True)]
+        return [(await self._predict_or_refuse(model, [request]))[0] for request in requests]
 
     async def _predict(self, model: LoadedModel, requests: list[StepRequest]) -> list[StepResult]:
         B = len(requests)
@@ -453,27 +328,35 @@ class PolicyDeployment:
         """An unloaded model is not a reason to restart (the ingress falls back); nothing else to check."""
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_gpus": 1, "num_cpus": 1})
-class TensorRTPolicy(PolicyDeployment):
+class TensorRTReplica(PolicyReplica):
     """Primary on GPU nodes: a TensorRT plan built for this GPU model and TensorRT version."""
 
-    PREFER = ("tensorrt",)
+    KIND = TENSORRT
 
     def _prepare_version(self, config: PolicyUserConfig) -> None:
         """A new version rarely has a plan for this GPU yet: fetch it from the version, else build and
         attach it (minutes; the ingress sends this version's traffic to the ONNX fallback meanwhile).
         """
-        from mobile_vla.serve.engine_provision import ensure_engine
-
         super()._prepare_version(config)
         ensure_engine(config.model_uri, fp16=config.fp16)
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
-class OnnxPolicy(PolicyDeployment):
+class OnnxReplica(PolicyReplica):
     """ONNX Runtime: the fallback beside TensorRT, or the primary on CPU-only machines."""
 
-    PREFER = ("onnx-cuda", "onnx-cpu")
+    KIND = ONNX
 
 
-POLICY_CLASSES = {"tensorrt": TensorRTPolicy, "onnx": OnnxPolicy}
+REPLICA_RESOURCES = {TENSORRT: {"num_gpus": 1, "num_cpus": 1}, ONNX: {"num_cpus": 1}}
+
+
+def policy_deployment(replica: type[PolicyReplica], name: str):
+    """`replica` as a Serve deployment called `name`, with the resources its kind needs."""
+    return serve.deployment(
+        replica, name=name, max_ongoing_requests=64, ray_actor_options=dict(REPLICA_RESOURCES[replica.KIND])
+    )
+
+
+TensorRTPolicy = policy_deployment(TensorRTReplica, "TensorRTPolicy")
+OnnxPolicy = policy_deployment(OnnxReplica, "OnnxPolicy")
+POLICY_DEPLOYMENTS = {TENSORRT: TensorRTPolicy, ONNX: OnnxPolicy}

@@ -17,12 +17,15 @@ logger = logging.getLogger("ray.serve")
 
 
 class ApiError(Exception):
+    """A request refused with an HTTP status and an error code; becomes the error schema."""
+
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """A JSON answer in the error schema."""
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -53,6 +56,8 @@ _STATUS_CODES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Makes every failure on `app` answer in the error schema (500 only for our own faults)."""
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(exc.status, exc.code, exc.message)

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 
 class FeedbackSink(Protocol):
+    """Durable storage of feedback records."""
+
     def append(self, record: dict[str, Any]) -> None:
         """Stores one step; returns only when it is on disk (or raises: DataError for a record the
         store refuses, OSError when the disk does).
@@ -19,4 +21,5 @@ class FeedbackSink(Protocol):
 
 
 def feedback_key(record: dict[str, Any]) -> str:
+    """`robot_id/episode_id/step`: the key retries share."""
     return f"{record['robot_id']}/{record['episode_id']}/{record['step']}"

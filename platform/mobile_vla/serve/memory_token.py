@@ -1,7 +1,7 @@
-"""The memory token: the LSTM state a robot carries between /v1/act calls, so replicas stay stateless.
+r"""The memory token: the LSTM state a robot carries between /v1/act calls, so replicas stay stateless.
 
 A token is `m1.<payload>.<signature>` (base64url, no padding). The payload is zlib-compressed
-`header_json \\n h_bytes c_bytes` with h and c stored as float16 [layers, hidden]; the header names
+`header_json \n h_bytes c_bytes` with h and c stored as float16 [layers, hidden]; the header names
 the model name and version the state belongs to, the robot and the shapes. The signature is
 HMAC-SHA256 over the payload with a server secret, so a robot cannot forge or edit the state it
 sends back: a bad signature or a malformed token is an error (4xx), while a valid token from
@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mobile_vla.config import platform_home
+from mobile_vla.errors import ConfigError
 
 PREFIX = "m1"
 MAX_TOKEN_CHARS = 1_000_000  # a token is a few KB; refuse anything absurd before decoding it
@@ -117,8 +120,7 @@ class MemoryCodec:
 
 
 def default_secret_path() -> Path:
-    from mobile_vla.config import platform_home
-
+    """`$MOBILE_VLA_HOME/serve/memory_secret`."""
     return platform_home() / "serve" / "memory_secret"
 
 
@@ -143,7 +145,5 @@ def load_or_create_secret(path: Path) -> bytes:
                 os.fsync(handle.fileno())
     secret = path.read_bytes().strip()
     if len(secret) < MIN_SECRET_BYTES:
-        from mobile_vla.errors import ConfigError
-
         raise ConfigError(f"{path}: memory secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
     return secret

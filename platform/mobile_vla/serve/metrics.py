@@ -16,6 +16,9 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
+from ray.serve.metrics import Counter, Gauge, Histogram
+
 SWAP_SECONDS_BOUNDARIES = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200]
 ACTION_DIFF_BOUNDARIES = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500]
@@ -24,9 +27,9 @@ CONFIDENCE_BOUNDARIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99
 
 
 class IngressMetrics:
-    def __init__(self):
-        from ray.serve.metrics import Counter, Gauge, Histogram
+    """Per-request metrics of an ingress replica."""
 
+    def __init__(self):
         self.requests = Counter(
             "mobile_vla_requests",
             "HTTP requests by route, backend and status.",
@@ -65,9 +68,9 @@ class IngressMetrics:
 
 
 class PolicyMetrics:
-    def __init__(self):
-        from ray.serve.metrics import Counter, Gauge, Histogram
+    """Per-batch, hot-swap and resource metrics of a policy replica."""
 
+    def __init__(self):
         self.batch_size = Histogram(
             "mobile_vla_batch_size",
             "Requests per executed batch.",
@@ -102,8 +105,6 @@ class PolicyMetrics:
         if now - self._last_sample < every_s:
             return
         self._last_sample = now
-        import psutil
-
         self.memory_bytes.set(psutil.Process(os.getpid()).memory_info().rss)
         utilization = gpu_utilization()
         if utilization is not None:

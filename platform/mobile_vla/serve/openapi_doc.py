@@ -6,10 +6,11 @@ python -m mobile_vla.serve.openapi_doc docs/openapi.json
 import json
 import sys
 
+from mobile_vla.serve.routes import fastapi_app
+
 
 def openapi_document() -> dict:
-    from mobile_vla.serve.ingress import fastapi_app
-
+    """The OpenAPI document of the HTTP API, with the bearer scheme on every route but the probes."""
     document = fastapi_app.openapi()
     document["components"].setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
     for path, methods in document["paths"].items():
@@ -20,6 +21,7 @@ def openapi_document() -> dict:
 
 
 def main(argv: list[str]) -> int:
+    """Writes the document to argv[1], else prints it."""
     text = json.dumps(openapi_document(), indent=2) + "\n"
     if len(argv) > 1:
         with open(argv[1], "w") as handle:

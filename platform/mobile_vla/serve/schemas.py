@@ -1,13 +1,24 @@
-"""HTTP API v1 bodies (design.md): strict pydantic models, so unknown fields, NaN/inf and wrong
-types are refused with 422 before any work is done. Shape checks that need the model (state length
-S) happen in the ingress.
+"""Every wire type of serving, in one place.
+
+HTTP API v1 bodies (design.md): strict pydantic models, so unknown fields, NaN/inf and wrong types
+are refused with 422 before any work is done; answers are built from these models too. Shape checks
+that need the model (state length S) happen in the ingress, the instruction's token count in the
+policy replica (the one place that tokenises).
+
+Between the ingress and the policy replicas (Serve handle calls): `StepRequest` per robot, answered
+by `StepResult` or `StepFailure` in its slot, and `BackendUnavailable` raised by a replica with no
+model loaded (Ray re-raises it in the ingress as an instance of the same class).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from mobile_vla.runtime import BACKEND_NAMES
 
 MAX_INSTRUCTION_CHARS = 512
 MAX_STATE_DIM = 64
@@ -19,10 +30,14 @@ Velocity = Annotated[list[FiniteFloat], Field(min_length=3, max_length=3)]
 
 
 class StrictBody(BaseModel):
+    """A request body: unknown fields and NaN/inf are refused (422)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ActRequest(StrictBody):
+    """One control step of one robot (`POST /v1/act`)."""
+
     robot_id: RobotId = Field(description="Robot name: letters, digits, '.', '_', '-' (max 64).")
     instruction: Instruction
     image: str = Field(description="Base64 JPEG or PNG of the current camera frame, any size.", min_length=1)
@@ -33,21 +48,27 @@ class ActRequest(StrictBody):
 
 
 class ModelRef(BaseModel):
+    """The model version that computed an answer."""
+
     name: str
     version: str
 
 
 class ActResponse(BaseModel):
+    """The next action chunk, its confidence and the memory token for the next step."""
+
     actions: list[list[float]] = Field(description="K x [linear_x, linear_y, angular_z]; actions[0] is for now.")
     confidence: float
     memory: str
     model: ModelRef
-    backend: Literal["tensorrt", "onnx-cuda", "onnx-cpu", "torch"]
+    backend: Literal[BACKEND_NAMES]
     memory_reset: bool
     latency_ms: float
 
 
 class FeedbackRequest(StrictBody):
+    """One executed step, with the correction if a person intervened (`POST /v1/feedback`)."""
+
     robot_id: RobotId
     episode_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     step: Annotated[int, Field(ge=0, le=10_000_000)]
@@ -62,20 +83,34 @@ class FeedbackRequest(StrictBody):
 
 
 class FeedbackAccepted(BaseModel):
+    """The step is durably stored."""
+
     stored: bool = True
     key: str = Field(description="robot_id/episode_id/step: retries with the same key are duplicates.")
 
 
+class Health(BaseModel):
+    """The ingress answers (`GET /healthz`)."""
+
+    status: Literal["ok"] = "ok"
+
+
 class ErrorDetail(BaseModel):
+    """A code a robot can branch on, and a message for people."""
+
     code: str
     message: str
 
 
 class ErrorBody(BaseModel):
+    """Every error answer: `{"error": {"code", "message"}}`."""
+
     error: ErrorDetail
 
 
 class BackendStatus(BaseModel):
+    """What one policy deployment serves now."""
+
     role: Literal["primary", "fallback"]
     deployment: str
     backend: str | None
@@ -92,7 +127,16 @@ class BackendStatus(BaseModel):
     failed_reason: str | None = None
 
 
+class Readiness(BaseModel):
+    """Some backend has a model loaded (`GET /readyz`)."""
+
+    status: Literal["ready"] = "ready"
+    backends: list[BackendStatus]
+
+
 class ShadowSummary(BaseModel):
+    """Running agreement of the shadow with the champion, as this ingress replica saw it."""
+
     alias: str
     version: str | None
     compared: int
@@ -107,6 +151,8 @@ class ShadowSummary(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    """The served model and the state of each backend (`GET /v1/model`)."""
+
     name: str
     version: str
     alias: str | None
@@ -122,3 +168,48 @@ class ModelInfo(BaseModel):
         default=None, description="Version the alias points to, as this ingress saw last."
     )
     shadow: ShadowSummary | None = None
+
+
+# -- between the ingress and the policy replicas ---------------------------------------------------
+class BackendUnavailable(RuntimeError):
+    """A policy replica has no model loaded (e.g. no TensorRT plan for this GPU): use the fallback."""
+
+
+@dataclass
+class StepRequest:
+    """One robot's step, already validated and decoded by the ingress."""
+
+    robot_id: str
+    image: np.ndarray  # uint8 [H, W, C] = [224, 224, 3]
+    state: np.ndarray  # float32 [S], raw (the backend normalises)
+    instruction: str
+    memory_version: str | None = None  # model version the memory belongs to
+    memory_name: str | None = None
+    h: np.ndarray | None = None  # float32 [layers, hidden]
+    c: np.ndarray | None = None
+
+
+@dataclass
+class StepResult:
+    """One robot's answer from a policy replica."""
+
+    actions: np.ndarray  # float32 [K, 3], de-normalised
+    confidence: float
+    h: np.ndarray  # float32 [layers, hidden]
+    c: np.ndarray
+    model_name: str
+    model_version: str
+    backend: str
+    memory_reset: bool
+
+
+@dataclass
+class StepFailure:
+    """In the slot of a robot whose step failed while the rest of its batch was answered.
+
+    `refused`: the request itself is wrong for this model (e.g. an instruction with more tokens than
+    the model takes): the robot gets 422, no other backend is tried and the replica is not at fault.
+    """
+
+    error: str
+    refused: bool = False

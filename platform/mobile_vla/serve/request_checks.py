@@ -1,0 +1,93 @@
+"""Reading and checking HTTP request bodies before any model work: each failure is an ApiError (4xx).
+
+Bodies are read by hand (not by FastAPI's body parameter) so the size limit holds before a byte is
+parsed and the content type is checked first; the pydantic models in `schemas` still validate the
+fields and document the API. Images are refused by their header (format, pixel count) before their
+pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from collections.abc import Callable
+
+import numpy as np
+from fastapi import Request
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ValidationError
+
+from mobile_vla.errors import MobileVLAError
+from mobile_vla.serve.auth import TokenVerifier
+from mobile_vla.serve.errors_http import ApiError, describe_errors
+
+DECODE_INLINE_PIXELS = 640 * 480  # up to a camera's usual VGA frames decode on the event loop; larger in a thread
+
+
+def authorize(request: Request, verifier: TokenVerifier) -> None:
+    """401 unless the request carries a known bearer token."""
+    if not verifier.verify_header(request.headers.get("authorization")):
+        raise ApiError(401, "unauthorized", "missing or invalid bearer token")
+
+
+async def read_json(request: Request, model: type[BaseModel], max_body_bytes: int) -> BaseModel:
+    """The body as `model`: 415 for another content type, 413 past the limit, 400/422 for bad JSON/fields."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(
+            415, "unsupported_media_type", f"content-type must be application/json, got {content_type or 'none'!r}"
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise ApiError(
+            413, "body_too_large", f"body of {int(declared)} bytes exceeds the limit of {max_body_bytes} bytes"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise ApiError(413, "body_too_large", f"body exceeds the limit of {max_body_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as exc:
+        status, code, message = describe_errors(exc.errors())
+        raise ApiError(status, code, message) from None
+
+
+async def decode_image(text: str, max_pixels: int, prepare_image: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """base64 JPEG/PNG -> uint8 [224, 224, 3] by the saved preprocessing (`prepare_image`)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_image", "image is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw), formats=("JPEG", "PNG"))
+    except UnidentifiedImageError:
+        raise ApiError(400, "invalid_image", "image is not a JPEG or PNG") from None
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, "image_too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ApiError(400, "invalid_image", f"image cannot be decoded: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ApiError(413, "image_too_large", f"image is {width}x{height}; at most {max_pixels} pixels")
+
+    def decode() -> np.ndarray:
+        with image:
+            image.load()  # truncated or corrupt data fails here, before any resize
+            return prepare_image(image.convert("RGB"))
+
+    try:
+        return decode() if width * height <= DECODE_INLINE_PIXELS else await asyncio.to_thread(decode)
+    except (OSError, SyntaxError, ValueError, MobileVLAError) as exc:
+        raise ApiError(400, "invalid_image", f"image cannot be decoded: {exc}") from None
+
+
+def check_state(state: list[float], state_dim: int) -> np.ndarray:
+    """The robot state as float32 [S]; 422 unless it has exactly the model's S values."""
+    if len(state) != state_dim:
+        raise ApiError(422, "invalid_request", f"state: expected {state_dim} floats, got {len(state)}")
+    return np.asarray(state, dtype=np.float32)

@@ -1,0 +1,276 @@
+"""Which policy deployment answers each robot: the ingress's batch router.
+
+Concurrent requests are gathered into one batch (`@serve.batch`), sent to the primary with one
+timeout, then the robots the primary did not answer go to the fallback (the whole batch on a
+timeout, an error or an open breaker; only the failed robots when the primary answered the rest).
+A circuit breaker stops sending the primary traffic after N failed batches in a row, for a while,
+then lets one probe batch through (half-open) and closes again if it succeeds. Each ingress replica
+keeps its own breaker: no shared state, so a replica restart costs at most `breaker_failures` slow or
+failed batches before it learns again.
+
+Hot swap: the primary gets a batch only while it serves the alias's version or the fallback does not
+(`ServedVersions.primary_is_current`); so while a new version needs minutes on the primary (a
+TensorRT engine build), the ONNX fallback answers with the new version at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import StrEnum
+from typing import NamedTuple
+
+from ray import serve
+from ray.exceptions import RayTaskError
+
+from mobile_vla.serve.errors_http import ApiError
+from mobile_vla.serve.metrics import IngressMetrics
+from mobile_vla.serve.schemas import BackendStatus, BackendUnavailable, StepFailure, StepRequest, StepResult
+from mobile_vla.serve.settings import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, IngressConfig
+
+logger = logging.getLogger("ray.serve")
+
+INGRESS_CONCURRENT_BATCHES = 2  # batches on their way to the policy at once; one can form while another runs
+INFO_TIMEOUT_S = 2.0  # a replica that does not say what it serves within this counts as not loaded
+
+
+class BreakerState(StrEnum):
+    """The primary's circuit breaker state."""
+
+    CLOSED = "closed"  # primary used
+    OPEN = "open"  # primary skipped until the cool-down ends
+    HALF_OPEN = "half_open"  # one probe in flight
+
+
+class CircuitBreaker:
+    """Counts the primary's consecutive failures; `allow()` says whether the next batch may go to it."""
+
+    def __init__(self, failure_threshold: int = 3, reset_timeout_s: float = 10.0, clock=time.monotonic):
+        if failure_threshold < 1:
+            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
+        self.failure_threshold = failure_threshold
+        self.reset_timeout_s = reset_timeout_s
+        self._clock = clock
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.reset_timeout_s:
+            return BreakerState.HALF_OPEN
+        return self._state
+
+    def allow(self) -> bool:
+        """True when this request may go to the primary (in half-open: only the single probe)."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._probe_in_flight:
+            self._state = BreakerState.HALF_OPEN
+            self._probe_in_flight = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._probe_in_flight = False
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        self._probe_in_flight = False
+        if self._state is BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:
+            self._state = BreakerState.OPEN
+            self._opened_at = self._clock()
+
+
+def raised_by_replica(exc: BaseException, cls: type[BaseException]) -> bool:
+    """Whether `exc`, raised by awaiting a Serve handle call, is the replica's `cls` exception.
+
+    Ray re-raises a replica's exception as a RayTaskError that is also an instance of the cause's
+    class (`RayTaskError.as_instanceof_cause`, on both the actor and the gRPC path); where that class
+    cannot be subclassed it stays a plain RayTaskError whose `.cause` is the original.
+    """
+    return isinstance(exc, cls) or (isinstance(exc, RayTaskError) and isinstance(exc.cause, cls))
+
+
+async def _awaited(response):
+    """A coroutine around a DeploymentResponse, so wait_for can cancel it on timeout."""
+    return await response
+
+
+class ServedVersions:
+    """What the ingress knows of versions: where the alias points and what each role serves.
+
+    Learnt from the registry and the replicas' info() (the watcher's poll) and from every answer
+    (`learn`): a replica only moves to what the alias named when it looked, newer news than a poll.
+    """
+
+    def __init__(self, alias_version: str | None = None):
+        self.alias_version = alias_version  # None: not following an alias
+        self.by_role: dict[str, str | None] = {}  # "primary" / "fallback" -> version it serves
+        self.learned_at: dict[str, float] = {}  # role or "alias" -> when an answer last taught us something
+        self.changed = asyncio.Event()  # an answer showed a new version: look at the registry now
+
+    def learn(self, role: str, version: str) -> None:
+        previous = self.by_role.get(role)
+        if previous == version:
+            return
+        self.by_role[role] = version
+        self.learned_at[role] = time.monotonic()
+        if previous is not None and self.alias_version is not None:
+            # Routing on it at once keeps the next request off the older version.
+            self.alias_version = version
+            self.learned_at["alias"] = time.monotonic()
+        self.changed.set()
+
+    def primary_is_current(self, has_fallback: bool) -> bool:
+        """False while the fallback serves the alias's version and the primary does not yet."""
+        target = self.alias_version
+        if target is None or not has_fallback:
+            return True
+        return self.by_role.get("primary") in (None, target) or self.by_role.get("fallback") != target
+
+
+class Routed(NamedTuple):
+    """A robot's answer and who gave it."""
+
+    result: StepResult
+    served_by: str  # deployment name
+    fallback_reason: str  # "" when the primary answered
+
+
+class BatchRouter:
+    """Routes each robot's step to the primary or the fallback, one call per gathered batch."""
+
+    def __init__(self, settings: IngressConfig, primary, fallback, metrics: IngressMetrics, versions: ServedVersions):
+        self.settings = settings
+        self._primary, self._fallback = primary, fallback
+        self._metrics = metrics
+        self.versions = versions
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self._route_batch.set_max_batch_size(settings.max_batch_size)
+        self._route_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    @property
+    def primary_is_current(self) -> bool:
+        return self.versions.primary_is_current(self._fallback is not None)
+
+    async def route(self, step: StepRequest) -> Routed:
+        """Primary (timeout + breaker), else fallback; raises ApiError when neither answers (503) or the
+        robot's request is refused by the model (422).
+        """
+        outcome = await self._route_batch(step)
+        if isinstance(outcome, ApiError):
+            raise outcome
+        return outcome
+
+    @serve.batch(
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+        max_concurrent_batches=INGRESS_CONCURRENT_BATCHES,
+    )  # resized from the settings in __init__
+    async def _route_batch(self, steps: list[StepRequest]) -> list[Routed | ApiError]:
+        """One primary call (one breaker verdict for the batch: a failure only when it answered none of
+        it), then the fallback for the robots the primary did not answer.
+        """
+        outcomes: list[Routed | ApiError | None] = [None] * len(steps)
+        reason = "absent"
+        if self._primary is not None and not self.primary_is_current:
+            reason = "primary_behind"  # e.g. building the new version's TensorRT engine
+        elif self._primary is not None:
+            reason = await self._try_primary(steps, outcomes)
+        pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if not pending:
+            return outcomes
+        if self._fallback is None:
+            message = f"primary backend unavailable ({reason}) and no fallback configured"
+            return [outcome or ApiError(503, "unavailable", message) for outcome in outcomes]
+        self._metrics.fallbacks.inc(float(len(pending)), tags={"reason": reason})
+        try:
+            results = await self._fallback.step_batch.remote([steps[i] for i in pending])
+        except Exception as exc:
+            logger.error("fallback failed: %s", str(exc).splitlines()[0][:200])
+            results = [StepFailure("fallback failed")] * len(pending)
+        name = self.settings.fallback_name or "fallback"
+        for i, result in zip(pending, results, strict=True):
+            outcome = self._outcome(result, "fallback", name, reason)
+            outcomes[i] = outcome or ApiError(503, "unavailable", "no backend could answer; retry later")
+        return outcomes
+
+    async def _try_primary(self, steps: list[StepRequest], outcomes: list) -> str:
+        """Fills `outcomes` with what the primary answered; returns why the rest go to the fallback."""
+        if not self.breaker.allow():
+            self._metrics.breaker_open.set(1)
+            return "breaker_open"
+        response = self._primary.step_batch.remote(steps)
+        reason = "error"
+        try:
+            results = await asyncio.wait_for(_awaited(response), self.settings.primary_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            self.breaker.record_failure()
+            reason = "timeout"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.breaker.record_failure()
+            reason = "unavailable" if raised_by_replica(exc, BackendUnavailable) else "error"
+            logger.warning("primary failed (%s): %s", reason, str(exc).splitlines()[0][:200])
+        else:
+            name = self.settings.primary_name or "primary"
+            for i, result in enumerate(results):
+                outcomes[i] = self._outcome(result, "primary", name, "")
+            failed = [r for r in results if isinstance(r, StepFailure) and not r.refused]
+            if failed and len(failed) == len(steps):  # a primary that answers part of a batch is not broken
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
+            if failed:
+                logger.warning(
+                    "primary failed (error) for %d of %d robots: %s", len(failed), len(steps), failed[0].error[:200]
+                )
+        self._metrics.breaker_open.set(1 if self.breaker.state is not BreakerState.CLOSED else 0)
+        return reason
+
+    def _outcome(self, result, role: str, name: str, reason: str) -> Routed | ApiError | None:
+        """A replica's answer for one robot: routed, refused (422), or None (failed: try elsewhere)."""
+        if isinstance(result, StepResult):
+            self.versions.learn(role, result.model_version)
+            return Routed(result, name, reason)
+        if isinstance(result, StepFailure) and result.refused:
+            return ApiError(422, "invalid_request", result.error)
+        return None
+
+    async def backend_statuses(self) -> list[BackendStatus]:
+        """What each policy deployment serves now, from its info() (not loaded when it does not answer)."""
+        out = []
+        for role, handle, name in (
+            ("primary", self._primary, self.settings.primary_name),
+            ("fallback", self._fallback, self.settings.fallback_name),
+        ):
+            if handle is None:
+                continue
+            try:
+                info = await asyncio.wait_for(_awaited(handle.info.remote()), INFO_TIMEOUT_S)
+                detail = info.get("error")
+            except Exception as exc:
+                info, detail = {}, f"no answer: {type(exc).__name__}"
+            out.append(
+                BackendStatus(
+                    role=role,
+                    deployment=name or role,
+                    backend=info.get("backend"),
+                    loaded=bool(info.get("loaded")),
+                    model_version=info.get("model_version"),
+                    detail=detail,
+                    breaker=self.breaker.state.value if role == "primary" else None,
+                    pending_version=info.get("pending_version"),
+                    failed_version=info.get("failed_version"),
+                    failed_reason=info.get("failed_error"),
+                )
+            )
+        return out

@@ -1,0 +1,229 @@
+"""The HTTP ingress (FastAPI inside Ray Serve): the routes of API v1 and what each does per request.
+
+`/v1/act`: auth, body limits and validation, image decoding and the memory token here; then the
+batch router (`router`) sends the step to the primary or the fallback, the shadow mirror (`shadow`)
+gets a copy, and the answer is built from `schemas.ActResponse`. The instruction's token count is
+checked where the one tokenisation happens: the policy replica (a refused instruction is a 422).
+The request checks follow the version the alias serves (`watcher`).
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based ingress rebuilds the route
+# signatures and needs real annotations (a string `Request` becomes a required query parameter).
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from mobile_vla.errors import DataError
+from mobile_vla.online.feedback_store import FeedbackStore
+from mobile_vla.serve.auth import TokenVerifier
+from mobile_vla.serve.errors_http import ApiError, error_response, install_error_handlers
+from mobile_vla.serve.feedback_sink import feedback_key
+from mobile_vla.serve.memory_token import MemoryCodec, MemoryTokenError, RecurrentMemory, load_or_create_secret
+from mobile_vla.serve.metrics import IngressMetrics
+from mobile_vla.serve.request_checks import authorize, check_state, decode_image, read_json
+from mobile_vla.serve.router import BatchRouter, BreakerState, ServedVersions
+from mobile_vla.serve.schemas import (
+    ActRequest,
+    ActResponse,
+    ErrorBody,
+    FeedbackAccepted,
+    FeedbackRequest,
+    Health,
+    ModelInfo,
+    ModelRef,
+    Readiness,
+    StepRequest,
+)
+from mobile_vla.serve.settings import IngressConfig
+from mobile_vla.serve.shadow import ShadowMirror
+from mobile_vla.serve.watcher import AliasWatcher
+
+logger = logging.getLogger("ray.serve")
+
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 429, 503)}
+
+
+def _body_schema(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+fastapi_app = FastAPI(
+    title="Mobile VLA policy API",
+    version="1",
+    description="Velocity commands for omniwheel robots from a camera frame, an instruction and the robot state. "
+    'Errors: {"error": {"code", "message"}}.',
+)
+install_error_handlers(fastapi_app)
+
+
+@serve.deployment(max_ongoing_requests=256, num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(fastapi_app)
+class PolicyIngress:
+    """The HTTP face: one replica per node or more; holds no per-robot state (the memory token does)."""
+
+    def __init__(self, settings: dict, primary=None, fallback=None, shadow=None):
+        self.settings = IngressConfig.model_validate(settings)
+        self._auth = TokenVerifier.from_file(Path(self.settings.tokens_file))
+        self._codec = MemoryCodec(load_or_create_secret(Path(self.settings.memory_secret_file)))
+        self._sink = FeedbackStore(self.settings.feedback_dir)  # a FeedbackSink: durable when append returns
+        self._metrics = IngressMetrics()
+        versions = ServedVersions()
+        self._router = BatchRouter(self.settings, primary, fallback, self._metrics, versions)
+        self._watcher = AliasWatcher(self.settings, versions, self._router.backend_statuses)
+        self._shadow = ShadowMirror(self.settings.shadow, shadow, self._metrics) if shadow is not None else None
+
+    @fastapi_app.get("/healthz", responses=_ERRORS)
+    async def healthz(self) -> Health:
+        """Liveness: the ingress answers. No token needed."""
+        return Health()
+
+    @fastapi_app.get("/readyz", response_model=Readiness, responses=_ERRORS)
+    async def readyz(self):
+        """Ready when some backend has a model loaded."""
+        statuses = await self._router.backend_statuses()
+        if any(s.loaded for s in statuses):
+            return Readiness(backends=statuses)
+        return error_response(503, "not_ready", "no backend has a model loaded yet")
+
+    @fastapi_app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS)
+    async def model(self, request: Request) -> ModelInfo:
+        """The model the requests are checked against, each backend's state and which one answers now."""
+        authorize(request, self._auth)
+        self._watcher.ensure_running()
+        statuses = await self._router.backend_statuses()
+        primary_current = self._router.primary_is_current
+        active = next(
+            (
+                s.deployment
+                for s in statuses
+                if s.loaded and (s.role == "fallback" or (s.breaker == BreakerState.CLOSED and primary_current))
+            ),
+            None,
+        )
+        side = self._watcher.side
+        return ModelInfo(
+            name=side.name,
+            version=side.version,
+            alias=side.alias,
+            uri=side.uri,
+            state_dim=side.state_dim,
+            chunk=side.chunk,
+            backends=statuses,
+            active=active,
+            alias_version=self._router.versions.alias_version,
+            shadow=self._shadow.summary() if self._shadow else None,
+        )
+
+    @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_body_schema(ActRequest))
+    async def act(self, request: Request):
+        """One control step for one robot: next action chunk, confidence and the new memory token."""
+        start = time.perf_counter()
+        backend_tag, status = "none", 500
+        self._watcher.ensure_running()
+        try:
+            authorize(request, self._auth)
+            body: ActRequest = await read_json(request, ActRequest, self.settings.max_body_bytes)
+            step = await self._step_request(body)
+            routed = await self._router.route(step)
+            result = routed.result
+            if self._shadow is not None:
+                self._shadow.copy(step, result)
+            token = self._codec.encode(
+                RecurrentMemory(result.model_name, result.model_version, body.robot_id, result.h, result.c)
+            )
+            latency_ms = (time.perf_counter() - start) * 1000
+            backend_tag, status = result.backend, 200
+            self._observe(body.robot_id, routed, latency_ms)
+            answer = ActResponse(
+                actions=result.actions.tolist(),
+                confidence=result.confidence,
+                memory=token,
+                model=ModelRef(name=result.model_name, version=result.model_version),
+                backend=result.backend,
+                memory_reset=result.memory_reset,
+                latency_ms=round(latency_ms, 3),
+            )
+            headers = {"X-Served-By": routed.served_by, "X-Fallback-Reason": routed.fallback_reason or "none"}
+            return JSONResponse(answer.model_dump(mode="json"), headers=headers)
+        except ApiError as exc:
+            status = exc.status
+            logger.info(json.dumps({"event": "act_refused", "status": exc.status, "code": exc.code}))
+            raise
+        finally:
+            self._metrics.request("/v1/act", backend_tag, status)
+
+    async def _step_request(self, body: ActRequest) -> StepRequest:
+        """The checked body as the policy's input: state [S], frame [224, 224, 3], the verified memory."""
+        side = self._watcher.side
+        state = check_state(body.state, side.state_dim)
+        image = await decode_image(body.image, self.settings.max_image_pixels, side.prepare_image)
+        step = StepRequest(robot_id=body.robot_id, image=image, state=state, instruction=body.instruction)
+        if body.memory is not None:
+            try:
+                memory = self._codec.decode(body.memory)
+            except MemoryTokenError as exc:
+                raise ApiError(400, "invalid_memory", str(exc)) from None
+            if memory.robot_id != body.robot_id:
+                raise ApiError(400, "invalid_memory", "memory token belongs to another robot_id")
+            step.memory_name, step.memory_version = memory.model_name, memory.model_version
+            step.h, step.c = memory.h, memory.c
+        return step
+
+    def _observe(self, robot_id: str, routed, latency_ms: float) -> None:
+        """Metrics and the one log line of an answered /v1/act."""
+        result = routed.result
+        if result.memory_reset:
+            self._metrics.memory_resets.inc()
+        self._metrics.latency_ms.observe(latency_ms, tags={"backend": result.backend})
+        self._metrics.confidence.observe(result.confidence, tags={"backend": result.backend})
+        event = {
+            "event": "act",
+            "robot_id": robot_id,
+            "backend": result.backend,
+            "fallback": routed.fallback_reason or None,
+            "memory_reset": result.memory_reset,
+            "latency_ms": round(latency_ms, 2),
+        }
+        logger.info(json.dumps(event))
+
+    @fastapi_app.post(
+        "/v1/feedback",
+        status_code=202,
+        response_model=FeedbackAccepted,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(FeedbackRequest),
+    )
+    async def feedback(self, request: Request):
+        """One executed step; 202 only once the record is durably stored."""
+        status = 500
+        try:
+            authorize(request, self._auth)
+            body: FeedbackRequest = await read_json(request, FeedbackRequest, self.settings.max_body_bytes)
+            side = self._watcher.side
+            check_state(body.state, side.state_dim)
+            # refuse what training could never read
+            await decode_image(body.image, self.settings.max_image_pixels, side.prepare_image)
+            record = body.model_dump(mode="json")
+            record["received_at"] = time.time()
+            record["model"] = {"name": side.name, "version": side.version}
+            try:
+                await asyncio.to_thread(self._sink.append, record)
+            except DataError as exc:  # what the HTTP schema lets through but the store refuses
+                raise ApiError(422, "invalid_request", str(exc)) from None
+            except OSError as exc:
+                logger.error("feedback store failed: %s", exc)
+                raise ApiError(503, "unavailable", "feedback could not be stored; retry") from None
+            status = 202
+            accepted = FeedbackAccepted(key=feedback_key(record))
+            return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._metrics.request("/v1/feedback", "none", status)

@@ -1,0 +1,146 @@
+"""Settings of the Serve application: the app arguments (`ServeAppConfig`, what `serve deploy` configs
+and `build_app` take), and what `build_app` derives from them for the ingress (`IngressConfig`) and
+for each policy deployment (`PolicyUserConfig`, its Serve `user_config`).
+
+A policy deployment kind (`primary`, `fallback`) names a family of the runtime's one backend table
+(`mobile_vla.runtime.BACKEND_NAMES`): `onnx` loads `onnx-cuda` or `onnx-cpu`, whichever works here.
+The torch backend is the reference for tests, never a deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mobile_vla.config import StrictModel
+from mobile_vla.runtime import BACKEND_NAMES
+from mobile_vla.tracking.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME
+
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_BATCH_WAIT_S = 0.005
+DEFAULT_ALIAS_POLL_S = 2.0
+
+
+TENSORRT, ONNX = "tensorrt", "onnx"  # deployment kinds: the GPU plan, the portable graph
+POLICY_BACKENDS: dict[str, tuple[str, ...]] = {
+    kind: tuple(name for name in BACKEND_NAMES if name.split("-")[0] == kind) for kind in (TENSORRT, ONNX)
+}  # deployment kind -> the runtime backends it may load, fastest first
+PolicyKind = Literal[tuple(POLICY_BACKENDS)]
+FallbackKind = Literal[ONNX]  # runs wherever the primary runs, GPU or not
+
+
+class ShadowConfig(StrictModel):
+    """Shadow mode: the `alias` version answers a copy of live requests; only agreement is recorded."""
+
+    alias: str = Field(default=CHALLENGER, min_length=1, description="registry alias the shadow serves and follows")
+    sample_rate: float = Field(default=1.0, gt=0, le=1, description="share of /v1/act requests copied to the shadow")
+    tolerance: float = Field(
+        default=0.05, gt=0, description="agree when the first actions differ by at most this (m/s, rad/s)"
+    )
+    max_in_flight: int = Field(
+        default=64, ge=1, description="copies waiting for the shadow; more are dropped, never queued"
+    )
+    memory_robots: int = Field(
+        default=10_000, ge=1, description="robots whose shadow recurrent state the ingress keeps"
+    )
+
+
+class ServeAppConfig(StrictModel):
+    """Arguments of the application (`args:` in a Serve config file, or key=value for `serve run`)."""
+
+    model_uri: str = Field(
+        default=f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}",
+        description="models:/NAME@alias, models:/NAME/V or a folder",
+    )
+    primary: PolicyKind = Field(default=ONNX, description="tensorrt on GPU nodes, onnx on CPU-only machines")
+    fallback: FallbackKind | None = Field(
+        default=None, description="deployment used when the primary fails, is slow or absent"
+    )
+    tokens_file: str | None = Field(
+        default=None, description="API tokens, one per line; default env MOBILE_VLA_TOKENS_FILE"
+    )
+    memory_secret_file: str | None = Field(
+        default=None,
+        description="HMAC secret of memory tokens; default env MOBILE_VLA_MEMORY_SECRET_FILE, "
+        "else $MOBILE_VLA_HOME/serve/memory_secret",
+    )
+    feedback_dir: str | None = Field(
+        default=None, description="feedback write-ahead log (FeedbackStore root); default $MOBILE_VLA_HOME/feedback"
+    )
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
+    max_ongoing_requests: int | None = Field(
+        default=None, ge=1, description="per policy replica; default 2 x max_batch_size"
+    )
+    fp16: bool = False
+    cpu_threads: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description="ONNX Runtime threads per policy replica (0: one per core); match the replica's num_cpus",
+    )
+    primary_timeout_s: float = Field(default=0.5, gt=0, le=30)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_reset_s: float = Field(default=10.0, gt=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
+    alias_poll_s: float = Field(
+        default=DEFAULT_ALIAS_POLL_S,
+        ge=0,
+        le=3600,
+        description="how often replicas check where the alias points (hot swap); 0: never",
+    )
+    shadow: ShadowConfig | None = Field(
+        default=None, description="copy live requests to a challenger (off the request path)"
+    )
+
+    @model_validator(mode="after")
+    def _batches_fit(self):
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests = {self.max_ongoing_requests} < max_batch_size = {self.max_batch_size}: "
+                "batches could never fill"
+            )
+        return self
+
+
+class IngressConfig(StrictModel):
+    """Built by `build_app` from the app arguments (paths already resolved)."""
+
+    model_uri: str
+    alias: str | None = None
+    tokens_file: str
+    memory_secret_file: str
+    feedback_dir: str
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
+    primary_timeout_s: float = Field(default=0.5, gt=0)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_reset_s: float = Field(default=10.0, gt=0)
+    primary_name: str | None = None
+    fallback_name: str | None = None
+    alias_poll_s: float = Field(default=DEFAULT_ALIAS_POLL_S, ge=0)
+    shadow: ShadowConfig | None = None
+    shadow_name: str | None = None
+
+
+class PolicyUserConfig(StrictModel):
+    """A policy deployment's Serve `user_config`: which model it serves and how it batches."""
+
+    model_uri: str = Field(description="models:/NAME/VERSION (or a local model folder)")
+    alias: str | None = None
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
+    fp16: bool = False
+    cpu_threads: int = Field(
+        default=1, ge=0, le=256, description="ONNX Runtime intra-op threads (0: one per core); idle threads never spin"
+    )
+    alias_poll_s: float = Field(
+        default=DEFAULT_ALIAS_POLL_S,
+        ge=0,
+        le=3600,
+        description="how often the replica checks where `alias` points; 0: only user_config changes the model",
+    )
