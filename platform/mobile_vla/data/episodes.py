@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from mobile_vla.errors import DataError
@@ -200,8 +201,6 @@ def write_episode(
     compression_level: int = 4,
 ) -> Path:
     """Validates, writes to a temporary file beside `path`, fsyncs, then renames it into place."""
-    import h5py
-
     if compression not in ("gzip", "lzf"):
         raise DataError(f"{path}: compression {compression!r}: expected 'gzip' or 'lzf'")
     path = Path(path)
@@ -240,8 +239,6 @@ def write_episode(
 
 
 def _open(path: Path):
-    import h5py
-
     if not path.is_file():
         raise _fail(path, "file", "not found")
     try:

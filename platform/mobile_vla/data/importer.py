@@ -26,7 +26,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
+from rich.progress import track
 
 from mobile_vla.data.episodes import SCHEMA_VERSION, Episode, write_episode
 from mobile_vla.data.frames import resize_frame
@@ -43,6 +45,8 @@ _COUNT_WORDS = {1: "the box", 2: "the two boxes", 3: "the three boxes"}
 
 @dataclass
 class ImportReport:
+    """What an import did: files written, files skipped with the reason, frames, rate, manifest."""
+
     imported: list[str] = field(default_factory=list)  # episode file names written in DST
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source file, reason)
     frames: int = 0
@@ -73,7 +77,8 @@ def read_index_csv(path: Path) -> dict[str, str]:
     key_columns = [c for c in ("file", "filename", "episode_name", "episode") if c in columns]
     if "instruction" not in columns or not key_columns:
         raise DataError(
-            f"{path}: expected columns 'instruction' and one of file/filename/episode_name/episode, got {sorted(columns)}"
+            f"{path}: expected columns 'instruction' and one of file/filename/episode_name/episode, "
+            f"got {sorted(columns)}"
         )
     lookup = {}
     for row in rows:
@@ -105,8 +110,6 @@ def _plain_attr(value):
 
 
 def _estimate_control_hz(files: list[Path]) -> float:
-    import h5py
-
     rates = []
     for path in files:
         try:
@@ -128,8 +131,6 @@ def convert_minuum_file(
     default_instruction: str | None = None,
 ) -> Episode:
     """One collector file -> an Episode with 224x224 frames. DataError names the file and key."""
-    import h5py
-
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
@@ -142,36 +143,14 @@ def convert_minuum_file(
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 1:
             raise DataError(f"{path}: images: {images.dtype} {list(images.shape)}: expected uint8 [T, H, W, 3]")
         num_frames, source_size = images.shape[0], f"{images.shape[1]}x{images.shape[2]}"
-        try:
-            actions = np.asarray(f["actions"][()], np.float32)
-        except (OSError, ValueError, TypeError) as exc:
-            raise DataError(f"{path}: actions: unreadable ({exc})") from None
-        if actions.shape != (num_frames, 3):
-            raise DataError(f"{path}: actions: shape {list(actions.shape)}: expected [{num_frames}, 3]")
-        if not np.isfinite(actions).all():
-            raise DataError(f"{path}: actions: contains NaN/inf")
+        actions = _read_actions(path, f, num_frames)  # [T, 3]
         attrs = {name: _plain_attr(value) for name, value in f.attrs.items()}
         declared = attrs.get("num_frames")
         if declared is not None and int(declared) != num_frames:
             raise DataError(f"{path}: attrs.num_frames: {declared} but images holds {num_frames} frames (truncated?)")
-        events = None
-        if "action_event_types" in f:
-            events = [_plain_attr(e) for e in f["action_event_types"][()]]
-            if len(events) != num_frames:
-                raise DataError(f"{path}: action_event_types: {len(events)} entries for {num_frames} frames")
-        in_file_instruction = None
-        if "language_instruction" in f:
-            raw = f["language_instruction"][()]
-            raw = raw.reshape(-1)[0] if isinstance(raw, np.ndarray) and raw.size else raw
-            in_file_instruction = _plain_attr(raw) or None
-
-        frames = np.empty((num_frames, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)  # [T, 224, 224, 3]
-        for t in range(num_frames):
-            try:
-                frame = images[t]
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{path}: images: frame {t} unreadable (truncated or corrupt?): {exc}") from None
-            frames[t] = resize_frame(frame, IMAGE_SIZE, resize_rule)
+        events = _read_events(path, f, num_frames)
+        in_file_instruction = _read_instruction(f)
+        frames = _resized_frames(path, images, resize_rule)  # [T, 224, 224, 3]
 
     name = str(attrs.get("episode_name") or path.stem)
     instruction = (
@@ -208,6 +187,50 @@ def convert_minuum_file(
     return Episode(images=frames, actions=actions, state=state, attrs=episode_attrs)
 
 
+def _read_actions(path: Path, f: h5py.File, num_frames: int) -> np.ndarray:
+    """`actions` as float32 [T, 3], finite, one row per frame."""
+    try:
+        actions = np.asarray(f["actions"][()], np.float32)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: actions: unreadable ({exc})") from None
+    if actions.shape != (num_frames, 3):
+        raise DataError(f"{path}: actions: shape {list(actions.shape)}: expected [{num_frames}, 3]")
+    if not np.isfinite(actions).all():
+        raise DataError(f"{path}: actions: contains NaN/inf")
+    return actions
+
+
+def _read_events(path: Path, f: h5py.File, num_frames: int) -> list | None:
+    """`action_event_types` as plain strings, one per frame; None when the file has none."""
+    if "action_event_types" not in f:
+        return None
+    events = [_plain_attr(e) for e in f["action_event_types"][()]]
+    if len(events) != num_frames:
+        raise DataError(f"{path}: action_event_types: {len(events)} entries for {num_frames} frames")
+    return events
+
+
+def _read_instruction(f: h5py.File) -> str | None:
+    """The file's own `language_instruction` (a scalar or a 1-element array), if it has one."""
+    if "language_instruction" not in f:
+        return None
+    raw = f["language_instruction"][()]
+    raw = raw.reshape(-1)[0] if isinstance(raw, np.ndarray) and raw.size else raw
+    return _plain_attr(raw) or None
+
+
+def _resized_frames(path: Path, images: h5py.Dataset, resize_rule: str) -> np.ndarray:
+    """Every frame read one at a time and resized to uint8 [T, 224, 224, 3]."""
+    frames = np.empty((images.shape[0], IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)  # [T, 224, 224, 3]
+    for t in range(images.shape[0]):
+        try:
+            frame = images[t]
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: images: frame {t} unreadable (truncated or corrupt?): {exc}") from None
+        frames[t] = resize_frame(frame, IMAGE_SIZE, resize_rule)
+    return frames
+
+
 def import_minuum_h5(
     src: str | Path,
     dst: str | Path,
@@ -218,6 +241,11 @@ def import_minuum_h5(
     default_instruction: str | None = None,
     progress: bool = True,
 ) -> ImportReport:
+    """Converts every collector file under `src` into a new dataset folder `dst` with a manifest.
+
+    Bad files are skipped and named in the report; DataError when none could be imported, when
+    `dst` already holds a dataset, or when `val_fraction` is outside [0, 1).
+    """
     src, dst = Path(src), Path(dst)
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction = {val_fraction}: expected 0 <= value < 1")
@@ -270,6 +298,4 @@ def _progress(items: list, description: str, enabled: bool):
     if not enabled:
         yield from items
         return
-    from rich.progress import track
-
     yield from track(items, description=description)
