@@ -3,5 +3,8 @@
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
     from mobile_vla.evaluate.offline import evaluate_offline
 
-Light at import (the CLI imports this package): numpy only; Ray, torch and MiniWorld load on use.
+Light at import (the CLI imports this package): it imports nothing; Ray, torch, MLflow and
+MiniWorld load with the submodules.
 """
+
+EXPERT = "expert"  # the model name that means the scripted expert (`--model expert`)

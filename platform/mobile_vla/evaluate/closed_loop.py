@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mobile_vla.config import platform_home
 from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import ConfigError
-from mobile_vla.evaluate import plots
+from mobile_vla.evaluate import EXPERT, plots
 from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutConfig, rollout_seeds
 from mobile_vla.evaluate.tasks import fan_out, jsonable
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
@@ -45,7 +45,6 @@ from mobile_vla.tracking import configure_mlflow, log_version_metrics, resolve_m
 
 log = logging.getLogger(__name__)
 
-EXPERT = "expert"
 EVALUATION_ARTIFACTS = "evaluation"  # artifacts land in evaluation/<split>/ of the version's run
 PRIMARY_KEYS = ("success_rate", "episodes", "collision_rate", "spl", "wrong_target")  # unqualified gate keys
 

@@ -21,11 +21,10 @@ import math
 from pathlib import Path
 
 from mobile_vla.errors import ConfigError
+from mobile_vla.evaluate import EXPERT
 
 # The evaluation modules (Ray, MLflow, torch) and rich are imported inside run_evaluate: the CLI
 # imports this module to build its parser, and `mobile-vla --help` must stay fast.
-
-EXPERT = "expert"
 
 
 def register(subparsers) -> None:
