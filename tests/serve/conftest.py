@@ -76,15 +76,15 @@ class AppClient:
 
 @contextlib.contextmanager
 def deployed_app(app_name: str, home: Path, args, drill=None):
-    """`build_app(args, drill)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards."""
+    """`compose_app(args, drill)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards."""
     from ray import serve
 
-    from mobile_vla.serve.app import build_app
+    from mobile_vla.serve.app import compose_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with home_env(home):
-        serve.run(build_app(args, drill=drill), name=app_name, route_prefix="/")
+        serve.run(compose_app(args, drill=drill), name=app_name, route_prefix="/")
     client = AppClient(app_name, f"http://127.0.0.1:{port}", (home / "token").read_text(), home)
     try:
         yield client

@@ -57,7 +57,7 @@ class Served:
 def served(ray_cluster, serve_home, use_home):
     from ray import serve
 
-    from mobile_vla.serve.app import ServeAppConfig, build_app
+    from mobile_vla.serve.app import ServeAppConfig, compose_app
     from mobile_vla.serve.drills import DrillConfig
 
     port = free_port()
@@ -80,7 +80,7 @@ def served(ray_cluster, serve_home, use_home):
         breaker_reset_s=1.0,
     )
     with use_home(serve_home):
-        serve.run(build_app(args, drill=drill), name=APP, route_prefix="/")
+        serve.run(compose_app(args, drill=drill), name=APP, route_prefix="/")
     app = Served(f"http://127.0.0.1:{port}", (serve_home / "token").read_text(), serve_home)
     yield app
     app.http.close()

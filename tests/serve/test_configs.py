@@ -34,6 +34,16 @@ def test_config_validates_against_ray_schema_and_app_args(path):
             assert deployment.max_ongoing_requests >= args.max_batch_size
 
 
+def test_the_import_path_builder_takes_only_the_args():
+    # Serve refuses an application builder with any parameter besides the config's args (the drills
+    # go through compose_app instead).
+    import inspect
+
+    from mobile_vla.serve.app import build_app
+
+    assert list(inspect.signature(build_app).parameters) == ["args"]
+
+
 def test_local_config_binds_loopback_only():
     data = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())
     assert data["http_options"]["host"] == "127.0.0.1"
@@ -95,7 +105,7 @@ def test_serve_command_proxy_environment(monkeypatch):
 
 
 def test_test_only_drills_are_no_app_argument():
-    # Fault injection and the fake engine-build pause reach the primary only through build_app(drill=...).
+    # Fault injection and the fake engine-build pause reach the primary only through compose_app(drill=...).
     from mobile_vla.serve.drills import DrillConfig, DrillPolicyConfig
     from mobile_vla.serve.settings import PolicyUserConfig
 
@@ -115,9 +125,17 @@ def test_serving_reads_the_runtime_backend_table():
 
     from mobile_vla.runtime import BACKEND_NAMES
     from mobile_vla.serve.schemas import ActResponse
-    from mobile_vla.serve.settings import POLICY_BACKENDS
+    from mobile_vla.serve.settings import POLICY_BACKENDS, FallbackKind
 
     assert get_args(ActResponse.model_fields["backend"].annotation) == BACKEND_NAMES
     for kind, backends in POLICY_BACKENDS.items():
         assert backends and set(backends) <= set(BACKEND_NAMES), kind
     assert set(get_args(ServeAppConfig.model_fields["primary"].annotation)) == set(POLICY_BACKENDS)
+    # GPU placement follows the table's gpu flags: a kind reserves a GPU only when it cannot run without one
+    from mobile_vla.runtime import BACKENDS
+    from mobile_vla.serve.deployments import REPLICA_RESOURCES
+
+    for kind, backends in POLICY_BACKENDS.items():
+        assert ("num_gpus" in REPLICA_RESOURCES[kind]) == all(BACKENDS[name].gpu for name in backends), kind
+    fallback_kinds = get_args(FallbackKind)
+    assert fallback_kinds and all("num_gpus" not in REPLICA_RESOURCES[kind] for kind in fallback_kinds)

@@ -27,7 +27,8 @@ from mobile_vla.serve.routes import PolicyIngress
 from mobile_vla.serve.settings import ONNX, IngressConfig, PolicyUserConfig, ServeAppConfig, ShadowConfig
 from mobile_vla.tracking import resolve_model
 
-__all__ = ["ServeAppConfig", "ShadowConfig", "build_app"]  # the app arguments, importable beside their builder
+# the app arguments, importable beside their builders
+__all__ = ["ServeAppConfig", "ShadowConfig", "build_app", "compose_app"]
 
 FRAME_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # one decoded uint8 frame, what the ingress sends a policy replica per robot
 
@@ -48,7 +49,15 @@ def _replica_env(max_batch_size: int) -> dict[str, str]:
     return env
 
 
-def build_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | None = None):
+def build_app(args: ServeAppConfig | dict | None = None):
+    """The application builder of `serve run/deploy` and Serve config files: `compose_app(args)`.
+
+    Serve calls a builder with the config's `args` only and refuses one with any other parameter.
+    """
+    return compose_app(args)
+
+
+def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | None = None):
     """The Serve application: ingress, primary policy, optional fallback and optional shadow.
 
     Args:

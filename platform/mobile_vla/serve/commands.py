@@ -14,6 +14,8 @@ import signal
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from mobile_vla.config import platform_home, read_yaml
 from mobile_vla.errors import ConfigError, ResourceError
 from mobile_vla.serve.auth import create_tokens_file
@@ -59,7 +61,6 @@ def proxy_environment(haproxy: bool) -> dict[str, str]:
 def load_serve_config(path: str | Path, port: int | None = None, model_uri: str | None = None):
     """Reads and validates a Serve config (ServeDeploySchema); host pinned to 127.0.0.1."""
     # Here, not at the top: `mobile-vla --help` imports this module and must not load Ray.
-    from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
     data = read_yaml(path)

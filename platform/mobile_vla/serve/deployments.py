@@ -48,6 +48,7 @@ from mobile_vla.serve.settings import (
     POLICY_BACKENDS,
     TENSORRT,
     PolicyUserConfig,
+    needs_gpu,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -347,7 +348,9 @@ class OnnxReplica(PolicyReplica):
     KIND = ONNX
 
 
-REPLICA_RESOURCES = {TENSORRT: {"num_gpus": 1, "num_cpus": 1}, ONNX: {"num_cpus": 1}}
+REPLICA_RESOURCES = {
+    kind: {"num_gpus": 1, "num_cpus": 1} if needs_gpu(kind) else {"num_cpus": 1} for kind in POLICY_BACKENDS
+}  # what a replica of each kind reserves
 
 
 def policy_deployment(replica: type[PolicyReplica], name: str):

@@ -1,6 +1,6 @@
 """TEST-ONLY: failover and hot-swap drills on the real Serve app, without mocking Ray Serve.
 
-`build_app(args, drill=DrillConfig(...))` deploys the primary as a drill replica: the production
+`compose_app(args, drill=DrillConfig(...))` deploys the primary as a drill replica: the production
 replica body plus injected faults for robots whose id starts with a prefix, and a pause before each
 new version loads (standing in for a TensorRT engine build). It is no app argument, so no Serve config
 file can switch it on; tests and drill scripts pass it in code. Never use it in production.

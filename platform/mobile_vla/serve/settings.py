@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mobile_vla.config import StrictModel
-from mobile_vla.runtime import BACKEND_NAMES
+from mobile_vla.runtime import BACKEND_NAMES, BACKENDS
 from mobile_vla.tracking.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -26,8 +26,15 @@ TENSORRT, ONNX = "tensorrt", "onnx"  # deployment kinds: the GPU plan, the porta
 POLICY_BACKENDS: dict[str, tuple[str, ...]] = {
     kind: tuple(name for name in BACKEND_NAMES if name.split("-")[0] == kind) for kind in (TENSORRT, ONNX)
 }  # deployment kind -> the runtime backends it may load, fastest first
+
+
+def needs_gpu(kind: str) -> bool:
+    """A deployment kind needs a GPU node when none of its backends runs without one (runtime's table)."""
+    return all(BACKENDS[name].gpu for name in POLICY_BACKENDS[kind])
+
+
 PolicyKind = Literal[tuple(POLICY_BACKENDS)]
-FallbackKind = Literal[ONNX]  # runs wherever the primary runs, GPU or not
+FallbackKind = Literal[tuple(kind for kind in POLICY_BACKENDS if not needs_gpu(kind))]  # runs on any node
 
 
 class ShadowConfig(StrictModel):
