@@ -9,6 +9,7 @@ import sys
 
 
 def register(subparsers) -> None:
+    """Adds `mlflow-ui` to the `mobile-vla` subcommands."""
     ui = subparsers.add_parser("mlflow-ui", help="open the MLflow UI on the embedded store (127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (keep loopback; use SSH forwarding)")
@@ -17,6 +18,8 @@ def register(subparsers) -> None:
 
 
 def run_ui(args) -> int:
+    """Runs `mlflow server` on the embedded store until Ctrl-C (or prints its command line)."""
+    # Deferred: the tracking package loads mlflow, and this module is imported while `--help` is parsed.
     from mobile_vla.tracking.store import embedded_paths, ui_command
 
     if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):

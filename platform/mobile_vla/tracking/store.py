@@ -16,6 +16,7 @@ DEFAULT_EXPERIMENT = "mobile-vla"
 
 
 def embedded_paths() -> tuple[Path, Path]:
+    """The embedded store's SQLite file and artifact folder under the platform home."""
     home = platform_home()
     return home / "mlflow.db", home / "mlartifacts"
 
@@ -29,6 +30,7 @@ def tracking_uri() -> str:
 
 
 def is_embedded(uri: str | None = None) -> bool:
+    """Whether `uri` (default: this process's tracking URI) is the embedded SQLite store."""
     return (uri or tracking_uri()).startswith("sqlite:")
 
 
