@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -126,8 +127,6 @@ def test_inspect_prints_counts_splits_and_stats(imported, capsys):
 
 
 def test_inspect_check_reports_a_damaged_episode(imported, tmp_path, capsys):
-    import shutil
-
     _, dst, *_ = imported
     copy = tmp_path / "copy"
     shutil.copytree(dst, copy)

@@ -4,10 +4,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
 
+import mlflow
 import pytest
+from mlflow import MlflowClient
+from ray import serve
+from rich.console import Console
+
+from mobile_vla.cli import main
+from mobile_vla.demo.runner import run_demo
+from mobile_vla.demo.settings import APP_NAME, tiny
+from mobile_vla.errors import ConfigError
+from mobile_vla.tracking import configure_mlflow
 
 DEMO_ARGS = [
     "--preset",
@@ -41,11 +54,6 @@ def demo_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(ray_cluster, demo_home):
     """(exit status, printed output, summary) of one tiny demo through the CLI entry point."""
-    import contextlib
-    import io
-
-    from mobile_vla.cli import main
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = main(["demo", *DEMO_ARGS, "--home", str(demo_home)])
@@ -54,10 +62,6 @@ def demo(ray_cluster, demo_home):
 
 
 def _client():
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import configure_mlflow
-
     configure_mlflow()
     return MlflowClient()
 
@@ -139,10 +143,6 @@ def test_mlflow_holds_the_run_version_aliases_and_demo_artifacts(demo, demo_home
 
 
 def test_demo_leaves_no_serve_app_on_a_reused_cluster(demo, ray_cluster):
-    from ray import serve
-
-    from mobile_vla.demo.settings import APP_NAME
-
     assert ray_cluster.is_initialized()  # the session's cluster was reused, not shut down
     assert APP_NAME not in serve.status().applications
 
@@ -152,17 +152,6 @@ def test_a_failing_step_names_the_problem_and_cleans_up(demo, demo_home, ray_clu
     ConfigError naming field and value; the summary of the good run stays as it was. Cleaned up: the
     reused cluster stays up without a demo Serve app, no MLflow run is left open, and MOBILE_VLA_HOME
     is the caller's again."""
-    import io
-    import os
-
-    import mlflow
-    from ray import serve
-    from rich.console import Console
-
-    from mobile_vla.demo.runner import run_demo
-    from mobile_vla.demo.settings import APP_NAME, tiny
-    from mobile_vla.errors import ConfigError
-
     before = (demo_home / "demo_summary.json").read_text()
     monkeypatch.setenv("MOBILE_VLA_HOME", str(tmp_path / "callers-home"))
     cfg = tiny(home=demo_home, episodes=8, epochs=1, progress=False, train_overrides=["optim.lr=fast"])
@@ -185,8 +174,6 @@ def test_a_failing_step_names_the_problem_and_cleans_up(demo, demo_home, ray_clu
     ],
 )
 def test_bad_options_are_one_line_errors(args, message, tmp_path, capsys):
-    from mobile_vla.cli import main
-
     assert main(["demo", "--preset", "tiny", "--home", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
+
+from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
+from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, register_policy
 
 
 def save_tiny_policy(root: Path, seed: int = 0) -> Path:
     """root/policy/: a tiny policy with random weights and plausible action/state scaling."""
-    import torch
-
-    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.policy.preprocessing import Preprocessing
-
     config = presets.tiny()
     torch.manual_seed(seed)
     model = build_policy(config).eval()
@@ -42,10 +43,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def registered_model(platform_home, tiny_model_dir) -> tuple[str, str]:
     """(name, version) of the tiny policy registered in this test's platform home."""
-    import mlflow
-
-    from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, register_policy
-
     configure_mlflow()
     experiment_id = get_or_create_experiment("evaluate-tests")
     with mlflow.start_run(experiment_id=experiment_id, run_name="tiny") as run:

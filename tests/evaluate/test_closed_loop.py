@@ -7,8 +7,13 @@ import math
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 
 from mobile_vla.errors import ConfigError, ModelError
+from mobile_vla.evaluate.closed_loop import evaluate_closed_loop, evaluate_model_version
+from mobile_vla.sim.scenes import scene_from_seed
+from mobile_vla.sim.split_spec import default_split_spec
+from mobile_vla.tracking import get_version_metrics, get_version_tags
 
 SEEDS = 2  # val seeds 1_000_000.. (the expert solves these in 31 and 51 steps; a random policy does not)
 MAX_STEPS = 60
@@ -29,17 +34,12 @@ def check_summary(summary, episodes: int) -> None:
 
 @pytest.fixture(scope="module")
 def model_report(ray_cluster, tiny_model_dir):
-    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
-
     return evaluate_closed_loop(
         str(tiny_model_dir), "val", SEEDS, episodes_per_task=SEEDS, record_frames=1, max_steps=MAX_STEPS, progress=False
     )
 
 
 def test_random_policy_next_to_expert_on_same_seeds(model_report):
-    from mobile_vla.sim.scenes import scene_from_seed
-    from mobile_vla.sim.split_spec import default_split_spec
-
     report = model_report
     assert report.seeds == [1_000_000 + i for i in range(SEEDS)]
     assert [e["seed"] for e in report.episodes] == report.seeds
@@ -81,8 +81,6 @@ def test_random_policy_next_to_expert_on_same_seeds(model_report):
 def test_lockstep_batch_equals_one_episode_per_task(ray_cluster):
     """Several episodes share one MiniWorld env per task (worlds swapped in and out): every frame and
     path must be exactly what the episode gives alone."""
-    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
-
     batched = evaluate_closed_loop(
         "expert", "unseen_layout", 2, episodes_per_task=2, record_frames=2, max_steps=30, progress=False
     )
@@ -100,8 +98,6 @@ def test_lockstep_batch_equals_one_episode_per_task(ray_cluster):
 
 
 def test_bad_requests_fail_before_any_work(tiny_model_dir, tmp_path):
-    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
-
     with pytest.raises(ConfigError, match="'nope'.*not in the split spec"):
         evaluate_closed_loop("expert", "nope", 2)
     with pytest.raises(ConfigError, match="has only 100000 seeds"):
@@ -116,11 +112,6 @@ def test_bad_requests_fail_before_any_work(tiny_model_dir, tmp_path):
 
 def test_results_logged_on_the_model_version(ray_cluster, registered_model, tmp_path):
     """What the online update and the promotion gate call: metrics and files land on the version."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.evaluate.closed_loop import evaluate_model_version
-    from mobile_vla.tracking import get_version_metrics, get_version_tags
-
     name, version = registered_model
     returned = evaluate_model_version(name, version, split="unseen_pair", episodes=2, max_steps=6)
     stored = get_version_metrics(name, version)

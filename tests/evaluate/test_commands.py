@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from mlflow import MlflowClient
 
 from mobile_vla.cli import main
+from mobile_vla.tracking import get_version_metrics
 
 
 @pytest.mark.parametrize(
@@ -33,10 +35,6 @@ def test_missing_data_folder_is_named(capsys, platform_home, tmp_path):
 
 
 def test_offline_and_closed_loop_onto_the_version(ray_cluster, tiny_dataset, registered_model, tmp_path, capsys):
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import get_version_metrics
-
     name, version = registered_model
     out = tmp_path / "results"
     argv = [

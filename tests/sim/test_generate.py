@@ -11,12 +11,13 @@ import json
 import numpy as np
 import pytest
 
+from mobile_vla.cli import main
 from mobile_vla.data.episodes import list_episode_files, read_episode
 from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import DataError
 from mobile_vla.sim.generate import GeneratorConfig, _SplitRun, candidate_seeds, generate_dataset
 from mobile_vla.sim.scenes import SceneSpec, scene_from_seed
-from mobile_vla.sim.split_spec import SplitSpec, default_split_spec
+from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
 
 # Pixels that read as each colour under MiniWorld's lighting (a coarse RGB box per colour).
 COLOUR_BOXES = {
@@ -229,9 +230,6 @@ def test_kept_episodes_are_the_first_successes_in_candidate_order():
 
 # -- CLI --------------------------------------------------------------------------------------------
 def test_cli_prints_the_resolved_split_spec(tmp_path, capsys):
-    from mobile_vla.cli import main
-    from mobile_vla.sim.split_spec import load_split_spec
-
     assert main(["data", "generate", "--show-split-spec", "--set", "held_out_templates=[approach, avoiding]"]) == 0
     path = tmp_path / "spec.yaml"
     path.write_text(capsys.readouterr().out)
@@ -249,8 +247,6 @@ def test_cli_prints_the_resolved_split_spec(tmp_path, capsys):
     ],
 )
 def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys, args, message):
-    from mobile_vla.cli import main
-
     assert main(["data", "generate", "--out", str(tmp_path / "new"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
