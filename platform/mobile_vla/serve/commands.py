@@ -123,8 +123,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from mobile_vla.ray_session import ensure_ray
 
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     owned = ensure_ray(loopback=True, log_to_driver=True)  # replica logs show here
+    # After ray.init, which installs its own SIGTERM handlers (Ray's C++ one aborts the process, leaving
+    # the Serve proxy holding the port); ours replaces them.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         client = serve_start(
             http_options=config.http_options.model_dump(exclude_unset=True), proxy_location=config.proxy_location
