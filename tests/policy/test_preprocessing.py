@@ -161,6 +161,11 @@ def test_from_manifest_save_load_and_pickle_keep_everything(tmp_path, tokenizer)
         for key, value in copy.tokenize(texts).items():
             np.testing.assert_array_equal(value, tokens[key])
 
+    numbers_only = Preprocessing.load(tmp_path / "pre", with_tokenizer=False)  # what the serving ingress reads
+    assert numbers_only.tokenizer is None and numbers_only == pre
+    with pytest.raises(ModelError, match="tokenizer is None"):
+        numbers_only.tokenize(texts)
+
 
 def test_load_errors_and_missing_tokenizer(tmp_path):
     with pytest.raises(ModelError, match=r"preprocessing.json: missing"):

@@ -209,7 +209,12 @@ class Preprocessing:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> Preprocessing:
+    def load(cls, folder: str | Path, *, with_tokenizer: bool = True) -> Preprocessing:
+        """Reads a saved preprocessing folder; ModelError names the file at fault.
+
+        `with_tokenizer=False` leaves the tokenizer out (`tokenize` then raises): for readers that
+        need only the numbers and the resize rule, such as the serving ingress.
+        """
         folder = Path(folder)
         path = folder / PREPROCESSING_FILE
         if not path.is_file():
@@ -223,7 +228,7 @@ class Preprocessing:
         if data.get("version", 0) > PREPROCESSING_VERSION:
             raise ModelError(f"{path}: version {data.get('version')}: this code reads up to {PREPROCESSING_VERSION}")
         tokenizer = None
-        if data.get("tokenizer"):
+        if data.get("tokenizer") and with_tokenizer:
             # policy.text loads open_clip (torch) and transformers: only a preprocessing with a tokenizer
             # pays for them, not the serving and data modules that import this one for the numbers
             from mobile_vla.policy.text import load_tokenizer

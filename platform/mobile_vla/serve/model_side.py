@@ -34,7 +34,7 @@ def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
     """Reads `model_uri`'s signature and saved preprocessing (fetching the version's files if needed)."""
     resolved = resolve_model(model_uri)
     signature = load_signature(resolved.path / "onnx")
-    preprocessing = Preprocessing.load(resolved.path / signature.preprocessing.saved_at)
+    preprocessing = Preprocessing.load(resolved.path / signature.preprocessing.saved_at, with_tokenizer=False)
     return ModelSide(
         name=signature.model.name or resolved.name or "unknown",
         version=str(signature.model.version or resolved.version or "unknown"),
