@@ -27,6 +27,8 @@ from mobile_vla.errors import ConfigError, MobileVLAError, ModelError
 from mobile_vla.policy import load_policy, save_policy
 from mobile_vla.policy.ensemble import EnsemblePolicy
 from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, log_version_metrics, register_policy
+from mobile_vla.train.evaluation import evaluate_windows, window_batches
+from mobile_vla.train.windows import WindowDataset
 from mobile_vla.tune.sweep_config import TuneJobConfig
 from mobile_vla.tune.sweep_tracking import load_checkpoint_policy_dir
 from mobile_vla.tune.trials import CHECKPOINT_TAG, ENSEMBLE_TRIAL, PARENT_TRIAL, SWEEP_TAG, TRIAL_TAG, SweepResult
@@ -166,9 +168,6 @@ def ensemble_quality(ensemble, preprocessing, folder: str | Path, split: str, ba
     de-normalised (m/s, rad/s); confidence = the model's confidence for that frame. Scored by
     `train.evaluation.evaluate_windows`, so `ensemble_mae` is the same MAE as training's `val_mae`.
     """
-    from mobile_vla.train.evaluation import evaluate_windows, window_batches
-    from mobile_vla.train.windows import WindowDataset
-
     dataset = WindowDataset(folder, split, preprocessing, augment=False)
     if len(dataset) == 0:
         raise MobileVLAError(f"{folder}: split {split!r} has no windows to evaluate on")
