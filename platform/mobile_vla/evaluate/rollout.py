@@ -15,6 +15,10 @@ A colliding move is refused whole by MiniWorld; it counts as a collision and the
 
 Before the policy, the scripted expert drives every scene (physics only, no rendering): its path
 length is the SPL reference and its outcome sits next to the policy's in every report.
+
+DAgger (`mobile_vla.online.collect`) steps the same loop with a `BetaMixPolicy`: the learned policy
+answers every step (its memory follows the whole episode), the scripted expert labels every visited
+state, and per step, with probability beta, the expert's command is the one executed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,7 @@ from typing import Literal
 import numpy as np
 
 from mobile_vla.client import RobotClient
-from mobile_vla.errors import ModelError
+from mobile_vla.errors import ConfigError, ModelError
 from mobile_vla.runtime.backends import load_backend
 from mobile_vla.sim.expert import ScriptedExpert
 from mobile_vla.sim.scenes import CONTROL_HZ, SceneSpec, scene_from_seed
@@ -175,6 +180,11 @@ class BackendPolicy:
         self.backend = backend
         self.memory: tuple[np.ndarray, np.ndarray] | None = None
 
+    @property
+    def state_dim(self) -> int:
+        """S: how much of the state the model reads (0 or 3)."""
+        return self.backend.state_dim
+
     def start(self, episodes: list[tuple[str, str]]) -> None:
         if self.backend.state_dim not in (0, 3):
             raise ModelError(
@@ -234,16 +244,115 @@ class HttpPolicy:
         self.clients = []
 
 
+@dataclass
+class VisitedStep:
+    """One state a beta-mixed (DAgger) episode visited: what the learner saw, what it and the expert
+    commanded there, and which of the two commands was executed.
+    """
+
+    step: int  # index of the step in its episode, from 0
+    image: np.ndarray  # uint8 [H, W, 3]: the frame the learner was given
+    state: np.ndarray  # float32 [S]: the state the learner was given (the command executed before)
+    learner_action: np.ndarray  # float32 [3]: the learner's command (actions[0] of its chunk)
+    expert_action: np.ndarray  # float32 [3]: the scripted expert's command in this state: the label
+    by_expert: bool  # the expert's command was executed (probability beta), not the learner's
+
+    @property
+    def executed(self) -> np.ndarray:
+        """The command the robot executed at this step, float32 [3]."""
+        return self.expert_action if self.by_expert else self.learner_action
+
+
+# (slot, step, None while the episode goes on | its record once this was its last step)
+StepReport = Callable[[list[tuple[int, VisitedStep, EpisodeRecord | None]]], None]
+
+
+class BetaMixPolicy:
+    """DAgger's beta-mixture of a learned policy and the scripted expert, one draw per step and episode.
+
+    The learner answers every step, whichever command runs, so its memory (LSTM state, or the robot
+    client's token over HTTP) follows the whole episode as it would alone. The expert labels every
+    visited state. With probability `beta` the expert's command is executed, else the learner's; the
+    draws come from one generator per episode (`rng_seeds[slot]`), so they do not depend on how the
+    episodes were batched. Each visited step goes to `report` once it is known whether it ended its
+    episode: at the episode's next step, or from `finish(records)` after the loop.
+    """
+
+    needs_frames = True
+
+    def __init__(
+        self,
+        learner,
+        beta: float,
+        rng_seeds: list[tuple[int, ...]],
+        report: StepReport | None = None,
+        expert: dict | None = None,
+    ) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"beta = {beta!r}: expected a probability in [0, 1]")
+        self.learner, self.beta, self.report = learner, beta, report
+        self.expert = ScriptedExpert(**(expert or {}))
+        self.rng_seeds = [tuple(int(v) for v in seeds) for seeds in rng_seeds]
+        self.episodes: list[tuple[str, str]] = []  # (episode id, instruction) per slot
+        self.learner_steps: list[int] = []  # per slot: steps that executed the learner's command
+        self.expert_steps: list[int] = []
+        self._rngs: list[np.random.Generator] = []
+        self._pending: dict[int, VisitedStep] = {}
+
+    def start(self, episodes: list[tuple[str, str]]) -> None:
+        if len(episodes) != len(self.rng_seeds):
+            raise ValueError(f"{len(episodes)} episodes but {len(self.rng_seeds)} rng seeds")
+        self.learner.start(episodes)
+        self.episodes = list(episodes)
+        self.learner_steps, self.expert_steps = [0] * len(episodes), [0] * len(episodes)
+        self._rngs = [np.random.default_rng(list(seeds)) for seeds in self.rng_seeds]
+        self._pending = {}
+
+    def act(self, slots, images, state, instructions, worlds: SceneSlots):
+        self._report([(slot, self._pending.pop(slot), None) for slot in slots if slot in self._pending])
+        learned, confidence = self.learner.act(slots, images, state, instructions, worlds)  # [B, 3], [B]
+        learned = np.asarray(learned, np.float32)
+        if not np.isfinite(learned).all():
+            raise ModelError(f"policy returned non-finite actions for episodes {[self.episodes[s][0] for s in slots]}")
+        labels = np.array([self.expert.act(worlds.activate(slot)) for slot in slots], np.float32)  # [B, 3]
+        state_dim = getattr(self.learner, "state_dim", state.shape[1])
+        executed = np.empty_like(labels)  # [B, 3]
+        for j, slot in enumerate(slots):
+            by_expert = bool(self._rngs[slot].random() < self.beta)
+            step = self.learner_steps[slot] + self.expert_steps[slot]
+            visit = VisitedStep(step, images[j], state[j, :state_dim].copy(), learned[j], labels[j], by_expert)
+            self._pending[slot] = visit
+            executed[j] = visit.executed
+            if by_expert:
+                self.expert_steps[slot] += 1
+            else:
+                self.learner_steps[slot] += 1
+        return executed, confidence
+
+    def finish(self, records: list[EpisodeRecord]) -> None:
+        """Reports every episode's last step, with the episode's record (its outcome is known now)."""
+        self._report([(slot, visit, records[slot]) for slot, visit in sorted(self._pending.items())])
+        self._pending = {}
+
+    def _report(self, batch: list[tuple[int, VisitedStep, EpisodeRecord | None]]) -> None:
+        if batch and self.report is not None:
+            self.report(batch)
+
+
 # -- the lockstep loop ------------------------------------------------------------------------------
-def run_lockstep(worlds: SceneSlots, scenes: list[SceneSpec], policy, settings: RolloutConfig) -> list[EpisodeRecord]:
-    """Runs one episode per scene, all advanced together one control step at a time."""
+def run_lockstep(
+    worlds: SceneSlots, scenes: list[SceneSpec], policy, settings: RolloutConfig, episode_prefix: str = "eval"
+) -> list[EpisodeRecord]:
+    """Runs one episode per scene, all advanced together one control step at a time; the episodes are
+    named `<episode_prefix>-<split>-<seed>` (over HTTP also the robot ids).
+    """
     records = [EpisodeRecord(seed=scene.seed) for scene in scenes]
     frames = {slot: worlds.load(slot, scene) for slot, scene in enumerate(scenes)}
     for slot, scene in enumerate(scenes):
         records[slot].trajectory.append((scene.agent.x, scene.agent.z))
         if scene.seed in settings.record_frames:
             records[slot].frames.append(frames[slot])
-    policy.start([(f"eval-{scene.split}-{scene.seed}", scene.instruction) for scene in scenes])
+    policy.start([(f"{episode_prefix}-{scene.split}-{scene.seed}", scene.instruction) for scene in scenes])
     state = np.zeros((len(scenes), 3), np.float32)  # [B, S]: the command executed at the previous step
     active = list(range(len(scenes)))
     max_steps = max(scene.max_steps for scene in scenes)

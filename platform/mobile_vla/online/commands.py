@@ -1,9 +1,11 @@
-"""`mobile-vla promote` and `mobile-vla online-update`: the gate that moves `@champion`, and the job
-that turns fleet feedback into a challenger. Heavy imports stay inside the functions (fast --help).
+"""`mobile-vla promote`, `mobile-vla online-update` and `mobile-vla collect`: the gate that moves
+`@champion`, the job that turns fleet feedback into a challenger, and DAgger rounds in MiniWorld that
+feed it. Heavy imports stay inside the functions (fast --help).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from mobile_vla.errors import ConfigError, DataError
@@ -40,7 +42,85 @@ def register(subparsers) -> None:
     update.add_argument("--config", required=True, help="e.g. jobs/configs/online_update.yaml")
     update.add_argument("overrides", nargs="*", metavar="key.sub=value")
     update.set_defaults(func=run_online_update_command)
+    _add_collect(subparsers)
     _add_inspect_section()
+
+
+COLLECT_EPILOG = """\
+examples:
+  mobile-vla collect --model models:/mobile-vla-policy@champion --data data/nav --episodes 100 --in-process
+  mobile-vla collect --data data/nav --episodes 100 --beta 0.25 --seed 1 \\
+      --endpoint http://127.0.0.1:8000 --token-file .mobile_vla/serve/tokens
+  mobile-vla online-update --config jobs/configs/online_update.yaml replay.data=data/nav
+
+Every visited step is stored as an operator correction (the expert's command) through /v1/feedback
+(--endpoint) or straight into the feedback store (--in-process); online-update fine-tunes on them."""
+
+
+def _add_collect(subparsers) -> None:
+    """`mobile-vla collect`: one DAgger round in MiniWorld through serve + feedback (or in-process)."""
+    collect = subparsers.add_parser(
+        "collect",
+        help="DAgger round: the current policy drives MiniWorld scenes, the expert's corrections go to feedback",
+        description="Drive MiniWorld scenes of a split with the current policy, executing the scripted expert's "
+        "command instead with probability --beta per step; the expert labels every visited step and the labels "
+        "are stored as operator corrections, where a fleet's go.",
+        epilog=COLLECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    collect.add_argument("--model", metavar="MODEL_URI", help="models:/NAME@alias, models:/NAME/V or a model folder")
+    collect.add_argument("--data", type=Path, metavar="DIR", help="dataset folder whose split spec gives the scenes")
+    collect.add_argument("--episodes", type=int, required=True, metavar="N", help="episodes (scenes) to drive")
+    collect.add_argument(
+        "--beta", type=float, default=0.5, metavar="B", help="per-step probability the expert's command runs (0.5)"
+    )
+    collect.add_argument("--split", default="train", help="split whose scenes are driven (default train)")
+    collect.add_argument("--seed", type=int, default=0, metavar="S", help="picks the scenes and the beta draws")
+    where = collect.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", metavar="URL", help="drive the served model over /v1/act, report to /v1/feedback")
+    where.add_argument(
+        "--in-process", action="store_true", help="load --model in the Ray tasks and write the feedback store"
+    )
+    collect.add_argument("--token-file", type=Path, metavar="F", help="API token file for --endpoint (first line)")
+    collect.add_argument(
+        "--feedback-dir",
+        type=Path,
+        metavar="DIR",
+        help="--in-process: feedback store (default $MOBILE_VLA_HOME/feedback)",
+    )
+    collect.add_argument("--episodes-per-task", type=int, default=8, help="episodes per Ray task (batched per step)")
+    collect.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the scene's)")
+    collect.add_argument(
+        "--backend", action="append", dest="backends", metavar="NAME", help="--in-process backend chain"
+    )
+    collect.add_argument("--no-progress", action="store_true")
+    collect.set_defaults(func=run_collect)
+
+
+def run_collect(args) -> int:
+    """`mobile-vla collect`: one DAgger round; prints the summary."""
+    from mobile_vla.evaluate.commands import read_token
+    from mobile_vla.online.collect import collect
+
+    if args.token_file is not None and not args.endpoint:
+        raise ConfigError("--token-file is for --endpoint")
+    report = collect(
+        args.model,
+        args.episodes,
+        beta=args.beta,
+        split=args.split,
+        data=args.data,
+        endpoint=args.endpoint,
+        token=read_token(args.token_file) if args.endpoint else None,
+        feedback_dir=args.feedback_dir,
+        seed=args.seed,
+        prefer=tuple(args.backends or ()),
+        episodes_per_task=args.episodes_per_task,
+        max_steps=args.max_steps,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    return 0
 
 
 def _add_inspect_section() -> None:
