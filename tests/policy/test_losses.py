@@ -39,6 +39,25 @@ def test_masked_targets_do_not_count():
     assert huber == pytest.approx(0.5 * 0.5**2 / 6)
 
 
+def test_first_step_weight_counts_the_executed_step_w_times():
+    pred = torch.zeros(1, 1, 4, 3)
+    target = torch.zeros(1, 1, 4, 3)
+    target[0, 0, 0, 0] = 0.4  # an error on the executed step (k = 0)
+    target[0, 0, 2, 1] = 0.2  # and one on a later chunk step
+    action_mask = torch.tensor([[[1.0, 1.0, 1.0, 0.0]]])  # k = 3 past the episode end
+    batch = {"actions": target, "action_mask": action_mask}
+    e0, e2 = 0.5 * 0.4**2, 0.5 * 0.2**2  # Huber (delta 1) of each error
+    old = policy_loss(_output(pred), batch)["huber"].item()
+    assert old == pytest.approx((e0 + e2) / 9)  # 3 steps x 3 axes, alike
+    assert policy_loss(_output(pred), batch, first_step_weight=1.0)["huber"].item() == old
+    weighted = policy_loss(_output(pred), batch, first_step_weight=5.0)
+    # weighted mean: the k = 0 entries count 5 times, the denominator is the summed weight 5x3 + 2x3
+    assert weighted["huber"].item() == pytest.approx((5 * e0 + e2) / 21)
+    assert weighted["nll"].item() == pytest.approx(
+        (0.5 * (5 * (3 * math.log(2 * math.pi) + 0.4**2) + 6 * math.log(2 * math.pi) + 0.2**2)) / 21
+    )
+
+
 def test_nll_trains_variance_not_mean():
     actions = torch.zeros(1, 1, 2, 3, requires_grad=True)
     log_var = torch.zeros(1, 1, 2, 3, requires_grad=True)

@@ -22,6 +22,7 @@ ACTION_NAMES = ("linear_x", "linear_y", "angular_z")
 IMAGE_SIZE = 224
 CLIP_CONTEXT_LENGTH = 77
 FUSIONS = ("gated", "concat", "film")
+STATE_INPUTS = ("previous_command", "none")
 
 
 def _fail(owner: str, name: str, value: Any, expected: str) -> None:
@@ -153,6 +154,12 @@ class PolicyConfig:
     log_var_min: float = -7.0  # clamp range of the predicted log-variance (normalised action units)
     log_var_max: float = 2.0
     confidence_tolerance: float = 0.1  # tau in the confidence definition (normalised units, range [-1, 1])
+    # what the state input [B, S] means to the model: "previous_command" feeds it to the fusion; "none"
+    # zeroes it inside the model (the input stays in the I/O contract, so serving and export are unchanged)
+    state_input: str = "previous_command"
+    state_dropout: float = 0.0  # training only: P(a whole window's state is zeroed), per sample
+    confidence_steps: int | None = None  # chunk steps the confidence averages (from k = 0); None = all K
+    image_size: int = IMAGE_SIZE  # the model's internal resolution: 224 / image_size-fold average pooling
 
     def __post_init__(self) -> None:
         owner = "PolicyConfig"
@@ -178,13 +185,43 @@ class PolicyConfig:
             _fail(owner, "log_var_min", self.log_var_min, f"must be below log_var_max = {self.log_var_max}")
         if not 0.0 < self.confidence_tolerance <= 2.0:
             _fail(owner, "confidence_tolerance", self.confidence_tolerance, "expected 0 < tau <= 2")
+        if self.state_input not in STATE_INPUTS:
+            _fail(owner, "state_input", self.state_input, f"expected one of {', '.join(map(repr, STATE_INPUTS))}")
+        if not isinstance(self.state_dropout, (int, float)) or not 0.0 <= self.state_dropout < 1.0:
+            _fail(owner, "state_dropout", self.state_dropout, "expected 0 <= state_dropout < 1")
+        if self.confidence_steps is not None:
+            _positive(owner, confidence_steps=self.confidence_steps)
+            if self.confidence_steps > self.chunk:
+                _fail(owner, "confidence_steps", self.confidence_steps, f"must be at most chunk = {self.chunk}")
+        self._check_image_size(owner)
         if self.kosmos.lora_rank and self.freeze_kosmos is False:
             # LoRA only makes sense on a frozen language model: say so instead of silently mixing both.
             _fail(owner, "kosmos.lora_rank", self.kosmos.lora_rank, "LoRA needs freeze_kosmos = true")
 
+    def _check_image_size(self, owner: str) -> None:
+        _positive(owner, image_size=self.image_size)
+        if self.image_size > IMAGE_SIZE or IMAGE_SIZE % self.image_size:
+            _fail(owner, "image_size", self.image_size, f"must divide the input frame size {IMAGE_SIZE}")
+        for name, sub in (("kosmos", self.kosmos), ("clip", self.clip)):
+            if self.image_size % sub.patch_size:
+                _fail(owner, f"{name}.patch_size", sub.patch_size, f"must divide image_size = {self.image_size}")
+            if sub.pretrained and self.image_size != IMAGE_SIZE:
+                # pretrained position embeddings are sized for the 224 px grid
+                _fail(owner, "image_size", self.image_size, f"pretrained {name} weights need {IMAGE_SIZE}")
+
     @property
     def token_length(self) -> int:
         return self.kosmos.token_length
+
+    @property
+    def pooling_factor(self) -> int:
+        """How many input pixels per side the model averages into one (1 at the full 224 px)."""
+        return IMAGE_SIZE // self.image_size
+
+    @property
+    def confidence_span(self) -> int:
+        """The chunk steps, from k = 0, that the confidence averages."""
+        return self.confidence_steps or self.chunk
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,8 @@ from mobile_vla.policy.hub import from_local_or_hub, hub_reachable
 CLIP_VOCAB_SIZE = 49408  # open_clip's shipped BPE, shared by every CLIP preset
 
 
-def kosmos_hf_config(config: KosmosConfig):
+def kosmos_hf_config(config: KosmosConfig, image_size: int = IMAGE_SIZE):
+    """The transformers config of these sizes; the vision grid is image_size / patch_size per side."""
     return Kosmos2Config(
         text_config=dict(
             vocab_size=config.text_vocab_size,
@@ -41,7 +42,7 @@ def kosmos_hf_config(config: KosmosConfig):
             num_hidden_layers=config.vision_layers,
             num_attention_heads=config.vision_heads,
             patch_size=config.patch_size,
-            image_size=IMAGE_SIZE,
+            image_size=image_size,
         ),
         latent_query_num=config.latent_query_num,
     )
@@ -52,12 +53,12 @@ class KosmosEncoder(nn.Module):
     in one causal sequence; the masked mean of the last hidden states summarises both. [N, D_k]
     """
 
-    def __init__(self, config: KosmosConfig, load_pretrained: bool = True) -> None:
+    def __init__(self, config: KosmosConfig, load_pretrained: bool = True, image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
         if config.pretrained and load_pretrained:
             self.model = _load_kosmos(config)
         else:
-            self.model = Kosmos2Model(kosmos_hf_config(config))
+            self.model = Kosmos2Model(kosmos_hf_config(config, image_size))
         self.feature_dim = config.text_width
 
     def forward(self, pixels, input_ids, attention_mask, image_embeds_position_mask):
@@ -96,13 +97,14 @@ def _load_kosmos(config: KosmosConfig):
     return model
 
 
-def clip_configs(config: ClipConfig):
+def clip_configs(config: ClipConfig, image_size: int = IMAGE_SIZE):
+    """open_clip vision and text configs of these sizes; the vision grid is image_size / patch_size per side."""
     vision = CLIPVisionCfg(
         layers=config.vision_layers,
         width=config.vision_width,
         head_width=config.vision_head_width,
         patch_size=config.patch_size,
-        image_size=IMAGE_SIZE,
+        image_size=image_size,
     )
     text = CLIPTextCfg(
         context_length=CLIP_CONTEXT_LENGTH,
@@ -117,12 +119,12 @@ def clip_configs(config: ClipConfig):
 class ClipEncoder(nn.Module):
     """CLIP image features per frame [N, D_c] and text features per instruction [B, D_c]."""
 
-    def __init__(self, config: ClipConfig, load_pretrained: bool = True) -> None:
+    def __init__(self, config: ClipConfig, load_pretrained: bool = True, image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
         if config.pretrained and load_pretrained:
             self.model = _load_clip(config)
         else:
-            vision, text = clip_configs(config)
+            vision, text = clip_configs(config, image_size)
             self.model = CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text)
         self.feature_dim = config.embed_dim
 

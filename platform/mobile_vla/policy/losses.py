@@ -5,7 +5,9 @@ operator command) + `nll_weight` x Gaussian NLL of the target under N(mean, exp(
 The NLL sees the mean detached: the Huber term alone fits the actions, the NLL only teaches the
 log-variance head how wrong they are (a Gaussian NLL on the mean would down-weight hard samples,
 which is the opposite of what a driving policy needs). Both honour `action_mask` [B, T, K] (0 past
-the episode end) and `frame_mask` [B, T] (0 for padding frames).
+the episode end) and `frame_mask` [B, T] (0 for padding frames). Both are weighted means over
+(frame, chunk step, axis): `first_step_weight` w counts each k = 0 entry (the command executed now)
+w times as much as a later chunk step (w = 1: every step alike).
 
 Metrics are on de-normalised actions (m/s, rad/s): the caller de-normalises with its preprocessing.
 """
@@ -21,7 +23,9 @@ import torch.nn.functional as F
 from mobile_vla.policy.config import ACTION_NAMES
 
 
-def policy_loss(output, batch: dict, nll_weight: float = 0.1, huber_delta: float = 1.0) -> dict[str, torch.Tensor]:
+def policy_loss(
+    output, batch: dict, nll_weight: float = 0.1, huber_delta: float = 1.0, first_step_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
     """{"loss", "huber", "nll"}: the masked training loss of a batch of windows (see the module docstring)."""
     target = torch.as_tensor(batch["actions"]).to(output.actions)  # [B, T, K, 3]
     mask = torch.ones(target.shape[:-1], dtype=target.dtype, device=target.device)  # [B, T, K]
@@ -29,6 +33,10 @@ def policy_loss(output, batch: dict, nll_weight: float = 0.1, huber_delta: float
         mask = mask * torch.as_tensor(batch["action_mask"]).to(target)
     if batch.get("frame_mask") is not None:
         mask = mask * torch.as_tensor(batch["frame_mask"]).to(target).unsqueeze(-1)
+    if first_step_weight != 1.0:
+        step_weight = torch.ones(mask.shape[-1], dtype=mask.dtype, device=mask.device)  # [K]
+        step_weight[0] = first_step_weight
+        mask = mask * step_weight
     weights = mask.unsqueeze(-1).expand_as(target)  # [B, T, K, 3]
     count = weights.sum().clamp(min=1.0)
 

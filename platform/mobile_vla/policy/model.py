@@ -13,10 +13,18 @@ Outputs, in the normalised action range [-1, 1] (the preprocessing scales action
 - `actions` [B, T, K, 3] = tanh(mean head), the next K commands from each frame;
 - `log_var` [B, T, K, 3]: the predicted log-variance of a Gaussian around each action, learned with
   a Gaussian NLL (losses.py), soft-clamped to [log_var_min, log_var_max];
-- `confidence` [B, T] in [0, 1]: the mean over the chunk and the 3 axes of
+- `confidence` [B, T] in [0, 1]: the mean over the first `confidence_steps` chunk steps (all K by
+  default; 1 = the step executed now) and the 3 axes of
   P(|a - mean| < tau) = erf(tau / (sigma * sqrt(2))) under that Gaussian, with sigma = exp(log_var / 2)
   and tau = `confidence_tolerance` (0.1 = 5% of the normalised range). 1 means the model expects the
   true command within tau on every axis and step; low values flag out-of-distribution frames.
+
+Inputs the config reshapes inside the model (the I/O contract never changes):
+- frames always arrive as uint8 224x224; with `image_size` < 224 the normalised pixels are average-pooled
+  by 224 / image_size (one ONNX AveragePool) before both backbones, whose patch grids follow image_size;
+- state [.., S]: `state_input = "none"` multiplies it by 0 (the input stays in the exported graph);
+  `state_dropout` p zeroes a whole window's state with probability p per sample, in training mode only,
+  so the policy cannot lean on copying its previous command.
 
 `forward` and `step` share one per-frame function and one recurrent step, so `step` over T frames
 equals `forward` over the window. `frame_mask` 0 frames (padding) leave the memory unchanged.
@@ -31,6 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mobile_vla.errors import ConfigError
@@ -64,8 +73,8 @@ class MobileVLAPolicy(nn.Module):
     def __init__(self, config: PolicyConfig, load_pretrained: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.kosmos = KosmosEncoder(config.kosmos, load_pretrained)
-        self.clip = ClipEncoder(config.clip, load_pretrained)
+        self.kosmos = KosmosEncoder(config.kosmos, load_pretrained, config.image_size)
+        self.clip = ClipEncoder(config.clip, load_pretrained, config.image_size)
         if config.freeze_kosmos:
             freeze(self.kosmos)
         if config.freeze_clip:
@@ -126,7 +135,26 @@ class MobileVLAPolicy(nn.Module):
         # uint8 [N, H, W, C] -> normalised float [N, C, H, W]; the affine map runs on the contiguous
         # channel-last layout (3x faster than broadcasting over [N, C, H, W] on CPU)
         pixels = images.to(self.pixel_scale.dtype) * self.pixel_scale + self.pixel_shift
-        return pixels.permute(0, 3, 1, 2)
+        pixels = pixels.permute(0, 3, 1, 2)  # [N, C, 224, 224]
+        factor = self.config.pooling_factor
+        if factor > 1:  # the internal resolution: [N, C, image_size, image_size]
+            pixels = F.avg_pool2d(pixels, kernel_size=factor)
+        return pixels
+
+    def _state_input(self, state: torch.Tensor) -> torch.Tensor:
+        # state [..., S] -> what the fusion sees: zeros when the config ignores the state. A product
+        # (not zeros_like) keeps the state input in the exported graph.
+        if self.config.state_input == "none":
+            return state * 0.0
+        return state
+
+    def _drop_window_state(self, state: torch.Tensor) -> torch.Tensor:
+        # state [B, T, S]: in training, each sample's whole window of state is zeroed with p = state_dropout
+        p = self.config.state_dropout
+        if not self.training or p <= 0.0:
+            return state
+        keep = (torch.rand(state.shape[0], 1, 1, device=state.device) >= p).to(state.dtype)  # [B, 1, 1]
+        return state * keep
 
     def _frame_features(self, images, state, tokens, clip_text) -> torch.Tensor:
         # images [N, H, W, C] uint8, state [N, S], tokens 3 x [N, L], clip_text [N, D_c] -> [N, D]
@@ -138,7 +166,7 @@ class MobileVLAPolicy(nn.Module):
             tokens["kosmos_image_embeds_position_mask"],
         )  # [N, D_k]
         clip_image = self.clip.encode_image(pixels)  # [N, D_c]
-        return self.fusion(kosmos, clip_image, clip_text, state.to(pixels.dtype))  # [N, D]
+        return self.fusion(kosmos, clip_image, clip_text, self._state_input(state.to(pixels.dtype)))  # [N, D]
 
     def _recurrent_step(self, features: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, Memory]:
         # features [B, D] -> hidden output [B, hidden]
@@ -153,14 +181,14 @@ class MobileVLAPolicy(nn.Module):
         span = config.log_var_max - config.log_var_min
         log_var = config.log_var_min + span * torch.sigmoid(raw[..., 1, :, :])
         sigma = torch.exp(0.5 * log_var)
-        within = torch.erf(config.confidence_tolerance / (sigma * math.sqrt(2.0)))  # [..., K, 3]
-        return actions, log_var, within.mean(dim=(-2, -1))
+        within = torch.erf(config.confidence_tolerance / (sigma[..., : config.confidence_span, :] * math.sqrt(2.0)))
+        return actions, log_var, within.mean(dim=(-2, -1))  # within: [..., confidence_span, 3]
 
     # ---- public API ---------------------------------------------------------------------------
     def forward(self, batch: dict, memory: Memory | None = None) -> PolicyOutput:
         images = _tensor(batch["images"])  # [B, T, H, W, C] uint8
         B, T = images.shape[:2]
-        state = _tensor(batch["state"])  # [B, T, S]
+        state = self._drop_window_state(_tensor(batch["state"]))  # [B, T, S]
         clip_text = self.encode_instruction(_tensor(batch["clip_input_ids"]))  # [B, D_c]
         frames = {key: _tensor(batch[key]).repeat_interleave(T, dim=0) for key in TOKEN_KEYS[1:]}  # [B*T, L]
         features = self._frame_features(
