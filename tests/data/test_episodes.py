@@ -72,6 +72,45 @@ def test_round_trip_keeps_every_array_and_attr(tmp_path):
     assert back.num_frames == 6 and back.instruction.startswith("go to") and back.image_shape == (6, 32, 32, 3)
 
 
+def test_optional_per_frame_arrays_round_trip_and_older_files_read_without_them(tmp_path):
+    episode = make_episode()
+    rng = np.random.default_rng(1)
+    episode.extras = {
+        "executed": episode.actions + rng.normal(0, 0.1, episode.actions.shape).astype(np.float32),
+        "target_bearing": rng.uniform(-3, 3, 6),  # float64: stored as float32
+        "target_distance": rng.uniform(0, 5, 6).astype(np.float32),
+        "target_in_view": np.array([1, 1, 0, 0, 1, 1], np.float32),
+    }
+    back = read_episode(write_episode(tmp_path / "ep.h5", episode), load_images=False)
+    assert sorted(back.extras) == sorted(episode.extras)
+    for key, array in episode.extras.items():
+        assert back.extras[key].dtype == np.float32
+        np.testing.assert_array_equal(back.extras[key], array.astype(np.float32))
+    older = read_episode(write_episode(tmp_path / "old.h5", make_episode()))
+    assert older.extras == {}
+
+
+@pytest.mark.parametrize(
+    "key, array, problem",
+    [
+        ("wheel_speed", np.zeros(6, np.float32), "unknown per-frame array"),
+        ("executed", np.zeros((5, 3), np.float32), "shape [5, 3]: expected [6, 3]"),
+        ("target_in_view", np.ones(6, bool), "expected float32 [6]"),
+        ("target_distance", np.array([1, 2, np.nan, 1, 1, 1], np.float32), "NaN/inf"),
+    ],
+)
+def test_bad_per_frame_arrays_are_named(tmp_path, key, array, problem):
+    episode = make_episode()
+    episode.extras = {key: array}
+    with pytest.raises(DataError, match=r"w\.h5: " + key) as info:
+        write_episode(tmp_path / "w.h5", episode)
+    assert problem in str(info.value) and not (tmp_path / "w.h5").exists()
+    raw_file(tmp_path / "r.h5", make_episode(), **({key: array} if key in ("executed", "target_distance") else {}))
+    if key in ("executed", "target_distance"):  # a known key on disk is checked on reading too
+        with pytest.raises(DataError, match=f"r\\.h5: {key}: "):
+            read_episode(tmp_path / "r.h5")
+
+
 def test_float64_actions_are_stored_as_float32_and_state_is_optional(tmp_path):
     episode = make_episode(with_state=False)
     episode.actions = episode.actions.astype(np.float64)

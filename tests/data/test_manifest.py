@@ -77,6 +77,21 @@ def test_without_train_split_stats_use_all_splits(dataset):
     assert manifest["stats"]["computed_on"] == ["feedback"] and max(manifest["stats"]["actions"]["max"]) == 50.0
 
 
+def test_frame_keys_name_the_optional_arrays_every_episode_has(dataset):
+    folder, _ = dataset
+    assert build_manifest(folder, {"train": ["t0.h5", "t1.h5"]}, {"kind": "test"})["frame_keys"] == []
+    for i, keys in enumerate((["executed", "target_distance"], ["target_distance"])):
+        labelled = episode(np.zeros((5, 3)), name=f"x{i}")
+        labelled.extras = {key: np.zeros((5, 3) if key == "executed" else 5, np.float32) for key in keys}
+        write_episode(folder / f"x{i}.h5", labelled)
+    assert build_manifest(folder, {"train": ["x0.h5"]}, {"kind": "test"})["frame_keys"] == [
+        "executed",
+        "target_distance",
+    ]
+    both = build_manifest(folder, {"train": ["x0.h5"], "val": ["x1.h5"]}, {"kind": "test"})
+    assert both["frame_keys"] == ["target_distance"]  # only what every episode holds
+
+
 def test_build_errors_name_the_file(dataset, tmp_path):
     folder, _ = dataset
     with pytest.raises(DataError, match=r"missing\.h5: file: not found"):

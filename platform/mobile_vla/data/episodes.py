@@ -7,7 +7,10 @@
 Layout (schema_version 1, see docs/data.md):
     images   uint8   [T, H, W, 3]  one HDF5 chunk per frame (a window reads only its frames), compressed
     actions  float32 [T, 3]        linear_x, linear_y, angular_z commanded at each frame (REP-103)
-    state    float32 [T, S]        optional; generated and imported data: the previous commanded action
+    state    float32 [T, S]        optional; generated and imported data: the previous executed command
+    optional per-frame float32 arrays (`FRAME_KEYS`), absent from older files:
+    executed [T, 3]  the command the base executed after frame t (generated: the expert's + DART noise)
+    target_bearing, target_distance, target_in_view  [T]  privileged simulator labels (generated data)
     attrs    instruction, episode_id, source, success, control_hz, schema_version, scene (JSON, optional)
              plus any extra scalar provenance attrs of the source.
 
@@ -45,6 +48,13 @@ REQUIRED_ATTRS: dict[str, tuple[type, ...]] = {
     "schema_version": (int,),
 }
 SCALAR_ATTR_TYPES = (str, bool, int, float)
+# Optional per-frame arrays: key -> shape after T. Stored as float32; readers accept files without them.
+FRAME_KEYS: dict[str, tuple[int, ...]] = {
+    "executed": (ACTION_DIM,),  # the command executed after frame t (m/s, m/s, rad/s)
+    "target_bearing": (),  # rad, body frame, left positive: where the target is
+    "target_distance": (),  # m, floor-plane distance between the robot's and the target's centres
+    "target_in_view": (),  # 1.0 when the target's centre projects inside the camera frame, else 0.0
+}
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Episode:
     state: np.ndarray | None  # float32 [T, S]
     attrs: dict[str, Any] = field(default_factory=dict)
     image_shape: tuple[int, ...] | None = None  # (T, H, W, 3) as stored, known even without images
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # optional per-frame arrays (FRAME_KEYS)
 
     def __post_init__(self) -> None:
         if self.image_shape is None and isinstance(self.images, np.ndarray):
@@ -131,6 +142,7 @@ def _validate_parts(
     actions: Any,
     state: Any,
     attrs: dict[str, Any],
+    extras: dict[str, Any] | None = None,
 ) -> None:
     if image_shape is None:
         raise _fail(where, "images", "missing")
@@ -157,6 +169,16 @@ def _validate_parts(
             raise _fail(where, "state", f"shape {list(state.shape)}: expected [{num_frames}, S] with S >= 1")
         _check_finite(where, "state", state)
 
+    for key, array in (extras or {}).items():
+        if key not in FRAME_KEYS:
+            raise _fail(where, key, f"unknown per-frame array; expected one of {sorted(FRAME_KEYS)}")
+        expected = (num_frames, *FRAME_KEYS[key])
+        if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+            raise _fail(where, key, f"{_describe(array)}: expected float32 {list(expected)}")
+        if array.shape != expected:
+            raise _fail(where, key, f"shape {list(array.shape)}: expected {list(expected)} (T from images)")
+        _check_finite(where, key, array)
+
     _validate_attrs(where, attrs)
 
 
@@ -169,7 +191,7 @@ def validate_episode(episode: Episode, path: str | Path | None = None) -> None:
         image_shape, image_dtype = tuple(episode.images.shape), episode.images.dtype
     else:
         image_shape, image_dtype = episode.image_shape, np.dtype(np.uint8) if episode.image_shape else None
-    _validate_parts(where, image_shape, image_dtype, episode.actions, episode.state, episode.attrs)
+    _validate_parts(where, image_shape, image_dtype, episode.actions, episode.state, episode.attrs, episode.extras)
 
 
 def _as_float32(array: Any) -> Any:
@@ -209,6 +231,7 @@ def write_episode(
         actions=_as_float32(episode.actions),
         state=_as_float32(episode.state),
         attrs={k: _plain(v) for k, v in episode.attrs.items()},
+        extras={k: _as_float32(v) for k, v in episode.extras.items()},
     )
     if episode.images is None:
         raise _fail(path, "images", "missing (an episode is written with its frames)")
@@ -227,6 +250,8 @@ def write_episode(
             f.create_dataset("actions", data=episode.actions)
             if episode.state is not None:
                 f.create_dataset("state", data=episode.state)
+            for key, array in episode.extras.items():
+                f.create_dataset(key, data=array)
             for name, value in episode.attrs.items():
                 f.attrs[name] = value
         with open(tmp, "rb+") as handle:
@@ -267,13 +292,14 @@ def read_episode(path: str | Path, load_images: bool = True) -> Episode:
         image_shape, image_dtype = tuple(image_dataset.shape), image_dataset.dtype
         actions = _read_array(path, f, "actions")
         state = _read_array(path, f, "state") if "state" in f else None
+        extras = {key: _read_array(path, f, key) for key in FRAME_KEYS if key in f}
         try:
             attrs = {name: _plain(value) for name, value in f.attrs.items()}
         except OSError as exc:
             raise _fail(path, "attrs", f"unreadable (truncated or corrupt?): {exc}") from None
-        _validate_parts(path, image_shape, image_dtype, actions, state, attrs)
+        _validate_parts(path, image_shape, image_dtype, actions, state, attrs, extras)
         images = _read_array(path, f, "images") if load_images else None
-    return Episode(images=images, actions=actions, state=state, attrs=attrs, image_shape=image_shape)
+    return Episode(images=images, actions=actions, state=state, attrs=attrs, image_shape=image_shape, extras=extras)
 
 
 def list_episode_files(folder: str | Path) -> list[str]:

@@ -5,7 +5,9 @@
 
 Statistics (mean, std, min, max, q01, q99 per axis of actions and state) come from the TRAIN split
 only, so validation numbers are never normalised with what they are judged on. The per-episode
-table (`episodes`) lets loaders size and tokenise a split without opening every file.
+table (`episodes`) lets loaders size and tokenise a split without opening every file; `frame_keys`
+names the optional per-frame arrays (`episodes.FRAME_KEYS`) that every episode holds, so a trainer
+knows whether auxiliary labels are there (absent from older manifests: read it as []).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def build_manifest(
     control_hz: dict[float, str] = {}
     state_dims: dict[int, str] = {}
     image_sizes: dict[tuple[int, int], str] = {}
+    frame_keys: set[str] | None = None  # optional per-frame arrays that every episode has
     for name in _progress(list(seen), "reading episodes", progress):
         path = folder / name
         episode = read_episode(path, load_images=False)
@@ -113,6 +116,7 @@ def build_manifest(
         control_hz.setdefault(float(episode.attrs["control_hz"]), name)
         state_dims.setdefault(0 if episode.state is None else episode.state.shape[1], name)
         image_sizes.setdefault(tuple(episode.image_shape[1:3]), name)
+        frame_keys = set(episode.extras) if frame_keys is None else frame_keys & set(episode.extras)
         episodes[name] = {
             "split": split,
             "frames": episode.num_frames,
@@ -145,6 +149,7 @@ def build_manifest(
         "state_dim": next(iter(state_dims)),
         "control_hz": next(iter(control_hz)),
         "image_sizes": sorted([list(size) for size in image_sizes]),
+        "frame_keys": sorted(frame_keys or ()),
         "episodes": episodes,
         "generator": generator,
         "expert_success": expert_success or {},
