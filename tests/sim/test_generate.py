@@ -15,6 +15,7 @@ from mobile_vla.cli import main
 from mobile_vla.data.episodes import list_episode_files, read_episode
 from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import DataError
+from mobile_vla.sim.expert import ScriptedExpert
 from mobile_vla.sim.generate import GeneratorConfig, _SplitRun, candidate_seeds, generate_dataset
 from mobile_vla.sim.scenes import SceneSpec, scene_from_seed
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
@@ -119,6 +120,8 @@ def test_tiny_dataset_manifest_records_splits_and_expert_success(tiny_dataset):
         assert rate["attempted"] >= rate["kept"]
         assert rate["success_rate"] == pytest.approx(rate["kept"] / rate["attempted"])
     assert manifest["state_dim"] == 3 and manifest["control_hz"] == 5.0
+    assert manifest["frame_keys"] == ["executed", "target_bearing", "target_distance", "target_in_view"]
+    assert manifest["generator"]["settings"]["action_noise"] == 0.0
 
 
 def test_tiny_dataset_episodes_follow_the_format_and_their_scene(tiny_dataset):
@@ -138,6 +141,12 @@ def test_tiny_dataset_episodes_follow_the_format_and_their_scene(tiny_dataset):
             np.testing.assert_array_equal(episode.state[1:], episode.actions[:-1])
             np.testing.assert_array_equal(episode.actions[-1], np.zeros(3, np.float32))
             assert 3 <= episode.num_frames <= scene.max_steps + 1
+            # no DART noise: the executed command is the expert's; privileged labels for every frame
+            assert attrs["action_noise"] == 0.0
+            np.testing.assert_array_equal(episode.extras["executed"], episode.actions)
+            distance = episode.extras["target_distance"]
+            assert distance[-1] < distance[0] and np.abs(episode.extras["target_bearing"]).max() <= np.pi
+            assert set(np.unique(episode.extras["target_in_view"])) <= {0.0, 1.0}
             assert np.abs(episode.actions[:, 0]).max() <= 0.75 + 1e-6
 
 
@@ -203,6 +212,93 @@ def test_same_seed_same_episodes_whatever_the_task_size(ray_cluster, tmp_path):
     assert candidate_seeds(spec, "train", 11, 20) != candidate_seeds(spec, "train", 12, 20)
 
 
+def replay_labels(episodes: dict[str, tuple[str, np.ndarray]]) -> dict:
+    """Ray task body: each episode's `executed` commands replayed in its rebuilt scene; per frame, what
+    the expert commands there, the privileged labels, and whether the target was reached.
+    """
+    from mobile_vla.sim.generate import privileged_labels
+    from mobile_vla.sim.navigation_env import NavigationEnv  # GL: in the worker only
+
+    expert, env, out = ScriptedExpert(), None, {}
+    for name, (scene_json, executed) in episodes.items():
+        scene = SceneSpec.from_json(scene_json)
+        env = env or NavigationEnv(scene)
+        env.load_scene(scene)
+        expert_actions, labels, reached = [], [], []
+        for command in executed:
+            expert_actions.append(expert.act(env))
+            labels.append(privileged_labels(env))
+            if len(reached) < len(executed) - 1:  # the last frame is at the target: nothing executed
+                env.execute_action(tuple(float(v) for v in command), 5.0)
+                reached.append(bool(env.near(env.target)))
+        out[name] = (np.asarray(expert_actions, np.float32), np.asarray(labels, np.float32), reached)
+    return out
+
+
+def test_dart_noise_is_reproducible_and_labels_stay_the_clean_expert_command(ray_cluster, tmp_path):
+    spec = spec_with({"train": 1.0})
+    noisy = GeneratorConfig(action_noise=0.3, seeds_per_task=1)
+    a = generate_dataset(tmp_path / "a", 2, spec, seed=5, settings=noisy, progress=False)
+    b = generate_dataset(
+        tmp_path / "b", 2, spec, seed=5, settings=GeneratorConfig(action_noise=0.3, seeds_per_task=2), progress=False
+    )
+    assert a["splits"] == b["splits"] and a["generator"]["settings"]["action_noise"] == 0.3
+    episodes = episodes_of(tmp_path / "a")
+    for name, episode in episodes.items():
+        again = read_episode(tmp_path / "b" / name)
+        np.testing.assert_array_equal(episode.images, again.images)
+        for key in episode.extras:
+            np.testing.assert_array_equal(episode.extras[key], again.extras[key])
+        executed = episode.extras["executed"]
+        assert episode.attrs["action_noise"] == 0.3
+        # the noise is there: executed commands differ from the labels by about 0.3 x the limits
+        spread = np.std(executed[:-1] - episode.actions[:-1], axis=0)
+        assert spread == pytest.approx([0.3 * 0.75, 0.3 * 0.5, 0.3 * 1.2], rel=0.6), spread
+        np.testing.assert_array_equal(episode.state[0], np.zeros(3, np.float32))
+        np.testing.assert_array_equal(episode.state[1:], executed[:-1])  # the previous EXECUTED command
+        assert np.all(np.abs(executed) <= np.array([0.75, 0.5, 1.5], np.float32))
+
+    replayed = run_in_worker(
+        ray_cluster, replay_labels, {n: (e.attrs["scene"], e.extras["executed"]) for n, e in episodes.items()}
+    )
+    for name, (expert_actions, labels, reached) in replayed.items():
+        episode = episodes[name]
+        # the label at every visited (noisy) state is what the expert commands there
+        np.testing.assert_array_equal(episode.actions[:-1], expert_actions[:-1])
+        for column, key in enumerate(("target_bearing", "target_distance", "target_in_view")):
+            np.testing.assert_array_equal(episode.extras[key], labels[:, column], err_msg=f"{name}: {key}")
+        assert reached[-1] and not any(reached[:-1]), f"{name}: the noisy run reached the target at its end"
+
+
+def test_target_in_view_follows_the_camera_field_of_view(ray_cluster):
+    def probe():
+        from mobile_vla.sim.expert import target_bearing, target_in_view
+        from mobile_vla.sim.navigation_env import NavigationEnv  # GL: in the worker only
+
+        scene = scene_from_seed("train", default_split_spec().splits["train"].seeds.start, default_split_spec())
+        env = NavigationEnv(scene, obs_size=64)
+        out = []
+        for _ in range(36):  # a full turn on the spot in 10 degree steps
+            out.append((target_bearing(env), target_in_view(env), env.agent.cam_fov_y))
+            env.turn_agent(10)
+        return out
+
+    seen = run_in_worker(ray_cluster, probe)
+    for bearing, in_view, fov in seen:
+        half = np.radians(fov) / 2  # square frames: the horizontal half-angle is the vertical one
+        if abs(bearing) < half - 0.05:
+            assert in_view, (bearing, fov)
+        if abs(bearing) > half + 0.05:
+            assert not in_view, (bearing, fov)
+    assert 0 < sum(v for _, v, _ in seen) < len(seen)
+
+
+def test_action_noise_must_be_a_fraction():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(DataError, match="action_noise"):
+            GeneratorConfig(action_noise=bad)
+
+
 def test_only_successful_episodes_are_kept(ray_cluster, tmp_path):
     # 22 steps (4.4 s) is too short for the far targets: many tries fail and must leave no trace.
     spec = spec_with({"train": 1.0})
@@ -244,6 +340,8 @@ def test_cli_prints_the_resolved_split_spec(tmp_path, capsys):
         (["--split-spec", "missing.yaml"], "missing.yaml: config file not found"),
         (["--set", "splits.val.seeds.start=10"], "splits.train.seeds and splits.val.seeds overlap"),
         (["--control-hz", "0"], "--control-hz 0.0: expected a positive number"),
+        (["--action-noise", "1.5"], "--action-noise 1.5: expected a number in [0, 1]"),
+        (["--action-noise", "-0.1"], "--action-noise -0.1: expected a number in [0, 1]"),
     ],
 )
 def test_cli_refuses_bad_input_with_one_line(tmp_path, capsys, args, message):

@@ -1,6 +1,7 @@
 """`mobile-vla data ...`: generate (MiniWorld, sim/generate.py), import (original collector), inspect.
 
     mobile-vla data generate --out data/nav --episodes 200 --seed 0
+    mobile-vla data generate --out data/nav_dart --episodes 200 --action-noise 0.2     # DART noise
     mobile-vla data generate --out data/nav --split-spec my_splits.yaml --set splits.val.fraction=0.2 ...
     mobile-vla data generate --show-split-spec > my_splits.yaml      # the defaults, to edit
     mobile-vla data import --format minuum-h5 ~/robot_logs data/robot
@@ -36,6 +37,7 @@ KNOWN_KEYS = {
     "state_dim",
     "control_hz",
     "image_sizes",
+    "frame_keys",
     "episodes",
     "generator",
     "expert_success",
@@ -105,6 +107,14 @@ def _register_generate(data_subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same episodes")
     parser.add_argument("--control-hz", type=float, default=5.0, help="control rate of the recorded commands")
     parser.add_argument("--seeds-per-task", type=int, default=4, help="episodes per Ray task")
+    parser.add_argument(
+        "--action-noise",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="DART: Gaussian noise on the EXECUTED command, std = F x each axis' speed limit (0 <= F <= 1); "
+        "the stored action stays the clean expert command (default 0: none)",
+    )
     parser.add_argument("--show-split-spec", action="store_true", help="print the resolved split spec as YAML and exit")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run_generate)
@@ -124,7 +134,11 @@ def run_generate(args) -> int:
         raise DataError(f"--control-hz {args.control_hz}: expected a positive number")
     if args.seeds_per_task < 1:
         raise DataError(f"--seeds-per-task {args.seeds_per_task}: expected at least 1")
-    settings = GeneratorConfig(control_hz=args.control_hz, seeds_per_task=args.seeds_per_task)
+    if not (0.0 <= args.action_noise <= 1.0):  # also refuses nan
+        raise DataError(f"--action-noise {args.action_noise}: expected a number in [0, 1]")
+    settings = GeneratorConfig(
+        control_hz=args.control_hz, seeds_per_task=args.seeds_per_task, action_noise=args.action_noise
+    )
     manifest = generate_dataset(args.out, args.episodes, spec, args.seed, settings, progress=not args.no_progress)
     for name, rate in manifest["expert_success"].items():
         print(
@@ -155,6 +169,7 @@ def summarise(folder: Path, manifest: dict) -> dict:
         "control_hz": manifest["control_hz"],
         "state_dim": manifest["state_dim"],
         "image_sizes": manifest.get("image_sizes"),
+        "frame_keys": manifest.get("frame_keys", []),
         "stats": manifest["stats"],
         "generator": manifest.get("generator", {}),
         "other_sections": {k: v for k, v in manifest.items() if k not in KNOWN_KEYS},

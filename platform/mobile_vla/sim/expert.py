@@ -23,6 +23,46 @@ def _xz(vec) -> np.ndarray:
     return np.array([float(vec[0]), float(vec[2])])
 
 
+def body_axes(agent) -> tuple[np.ndarray, np.ndarray]:
+    """(forward, left) unit vectors of the robot in the floor plane (x, z)."""
+    forward = np.array([math.cos(agent.dir), -math.sin(agent.dir)])
+    return forward, np.array([forward[1], -forward[0]])
+
+
+def target_bearing(env) -> float:
+    """Bearing of the target's centre in the robot's body frame, rad (0 ahead, left positive)."""
+    forward, left = body_axes(env.agent)
+    to_target = _xz(env.target.pos) - _xz(env.agent.pos)
+    return math.atan2(float(np.dot(to_target, left)), float(np.dot(to_target, forward)))
+
+
+def target_distance(env) -> float:
+    """Floor-plane distance between the robot's and the target's centres, m."""
+    return float(np.linalg.norm(_xz(env.target.pos) - _xz(env.agent.pos)))
+
+
+def target_in_view(env) -> bool:
+    """True when the target's centre, at half its height, projects inside the camera frame.
+
+    The pinhole camera MiniWorld renders with (its pose, pitch, vertical field of view and the
+    frame's aspect ratio); occlusion by other objects is not considered.
+    """
+    agent = env.agent
+    ahead = np.asarray(agent.cam_dir, dtype=np.float64)  # unit look direction, world (x, y, z)
+    right = np.cross(ahead, [0.0, 1.0, 0.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, ahead)
+    centre = np.asarray(env.target.pos, dtype=np.float64) + [0.0, env.target.height / 2, 0.0]
+    offset = centre - np.asarray(agent.cam_pos, dtype=np.float64)
+    depth = float(np.dot(offset, ahead))
+    if depth <= 0.04:  # behind the camera or inside its near plane
+        return False
+    half_height = math.tan(math.radians(agent.cam_fov_y) / 2)
+    half_width = half_height * env.obs_fb.width / env.obs_fb.height
+    across, above = float(np.dot(offset, right)), float(np.dot(offset, up))
+    return abs(across) / depth <= half_width and abs(above) / depth <= half_height
+
+
 @dataclass(frozen=True)
 class ScriptedExpert:
     """The teacher: a body-frame potential field over the simulator's true state (see module doc)."""
@@ -40,8 +80,7 @@ class ScriptedExpert:
     def act(self, env) -> tuple[float, float, float]:
         agent = env.agent
         here = _xz(agent.pos)
-        forward = np.array([math.cos(agent.dir), -math.sin(agent.dir)])
-        left = np.array([forward[1], -forward[0]])
+        forward, left = body_axes(agent)
 
         to_target = _xz(env.target.pos) - here
         distance = float(np.linalg.norm(to_target))
@@ -72,8 +111,7 @@ class ScriptedExpert:
         vx = float(np.clip(np.dot(velocity, forward), -self.max_forward, self.max_forward))
         vy = float(np.clip(np.dot(velocity, left), -self.max_lateral, self.max_lateral))
 
-        bearing = math.atan2(float(np.dot(to_target, left)), float(np.dot(to_target, forward)))
-        wz = float(np.clip(self.turn_gain * bearing, -self.max_turn, self.max_turn))
+        wz = float(np.clip(self.turn_gain * target_bearing(env), -self.max_turn, self.max_turn))
         return vx, vy, wz
 
     def _push(

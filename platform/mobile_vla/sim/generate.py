@@ -10,6 +10,13 @@ episodes whatever the number of workers or the order tasks finish in, and the ma
 Ray: `mobile_vla.ray_session.ensure_ray` (the running cluster, `RAY_ADDRESS`, or a local one).
 Episodes travel back to the driver as finished HDF5 bytes, so `--out` need not be shared storage
 on a multi-node cluster.
+
+DART noise (`GeneratorConfig.action_noise`, `--action-noise`): the base executes the expert's
+command plus Gaussian noise (std = action_noise x each axis' limit), so the episodes visit states
+off the expert's own path; the stored `actions` label stays the CLEAN expert command at every
+visited state, `state` is the previous EXECUTED (noisy) command, as closed loop feeds back, and
+`executed` keeps what was executed so the file replays exactly. The noise stream of an episode is
+seeded from its scene seed (`noise_seed`), so the same seed gives the same episodes.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from mobile_vla.data.episodes import SCHEMA_VERSION, Episode, write_episode
 from mobile_vla.data.manifest import build_manifest
 from mobile_vla.errors import DataError, ResourceError
 from mobile_vla.ray_session import ensure_ray
-from mobile_vla.sim.expert import ScriptedExpert
-from mobile_vla.sim.scenes import CONTROL_HZ, ENV_ID, SceneSpec, scene_from_seed
+from mobile_vla.sim.expert import ScriptedExpert, target_bearing, target_distance, target_in_view
+from mobile_vla.sim.scenes import CONTROL_HZ, ENV_ID, SPEED_LIMITS, SceneSpec, scene_from_seed
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec
 
 SOURCE = "miniworld"
+NOISE_SALT = 0xDA27  # seeds an episode's DART noise stream apart from its scene stream
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,18 @@ class GeneratorConfig:
     max_steps: int | None = None  # None: the scene's own limit (scenes.MAX_STEPS)
     max_candidates_factor: int = 5  # give up on a split after 5x its episodes + 20 failed tries
     expert: dict = field(default_factory=dict)  # ScriptedExpert field overrides
+    # DART: std of the Gaussian noise added to the EXECUTED command, as a fraction of each axis'
+    # limit (the expert's max_forward, max_lateral, max_turn); 0 = the expert's commands exactly.
+    action_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.action_noise <= 1.0):  # also refuses NaN
+            raise DataError(f"action_noise = {self.action_noise!r}: expected a number in [0, 1]")
+
+
+def episode_noise_seed(episode_seed: int) -> int:
+    """The seed of an episode's DART noise stream: a pure function of its scene seed."""
+    return int(np.random.SeedSequence([NOISE_SALT, episode_seed]).generate_state(1)[0])
 
 
 # -- one episode ------------------------------------------------------------------------------------
@@ -55,40 +75,62 @@ class Recording:
     """One expert episode as simulated: frames, commands, states and whether it reached the target."""
 
     images: np.ndarray  # uint8 [T, H, W, 3]
-    actions: np.ndarray  # float32 [T, 3]
+    actions: np.ndarray  # float32 [T, 3]: the clean expert command at each frame (the label)
     state: np.ndarray  # float32 [T, 3]: the command executed at the previous step
+    executed: np.ndarray  # float32 [T, 3]: the command executed after each frame (zeros at the end)
+    labels: dict[str, np.ndarray]  # float32 [T] each: target_bearing, target_distance, target_in_view
     success: bool
 
 
-def record_episode(env, scene, expert, control_hz: float) -> Recording:
+def privileged_labels(env) -> tuple[float, float, float]:
+    """(target_bearing rad, target_distance m, target_in_view 0/1) of the robot's current pose."""
+    return target_bearing(env), target_distance(env), float(target_in_view(env))
+
+
+def record_episode(  # noqa: PLR0913 (the episode's scene, teacher and noise)
+    env, scene, expert, control_hz: float, action_noise: float = 0.0, noise_seed: int = 0
+) -> Recording:
     """Runs the expert from the scene's start until MiniWorld's `near(target)` or max_steps.
 
     Frame t is what the robot saw before command t. On success a last frame at the target with a
-    zero command is added, so that stopping there is part of what is learned.
+    zero command is added, so that stopping there is part of what is learned. With `action_noise`
+    the base executes the expert's command plus Gaussian noise (see the module doc).
     """
+    limits = np.array(SPEED_LIMITS, np.float32)  # [3] what the base can execute
+    noise_std = action_noise * np.array([expert.max_forward, expert.max_lateral, expert.max_turn])  # [3]
+    rng = np.random.default_rng(noise_seed)
     frame = env.load_scene(scene)
-    images, actions, states = [], [], []
-    previous = (0.0, 0.0, 0.0)
+    images, actions, executed, labels = [], [], [], []
     success = False
     for _ in range(scene.max_steps):
-        # Executed exactly as stored (float32), so replaying the file reproduces the episode.
-        action = tuple(float(np.float32(v)) for v in expert.act(env))
+        # Stored as float32 and executed exactly as stored, so replaying `executed` reproduces the episode.
+        clean = np.asarray(expert.act(env), np.float32)  # [3]
+        command = clean if action_noise == 0 else np.clip(clean + rng.normal(0.0, noise_std), -limits, limits)
         images.append(frame)
-        actions.append(action)
-        states.append(previous)
-        env.execute_action(action, control_hz)
-        previous = action
+        actions.append(clean)
+        executed.append(command.astype(np.float32))
+        labels.append(privileged_labels(env))
+        env.execute_action(tuple(float(v) for v in executed[-1]), control_hz)
         frame = env.render_obs()
         if env.near(env.target):
             images.append(frame)
-            actions.append((0.0, 0.0, 0.0))
-            states.append(previous)
+            actions.append(np.zeros(3, np.float32))
+            executed.append(np.zeros(3, np.float32))
+            labels.append(privileged_labels(env))
             success = True
             break
+    executed_array = np.stack(executed)  # [T, 3]
+    label_array = np.asarray(labels, np.float32)  # [T, 3]
     return Recording(
         images=np.stack(images),  # [T, H, W, 3]
-        actions=np.asarray(actions, dtype=np.float32),  # [T, 3]
-        state=np.asarray(states, dtype=np.float32),  # [T, 3]
+        actions=np.stack(actions),  # [T, 3]
+        state=np.concatenate([np.zeros((1, 3), np.float32), executed_array[:-1]]),  # [T, 3]
+        executed=executed_array,
+        labels={
+            "target_bearing": label_array[:, 0],
+            "target_distance": label_array[:, 1],
+            "target_in_view": label_array[:, 2],
+        },
         success=success,
     )
 
@@ -98,7 +140,7 @@ def episode_name(split: str, seed: int) -> str:
     return f"{split}-{seed:07d}"
 
 
-def episode_attrs(scene: SceneSpec, control_hz: float) -> dict[str, Any]:
+def episode_attrs(scene: SceneSpec, control_hz: float, action_noise: float = 0.0) -> dict[str, Any]:
     """The attributes a generated episode file carries, the scene JSON that rebuilds it included."""
     return {
         "instruction": scene.instruction,
@@ -111,6 +153,8 @@ def episode_attrs(scene: SceneSpec, control_hz: float) -> dict[str, Any]:
         "split": scene.split,
         "seed": int(scene.seed),
         "layout_seed": int(scene.layout_seed),
+        "action_noise": float(action_noise),
+        "noise_seed": episode_noise_seed(scene.seed),
     }
 
 
@@ -135,7 +179,9 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
             scene = scene.model_copy(update={"max_steps": settings.max_steps})
         if _WORKER_ENV is None or _WORKER_ENV.obs_size != settings.obs_size:
             _WORKER_ENV = NavigationEnv(scene, obs_size=settings.obs_size)
-        recording = record_episode(_WORKER_ENV, scene, expert, settings.control_hz)
+        recording = record_episode(
+            _WORKER_ENV, scene, expert, settings.control_hz, settings.action_noise, episode_noise_seed(seed)
+        )
         result = {
             "split": split,
             "seed": seed,
@@ -145,7 +191,11 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
         }
         if recording.success:
             episode = Episode(
-                recording.images, recording.actions, recording.state, episode_attrs(scene, settings.control_hz)
+                recording.images,
+                recording.actions,
+                recording.state,
+                episode_attrs(scene, settings.control_hz, settings.action_noise),
+                extras={"executed": recording.executed, **recording.labels},
             )
             with tempfile.TemporaryDirectory() as tmp:
                 path = write_episode(Path(tmp) / "episode.h5", episode)
