@@ -50,3 +50,12 @@ def test_the_cli_help_imports_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))
     assert loaded.isdisjoint({"torch", "ray", "mlflow", "onnxruntime", "transformers", "miniworld"})
+
+
+def test_the_serve_application_imports_no_exporter():
+    # `serve run`/`serve deploy` import the app on the driver, and Ray imports the deployment classes in
+    # every replica: the exporter (torch, transformers, open_clip) loads only where an engine is built.
+    code = "import sys; import mobile_vla.serve.app; print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(eval(out))
+    assert loaded.isdisjoint({"torch", "transformers", "open_clip", "mobile_vla.export.onnx_export"})

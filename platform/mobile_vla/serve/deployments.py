@@ -36,7 +36,6 @@ import numpy as np
 from ray import serve
 
 from mobile_vla.errors import DataError
-from mobile_vla.serve.engine_provision import ensure_engine
 from mobile_vla.serve.heap import freeze_long_lived_heap
 from mobile_vla.serve.metrics import PolicyMetrics
 from mobile_vla.serve.model_versions import LoadedModel, alias_target, load_model, verify_model
@@ -338,6 +337,11 @@ class TensorRTReplica(PolicyReplica):
         """A new version rarely has a plan for this GPU yet: fetch it from the version, else build and
         attach it (minutes; the ingress sends this version's traffic to the ONNX fallback meanwhile).
         """
+        # Deferred: building an engine needs the exporter (torch, transformers, open_clip: ~1 GB and
+        # seconds to import); importing it at the top put all that into every ONNX and ingress replica,
+        # and a serving process that holds it answers slower (more heap for the GC to walk).
+        from mobile_vla.serve.engine_provision import ensure_engine
+
         super()._prepare_version(config)
         ensure_engine(config.model_uri, fp16=config.fp16)
 
