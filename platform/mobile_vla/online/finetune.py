@@ -23,6 +23,7 @@ from rich.progress import Progress
 from mobile_vla.config import StrictModel
 from mobile_vla.errors import DataError, ResourceError
 from mobile_vla.train.evaluation import evaluate_windows, window_batches
+from mobile_vla.train.job_config import LossConfig
 from mobile_vla.train.step import TrainStep
 from mobile_vla.train.windows import WindowDataset
 
@@ -42,6 +43,7 @@ class FinetuneConfig(StrictModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every_n_steps: int = Field(10, ge=1)
+    loss: LossConfig = Field(default_factory=LossConfig)  # the loss term weights, as training's `loss:` section
 
 
 class WeightedWindows:
@@ -133,7 +135,7 @@ def finetune(model, dataset, cfg: FinetuneConfig, log_metric=None) -> list[float
                 param.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = TrainStep(model, optimizer, device=device, grad_clip=cfg.grad_clip)
+    step = TrainStep(model, optimizer, device=device, grad_clip=cfg.grad_clip, loss_weights=cfg.loss.weights())
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,

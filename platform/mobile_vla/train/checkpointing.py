@@ -9,8 +9,9 @@
       val_predictions.npz     a sample of de-normalised validation predictions and targets [N, 3]
 
 `policy/` is exactly what `register_policy` publishes, so the registered model and the checkpoint can
-never disagree. Ray Train keeps the best `train.keep_best` of these by validation loss (and always the
-latest, which is what a resumed or restarted run picks up).
+never disagree. Ray Train keeps the best `train.keep_best` of these by `train.select_by` (validation
+loss, or the executed step's validation MAE `val_mae_now`), and always the latest, which is what a
+resumed or restarted run picks up.
 """
 
 from __future__ import annotations

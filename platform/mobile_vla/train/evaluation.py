@@ -108,6 +108,7 @@ def evaluate_windows(
     device=None,
     precision: str = "fp32",
     keep_masks: tuple[str, ...] = (),
+    loss_weights: dict[str, float] | None = None,
 ) -> WindowPredictions:
     """Runs `model` over window batches without gradients and collects what `WindowPredictions` scores.
 
@@ -118,6 +119,7 @@ def evaluate_windows(
         device: where the batches go (default: where the model's parameters are).
         precision: as `autocast_context`.
         keep_masks: further [B, T, K] batch keys to keep (e.g. "corrected_mask").
+        loss_weights: keyword arguments of `policy_loss` for the summed loss (as training's `TrainStep`).
 
     Returns:
         The de-normalised predictions, targets, weights, confidence, kept masks and summed loss.
@@ -132,7 +134,8 @@ def evaluate_windows(
         for batch in batches:
             batch = batch_to_device(batch, device)
             output = model(model_inputs(batch))
-            loss_sum += float(policy_loss(output, batch)["loss"]) * int(batch["images"].shape[0])
+            loss = policy_loss(output, batch, **(loss_weights or {}))["loss"]
+            loss_sum += float(loss) * int(batch["images"].shape[0])
             weights = batch["action_mask"] * batch["frame_mask"].unsqueeze(-1)  # [B, T, K]
             parts["actions"].append(_numpy(output.actions))  # [B, T, K, 3] normalised
             parts["targets"].append(_numpy(batch["actions"]))

@@ -3,8 +3,9 @@
     cfg = load_train_config("jobs/configs/small.yaml", ["optim.lr=3e-4", "scaling.num_workers=2"])
 
 Sections mirror the stages of a run: data (which episodes, how windows are cut), model (policy preset +
-overrides), optim, train (loop settings), scaling (Ray Train workers), run (name and storage, the key for
-resuming) and mlflow (where results go). Unknown keys are errors; every message names field and value.
+overrides), loss (term weights), optim, train (loop settings, model selection), scaling (Ray Train
+workers), run (name and storage, the key for resuming) and mlflow (where results go). Unknown keys are
+errors; every message names field and value.
 `batch_size` is per worker: the global batch is batch_size x num_workers x optim.accumulate.
 """
 
@@ -27,8 +28,15 @@ class DataConfig(StrictModel):
     val_split: str = "val"
     window: int = Field(8, ge=1)  # W history frames per sample
     chunk: int = Field(10, ge=1)  # K future actions predicted per frame
+    stride: int | None = Field(None, ge=1)  # frames between training window starts; null = window // 2
     augment: bool = True  # train-time image augmentation (never on validation)
     augment_strength: float = Field(1.0, ge=0, le=4)  # scales the default rotation/brightness/contrast ranges (Tune)
+
+    @model_validator(mode="after")
+    def _stride_covers_every_frame(self) -> DataConfig:
+        if self.stride is not None and self.stride > self.window:
+            raise ValueError(f"data.stride = {self.stride}: must be at most data.window = {self.window}")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -36,6 +44,17 @@ class ModelConfig(StrictModel):
 
     preset: Literal["tiny", "small", "full"] = "small"
     overrides: dict[str, Any] = Field(default_factory=dict)  # PolicyConfig fields, checked before launch
+
+
+class LossConfig(StrictModel):
+    """Weights of the training loss terms (`policy.losses.policy_loss`); the validation loss uses them too."""
+
+    nll_weight: float = Field(0.1, ge=0)  # Gaussian NLL (teaches the confidence) relative to the Huber term
+    first_step_weight: float = Field(1.0, gt=0)  # k = 0 (executed now) vs each later chunk step; 1 = alike
+
+    def weights(self) -> dict[str, float]:
+        """The keyword arguments of `policy_loss` this section sets."""
+        return {"nll_weight": self.nll_weight, "first_step_weight": self.first_step_weight}
 
 
 class OptimConfig(StrictModel):
@@ -65,7 +84,10 @@ class TrainingConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     strategy: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
-    keep_best: int = Field(3, ge=1)  # checkpoints kept, ranked by validation loss
+    keep_best: int = Field(3, ge=1)  # checkpoints kept, ranked by select_by
+    # what ranks checkpoints and picks the registered one: the validation loss, or the validation MAE of
+    # the executed (k = 0) command in m/s and rad/s (what closed loop runs on); both are logged every epoch
+    select_by: Literal["val_loss", "val_mae_now"] = "val_loss"
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke runs and benchmarks
     log_every_n_steps: int = Field(10, ge=1)
 
@@ -145,6 +167,7 @@ class TrainJobConfig(StrictModel):
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainingConfig = Field(default_factory=TrainingConfig)
     scaling: WorkersConfig = Field(default_factory=WorkersConfig)

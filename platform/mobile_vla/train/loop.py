@@ -104,14 +104,19 @@ def validate(model, shard, preprocessing, cfg: TrainJobConfig, device) -> tuple[
     """Loss and MAE/RMSE/R² per axis on de-normalised actions over the whole validation split.
 
     Every rank scores its shard; the loss sums and the scored points are combined over all ranks.
-    Returns the metrics (`val_loss`, `val_mae`, ...) and a sample (pred [N, 3], true [N, 3]) for the plot.
+    Returns the metrics (`val_loss` with the run's loss weights, `val_mae`, ..., and `val_mae_now`: the
+    MAE of the executed k = 0 commands) and a sample (pred [N, 3], true [N, 3]) for the plot.
     """
     batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device)
-    scored = evaluate_windows(model, batches, preprocessing, device=device, precision=cfg.train.precision)
+    scored = evaluate_windows(
+        model, batches, preprocessing, device=device, precision=cfg.train.precision, loss_weights=cfg.loss.weights()
+    )
     loss_sum, count = sum_across_ranks([scored.loss_sum, float(scored.windows)], device)
     pred, true = (gather_to_all(points) for points in scored.points())
+    now_pred, now_true = (gather_to_all(points) for points in scored.points(now_only=True))
     metrics = {"val_loss": loss_sum / max(count, 1.0)}
     metrics.update({f"val_{k}": float(v) for k, v in action_metrics(pred, true).items()})
+    metrics["val_mae_now"] = action_metrics(now_pred, now_true)["mae"]
     pick = np.random.default_rng(0).permutation(len(pred))[:VAL_SAMPLE_POINTS]
     return metrics, (pred[pick], true[pick])
 
@@ -281,7 +286,9 @@ def _log_epoch(run: WorkerRun, metrics: dict) -> None:
     print(
         f"[mobile-vla] epoch {run.progress.epoch}/{run.cfg.train.epochs} step {run.progress.step} "
         f"train_loss {metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} "
-        f"val_mae {metrics.get('val_mae', float('nan')):.4f} {metrics['samples_per_s']:.1f} samples/s"
+        f"val_mae {metrics.get('val_mae', float('nan')):.4f} "
+        f"val_mae_now {metrics.get('val_mae_now', float('nan')):.4f} "
+        f"{metrics['samples_per_s']:.1f} samples/s"
     )
 
 
@@ -303,6 +310,7 @@ def train_loop_per_worker(config: dict) -> None:
         accumulate=cfg.optim.accumulate,
         precision=cfg.train.precision,
         strategy=cfg.train.strategy,
+        loss_weights=cfg.loss.weights(),
     )
     run.model.train()
 

@@ -82,6 +82,7 @@ class TrainStep:
         accumulate: micro-batches per optimiser step.
         precision: "bf16", "fp32" or "auto" (bf16 on CUDA); see `autocast_context`.
         strategy: "ddp" or "fsdp" (how gradient sync is skipped between optimiser steps).
+        loss_weights: keyword arguments of `policy_loss` (`nll_weight`, `first_step_weight`); None = its defaults.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class TrainStep:
         accumulate: int = 1,
         precision: str = "fp32",
         strategy: str = "ddp",
+        loss_weights: dict[str, float] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -104,6 +106,7 @@ class TrainStep:
         self.accumulate = accumulate
         self.precision = precision
         self.strategy = strategy
+        self.loss_weights = dict(loss_weights or {})
         self.micro_batches = 0  # since the last optimiser step
 
     def __call__(self, batch: dict, last: bool = False) -> StepResult:
@@ -112,7 +115,7 @@ class TrainStep:
         stepping = last or self.micro_batches >= self.accumulate
         batch = batch_to_device(batch, self.device)
         with gradient_sync(self.model, self.strategy, stepping), autocast_context(self.precision, self.device):
-            loss = policy_loss(self.model(model_inputs(batch)), batch)["loss"]
+            loss = policy_loss(self.model(model_inputs(batch)), batch, **self.loss_weights)["loss"]
             (loss / self.accumulate).backward()
         if not stepping:
             return StepResult(float(loss.detach()), False, 0)

@@ -6,7 +6,8 @@
 `build_trainer` only constructs (Ray Tune trials call it per trial); `run_training` does the whole job:
 preflight (config, data, cluster resources) -> preprocessing from the manifest -> MLflow run (the same
 one again when a run name is reused, so a resumed run keeps one history) -> `fit()` -> the best
-checkpoint by validation loss becomes a new version of the registered model with the alias.
+checkpoint by `train.select_by` (validation loss by default) becomes a new version of the registered
+model with the alias.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from mobile_vla.train.windows import AugmentConfig, build_split_index
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "mobile_vla.train_run"
-SCORE = "val_loss"
 
 
 @dataclass
@@ -91,12 +91,13 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
     order is fixed by train.seed and reshuffled per epoch in the loop's local shuffle buffer.
     """
     folder = cfg.data_path()
-    train_windows = len(build_split_index(folder, cfg.data.train_split, preprocessing))
+    train_windows = len(build_split_index(folder, cfg.data.train_split, preprocessing, cfg.data.stride))
     train = build_window_dataset(
         folder,
         cfg.data.train_split,
         preprocessing,
         augment=cfg.data.augment,
+        stride=cfg.data.stride,
         seed=None if cfg.data.augment else cfg.train.seed,
         shuffle=True,
         augment_config=augment_config(cfg.data.augment_strength),
@@ -194,7 +195,9 @@ def build_trainer(cfg: TrainJobConfig, prepared: PreparedRun | None = None, call
         storage_path=cfg.storage_path(),
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=CheckpointConfig(
-            num_to_keep=cfg.train.keep_best, checkpoint_score_attribute=SCORE, checkpoint_score_order="min"
+            num_to_keep=cfg.train.keep_best,
+            checkpoint_score_attribute=cfg.train.select_by,
+            checkpoint_score_order="min",
         ),
         worker_runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
         callbacks=callbacks,
@@ -243,12 +246,12 @@ def _log_params(client, run_id: str, cfg: TrainJobConfig, policy_config) -> None
         client.log_artifacts(run_id, tmp, "config")
 
 
-def _best_checkpoint(result):
-    """(checkpoint, metrics) with the lowest validation loss among those Ray Train kept."""
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if SCORE in m]
+def _best_checkpoint(result, score: str = "val_loss"):
+    """(checkpoint, metrics) with the lowest `score` (`train.select_by`) among those Ray Train kept."""
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if score in m]
     if not ranked:
         return (result.checkpoint, result.metrics or {}) if result.checkpoint else (None, {})
-    return min(ranked, key=lambda pair: pair[1][SCORE])
+    return min(ranked, key=lambda pair: pair[1][score])
 
 
 def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, best_metrics) -> str | None:
@@ -338,7 +341,7 @@ def run_training(cfg: TrainJobConfig, callbacks=None, mlflow_tags: dict | None =
             if run_id:
                 MlflowClient(tracking_uri=uri).set_terminated(run_id, "FAILED")
             raise
-    best, best_metrics = _best_checkpoint(result)
+    best, best_metrics = _best_checkpoint(result, cfg.train.select_by)
     version = None
     if run_id and best is not None:
         version = _finish_mlflow(cfg, run_id, uri, result, best, best_metrics)
