@@ -41,6 +41,8 @@ def summary(s) -> dict:
         "mean_steps": round(s.mean_steps, 2),
         "confidence_success": None if s.confidence_success != s.confidence_success else round(s.confidence_success, 4),
         "confidence_failure": None if s.confidence_failure != s.confidence_failure else round(s.confidence_failure, 4),
+        "failure_auroc": None if s.failure_auroc != s.failure_auroc else round(s.failure_auroc, 4),
+        "collisions_by_outcome": s.collisions_by_outcome,
     }
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mobile_vla.sim.success import mean_or_nan, spl, wilson_interval
+from mobile_vla.sim.success import failure_auroc, mean_or_nan, spl, wilson_interval
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,25 @@ def test_spl_known_values():
 def test_mean_or_nan_skips_missing_values():
     assert mean_or_nan([0.2, float("nan"), 0.4, None]) == pytest.approx(0.3)
     assert math.isnan(mean_or_nan([float("nan")]))
+
+
+def test_failure_auroc_on_a_hand_example():
+    # successes 0.9, 0.7, 0.5; failures 0.6, 0.2, 0.5. Of the 9 (failure, success) pairs the failure is
+    # less confident in 0.2 < all three (3), 0.6 < 0.9 and 0.7 (2), 0.5 < 0.9, 0.7 (2) and ties 0.5 (1/2):
+    # (3 + 2 + 2 + 0.5) / 9
+    confidence = [0.9, 0.6, 0.7, 0.2, 0.5, 0.5]
+    failed = [False, True, False, True, False, True]
+    assert failure_auroc(confidence, failed) == pytest.approx(7.5 / 9)
+    assert failure_auroc([0.9, 0.8, 0.3], [False, False, True]) == 1.0  # every failure below every success
+    assert failure_auroc([0.1, 0.2, 0.9], [False, False, True]) == 0.0  # confidence points the wrong way
+    assert failure_auroc([0.5, 0.5], [False, True]) == 0.5  # no separation: chance
+
+
+def test_failure_auroc_is_nan_without_both_classes_or_confidence():
+    assert math.isnan(failure_auroc([0.4, 0.9], [False, False]))  # no failure
+    assert math.isnan(failure_auroc([0.4, 0.9], [True, True]))  # no success
+    assert math.isnan(failure_auroc([math.nan, math.nan], [False, True]))  # no confidence (the expert)
+    assert failure_auroc([math.nan, 0.2, 0.8], [True, True, False]) == 1.0  # episodes without one left out
+    assert math.isnan(failure_auroc([], []))
+    with pytest.raises(ValueError, match="2 confidences, 1 outcomes"):
+        failure_auroc([0.1, 0.2], [True])

@@ -40,13 +40,14 @@ from mobile_vla.evaluate import EXPERT, plots
 from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutConfig, rollout_seeds
 from mobile_vla.evaluate.tasks import fan_out, jsonable
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
-from mobile_vla.sim.success import mean_or_nan, spl, wilson_interval
+from mobile_vla.sim.success import failure_auroc, mean_or_nan, spl, wilson_interval
 from mobile_vla.tracking import configure_mlflow, log_version_metrics, resolve_model, set_version_tags
 
 log = logging.getLogger(__name__)
 
 EVALUATION_ARTIFACTS = "evaluation"  # artifacts land in evaluation/<split>/ of the version's run
 PRIMARY_KEYS = ("success_rate", "episodes", "collision_rate", "spl", "wrong_target")  # unqualified gate keys
+OUTCOMES = (SUCCESS, WRONG_TARGET, TIMEOUT)
 
 
 @dataclass
@@ -67,6 +68,13 @@ class PolicySummary:
     mean_steps: float
     confidence_success: float  # mean per-episode confidence; NaN when none (or no confidence, e.g. the expert)
     confidence_failure: float
+    # AUROC of predicting an episode's failure from its LOW mean confidence (0.5 chance, 1 perfect);
+    # NaN without confidence or without both successes and failures
+    failure_auroc: float
+    # outcome x collision: episodes per outcome that had a refused (colliding) move or not, e.g.
+    # {"timeout": {"collided": 40, "no_collision": 8}, ...}: a timeout after a collision is a robot
+    # that pushed into an obstacle until the step limit
+    collisions_by_outcome: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def from_rows(cls, rows: list[dict], reference: list[dict]) -> PolicySummary:
@@ -94,6 +102,14 @@ class PolicySummary:
             mean_steps=float(np.mean([r["steps"] for r in rows])) if n else math.nan,
             confidence_success=mean_or_nan([r["mean_confidence"] for r in rows if r["outcome"] == SUCCESS]),
             confidence_failure=mean_or_nan([r["mean_confidence"] for r in rows if r["outcome"] != SUCCESS]),
+            failure_auroc=failure_auroc([r["mean_confidence"] for r in rows], [r["outcome"] != SUCCESS for r in rows]),
+            collisions_by_outcome={
+                outcome: {
+                    "collided": sum(r["outcome"] == outcome and r["collisions"] > 0 for r in rows),
+                    "no_collision": sum(r["outcome"] == outcome and r["collisions"] == 0 for r in rows),
+                }
+                for outcome in OUTCOMES
+            },
         )
 
 
@@ -163,6 +179,11 @@ def _summary_metrics(summary: PolicySummary) -> dict[str, float]:
         "mean_steps": summary.mean_steps,
         "confidence_success": summary.confidence_success,
         "confidence_failure": summary.confidence_failure,
+        "failure_auroc": summary.failure_auroc,
+        # the dominant failure: pushed into an obstacle until the step limit
+        "collided_timeout": (
+            summary.collisions_by_outcome[TIMEOUT]["collided"] / summary.episodes if summary.episodes else math.nan
+        ),
     }
 
 

@@ -196,7 +196,9 @@ def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
             table.add_row("episodes with a collision", _pct(p.collision_rate), _pct(e.collision_rate))
             table.add_row("confidence: successes", _num(p.confidence_success), "-")
             table.add_row("confidence: failures", _num(p.confidence_failure), "-")
+            table.add_row("confidence: failure AUROC", _num(p.failure_auroc), "-")
             console.print(table)
+            console.print(_collision_table(report))
         if "offline" in parts:
             metrics = parts["offline"].metrics
             offline = Table(
@@ -217,6 +219,26 @@ def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
                 )
             console.print(offline)
     console.print(f"results: {out_dir}")
+
+
+def _collision_table(report):
+    """Episodes per outcome x collision (policy | expert): what the timeouts and collisions have in common."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"split {report.split}: episodes by outcome x collision (policy | expert)", title_justify="left"
+    )
+    table.add_column("outcome")
+    for column in ("collided", "no collision"):
+        table.add_column(column, justify="right")
+    p, e = report.policy.collisions_by_outcome, report.expert.collisions_by_outcome
+    for outcome in p:
+        table.add_row(
+            outcome.replace("_", " "),
+            f"{p[outcome]['collided']} | {e[outcome]['collided']}",
+            f"{p[outcome]['no_collision']} | {e[outcome]['no_collision']}",
+        )
+    return table
 
 
 def _num(value: float) -> str:

@@ -2,12 +2,14 @@
 
     low, high = wilson_interval(successes=41, trials=50)   # (0.69, 0.90): 50 seeds swing by +-10 points
     score = spl([True, True, False], reference=[4.0, 4.0, 5.0], taken=[4.0, 8.0, 2.0])   # 0.5
+    auroc = failure_auroc(confidence=[0.9, 0.8, 0.3], failed=[False, False, True])    # 1.0
 
 Wilson rather than the normal ("Wald") interval because policies sit near 0% or 100% success, where
 the Wald interval collapses to zero width or leaves [0, 1]. SPL (success weighted by path length,
 Anderson et al. 2018, "On Evaluation of Embodied Navigation Agents") uses the scripted expert's path
 on the same scene as the reference length: it tells a policy that reaches the target by a detour
-from one that drives like the expert, which the success rate alone cannot.
+from one that drives like the expert, which the success rate alone cannot. `failure_auroc` says how
+well LOW confidence flags the episodes that fail: 0.5 is chance, 1.0 every failure below every success.
 """
 
 from __future__ import annotations
@@ -56,3 +58,20 @@ def mean_or_nan(values: Sequence[float]) -> float:
     """Mean of the finite values; NaN when there are none (e.g. no failures to average over)."""
     finite = [float(v) for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def failure_auroc(confidence: Sequence[float], failed: Sequence[bool]) -> float:
+    """AUROC of predicting failure from LOW confidence: P(a failure's confidence < a success's), ties 1/2.
+
+    Episodes without a finite confidence are left out; NaN when what is left lacks a failure or a
+    success (the AUROC is undefined), e.g. a policy that reports no confidence, or the expert.
+    """
+    if len(confidence) != len(failed):
+        raise ValueError(f"failure_auroc: {len(confidence)} confidences, {len(failed)} outcomes")
+    pairs = [(float(c), bool(f)) for c, f in zip(confidence, failed, strict=True) if c is not None and math.isfinite(c)]
+    if len({f for _, f in pairs}) < 2:
+        return math.nan
+    # Here only: sklearn.metrics takes ~2 s to import, and this module is imported by serving and tracking.
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([f for _, f in pairs], [-c for c, _ in pairs]))
