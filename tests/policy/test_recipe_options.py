@@ -193,3 +193,19 @@ def test_image_size_112_exports_to_onnx_with_parity(tiny_tokenizer, tmp_path):
     assert {"images", "state"} <= {node.name for node in session.get_inputs()}  # the graph still takes state
     assert max(signature.parity.fp32_max_abs_diff.values()) <= FP32_TOLERANCE
     assert signature.parity.sequence_max_abs_diff <= FP32_TOLERANCE
+
+
+def test_an_ensemble_takes_its_members_confidence_steps(tiny_config, tiny_tokenizer, make_batch):
+    from mobile_vla.policy.ensemble import EnsembleConfig, EnsemblePolicy
+    from mobile_vla.policy.model import chunk_confidence
+
+    config = tiny_config.replace(confidence_steps=1)
+    with pytest.raises(ConfigError, match=r"members\[1\].confidence_span = 10: members must share"):
+        EnsembleConfig(members=(config, tiny_config))
+    ensemble = EnsemblePolicy.from_members([_build(config, seed=0), _build(config, seed=1)])
+    batch = make_batch(config, tiny_tokenizer, batch_size=2, frames=2)
+    with torch.no_grad():
+        out = ensemble(batch)
+    sigma = torch.exp(0.5 * out.log_var)  # [B, T, K, 3], the mixture's
+    assert torch.allclose(out.confidence, chunk_confidence(sigma, config.confidence_tolerance, 1), atol=1e-6)
+    assert not torch.allclose(out.confidence, chunk_confidence(sigma, config.confidence_tolerance, config.chunk))

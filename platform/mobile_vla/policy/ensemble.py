@@ -15,7 +15,7 @@ a_m and a log-variance; sigma_m^2 = exp(log_var_m)):
     action       a   = 1/M sum_m a_m
     variance     s^2 = 1/M sum_m sigma_m^2   +   1/M sum_m (a_m - a)^2
                        (the members' own)        (their disagreement)
-    confidence   c   = mean over k, j of erf(tau / (s * sqrt(2)))
+    confidence   c   = mean over k < confidence_steps (all K by default), j of erf(tau / (s * sqrt(2)))
 
 s^2 is the variance of the members' equally weighted Gaussian mixture (the deep-ensemble rule of
 Lakshminarayanan et al., 2017), and c is the single policy's own definition (P(|error| < tau) under a
@@ -34,7 +34,6 @@ The exported ONNX graph therefore has the same inputs and outputs, only a wider 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +42,11 @@ from torch import nn
 
 from mobile_vla.errors import ConfigError
 from mobile_vla.policy.config import PolicyConfig
-from mobile_vla.policy.model import MobileVLAPolicy, PolicyOutput, build_policy
+from mobile_vla.policy.model import MobileVLAPolicy, PolicyOutput, build_policy, chunk_confidence
 
 Memory = tuple[torch.Tensor, torch.Tensor]
-SHARED_FIELDS = ("chunk", "state_dim", "token_length", "confidence_tolerance")  # members must agree on these
+# members must agree on these
+SHARED_FIELDS = ("chunk", "state_dim", "token_length", "confidence_tolerance", "confidence_span")
 COMBINE_RULE = "gaussian-mixture-moments"
 
 
@@ -104,6 +104,11 @@ class EnsembleConfig:
     @property
     def confidence_tolerance(self) -> float:
         return self.members[0].confidence_tolerance
+
+    @property
+    def confidence_span(self) -> int:
+        """The chunk steps, from k = 0, that the confidence averages (PolicyConfig.confidence_steps)."""
+        return self.members[0].confidence_span
 
     @property
     def shared_layers(self) -> bool:
@@ -217,9 +222,9 @@ class EnsemblePolicy(nn.Module):
         own = torch.exp(torch.stack(log_vars)).mean(dim=0)  # the members' own variance
         disagreement = ((stacked - mean) ** 2).mean(dim=0)
         variance = own + disagreement
-        sigma = torch.sqrt(variance)
-        within = torch.erf(self.config.confidence_tolerance / (sigma * math.sqrt(2.0)))
-        return mean, torch.log(variance), within.mean(dim=(-2, -1))
+        config = self.config
+        confidence = chunk_confidence(torch.sqrt(variance), config.confidence_tolerance, config.confidence_span)
+        return mean, torch.log(variance), confidence
 
     # --- public API (= MobileVLAPolicy) -------------------------------------------------------------
     def encode_instruction(self, clip_input_ids: torch.Tensor) -> torch.Tensor:

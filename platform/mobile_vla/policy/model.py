@@ -181,8 +181,7 @@ class MobileVLAPolicy(nn.Module):
         span = config.log_var_max - config.log_var_min
         log_var = config.log_var_min + span * torch.sigmoid(raw[..., 1, :, :])
         sigma = torch.exp(0.5 * log_var)
-        within = torch.erf(config.confidence_tolerance / (sigma[..., : config.confidence_span, :] * math.sqrt(2.0)))
-        return actions, log_var, within.mean(dim=(-2, -1))  # within: [..., confidence_span, 3]
+        return actions, log_var, chunk_confidence(sigma, config.confidence_tolerance, config.confidence_span)
 
     # ---- public API ---------------------------------------------------------------------------
     def forward(self, batch: dict, memory: Memory | None = None) -> PolicyOutput:
@@ -237,6 +236,14 @@ class MobileVLAPolicy(nn.Module):
         counts["total"] = sum(counts.values())
         counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
+
+
+def chunk_confidence(sigma: torch.Tensor, tolerance: float, steps: int) -> torch.Tensor:
+    """The confidence rule: sigma [..., K, 3] -> mean over the first `steps` chunk steps and the 3 axes of
+    P(|error| < tolerance) = erf(tolerance / (sigma * sqrt(2))) under the predicted Gaussian -> [...].
+    """
+    within = torch.erf(tolerance / (sigma[..., :steps, :] * math.sqrt(2.0)))  # [..., steps, 3]
+    return within.mean(dim=(-2, -1))
 
 
 def _tensor(value) -> torch.Tensor:
