@@ -92,6 +92,10 @@ def main() -> int:
                 "wall_seconds": round(report.seconds, 1),
                 "worker_cpu_seconds_per_episode": round(report.worker_cpu_seconds / len(report.seeds), 3),
                 "backend_chain": report.settings["prefer"] or "default (onnx-cpu if exported, else torch)",
+                # per seed, in seed order: what paired comparisons between models (same seeds) need
+                "outcomes": [row["outcome"] for row in report.episodes],
+                "expert_outcomes": [row["expert"]["outcome"] for row in report.episodes],
+                "mean_confidence": [row["mean_confidence"] for row in report.episodes],
             }
             p, e = report.policy, report.expert
             print(
