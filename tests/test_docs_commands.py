@@ -55,6 +55,8 @@ COVERAGE = {
     "online-update": [
         "tests/online/test_online_update.py::test_online_update_learns_corrections_and_takes_over_only_through_the_gate"
     ],
+    # mobile-vla collect --model models:/mobile-vla-policy@champion --data data/mini --episodes 50 --in-process
+    "collect": ["tests/online/test_collect.py::test_the_command_runs_a_round_and_prints_where_the_corrections_went"],
     # mobile-vla data import --format minuum-h5 SRC DST  (quickstart prose)
     "data import": ["tests/data/test_importer.py::test_import_converts_good_files_and_names_the_bad_ones"],
     # mobile-vla tune --config jobs/configs/tune_small.yaml  (quickstart prose)

@@ -148,8 +148,9 @@ def test_beta_one_is_the_expert_driving_and_beta_zero_the_policy(ray_cluster, mo
 
 def test_the_command_runs_a_round_and_prints_where_the_corrections_went(ray_cluster, model_dir, tmp_path, capsys):
     root = tmp_path / "feedback"
-    args = ["collect", "--model", str(model_dir), "--in-process", "--episodes", "2", "--max-steps", "4"]
-    assert main([*args, "--feedback-dir", str(root), "--seed", "1", "--no-progress"]) == 0
+    argv = ["collect", "--in-process", "--episodes", "2", "--max-steps", "4", "--seed", "1", "--no-progress"]
+    argv += ["--model", str(model_dir), "--feedback-dir", str(root)]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "collect: 2 episodes of split train" in printed
     assert f"corrections written: 8 (every visited step, labelled by the expert) -> {root}" in printed
