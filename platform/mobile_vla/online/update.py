@@ -11,7 +11,8 @@ Steps, each visible in the job's MLflow run (experiment `mobile-vla-online`):
    (operator corrections and interventions up, uncorrected steps of failed episodes to zero) - mixed
    with a replay sample of the original dataset, so the policy does not forget the scenes nobody
    corrected this week;
-4. register the result as `@challenger`, evaluate champion and challenger on the same held-out data
+4. register the result as `@challenger` (with verified ONNX graphs when the champion has them, so
+   serving can load it), evaluate champion and challenger on the same held-out data
    (`online.corrected_mae`, `online.feedback_mae`, `online.replay_mae`) and, if enabled, closed-loop;
 5. promote only if the gate passes; the watermark advances when the feedback went into a champion
    (a rejected update leaves its episodes for the next, bigger one).
@@ -42,6 +43,8 @@ from mobile_vla.config import StrictModel, dump_config, flatten, load_config, pl
 from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import ConfigError, DataError, ResourceError
 from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
+from mobile_vla.export.onnx_export import STEP_FP16_FILE
+from mobile_vla.export.publish import publish_onnx
 from mobile_vla.online.feedback_store import FeedbackStore, FeedbackWeights
 from mobile_vla.online.finetune import FinetuneConfig, PlainWindows, WeightedWindows, feedback_metrics, finetune
 from mobile_vla.policy.checkpoint import load_policy, save_policy
@@ -336,6 +339,12 @@ def _train_register_evaluate(
                 "online.feedback_episodes": str(len(assembled.episodes)),
             },
             description=f"online update of v{champion_version} on {len(assembled.episodes)} feedback episodes",
+        )
+    if (champion_dir / "onnx").is_dir():  # serving loads onnx/: the challenger must be servable like its parent
+        publish_onnx(
+            tracking.resolve_model(f"models:/{cfg.model}/{version}"),
+            fp16=(champion_dir / "onnx" / STEP_FP16_FILE).is_file(),
+            data_dir=cfg.replay.data,
         )
     if cfg.closed_loop.enabled:
         after.update(_closed_loop(cfg, version))
