@@ -6,6 +6,8 @@ r"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop Min
     mobile-vla evaluate --model expert --data data/nav --closed-loop --episodes 200 --split unseen_pair
     mobile-vla evaluate --model models:/mobile-vla-policy@champion --closed-loop --episodes 50 \
         --endpoint http://127.0.0.1:8000 --token-file .mobile_vla/serve/tokens
+    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --state-ablation \
+        --no-offline      # k=0 error with the state input recorded, zeroed, shuffled: a copycat?
 
 Results go to `--out` (default $MOBILE_VLA_HOME/evaluations/...) and, for a registered model
 version, onto the version: metrics as `metric.offline.<split>.mae`, `metric.closed_loop.<split>.
@@ -54,6 +56,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--closed-loop", action="store_true", help="also run the policy in MiniWorld")
     parser.add_argument("--no-offline", action="store_true", help="skip offline metrics even with --data")
+    parser.add_argument(
+        "--state-ablation",
+        action="store_true",
+        help="with --data: the now (k=0) error on each split's windows with the state input recorded, zeroed "
+        "and shuffled across windows (does the policy copy its previous command?)",
+    )
     parser.add_argument("--episodes", type=int, default=200, help="closed-loop episodes (scene seeds) per split")
     parser.add_argument("--seed-offset", type=int, default=0, help="start this far into each split's seed range")
     parser.add_argument(
@@ -90,8 +98,13 @@ def _check_args(args) -> None:
         raise ConfigError("--endpoint is for closed-loop evaluation: add --closed-loop")
     if args.endpoint and args.model == EXPERT:
         raise ConfigError("--endpoint and --model expert exclude each other")
+    if args.state_ablation:
+        if args.data is None:
+            raise ConfigError("--state-ablation needs --data DIR (the windows it scores)")
+        if args.endpoint or args.model == EXPERT:
+            raise ConfigError("--state-ablation scores a model's own state input: give --model MODEL_URI")
     offline = args.data is not None and not args.no_offline and args.model != EXPERT
-    if not offline and not args.closed_loop:
+    if not offline and not args.closed_loop and not args.state_ablation:
         if args.model == EXPERT:
             raise ConfigError("--model expert has no offline metrics: add --closed-loop")
         raise ConfigError("nothing to evaluate: give --data DIR (offline metrics) and/or --closed-loop")
@@ -150,6 +163,8 @@ def run_evaluate(args) -> int:
             if not args.no_log:
                 log_offline(report, files, primary=index == 0)
             results.setdefault(split, {})["offline"] = report
+    if args.state_ablation:
+        _run_state_ablation(args, splits, out_dir, results)
     if args.closed_loop:
         for index, split in enumerate(splits):
             report = evaluate_closed_loop(
@@ -173,6 +188,23 @@ def run_evaluate(args) -> int:
             results.setdefault(split, {})["closed_loop"] = report
     _print_summary(results, out_dir)
     return 0
+
+
+def _run_state_ablation(args, splits: list[str], out_dir: Path, results: dict[str, dict]) -> None:
+    """`--state-ablation`: per split, the three rows saved as JSON and put on the model version."""
+    from mobile_vla.evaluate.closed_loop import log_to_version
+    from mobile_vla.evaluate.diagnostics import ablation_metrics, save_state_ablation, state_ablation
+    from mobile_vla.tracking import resolve_model
+
+    resolved = resolve_model(args.model)
+    for split in splits:
+        rows = state_ablation(args.model, args.data, split)
+        path = save_state_ablation(rows, out_dir, split, str(args.model), str(args.data))
+        if not args.no_log and resolved.name and resolved.version:
+            log_to_version(
+                resolved.name, resolved.version, resolved.run_id, ablation_metrics(split, rows), [path], split
+            )
+        results.setdefault(split, {})["state_ablation"] = rows
 
 
 def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
@@ -218,7 +250,34 @@ def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
                     _num(metrics[f"r2{suffix}"]),
                 )
             console.print(offline)
+        if "state_ablation" in parts:
+            console.print(_state_ablation_table(split, parts["state_ablation"]))
     console.print(f"results: {out_dir}")
+
+
+def _state_ablation_table(split: str, rows: list[dict]):
+    """The state ablation as one table: a row per state variant, MAE of the now (k=0) command."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"state ablation {split} ({rows[0]['windows']} windows, {rows[0]['frames']} frames; k=0, m/s and rad/s)",
+        title_justify="left",
+    )
+    for column in ("state input", "MAE", "linear_x", "linear_y", "angular_z", "R²", "MAE vs recorded"):
+        table.add_column(column, justify="left" if column == "state input" else "right")
+    recorded = rows[0]["mae"]
+    for row in rows:
+        ratio = row["mae"] / recorded if recorded > 0 else math.nan
+        table.add_row(
+            row["state"],
+            _num(row["mae"]),
+            _num(row["mae_linear_x"]),
+            _num(row["mae_linear_y"]),
+            _num(row["mae_angular_z"]),
+            _num(row["r2"]),
+            "-" if not math.isfinite(ratio) else f"x{ratio:.2f}",
+        )
+    return table
 
 
 def _collision_table(report):
