@@ -50,11 +50,11 @@ CPU_BENCHMARKS := data_generate data_pipeline policy_step inference train_overhe
 bench: setup
 	for b in $(CPU_BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
 
-# The quality report (about 35 minutes on 2 cores): `small` trained in a CPU budget, closed loop on
-# the held-out splits next to the expert, then an online update fixing a broken release, in closed loop.
+# The quality report: the whole budgeted recipe (benchmarks/quality.py: data, behaviour cloning on
+# jobs/configs/small_drive.yaml, DAgger rounds, closed loop on the held-out splits next to the expert),
+# CPU per stage, in its own platform home (.mobile_vla/quality). Run on a quiet box; flags in QUALITY_ARGS.
 quality: setup
-	bash benchmarks/quality_small.sh
-	$(PY) benchmarks/online_closed_loop.py --eval-episodes 100 --feedback-episodes 60
+	$(PY) benchmarks/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf .mobile_vla benchmarks/results .pytest_cache

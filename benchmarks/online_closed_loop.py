@@ -1,8 +1,8 @@
 """Does an online update from fleet corrections fix a broken champion *when it drives*? Closed-loop
 success before and after, on the same held-out scene seeds.
 
-    bash benchmarks/quality_small.sh                      # first: a trained `small` @challenger
-    .venv/bin/python benchmarks/online_closed_loop.py     # then this, in the same platform home
+    make quality                                                # first: a trained `small` (@bc)
+    .venv/bin/python benchmarks/online_closed_loop.py --base bc # then this, in the same platform home
 
 1. The champion: the quality run's `small` model with a release bug (the head's angular-velocity bias
    drives hard right on every frame), registered and promoted (forced) as @champion.
