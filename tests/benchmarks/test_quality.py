@@ -24,6 +24,7 @@ def quality():
         sys.path.append(str(ROOT / "benchmarks"))  # it imports its sibling ablation_report, as the script does
     spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
