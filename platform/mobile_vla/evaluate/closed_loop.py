@@ -205,15 +205,24 @@ def split_spec_for(data: str | Path | None = None, spec_file: str | Path | None 
     return default_split_spec()
 
 
-def scene_seeds(spec: SplitSpec, split: str, episodes: int, seed_offset: int = 0) -> list[int]:
-    """The scene seeds of `episodes` episodes of `split` from `seed_offset`; ConfigError if out of range."""
+def requested_seed_range(spec: SplitSpec, split: str, episodes: int, seed_flag: str, seed: int):
+    """The seed range of `split` for a request of `episodes` episodes (closed loop, DAgger collection).
+
+    Raises:
+        ConfigError: an unknown split, fewer than 1 episode, or a negative `seed_flag` value.
+    """
     if split not in spec.splits:
         raise ConfigError(f"--split {split!r}: not in the split spec (has {sorted(spec.splits)})")
     if episodes < 1:
         raise ConfigError(f"--episodes {episodes}: expected at least 1")
-    if seed_offset < 0:
-        raise ConfigError(f"--seed-offset {seed_offset}: expected >= 0")
-    seeds = spec.splits[split].seeds
+    if seed < 0:
+        raise ConfigError(f"{seed_flag} {seed}: expected >= 0")
+    return spec.splits[split].seeds
+
+
+def scene_seeds(spec: SplitSpec, split: str, episodes: int, seed_offset: int = 0) -> list[int]:
+    """The scene seeds of `episodes` episodes of `split` from `seed_offset`; ConfigError if out of range."""
+    seeds = requested_seed_range(spec, split, episodes, "--seed-offset", seed_offset)
     start = seeds.start + seed_offset
     if start + episodes > seeds.stop:
         raise ConfigError(

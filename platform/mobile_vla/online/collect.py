@@ -43,7 +43,7 @@ from mobile_vla.client import encode_jpeg
 from mobile_vla.config import format_validation_error, platform_home
 from mobile_vla.errors import ConfigError, DataError
 from mobile_vla.evaluate import EXPERT
-from mobile_vla.evaluate.closed_loop import split_spec_for
+from mobile_vla.evaluate.closed_loop import requested_seed_range, split_spec_for
 from mobile_vla.evaluate.rollout import (
     SUCCESS,
     TIMEOUT,
@@ -95,13 +95,7 @@ def dagger_scene_seeds(spec: SplitSpec, split: str, episodes: int, seed: int) ->
     Raises:
         ConfigError: an unknown split, fewer than 1 episode, or more episodes than the half range holds.
     """
-    if split not in spec.splits:
-        raise ConfigError(f"--split {split!r}: not in the split spec (has {sorted(spec.splits)})")
-    if episodes < 1:
-        raise ConfigError(f"--episodes {episodes}: expected at least 1")
-    if seed < 0:
-        raise ConfigError(f"--seed {seed}: expected >= 0")
-    seeds = spec.splits[split].seeds
+    seeds = requested_seed_range(spec, split, episodes, "--seed", seed)
     first = seeds.start + seeds.size // 2
     available = seeds.stop - first
     if episodes > available:
