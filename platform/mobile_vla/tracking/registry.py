@@ -10,15 +10,34 @@ A model version's source is a run-artifact folder `model/` laid out as
 Export and engine builds add to that same folder, so everything about a version stays in one place.
 `resolve_model()` mirrors it into a local cache (`$MOBILE_VLA_HOME/model_cache/NAME/VERSION`), fetching
 only what the cache lacks, so serving replicas and evaluation never re-download a whole model.
+
+The cache is checked, and it carries a model through a registry outage:
+
+- every file fetched from the registry has its SHA-256 and size recorded at download
+  (`VERSION/cache_manifest.json`) and checked on every resolve; a corrupt or missing file is
+  fetched again while the registry answers, and refused (ModelError naming the file) while it does not;
+- where an alias pointed when this node last asked is recorded next to the versions
+  (`model_cache/NAME/aliases.json`);
+- when the registry is unreachable (`RegistryUnreachable`: a connection error, a timeout, a
+  server error, never a "no such version/alias" answer) `resolve_model` answers from the cache,
+  an alias by its recorded version, and says so (`ResolvedModel.from_cache`, a warning). Files
+  without a recorded checksum are never served that way.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
+import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mobile_vla.config import platform_home
@@ -33,6 +52,17 @@ CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous-champion"  # kept for a one-line rollback: promote --from-alias previous-champion --force
 MODEL_ARTIFACT_PATH = "model"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+CACHE_MANIFEST = "cache_manifest.json"  # in a version's cache folder: {relative path: {"sha256", "bytes"}}
+ALIAS_RECORD = "aliases.json"  # in a model's cache folder: {alias: {"version", "recorded_at"}}
+_NOT_REGISTRY_FILES = {CACHE_MANIFEST, "model_version.json"}  # what the cache writes itself
+_ADOPTED_PREFIXES = ("policy/", "onnx/")  # registry-only files; a cache older than its manifest gets them recorded
+_HASH_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+class RegistryUnreachable(ModelError):
+    """The registry did not answer (connection refused, timeout, server error) and the cache could not stand in."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +75,7 @@ class ResolvedModel:
     version: str | None = None
     alias: str | None = None
     run_id: str | None = None
+    from_cache: bool = False  # the registry was unreachable: served from the verified local copy
 
     def to_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
@@ -58,7 +89,15 @@ def _client():
 
 
 def _not_found(exc: Exception) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower()
+    """The registry answered "no such model, version or alias" (never a connection error, whose message
+    names the alias endpoint's URL).
+    """
+    code = str(getattr(exc, "error_code", ""))
+    return "RESOURCE_DOES_NOT_EXIST" in code or ("INVALID_PARAMETER_VALUE" in code and "not found" in str(exc).lower())
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def register_policy(
@@ -95,14 +134,14 @@ def _version_of(client, name: str, alias: str | None, version: str | None, uri: 
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
     except Exception as exc:
-        if _not_found(exc) or "alias" in str(exc).lower():
+        if _not_found(exc):
             what = f"alias '{alias}'" if alias else f"version {version}"
             raise ModelError(f"{uri}: registered model '{name}' has no {what}") from None
-        raise
+        raise RegistryUnreachable(f"{uri}: the model registry did not answer: {_first_line(exc)}") from exc
 
 
-def _sync_folder(source: str, dest: Path) -> None:
-    """Downloads the entries (two levels deep) of an artifact folder that `dest` lacks."""
+def _sync_folder(source: str, dest: Path) -> list[str]:
+    """Downloads the entries (two levels deep) of an artifact folder that `dest` lacks; returns them."""
     from mlflow.artifacts import download_artifacts, list_artifacts
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -119,17 +158,174 @@ def _sync_folder(source: str, dest: Path) -> None:
                 out.extend(missing(rel, depth + 1))
         return out
 
-    for rel in missing("", 1):
+    missing_entries = missing("", 1)
+    for rel in missing_entries:
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             got = Path(download_artifacts(artifact_uri=f"{source}/{rel}", dst_path=tmp))
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():  # another process may have fetched it meanwhile
                 shutil.move(str(got), str(target))
+    return missing_entries
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`: {} when the file does not exist, None when it cannot be read as one."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Writes `data` to `path` in one rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on `path` among the processes of this node (replicas of one node share a cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _files_under(folder: Path, rel: str) -> list[str]:
+    """Relative paths of the files at or under `folder / rel` ("" for all), the cache's own files left out."""
+    root = folder / rel if rel else folder
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    out = [p.relative_to(folder).as_posix() for p in paths]
+    return [r for r in out if r not in _NOT_REGISTRY_FILES and not r.rsplit("/", 1)[-1].startswith(".")]
+
+
+def cache_problems(folder: str | Path) -> list[str]:
+    """Files of a cached version that are gone or whose size or SHA-256 differ from the ones recorded at download."""
+    folder = Path(folder)
+    manifest = _read_json(folder / CACHE_MANIFEST)
+    if manifest is None:
+        return [CACHE_MANIFEST]
+    bad = []
+    for rel, entry in sorted(manifest.items()):
+        path = folder / rel
+        try:
+            if path.stat().st_size != entry["bytes"] or _digest(path) != entry["sha256"]:
+                bad.append(rel)
+        except (OSError, KeyError, TypeError):
+            bad.append(rel)
+    return bad
+
+
+def _drop_corrupt(dest: Path, uri: str) -> None:
+    """Deletes what failed its checksum (the whole download entry holding it), so the sync fetches it again."""
+    bad = cache_problems(dest)
+    if not bad:
+        return
+    log.warning("%s: cached files failed their checksum, fetching them again: %s", uri, ", ".join(bad[:5]))
+    if CACHE_MANIFEST in bad:  # no record left to trust: fetch the whole version again
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    manifest = _read_json(dest / CACHE_MANIFEST) or {}
+    for entry in sorted({"/".join(rel.split("/")[:2]) for rel in bad}):  # what _sync_folder fetches as one
+        target = dest / entry
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        manifest = {rel: v for rel, v in manifest.items() if rel != entry and not rel.startswith(f"{entry}/")}
+    _write_json(dest / CACHE_MANIFEST, manifest)
+
+
+def _record_checksums(dest: Path, fetched: list[str]) -> None:
+    """Records size and SHA-256 of the files just fetched (and of registry-only files a cache older
+    than its manifest holds), so every later resolve can check them.
+    """
+    manifest = _read_json(dest / CACHE_MANIFEST) or {}
+    new = {rel for entry in fetched for rel in _files_under(dest, entry)}
+    new |= {rel for rel in _files_under(dest, "") if rel.startswith(_ADOPTED_PREFIXES) and rel not in manifest}
+    if not new:
+        return
+    for rel in sorted(new):
+        path = dest / rel
+        manifest[rel] = {"sha256": _digest(path), "bytes": path.stat().st_size}
+    _write_json(dest / CACHE_MANIFEST, manifest)
+
+
+def _alias_record(name: str) -> Path:
+    return platform_home() / "model_cache" / name / ALIAS_RECORD
+
+
+def remember_alias(name: str, alias: str, version: str) -> None:
+    """Records next to the cache that `models:/name@alias` pointed at `version` (written only on a change)."""
+    path = _alias_record(name)
+    if ((_read_json(path) or {}).get(alias) or {}).get("version") == str(version):
+        return
+    with _file_lock(path):
+        record = _read_json(path) or {}
+        record[alias] = {"version": str(version), "recorded_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        _write_json(path, record)
+
+
+def remembered_alias_version(name: str, alias: str) -> str | None:
+    """The version `models:/name@alias` pointed at when this node last asked the registry (None: never asked)."""
+    entry = (_read_json(_alias_record(name)) or {}).get(alias)
+    return str(entry["version"]) if isinstance(entry, dict) and entry.get("version") else None
+
+
+def _from_cache(uri: str, name: str, version: str, alias: str | None, why: str) -> ResolvedModel:
+    """The cached copy of `version`, verified, when the registry cannot give it (`why`)."""
+    dest = platform_home() / "model_cache" / name / version
+    if not (dest / "policy").is_dir():
+        raise RegistryUnreachable(f"{why}; no cached copy of version {version} at {dest} either")
+    with _file_lock(dest):
+        manifest = _read_json(dest / CACHE_MANIFEST)
+        bad = cache_problems(dest) if manifest else []
+    if not manifest:
+        raise RegistryUnreachable(
+            f"{why}; the cached copy of version {version} at {dest} has no recorded checksums, so it is not "
+            "served unverified (resolve it once with the registry reachable)"
+        )
+    if bad:
+        raise ModelError(
+            f"{uri}: the cached copy of version {version} at {dest} is corrupt ({', '.join(bad[:5])} differ from "
+            f"the checksums recorded at download) and cannot be fetched again ({why}): refusing to serve it. "
+            f"Delete {dest} and resolve it with the registry reachable"
+        )
+    info = _read_json(dest / "model_version.json") or {}
+    log.warning("%s: serving version %s from the local cache %s: %s", uri, version, dest, why)
+    return ResolvedModel(
+        path=dest, uri=uri, name=name, version=version, alias=alias, run_id=info.get("run_id"), from_cache=True
+    )
 
 
 def resolve_model(uri: str | Path) -> ResolvedModel:
-    """`models:/NAME@alias`, `models:/NAME/V` or a local folder -> a local folder with the model."""
+    """`models:/NAME@alias`, `models:/NAME/V` or a local folder -> a local folder with the model.
+
+    A registered version is fetched into the checked local cache (see the module doc); while the
+    registry is unreachable the verified cached copy answers (`from_cache` True), an alias by the
+    version it pointed at when this node last asked.
+
+    Raises:
+        ModelError: a bad URI, no such version or alias, a version without policy/, a corrupt cached
+            copy that cannot be fetched again; `RegistryUnreachable` when neither the registry nor
+            the cache can give the model.
+    """
     text = str(uri)
     if not text.startswith("models:/"):
         path = Path(text).expanduser()
@@ -142,19 +338,38 @@ def resolve_model(uri: str | Path) -> ResolvedModel:
     if not match:
         raise ModelError(f"{text}: expected models:/NAME@alias or models:/NAME/VERSION")
     name, alias, version = match["name"], match["alias"], match["version"]
-    client = _client()
-    mv = _version_of(client, name, alias, version, text)
-    dest = platform_home() / "model_cache" / name / str(mv.version)
     try:
-        _sync_folder(mv.source, dest)
-    except ModelError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"{text}: cannot fetch version {mv.version} from {mv.source}: {exc}") from None
+        mv = _version_of(_client(), name, alias, version, text)
+    except RegistryUnreachable as exc:
+        version = version or remembered_alias_version(name, alias)
+        if version is None:
+            why = f"{exc}; this node never resolved alias '{alias}', so no cached version stands in"
+            raise RegistryUnreachable(why) from exc
+        return _from_cache(text, name, version, alias, str(exc))
+    dest = platform_home() / "model_cache" / name / str(mv.version)
+    fetch_error = None
+    with _file_lock(dest):
+        _drop_corrupt(dest, text)
+        try:
+            fetched = _sync_folder(mv.source, dest)
+        except ModelError:
+            raise
+        except Exception as exc:
+            fetch_error = f"{text}: cannot fetch version {mv.version} from {mv.source}: {_first_line(exc)}"
+        else:
+            _record_checksums(dest, fetched)
+    if (
+        fetch_error is not None
+    ):  # the artifact store failed while the registry answered: a complete cached copy still serves
+        if (dest / "policy").is_dir() and _read_json(dest / CACHE_MANIFEST):
+            return _from_cache(text, name, str(mv.version), alias, fetch_error)
+        raise ModelError(fetch_error)
     if not (dest / "policy").is_dir():
         raise ModelError(f"{text}: version {mv.version} has no policy/ folder at {mv.source}")
     info = {"name": name, "version": str(mv.version), "alias": alias, "run_id": mv.run_id, "source": mv.source}
-    (dest / "model_version.json").write_text(json.dumps(info, indent=2))
+    _write_json(dest / "model_version.json", info)
+    if alias:
+        remember_alias(name, alias, str(mv.version))
     return ResolvedModel(path=dest, uri=text, name=name, version=str(mv.version), alias=alias, run_id=mv.run_id)
 
 
@@ -173,14 +388,24 @@ def set_alias(name: str, alias: str, version: str) -> None:
 
 
 def get_version_by_alias(name: str, alias: str) -> str | None:
-    """The version behind `models:/name@alias`, or None when the model or the alias does not exist."""
+    """The version behind `models:/name@alias`, or None when the model or the alias does not exist.
+
+    The answer is recorded next to the model cache (`remembered_alias_version`).
+
+    Raises:
+        RegistryUnreachable: the registry did not answer.
+    """
     client = _client()
     try:
-        return str(client.get_model_version_by_alias(name, alias).version)
+        version = str(client.get_model_version_by_alias(name, alias).version)
     except Exception as exc:
-        if _not_found(exc) or "alias" in str(exc).lower():
+        if _not_found(exc):
             return None
-        raise
+        raise RegistryUnreachable(
+            f"models:/{name}@{alias}: the model registry did not answer: {_first_line(exc)}"
+        ) from exc
+    remember_alias(name, alias, version)
+    return version
 
 
 def set_version_tags(name: str, version: str, tags: dict) -> None:
