@@ -22,6 +22,8 @@ ACTION_NAMES = ("linear_x", "linear_y", "angular_z")
 IMAGE_SIZE = 224
 CLIP_CONTEXT_LENGTH = 77
 FUSIONS = ("gated", "concat", "film")
+FUSION_POOLINGS = ("pooled", "text_attention")
+AUX_LABELS = ("target_bearing", "target_distance", "target_in_view")  # per-frame episode keys the aux heads learn
 STATE_INPUTS = ("previous_command", "none")
 
 
@@ -160,6 +162,13 @@ class PolicyConfig:
     state_dropout: float = 0.0  # training only: P(a whole window's state is zeroed), per sample
     confidence_steps: int | None = None  # chunk steps the confidence averages (from k = 0); None = all K
     image_size: int = IMAGE_SIZE  # the model's internal resolution: 224 / image_size-fold average pooling
+    # what each backbone hands the fusion: "pooled" = its own pooled feature; "text_attention" adds what
+    # the CLIP instruction embedding reads from that backbone's patch tokens (multi-head cross-attention)
+    fusion_pooling: str = "pooled"
+    attention_heads: int = 4  # heads of the text_attention pooling (fusion_dim must divide by them)
+    # training-only heads on the fused per-frame feature predicting the privileged simulator labels
+    # (target bearing as sin/cos, distance, in view); never in the exported graph or the serving outputs
+    aux_heads: bool = False
 
     def __post_init__(self) -> None:
         owner = "PolicyConfig"
@@ -194,6 +203,7 @@ class PolicyConfig:
             if self.confidence_steps > self.chunk:
                 _fail(owner, "confidence_steps", self.confidence_steps, f"must be at most chunk = {self.chunk}")
         self._check_image_size(owner)
+        self._check_fusion_options(owner)
         if self.kosmos.lora_rank and self.freeze_kosmos is False:
             # LoRA only makes sense on a frozen language model: say so instead of silently mixing both.
             _fail(owner, "kosmos.lora_rank", self.kosmos.lora_rank, "LoRA needs freeze_kosmos = true")
@@ -208,6 +218,16 @@ class PolicyConfig:
             if sub.pretrained and self.image_size != IMAGE_SIZE:
                 # pretrained position embeddings are sized for the 224 px grid
                 _fail(owner, "image_size", self.image_size, f"pretrained {name} weights need {IMAGE_SIZE}")
+
+    def _check_fusion_options(self, owner: str) -> None:
+        if self.fusion_pooling not in FUSION_POOLINGS:
+            expected = ", ".join(map(repr, FUSION_POOLINGS))
+            _fail(owner, "fusion_pooling", self.fusion_pooling, f"expected one of {expected}")
+        _positive(owner, attention_heads=self.attention_heads)
+        if self.fusion_pooling == "text_attention":
+            _divisible(owner, "fusion_dim", self.fusion_dim, "attention_heads", self.attention_heads)
+        if not isinstance(self.aux_heads, bool):
+            _fail(owner, "aux_heads", self.aux_heads, "expected true or false")
 
     @property
     def token_length(self) -> int:

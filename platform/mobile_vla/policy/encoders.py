@@ -60,18 +60,25 @@ class KosmosEncoder(nn.Module):
         else:
             self.model = Kosmos2Model(kosmos_hf_config(config, image_size))
         self.feature_dim = config.text_width
+        self.patch_dim = config.vision_width  # C of its vision patch tokens
 
-    def forward(self, pixels, input_ids, attention_mask, image_embeds_position_mask):
-        # pixels [N, C, H, W] normalised; token arrays [N, L]
-        hidden = self.model(
+    def forward(self, pixels, input_ids, attention_mask, image_embeds_position_mask, with_patches: bool = False):
+        """Pixels [N, C, H, W] normalised, token arrays [N, L] -> feature [N, D_k], and with `with_patches`
+        also the vision tower's patch tokens [N, P, C_k] (its last layer, class token left out).
+        """
+        output = self.model(
             pixel_values=pixels,
             input_ids=input_ids,
             attention_mask=attention_mask,
             image_embeds_position_mask=image_embeds_position_mask,
             use_cache=False,
-        ).last_hidden_state  # [N, L, D_k]
+        )
+        hidden = output.last_hidden_state  # [N, L, D_k]
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [N, L, 1]
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [N, D_k]
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [N, D_k]
+        if not with_patches:
+            return pooled
+        return pooled, output.image_outputs.last_hidden_state[:, 1:]  # [N, P, C_k]
 
 
 def _load_kosmos(config: KosmosConfig):
@@ -117,19 +124,28 @@ def clip_configs(config: ClipConfig, image_size: int = IMAGE_SIZE):
 
 
 class ClipEncoder(nn.Module):
-    """CLIP image features per frame [N, D_c] and text features per instruction [B, D_c]."""
+    """CLIP image features per frame [N, D_c] and text features per instruction [B, D_c]; with
+    `patch_tokens` its vision tower also returns the patch tokens [N, P, C_c] (after its final norm).
+    """
 
-    def __init__(self, config: ClipConfig, load_pretrained: bool = True, image_size: int = IMAGE_SIZE) -> None:
+    def __init__(
+        self, config: ClipConfig, load_pretrained: bool = True, image_size: int = IMAGE_SIZE, patch_tokens: bool = False
+    ) -> None:
         super().__init__()
         if config.pretrained and load_pretrained:
             self.model = _load_clip(config)
         else:
             vision, text = clip_configs(config, image_size)
             self.model = CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text)
+        self.model.visual.output_tokens = patch_tokens  # open_clip: visual(x) -> (pooled, tokens)
         self.feature_dim = config.embed_dim
+        self.patch_dim = config.vision_width  # C of its vision patch tokens
 
-    def encode_image(self, pixels):  # [N, C, H, W] -> [N, D_c]
-        return self.model.encode_image(pixels)
+    def encode_image(self, pixels, with_patches: bool = False):
+        """[N, C, H, W] -> [N, D_c], and with `with_patches` also the patch tokens [N, P, C_c]."""
+        output = self.model.visual(pixels)
+        pooled, patches = output if self.model.visual.output_tokens else (output, None)
+        return (pooled, patches) if with_patches else pooled
 
     def encode_text(self, clip_input_ids):  # [B, 77] -> [B, D_c]
         return self.model.encode_text(clip_input_ids)

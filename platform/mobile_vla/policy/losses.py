@@ -9,6 +9,12 @@ the episode end) and `frame_mask` [B, T] (0 for padding frames). Both are weight
 (frame, chunk step, axis): `first_step_weight` w counts each k = 0 entry (the command executed now)
 w times as much as a later chunk step (w = 1: every step alike).
 
+With `aux_weight` > 0 (a model with `aux_heads`), + aux_weight x the auxiliary loss on the privileged
+simulator labels per frame (batch keys `target_bearing`, `target_distance`, `target_in_view`, [B, T]):
+MSE of the predicted (sin, cos) of the bearing + Huber of the distance in m, both on the frames where
+the target is in view (from one frame, the position of a target out of view is unknowable), + binary
+cross-entropy of in view on every frame; all masked by `frame_mask`.
+
 Metrics are on de-normalised actions (m/s, rad/s): the caller de-normalises with its preprocessing.
 """
 
@@ -20,13 +26,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mobile_vla.policy.config import ACTION_NAMES
+from mobile_vla.errors import ConfigError, DataError
+from mobile_vla.policy.config import ACTION_NAMES, AUX_LABELS
+
+AUX_TERMS = ("aux", "aux_bearing", "aux_distance", "aux_in_view")  # what policy_loss adds with aux_weight > 0
 
 
 def policy_loss(
-    output, batch: dict, nll_weight: float = 0.1, huber_delta: float = 1.0, first_step_weight: float = 1.0
+    output,
+    batch: dict,
+    nll_weight: float = 0.1,
+    huber_delta: float = 1.0,
+    first_step_weight: float = 1.0,
+    aux_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """{"loss", "huber", "nll"}: the masked training loss of a batch of windows (see the module docstring)."""
+    """{"loss", "huber", "nll"} (+ AUX_TERMS with aux_weight > 0): the masked training loss of a batch of
+    windows (see the module docstring).
+
+    Raises:
+        ConfigError: aux_weight > 0 for a model without auxiliary heads.
+        DataError: aux_weight > 0 and the batch lacks a label (AUX_LABELS), named.
+    """
     target = torch.as_tensor(batch["actions"]).to(output.actions)  # [B, T, K, 3]
     mask = torch.ones(target.shape[:-1], dtype=target.dtype, device=target.device)  # [B, T, K]
     if batch.get("action_mask") is not None:
@@ -44,7 +64,42 @@ def policy_loss(
     error = (target - output.actions.detach()) ** 2
     nll = 0.5 * (output.log_var + error * torch.exp(-output.log_var) + math.log(2.0 * math.pi))
     nll = (nll * weights).sum() / count
-    return {"loss": huber + nll_weight * nll, "huber": huber, "nll": nll}
+    terms = {"loss": huber + nll_weight * nll, "huber": huber, "nll": nll}
+    if aux_weight > 0:
+        aux = auxiliary_loss(output.aux, batch)
+        terms.update(aux)
+        terms["loss"] = terms["loss"] + aux_weight * aux["aux"]
+    return terms
+
+
+def auxiliary_loss(aux, batch: dict) -> dict[str, torch.Tensor]:
+    """AUX_TERMS: the auxiliary heads' loss on the simulator labels (see the module docstring)."""
+    if aux is None:
+        raise ConfigError("loss.aux_weight > 0 but the model has no auxiliary heads (PolicyConfig.aux_heads = false)")
+    missing = [key for key in AUX_LABELS if batch.get(key) is None]
+    if missing:
+        raise DataError(
+            f"loss.aux_weight > 0 needs the per-frame label(s) {', '.join(missing)} in every window; the data has "
+            "none (generate episodes with `mobile-vla data generate`, which records them)"
+        )
+    bearing, distance, in_view = (torch.as_tensor(batch[key]).to(aux.distance) for key in AUX_LABELS)  # [B, T]
+    frames = torch.ones_like(distance)  # [B, T]
+    if batch.get("frame_mask") is not None:
+        frames = torch.as_tensor(batch["frame_mask"]).to(distance)
+    seen = frames * in_view  # [B, T]: frames where the target is in view
+    seen_count, frame_count = seen.sum().clamp(min=1.0), frames.sum().clamp(min=1.0)
+    target = torch.stack([torch.sin(bearing), torch.cos(bearing)], dim=-1)  # [B, T, 2]
+    bearing_loss = (((aux.bearing - target) ** 2).sum(-1) * seen).sum() / seen_count
+    distance_loss = (F.huber_loss(aux.distance, distance, reduction="none") * seen).sum() / seen_count
+    in_view_loss = (
+        F.binary_cross_entropy_with_logits(aux.in_view_logit, in_view, reduction="none") * frames
+    ).sum() / frame_count
+    return {
+        "aux": bearing_loss + distance_loss + in_view_loss,
+        "aux_bearing": bearing_loss,
+        "aux_distance": distance_loss,
+        "aux_in_view": in_view_loss,
+    }
 
 
 def action_metrics(pred, true) -> dict[str, float]:

@@ -26,6 +26,13 @@ Inputs the config reshapes inside the model (the I/O contract never changes):
   `state_dropout` p zeroes a whole window's state with probability p per sample, in training mode only,
   so the policy cannot lean on copying its previous command.
 
+Options that add modules (both off by default):
+- `fusion_pooling = "text_attention"`: the CLIP instruction embedding queries each backbone's patch tokens
+  [B*T, N, C] before the fusion (fusion.PatchAttention); in `forward` and `step` alike, so it is exported;
+- `aux_heads`: a small MLP on the fused per-frame feature [B, T, D] predicts the privileged simulator
+  labels (`aux` of the output: target bearing as (sin, cos), distance in m, in-view logit), trained by
+  `losses.policy_loss(aux_weight=...)`. Training only: `step` (serving, ONNX) never computes them.
+
 `forward` and `step` share one per-frame function and one recurrent step, so `step` over T frames
 equals `forward` over the window. `frame_mask` 0 frames (padding) leave the memory unchanged.
 `step` has no Python branches on tensor values and takes the LSTM state as explicit tensors, so
@@ -51,11 +58,20 @@ from mobile_vla.policy.encoders import (
     enable_gradient_checkpointing,
     freeze,
 )
-from mobile_vla.policy.fusion import build_fusion
+from mobile_vla.policy.fusion import PatchAttention, build_fusion
 from mobile_vla.policy.preprocessing import CLIP_MEAN, CLIP_STD
 from mobile_vla.policy.text import TOKEN_KEYS
 
 Memory = tuple[torch.Tensor, torch.Tensor]
+AUX_OUTPUTS = 4  # bearing sin, bearing cos, distance, in-view logit
+
+
+class AuxPrediction(NamedTuple):
+    """The auxiliary heads' predictions per frame (config.aux_heads), compared with the simulator's labels."""
+
+    bearing: torch.Tensor  # [B, T, 2]: (sin, cos) of the target's bearing in the body frame
+    distance: torch.Tensor  # [B, T] m
+    in_view_logit: torch.Tensor  # [B, T]: sigmoid -> P(target in view)
 
 
 class PolicyOutput(NamedTuple):
@@ -65,6 +81,7 @@ class PolicyOutput(NamedTuple):
     log_var: torch.Tensor  # [B, T, K, 3]
     confidence: torch.Tensor  # [B, T]
     memory: Memory  # (h, c), each [layers, B, hidden]
+    aux: AuxPrediction | None = None  # with config.aux_heads only
 
 
 class MobileVLAPolicy(nn.Module):
@@ -74,7 +91,8 @@ class MobileVLAPolicy(nn.Module):
         super().__init__()
         self.config = config
         self.kosmos = KosmosEncoder(config.kosmos, load_pretrained, config.image_size)
-        self.clip = ClipEncoder(config.clip, load_pretrained, config.image_size)
+        text_attention = config.fusion_pooling == "text_attention"
+        self.clip = ClipEncoder(config.clip, load_pretrained, config.image_size, patch_tokens=text_attention)
         if config.freeze_kosmos:
             freeze(self.kosmos)
         if config.freeze_clip:
@@ -83,6 +101,16 @@ class MobileVLAPolicy(nn.Module):
             apply_lora(self.kosmos, config.kosmos)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.kosmos, self.clip)
+        self.patch_attention = None
+        if text_attention:
+            self.patch_attention = PatchAttention(
+                self.kosmos.feature_dim,
+                self.kosmos.patch_dim,
+                self.clip.feature_dim,
+                self.clip.patch_dim,
+                config.fusion_dim,
+                config.attention_heads,
+            )
         self.fusion = build_fusion(
             config.fusion,
             self.kosmos.feature_dim,
@@ -107,6 +135,11 @@ class MobileVLAPolicy(nn.Module):
         )
         nn.init.normal_(self.head[-1].weight, std=1e-3)  # start near action 0 and mid log-variance
         nn.init.zeros_(self.head[-1].bias)
+        self.aux_head = None
+        if config.aux_heads:
+            self.aux_head = nn.Sequential(
+                nn.Linear(config.fusion_dim, config.fusion_dim), nn.GELU(), nn.Linear(config.fusion_dim, AUX_OUTPUTS)
+            )
         # (x / 255 - mean) / std as one affine map on the channel-last axis: x * scale + shift, with the
         # preprocessing's CLIP constants (the same ones its letterbox bars are filled with)
         mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
@@ -159,13 +192,18 @@ class MobileVLAPolicy(nn.Module):
     def _frame_features(self, images, state, tokens, clip_text) -> torch.Tensor:
         # images [N, H, W, C] uint8, state [N, S], tokens 3 x [N, L], clip_text [N, D_c] -> [N, D]
         pixels = self._pixels(images)
-        kosmos = self.kosmos(
-            pixels,
+        token_inputs = (
             tokens["kosmos_input_ids"],
             tokens["kosmos_attention_mask"],
             tokens["kosmos_image_embeds_position_mask"],
-        )  # [N, D_k]
-        clip_image = self.clip.encode_image(pixels)  # [N, D_c]
+        )
+        if self.patch_attention is None:
+            kosmos = self.kosmos(pixels, *token_inputs)  # [N, D_k]
+            clip_image = self.clip.encode_image(pixels)  # [N, D_c]
+        else:
+            kosmos, kosmos_patches = self.kosmos(pixels, *token_inputs, with_patches=True)  # [N, D_k], [N, P, C_k]
+            clip_image, clip_patches = self.clip.encode_image(pixels, with_patches=True)  # [N, D_c], [N, P, C_c]
+            kosmos, clip_image = self.patch_attention(kosmos, kosmos_patches, clip_image, clip_patches, clip_text)
         return self.fusion(kosmos, clip_image, clip_text, self._state_input(state.to(pixels.dtype)))  # [N, D]
 
     def _recurrent_step(self, features: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, Memory]:
@@ -209,7 +247,14 @@ class MobileVLAPolicy(nn.Module):
             memory = new_memory
             outputs.append(out)
         actions, log_var, confidence = self._heads(torch.stack(outputs, dim=1))  # [B, T, ...]
-        return PolicyOutput(actions, log_var, confidence, memory)
+        return PolicyOutput(actions, log_var, confidence, memory, self._aux(features))
+
+    def _aux(self, features: torch.Tensor) -> AuxPrediction | None:
+        # fused features [B, T, D] -> the auxiliary predictions, or None without aux heads
+        if self.aux_head is None:
+            return None
+        raw = self.aux_head(features)  # [B, T, 4]
+        return AuxPrediction(bearing=raw[..., :2], distance=raw[..., 2], in_view_logit=raw[..., 3])
 
     def step(
         self,
@@ -232,6 +277,8 @@ class MobileVLAPolicy(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         parts = {"kosmos": self.kosmos, "clip": self.clip, "fusion": self.fusion, "lstm": self.lstm, "head": self.head}
+        optional = {"patch_attention": self.patch_attention, "aux_head": self.aux_head}
+        parts.update({name: part for name, part in optional.items() if part is not None})
         counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
         counts["total"] = sum(counts.values())
         counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
