@@ -59,7 +59,7 @@ def test_bad_recipe_values_are_named(override, message):
 
 def test_defaults_keep_the_old_recipe():
     cfg = load_train_config(TINY)
-    assert cfg.loss.weights() == {"nll_weight": 0.1, "first_step_weight": 1.0}
+    assert cfg.loss.weights() == {"nll_weight": 0.1, "first_step_weight": 1.0, "aux_weight": 0.0}
     assert cfg.train.select_by == "val_loss" and cfg.data.stride is None
     assert FinetuneConfig().loss.weights() == cfg.loss.weights()
     assert FinetuneConfig(loss={"first_step_weight": 5}).loss.first_step_weight == 5.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mobile_vla.policy.losses import action_metrics, policy_loss
+from mobile_vla.policy.losses import AUX_TERMS, action_metrics, policy_loss
 
 INPUT_KEYS = (
     "images",
@@ -65,6 +65,7 @@ class WindowPredictions:
     confidence: np.ndarray | None = None  # [N, T]
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # further [N, T, K] masks kept from the batches
     loss_sum: float = 0.0  # policy loss x windows, summed over the batches
+    aux_sums: dict[str, float] = field(default_factory=dict)  # each AUX_TERMS x windows, when the loss has them
 
     @property
     def windows(self) -> int:
@@ -122,20 +123,24 @@ def evaluate_windows(
         loss_weights: keyword arguments of `policy_loss` for the summed loss (as training's `TrainStep`).
 
     Returns:
-        The de-normalised predictions, targets, weights, confidence, kept masks and summed loss.
+        The de-normalised predictions, targets, weights, confidence, kept masks, summed loss and summed
+        auxiliary loss terms (with `aux_weight` > 0 in `loss_weights`).
     """
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {key: [] for key in ("actions", "targets", "weights", "confidence")}
     masks: dict[str, list[np.ndarray]] = {key: [] for key in keep_masks}
-    loss_sum = 0.0
+    loss_sum, aux_sums = 0.0, {}
     with torch.no_grad(), autocast_context(precision, device):
         for batch in batches:
             batch = batch_to_device(batch, device)
             output = model(model_inputs(batch))
-            loss = policy_loss(output, batch, **(loss_weights or {}))["loss"]
-            loss_sum += float(loss) * int(batch["images"].shape[0])
+            terms = policy_loss(output, batch, **(loss_weights or {}))
+            windows = int(batch["images"].shape[0])
+            loss_sum += float(terms["loss"]) * windows
+            for key in AUX_TERMS if AUX_TERMS[0] in terms else ():
+                aux_sums[key] = aux_sums.get(key, 0.0) + float(terms[key]) * windows
             weights = batch["action_mask"] * batch["frame_mask"].unsqueeze(-1)  # [B, T, K]
             parts["actions"].append(_numpy(output.actions))  # [B, T, K, 3] normalised
             parts["targets"].append(_numpy(batch["actions"]))
@@ -161,6 +166,7 @@ def evaluate_windows(
         confidence=joined["confidence"],
         masks={key: np.concatenate(values) for key, values in masks.items()},
         loss_sum=loss_sum,
+        aux_sums=aux_sums,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from mobile_vla.config import StrictModel, load_config, platform_home
+from mobile_vla.policy.config import AUX_LABELS
 from mobile_vla.tracking.registry import CHALLENGER, DEFAULT_MODEL_NAME
 
 
@@ -51,10 +52,26 @@ class LossConfig(StrictModel):
 
     nll_weight: float = Field(0.1, ge=0)  # Gaussian NLL (teaches the confidence) relative to the Huber term
     first_step_weight: float = Field(1.0, gt=0)  # k = 0 (executed now) vs each later chunk step; 1 = alike
+    # auxiliary heads on the privileged simulator labels (target bearing, distance, in view); > 0 builds the
+    # model with aux_heads and needs those labels in every episode (generated data has them); 0 = off
+    aux_weight: float = Field(0.0, ge=0)
 
     def weights(self) -> dict[str, float]:
         """The keyword arguments of `policy_loss` this section sets."""
-        return {"nll_weight": self.nll_weight, "first_step_weight": self.first_step_weight}
+        return {
+            "nll_weight": self.nll_weight,
+            "first_step_weight": self.first_step_weight,
+            "aux_weight": self.aux_weight,
+        }
+
+    @property
+    def aux_labels(self) -> bool:
+        """True when training needs the per-frame simulator labels in its windows."""
+        return self.aux_weight > 0
+
+    def frame_labels(self) -> tuple[str, ...]:
+        """The per-frame episode arrays the training windows must carry for this loss (AUX_LABELS or none)."""
+        return AUX_LABELS if self.aux_labels else ()
 
 
 class OptimConfig(StrictModel):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from mobile_vla.policy.checkpoint import load_policy
-from mobile_vla.policy.losses import action_metrics
+from mobile_vla.policy.losses import AUX_TERMS, action_metrics
 from mobile_vla.policy.model import build_policy
 from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.train import checkpointing
@@ -104,19 +104,25 @@ def validate(model, shard, preprocessing, cfg: TrainJobConfig, device) -> tuple[
     """Loss and MAE/RMSE/R² per axis on de-normalised actions over the whole validation split.
 
     Every rank scores its shard; the loss sums and the scored points are combined over all ranks.
-    Returns the metrics (`val_loss` with the run's loss weights, `val_mae`, ..., and `val_mae_now`: the
-    MAE of the executed k = 0 commands) and a sample (pred [N, 3], true [N, 3]) for the plot.
+    Returns the metrics (`val_loss` with the run's loss weights, `val_mae`, ..., `val_mae_now`: the
+    MAE of the executed k = 0 commands, and with loss.aux_weight > 0 the auxiliary terms `val_aux`,
+    `val_aux_bearing`, ...) and a sample (pred [N, 3], true [N, 3]) for the plot.
     """
     batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device)
     scored = evaluate_windows(
         model, batches, preprocessing, device=device, precision=cfg.train.precision, loss_weights=cfg.loss.weights()
     )
-    loss_sum, count = sum_across_ranks([scored.loss_sum, float(scored.windows)], device)
+    aux_keys = AUX_TERMS if cfg.loss.aux_labels else ()
+    sums = sum_across_ranks(
+        [scored.loss_sum, float(scored.windows)] + [scored.aux_sums.get(k, 0.0) for k in aux_keys], device
+    )
+    loss_sum, count = sums[0], sums[1]
     pred, true = (gather_to_all(points) for points in scored.points())
     now_pred, now_true = (gather_to_all(points) for points in scored.points(now_only=True))
     metrics = {"val_loss": loss_sum / max(count, 1.0)}
     metrics.update({f"val_{k}": float(v) for k, v in action_metrics(pred, true).items()})
     metrics["val_mae_now"] = action_metrics(now_pred, now_true)["mae"]
+    metrics.update({f"val_{key}": total / max(count, 1.0) for key, total in zip(aux_keys, sums[2:], strict=True)})
     pick = np.random.default_rng(0).permutation(len(pred))[:VAL_SAMPLE_POINTS]
     return metrics, (pred[pick], true[pick])
 
@@ -144,6 +150,7 @@ class EpochStats:
     """This rank's training-side counts of one epoch."""
 
     loss_sum: float = 0.0  # over micro-batches
+    aux_sums: dict[str, float] = field(default_factory=dict)  # each auxiliary loss term, over micro-batches
     batches: int = 0
     samples: int = 0
     waited_s: float = 0.0  # blocked on the data iterator
@@ -227,6 +234,8 @@ def _train_epoch(run: WorkerRun, step: TrainStep, shard, epoch: int) -> EpochSta
     for batch, is_last in with_last_flag(batches, waited):
         result = step(batch, last=is_last)
         stats.loss_sum += result.loss
+        for key, value in (result.aux or {}).items():
+            stats.aux_sums[key] = stats.aux_sums.get(key, 0.0) + value
         stats.batches += 1
         stats.samples += int(batch["images"].shape[0])
         window_loss += result.loss
@@ -319,7 +328,10 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         stats = _train_epoch(run, step, train_shard, epoch)
         seconds = time.perf_counter() - started
-        train_loss = sum_across_ranks([stats.loss_sum, float(stats.batches)], run.device)
+        aux_keys = AUX_TERMS if cfg.loss.aux_labels else ()
+        train_loss = sum_across_ranks(
+            [stats.loss_sum, float(stats.batches)] + [stats.aux_sums.get(k, 0.0) for k in aux_keys], run.device
+        )
         global_samples = sum_across_ranks([float(stats.samples)], run.device)[0]
         # ---- validate ----
         metrics, val_sample = validate(run.model, val_shard, run.preprocessing, cfg, run.device)
@@ -335,6 +347,8 @@ def train_loop_per_worker(config: dict) -> None:
                 "data_wait_fraction": stats.waited_s / max(seconds, 1e-9),  # rank 0's share spent waiting
             }
         )
+        batches = max(train_loss[1], 1.0)  # the auxiliary terms (train_aux, ...), means as train_loss
+        metrics.update({f"train_{key}": total / batches for key, total in zip(aux_keys, train_loss[2:], strict=True)})
         run.progress.epochs.append(dict(metrics))
         # ---- checkpoint and report (a barrier on every rank) ----
         _report_epoch(run, metrics, val_sample)

@@ -58,7 +58,7 @@ def assemble_batch(
     return out
 
 
-def build_window_dataset(
+def build_window_dataset(  # noqa: PLR0913 (the window options of a split, keyword-only)
     folder: str | Path,
     split: str,
     preprocessing: Preprocessing,
@@ -70,11 +70,12 @@ def build_window_dataset(
     shuffle: bool | None = None,
     augment_config: AugmentConfig | None = None,
     windows_per_task: int = 16,
+    frame_labels: tuple[str, ...] = (),
 ) -> ray.data.Dataset:
     """A lazy `ray.data.Dataset` of window samples for `split` (`shuffle` defaults to `augment`,
-    i.e. on for training, off for evaluation).
+    i.e. on for training, off for evaluation; `frame_labels`: per-frame episode arrays to carry).
     """
-    index = build_split_index(folder, split, preprocessing, stride)
+    index = build_split_index(folder, split, preprocessing, stride, frame_labels)
     window_ids = np.arange(len(index), dtype=np.int64)
     if augment if shuffle is None else shuffle:
         window_ids = np.random.default_rng(seed).permutation(window_ids)

@@ -23,6 +23,7 @@ import yaml
 from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import ConfigError, DataError, ResourceError
 from mobile_vla.policy import presets
+from mobile_vla.policy.config import AUX_LABELS
 from mobile_vla.ray_session import ensure_ray
 from mobile_vla.train.job_config import TrainJobConfig
 
@@ -134,6 +135,15 @@ def check_data(cfg: TrainJobConfig) -> dict:
                 f"data.{key} = {name!r}: {folder}/manifest.json has no episodes in that split "
                 f"(splits: {sorted(k for k, v in splits.items() if v)})"
             )
+    if cfg.loss.aux_labels:
+        missing = [key for key in AUX_LABELS if key not in manifest.get("frame_keys", [])]
+        if missing:
+            raise DataError(
+                f"data.path = {cfg.data.path!r}: loss.aux_weight = {cfg.loss.aux_weight} needs the per-frame "
+                f"label(s) {', '.join(missing)} in every episode, and {folder}/manifest.json lists frame_keys "
+                f"{manifest.get('frame_keys', [])} (generate the episodes with `mobile-vla data generate`, which "
+                "records them, or set loss.aux_weight=0)"
+            )
     return manifest
 
 
@@ -159,12 +169,21 @@ def _replace_fields(config, overrides: dict, where: str):
 
 
 def resolve_policy_config(cfg: TrainJobConfig):
-    """The PolicyConfig a run trains: preset + model.overrides, with window/chunk taken from data."""
+    """The PolicyConfig a run trains: preset + model.overrides, with window/chunk taken from data and the
+    auxiliary heads built when loss.aux_weight > 0 (so the saved model holds the heads it trained).
+    """
     for key in ("window", "chunk"):
         if key in cfg.model.overrides:
             raise ConfigError(f"model.overrides.{key}: set data.{key} instead (data and model must agree)")
+    if cfg.loss.aux_labels and cfg.model.overrides.get("aux_heads", True) is not True:
+        raise ConfigError(
+            f"model.overrides.aux_heads = {cfg.model.overrides['aux_heads']!r}: loss.aux_weight = "
+            f"{cfg.loss.aux_weight} trains the auxiliary heads (leave aux_heads out or set loss.aux_weight=0)"
+        )
     config = getattr(presets, cfg.model.preset)()
     overrides = {**cfg.model.overrides, "window": cfg.data.window, "chunk": cfg.data.chunk}
+    if cfg.loss.aux_labels:
+        overrides["aux_heads"] = True
     return _replace_fields(config, overrides, "model.overrides")
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from mobile_vla.policy.losses import policy_loss
+from mobile_vla.policy.losses import AUX_TERMS, policy_loss
 from mobile_vla.train.distributed import is_distributed
 from mobile_vla.train.evaluation import autocast_context, batch_to_device, model_inputs
 
@@ -30,6 +30,7 @@ class StepResult(NamedTuple):
     loss: float  # this micro-batch's policy loss (not divided by accumulate)
     stepped: bool  # True when this micro-batch ended with an optimiser step
     group_size: int  # micro-batches in the group just stepped (0 when not stepped)
+    aux: dict[str, float] | None = None  # the auxiliary loss terms (AUX_TERMS) when loss_weights trains them
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -115,10 +116,12 @@ class TrainStep:
         stepping = last or self.micro_batches >= self.accumulate
         batch = batch_to_device(batch, self.device)
         with gradient_sync(self.model, self.strategy, stepping), autocast_context(self.precision, self.device):
-            loss = policy_loss(self.model(model_inputs(batch)), batch, **self.loss_weights)["loss"]
+            terms = policy_loss(self.model(model_inputs(batch)), batch, **self.loss_weights)
+            loss = terms["loss"]
             (loss / self.accumulate).backward()
+        aux = {key: float(terms[key].detach()) for key in AUX_TERMS} if AUX_TERMS[0] in terms else None
         if not stepping:
-            return StepResult(float(loss.detach()), False, 0)
+            return StepResult(float(loss.detach()), False, 0, aux)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -126,4 +129,4 @@ class TrainStep:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         group_size, self.micro_batches = self.micro_batches, 0
-        return StepResult(float(loss.detach()), True, group_size)
+        return StepResult(float(loss.detach()), True, group_size, aux)

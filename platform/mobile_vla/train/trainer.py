@@ -91,7 +91,8 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
     order is fixed by train.seed and reshuffled per epoch in the loop's local shuffle buffer.
     """
     folder = cfg.data_path()
-    train_windows = len(build_split_index(folder, cfg.data.train_split, preprocessing, cfg.data.stride))
+    labels = cfg.loss.frame_labels()  # the simulator labels the auxiliary heads learn, if they train
+    train_windows = len(build_split_index(folder, cfg.data.train_split, preprocessing, cfg.data.stride, labels))
     train = build_window_dataset(
         folder,
         cfg.data.train_split,
@@ -101,12 +102,15 @@ def build_datasets(cfg: TrainJobConfig, preprocessing) -> tuple[dict, int]:
         seed=None if cfg.data.augment else cfg.train.seed,
         shuffle=True,
         augment_config=augment_config(cfg.data.augment_strength),
+        frame_labels=labels,
     )
     if cfg.train.max_steps_per_epoch:
         cap = cfg.train.max_steps_per_epoch * cfg.train.batch_size * cfg.optim.accumulate * cfg.scaling.num_workers
         if cap < train_windows:
             train, train_windows = train.limit(cap), cap
-    val = build_window_dataset(folder, cfg.data.val_split, preprocessing, augment=False, shuffle=False)
+    val = build_window_dataset(
+        folder, cfg.data.val_split, preprocessing, augment=False, shuffle=False, frame_labels=labels
+    )
     for dataset in (train, val):  # one progress line per epoch from rank 0 says more than Ray Data's bars
         dataset.context.enable_progress_bars = False
     return {"train": train, "val": val}, train_windows

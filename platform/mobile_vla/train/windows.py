@@ -10,6 +10,8 @@ Sample (the contract in docs/architecture.md):
     action_mask            float32 [T, K]     0 where start+t+k is past the episode end (or t is padding)
     frame_mask             float32 [T]        0 for padding frames
     clip_input_ids, kosmos_input_ids, kosmos_attention_mask, kosmos_image_embeds_position_mask  int64 [L]
+    target_bearing, ...    float32 [T]        only the `frame_labels` asked for: per-frame episode arrays
+                                              (the simulator labels the auxiliary heads learn), 0 on padding
 
 Placement: windows start at frames 0, stride, 2*stride, ... (stride defaults to W // 2), plus one
 window ending exactly at the last frame, so every frame is covered and no window runs past the end
@@ -132,6 +134,7 @@ class SplitIndex:
     tokens: dict[str, np.ndarray]  # int64 [U, L] per key, U unique instructions
     windows: np.ndarray  # int64 [M, 2]: (episode, start frame)
     preprocessing: dict = field(default_factory=dict)  # Preprocessing.to_dict() (no tokenizer needed)
+    labels: list[dict[str, np.ndarray]] = field(default_factory=list)  # per episode, frame label -> [N]; or []
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -157,6 +160,9 @@ class SplitIndex:
         if augment is not None and rng is not None:
             frames = augment_frames(frames, rng, augment, pre.pad_color)
         sample = assemble_window(frames, actions, state, start, pre.window, pre.chunk)
+        for key, values in (self.labels[episode] if self.labels else {}).items():
+            sample[key] = np.zeros(pre.window, np.float32)  # [T], 0 on padding frames
+            sample[key][: stop - start] = values[start:stop]
         row = self.token_rows[episode]
         for key, table in self.tokens.items():
             sample[key] = table[row]  # [L]
@@ -164,9 +170,15 @@ class SplitIndex:
 
 
 def build_split_index(
-    folder: str | Path, split: str, preprocessing: Preprocessing, stride: int | None = None
+    folder: str | Path,
+    split: str,
+    preprocessing: Preprocessing,
+    stride: int | None = None,
+    frame_labels: tuple[str, ...] = (),
 ) -> SplitIndex:
-    """Reads the split's actions/state (not images), normalises them and tokenises each instruction once."""
+    """Reads the split's actions/state (not images), normalises them and tokenises each instruction once;
+    keeps each episode's `frame_labels` arrays (e.g. `policy.config.AUX_LABELS`; DataError naming a missing one).
+    """
     folder = Path(folder)
     manifest = load_manifest(folder)
     if split not in manifest["splits"]:
@@ -178,7 +190,7 @@ def build_split_index(
     if stride < 1:
         raise DataError(f"stride = {stride}: expected >= 1")
 
-    paths, actions, states, instructions, windows = [], [], [], [], []
+    paths, actions, states, instructions, windows, labels = [], [], [], [], [], []
     for e, name in enumerate(names):
         episode = read_episode(folder / name, load_images=False)
         if episode.state is None and preprocessing.state_dim > 0:
@@ -194,6 +206,8 @@ def build_split_index(
         actions.append(preprocessing.normalise_actions(episode.actions))
         states.append(state)
         instructions.append(episode.instruction)
+        if frame_labels:
+            labels.append(_episode_labels(folder / name, episode, frame_labels))
         windows += [(e, s) for s in window_starts(episode.num_frames, preprocessing.window, stride)]
 
     unique = sorted(set(instructions))
@@ -207,7 +221,18 @@ def build_split_index(
         tokens={k: np.asarray(v, np.int64) for k, v in tokens.items()},
         windows=np.asarray(windows, np.int64).reshape(-1, 2),
         preprocessing=preprocessing.to_dict(),
+        labels=labels,
     )
+
+
+def _episode_labels(path: Path, episode, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    missing = [key for key in keys if key not in episode.extras]
+    if missing:
+        raise DataError(
+            f"{path}: {', '.join(missing)}: missing, but this run's windows need the per-frame label(s) (the "
+            "auxiliary heads learn from them, loss.aux_weight > 0; episodes from `mobile-vla data generate` have them)"
+        )
+    return {key: np.asarray(episode.extras[key], np.float32) for key in keys}
 
 
 def count_windows(folder: str | Path, split: str, window: int = 8, stride: int | None = None) -> int:
@@ -240,8 +265,9 @@ class WindowDataset:
         seed: int | None = 0,
         stride: int | None = None,
         augment_config: AugmentConfig | None = None,
+        frame_labels: tuple[str, ...] = (),
     ):
-        self.index = build_split_index(folder, split, preprocessing, stride)
+        self.index = build_split_index(folder, split, preprocessing, stride, frame_labels)
         self.augment = (augment_config or AugmentConfig()) if augment else None
         self.seed = seed
         self.epoch = 0
