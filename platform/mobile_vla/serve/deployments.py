@@ -15,8 +15,14 @@ user_config change without a restart. With `alias` set, each replica also follow
 another version it prepares it (`_prepare_version`: the TensorRT engine fetch/build, minutes, off
 the request path), loads it beside the old one, verifies it (signature + a probe step) and swaps the
 reference in one assignment. Batches already running keep the model they started with; a version
-that fails leaves the old one serving, counts in `mobile_vla_model_load_failures` and shows in
-`info()` until a later version loads. Why each replica polls (not a controller pushing user_config):
+that fails leaves the old one serving, counts in `mobile_vla_model_load_failures`, shows in
+`info()` and is tried again with a capped backoff (`RETRY_FAILED_BASE_S` doubling to
+`RETRY_FAILED_CAP_S`) until it or a later version loads. A failed alias check (registry down) is
+retried the same way (`REGISTRY_RETRY_*`), shown in `info()` (`registry_error`) and cleared by the
+next answer. With the registry down, a (re)starting replica loads the version the alias named when
+this node last asked, from the verified local cache (`from_cache` in `info()`, the gauge
+`mobile_vla_model_from_cache`). `check_health` (Serve's health period) fails a replica whose
+loaded model no longer answers: Serve replaces it. Why each replica polls (not a controller pushing user_config):
 nothing else has to run for an alias moved in the MLflow UI to take effect, and a replica that
 restarts starts on the alias's current version.
 
@@ -28,6 +34,7 @@ robot, and only the robots at fault get a refusal (`StepFailure.refused`: a 422 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -38,7 +45,15 @@ from ray import serve
 from mobile_vla.errors import DataError
 from mobile_vla.serve.heap import freeze_long_lived_heap
 from mobile_vla.serve.metrics import PolicyMetrics
-from mobile_vla.serve.model_versions import LoadedModel, alias_target, load_model, verify_model
+from mobile_vla.serve.model_versions import (
+    LoadedModel,
+    alias_target,
+    load_model,
+    probe_model,
+    remembered_target,
+    verify_model,
+)
+from mobile_vla.serve.retry import Backoff, bound_registry_calls
 from mobile_vla.serve.schemas import BackendUnavailable, StepFailure, StepRequest, StepResult
 from mobile_vla.serve.settings import (
     DEFAULT_BATCH_WAIT_S,
@@ -53,7 +68,11 @@ from mobile_vla.serve.settings import (
 logger = logging.getLogger("ray.serve")
 
 CONCURRENT_BATCHES = 2  # model runs at once per replica: one prepares or returns while the other computes
-RETRY_FAILED_S = 30.0  # a version that failed is tried again after this (e.g. its onnx/ got attached since)
+RETRY_FAILED_BASE_S = 5.0  # a version that failed is tried again after this (e.g. its onnx/ got attached since),
+RETRY_FAILED_CAP_S = 300.0  # doubling per further failure up to this (a TensorRT build that fails costs minutes)
+REGISTRY_RETRY_BASE_S = 1.0  # a failed alias check: the next one after max(alias_poll_s, this), doubling,
+REGISTRY_RETRY_CAP_S = 60.0  # up to this: a registry coming back is seen within a minute
+HEALTH_PROBE_TIMEOUT_S = 10.0  # check_health's probe step must answer within this (Serve's own timeout is 30 s)
 
 
 class PolicyReplica:
@@ -71,7 +90,11 @@ class PolicyReplica:
         self._batched_requests = 0
         self._calls = 0  # step/step_batch calls: the ingress sends one per batch it gathered
         self._pending_version: str | None = None  # being prepared/loaded beside the serving model
-        self._failed: dict | None = None  # {"version", "error", "at"} of the last version that could not load
+        self._failed: dict | None = None  # {"version", "error"} of the last version that could not load
+        self._load_retry = Backoff(RETRY_FAILED_BASE_S, RETRY_FAILED_CAP_S)  # when _failed's version is tried again
+        self._registry = Backoff(REGISTRY_RETRY_BASE_S, REGISTRY_RETRY_CAP_S)  # failed alias checks
+        self._batches_at_health_check = -1  # self._batches when check_health last looked
+        bound_registry_calls()  # a registry that is down fails a call in seconds, not minutes of MLflow retries
         self._swaps = 0
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._follow_alias, name="alias-watcher", daemon=True)
@@ -89,10 +112,22 @@ class PolicyReplica:
             config = self._config
             if self._stop.wait(config.alias_poll_s if config and config.alias_poll_s > 0 else 1.0):
                 return
+            if not self._registry.due():
+                continue
             try:
                 self._check_alias()
-            except Exception as exc:  # registry unreachable: keep serving, look again next poll
-                logger.warning("policy %s: alias check failed: %s", type(self).__name__, exc)
+            except Exception as exc:  # registry unreachable: keep serving, look again after a backoff
+                self._registry_failed(f"alias check failed: {type(exc).__name__}: {exc}")
+            else:
+                if self._registry.succeeded():
+                    logger.info("policy %s: the registry answers again", type(self).__name__)
+
+    def _registry_failed(self, error: str) -> None:
+        delay = self._registry.failed(error)
+        self._metrics.registry_errors.inc()
+        logger.warning(
+            "policy %s: %s (failure %d; next try in %.0f s)", type(self).__name__, error, self._registry.failures, delay
+        )
 
     def _check_alias(self) -> None:
         config = self._config
@@ -108,8 +143,13 @@ class PolicyReplica:
         if model is not None and model.version == version:
             if failed is not None:
                 self._failed = None  # the alias is back on what we serve (a rollback): nothing is wrong now
+                self._load_retry.succeeded()
+            if model.from_cache:  # the registry confirms the version the cache stood in for
+                self._model = dataclasses.replace(model, from_cache=False)
+                self._metrics.from_cache.set(0)
+                logger.info("policy %s: registry reachable, version %s confirmed", type(self).__name__, version)
             return
-        if failed and failed["version"] == version and time.monotonic() - failed["at"] < RETRY_FAILED_S:
+        if failed and failed["version"] == version and not self._load_retry.due():
             return
         self._swap_to(target, version)
 
@@ -123,19 +163,25 @@ class PolicyReplica:
             loaded = load_model(config, POLICY_BACKENDS[self.KIND])
             verify_model(loaded, version)
         except Exception as exc:  # the old model keeps serving
-            self._failed = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:1000], "at": time.monotonic()}
+            if self._failed is None or self._failed["version"] != version:
+                self._load_retry.succeeded()  # another version: its backoff starts afresh
+            self._failed = {"version": version, "error": f"{type(exc).__name__}: {exc}"[:1000]}
+            delay = self._load_retry.failed(self._failed["error"])
             self._metrics.load_failures.inc()
             logger.error(
-                "policy %s: version %s failed to load, still serving %s: %s",
+                "policy %s: version %s failed to load, still serving %s (next try in %.0f s): %s",
                 type(self).__name__,
                 version,
                 old.version if old else "nothing",
+                delay,
                 self._failed["error"],
             )
             return False
         finally:
             self._pending_version = None
         self._model, self._failed, self._load_error = loaded, None, None  # atomic swap
+        self._load_retry.succeeded()
+        self._metrics.from_cache.set(1 if loaded.from_cache else 0)
         freeze_long_lived_heap()
         self._swaps += 1
         self._metrics.swaps.inc()
@@ -171,21 +217,26 @@ class PolicyReplica:
             return  # batching change only
         try:  # a (re)started replica begins on the alias's current version, not the one pinned at deploy time
             config = alias_target(config) or config
-        except Exception as exc:
-            logger.warning("policy %s: alias lookup failed, loading %s: %s", type(self).__name__, config.model_uri, exc)
+        except Exception as exc:  # registry down: the version the alias named when this node last asked
+            config = remembered_target(config) or config
+            self._registry_failed(f"alias lookup failed, loading {config.model_uri}: {type(exc).__name__}: {exc}")
         try:
             loaded = load_model(config, POLICY_BACKENDS[self.KIND])
         except Exception as exc:  # stay up: the ingress routes around an unloaded replica
             self._load_error = f"{type(exc).__name__}: {exc}"
             logger.error("policy %s could not load %s: %s", type(self).__name__, config.model_uri, self._load_error)
             # the watcher tries again at once, with _prepare_version (e.g. build the missing TensorRT engine)
-            self._failed = {
-                "version": config.model_uri.rsplit("/", 1)[-1],
-                "error": self._load_error,
-                "at": time.monotonic() - RETRY_FAILED_S,
-            }
+            self._failed = {"version": config.model_uri.rsplit("/", 1)[-1], "error": self._load_error}
+            self._load_retry.succeeded()
             return
         self._model, self._load_error = loaded, None  # atomic swap: in-flight batches keep the old one
+        self._metrics.from_cache.set(1 if loaded.from_cache else 0)
+        if loaded.from_cache:
+            logger.warning(
+                "policy %s: the registry is unreachable; serving version %s from the local cache",
+                type(self).__name__,
+                loaded.version,
+            )
         freeze_long_lived_heap()  # torch, ONNX Runtime, the model: never walked by a full collection mid-request
         logger.info(
             "policy %s serving %s version %s on %s",
@@ -222,6 +273,10 @@ class PolicyReplica:
             "pending_version": self._pending_version,
             "failed_version": self._failed["version"] if self._failed else None,
             "failed_error": self._failed["error"] if self._failed else None,
+            "failed_retry_in_s": self._load_retry.retry_in_s() if self._failed else None,
+            "from_cache": bool(model and model.from_cache),  # the registry was down when this version loaded
+            "registry_error": self._registry.last_error,  # the last failed alias check; None once one succeeds
+            "registry_failures": self._registry.failures,
             "swaps": self._swaps,
             "max_batch_size": self._config.max_batch_size if self._config else None,
             "batches": self._batches,
@@ -324,8 +379,25 @@ class PolicyReplica:
             for b in range(B)
         ]
 
-    def check_health(self) -> None:
-        """An unloaded model is not a reason to restart (the ingress falls back); nothing else to check."""
+    async def check_health(self) -> None:
+        """Serve's liveness check (every health period): raises, so Serve replaces this replica, when the
+        loaded model no longer answers. Free while traffic flows: a batch the model ran since the last
+        check is the proof; otherwise (idle, or every batch faulted) one probe step of one robot with
+        a cached instruction must give finite actions within `HEALTH_PROBE_TIMEOUT_S`. An unloaded
+        model is no reason to restart (the ingress falls back; a load is retried by the watcher).
+        """
+        model, batches = self._model, self._batches
+        if model is None:
+            return
+        ran, self._batches_at_health_check = batches != self._batches_at_health_check, batches
+        if ran:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(probe_model, model), HEALTH_PROBE_TIMEOUT_S)
+        except Exception as exc:
+            reason = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            logger.error("policy %s: health probe of version %s failed: %s", type(self).__name__, model.version, reason)
+            raise RuntimeError(f"{type(self).__name__}: the loaded model failed its health probe: {reason}") from exc
 
 
 class TensorRTReplica(PolicyReplica):

@@ -52,6 +52,7 @@ class IngressMetrics:
         )
         self.memory_resets = Counter("mobile_vla_memory_resets", "Memory tokens dropped (other model version).")
         self.breaker_open = Gauge("mobile_vla_primary_breaker_open", "1 while the primary's circuit breaker is open.")
+        self.registry_errors = registry_errors_counter()
         self.shadow = Counter(
             "mobile_vla_shadow_requests",
             "Copies of /v1/act sent to the shadow (challenger), by outcome: agree, disagree, error, dropped.",
@@ -88,6 +89,11 @@ class PolicyMetrics:
         self.load_failures = Counter(
             "mobile_vla_model_load_failures", "New versions that failed to load (the old one kept serving)."
         )
+        self.from_cache = Gauge(
+            "mobile_vla_model_from_cache",
+            "1 while this replica serves a version resolved from its local cache (the registry was unreachable).",
+        )
+        self.registry_errors = registry_errors_counter()
         self.swap_seconds = Histogram(
             "mobile_vla_model_swap_seconds",
             "Prepare + load + verify time of a hot swap.",
@@ -109,6 +115,13 @@ class PolicyMetrics:
         utilization = gpu_utilization()
         if utilization is not None:
             self.gpu_utilization.set(utilization)
+
+
+def registry_errors_counter() -> Counter:
+    """Failed registry calls of a replica (alias checks, version lookups, side loads): the same metric everywhere."""
+    return Counter(
+        "mobile_vla_registry_errors", "Model registry calls (alias checks, version loads) that failed; retried."
+    )
 
 
 def gpu_utilization() -> float | None:

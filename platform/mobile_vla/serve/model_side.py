@@ -28,6 +28,7 @@ class ModelSide:
     state_dim: int
     chunk: int
     prepare_image: Callable[[Any], np.ndarray]  # PIL image of any size -> uint8 [224, 224, 3]
+    from_cache: bool = False  # read from the verified local cache while the registry was unreachable
 
 
 def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
@@ -43,4 +44,5 @@ def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
         state_dim=int(signature.preprocessing.state_dim),
         chunk=int(signature.chunk),
         prepare_image=preprocessing.prepare_image,
+        from_cache=resolved.from_cache,
     )

@@ -2,7 +2,8 @@
 
 A replica loads a version beside the one it serves (hot swap, `deployments`), so everything here is
 a pure step on a `PolicyUserConfig`: resolve and open the backend, verify it is the version asked
-for and answers a probe step, look up where the alias points now.
+for and answers a probe step, look up where the alias points now (or, with the registry down,
+where it pointed when this node last asked: the replica then starts from the verified local cache).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from mobile_vla.runtime import load_backend
 from mobile_vla.serve.settings import PolicyUserConfig
-from mobile_vla.tracking import get_version_by_alias, resolve_model
+from mobile_vla.tracking import get_version_by_alias, remembered_alias_version, resolve_model
 
 _PINNED_URI = re.compile(r"^models:/(?P<name>[^/@]+)(/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
@@ -30,6 +31,7 @@ class LoadedModel:
     alias: str | None
     uri: str
     state_shape: tuple[int, ...]  # one robot's h or c: the backend's memory without the batch axis
+    from_cache: bool = False  # resolved from the local cache while the registry was unreachable
 
 
 def load_model(config: PolicyUserConfig, prefer: tuple[str, ...]) -> LoadedModel:
@@ -46,6 +48,7 @@ def load_model(config: PolicyUserConfig, prefer: tuple[str, ...]) -> LoadedModel
         config.alias or resolved.alias,
         config.model_uri,
         tuple(int(n) for i, n in enumerate(h.shape) if i != 1),
+        from_cache=resolved.from_cache,
     )
 
 
@@ -55,9 +58,16 @@ def verify_model(loaded: LoadedModel, expected_version: str | None) -> None:
     """
     if expected_version is not None and loaded.version != expected_version:
         raise RuntimeError(f"{loaded.uri}: loaded files are version {loaded.version}, expected {expected_version}")
+    probe_model(loaded)
+
+
+def probe_model(loaded: LoadedModel) -> None:
+    """One step of one robot on a black frame, zero state and a fixed instruction (tokenised once, then
+    cached by the backend): raises RuntimeError unless the model answers with finite actions.
+    """
     probe = loaded.backend.predict(
-        np.zeros((1, loaded.backend.image_size, loaded.backend.image_size, 3), np.uint8),
-        np.zeros((1, loaded.backend.state_dim), np.float32),
+        np.zeros((1, loaded.backend.image_size, loaded.backend.image_size, 3), np.uint8),  # [1, H, W, C]
+        np.zeros((1, loaded.backend.state_dim), np.float32),  # [1, S]
         ["probe"],
     )
     if not np.isfinite(np.asarray(probe.actions)).all():
@@ -65,11 +75,28 @@ def verify_model(loaded: LoadedModel, expected_version: str | None) -> None:
 
 
 def alias_target(config: PolicyUserConfig) -> PolicyUserConfig | None:
-    """`config` pointed at the version the alias names now (None: not following an alias)."""
+    """`config` pointed at the version the alias names now (None: not following an alias).
+
+    Raises:
+        RegistryUnreachable: the registry did not answer.
+    """
     match = _PINNED_URI.match(config.model_uri)
     if not (config.alias and config.alias_poll_s > 0 and match):
         return None
     version = get_version_by_alias(match["name"], config.alias)
+    if version is None:
+        return None
+    return config.model_copy(update={"model_uri": f"models:/{match['name']}/{version}"})
+
+
+def remembered_target(config: PolicyUserConfig) -> PolicyUserConfig | None:
+    """`config` pointed at the version the alias named when this node last asked the registry (None:
+    not following an alias, or never asked): where a replica starts while the registry is down.
+    """
+    match = _PINNED_URI.match(config.model_uri)
+    if not (config.alias and match):
+        return None
+    version = remembered_alias_version(match["name"], config.alias)
     if version is None:
         return None
     return config.model_copy(update={"model_uri": f"models:/{match['name']}/{version}"})

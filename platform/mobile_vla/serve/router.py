@@ -271,6 +271,8 @@ class BatchRouter:
                     pending_version=info.get("pending_version"),
                     failed_version=info.get("failed_version"),
                     failed_reason=info.get("failed_error"),
+                    from_cache=bool(info.get("from_cache")),
+                    registry_error=info.get("registry_error"),
                 )
             )
         return out

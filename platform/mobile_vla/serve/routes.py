@@ -117,6 +117,8 @@ class PolicyIngress:
             backends=statuses,
             active=active,
             alias_version=self._router.versions.alias_version,
+            from_cache=side.from_cache,
+            watch_error=self._watcher.watch_error,
             shadow=self._shadow.summary() if self._shadow else None,
         )
 

@@ -125,6 +125,12 @@ class BackendStatus(BaseModel):
         default=None, description="Last version that failed to load (the old one kept serving)."
     )
     failed_reason: str | None = None
+    from_cache: bool = Field(
+        default=False, description="Serves a version loaded from its local cache while the registry was unreachable."
+    )
+    registry_error: str | None = Field(
+        default=None, description="Its last failed alias check (registry unreachable); cleared by the next success."
+    )
 
 
 class Readiness(BaseModel):
@@ -166,6 +172,14 @@ class ModelInfo(BaseModel):
     )
     alias_version: str | None = Field(
         default=None, description="Version the alias points to, as this ingress saw last."
+    )
+    from_cache: bool = Field(
+        default=False, description="The ingress read these request checks from its local cache (registry down)."
+    )
+    watch_error: str | None = Field(
+        default=None,
+        description="The ingress's last failed alias lookup or request-check load, retried with backoff; "
+        "cleared by the next success.",
     )
     shadow: ShadowSummary | None = None
 
