@@ -17,7 +17,7 @@ from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import DataError
 from mobile_vla.sim.expert import ScriptedExpert
 from mobile_vla.sim.generate import GeneratorConfig, _SplitRun, candidate_seeds, generate_dataset
-from mobile_vla.sim.scenes import SceneSpec, scene_from_seed
+from mobile_vla.sim.scenes import SceneSpec, realised_velocity, scene_from_seed
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
 
 # Pixels that read as each colour under MiniWorld's lighting (a coarse RGB box per colour).
@@ -108,6 +108,13 @@ def test_actions_move_the_robot_in_its_body_frame_and_walls_stop_it(ray_cluster)
     assert not out["near_far"] and out["near_close"]
 
 
+def test_realised_velocity_is_the_executed_command_without_a_refused_translation():
+    np.testing.assert_array_equal(realised_velocity((0.5, -0.2, 0.3), True), np.float32([0.5, -0.2, 0.3]))
+    np.testing.assert_array_equal(realised_velocity((10.0, -10.0, 9.0), True), np.float32([0.75, -0.5, 1.5]))
+    np.testing.assert_array_equal(realised_velocity((0.75, 0.1, -0.4), False), np.float32([0.0, 0.0, -0.4]))
+    assert realised_velocity((0.75, 0.1, -9.0), False).dtype == np.float32
+
+
 # -- the shared tiny dataset ------------------------------------------------------------------------
 def test_tiny_dataset_manifest_records_splits_and_expert_success(tiny_dataset):
     manifest = load_manifest(tiny_dataset)
@@ -120,7 +127,13 @@ def test_tiny_dataset_manifest_records_splits_and_expert_success(tiny_dataset):
         assert rate["attempted"] >= rate["kept"]
         assert rate["success_rate"] == pytest.approx(rate["kept"] / rate["attempted"])
     assert manifest["state_dim"] == 3 and manifest["control_hz"] == 5.0
-    assert manifest["frame_keys"] == ["executed", "target_bearing", "target_distance", "target_in_view"]
+    assert manifest["frame_keys"] == [
+        "executed",
+        "measured_velocity",
+        "target_bearing",
+        "target_distance",
+        "target_in_view",
+    ]
     assert manifest["generator"]["settings"]["action_noise"] == 0.0
 
 
@@ -144,6 +157,11 @@ def test_tiny_dataset_episodes_follow_the_format_and_their_scene(tiny_dataset):
             # no DART noise: the executed command is the expert's; privileged labels for every frame
             assert attrs["action_noise"] == 0.0
             np.testing.assert_array_equal(episode.extras["executed"], episode.actions)
+            # the velocity realised: the executed command, or no translation where a move was refused
+            measured, executed = episode.extras["measured_velocity"], episode.extras["executed"]
+            np.testing.assert_array_equal(measured[:, 2], executed[:, 2])  # the turn always happens
+            for t in range(episode.num_frames):
+                assert measured[t, :2].tolist() in (executed[t, :2].tolist(), [0.0, 0.0]), (name, t)
             distance = episode.extras["target_distance"]
             assert distance[-1] < distance[0] and np.abs(episode.extras["target_bearing"]).max() <= np.pi
             assert set(np.unique(episode.extras["target_in_view"])) <= {0.0, 1.0}
@@ -183,18 +201,20 @@ def test_recorded_commands_replay_to_success_in_a_rebuilt_scene(ray_cluster, tin
             scene = SceneSpec.from_json(scene_json)
             env = env or NavigationEnv(scene)
             frames = [env.load_scene(scene)]
-            reached = []
+            reached, realised = [], []
             for action in actions[:-1]:
-                env.execute_action(action, 5.0)
+                moved = env.execute_action(action, 5.0)
+                realised.append(realised_velocity(action, moved))
                 frames.append(env.render_obs())
                 reached.append(bool(env.near(env.target)))
-            out[name] = (np.stack(frames), reached)
+            out[name] = (np.stack(frames), reached, np.stack(realised))
         return out
 
     replayed = run_in_worker(ray_cluster, replay, {n: (e.attrs["scene"], e.actions) for n, e in recorded.items()})
-    for name, (frames, reached) in replayed.items():
+    for name, (frames, reached, realised) in replayed.items():
         assert reached[-1] and not any(reached[:-1]), f"{name}: success only at the recorded end"
         np.testing.assert_array_equal(frames, recorded[name].images)  # same pixels in another process
+        np.testing.assert_array_equal(realised, recorded[name].extras["measured_velocity"][:-1])
 
 
 # -- generation -------------------------------------------------------------------------------------

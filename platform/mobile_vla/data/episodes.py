@@ -10,6 +10,7 @@ Layout (schema_version 1, see docs/data.md):
     state    float32 [T, S]        optional; generated and imported data: the previous executed command
     optional per-frame float32 arrays (`FRAME_KEYS`), absent from older files:
     executed [T, 3]  the command the base executed after frame t (generated: the expert's + DART noise)
+    measured_velocity [T, 3]  the velocity the base realised after frame t (0 translation: move refused)
     target_bearing, target_distance, target_in_view  [T]  privileged simulator labels (generated data)
     attrs    instruction, episode_id, source, success, control_hz, schema_version, scene (JSON, optional)
              plus any extra scalar provenance attrs of the source.
@@ -51,6 +52,9 @@ SCALAR_ATTR_TYPES = (str, bool, int, float)
 # Optional per-frame arrays: key -> shape after T. Stored as float32; readers accept files without them.
 FRAME_KEYS: dict[str, tuple[int, ...]] = {
     "executed": (ACTION_DIM,),  # the command executed after frame t (m/s, m/s, rad/s)
+    # the velocity the base realised after frame t: `executed` as the base could execute it, with no
+    # translation where a colliding move was refused (m/s, m/s, rad/s)
+    "measured_velocity": (ACTION_DIM,),
     "target_bearing": (),  # rad, body frame, left positive: where the target is
     "target_distance": (),  # m, floor-plane distance between the robot's and the target's centres
     "target_in_view": (),  # 1.0 when the target's centre projects inside the camera frame, else 0.0

@@ -53,6 +53,7 @@ from mobile_vla.export.signature import (
 )
 from mobile_vla.export.torch_graphs import EXPORTERS, export_graphs, io_specs
 from mobile_vla.policy import load_policy
+from mobile_vla.policy.config import MEASURED_VELOCITY
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ def describe_policy(model, preprocessing, name: str | None = None, version: str 
             f"preprocessing (chunk {preprocessing.chunk}, state_dim {preprocessing.state_dim}) does not match "
             f"the policy config (chunk {config.chunk}, state_dim {config.state_dim})"
         )
+    # the state a robot sends must be the one the model was trained on; a model that ignores its state
+    # ("none", or saved before preprocessing recorded state_input) takes the previous command harmlessly
+    if (preprocessing.state_input == MEASURED_VELOCITY) != (config.state_input == MEASURED_VELOCITY):
+        raise ModelError(
+            f"preprocessing state_input {preprocessing.state_input!r} does not match the policy config's "
+            f"{config.state_input!r}: robots would be told to send the wrong state"
+        )
     step_in, step_out, _, _ = io_specs(model, preprocessing)
     return ExportSignature(
         model=ModelRef(name=name, version=version),
@@ -99,6 +107,7 @@ def describe_policy(model, preprocessing, name: str | None = None, version: str 
             state_dim=preprocessing.state_dim,
             state_mean=preprocessing.state_mean,
             state_std=preprocessing.state_std,
+            state_input=preprocessing.state_input,
             window=preprocessing.window,
             chunk=preprocessing.chunk,
             control_hz=preprocessing.control_hz,

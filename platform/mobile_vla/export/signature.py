@@ -17,10 +17,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from mobile_vla.config import StrictModel, format_validation_error
 from mobile_vla.errors import ModelError
+from mobile_vla.policy.config import PREVIOUS_COMMAND, STATE_INPUTS
 
 SIGNATURE_VERSION = 1
 SIGNATURE_FILE = "signature.json"
@@ -81,10 +82,22 @@ class PreprocessingSpec(StrictModel):
     state_dim: int
     state_mean: list[float]
     state_std: list[float]
+    # what a robot sends as `state` (STATE_INPUTS): "previous_command" = the command it executed at the
+    # previous step, "measured_velocity" = the velocity its base realised then (0 translation after a
+    # refused move), "none" = ignored (send zeros); zeros at an episode's start. Absent from older
+    # signatures, which read as "previous_command".
+    state_input: str = PREVIOUS_COMMAND
     window: int
     chunk: int
     control_hz: float
     saved_at: str = "policy/preprocessing"  # relative to the model version folder
+
+    @field_validator("state_input")
+    @classmethod
+    def _known_state_input(cls, value: str) -> str:
+        if value not in STATE_INPUTS:
+            raise ValueError(f"{value!r}: expected one of {', '.join(map(repr, STATE_INPUTS))}")
+        return value
 
 
 class TokenizerSpec(StrictModel):

@@ -24,7 +24,12 @@ CLIP_CONTEXT_LENGTH = 77
 FUSIONS = ("gated", "concat", "film")
 FUSION_POOLINGS = ("pooled", "text_attention")
 AUX_LABELS = ("target_bearing", "target_distance", "target_in_view")  # per-frame episode keys the aux heads learn
-STATE_INPUTS = ("previous_command", "none")
+# What the state input [B, S] is (saved with the model and in its preprocessing, so training windows,
+# closed loop and robots feed the same thing): the command executed at the previous step; the velocity
+# the base realised at the previous step (0 translation after a refused move, so a stuck robot can
+# tell); or nothing (zeroed inside the model).
+PREVIOUS_COMMAND, MEASURED_VELOCITY = "previous_command", "measured_velocity"
+STATE_INPUTS = (PREVIOUS_COMMAND, MEASURED_VELOCITY, "none")
 
 
 def _fail(owner: str, name: str, value: Any, expected: str) -> None:
@@ -156,9 +161,10 @@ class PolicyConfig:
     log_var_min: float = -7.0  # clamp range of the predicted log-variance (normalised action units)
     log_var_max: float = 2.0
     confidence_tolerance: float = 0.1  # tau in the confidence definition (normalised units, range [-1, 1])
-    # what the state input [B, S] means to the model: "previous_command" feeds it to the fusion; "none"
-    # zeroes it inside the model (the input stays in the I/O contract, so serving and export are unchanged)
-    state_input: str = "previous_command"
+    # what the state input [B, S] is (STATE_INPUTS): "previous_command" and "measured_velocity" feed it to
+    # the fusion (they differ in what training windows, closed loop and robots put there); "none" zeroes
+    # it inside the model (the input stays in the I/O contract, so serving and export are unchanged)
+    state_input: str = PREVIOUS_COMMAND
     state_dropout: float = 0.0  # training only: P(a whole window's state is zeroed), per sample
     confidence_steps: int | None = None  # chunk steps the confidence averages (from k = 0); None = all K
     image_size: int = IMAGE_SIZE  # the model's internal resolution: 224 / image_size-fold average pooling

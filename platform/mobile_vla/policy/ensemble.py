@@ -77,6 +77,9 @@ class EnsembleConfig:
                         f"EnsembleConfig.members[{index}].{name} = {getattr(member, name)!r}: members must share "
                         f"{name} (members[0] has {getattr(first, name)!r})"
                     )
+        fed = sorted({m.state_input for m in members} - {"none"})
+        if len(fed) > 1:
+            raise ConfigError(f"EnsembleConfig.members: state_input {fed}: the members would need different states")
         if len({(m.kosmos.pretrained, m.kosmos.latent_query_num) for m in members}) > 1:
             raise ConfigError(
                 "EnsembleConfig.members: members must share one instruction tokenizer "
@@ -91,6 +94,11 @@ class EnsembleConfig:
     @property
     def state_dim(self) -> int:
         return self.members[0].state_dim
+
+    @property
+    def state_input(self) -> str:
+        """What the state is (PolicyConfig.state_input): the one the members that read it share, else "none"."""
+        return next((m.state_input for m in self.members if m.state_input != "none"), "none")
 
     @property
     def window(self) -> int:

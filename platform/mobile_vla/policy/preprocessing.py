@@ -19,6 +19,13 @@ Frames already 224x224 (generated data) pass through unchanged under both rules.
 Actions: clipped per axis to the train split's q01..q99 and scaled to [-1, 1]; an axis that never
 varies (q01 == q99) maps to 0. State: standardised with the train split's mean/std. Image
 normalisation (uint8 -> float, CLIP mean/std) happens inside the model, so exported graphs take uint8.
+
+`state_input` names what the state is (the policy config's `state_input`, copied here so that
+training windows, closed loop, the signature and robots read it from the saved preprocessing):
+"previous_command" (the command executed at the previous step), "measured_velocity" (the velocity
+the base realised at the previous step) or "none" (the model ignores it; send zeros). Both kinds are
+standardised with the dataset's `state` statistics (the previous command's: the measured velocity
+differs from it only after refused moves).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import numpy as np
 
 from mobile_vla.data.frames import RESIZE_RULES, resize_frame
 from mobile_vla.errors import ConfigError, DataError, ModelError
+from mobile_vla.policy.config import PREVIOUS_COMMAND, STATE_INPUTS
 
 PREPROCESSING_FILE = "preprocessing.json"
 TOKENIZER_DIR = "tokenizer"
@@ -73,6 +81,7 @@ class Preprocessing:
     control_hz: float = 5.0
     image_size: int = 224
     resize_rule: str = DEFAULT_RESIZE_RULE
+    state_input: str = PREVIOUS_COMMAND  # what the state is (STATE_INPUTS; see the module doc)
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     tokenizer: Any = field(default=None, repr=False, compare=False)
@@ -91,6 +100,9 @@ class Preprocessing:
                 raise ConfigError(f"Preprocessing.{name} = {value!r}: expected an integer >= {minimum}")
         if self.resize_rule not in RESIZE_RULES:
             raise ConfigError(f"Preprocessing.resize_rule = {self.resize_rule!r}: expected one of {RESIZE_RULES}")
+        if self.state_input not in STATE_INPUTS:
+            expected = ", ".join(map(repr, STATE_INPUTS))
+            raise ConfigError(f"Preprocessing.state_input = {self.state_input!r}: expected one of {expected}")
         if not self.control_hz > 0:
             raise ConfigError(f"Preprocessing.control_hz = {self.control_hz!r}: expected a positive number")
         for name, width in (
@@ -113,7 +125,12 @@ class Preprocessing:
 
     @classmethod
     def from_manifest(
-        cls, manifest: dict, tokenizer: Tokenizer | None, window: int = 8, chunk: int = 10
+        cls,
+        manifest: dict,
+        tokenizer: Tokenizer | None,
+        window: int = 8,
+        chunk: int = 10,
+        state_input: str = PREVIOUS_COMMAND,
     ) -> Preprocessing:
         """The preprocessing of a dataset: its train statistics, control rate and resize rule.
 
@@ -133,6 +150,7 @@ class Preprocessing:
             chunk=chunk,
             control_hz=float(manifest["control_hz"]),
             resize_rule=manifest_resize_rule(manifest),
+            state_input=state_input,
             tokenizer=tokenizer,
         )
 

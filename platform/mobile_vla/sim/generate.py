@@ -17,6 +17,10 @@ off the expert's own path; the stored `actions` label stays the CLEAN expert com
 visited state, `state` is the previous EXECUTED (noisy) command, as closed loop feeds back, and
 `executed` keeps what was executed so the file replays exactly. The noise stream of an episode is
 seeded from its scene seed (`noise_seed`), so the same seed gives the same episodes.
+
+Every episode also keeps `measured_velocity`: the velocity the base realised after each frame
+(`scenes.realised_velocity`: the executed command, with no translation where MiniWorld refused a
+colliding move), the state of a policy with `state_input: measured_velocity`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from mobile_vla.data.manifest import build_manifest
 from mobile_vla.errors import DataError, ResourceError
 from mobile_vla.ray_session import ensure_ray
 from mobile_vla.sim.expert import ScriptedExpert, target_bearing, target_distance, target_in_view
-from mobile_vla.sim.scenes import CONTROL_HZ, ENV_ID, SPEED_LIMITS, SceneSpec, scene_from_seed
+from mobile_vla.sim.scenes import CONTROL_HZ, ENV_ID, SPEED_LIMITS, SceneSpec, realised_velocity, scene_from_seed
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec
 
 SOURCE = "miniworld"
@@ -78,6 +82,7 @@ class Recording:
     actions: np.ndarray  # float32 [T, 3]: the clean expert command at each frame (the label)
     state: np.ndarray  # float32 [T, 3]: the command executed at the previous step
     executed: np.ndarray  # float32 [T, 3]: the command executed after each frame (zeros at the end)
+    measured: np.ndarray  # float32 [T, 3]: the velocity the base realised after each frame (zeros at the end)
     labels: dict[str, np.ndarray]  # float32 [T] each: target_bearing, target_distance, target_in_view
     success: bool
 
@@ -100,7 +105,7 @@ def record_episode(  # noqa: PLR0913 (the episode's scene, teacher and noise)
     noise_std = action_noise * np.array([expert.max_forward, expert.max_lateral, expert.max_turn])  # [3]
     rng = np.random.default_rng(noise_seed)
     frame = env.load_scene(scene)
-    images, actions, executed, labels = [], [], [], []
+    images, actions, executed, measured, labels = [], [], [], [], []
     success = False
     for _ in range(scene.max_steps):
         # Stored as float32 and executed exactly as stored, so replaying `executed` reproduces the episode.
@@ -110,12 +115,14 @@ def record_episode(  # noqa: PLR0913 (the episode's scene, teacher and noise)
         actions.append(clean)
         executed.append(command.astype(np.float32))
         labels.append(privileged_labels(env))
-        env.execute_action(tuple(float(v) for v in executed[-1]), control_hz)
+        moved = env.execute_action(tuple(float(v) for v in executed[-1]), control_hz)
+        measured.append(realised_velocity(executed[-1], moved))
         frame = env.render_obs()
         if env.near(env.target):
             images.append(frame)
             actions.append(np.zeros(3, np.float32))
             executed.append(np.zeros(3, np.float32))
+            measured.append(np.zeros(3, np.float32))
             labels.append(privileged_labels(env))
             success = True
             break
@@ -126,6 +133,7 @@ def record_episode(  # noqa: PLR0913 (the episode's scene, teacher and noise)
         actions=np.stack(actions),  # [T, 3]
         state=np.concatenate([np.zeros((1, 3), np.float32), executed_array[:-1]]),  # [T, 3]
         executed=executed_array,
+        measured=np.stack(measured),  # [T, 3]
         labels={
             "target_bearing": label_array[:, 0],
             "target_distance": label_array[:, 1],
@@ -195,7 +203,7 @@ def simulate_seeds(jobs: list[tuple[str, int]], spec_json: str, settings: Genera
                 recording.actions,
                 recording.state,
                 episode_attrs(scene, settings.control_hz, settings.action_noise),
-                extras={"executed": recording.executed, **recording.labels},
+                extras={"executed": recording.executed, "measured_velocity": recording.measured, **recording.labels},
             )
             with tempfile.TemporaryDirectory() as tmp:
                 path = write_episode(Path(tmp) / "episode.h5", episode)

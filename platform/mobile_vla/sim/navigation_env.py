@@ -48,7 +48,7 @@ from pyglet.gl import (  # noqa: E402
     glTexParameteri,
 )
 
-from mobile_vla.sim.scenes import CONTROL_HZ, SPEED_LIMITS, Placed, SceneSpec  # noqa: E402
+from mobile_vla.sim.scenes import CONTROL_HZ, Placed, SceneSpec, clip_command  # noqa: E402
 
 # A small base's camera: MiniWorld's default eye height (1.5 m, level) loses a target under the
 # lower edge of the image a metre before reaching it. Ranges are used by domain randomisation.
@@ -153,9 +153,10 @@ class NavigationEnv(MiniWorldEnv):
         Returns:
             False when the translation would collide: MiniWorld refuses such a move whole (the robot
             stays put), as a bumper-stopped base would. The turn is always applied.
+            `scenes.realised_velocity(action, moved)` is the velocity the step realised.
         """
         dt = 1.0 / control_hz
-        vx, vy, wz = (float(np.clip(v, -lim, lim)) for v, lim in zip(action, SPEED_LIMITS, strict=True))
+        vx, vy, wz = (float(v) for v in clip_command(action))
         # MiniWorld's drift axis points right; body +y is left.
         moved = bool(self.move_agent(vx * dt, -vy * dt))
         self.turn_agent(math.degrees(wz * dt))

@@ -31,6 +31,26 @@ AGENT_RADIUS = 0.4  # miniworld.entity.Agent.radius
 # Limits of the simulated base, m/s and rad/s; commands beyond them are clipped when executed.
 SPEED_LIMITS = (0.75, 0.5, 1.5)
 
+
+def clip_command(command) -> np.ndarray:
+    """A body-frame command (vx, vy, wz) clipped to what the base executes (`SPEED_LIMITS`), float64 [3]."""
+    limits = np.asarray(SPEED_LIMITS, np.float64)  # [3]
+    return np.clip(np.asarray(command, np.float64), -limits, limits)
+
+
+def realised_velocity(command, moved: bool) -> np.ndarray:
+    """The velocity the base realised over one step of `command`, float32 [3] (m/s, m/s, rad/s).
+
+    The command as executed (clipped to `SPEED_LIMITS`); a refused (colliding) move realises no
+    translation, only its turn (MiniWorld refuses the move whole and always turns): what wheel
+    odometry of a bumper-stopped base reads.
+    """
+    realised = clip_command(command).astype(np.float32)  # [3]
+    if not moved:
+        realised[:2] = 0.0
+    return realised
+
+
 # Entity heights (m) and bounding radius per metre of height, as MiniWorld computes them from the
 # meshes (tests/sim/test_generate.py checks these against the built entities).
 HEIGHTS = {"box": 0.7, "ball": 0.65, "key": 0.45, "barrel": 0.9, "cone": 0.8}

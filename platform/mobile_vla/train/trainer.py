@@ -78,9 +78,15 @@ def with_run_name(cfg: TrainJobConfig) -> TrainJobConfig:
 
 
 def build_preprocessing(cfg: TrainJobConfig, manifest: dict, policy_config) -> Preprocessing:
-    """The run's preprocessing: the dataset's statistics and resize rule, the policy's tokenizer."""
+    """The run's preprocessing: the dataset's statistics and resize rule, the policy's tokenizer and
+    state input (what its training windows, closed loop and robots put in the state).
+    """
     return Preprocessing.from_manifest(
-        manifest, build_tokenizer(policy_config), window=cfg.data.window, chunk=cfg.data.chunk
+        manifest,
+        build_tokenizer(policy_config),
+        window=cfg.data.window,
+        chunk=cfg.data.chunk,
+        state_input=policy_config.state_input,
     )
 
 
