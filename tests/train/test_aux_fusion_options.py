@@ -173,3 +173,21 @@ def test_step_and_validation_report_the_aux_terms(datasets, preprocessing):
     assert result.loss == pytest.approx(float(terms["loss"]), rel=1e-5)
     assert result.aux == pytest.approx({key: float(terms[key]) for key in AUX_TERMS}, rel=1e-5)
     assert TrainStep(model, optimizer, device=CPU)(build_batch(config, build_tokenizer(config), 1)).aux is None
+
+
+def test_small_aux_is_small_with_the_two_options():
+    from mobile_vla.config import dump_config
+
+    small = dump_config(load_train_config(REPO / "jobs" / "configs" / "small.yaml"))
+    small_aux = dump_config(load_train_config(REPO / "jobs" / "configs" / "small_aux.yaml"))
+    assert small_aux["loss"] == {**small["loss"], "aux_weight": 0.1}
+    assert small_aux["model"] == {"preset": "small", "overrides": {"fusion_pooling": "text_attention"}}
+    assert {k: v for k, v in small_aux.items() if k not in ("loss", "model")} == {
+        k: v for k, v in small.items() if k not in ("loss", "model")
+    }
+    policy = resolve_policy_config(load_train_config(REPO / "jobs" / "configs" / "small_aux.yaml"))
+    assert (
+        policy.aux_heads
+        and policy.fusion_pooling == "text_attention"
+        and policy.fusion_dim % policy.attention_heads == 0
+    )

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 PRESETS = REPO / "jobs" / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "small_drive", "full_gpu"])
+@pytest.mark.parametrize("name", ["tiny", "small", "small_drive", "small_aux", "full_gpu"])
 def test_presets_load_and_say_how_to_launch(name):
     path = PRESETS / f"{name}.yaml"
     cfg = load_train_config(path)
