@@ -1,9 +1,12 @@
-"""Benchmark closed-loop success: the scripted expert and a model on the held-out splits, side by side
-on the same scene seeds, with Wilson 95% intervals. Writes benchmarks/results/closed_loop.json.
+"""Benchmark closed-loop success: the scripted expert and a model on the held-out splits (and with
+--with-val the in-distribution val split), side by side on the same scene seeds, with Wilson 95%
+intervals. Writes benchmarks/results/closed_loop.json.
 
     .venv/bin/python benchmarks/closed_loop.py --model expert --episodes 200
     .venv/bin/python benchmarks/closed_loop.py --model models:/mobile-vla-policy@champion --data data/nav
     .venv/bin/python benchmarks/closed_loop.py --model random-tiny --episodes 20    # plumbing and speed
+    .venv/bin/python benchmarks/closed_loop.py --model models:/mobile-vla-policy@champion --data data/nav \
+        --splits unseen_layout unseen_pair unseen_paraphrase --with-val --memory-reset-every window
 
 `--model random-tiny` registers a random-weight tiny policy, exported to ONNX, in a temporary
 platform home (what a trained version looks like, minus the training). `--data` gives the split
@@ -11,6 +14,13 @@ spec the model was trained with (held-out pairs, templates, layouts); the defaul
 Use >= 200 episodes per split for success rates worth comparing (50 swing by about +-7 points).
 Besides wall time the JSON has the CPU the Ray tasks spent per episode, which does not depend on
 what else the machine runs, and the load average before and after.
+
+Issue 15 diagnostics: `--with-val` adds the val split after --splits (not by default: benchmarks/
+ablation_report.py pools every split of the file as held-out); each split records `in_distribution`
+(val: training layouts, pairs and templates, never trained on) and `comparison` pools success per
+kind with the gap between them
+(`evaluate.closed_loop.split_comparison`); `--memory-reset-every N|window` resets the policy's LSTM
+memory every N steps (window: the model's training W) to measure memory skew, recorded per split.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "closed_loop.json"
 HELD_OUT = ["unseen_layout", "unseen_pair", "unseen_paraphrase", "visual_shift"]
+IN_DISTRIBUTION = "val"
 
 
 def summary(s) -> dict:
@@ -51,6 +62,13 @@ def main() -> int:
     parser.add_argument("--model", default="expert", help="'expert', 'random-tiny', a models:/ URI or a model folder")
     parser.add_argument("--data", type=Path, default=None, help="dataset whose split spec to use")
     parser.add_argument("--splits", nargs="+", default=HELD_OUT)
+    parser.add_argument("--with-val", action="store_true", help="also the val split (in-distribution) after --splits")
+    parser.add_argument(
+        "--memory-reset-every",
+        metavar="N|window",
+        default=None,
+        help="reset the policy's LSTM memory every N steps ('window': the model's training W)",
+    )
     parser.add_argument("--episodes", type=int, default=200, help="scene seeds per split")
     parser.add_argument("--episodes-per-task", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=None)
@@ -61,7 +79,7 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop, split_spec_for
+    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop, split_comparison, split_spec_for
     from mobile_vla.ray_session import ensure_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_closed_loop_") as tmp:
@@ -74,8 +92,9 @@ def main() -> int:
         ensure_ray()
         spec = split_spec_for(args.data)
         load_before = os.getloadavg()
-        results = {}
-        for split in args.splits:
+        results, reports = {}, []
+        splits = list(dict.fromkeys(args.splits + ([IN_DISTRIBUTION] if args.with_val else [])))
+        for split in splits:
             report = evaluate_closed_loop(
                 model,
                 split,
@@ -84,8 +103,13 @@ def main() -> int:
                 max_steps=args.max_steps,
                 episodes_per_task=args.episodes_per_task,
                 record_frames=0,
+                memory_reset_every=args.memory_reset_every,
             )
+            reports.append(report)
             results[split] = {
+                "in_distribution": report.settings["in_distribution"],
+                "memory_reset_every": report.settings["memory_reset_every"],
+                "state_input": report.settings["state_input"],
                 "seeds": [report.seeds[0], report.seeds[-1] + 1],
                 "policy": summary(report.policy),
                 "expert": summary(report.expert),
@@ -104,6 +128,9 @@ def main() -> int:
                 f"  {report.seconds:6.1f} s, {report.worker_cpu_seconds / len(report.seeds):.2f} CPU s/episode"
             )
         ray.shutdown()
+        gap = split_comparison(reports)["generalisation_gap"]
+        if gap is not None:
+            print(f"in-distribution minus held-out success: {gap:+.1%}")
 
     document = {
         "benchmark": "closed_loop",
@@ -113,6 +140,7 @@ def main() -> int:
         "episodes_per_split": args.episodes,
         "episodes_per_task": args.episodes_per_task,
         "max_steps": args.max_steps,
+        "memory_reset_every": args.memory_reset_every,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": host.platform(),
@@ -121,6 +149,8 @@ def main() -> int:
             "load_avg_after": [round(v, 1) for v in os.getloadavg()],
         },
         "splits": results,
+        # in-distribution (val) vs held-out success, pooled, and the gap
+        "comparison": split_comparison(reports),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")

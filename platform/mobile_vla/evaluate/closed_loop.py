@@ -13,6 +13,14 @@ the number of Ray tasks or the order they finish in. The split spec comes from t
 model was trained on (`data=`: its manifest records the spec) so that held-out colour x shape
 pairs, templates and layouts really are held out; without it the default spec is used.
 
+Diagnostics (issue 15): `memory_reset_every=N` resets the policy's LSTM memory to zero before
+every N-th step ("window": N = the model's training window W), so closed loop carries no memory
+older than training ever did: the success gained or lost against the plain run measures the memory
+skew. The `val` split's seeds are in-distribution (training layouts, colour x shape pairs and
+templates; never trained on): closed loop there next to the held-out splits separates "cannot
+drive" from "cannot generalise". Every report records `in_distribution` (the split spec's
+`is_held_out`), `memory_reset_every` and the model's `state_input` in its settings.
+
 Episodes are spread over Ray tasks (`episodes_per_task` per task, stepped in lockstep so a model
 predicts for all of them in one batch; see `rollout.py` for the episode rules). Ray: the running
 cluster, `RAY_ADDRESS`, or a local `ray.init()`. Use >= 200 episodes to compare policies: 50 seeds
@@ -39,6 +47,7 @@ from mobile_vla.errors import ConfigError
 from mobile_vla.evaluate import EXPERT, plots
 from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutConfig, rollout_seeds
 from mobile_vla.evaluate.tasks import fan_out, jsonable
+from mobile_vla.policy.config import PREVIOUS_COMMAND
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
 from mobile_vla.sim.success import failure_auroc, mean_or_nan, spl, wilson_interval
 from mobile_vla.tracking import configure_mlflow, log_version_metrics, resolve_model, set_version_tags
@@ -48,6 +57,8 @@ log = logging.getLogger(__name__)
 EVALUATION_ARTIFACTS = "evaluation"  # artifacts land in evaluation/<split>/ of the version's run
 PRIMARY_KEYS = ("success_rate", "episodes", "collision_rate", "spl", "wrong_target")  # unqualified gate keys
 OUTCOMES = (SUCCESS, WRONG_TARGET, TIMEOUT)
+MEMORY_RESET_WINDOW = "window"  # --memory-reset-every window: the model's training window W
+IN_DISTRIBUTION_SPLIT = "val"  # closed loop's in-distribution seeds (the val split's scene pool)
 
 
 @dataclass
@@ -232,15 +243,50 @@ def scene_seeds(spec: SplitSpec, split: str, episodes: int, seed_offset: int = 0
     return list(range(start, start + episodes))
 
 
-def _control_hz(model_dir: Path | None) -> float | None:
-    """The control rate the model was trained at (its saved preprocessing), if it says."""
+def _saved_preprocessing(model_dir: Path | None) -> dict:
+    """The model's saved preprocessing.json as a dict ({} when there is none or it is unreadable)."""
     if model_dir is None:
-        return None
+        return {}
     path = model_dir / "policy" / "preprocessing" / "preprocessing.json"
     try:
-        return float(json.loads(path.read_text())["control_hz"])
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _control_hz(model_dir: Path | None) -> float | None:
+    """The control rate the model was trained at (its saved preprocessing), if it says."""
+    try:
+        return float(_saved_preprocessing(model_dir)["control_hz"])
+    except (KeyError, ValueError, TypeError):
         return None
+
+
+def memory_reset_steps(every: int | str | None, model_dir: Path | None) -> int | None:
+    """`--memory-reset-every` as a number of steps: an int >= 1, "window" (the model's training window
+    W, from its saved preprocessing) or None (never reset).
+
+    Raises:
+        ConfigError: a bad value, or "window" without a model folder that records W.
+    """
+    if every is None:
+        return None
+    if every == MEMORY_RESET_WINDOW:
+        window = _saved_preprocessing(model_dir).get("window")
+        if not isinstance(window, int) or window < 1:
+            where = model_dir or "the served model (no --model)"
+            raise ConfigError(
+                f"--memory-reset-every window: {where} records no training window: give a number of steps"
+            )
+        return window
+    try:
+        steps = int(every)
+    except (TypeError, ValueError):
+        steps = 0
+    if isinstance(every, bool) or steps < 1 or str(steps) != str(every).strip():
+        raise ConfigError(f"--memory-reset-every {every!r}: expected a whole number of steps >= 1 or 'window'")
+    return steps
 
 
 # -- the evaluation ---------------------------------------------------------------------------------
@@ -260,10 +306,13 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
     control_hz: float | None = None,
     record_frames: int = 4,
     num_gpus: float = 0,
+    memory_reset_every: int | str | None = None,
     progress: bool = True,
 ) -> ClosedLoopReport:
     """Runs `model` ("expert", a models:/ URI or a model folder; or the server at `endpoint`) on
-    `episodes` scene seeds of `split`, and the scripted expert on the same seeds.
+    `episodes` scene seeds of `split`, and the scripted expert on the same seeds. With
+    `memory_reset_every` (steps, or "window": the model's W) the policy's memory is reset to zero
+    before every N-th step of an episode (see the module doc).
     """
     if episodes_per_task < 1:
         raise ConfigError(f"episodes_per_task = {episodes_per_task}: expected at least 1")
@@ -282,8 +331,15 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
     else:
         resolved = resolve_model(model)
         policy = PolicySpec("model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer))
-    hz = control_hz or _control_hz(resolved.path if resolved else None) or 5.0
-    settings = RolloutConfig(control_hz=hz, max_steps=max_steps, record_frames=tuple(seeds[: max(record_frames, 0)]))
+    model_dir = resolved.path if resolved else None
+    hz = control_hz or _control_hz(model_dir) or 5.0
+    reset_every = memory_reset_steps(memory_reset_every, model_dir) if policy.kind != "expert" else None
+    settings = RolloutConfig(
+        control_hz=hz,
+        max_steps=max_steps,
+        record_frames=tuple(seeds[: max(record_frames, 0)]),
+        memory_reset_every=reset_every,
+    )
 
     started = time.time()
     chunks = [[(split, s) for s in seeds[i : i + episodes_per_task]] for i in range(0, len(seeds), episodes_per_task)]
@@ -314,6 +370,11 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
             "prefer": list(prefer),
             "endpoint": endpoint,
             "split_spec": spec.splits[split].model_dump(mode="json"),
+            # val: training layouts, pairs and templates (never trained on); else a held-out split
+            "in_distribution": not spec.is_held_out(split),
+            "memory_reset_every": reset_every,
+            "memory_reset_requested": memory_reset_every,  # e.g. "window", resolved to the number above
+            "state_input": _saved_preprocessing(model_dir).get("state_input", PREVIOUS_COMMAND) if model_dir else None,
         },
         seconds=time.time() - started,
         worker_cpu_seconds=float(sum(r.get("cpu_seconds", 0.0) for r in rows)),
@@ -332,6 +393,39 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
         report.seconds,
     )
     return report
+
+
+def split_comparison(reports: list[ClosedLoopReport]) -> dict:
+    """In-distribution (val) next to held-out closed loop: per split its success, and pooled over each
+    kind with the gap between them (positive: the policy drives where it was trained and fails to
+    generalise; both low: it cannot drive in closed loop at all). JSON-ready (NaN as null).
+    """
+    splits, pooled = {}, {True: [0, 0], False: [0, 0]}  # in_distribution -> [successes, episodes]
+    for report in reports:
+        inside = bool(report.settings.get("in_distribution"))
+        p = report.policy
+        splits[report.split] = {
+            "in_distribution": inside,
+            "episodes": p.episodes,
+            "success_rate": p.success_rate,
+            "success_low": p.success_low,
+            "success_high": p.success_high,
+            "expert_success_rate": report.expert.success_rate,
+            "timeout_rate": p.timeout_rate,
+            "collision_rate": p.collision_rate,
+            "memory_reset_every": report.settings.get("memory_reset_every"),
+        }
+        pooled[inside][0] += p.successes
+        pooled[inside][1] += p.episodes
+    rate = {k: (s / n if n else math.nan) for k, (s, n) in pooled.items()}
+    return jsonable(
+        {
+            "splits": splits,
+            "in_distribution_success": rate[True],
+            "held_out_success": rate[False],
+            "generalisation_gap": rate[True] - rate[False],
+        }
+    )
 
 
 # -- results on disk and in MLflow ------------------------------------------------------------------
@@ -355,6 +449,14 @@ def save_closed_loop(report: ClosedLoopReport, out_dir: str | Path, gifs: int = 
         path = folder / f"episode_{seed}_{outcome[seed]}.gif"
         files.append(plots.write_gif(report.frames[seed], path, report.settings["control_hz"]))
     return files
+
+
+def save_split_comparison(reports: list[ClosedLoopReport], out_dir: str | Path) -> Path:
+    """Writes `<out_dir>/closed_loop_splits.json` (`split_comparison`) and returns its path."""
+    path = Path(out_dir) / "closed_loop_splits.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(split_comparison(reports), indent=1) + "\n")
+    return path
 
 
 def log_to_version(

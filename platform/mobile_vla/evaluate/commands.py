@@ -8,12 +8,17 @@ r"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop Min
         --endpoint http://127.0.0.1:8000 --token-file .mobile_vla/serve/tokens
     mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --state-ablation \
         --no-offline      # k=0 error with the state input recorded, zeroed, shuffled: a copycat?
+    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \
+        --no-offline --split unseen_layout --with-val --memory-reset-every window   # issue 15 diagnostics
 
 Results go to `--out` (default $MOBILE_VLA_HOME/evaluations/...) and, for a registered model
 version, onto the version: metrics as `metric.offline.<split>.mae`, `metric.closed_loop.<split>.
 success_rate`, ... tags, files under `evaluation/<split>/` of its run. The first `--split` is the
 primary one: its results are also written as `offline.mae`, `closed_loop.success_rate`, ... which
 the promotion gate reads. The scripted expert always runs on the same scene seeds, side by side.
+`--with-val` adds closed loop on the val split's (in-distribution) seeds after the given splits and
+writes closed_loop_splits.json (in-distribution vs held-out success and their gap);
+`--memory-reset-every N|window` resets the policy's memory every N steps (window: its training W).
 """
 
 from __future__ import annotations
@@ -62,6 +67,19 @@ def register(subparsers) -> None:
         help="with --data: the now (k=0) error on each split's windows with the state input recorded, zeroed "
         "and shuffled across windows (does the policy copy its previous command?)",
     )
+    parser.add_argument(
+        "--with-val",
+        action="store_true",
+        help="closed loop also on the val split's seeds (in-distribution: training layouts, pairs, templates), "
+        "after the given splits, never primary",
+    )
+    parser.add_argument(
+        "--memory-reset-every",
+        metavar="N|window",
+        default=None,
+        help="closed loop: reset the policy's LSTM memory to zero every N steps ('window': the model's "
+        "training window W) to measure memory skew",
+    )
     parser.add_argument("--episodes", type=int, default=200, help="closed-loop episodes (scene seeds) per split")
     parser.add_argument("--seed-offset", type=int, default=0, help="start this far into each split's seed range")
     parser.add_argument(
@@ -98,6 +116,7 @@ def _check_args(args) -> None:
         raise ConfigError("--endpoint is for closed-loop evaluation: add --closed-loop")
     if args.endpoint and args.model == EXPERT:
         raise ConfigError("--endpoint and --model expert exclude each other")
+    _check_diagnostic_args(args)
     if args.state_ablation:
         if args.data is None:
             raise ConfigError("--state-ablation needs --data DIR (the windows it scores)")
@@ -118,8 +137,19 @@ def _check_args(args) -> None:
         raise ConfigError(f"--gpus-per-task {args.gpus_per_task}: expected a number >= 0")
 
 
+def _check_diagnostic_args(args) -> None:
+    """--with-val and --memory-reset-every are closed-loop options; the expert has no memory to reset."""
+    for flag, value in (("--with-val", args.with_val), ("--memory-reset-every", args.memory_reset_every)):
+        if value and not args.closed_loop:
+            raise ConfigError(f"{flag} is for closed-loop evaluation: add --closed-loop")
+    if args.memory_reset_every is not None and args.model == EXPERT:
+        raise ConfigError("--memory-reset-every resets a model's memory: the expert has none")
+
+
 def read_token(path: Path | None) -> str:
-    """The first non-empty line of --token-file; ConfigError when there is none."""
+    """The first word of the first non-empty line of --token-file (a tokens file line may go on with
+    robots=/scopes=); ConfigError when there is none.
+    """
     if path is None:
         raise ConfigError("--endpoint needs --token-file F (a file whose first line is an API token)")
     try:
@@ -128,16 +158,20 @@ def read_token(path: Path | None) -> str:
         raise ConfigError(f"--token-file {path}: cannot read it ({exc.strerror})") from None
     if not lines:
         raise ConfigError(f"--token-file {path}: empty")
-    return lines[0]
+    return lines[0].split()[0]
 
 
 def run_evaluate(args) -> int:
     """`mobile-vla evaluate`: offline and/or closed-loop per split, saved, logged and printed."""
     from mobile_vla.evaluate.closed_loop import (
+        IN_DISTRIBUTION_SPLIT,
+        MEMORY_RESET_WINDOW,
         default_out_dir,
         evaluate_closed_loop,
         log_closed_loop,
+        memory_reset_steps,
         save_closed_loop,
+        save_split_comparison,
         scene_seeds,
         split_spec_for,
     )
@@ -146,11 +180,14 @@ def run_evaluate(args) -> int:
     _check_args(args)
 
     splits = list(dict.fromkeys(args.splits or ["val"]))
+    closed_loop_splits = list(dict.fromkeys(splits + ([IN_DISTRIBUTION_SPLIT] if args.with_val else [])))
     token = read_token(args.token_file) if args.endpoint else None
     spec = split_spec_for(args.data, args.split_spec) if args.closed_loop else None
-    if spec is not None:  # fail on a bad split or seed range before any work starts
-        for split in splits:
+    if spec is not None:  # fail on a bad split, seed range or reset interval before any work starts
+        for split in closed_loop_splits:
             scene_seeds(spec, split, args.episodes, args.seed_offset)
+        if args.memory_reset_every not in (None, MEMORY_RESET_WINDOW):
+            memory_reset_steps(args.memory_reset_every, None)
     out_dir = args.out or default_out_dir(str(args.model or args.endpoint).removeprefix("models:/"))
     prefer = tuple(args.backends or ())
     progress = not args.no_progress
@@ -166,7 +203,7 @@ def run_evaluate(args) -> int:
     if args.state_ablation:
         _run_state_ablation(args, splits, out_dir, results)
     if args.closed_loop:
-        for index, split in enumerate(splits):
+        for index, split in enumerate(closed_loop_splits):
             report = evaluate_closed_loop(
                 args.model if args.model else None,
                 split,
@@ -180,12 +217,16 @@ def run_evaluate(args) -> int:
                 max_steps=args.max_steps,
                 record_frames=args.gifs,
                 num_gpus=args.gpus_per_task,
+                memory_reset_every=args.memory_reset_every,
                 progress=progress,
             )
             files = save_closed_loop(report, out_dir, gifs=args.gifs)
             if not args.no_log:
                 log_closed_loop(report, files, primary=index == 0)
             results.setdefault(split, {})["closed_loop"] = report
+        reports = [results[split]["closed_loop"] for split in closed_loop_splits]
+        if len(reports) > 1:
+            save_split_comparison(reports, out_dir)
     _print_summary(results, out_dir)
     return 0
 
@@ -212,6 +253,9 @@ def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
     from rich.table import Table
 
     console = Console()
+    reports = [parts["closed_loop"] for parts in results.values() if "closed_loop" in parts]
+    if len(reports) > 1:
+        console.print(_split_comparison_table(reports))
     for split, parts in results.items():
         table = Table(title=f"split {split}", title_justify="left")
         if "closed_loop" in parts:
@@ -253,6 +297,36 @@ def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
         if "state_ablation" in parts:
             console.print(_state_ablation_table(split, parts["state_ablation"]))
     console.print(f"results: {out_dir}")
+
+
+def _split_comparison_table(reports):
+    """Closed loop per split, in-distribution (val) next to held-out, with the pooled gap."""
+    from rich.table import Table
+
+    from mobile_vla.evaluate.closed_loop import split_comparison
+
+    comparison = split_comparison(reports)
+    gap = comparison["generalisation_gap"]
+    title = "closed loop: in-distribution vs held-out"
+    if gap is not None:
+        title += f" (gap {gap:+.1%}: val {comparison['in_distribution_success']:.1%}, "
+        title += f"held-out {comparison['held_out_success']:.1%})"
+    table = Table(title=title, title_justify="left")
+    for column in ("split", "kind", "memory reset", "success [Wilson 95%]", "expert", "timeout", "collided"):
+        table.add_column(column, justify="left" if column in ("split", "kind") else "right")
+    for report in reports:
+        p = report.policy
+        reset = report.settings.get("memory_reset_every")
+        table.add_row(
+            report.split,
+            "in-distribution" if report.settings.get("in_distribution") else "held-out",
+            f"every {reset}" if reset else "-",
+            _rate(p),
+            _pct(report.expert.success_rate),
+            _pct(p.timeout_rate),
+            _pct(p.collision_rate),
+        )
+    return table
 
 
 def _state_ablation_table(split: str, rows: list[dict]):

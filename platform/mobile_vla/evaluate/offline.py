@@ -4,7 +4,8 @@
     metrics["mae"], metrics["r2_linear_x"], metrics["chunk_mae"]
 
 Each episode is replayed as a robot would run it: frame by frame from an empty memory, the LSTM
-state carried across the whole episode, the recorded state (previous command) fed in. Headline
+state carried across the whole episode, the recorded state fed in (the previous command, or the
+measured velocity for a `state_input: measured_velocity` model: `train.windows.episode_state`). Headline
 metrics (`mae`, `rmse`, `r2` and per axis `mae_linear_x` ...) compare the command the robot would
 execute now (`actions[:, 0]`) with the recorded one, in m/s and rad/s (de-normalised); `chunk_*`
 compare the whole predicted chunk with the next K recorded commands (where the episode has them).
@@ -33,6 +34,7 @@ from mobile_vla.evaluate.closed_loop import log_to_version
 from mobile_vla.evaluate.rollout import PolicySpec, worker_backend
 from mobile_vla.evaluate.tasks import fan_out, jsonable
 from mobile_vla.tracking import resolve_model
+from mobile_vla.train.windows import episode_state
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,10 @@ def predict_episodes(paths: list[str], policy: PolicySpec) -> list[dict]:
     """
     backend = worker_backend(policy)
     episodes = [read_episode(path, load_images=False) for path in paths]
-    for path, episode in zip(paths, episodes, strict=True):
-        if episode.state is None and backend.state_dim > 0:
-            raise DataError(f"{path}: state: missing, but the model expects S = {backend.state_dim}")
-        if episode.state is not None and episode.state.shape[1] != backend.state_dim:
-            raise DataError(f"{path}: state: S = {episode.state.shape[1]}, the model expects {backend.state_dim}")
+    states = [episode_state(e, backend.preprocessing, path) for path, e in zip(paths, episodes, strict=True)]
+    for path, state in zip(paths, states, strict=True):  # [T, S] each: the state input the model was trained on
+        if state.shape[1] != backend.state_dim:
+            raise DataError(f"{path}: state: S = {state.shape[1]}, the model expects {backend.state_dim}")
     reader, size = FrameReader(), backend.image_size
     lengths = [episode.num_frames for episode in episodes]
     preds = [np.zeros((n, backend.signature.chunk, 3), np.float32) for n in lengths]  # [T, K, 3] each
@@ -93,9 +94,7 @@ def predict_episodes(paths: list[str], policy: PolicySpec) -> list[dict]:
             images = np.stack(
                 [_prepared(reader.read(paths[e], t, t + 1)[0], backend.preprocessing, size) for e in rows]
             )  # [B, H, W, 3]
-            state = np.stack(
-                [episodes[e].state[t] if episodes[e].state is not None else np.zeros(0, np.float32) for e in rows]
-            ).astype(np.float32)  # [B, S]
+            state = np.stack([states[e][t] for e in rows]).astype(np.float32)  # [B, S]
             out = backend.predict(images, state, [episodes[e].instruction for e in rows], (h[:, rows], c[:, rows]))
             h[:, rows], c[:, rows] = out.memory
             for j, e in enumerate(rows):

@@ -5,13 +5,20 @@ so a learned policy answers all of them with one batched predict call per contro
 
 The task bodies run inside Ray tasks only (they open a GL context; see `mobile_vla.sim.navigation_env`,
 imported by `worker_slots` alone, after triton). Per step
-the policy sees each episode's current frame, its state (the command executed at the previous step,
-as in generated data) and the instruction; the robot executes `actions[:, 0]` of the predicted chunk
+the policy sees each episode's current frame, its state and the instruction. The state is what the
+model's saved preprocessing names (`state_input`, as its training windows built it): the command
+executed at the previous step, or with "measured_velocity" the velocity the base realised then
+(`sim.scenes.realised_velocity`: no translation after a refused move); zeros at the start. The
+robot executes `actions[:, 0]` of the predicted chunk
 and the policy plans again from the next frame (receding horizon: the rest of the chunk is never
 executed open-loop, so every command reacts to the latest frame and LSTM memory). An episode ends
 at the first step where MiniWorld's `near()` holds for the target (success) or for a distractor
 (wrong target: the robot drove to the wrong object), or after the scene's `max_steps` (timeout).
 A colliding move is refused whole by MiniWorld; it counts as a collision and the robot stays put.
+
+`RolloutConfig.memory_reset_every` = N (a diagnostic): the policy's recurrent memory is reset to
+zero before every N-th step of an episode (steps N, 2N, ...; the state input is kept), so with N = the
+training window W the LSTM never carries memory older than it was trained on (memory skew).
 
 Before the policy, the scripted expert drives every scene (physics only, no rendering): its path
 length is the SPL reference and its outcome sits next to the policy's in every report.
@@ -36,9 +43,10 @@ import numpy as np
 
 from mobile_vla.client import RobotClient
 from mobile_vla.errors import ConfigError, ModelError
+from mobile_vla.policy.config import MEASURED_VELOCITY, PREVIOUS_COMMAND
 from mobile_vla.runtime.backends import load_backend
 from mobile_vla.sim.expert import ScriptedExpert
-from mobile_vla.sim.scenes import CONTROL_HZ, SceneSpec, scene_from_seed
+from mobile_vla.sim.scenes import CONTROL_HZ, SceneSpec, realised_velocity, scene_from_seed
 from mobile_vla.sim.split_spec import SplitSpec
 from mobile_vla.tracking import resolve_model
 
@@ -54,6 +62,12 @@ class RolloutConfig:
     max_steps: int | None = None  # None: the scene's own limit (scenes.MAX_STEPS)
     record_frames: tuple[int, ...] = ()  # seeds whose camera frames come back (for GIFs)
     expert: dict = field(default_factory=dict)  # ScriptedExpert field overrides
+    memory_reset_every: int | None = None  # reset the policy's memory before steps N, 2N, ... (diagnostic)
+
+    def __post_init__(self) -> None:
+        every = self.memory_reset_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"--memory-reset-every {every!r}: expected a whole number of steps >= 1")
 
 
 @dataclass(frozen=True)
@@ -159,12 +173,16 @@ class ExpertPolicy:
     """The scripted expert as a policy: it reads each episode's true simulator state."""
 
     needs_frames = False
+    state_input = PREVIOUS_COMMAND  # (it reads none)
 
     def __init__(self, overrides: dict | None = None) -> None:
         self.expert = ScriptedExpert(**(overrides or {}))
 
     def start(self, episodes: list[tuple[str, str]]) -> None:
         pass
+
+    def reset_memory(self, slots: list[int]) -> None:
+        """The expert has no memory."""
 
     def act(self, slots, images, state, instructions, worlds: SceneSlots):
         actions = np.array([self.expert.act(worlds.activate(slot)) for slot in slots], np.float32)  # [B, 3]
@@ -185,11 +203,23 @@ class BackendPolicy:
         """S: how much of the state the model reads (0 or 3)."""
         return self.backend.state_dim
 
+    @property
+    def state_input(self) -> str:
+        """What the model's state is (its saved preprocessing's `state_input`)."""
+        return self.backend.preprocessing.state_input
+
+    def reset_memory(self, slots: list[int]) -> None:
+        """Sets the LSTM memory of `slots` to the model's initial (zero) memory."""
+        rows = np.asarray(slots)
+        h0, c0 = self.backend.initial_memory(len(rows))  # [layers, R, hidden] each
+        h, c = self.memory
+        h[:, rows], c[:, rows] = h0, c0
+
     def start(self, episodes: list[tuple[str, str]]) -> None:
         if self.backend.state_dim not in (0, 3):
             raise ModelError(
                 f"{self.backend.model_dir}: state S = {self.backend.state_dim}; MiniWorld gives the "
-                "previous command (S = 3) or nothing (S = 0)"
+                "previous command or the measured velocity (S = 3), or nothing (S = 0)"
             )
         self.memory = self.backend.initial_memory(len(episodes))  # (h, c) [layers, slots, hidden]
 
@@ -213,6 +243,7 @@ class HttpPolicy:
         self.endpoint, self.token = endpoint, token
         self.clients = []
         self.served: dict[int, set[str]] = {}
+        self.state_input = PREVIOUS_COMMAND  # what the served model's state is: asked in `start`
 
     def start(self, episodes: list[tuple[str, str]]) -> None:
         self.close()
@@ -222,6 +253,16 @@ class HttpPolicy:
         for client, (episode_id, instruction) in zip(self.clients, episodes, strict=True):
             client.start_episode(instruction, episode_id=episode_id)
         self.served = {slot: set() for slot in range(len(episodes))}
+        if self.clients:  # GET /v1/model names the state its robots send (older servers: the command)
+            self.state_input = self.clients[0].model_info().get("state_input") or PREVIOUS_COMMAND
+
+    def reset_memory(self, slots: list[int]) -> None:
+        """The robots of `slots` forget their memory token: the next act starts from a fresh memory (their
+        step counters restart too: a diagnostic for evaluation, not for feedback rounds).
+        """
+        for slot in slots:
+            client = self.clients[slot]
+            client.start_episode(client.instruction, episode_id=client.episode_id)
 
     def act(self, slots, images, state, instructions, worlds):
         def one(j: int):
@@ -252,7 +293,7 @@ class VisitedStep:
 
     step: int  # index of the step in its episode, from 0
     image: np.ndarray  # uint8 [H, W, 3]: the frame the learner was given
-    state: np.ndarray  # float32 [S]: the state the learner was given (the command executed before)
+    state: np.ndarray  # float32 [S]: the state the learner was given (its state_input of the step before)
     learner_action: np.ndarray  # float32 [3]: the learner's command (actions[0] of its chunk)
     expert_action: np.ndarray  # float32 [3]: the scripted expert's command in this state: the label
     by_expert: bool  # the expert's command was executed (probability beta), not the learner's
@@ -298,6 +339,15 @@ class BetaMixPolicy:
         self.expert_steps: list[int] = []
         self._rngs: list[np.random.Generator] = []
         self._pending: dict[int, VisitedStep] = {}
+
+    @property
+    def state_input(self) -> str:
+        """The learner's state (the expert reads none)."""
+        return self.learner.state_input
+
+    def reset_memory(self, slots: list[int]) -> None:
+        """Resets the learner's memory of `slots`."""
+        self.learner.reset_memory(slots)
 
     def start(self, episodes: list[tuple[str, str]]) -> None:
         if len(episodes) != len(self.rng_seeds):
@@ -353,13 +403,15 @@ def run_lockstep(
         if scene.seed in settings.record_frames:
             records[slot].frames.append(frames[slot])
     policy.start([(f"{episode_prefix}-{scene.split}-{scene.seed}", scene.instruction) for scene in scenes])
-    state = np.zeros((len(scenes), 3), np.float32)  # [B, S]: the command executed at the previous step
+    measured = policy.state_input == MEASURED_VELOCITY
+    state = np.zeros((len(scenes), 3), np.float32)  # [B, S]: previous command, or velocity realised then
     active = list(range(len(scenes)))
     max_steps = max(scene.max_steps for scene in scenes)
 
     for _ in range(max_steps):
         if not active:
             break
+        _reset_memory_when_due(policy, records, active, settings.memory_reset_every)
         images = np.stack([frames[slot] for slot in active]) if policy.needs_frames else None  # [B, H, W, 3]
         instructions = [scenes[slot].instruction for slot in active]
         actions, confidence = policy.act(active, images, state[active], instructions, worlds)
@@ -369,7 +421,7 @@ def run_lockstep(
         for j, slot in enumerate(active):
             env, record = worlds.activate(slot), records[slot]
             moved = env.execute_action(actions[j], settings.control_hz)
-            state[slot] = actions[j]
+            state[slot] = realised_velocity(actions[j], moved) if measured else actions[j]
             x, z = float(env.agent.pos[0]), float(env.agent.pos[2])
             record.path_length += math.dist(record.trajectory[-1], (x, z))
             record.trajectory.append((x, z))
@@ -392,6 +444,14 @@ def run_lockstep(
         for slot, record in enumerate(records):
             record.served_by = policy.served.get(slot, set())
     return records
+
+
+def _reset_memory_when_due(policy, records: list[EpisodeRecord], active: list[int], every: int | None) -> None:
+    """Resets the memory of the active episodes that have run a multiple of `every` steps (not at 0)."""
+    if every:
+        due = [slot for slot in active if records[slot].steps and records[slot].steps % every == 0]
+        if due:
+            policy.reset_memory(due)
 
 
 # -- the Ray task body ------------------------------------------------------------------------------
