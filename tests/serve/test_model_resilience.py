@@ -1,20 +1,32 @@
-"""Model-version resilience, in this process on a real MLflow store: a policy replica starts from the
+"""Model-version resilience on a real MLflow store. In this process: a policy replica starts from the
 verified local cache while the registry is down (a dead loopback port) and serves, refuses a corrupt
 cache and recovers once the registry is back; `check_health` runs a real probe; the ingress's
-watcher retries a failed side load and clears its error when a later load succeeds.
+watcher retries a failed side load and clears its error when a later load succeeds. On the real
+Serve app (slow): a policy replica killed while the `mlflow server` is stopped comes back from the
+cache and serves; the server started again clears the flags.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 
-from tests.serve.conftest import free_port, wait_until
+from tests.local_processes import stop_process_group
+from tests.serve.conftest import AppClient, free_port, wait_until
+from tests.serve.test_hot_swap import IMAGE
 
 NAME = "mobile-vla-policy"
 
@@ -225,3 +237,106 @@ def test_ingress_retries_a_failed_side_load_and_clears_the_error(in_home, monkey
 
     wait_until(moved, 30, every_s=0.3, what="the ingress reading version 2's checks after the outage")
     assert watcher.watch_error is None and not watcher.side.from_cache
+
+
+@contextlib.contextmanager
+def mlflow_server(home: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:`port` over the home's own SQLite store (the versions' artifacts
+    are folders under the home, read directly); stopped (SIGTERM, then SIGKILL) when the block ends."""
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(home / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if process.poll() is not None:
+            pytest.fail("mlflow server exited")
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, 180, every_s=0.5, what="mlflow server answering")
+        yield url
+    finally:
+        stop_process_group(process, signal.SIGTERM, 30)
+
+
+def kill_replica(deployment: str) -> None:
+    """kill -9 of the deployment's replica actor (Serve starts a new one)."""
+    import ray
+
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
+    assert len(actors) == 1, actors
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+
+
+@pytest.mark.slow  # an mlflow server started twice, a Serve app deployed, a replica restarted: minutes on 2 cores
+def test_app_replica_restarted_while_mlflow_is_stopped_serves_from_the_cache(home, monkeypatch, ray_cluster):
+    from ray import serve
+
+    from mobile_vla.serve.app import ServeAppConfig, compose_app
+    from mobile_vla.serve.auth import create_tokens_file
+
+    app_name, primary = "mobile-vla-registry-down", "OnnxPolicy"
+    registry_port, http_port = free_port(), free_port()
+    token = create_tokens_file(home / "app-tokens")
+    args = ServeAppConfig(tokens_file=str(home / "app-tokens"), alias_poll_s=0.5, primary_timeout_s=20.0)
+    monkeypatch.setenv("MOBILE_VLA_HOME", str(home))
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    app = AppClient(app_name, f"http://127.0.0.1:{http_port}", token, home)
+    try:
+        with mlflow_server(home, registry_port) as url:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the replicas get it through their runtime_env
+            point_champion_at("2")
+            serve.run(compose_app(args), name=app_name, route_prefix="/")
+            assert app.act(IMAGE).json()["model"]["version"] == "2"
+            assert not app.policy_info(primary)["from_cache"]
+
+        kill_replica(primary)  # MLflow is stopped now: the new replica must start from the cache
+
+        def restarted_from_cache():
+            try:
+                info = app.policy_info(primary)
+            except Exception:  # the old replica is gone and the new one not up yet
+                return False
+            return info["loaded"] and info["from_cache"] and info
+
+        info = wait_until(restarted_from_cache, 240, every_s=1, what="the new replica serving from the cache")
+        assert info["model_version"] == "2" and "did not answer" in info["registry_error"], info
+        answer = app.act(IMAGE)
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "2", answer.text
+        backend = next(b for b in app.model()["backends"] if b["role"] == "primary")
+        assert backend["from_cache"] and backend["registry_error"], backend
+
+        with mlflow_server(home, registry_port):  # the registry is back on the same address
+            wait_until(
+                lambda: not (i := app.policy_info(primary))["from_cache"] and i["registry_error"] is None,
+                120,
+                every_s=1,
+                what="the replica seeing the registry again",
+            )
+            assert app.act(IMAGE).status_code == 200
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            app.http.close()
+        serve.delete(app_name)
+        serve.shutdown()
