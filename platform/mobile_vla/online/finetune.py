@@ -24,7 +24,7 @@ from mobile_vla.config import StrictModel
 from mobile_vla.errors import DataError, ResourceError
 from mobile_vla.train.evaluation import evaluate_windows, window_batches
 from mobile_vla.train.job_config import LossConfig
-from mobile_vla.train.step import TrainStep
+from mobile_vla.train.step import TrainStep, param_groups, warmup_cosine
 from mobile_vla.train.windows import WindowDataset
 
 EVAL_BATCH_SIZE = 8
@@ -35,7 +35,9 @@ class FinetuneConfig(StrictModel):
 
     steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(3e-5, gt=0)
+    lr: float = Field(3e-5, gt=0)  # the peak: linear warm-up to it, then cosine down to lr * min_lr_ratio
+    warmup_steps: int = Field(20, ge=0)  # a constant peak kicks the champion out of its minimum (replay error x3)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     trainable: Literal["all", "policy_head"] = "all"  # policy_head: fusion + LSTM + head; backbones frozen
@@ -133,9 +135,17 @@ def finetune(model, dataset, cfg: FinetuneConfig, log_metric=None) -> list[float
         for part in (model.kosmos, model.clip):
             for param in part.parameters():
                 param.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = TrainStep(model, optimizer, device=device, grad_clip=cfg.grad_clip, loss_weights=cfg.loss.weights())
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    schedule = warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step = TrainStep(
+        model,
+        optimizer,
+        device=device,
+        scheduler=scheduler,
+        grad_clip=cfg.grad_clip,
+        loss_weights=cfg.loss.weights(),
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
