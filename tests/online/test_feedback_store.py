@@ -127,8 +127,7 @@ def test_acknowledged_records_survive_kill_9_and_torn_tail_is_cut(tmp_path):
     assert len(result.episodes) == len(finished) + 1  # + r5/after
     for name in result.episodes:
         episode = read_episode(tmp_path / "episodes" / name)
-        side = 32 if name == "fb_r5_after.h5" else 96
-        assert episode.images.shape[1:] == (side, side, 3) and episode.num_frames in (1, 8)
+        assert episode.images.shape[1:] == (224, 224, 3) and episode.num_frames in (1, 8)  # normalised at write
     assert sum(load_manifest(tmp_path / "episodes")["counts"]["total"].values()) > 0
 
 
@@ -238,7 +237,7 @@ def test_assembly_labels_weights_retries_and_watermark(tmp_path, capsys):
     second = replica_b.assemble_episodes(tmp_path / "update-2", stale_after_s=None)
     assert sorted(second.episodes) == ["fb_delta_D.h5", "fb_gamma_C.h5"]
     with h5py.File(tmp_path / "update-2" / "fb_gamma_C.h5") as f:
-        assert f["images"].shape == (4, 48, 64, 3)  # the first frames came as base64 PNG, 48x64
+        assert f["images"].shape == (4, 224, 224, 3)  # base64 PNG, 48x64, letterboxed to 224x224 at write
 
     summary = describe_feedback(root)
     assert summary["segments"] == 2 and summary["episodes"] == 4 and summary["robots"] == 4

@@ -7,33 +7,40 @@ with the operator's correction where there is one, with per-step loss weights, p
 
 Steps of one episode may land in several segments (any replica serves any robot): grouping is by
 (robot_id, episode_id), ordered by step, keeping the latest-received copy of a retried step.
+
+An episode training could not use (an instruction the model cannot tokenise or with a NUL, a value
+beyond float32, a frame over the pixel budget, mismatched state lengths, no decodable frame) is
+quarantined: its reason and step metadata go to `<root>/quarantine/episodes/<robot>_<episode>.json`,
+the summary lists it, and the job goes on (its records count as consumed, so it never blocks again).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
-from PIL import Image
 from pydantic import Field
 from rich.progress import track
 
 from mobile_vla.config import StrictModel
 from mobile_vla.data.episodes import SCHEMA_VERSION, Episode, write_episode
 from mobile_vla.data.manifest import build_manifest, split_names
+from mobile_vla.errors import DataError
 from mobile_vla.online.cursor import Cursor
-from mobile_vla.online.wal import StoredRecord
+from mobile_vla.online.feedback_record import FrameBudgetError, decode_frame
+from mobile_vla.online.wal import QUARANTINE_DIR, StoredRecord, write_durably
 
 log = logging.getLogger(__name__)
 
 Steps = dict[int, StoredRecord]  # step index -> the stored copy used for it
+InstructionCheck = Callable[[str], object]  # raises DataError for an instruction the model cannot take
+QUARANTINED_EPISODES_DIR = "episodes"  # under the feedback root's quarantine/
 
 
 class FeedbackWeights(StrictModel):
@@ -56,7 +63,8 @@ class FeedbackSummary:
     corrected_steps: int = 0
     intervention_steps: int = 0
     dropped_steps: int = 0  # undecodable images (should have been refused at the API)
-    skipped_episodes: list[str] = field(default_factory=list)
+    skipped_episodes: list[str] = field(default_factory=list)  # "robot/episode: why", one per quarantined one
+    quarantined: dict[str, str] = field(default_factory=dict)  # episode key -> why
 
 
 @dataclass
@@ -66,8 +74,9 @@ class AssembleResult:
     out_dir: Path
     episodes: list[str]  # file names written
     waiting: list[str]  # episode keys not finished yet
-    cursor: Cursor
+    cursor: Cursor  # every ready episode consumed (quarantined ones included)
     summary: FeedbackSummary
+    quarantine_cursor: Cursor | None = None  # only the quarantined ones consumed (None: none were)
 
 
 def group_steps(records: Iterable[StoredRecord]) -> dict[str, Steps]:
@@ -113,9 +122,12 @@ def write_feedback_dataset(
     control_hz: float = 5.0,
     val_fraction: float = 0.0,
     progress: bool = False,
+    check_instruction: InstructionCheck | None = None,
 ) -> tuple[list[str], FeedbackSummary]:
     """Writes one episode file per ready episode and, when any was written, the manifest (train/val
-    split by `val_fraction`). Returns the file names and a summary.
+    split by `val_fraction`). An episode that fails a check is quarantined instead (module docstring);
+    `check_instruction` (e.g. the champion's tokenizer) refuses instructions the model cannot take.
+    Returns the file names and a summary.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     names, summary = [], FeedbackSummary()
@@ -123,9 +135,12 @@ def write_feedback_dataset(
     if progress:
         keys = track(keys, description="assembling feedback episodes", transient=True)
     for key in keys:
-        name = write_feedback_episode(out_dir, key, ready[key], weights, control_hz, summary)
-        if name:
-            names.append(name)
+        try:
+            name = write_feedback_episode(out_dir, key, ready[key], weights, control_hz, summary, check_instruction)
+        except DataError as exc:
+            quarantine_episode(source_root, key, ready[key], str(exc), summary)
+            continue
+        names.append(name)
     if names:
         splits = (
             split_names(names, {"train": 1 - val_fraction, "val": val_fraction}) if val_fraction else {"train": names}
@@ -136,13 +151,25 @@ def write_feedback_dataset(
     return names, summary
 
 
-def _decode_image(data: bytes, size: tuple[int, int] | None) -> np.ndarray:
-    """uint8 [H, W, 3]; resized to `size` (H, W) when given and different."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        if size is not None and image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+def quarantine_episode(source_root: Path, key: str, steps: Steps, reason: str, summary: FeedbackSummary) -> Path:
+    """Records why `key` was not assembled, with each step's meta and where its frame sits, in
+    `<root>/quarantine/episodes/` (fsynced); lists it in `summary`. Returns the file written.
+    """
+    robot_id, episode_id = key.split("/", 1)
+    path = source_root / QUARANTINE_DIR / QUARANTINED_EPISODES_DIR / f"{robot_id}_{episode_id}.json"
+    entry = {
+        "key": key,
+        "reason": reason,
+        "steps": [
+            {"meta": s.meta, "segment": s.segment, "offset": s.offset, "image_bytes": len(s.image)}
+            for s in (steps[i] for i in sorted(steps))
+        ],
+    }
+    write_durably(path, json.dumps(entry, indent=1, default=repr).encode("utf-8"))
+    log.warning("feedback %s: quarantined (%s)", key, reason)
+    summary.skipped_episodes.append(f"{key}: {reason}")
+    summary.quarantined[key] = reason
+    return path
 
 
 def _model_version(stored: StoredRecord) -> str | None:
@@ -153,20 +180,52 @@ def _model_version(stored: StoredRecord) -> str | None:
 
 
 def _decodable_steps(key: str, ordered: list[StoredRecord], summary: FeedbackSummary):
-    """(frames, kept records): steps whose image decodes, every frame at the first frame's size."""
+    """(frames, kept records): steps whose image decodes, every frame uint8 [224, 224, 3].
+
+    Raises:
+        FrameBudgetError: a frame over the pixel budget (the episode is quarantined).
+    """
     frames, kept = [], []
-    size = None
     for stored in ordered:
         try:
-            frame = _decode_image(stored.image, size)
-        except Exception as exc:  # PIL raises many kinds for bad bytes
+            frame = decode_frame(stored.image)  # [224, 224, 3]
+        except FrameBudgetError:
+            raise
+        except DataError as exc:
             log.warning("feedback %s step %s: undecodable image (%s); step dropped", key, stored.meta["step"], exc)
             summary.dropped_steps += 1
             continue
-        size = size or frame.shape[:2]
         frames.append(frame)
         kept.append(stored)
     return frames, kept
+
+
+def _float32_rows(name: str, rows: list) -> np.ndarray:
+    """Rows as float32, refusing what float32 cannot hold (1e39 becomes inf) or what is not a number."""
+    try:
+        array = np.array(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{name}: not a table of numbers") from None
+    if not np.isfinite(array).all() or (np.abs(array) > np.finfo(np.float32).max).any():
+        raise DataError(f"{name}: values beyond float32 (non-finite or > 3.4e38)")
+    return array.astype(np.float32)
+
+
+def _check_steps(ordered: list[StoredRecord], check_instruction: InstructionCheck | None) -> None:
+    """DataError naming the first thing in the episode that training could not use."""
+    for stored in ordered:
+        meta = stored.meta
+        instruction = meta.get("instruction")
+        if not isinstance(instruction, str) or not instruction.strip() or "\x00" in instruction:
+            raise DataError(f"step {meta.get('step')}: instruction {str(instruction)[:60]!r}: empty or has a NUL")
+        if check_instruction is not None:
+            check_instruction(instruction)  # DataError: e.g. more tokens than the model takes
+        for name in ("state", "action_executed", "action_corrected"):
+            value = meta.get(name)
+            if value is not None and not isinstance(value, list):
+                raise DataError(f"step {meta.get('step')}: {name} = {value!r}: expected a list of numbers")
+            if value is not None:
+                _float32_rows(f"step {meta.get('step')}: {name}", [value])
 
 
 def write_feedback_episode(
@@ -176,33 +235,37 @@ def write_feedback_episode(
     weights: FeedbackWeights,
     control_hz: float,
     summary: FeedbackSummary,
-) -> str | None:
+    check_instruction: InstructionCheck | None = None,
+) -> str:
     """Writes `fb_<robot>_<episode>.h5` (standard keys plus weight, intervention, corrected,
-    action_executed, step) and counts it in `summary`. Returns its name, or None when skipped.
+    action_executed, step) and counts it in `summary`. Returns its name.
+
+    Raises:
+        DataError: the episode cannot be used (the caller quarantines it); nothing was written.
     """
     ordered = [steps[i] for i in sorted(steps)]
+    _check_steps(ordered, check_instruction)
     success = next((s.meta["success"] for s in reversed(ordered) if s.meta.get("success") is not None), None)
     frames, kept = _decodable_steps(key, ordered, summary)
     state_dims = {len(s.meta["state"]) for s in kept}
-    if not kept or len(state_dims) > 1:
-        why = "no decodable frames" if not kept else f"state lengths differ between steps: {sorted(state_dims)}"
-        log.warning("feedback %s: skipped (%s)", key, why)
-        summary.skipped_episodes.append(f"{key}: {why}")
-        return None
+    if not kept:
+        raise DataError("no decodable frames")
+    if len(state_dims) > 1:
+        raise DataError(f"state lengths differ between steps: {sorted(state_dims)}")
 
-    executed = np.array([s.meta["action_executed"] for s in kept], dtype=np.float32)  # [T, 3]
+    executed = _float32_rows("action_executed", [s.meta["action_executed"] for s in kept])  # [T, 3]
     corrected = np.array([s.meta.get("action_corrected") is not None for s in kept])  # [T]
     intervention = np.array([bool(s.meta.get("intervention")) for s in kept])  # [T]
-    labels = np.array(
+    labels = _float32_rows(
+        "actions",
         [
             s.meta["action_corrected"] if s.meta.get("action_corrected") is not None else s.meta["action_executed"]
             for s in kept
         ],
-        dtype=np.float32,
     )  # [T, 3]
     base = {True: weights.success, False: weights.failure, None: weights.unknown_outcome}[success]
     step_weight = np.where(corrected | intervention, weights.corrected, base).astype(np.float32)  # [T]
-    state = np.array([s.meta["state"] for s in kept], dtype=np.float32) if state_dims != {0} else None  # [T, S]
+    state = _float32_rows("state", [s.meta["state"] for s in kept]) if state_dims != {0} else None  # [T, S]
     robot_id, episode_id = key.split("/", 1)
     step_ids = [int(s.meta["step"]) for s in kept]
     attrs = {
@@ -225,7 +288,11 @@ def write_feedback_episode(
     tmp = out_dir / f".{name}.assembling.h5"
     # write_episode validates and writes the standard keys; the feedback arrays are added before the
     # file gets its real name, so a crash never leaves an episode without its weights.
-    write_episode(tmp, Episode(np.stack(frames), labels, state, attrs))  # images [T, H, W, 3]
+    try:
+        write_episode(tmp, Episode(np.stack(frames), labels, state, attrs))  # images [T, H, W, 3]
+    except DataError:
+        tmp.unlink(missing_ok=True)
+        raise
     with h5py.File(tmp, "a") as f:
         f.create_dataset("weight", data=step_weight)
         f.create_dataset("intervention", data=intervention.astype(np.uint8))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobile_vla.errors import DataError
-from mobile_vla.online.wal import StoredRecord, fsync_dir, read_segment
+from mobile_vla.online.wal import StoredRecord, fsync_dir, make_dirs, read_segment
 
 CURSOR_NAME = "cursor.json"
 HISTORY_KEPT = 100  # updates remembered in cursor.json's history
@@ -67,7 +67,7 @@ def commit_cursor(root: Path, cursor: Cursor, note: dict | None = None) -> None:
     history = (cursor.history + [{"time": time.time(), **(note or {})}])[-HISTORY_KEPT:]
     data = {"offsets": cursor.offsets, "consumed": cursor.consumed, "history": history}
     tmp = path.with_name(f".{CURSOR_NAME}.{os.getpid()}.tmp")
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root)
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1)
         handle.flush()
@@ -88,10 +88,13 @@ def unconsumed_records(segments: list[Path], cursor: Cursor | None = None) -> It
 
 def advance_cursor(segments: list[Path], cursor: Cursor, newly_consumed: set[str]) -> Cursor:
     """The watermark once `newly_consumed` episode keys are used too: each segment's offset moves past
-    the leading run of consumed records; consumed episodes with records after it stay listed.
+    the leading run of consumed records; consumed episodes with records after it stay listed; segments
+    no longer on disk (retired) are forgotten.
     """
     consumed = set(cursor.consumed) | newly_consumed
-    offsets, still_referenced = dict(cursor.offsets), set()
+    present = {path.name for path in segments}  # retired segments drop out of the watermark
+    offsets = {name: offset for name, offset in cursor.offsets.items() if name in present}
+    still_referenced = set()
     for path in segments:
         moving = True
         for stored in read_segment(path, cursor.offsets.get(path.name, 0)):

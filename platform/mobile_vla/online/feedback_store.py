@@ -4,11 +4,17 @@
     store.append(record)                      # durable when it returns: the API may answer 202
     result = store.assemble_episodes("data/feedback-7")   # complete episodes -> episode files + manifest
     store.commit_cursor(result.cursor)        # once the update that used them has finished
+    store.retire(keep_consumed_s=0)           # delete segments the committed cursor has passed
 
 Layout under root:
     segments/<host>-<pid>-<tag>-<seq>.wal   one append-only file per writer process (never shared)
     cursor.json                              what earlier updates already consumed (the watermark)
-    quarantine/                              torn tails cut off dead writers' segments, kept for forensics
+    quarantine/*.torn                        torn tails cut off dead writers' segments, kept for forensics
+    quarantine/episodes/*.json               episodes assembly refused (why, and each step's meta)
+
+Disk use: unconsumed records, plus each live writer's open segment (at most `segment_max_bytes`),
+plus consumed segments younger than `keep_consumed_s`. A full disk answers `StorageFullError`
+(the API's 507) and leaves nothing behind.
 
 This is the face; each job has its own module: `feedback_record` (checking a step), `wal` (framing,
 segments, group-committed fsyncs, torn-tail repair), `cursor` (the watermark), `assembly` (episode
@@ -20,14 +26,17 @@ cross-process locking on the hot path, and a crash can only tear the file of the
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mobile_vla.config import platform_home
 from mobile_vla.online.assembly import (
     AssembleResult,
     FeedbackWeights,
+    InstructionCheck,
     Steps,
     group_steps,
     ready_episodes,
@@ -41,24 +50,45 @@ from mobile_vla.online.wal import (
     SEGMENTS_DIR,
     SegmentScan,
     SegmentWriter,
+    StorageFullError,
     StoredRecord,
     encode_frame,
     repair_segments,
+    retire_segments,
     scan_segment,
     segment_paths,
 )
 
-# Also importable from here: the weights and result of assembly, and `describe_feedback` (data inspect).
-__all__ = ["AssembleResult", "Cursor", "FeedbackStore", "FeedbackWeights", "describe_feedback"]
+# Also importable from here: the weights and result of assembly, `describe_feedback` (data inspect),
+# and the error a full disk raises (the API maps it to 507).
+__all__ = [
+    "AssembleResult",
+    "Cursor",
+    "FeedbackStore",
+    "FeedbackWeights",
+    "StorageFullError",
+    "describe_feedback",
+    "feedback_root",
+]
 
 DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+FEEDBACK_DIR_ENV = "MOBILE_VLA_FEEDBACK_DIR"  # a cluster sets it once, to its shared storage (clusters/gpu.yaml)
+
+
+def feedback_root(explicit: str | Path | None = None) -> Path:
+    """Where fleet feedback lives, for serving, `collect` and the online update alike: `explicit` when
+    given, else `$MOBILE_VLA_FEEDBACK_DIR`, else `$MOBILE_VLA_HOME/feedback`. Absolute.
+    """
+    chosen = explicit or os.environ.get(FEEDBACK_DIR_ENV)
+    return Path(chosen).expanduser().resolve() if chosen else platform_home() / "feedback"
 
 
 class FeedbackStore:
     """Satisfies `mobile_vla.serve.feedback_sink.FeedbackSink`: `append(record)` returns once durable.
 
     Thread-safe within a process; one instance per process (each owns its own segment files). Opening
-    a store repairs the torn tails of dead writers' segments unless `repair` is false.
+    a store repairs the torn tails of dead writers' segments unless `repair` is false (reading only
+    each segment's last frame: a start does not re-read the log).
     """
 
     def __init__(
@@ -76,7 +106,8 @@ class FeedbackStore:
 
         Raises:
             DataError: a bad record (the message names the field).
-            OSError: the disk refused (then nothing is acknowledged; a retry goes to a fresh segment).
+            StorageFullError: the disk or quota is full (nothing stored; retry once space is freed).
+            OSError: the disk refused otherwise (then nothing is acknowledged).
         """
         meta, image = normalise_record(record)
         self._writer.append(encode_frame(meta, image))
@@ -117,6 +148,16 @@ class FeedbackStore:
         """Atomically records that the episodes behind `cursor` were used; `note` goes to its history."""
         commit_cursor(self.root, cursor, note)
 
+    def advance_cursor(self, cursor: Cursor, keys: set[str]) -> Cursor:
+        """The watermark once the episodes `keys` are consumed too (commit it with `commit_cursor`)."""
+        return advance_cursor(self.segment_paths(), cursor, keys)
+
+    def retire(self, keep_consumed_s: float = 0.0) -> list[str]:
+        """Deletes closed segments the committed cursor has passed whose last write is older than
+        `keep_consumed_s`; returns their names. Segments of live writers are kept.
+        """
+        return retire_segments(self.segments_dir, self.load_cursor().offsets, keep_consumed_s)
+
     # -- assembly -------------------------------------------------------------------------------------
     def pending_episodes(self, cursor: Cursor | None = None) -> dict[str, Steps]:
         """Episode key -> {step: last stored copy}, for records not consumed by an earlier update."""
@@ -131,11 +172,14 @@ class FeedbackStore:
         control_hz: float = 5.0,
         val_fraction: float = 0.0,
         progress: bool = False,
+        check_instruction: InstructionCheck | None = None,
     ) -> AssembleResult:
         """Writes one episode file per finished (robot_id, episode_id), labelled with the operator's
         correction where there is one, plus per-step `weight`, `intervention`, `corrected` and
         `action_executed` arrays, and a manifest. Unfinished episodes wait unless their last step is
-        older than `stale_after_s`. Returns the cursor to commit once the files have been used.
+        older than `stale_after_s`. Episodes training could not use are quarantined (listed in the
+        summary; `check_instruction` refuses instructions the model cannot take). Returns the cursor
+        to commit once the files have been used, and one that consumes only the quarantined episodes.
         """
         weights = weights or FeedbackWeights()
         cursor = self.load_cursor() if since_last_update else Cursor()
@@ -149,6 +193,9 @@ class FeedbackStore:
             control_hz=control_hz,
             val_fraction=val_fraction,
             progress=progress,
+            check_instruction=check_instruction,
         )
-        new_cursor = advance_cursor(self.segment_paths(), cursor, set(ready))
-        return AssembleResult(out_dir, names, waiting, new_cursor, summary)
+        segments = self.segment_paths()
+        new_cursor = advance_cursor(segments, cursor, set(ready))
+        quarantine_cursor = advance_cursor(segments, cursor, set(summary.quarantined)) if summary.quarantined else None
+        return AssembleResult(out_dir, names, waiting, new_cursor, summary, quarantine_cursor)

@@ -14,13 +14,23 @@ import h5py
 from mobile_vla.errors import DataError
 from mobile_vla.online.assembly import group_steps, is_finished
 from mobile_vla.online.cursor import load_cursor, unconsumed_records
-from mobile_vla.online.wal import SEGMENTS_DIR, scan_segment, segment_paths
+from mobile_vla.online.wal import SEGMENTS_DIR, SegmentScan, scan_segment, segment_paths
 
 
 def _success_rate(outcomes: list[bool | None]) -> float | None:
     """Share of reported successes among the episodes that reported an outcome (None: none did)."""
     reported = [o for o in outcomes if o is not None]
     return sum(reported) / len(reported) if reported else None
+
+
+def _damage(scans: list[SegmentScan]) -> list[dict]:
+    """Corrupt frames skipped mid-segment and torn tails, each with its segment, byte and problem."""
+    found = []
+    for scan in scans:
+        found += [{"segment": scan.name, "at_byte": start, "problem": why} for start, _, why in scan.skipped]
+        if scan.problem:
+            found.append({"segment": scan.name, "at_byte": scan.valid_end, "problem": scan.problem})
+    return found
 
 
 def describe_feedback(root: str | Path) -> dict:
@@ -49,9 +59,7 @@ def describe_feedback(root: str | Path) -> dict:
         "bytes": sum(s.size for s in scans),
         "records": sum(s.records for s in scans),
         "unique_steps": len(steps),
-        "torn_or_corrupt": [
-            {"segment": s.name, "at_byte": s.valid_end, "problem": s.problem} for s in scans if s.problem
-        ],
+        "torn_or_corrupt": _damage(scans),
         "robots": len({k.split("/", 1)[0] for k in episodes}),
         "episodes": len(episodes),
         "finished_episodes": len(finished),
