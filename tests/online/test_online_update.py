@@ -119,11 +119,35 @@ def send_feedback(root: Path, episodes: int) -> None:
     store.close()
 
 
+WORDY = "go to the red box on the left " * 40  # more Kosmos-2 tokens than the tiny model takes
+
+
+def send_wordy_episode(root: Path) -> None:
+    """One robot's episode whose instruction the champion's tokenizer refuses: it must not block updates."""
+    from mobile_vla.online.feedback_store import FeedbackStore
+
+    with FeedbackStore(root) as store:
+        for step in range(2):
+            store.append(
+                {
+                    "robot_id": "robot-wordy",
+                    "episode_id": "ep-0",
+                    "step": step,
+                    "instruction": WORDY,
+                    "image": jpeg(frame("red", step)),
+                    "state": [0.0, 0.0, 0.0],
+                    "action_executed": [0.3, 0.0, 0.0],
+                    "episode_done": step == 1,
+                }
+            )
+
+
 @pytest.fixture()
 def online_setup(platform_home, tmp_path):
     manifest = write_original_dataset(tmp_path / "original")
     champion = register_degraded_champion(tmp_path, manifest)
     send_feedback(platform_home / "feedback", episodes=8)
+    send_wordy_episode(platform_home / "feedback")
     return tmp_path, champion
 
 
@@ -169,7 +193,10 @@ def test_online_update_learns_corrections_and_takes_over_only_through_the_gate(o
     assert "online update: rejected (champion v1, challenger v2" in printed
     assert "online.corrected_mae" in next(line for line in printed.splitlines() if line.strip().startswith("gate:"))
     assert tracking.get_version_by_alias(MODEL, "champion") == champion
-    assert FeedbackStore(root).load_cursor().offsets == {}  # the cursor did not move
+    assert "quarantined 1 episodes" in printed and "robot-wordy/ep-0" in printed and "tokens" in printed
+    store = FeedbackStore(root)  # the cursor consumed the quarantined episode alone: the rest waits
+    assert sorted(store.pending_episodes(store.load_cursor())) == sorted(f"robot-{e % 3}/ep-{e}" for e in range(8))
+    assert (root / "quarantine" / "episodes" / "robot-wordy_ep-0.json").is_file()
 
     report = run_online_update(update_config(tmp_path, "finetune.steps=30", f"workdir={tmp_path / 'u2'}"))
     print(report.summary())  # shown with -s: the before/after numbers

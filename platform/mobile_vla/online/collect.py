@@ -40,7 +40,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from mobile_vla.client import encode_jpeg
-from mobile_vla.config import format_validation_error, platform_home
+from mobile_vla.config import format_validation_error
 from mobile_vla.errors import ConfigError, DataError
 from mobile_vla.evaluate import EXPERT
 from mobile_vla.evaluate.closed_loop import requested_seed_range, split_spec_for
@@ -60,7 +60,7 @@ from mobile_vla.evaluate.rollout import (
     worker_slots,
 )
 from mobile_vla.evaluate.tasks import fan_out
-from mobile_vla.online.feedback_store import FeedbackStore
+from mobile_vla.online.feedback_store import FeedbackStore, feedback_root
 from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.serve.schemas import FeedbackRequest
 from mobile_vla.sim.scenes import CONTROL_HZ
@@ -307,7 +307,7 @@ def collect(  # noqa: PLR0913 (the keyword-only options of `mobile-vla collect`)
 ) -> CollectReport:
     """One DAgger round: `episodes` beta-mixed episodes on `split`, every visited step stored as an
     expert correction (see the module docstring). In-process with `model` (a models:/ URI or model
-    folder) into `feedback_dir` (default $MOBILE_VLA_HOME/feedback), or through the server at
+    folder) into `feedback_dir` (default `feedback_root()`), or through the server at
     `endpoint` (its model drives, its feedback store keeps the records).
 
     Raises:
@@ -341,7 +341,7 @@ def collect(  # noqa: PLR0913 (the keyword-only options of `mobile-vla collect`)
         if resolved is None:
             raise ConfigError("--model MODEL_URI is required in-process (or --endpoint URL for the served model)")
         learner = PolicySpec("model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer))
-        root = Path(feedback_dir).expanduser() if feedback_dir else platform_home() / "feedback"
+        root = feedback_root(feedback_dir)
         version = {"name": resolved.name, "version": resolved.version} if resolved.version else None
         dagger = DaggerSettings(beta, seed, run_tag, feedback_dir=str(root.resolve()), model=version)
         where = str(root)

@@ -15,7 +15,11 @@ Steps, each visible in the job's MLflow run (experiment `mobile-vla-online`):
    serving can load it), evaluate champion and challenger on the same held-out data
    (`online.corrected_mae`, `online.feedback_mae`, `online.replay_mae`) and, if enabled, closed-loop;
 5. promote only if the gate passes; the watermark advances when the feedback went into a champion
-   (a rejected update leaves its episodes for the next, bigger one).
+   (a rejected update leaves its episodes for the next, bigger one). Episodes assembly quarantined
+   (an instruction the champion's tokenizer refuses, values beyond float32, a NUL, a frame over the
+   pixel budget) are consumed whatever the decision, so one bad record never blocks every update;
+   the report lists them. Once the watermark is committed, segments it has passed are deleted
+   (`feedback.keep_consumed_s` after their last write).
 One update at a time per feedback root (a file lock); a second one is refused, not queued.
 """
 
@@ -45,9 +49,10 @@ from mobile_vla.errors import ConfigError, DataError, ResourceError
 from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
 from mobile_vla.export.onnx_export import STEP_FP16_FILE
 from mobile_vla.export.publish import publish_onnx
-from mobile_vla.online.feedback_store import FeedbackStore, FeedbackWeights
+from mobile_vla.online.feedback_store import FeedbackStore, FeedbackWeights, feedback_root
 from mobile_vla.online.finetune import FinetuneConfig, PlainWindows, WeightedWindows, feedback_metrics, finetune
-from mobile_vla.policy.checkpoint import load_policy, save_policy
+from mobile_vla.policy.checkpoint import PREPROCESSING_DIR, load_policy, save_policy
+from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.tracking.lifecycle import GateConfig, promote
 from mobile_vla.tracking.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME
 
@@ -57,11 +62,12 @@ log = logging.getLogger(__name__)
 class FeedbackConfig(StrictModel):
     """Which feedback an update learns from, how it is weighted, and how much is held out to measure it."""
 
-    root: str | None = None  # default $MOBILE_VLA_HOME/feedback (where serving's FeedbackStore writes)
+    root: str | None = None  # default $MOBILE_VLA_FEEDBACK_DIR, else $MOBILE_VLA_HOME/feedback (`feedback_root`)
     weights: FeedbackWeights = Field(default_factory=FeedbackWeights)
     stale_after_s: float | None = Field(3600.0, gt=0)  # unfinished episodes older than this are used too
     holdout_fraction: float = Field(0.25, ge=0.0, lt=1.0)  # feedback episodes kept out to measure the update
     min_new_episodes: int = Field(1, ge=1)  # fewer: nothing to learn from, the job ends without a model
+    keep_consumed_s: float = Field(0.0, ge=0)  # consumed segments are deleted this long after their last write
 
 
 class ReplayConfig(StrictModel):
@@ -104,7 +110,8 @@ class OnlineUpdateConfig(StrictModel):
     )
 
     def feedback_root(self) -> Path:
-        return Path(self.feedback.root).expanduser() if self.feedback.root else platform_home() / "feedback"
+        """Where serving's FeedbackStore writes: `feedback.root`, else the platform's one default."""
+        return feedback_root(self.feedback.root)
 
 
 def load_update_config(path: str | Path | None, overrides: list[str] | None = None) -> OnlineUpdateConfig:
@@ -125,6 +132,8 @@ class UpdateReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "champion"/"challenger" -> metrics
     reason: str = ""
     cursor_committed: bool = False
+    quarantined: dict[str, str] = field(default_factory=dict)  # episode key -> why assembly refused it
+    retired_segments: int = 0
 
     def summary(self) -> str:
         lines = [
@@ -136,6 +145,9 @@ class UpdateReport:
             lines.append(f"  {role:>10}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         if self.reason:
             lines.append(f"  gate: {self.reason}")
+        if self.quarantined:
+            lines.append(f"  quarantined {len(self.quarantined)} episodes (feedback root's quarantine/episodes/):")
+            lines += [f"    {key}: {why}" for key, why in sorted(self.quarantined.items())]
         return "\n".join(lines)
 
 
@@ -211,25 +223,28 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
 
     with _UpdateLock(root):
         store = FeedbackStore(root)
+        resolved = tracking.resolve_model(f"models:/{cfg.model}/{champion_version}")
         assembled = store.assemble_episodes(
             workdir / "feedback",
             weights=cfg.feedback.weights,
             stale_after_s=cfg.feedback.stale_after_s,
             val_fraction=cfg.feedback.holdout_fraction,
             progress=True,
+            check_instruction=_instruction_check(resolved.path),
         )
         report = UpdateReport(
             "no_new_feedback",
             champion_version,
             feedback_episodes=len(assembled.episodes),
             waiting_episodes=len(assembled.waiting),
+            quarantined=dict(assembled.summary.quarantined),
         )
         if len(assembled.episodes) < cfg.feedback.min_new_episodes:
             report.reason = f"{len(assembled.episodes)} new finished episodes < feedback.min_new_episodes"
             log.info("online update: %s", report.reason)
+            _commit_quarantined(cfg, store, assembled, report)
             return report
 
-        resolved = tracking.resolve_model(f"models:/{cfg.model}/{champion_version}")
         report.run_id = run_id = _mlflow_run(cfg, champion_version)
         try:
             report.challenger_version, report.metrics = _train_register_evaluate(
@@ -251,11 +266,37 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
                     "challenger": report.challenger_version,
                     "decision": decision.decision,
                     "episodes": len(assembled.episodes),
+                    "quarantined": sorted(report.quarantined),
                 },
             )
             report.cursor_committed = True
+            report.retired_segments = len(store.retire(cfg.feedback.keep_consumed_s))
+        else:
+            _commit_quarantined(cfg, store, assembled, report)
         _finish_run(run_id, report)
         return report
+
+
+def _instruction_check(champion_dir: Path):
+    """The champion tokenizer's check of one instruction (DataError when it has too many tokens), or
+    None when the champion has no saved preprocessing.
+    """
+    folder = champion_dir / "policy" / PREPROCESSING_DIR
+    if not folder.is_dir():
+        return None
+    preprocessing = Preprocessing.load(folder)
+    return lambda instruction: preprocessing.tokenize([instruction])
+
+
+def _commit_quarantined(cfg: OnlineUpdateConfig, store: FeedbackStore, assembled, report: UpdateReport) -> None:
+    """Consumes the quarantined episodes alone (the rest waits for an update that uses it), then retires."""
+    if assembled.quarantine_cursor is None:
+        return
+    store.commit_cursor(
+        assembled.quarantine_cursor, {"decision": "quarantined_only", "quarantined": sorted(report.quarantined)}
+    )
+    report.cursor_committed = True
+    report.retired_segments = len(store.retire(cfg.feedback.keep_consumed_s))
 
 
 def _train_register_evaluate(
@@ -266,6 +307,7 @@ def _train_register_evaluate(
         client.log_param(run_id, key, str(value)[:6000])
     client.log_metric(run_id, "feedback.episodes", len(assembled.episodes))
     client.log_metric(run_id, "feedback.corrected_steps", assembled.summary.corrected_steps)
+    client.log_metric(run_id, "feedback.quarantined_episodes", len(assembled.summary.quarantined))
 
     model, pre = load_policy(champion_dir / "policy")
     if pre is None:
