@@ -9,8 +9,15 @@
 Why retries are safe: `act` sends the memory token of the last *answered* step and only replaces it
 when an answer arrives, so repeating a request whose answer was lost gives the same step again.
 `feedback` carries robot_id/episode_id/step, the key the server stores records under, so a repeat
-is a duplicate, not a second step. Only connection errors, timeouts, 429 and 503 are retried; a 4xx
-means the request itself is wrong and is raised at once (`ApiError`).
+is a duplicate, not a second step. Only connection errors, 429, 502 and 503 are retried; a 4xx
+means the request itself is wrong and is raised at once (`ApiError`), and a 504 (the step's
+deadline passed on the server) is raised too: that step is stale, send the next one.
+
+Every call has one total deadline (`deadline_s`, default `timeout_s`): each try gets only what is
+left of it, a retry waits the server's `Retry-After` (or a jittered backoff) and is made only if that
+wait still fits, so an overloaded server sees at most the load it asked for, never a blind 3x.
+With `send_deadline=True` the remaining budget also goes to the server as `deadline_ms`, so it
+drops the step instead of computing an answer nobody waits for.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-RETRY_STATUSES = (429, 502, 503, 504)
+RETRY_STATUSES = (429, 502, 503)
+MAX_RETRY_AFTER_S = 60.0  # a larger Retry-After (or a malformed one) is not waited for
 
 
 class ApiError(RuntimeError):
@@ -61,8 +69,23 @@ def encode_jpeg(frame: Any, quality: int = 85) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The server's Retry-After in seconds (delay-seconds form), or None when absent or unusable."""
+    value = response.headers.get("retry-after")
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if seconds is None or not 0 <= seconds <= MAX_RETRY_AFTER_S:
+        return None
+    return seconds
+
+
 class RobotClient:
     """One robot's connection: keeps its memory token and episode step, retries only what is safe."""
+
+    _clock = staticmethod(time.monotonic)  # the call deadlines' clock and the retry wait (tests replace them)
+    _sleep = staticmethod(time.sleep)
 
     def __init__(
         self,
@@ -74,10 +97,16 @@ class RobotClient:
         retries: int = 2,
         backoff_s: float = 0.05,
         jpeg_quality: int = 85,
+        deadline_s: float | None = None,
+        send_deadline: bool = False,
         transport: httpx.BaseTransport | None = None,
     ):
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
         self.robot_id = robot_id
         self.retries, self.backoff_s, self.jpeg_quality = retries, backoff_s, jpeg_quality
+        self.deadline_s = deadline_s if deadline_s is not None else timeout_s  # total per call, retries included
+        self.send_deadline = send_deadline
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             timeout=timeout_s,
@@ -108,7 +137,10 @@ class RobotClient:
         self.episode_id = episode_id or uuid.uuid4().hex[:16]
         return self.episode_id
 
-    def act(self, frame: Any, state: Sequence[float], instruction: str | None = None) -> ActAnswer:
+    def act(
+        self, frame: Any, state: Sequence[float], instruction: str | None = None, deadline_s: float | None = None
+    ) -> ActAnswer:
+        """One control step; `deadline_s` (default the client's) bounds the whole call, retries included."""
         instruction = instruction or self.instruction
         if not instruction:
             raise ValueError("no instruction: call start_episode(instruction) or pass instruction=")
@@ -121,15 +153,16 @@ class RobotClient:
         if self.memory is not None:
             body["memory"] = self.memory
         start = time.perf_counter()
+        ends_at = self._clock() + (deadline_s if deadline_s is not None else self.deadline_s)
         try:
-            data = self._post("/v1/act", body)
+            data = self._post("/v1/act", body, ends_at)
         except ApiError as exc:
             if exc.code != "invalid_memory" or "memory" not in body:
                 raise
             # The server no longer accepts our token (secret rotated, server replaced): start the
             # episode's memory afresh rather than stop the robot, and say so in memory_reset.
             del body["memory"]
-            data = {**self._post("/v1/act", body), "memory_reset": True}
+            data = {**self._post("/v1/act", body, ends_at), "memory_reset": True}
         self.memory = data["memory"]  # only after an answer: a retried request repeats the same step
         return ActAnswer(
             data["actions"],
@@ -169,7 +202,7 @@ class RobotClient:
             "episode_done": episode_done,
             "success": success,
         }
-        answer = self._post("/v1/feedback", body)
+        answer = self._post("/v1/feedback", body, self._clock() + self.deadline_s)
         self.step += 1
         return answer
 
@@ -178,23 +211,36 @@ class RobotClient:
         return self._check(response)
 
     # -- transport -------------------------------------------------------------------------------
-    def _post(self, path: str, body: dict) -> dict:
+    def _post(self, path: str, body: dict, ends_at: float) -> dict:
+        """POST with retries inside one total deadline (`ends_at`, on `self._clock`)."""
         last: Exception | None = None
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * (2 ** (attempt - 1)) * (1 + random.random()))
+            left = ends_at - self._clock()
+            if left <= 0:
+                break
+            if self.send_deadline and path == "/v1/act":
+                body = {**body, "deadline_ms": max(1, int(left * 1000))}
             try:
-                response = self._http.post(path, json=body)
+                response = self._http.post(path, json=body, timeout=left)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                last = exc
-                continue
-            if response.status_code in RETRY_STATUSES:
+                last, wait = exc, self._backoff(attempt)
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return self._check(response)
                 last = self._error(response)
-                continue
-            return self._check(response)
+                wait = retry_after_s(response)
+                if wait is None:
+                    wait = self._backoff(attempt)
+            if attempt == self.retries or self._clock() + wait >= ends_at:
+                break  # no time for another try: say why now rather than after the deadline
+            self._sleep(wait)
         if isinstance(last, ApiError):
             raise last
-        raise ApiError(0, "unreachable", f"{path}: no answer after {self.retries + 1} tries ({last})")
+        reason = last or "call deadline passed"
+        raise ApiError(0, "unreachable", f"{path}: no answer within the call's deadline ({reason})")
+
+    def _backoff(self, attempt: int) -> float:
+        return self.backoff_s * (2**attempt) * (1 + random.random())
 
     @staticmethod
     def _error(response: httpx.Response) -> ApiError:

@@ -76,6 +76,7 @@ def served(ray_cluster, serve_home, use_home):
         max_batch_size=16,
         batch_wait_timeout_s=0.05,
         primary_timeout_s=4.0,
+        deadline_s=60.0,  # the drills stall the primary for seconds: the fallback must still have time
         breaker_failures=2,
         breaker_reset_s=1.0,
     )
@@ -199,7 +200,8 @@ def test_auth_required_health_open(served):
     assert _error(missing)["code"] == _error(wrong)["code"] == "unauthorized"
     assert served.http.get("/v1/model").status_code == 401
     assert served.http.get("/healthz").json() == {"status": "ok"}
-    ready = served.http.get("/readyz")
+    assert served.http.get("/readyz").json() == {"status": "ready"}  # no details (nor errors) without a token
+    ready = served.http.get("/readyz", headers=served.auth)  # the operator token
     assert ready.status_code == 200 and {b["role"] for b in ready.json()["backends"]} == {"primary", "fallback"}
     info = served.http.get("/v1/model", headers=served.auth).json()
     assert (info["name"], info["version"], info["alias"], info["state_dim"], info["chunk"]) == (
@@ -226,6 +228,9 @@ BAD_BODIES = {
     "gif": ({"image": base64.b64encode(b"GIF89a" + b"\0" * 64).decode()}, 400, "invalid_image"),
     "huge_image": ({"image": _png(10_000, 10_000)}, 413, "image_too_large"),
     "inf_state": ({"state": "INF"}, 422, "invalid_request"),
+    "float32_overflow_state": ({"state": [1e39, 0.0, 0.0]}, 422, "invalid_request"),  # finite in Python, inf in float32
+    "short_deadline_field": ({"deadline_ms": 0}, 422, "invalid_request"),
+    "progressive_scan_bomb": ({"image": "SCAN_BOMB"}, 413, "image_too_large"),
     "short_state": ({"state": [0.0, 0.0]}, 422, "invalid_request"),
     "long_state": ({"state": [0.0] * 4}, 422, "invalid_request"),
     "string_state": ({"state": ["a", "b", "c"]}, 422, "invalid_request"),
@@ -244,11 +249,24 @@ def test_bad_act_bodies_get_4xx_with_schema(served, case):
     change, status, code = BAD_BODIES[case]
     body = {"robot_id": "r-bad", "instruction": INSTRUCTION, "image": IMAGE, "state": [0.0, 0.0, 0.0], **change}
     text = json.dumps(body)
+    text = text.replace('"SCAN_BOMB"', json.dumps(_scan_bomb()))
     if case == "inf_state":
         text = text.replace('"INF"', "[1e999, 0.0, 0.0]")  # JSON number that parses to inf
     response = served.http.post("/v1/act", content=text, headers={**served.auth, "Content-Type": "application/json"})
     assert response.status_code == status, response.text
     assert _error(response)["code"] == code
+    if case == "float32_overflow_state":
+        assert _error(response)["message"].startswith("state.0:") and "float32" in _error(response)["message"]
+
+
+def _scan_bomb() -> str:
+    """A small progressive JPEG whose scans repeat past the scan budget."""
+    raw = base64.b64decode(IMAGE)
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(raw)).save(buffer, format="JPEG", progressive=True)
+    jpeg = buffer.getvalue()
+    head, last = jpeg.index(b"\xff\xda"), jpeg.rindex(b"\xff\xda")
+    return base64.b64encode(jpeg[:head] + jpeg[head:last] * 10 + jpeg[last:]).decode()
 
 
 def test_bad_transport_level_requests(served):
@@ -299,6 +317,8 @@ def test_feedback_is_stored_before_202_and_retries_are_duplicates(served):
     assert summary["unique_steps"] >= 1 and summary["intervention_steps"] >= 1 and summary["torn_or_corrupt"] == []
     bad = served.http.post("/v1/feedback", json={**body, "action_executed": [0.1, 0.2]}, headers=served.auth)
     assert bad.status_code == 422 and _error(bad)["code"] == "invalid_request"
+    overflow = served.http.post("/v1/feedback", json={**body, "action_executed": [1e39, 0, 0]}, headers=served.auth)
+    assert overflow.status_code == 422 and _error(overflow)["message"].startswith("action_executed.0:")
     assert served.http.post("/v1/feedback", json=body).status_code == 401
 
 

@@ -4,14 +4,17 @@ and what each kind of replica answer does to routing and the breaker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 
 from mobile_vla.serve.errors_http import ApiError
-from mobile_vla.serve.router import BatchRouter, BreakerState, ServedVersions, raised_by_replica
+from mobile_vla.serve.router import BatchRouter, BreakerState, CircuitBreaker, ServedVersions, raised_by_replica
 from mobile_vla.serve.schemas import BackendUnavailable, StepFailure, StepRequest, StepResult
 from mobile_vla.serve.settings import IngressConfig
 
@@ -163,3 +166,126 @@ def test_serve_delivers_a_replica_exception_as_its_own_class(ray_cluster):
     finally:
         serve.delete("typed-errors")
         serve.shutdown()
+
+
+# -- issue 16: deadlines, shedding, only the primary's own faults count -----------------------------
+class _Hanging:
+    """A policy handle whose step_batch calls wait until the test says, or answer at once when `ready`."""
+
+    def __init__(self):
+        self.calls, self.ready, self.cancelled = 0, False, 0
+        self.step_batch = self
+
+    def remote(self, steps):
+        self.calls += 1
+        owner, stalls = self, not self.ready  # decided when the call is made
+
+        class _Waiting:
+            def __await__(self):
+                return self._run().__await__()
+
+            async def _run(self):
+                if stalls:
+                    await asyncio.Event().wait()  # never set: a stalled replica
+                return _result(steps)
+
+            def cancel(self):
+                owner.cancelled += 1
+
+        return _Waiting()
+
+
+def _timed(router: BatchRouter, **limits) -> BatchRouter:
+    router.settings = router.settings.model_copy(update=limits)
+    return router
+
+
+def _run_batches(router: BatchRouter, scenario):
+    route_batch = type(router)._route_batch.__wrapped__
+    return asyncio.run(scenario(lambda robots: route_batch(router, [_step(r) for r in robots])))
+
+
+def test_a_cancelled_half_open_probe_frees_the_probe_slot():
+    now = [0.0]
+    primary = _Hanging()
+    router = _router(primary, _Handle(_result), failures=1)
+    router.breaker = CircuitBreaker(1, reset_timeout_s=10.0, clock=lambda: now[0])
+    router.breaker.record_failure()
+    now[0] = 11.0  # cool-down over: the next batch is the probe
+
+    async def scenario(batch):
+        probe = asyncio.create_task(batch(["probe"]))
+        while primary.calls == 0:
+            await asyncio.sleep(0)
+        probe.cancel()  # e.g. the robot disconnected while the probe ran
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+        primary.ready = True
+        return await batch(["after"])
+
+    [after] = _run_batches(router, scenario)
+    assert primary.cancelled == 1  # the probe's call was cancelled with it
+    assert after.served_by == "OnnxPolicy" and router.breaker.state is BreakerState.CLOSED
+
+
+def test_a_timeout_while_the_primary_answers_others_is_queueing_not_a_fault():
+    primary = _Hanging()
+    router = _timed(_router(primary, _Handle(_result), failures=1), primary_timeout_s=0.2)
+
+    async def scenario(batch):
+        stuck = asyncio.create_task(batch(["waits-in-queue"]))
+        while primary.calls == 0:
+            await asyncio.sleep(0)
+        primary.ready = True  # the primary keeps answering: the first call only waited behind others
+        answered = await batch(["answered"])
+        return await stuck, answered
+
+    [queued], [answered] = _run_batches(router, scenario)
+    assert answered.served_by == "OnnxPolicy"
+    assert (queued.served_by, queued.fallback_reason) == ("OnnxFallbackPolicy", "queued")
+    assert router.breaker.state is BreakerState.CLOSED  # load is not a primary fault
+
+    lone = _timed(_router(_Hanging(), _Handle(_result), failures=1), primary_timeout_s=0.2)
+    [[stalled]] = _route_all(lone, ["stalled"])  # it answered nothing meanwhile: a fault
+    assert stalled.fallback_reason == "timeout" and lone.breaker.state is BreakerState.OPEN
+
+
+def test_a_full_policy_queue_sheds_with_429_and_retry_after_not_the_fallback():
+    def shed(steps):
+        raise BackPressureError(num_queued_requests=64, max_queued_requests=64, status_code=429, retry_after_s=1)
+
+    fallback = _Handle(_result)
+    router = _timed(_router(_Handle(shed), fallback, failures=1), retry_after_s=2.5)
+    [outcomes] = _route_all(router, ["a", "b"])
+    assert all(isinstance(o, ApiError) and (o.status, o.code) == (429, "overloaded") for o in outcomes)
+    assert outcomes[0].headers == {"Retry-After": "3"}
+    assert fallback.step_batch.calls == 0 and router.breaker.state is BreakerState.CLOSED
+
+
+def test_a_step_whose_deadline_passed_is_dropped_not_computed():
+    primary, fallback = _Handle(_result), _Handle(_result)
+    router = _router(primary, fallback, failures=1)
+    late = _step("late")
+    late.deadline = time.time() - 0.01
+    [[outcome]] = [asyncio.run(type(router)._route_batch.__wrapped__(router, [late]))]
+    assert isinstance(outcome, ApiError) and (outcome.status, outcome.code) == (504, "deadline_exceeded")
+    assert primary.step_batch.calls == fallback.step_batch.calls == 0
+
+    def expired_in_replica(steps):  # the replica dropped them: its queue was longer than their budget
+        return [StepFailure("deadline passed", expired=True) for _ in steps]
+
+    router = _router(_Handle(expired_in_replica), fallback, failures=1)
+    [[dropped]] = _route_all(router, ["a"])
+    assert isinstance(dropped, ApiError) and dropped.status == 504
+    assert router.breaker.state is BreakerState.CLOSED and fallback.step_batch.calls == 0
+
+
+def test_the_fallback_call_has_its_own_timeout():
+    def broken(steps):
+        raise _remote_error(RuntimeError("primary down"))
+
+    stalled_fallback = _Hanging()
+    router = _timed(_router(_Handle(broken), stalled_fallback), fallback_timeout_s=0.2)
+    [[outcome]] = _route_all(router, ["a"])
+    assert isinstance(outcome, ApiError) and (outcome.status, outcome.code) == (503, "unavailable")
+    assert stalled_fallback.cancelled == 1

@@ -39,6 +39,18 @@ class BackendOutput:
     confidence: np.ndarray  # float32 [B], in [0, 1]
     memory: tuple[np.ndarray, np.ndarray]  # (h, c) float32 [layers, B, hidden]
 
+    def nonfinite_rows(self) -> list[int]:
+        """Rows (robots) whose actions, confidence or next memory hold NaN or inf: a fault of that row only."""
+        h, c = self.memory
+        B = self.actions.shape[0]
+        good = (
+            np.isfinite(self.actions.reshape(B, -1)).all(axis=1)
+            & np.isfinite(self.confidence.reshape(B))
+            & np.isfinite(np.moveaxis(h, 1, 0).reshape(B, -1)).all(axis=1)  # [layers, B, hidden] -> [B, ...]
+            & np.isfinite(np.moveaxis(c, 1, 0).reshape(B, -1)).all(axis=1)
+        )
+        return [int(b) for b in np.flatnonzero(~good)]
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -169,6 +181,29 @@ class Backend:
     @property
     def cache_stats(self) -> dict[str, int]:
         return {"hits": self._cache.hits, "misses": self._cache.misses, "size": len(self._cache)}
+
+    def row_problem(self, state: np.ndarray, h: np.ndarray | None = None, c: np.ndarray | None = None) -> str | None:
+        """What is wrong with one robot's input (state [S], memory [layers, hidden]), or None.
+
+        Checked per robot before a batch runs, so one robot's input never fails its batch-mates: a
+        state must be finite as float32 and stay finite once normalised ((x - mean) / std overflows
+        for values near the float32 limit); memory must be finite.
+        """
+        state = np.asarray(state, dtype=np.float64)
+        if state.shape != (self.state_dim,):
+            return f"state: expected {self.state_dim} floats, got shape {list(state.shape)}"
+        with np.errstate(over="ignore", invalid="ignore"):
+            as_float32 = state.astype(np.float32)
+            if not np.isfinite(as_float32).all():
+                return "state: contains NaN, inf or a value outside the float32 range"
+            normalised = np.asarray(self.preprocessing.normalise_state(as_float32[None]), dtype=np.float32)
+        if not np.isfinite(normalised).all():
+            bad = int(np.flatnonzero(~np.isfinite(normalised.reshape(-1)))[0])
+            return f"state.{bad}: {float(state[bad])!r} is too large for the model (not finite once normalised)"
+        for label, part in (("h", h), ("c", c)):
+            if part is not None and not np.isfinite(np.asarray(part, dtype=np.float32)).all():
+                return f"memory {label}: contains NaN or inf"
+        return None
 
     def predict(
         self,

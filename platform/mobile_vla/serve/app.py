@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ray.serve.config import BackpressureConfig
+
 from mobile_vla.config import platform_home, validate_config
 from mobile_vla.errors import ConfigError
 from mobile_vla.policy.config import IMAGE_SIZE
@@ -82,6 +84,10 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         f"models:/{resolved.name}/{resolved.version}" if args.model_uri.startswith("models:/") else str(resolved.path)
     )
     env = {"runtime_env": {"env_vars": _replica_env(args.max_batch_size)}}
+    # Serve's own load shedding: past max_queued_requests a caller gets 429 + Retry-After (HTTP, from
+    # the proxy) or BackPressureError (handle calls: the router answers those robots 429).
+    shed = BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s)
+    policy_queue = {"max_queued_requests": args.policy_max_queued_requests, "backpressure_config": shed}
 
     policy_config = PolicyUserConfig(
         model_uri=pinned_uri,
@@ -99,6 +105,7 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         primary_cls, primary_config = drill_deployment(args.primary), drill.policy_config(policy_config)
     primary = primary_cls.options(
         max_ongoing_requests=ongoing,
+        **policy_queue,
         ray_actor_options={**REPLICA_RESOURCES[args.primary], **env},
         user_config=primary_config.model_dump(mode="json"),
     )
@@ -110,6 +117,7 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         fallback = fallback_cls.options(
             name=fallback_name,
             max_ongoing_requests=ongoing,
+            **policy_queue,
             ray_actor_options={**REPLICA_RESOURCES[args.fallback], **env},
             user_config=policy_config.model_dump(mode="json"),
         )
@@ -147,6 +155,10 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         primary_timeout_s=args.primary_timeout_s,
+        fallback_timeout_s=args.fallback_timeout_s,
+        deadline_s=args.deadline_s,
+        max_pending_requests=args.max_pending_requests,
+        retry_after_s=args.retry_after_s,
         breaker_failures=args.breaker_failures,
         breaker_reset_s=args.breaker_reset_s,
         primary_name=primary_name,
@@ -155,7 +167,11 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         shadow=args.shadow,
         shadow_name=shadow_name,
     )
-    ingress = PolicyIngress.options(ray_actor_options={"num_cpus": 0.5, **env})
+    ingress = PolicyIngress.options(
+        ray_actor_options={"num_cpus": 0.5, **env},
+        max_queued_requests=args.ingress_max_queued_requests,
+        backpressure_config=shed,
+    )
     return ingress.bind(
         settings.model_dump(), primary.bind(), fallback.bind() if fallback else None, shadow.bind() if shadow else None
     )

@@ -313,11 +313,36 @@ class PolicyReplica:
     async def _predict_chunks(self, chunks: list[list[StepRequest]]) -> list[list[StepResult | StepFailure]]:
         model = self._model  # one model for the whole batch, even if a swap lands meanwhile
         requests = [r for chunk in chunks for r in chunk]
-        results = await self._predict_or_refuse(model, requests)
+        results = await self._predict_rows(model, requests)
         out, start = [], 0
         for chunk in chunks:
             out.append(results[start : start + len(chunk)])
             start += len(chunk)
+        return out
+
+    async def _predict_rows(self, model: LoadedModel, requests: list[StepRequest]) -> list[StepResult | StepFailure]:
+        """Each robot alone where it must be, the rest as one batch: a step whose deadline passed is
+        dropped, not computed (`expired`); a robot whose input the model cannot take is refused
+        (`refused`: 422) before the batch runs, so it never fails its batch-mates.
+        """
+        now = time.time()
+        out: list[StepResult | StepFailure | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            if request.expired(now):
+                out[i] = StepFailure("deadline passed before the model ran this step", expired=True)
+                continue
+            usable = _usable_memory(model, request)
+            problem = model.backend.row_problem(
+                request.state, request.h if usable else None, request.c if usable else None
+            )
+            if problem is not None:
+                out[i] = StepFailure(problem, refused=True)
+        run = [i for i, outcome in enumerate(out) if outcome is None]
+        if len(run) < len(requests):
+            self._metrics.dropped_rows.inc(float(len(requests) - len(run)))
+        if run:
+            for i, result in zip(run, await self._predict_or_refuse(model, [requests[i] for i in run]), strict=True):
+                out[i] = result
         return out
 
     async def _predict_or_refuse(
@@ -334,7 +359,8 @@ class PolicyReplica:
                 return [StepFailure(str(exc), refused=True)]
         return [(await self._predict_or_refuse(model, [request]))[0] for request in requests]
 
-    async def _predict(self, model: LoadedModel, requests: list[StepRequest]) -> list[StepResult]:
+    async def _predict(self, model: LoadedModel, requests: list[StepRequest]) -> list[StepResult | StepFailure]:
+        """One backend call for the batch; a robot whose output is not finite gets a StepFailure alone."""
         B = len(requests)
         images = np.stack([r.image for r in requests])  # [B, H, W, C] uint8
         state = np.stack([r.state for r in requests]).astype(np.float32)  # [B, S]
@@ -343,13 +369,7 @@ class PolicyReplica:
         h0, c0 = np.array(h0, dtype=np.float32), np.array(c0, dtype=np.float32)
         reset = []
         for b, r in enumerate(requests):
-            usable = (
-                r.h is not None
-                and r.memory_version == model.version
-                and r.memory_name == model.name
-                and r.h.shape == model.state_shape
-                and r.c.shape == model.state_shape
-            )
+            usable = _usable_memory(model, r)
             if usable:
                 h0[:, b], c0[:, b] = r.h, r.c
             reset.append(r.h is not None and not usable)
@@ -365,8 +385,14 @@ class PolicyReplica:
         h1, c1 = out.memory
         actions = np.asarray(out.actions, dtype=np.float32)  # [B, K, 3]
         confidence = np.asarray(out.confidence, dtype=np.float32)  # [B]
+        broken = set(out.nonfinite_rows())
+        if broken:
+            self._metrics.nonfinite_rows.inc(float(len(broken)))
+            logger.warning("policy %s: non-finite output for %d of %d robots", type(self).__name__, len(broken), B)
         return [
-            StepResult(
+            StepFailure(f"{model.backend.name} gave a non-finite output for this robot")
+            if b in broken
+            else StepResult(
                 actions[b],
                 float(confidence[b]),
                 np.asarray(h1[:, b]),
@@ -398,6 +424,18 @@ class PolicyReplica:
             reason = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             logger.error("policy %s: health probe of version %s failed: %s", type(self).__name__, model.version, reason)
             raise RuntimeError(f"{type(self).__name__}: the loaded model failed its health probe: {reason}") from exc
+
+
+def _usable_memory(model: LoadedModel, request: StepRequest) -> bool:
+    """Whether the robot's memory token belongs to the served model (else the step starts from zero)."""
+    return (
+        request.h is not None
+        and request.c is not None
+        and request.memory_version == model.version
+        and request.memory_name == model.name
+        and request.h.shape == model.state_shape
+        and request.c.shape == model.state_shape
+    )
 
 
 class TensorRTReplica(PolicyReplica):

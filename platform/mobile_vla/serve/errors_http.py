@@ -7,6 +7,7 @@ Every client mistake becomes a 4xx with a code a robot can branch on; only our o
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,9 +20,20 @@ logger = logging.getLogger("ray.serve")
 class ApiError(Exception):
     """A request refused with an HTTP status and an error code; becomes the error schema."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers  # e.g. Retry-After on a 429
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header (whole seconds, at least 1: HTTP's delay-seconds is an integer)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def overloaded(message: str, retry_after_s: float) -> ApiError:
+    """429 `overloaded` with Retry-After: the request was shed, not computed; send a later step."""
+    return ApiError(429, "overloaded", message, headers=retry_after(retry_after_s))
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -52,6 +64,7 @@ _STATUS_CODES = {
     415: "unsupported_media_type",
     429: "too_many_requests",
     503: "unavailable",
+    504: "deadline_exceeded",
 }
 
 
@@ -60,7 +73,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

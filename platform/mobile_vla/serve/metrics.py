@@ -99,6 +99,12 @@ class PolicyMetrics:
             "Prepare + load + verify time of a hot swap.",
             boundaries=SWAP_SECONDS_BOUNDARIES,
         )
+        self.dropped_rows = Counter(
+            "mobile_vla_dropped_rows", "Robots answered without running the model: deadline passed or input refused."
+        )
+        self.nonfinite_rows = Counter(
+            "mobile_vla_nonfinite_rows", "Robots whose model output was NaN/inf (failed alone, not their batch)."
+        )
         self.memory_bytes = Gauge("mobile_vla_replica_memory_bytes", "Resident memory of this replica.")
         self.gpu_utilization = Gauge(
             "mobile_vla_replica_gpu_utilization", "GPU utilisation (0-100) seen by this replica."

@@ -28,6 +28,8 @@ class ModelSide:
     state_dim: int
     chunk: int
     prepare_image: Callable[[Any], np.ndarray]  # PIL image of any size -> uint8 [224, 224, 3]
+    control_hz: float = 5.0  # the robots' control rate the model was trained at: a step's default deadline is 1 / it
+    image_size: int = 224  # what prepare_image makes (JPEGs larger than it are DCT-downscaled while decoding)
     from_cache: bool = False  # read from the verified local cache while the registry was unreachable
 
 
@@ -44,5 +46,7 @@ def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
         state_dim=int(signature.preprocessing.state_dim),
         chunk=int(signature.chunk),
         prepare_image=preprocessing.prepare_image,
+        control_hz=float(preprocessing.control_hz),
+        image_size=int(preprocessing.image_size),
         from_cache=resolved.from_cache,
     )

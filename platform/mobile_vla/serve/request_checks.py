@@ -23,7 +23,9 @@ from mobile_vla.errors import MobileVLAError
 from mobile_vla.serve.auth import TokenVerifier
 from mobile_vla.serve.errors_http import ApiError, describe_errors
 
-DECODE_INLINE_PIXELS = 640 * 480  # up to a camera's usual VGA frames decode on the event loop; larger in a thread
+DECODE_INLINE_PIXELS = 64 * 64  # only tiny images decode on the event loop; the rest in a thread
+MAX_JPEG_SCANS = 32  # a progressive JPEG has ~10 scans; thousands make a small file cost seconds to decode
+SOS_MARKER = b"\xff\xda"  # JPEG start of scan: 0xFF in entropy-coded data is always followed by 0x00 or RST
 
 
 def authorize(request: Request, verifier: TokenVerifier) -> None:
@@ -57,8 +59,16 @@ async def read_json(request: Request, model: type[BaseModel], max_body_bytes: in
         raise ApiError(status, code, message) from None
 
 
-async def decode_image(text: str, max_pixels: int, prepare_image: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
-    """base64 JPEG/PNG -> uint8 [224, 224, 3] by the saved preprocessing (`prepare_image`)."""
+async def decode_image(
+    text: str, max_pixels: int, prepare_image: Callable[[Image.Image], np.ndarray], target_size: int = 224
+) -> np.ndarray:
+    """base64 JPEG/PNG -> uint8 [S, S, 3] by the saved preprocessing (`prepare_image`).
+
+    Budgets before any pixel is decoded: the header's pixel count (`max_pixels`, 413) and a JPEG's
+    scan count (`MAX_JPEG_SCANS`, 413). A JPEG larger than `target_size` is decoded at a reduced DCT
+    scale (`Image.draft`, still >= target_size on both sides), and every image but a tiny one is
+    decoded in a worker thread, off the event loop.
+    """
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -73,7 +83,15 @@ async def decode_image(text: str, max_pixels: int, prepare_image: Callable[[Imag
         raise ApiError(400, "invalid_image", f"image cannot be decoded: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:
+        image.close()
         raise ApiError(413, "image_too_large", f"image is {width}x{height}; at most {max_pixels} pixels")
+    if image.format == "JPEG":
+        scans = raw.count(SOS_MARKER)
+        if scans > MAX_JPEG_SCANS:
+            image.close()
+            raise ApiError(413, "image_too_large", f"JPEG has {scans} scans; at most {MAX_JPEG_SCANS}")
+        if min(width, height) > target_size:
+            image.draft("RGB", (target_size, target_size))  # DCT scaling: 1/2, 1/4 or 1/8 of the pixels decoded
 
     def decode() -> np.ndarray:
         with image:

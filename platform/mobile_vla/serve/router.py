@@ -2,9 +2,14 @@
 
 Concurrent requests are gathered into one batch (`@serve.batch`), sent to the primary with one
 timeout, then the robots the primary did not answer go to the fallback (the whole batch on a
-timeout, an error or an open breaker; only the failed robots when the primary answered the rest).
-A circuit breaker stops sending the primary traffic after N failed batches in a row, for a while,
-then lets one probe batch through (half-open) and closes again if it succeeds. Each ingress replica
+timeout, an error or an open breaker; only the failed robots when the primary answered the rest),
+which has its own timeout. Each step carries a deadline: a step whose deadline passed is dropped
+(504), never sent; a policy queue that is full sheds the batch (429 with Retry-After, no fallback:
+moving an overload onto the slower fallback only spreads it). A circuit breaker stops sending the
+primary traffic after N failed batches in a row, for a while, then lets one probe batch through
+(half-open) and closes again if it succeeds. Only the primary's own faults count: not a robot's
+bad input (422), not a shed or expired step, not a timeout while the primary answered other calls
+(that call waited in its queue); a probe that ends without a verdict frees the probe slot. Each ingress replica
 keeps its own breaker: no shared state, so a replica restart costs at most `breaker_failures` slow or
 failed batches before it learns again.
 
@@ -23,8 +28,9 @@ from typing import NamedTuple
 
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 
-from mobile_vla.serve.errors_http import ApiError
+from mobile_vla.serve.errors_http import ApiError, overloaded
 from mobile_vla.serve.metrics import IngressMetrics
 from mobile_vla.serve.schemas import BackendStatus, BackendUnavailable, StepFailure, StepRequest, StepResult
 from mobile_vla.serve.settings import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, IngressConfig
@@ -74,6 +80,12 @@ class CircuitBreaker:
             return True
         return False
 
+    def abandon(self) -> None:
+        """The call `allow()` let through ended with no verdict on the primary (cancelled, shed, queued,
+        or every robot's deadline passed): a half-open probe slot opens again for the next batch.
+        """
+        self._probe_in_flight = False
+
     def record_success(self) -> None:
         self._state = BreakerState.CLOSED
         self._failures = 0
@@ -100,6 +112,10 @@ def raised_by_replica(exc: BaseException, cls: type[BaseException]) -> bool:
 async def _awaited(response):
     """A coroutine around a DeploymentResponse, so wait_for can cancel it on timeout."""
     return await response
+
+
+def _deadline_exceeded() -> ApiError:
+    return ApiError(504, "deadline_exceeded", "the step's deadline passed before the model ran it; send the next step")
 
 
 class ServedVersions:
@@ -152,6 +168,7 @@ class BatchRouter:
         self._metrics = metrics
         self.versions = versions
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self._primary_answers = 0  # primary calls answered: progress while a call waits means it was queued
         self._route_batch.set_max_batch_size(settings.max_batch_size)
         self._route_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
@@ -175,14 +192,19 @@ class BatchRouter:
     )  # resized from the settings in __init__
     async def _route_batch(self, steps: list[StepRequest]) -> list[Routed | ApiError]:
         """One primary call (one breaker verdict for the batch: a failure only when it answered none of
-        it), then the fallback for the robots the primary did not answer.
+        it), then the fallback for the robots the primary did not answer. Steps whose deadline passed
+        are dropped (504) before any call; a full queue sheds (429); neither counts against the primary.
         """
         outcomes: list[Routed | ApiError | None] = [None] * len(steps)
+        self._drop_expired(steps, outcomes)
         reason = "absent"
+        if not any(outcome is None for outcome in outcomes):
+            return outcomes
         if self._primary is not None and not self.primary_is_current:
             reason = "primary_behind"  # e.g. building the new version's TensorRT engine
         elif self._primary is not None:
             reason = await self._try_primary(steps, outcomes)
+        self._drop_expired(steps, outcomes)  # the fallback only for robots that can still use an answer
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if not pending:
             return outcomes
@@ -190,51 +212,97 @@ class BatchRouter:
             message = f"primary backend unavailable ({reason}) and no fallback configured"
             return [outcome or ApiError(503, "unavailable", message) for outcome in outcomes]
         self._metrics.fallbacks.inc(float(len(pending)), tags={"reason": reason})
-        try:
-            results = await self._fallback.step_batch.remote([steps[i] for i in pending])
-        except Exception as exc:
-            logger.error("fallback failed: %s", str(exc).splitlines()[0][:200])
-            results = [StepFailure("fallback failed")] * len(pending)
+        results = await self._call_fallback([steps[i] for i in pending])
         name = self.settings.fallback_name or "fallback"
         for i, result in zip(pending, results, strict=True):
-            outcome = self._outcome(result, "fallback", name, reason)
+            outcome = result if isinstance(result, ApiError) else self._outcome(result, "fallback", name, reason)
             outcomes[i] = outcome or ApiError(503, "unavailable", "no backend could answer; retry later")
         return outcomes
 
+    def _drop_expired(self, steps: list[StepRequest], outcomes: list) -> None:
+        """504 for every unanswered step whose deadline has passed: its answer would come too late."""
+        now = time.time()
+        for i, step in enumerate(steps):
+            if outcomes[i] is None and step.expired(now):
+                outcomes[i] = _deadline_exceeded()
+
+    async def _call_fallback(self, steps: list[StepRequest]) -> list:
+        """The fallback's answers, with its own timeout: 429 when its queue is full, failures otherwise."""
+        response = self._fallback.step_batch.remote(steps)
+        try:
+            return await asyncio.wait_for(_awaited(response), self.settings.fallback_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            logger.error("fallback timed out after %.2f s", self.settings.fallback_timeout_s)
+            return [StepFailure("fallback timed out")] * len(steps)
+        except Exception as exc:
+            if raised_by_replica(exc, BackPressureError):
+                shed = overloaded("the fallback's queue is full; retry later", self.settings.retry_after_s)
+                return [shed] * len(steps)
+            logger.error("fallback failed: %s", str(exc).splitlines()[0][:200])
+            return [StepFailure("fallback failed")] * len(steps)
+
     async def _try_primary(self, steps: list[StepRequest], outcomes: list) -> str:
-        """Fills `outcomes` with what the primary answered; returns why the rest go to the fallback."""
+        """Fills `outcomes` with what the primary answered; returns why the rest go to the fallback.
+
+        Only the primary's own faults count for the breaker: an error, a batch it answered none of,
+        or a timeout while it answered nothing else. A timeout while it answered other calls means
+        this one waited in its queue (load, not a fault), and a shed call (its queue full) is a 429.
+        """
         if not self.breaker.allow():
             self._metrics.breaker_open.set(1)
             return "breaker_open"
-        response = self._primary.step_batch.remote(steps)
-        reason = "error"
+        sent = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        answered_before = self._primary_answers
+        response = self._primary.step_batch.remote([steps[i] for i in sent])
+        reason, verdict = "error", False
         try:
             results = await asyncio.wait_for(_awaited(response), self.settings.primary_timeout_s)
         except TimeoutError:
             response.cancel()
-            self.breaker.record_failure()
-            reason = "timeout"
+            if self._primary_answers != answered_before:
+                reason = "queued"  # it answered other calls meanwhile: this one waited behind them
+            else:
+                self.breaker.record_failure()
+                verdict, reason = True, "timeout"
         except asyncio.CancelledError:
+            response.cancel()
             raise
         except Exception as exc:
-            self.breaker.record_failure()
-            reason = "unavailable" if raised_by_replica(exc, BackendUnavailable) else "error"
-            logger.warning("primary failed (%s): %s", reason, str(exc).splitlines()[0][:200])
-        else:
-            name = self.settings.primary_name or "primary"
-            for i, result in enumerate(results):
-                outcomes[i] = self._outcome(result, "primary", name, "")
-            failed = [r for r in results if isinstance(r, StepFailure) and not r.refused]
-            if failed and len(failed) == len(steps):  # a primary that answers part of a batch is not broken
-                self.breaker.record_failure()
+            if raised_by_replica(exc, BackPressureError):
+                shed = overloaded("the primary's queue is full; retry later", self.settings.retry_after_s)
+                for i in sent:
+                    outcomes[i] = shed
+                reason = "overloaded"
             else:
-                self.breaker.record_success()
-            if failed:
-                logger.warning(
-                    "primary failed (error) for %d of %d robots: %s", len(failed), len(steps), failed[0].error[:200]
-                )
+                self.breaker.record_failure()
+                verdict = True
+                reason = "unavailable" if raised_by_replica(exc, BackendUnavailable) else "error"
+                logger.warning("primary failed (%s): %s", reason, str(exc).splitlines()[0][:200])
+        else:
+            self._take_primary_answers(sent, results, outcomes)
+            verdict = True
+        finally:
+            if not verdict:  # cancelled, shed or queued: no word on the primary's health; free a probe slot
+                self.breaker.abandon()
         self._metrics.breaker_open.set(1 if self.breaker.state is not BreakerState.CLOSED else 0)
         return reason
+
+    def _take_primary_answers(self, sent: list[int], results: list, outcomes: list) -> None:
+        """The primary's answers into `outcomes`, and the breaker's verdict on them."""
+        self._primary_answers += 1
+        name = self.settings.primary_name or "primary"
+        for i, result in zip(sent, results, strict=True):
+            outcomes[i] = self._outcome(result, "primary", name, "")
+        failed = [r for r in results if isinstance(r, StepFailure) and not (r.refused or r.expired)]
+        if failed and len(failed) == len(sent):  # a primary that answers part of a batch is not broken
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+        if failed:
+            logger.warning(
+                "primary failed (error) for %d of %d robots: %s", len(failed), len(sent), failed[0].error[:200]
+            )
 
     def _outcome(self, result, role: str, name: str, reason: str) -> Routed | ApiError | None:
         """A replica's answer for one robot: routed, refused (422), or None (failed: try elsewhere)."""
@@ -243,6 +311,8 @@ class BatchRouter:
             return Routed(result, name, reason)
         if isinstance(result, StepFailure) and result.refused:
             return ApiError(422, "invalid_request", result.error)
+        if isinstance(result, StepFailure) and result.expired:
+            return _deadline_exceeded()
         return None
 
     async def backend_statuses(self) -> list[BackendStatus]:

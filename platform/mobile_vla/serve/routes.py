@@ -21,6 +21,7 @@ from ray import serve
 
 from mobile_vla.errors import DataError
 from mobile_vla.online.feedback_store import FeedbackStore
+from mobile_vla.serve.admission import AdmissionGate, step_budget_s
 from mobile_vla.serve.auth import TokenVerifier
 from mobile_vla.serve.errors_http import ApiError, error_response, install_error_handlers
 from mobile_vla.serve.feedback_sink import feedback_key
@@ -46,7 +47,7 @@ from mobile_vla.serve.watcher import AliasWatcher
 
 logger = logging.getLogger("ray.serve")
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 429, 503)}
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 429, 503, 504)}
 
 
 def _body_schema(model) -> dict:
@@ -75,6 +76,8 @@ class PolicyIngress:
         self._metrics = IngressMetrics()
         versions = ServedVersions()
         self._router = BatchRouter(self.settings, primary, fallback, self._metrics, versions)
+        pending = self.settings.max_pending_requests or 2 * self.settings.max_batch_size
+        self._admission = AdmissionGate(pending, self.settings.retry_after_s)
         self._watcher = AliasWatcher(self.settings, versions, self._router.backend_statuses)
         self._shadow = ShadowMirror(self.settings.shadow, shadow, self._metrics) if shadow is not None else None
 
@@ -125,14 +128,15 @@ class PolicyIngress:
     @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_body_schema(ActRequest))
     async def act(self, request: Request):
         """One control step for one robot: next action chunk, confidence and the new memory token."""
-        start = time.perf_counter()
+        start, arrival = time.perf_counter(), time.time()
         backend_tag, status = "none", 500
         self._watcher.ensure_running()
         try:
             authorize(request, self._auth)
             body: ActRequest = await read_json(request, ActRequest, self.settings.max_body_bytes)
-            step = await self._step_request(body)
-            routed = await self._router.route(step)
+            with self._admission.admit():  # 429 + Retry-After past the replica's limit, before any decoding
+                step = await self._step_request(body, arrival)
+                routed = await self._router.route(step)
             result = routed.result
             if self._shadow is not None:
                 self._shadow.copy(step, result)
@@ -160,12 +164,21 @@ class PolicyIngress:
         finally:
             self._metrics.request("/v1/act", backend_tag, status)
 
-    async def _step_request(self, body: ActRequest) -> StepRequest:
-        """The checked body as the policy's input: state [S], frame [224, 224, 3], the verified memory."""
+    async def _step_request(self, body: ActRequest, arrival: float) -> StepRequest:
+        """The checked body as the policy's input: state [S], frame [224, 224, 3], the verified memory,
+        and the deadline (wall clock) past which the step is dropped, not computed.
+        """
         side = self._watcher.side
         state = check_state(body.state, side.state_dim)
-        image = await decode_image(body.image, self.settings.max_image_pixels, side.prepare_image)
-        step = StepRequest(robot_id=body.robot_id, image=image, state=state, instruction=body.instruction)
+        image = await decode_image(body.image, self.settings.max_image_pixels, side.prepare_image, side.image_size)
+        budget_s = step_budget_s(body.deadline_ms, self.settings.deadline_s, side.control_hz)
+        step = StepRequest(
+            robot_id=body.robot_id,
+            image=image,
+            state=state,
+            instruction=body.instruction,
+            deadline=arrival + budget_s,
+        )
         if body.memory is not None:
             try:
                 memory = self._codec.decode(body.memory)

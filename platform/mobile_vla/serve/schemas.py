@@ -16,14 +16,24 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from mobile_vla.runtime import BACKEND_NAMES
 
 MAX_INSTRUCTION_CHARS = 512
 MAX_STATE_DIM = 64
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e38: a larger JSON number becomes inf in the model
+MAX_DEADLINE_MS = 60_000
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+def _float32_range(value: float) -> float:
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{value!r} is outside the float32 range (|x| <= {FLOAT32_MAX:.7g})")
+    return value
+
+
+# Every float of a request body: finite as JSON AND as float32 (1e39 is a finite Python float but inf in float32).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_float32_range)]
 RobotId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Instruction = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_INSTRUCTION_CHARS)]
 Velocity = Annotated[list[FiniteFloat], Field(min_length=3, max_length=3)]
@@ -45,6 +55,12 @@ class ActRequest(StrictBody):
         description="Robot state, S floats (S from /v1/model)."
     )
     memory: str | None = Field(default=None, description="Token from the previous answer; omit at episode start.")
+    deadline_ms: Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS)] | None = Field(
+        default=None,
+        description="Time budget of this step from its arrival, in ms; default: the model's control period "
+        "(1 / control_hz) or the app's `deadline_s`. A step whose deadline passes before the model runs "
+        "it is not computed (504 deadline_exceeded).",
+    )
 
 
 class ModelRef(BaseModel):
@@ -201,6 +217,11 @@ class StepRequest:
     memory_name: str | None = None
     h: np.ndarray | None = None  # float32 [layers, hidden]
     c: np.ndarray | None = None
+    deadline: float | None = None  # wall clock (time.time()) after which the step is dropped, not computed
+
+    def expired(self, now: float) -> bool:
+        """Whether the step's deadline has passed at wall-clock time `now`."""
+        return self.deadline is not None and now >= self.deadline
 
 
 @dataclass
@@ -222,8 +243,12 @@ class StepFailure:
     """In the slot of a robot whose step failed while the rest of its batch was answered.
 
     `refused`: the request itself is wrong for this model (e.g. an instruction with more tokens than
-    the model takes): the robot gets 422, no other backend is tried and the replica is not at fault.
+    the model takes, a state that overflows once normalised): the robot gets 422, no other backend is
+    tried and the replica is not at fault. `expired`: the step's deadline passed before the model
+    ran it, so it was dropped (504); not the replica's fault either. Neither: the model failed for
+    this robot (e.g. a non-finite output): the fallback is tried for it alone, else 503.
     """
 
     error: str
     refused: bool = False
+    expired: bool = False

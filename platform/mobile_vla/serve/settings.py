@@ -20,6 +20,11 @@ from mobile_vla.tracking.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAM
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_S = 0.005
 DEFAULT_ALIAS_POLL_S = 2.0
+DEFAULT_FALLBACK_TIMEOUT_S = 1.0
+DEFAULT_RETRY_AFTER_S = 1.0
+DEFAULT_INGRESS_MAX_QUEUED = 256
+DEFAULT_POLICY_MAX_QUEUED = 64
+DEFAULT_MAX_IMAGE_PIXELS = 2048 * 2048  # 12 MiB as RGB; larger camera frames are downscaled on the robot
 
 
 TENSORRT, ONNX = "tensorrt", "onnx"  # deployment kinds: the GPU plan, the portable graph
@@ -88,10 +93,37 @@ class ServeAppConfig(StrictModel):
         description="ONNX Runtime threads per policy replica (0: one per core); match the replica's num_cpus",
     )
     primary_timeout_s: float = Field(default=0.5, gt=0, le=30)
+    fallback_timeout_s: float = Field(
+        default=DEFAULT_FALLBACK_TIMEOUT_S, gt=0, le=30, description="then the robots get 503"
+    )
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=10.0, gt=0)
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="a step's default time budget from its arrival (None: the model's control period, "
+        "1 / control_hz); a request may set its own with deadline_ms. Past it the step is dropped (504).",
+    )
+    max_pending_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="/v1/act requests one ingress replica works on at once; more get 429 with Retry-After "
+        "(default 2 x max_batch_size)",
+    )
+    ingress_max_queued_requests: int = Field(
+        default=DEFAULT_INGRESS_MAX_QUEUED,
+        ge=1,
+        description="requests Serve's proxy holds for busy ingress replicas; more get Serve's own 429",
+    )
+    policy_max_queued_requests: int = Field(
+        default=DEFAULT_POLICY_MAX_QUEUED,
+        ge=1,
+        description="batch calls queued for busy policy replicas (per deployment handle); more are shed (429)",
+    )
+    retry_after_s: float = Field(default=DEFAULT_RETRY_AFTER_S, gt=0, le=3600, description="Retry-After of a 429")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=224 * 224)
     alias_poll_s: float = Field(
         default=DEFAULT_ALIAS_POLL_S,
         ge=0,
@@ -121,10 +153,14 @@ class IngressConfig(StrictModel):
     memory_secret_file: str
     feedback_dir: str
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(default=4096 * 4096, ge=224 * 224)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=224 * 224)
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     primary_timeout_s: float = Field(default=0.5, gt=0)
+    fallback_timeout_s: float = Field(default=DEFAULT_FALLBACK_TIMEOUT_S, gt=0)
+    deadline_s: float | None = Field(default=None, gt=0)  # None: the served model's control period
+    max_pending_requests: int | None = Field(default=None, ge=1)  # None: 2 x max_batch_size
+    retry_after_s: float = Field(default=DEFAULT_RETRY_AFTER_S, gt=0)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_reset_s: float = Field(default=10.0, gt=0)
     primary_name: str | None = None
