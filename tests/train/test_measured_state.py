@@ -159,3 +159,32 @@ def test_small_measured_is_small_with_the_measured_state():
     small = load_train_config(REPO / "jobs/configs/small.yaml")
     assert resolve_policy_config(measured) == resolve_policy_config(small).replace(state_input=MEASURED_VELOCITY)
     assert measured.model_dump(exclude={"model"}) == small.model_dump(exclude={"model"})
+
+
+@pytest.mark.slow  # generation, one real Ray Train epoch on tiny and a short closed loop: about two minutes
+def test_tiny_end_to_end_trains_and_drives_with_the_measured_state(ray_cluster, tiny_dataset, platform_home):
+    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
+    from mobile_vla.policy import load_policy
+    from mobile_vla.train.trainer import run_training
+
+    cfg = load_train_config(
+        REPO / "jobs/configs/tiny.yaml",
+        [
+            f"data.path={tiny_dataset}",
+            f"run.storage_path={platform_home / 'ray_results'}",
+            "run.name=measured",
+            "scaling.num_workers=1",
+            "train.epochs=1",
+            "train.keep_best=1",
+            f"model.overrides.state_input={MEASURED_VELOCITY}",
+        ],
+    )
+    result = run_training(cfg)
+    model, pre = load_policy(result.best_checkpoint_dir / "policy")
+    assert model.config.state_input == pre.state_input == MEASURED_VELOCITY  # saved with the model
+    assert describe_policy(model, pre).preprocessing.state_input == MEASURED_VELOCITY  # what robots are told
+
+    report = evaluate_closed_loop(
+        f"models:/mobile-vla-policy/{result.model_version}", "val", 1, max_steps=4, record_frames=0, progress=False
+    )
+    assert report.settings["state_input"] == MEASURED_VELOCITY and report.policy.episodes == 1
