@@ -14,12 +14,12 @@ MLflow URI through their runtime_env, so they read the same store and model cach
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ray.serve.config import BackpressureConfig
 
 from mobile_vla.config import platform_home, validate_config
 from mobile_vla.errors import ConfigError
+from mobile_vla.online.feedback_store import feedback_root
 from mobile_vla.policy.config import IMAGE_SIZE
 from mobile_vla.serve.auth import TokenVerifier, resolve_tokens_path
 from mobile_vla.serve.deployments import POLICY_DEPLOYMENTS, REPLICA_RESOURCES, OnnxPolicy
@@ -147,9 +147,7 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         alias=resolved.alias,
         tokens_file=str(tokens_path),
         memory_secret_file=str(secret_path),
-        feedback_dir=str(
-            Path(args.feedback_dir).expanduser().resolve() if args.feedback_dir else platform_home() / "feedback"
-        ),
+        feedback_dir=str(feedback_root(args.feedback_dir)),  # one definition ($MOBILE_VLA_FEEDBACK_DIR on a cluster)
         max_body_bytes=args.max_body_bytes,
         max_image_pixels=args.max_image_pixels,
         max_batch_size=args.max_batch_size,

@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from mobile_vla.errors import DataError
-from mobile_vla.online.feedback_store import FeedbackStore
+from mobile_vla.online.feedback_store import FeedbackStore, StorageFullError
 from mobile_vla.serve.admission import AdmissionGate, step_budget_s
 from mobile_vla.serve.auth import TokenVerifier
-from mobile_vla.serve.errors_http import ApiError, error_response, install_error_handlers
+from mobile_vla.serve.errors_http import ApiError, error_response, install_error_handlers, retry_after
 from mobile_vla.serve.feedback_sink import feedback_key
 from mobile_vla.serve.memory_token import MemoryCodec, MemoryTokenError, RecurrentMemory, load_or_create_secret
 from mobile_vla.serve.metrics import IngressMetrics
@@ -231,6 +231,10 @@ class PolicyIngress:
                 await asyncio.to_thread(self._sink.append, record)
             except DataError as exc:  # what the HTTP schema lets through but the store refuses
                 raise ApiError(422, "invalid_request", str(exc)) from None
+            except StorageFullError as exc:  # disk or quota full: nothing stored, nothing left behind
+                logger.error("feedback store full: %s", exc)
+                full = "feedback log is full; nothing stored, retry later"
+                raise ApiError(507, "insufficient_storage", full, retry_after(30)) from None
             except OSError as exc:
                 logger.error("feedback store failed: %s", exc)
                 raise ApiError(503, "unavailable", "feedback could not be stored; retry") from None
