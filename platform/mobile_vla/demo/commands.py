@@ -3,11 +3,17 @@
     mobile-vla demo                                   # small preset, <= 20 minutes on 2 CPU cores
     mobile-vla demo --preset tiny                     # the CI-sized loop, a few minutes
     mobile-vla demo --robots 8 --keep-serving         # leave the server up after the summary (Ctrl-C)
+    mobile-vla demo --dagger-rounds 0                 # no DAgger round: the robots drive once
 
 Data (MiniWorld + scripted expert) -> Ray Train (2 workers) -> MLflow version @challenger -> ONNX
 export -> offline and closed-loop evaluation -> promotion through the demo gate -> Ray Serve on
-127.0.0.1 -> simulated robots driving MiniWorld episodes through POST /v1/act. The summary is
-printed and written to <home>/demo_summary.json. Unset options take the preset's value.
+127.0.0.1 -> simulated robots driving MiniWorld episodes through POST /v1/act, the scripted expert
+on the same scenes -> DAgger round(s) through the fleet path: the served policy drives train scenes
+over HTTP, the expert's labels go in through POST /v1/feedback, the online update fine-tunes
+@champion on them (replay of the demo's data, gate, promotion) and serving follows the new champion
+-> the robots drive the same scenes again. The summary (robots vs expert on the same scene seeds,
+before and after DAgger, with the version that answered) is printed and written to
+<home>/demo_summary.json. Unset options take the preset's value.
 
 The demo gate: a challenger becomes @champion when its closed-loop success on the demo's episodes
 reaches --success-floor (0.25); in a fresh home the first version becomes champion even below the
@@ -35,7 +41,7 @@ def register(subparsers) -> None:
     """Adds `mobile-vla demo` to the CLI."""
     parser = subparsers.add_parser(
         "demo",
-        help="the whole loop on embedded defaults: data, train, evaluate, export, promote, serve, robots",
+        help="the whole loop on embedded defaults: data, train, evaluate, export, promote, serve, robots, DAgger",
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,6 +63,8 @@ def register(subparsers) -> None:
     parser.add_argument("--robots", type=int, help="robots driven concurrently over HTTP")
     parser.add_argument("--closed-loop-episodes", type=int, help="closed-loop evaluation episodes in MiniWorld")
     parser.add_argument("--success-floor", type=float, help="closed-loop success the demo gate asks for (0..1)")
+    parser.add_argument("--dagger-rounds", type=int, help="DAgger rounds through the fleet path (0: none)")
+    parser.add_argument("--dagger-episodes", type=int, help="scenes the served policy drives per DAgger round")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000; a free one if it is busy)")
     parser.add_argument("--keep-serving", action="store_true", help="keep serving after the summary, until Ctrl-C")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -71,6 +79,8 @@ def demo_config(args) -> DemoConfig:
         "robots": args.robots,
         "closed_loop_episodes": args.closed_loop_episodes,
         "success_floor": args.success_floor,
+        "dagger_rounds": args.dagger_rounds,
+        "dagger_episodes": args.dagger_episodes,
         "port": args.port,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}

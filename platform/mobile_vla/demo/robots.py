@@ -7,12 +7,21 @@ token carried from answer to answer) and one MiniWorld episode. Every control st
 requests go out together from threads, so the server sees concurrent robots and may batch them.
 The episode rules (success, wrong target, timeout, collisions) are closed-loop evaluation's
 (`mobile_vla.evaluate.rollout.run_lockstep`); this module only adds the timings of each answer.
+Before the robots, the scripted expert drives the same scenes (physics only), so each robot's
+outcome has the expert's beside it on the same scene seed.
 GL work stays inside the Ray task: one MiniWorld env per worker process, shared with evaluation.
 """
 
 from __future__ import annotations
 
-from mobile_vla.evaluate.rollout import HttpPolicy, RolloutConfig, job_scenes, run_lockstep, worker_slots
+from mobile_vla.evaluate.rollout import (
+    ExpertPolicy,
+    HttpPolicy,
+    RolloutConfig,
+    job_scenes,
+    run_lockstep,
+    worker_slots,
+)
 
 
 class TimedHttpPolicy(HttpPolicy):
@@ -30,6 +39,7 @@ class TimedHttpPolicy(HttpPolicy):
                 "server_ms": answer.latency_ms,
                 "memory_reset": answer.memory_reset,
                 "backend": answer.backend,
+                "model_version": answer.model.get("version"),
             }
         )
 
@@ -37,9 +47,10 @@ class TimedHttpPolicy(HttpPolicy):
 def drive_robots(
     jobs: list[tuple[str, int]], spec_json: str, endpoint: str, token: str, settings: RolloutConfig
 ) -> list[dict]:
-    """Ray task body: one robot per (split, seed), all stepped together; one dict per robot."""
+    """Ray task body: the expert, then one robot per (split, seed), all stepped together; one dict per robot."""
     scenes = job_scenes(jobs, spec_json, settings)
     worlds = worker_slots(scenes[0], settings.obs_size)  # the worker's one GL context
+    expert = run_lockstep(worlds, scenes, ExpertPolicy(settings.expert), settings)
     policy = TimedHttpPolicy(endpoint, token)
     try:
         records = run_lockstep(worlds, scenes, policy, settings)
@@ -47,7 +58,7 @@ def drive_robots(
     finally:
         policy.close()
     rows = []
-    for slot, (scene, record) in enumerate(zip(scenes, records, strict=True)):
+    for slot, (scene, record, reference) in enumerate(zip(scenes, records, expert, strict=True)):
         answers = policy.answers.get(slot, [])
         rows.append(
             {
@@ -55,6 +66,7 @@ def drive_robots(
                 "seed": scene.seed,
                 "instruction": scene.instruction,
                 "outcome": record.outcome,
+                "expert_outcome": reference.outcome,
                 "steps": record.steps,
                 "collisions": record.collisions,
                 "requests": len(answers),
@@ -63,6 +75,7 @@ def drive_robots(
                 "server_ms": [a["server_ms"] for a in answers],
                 "memory_resets": sum(bool(a["memory_reset"]) for a in answers),
                 "backends": sorted({a["backend"] for a in answers}),
+                "model_versions": sorted({str(a["model_version"]) for a in answers}),
             }
         )
     return rows

@@ -6,7 +6,12 @@
     evaluate  evaluate_policy (release.py)     val MAE; MiniWorld success next to the expert
     promote   promote_policy (release.py)      @champion moves if the demo gate passes (or the first champion)
     serve     start_serving (serving.py)       Ray Serve on 127.0.0.1 serving @champion (ONNX Runtime)
-    robots    drive_fleet (fleet.py)           robots drive MiniWorld episodes through POST /v1/act
+    robots    drive_fleet (fleet.py)           robots drive MiniWorld episodes through POST /v1/act, the
+                                               expert drives the same scenes
+    dagger_N  dagger_round (dagger.py)         the served policy drives train scenes over HTTP, the expert's
+                                               labels go through /v1/feedback, the online update fine-tunes
+                                               @champion (replay, gate, promotion), serving follows
+    robots_N  drive_fleet (fleet.py)           the robots drive the same scenes again, after round N
 
 The cluster (cluster.py) and Serve are shut down in `finally` (also on Ctrl-C and errors); a Ray
 already running in this process (tests, `ray job submit`) is reused and left running, and only the
@@ -23,15 +28,23 @@ from pathlib import Path
 from rich.console import Console
 
 from mobile_vla.demo.cluster import start_cluster, stop_cluster
+from mobile_vla.demo.dagger import dagger_round, update_config
 from mobile_vla.demo.fleet import drive_fleet
 from mobile_vla.demo.release import evaluate_policy, export_policy, promote_policy
 from mobile_vla.demo.serving import start_serving
-from mobile_vla.demo.settings import EVAL_SPLIT, REGISTERED_MODEL, DemoConfig
+from mobile_vla.demo.settings import DAGGER_SPLIT, EVAL_SPLIT, REGISTERED_MODEL, DemoConfig
 from mobile_vla.demo.summary import build_summary, log_summary, print_summary, write_summary
 from mobile_vla.demo.training import generate_data, train_policy
 
 # -- the whole loop ---------------------------------------------------------------------------------
 STEPS = ("cluster", "data", "train", "export", "evaluate", "promote", "serve", "robots")
+BEFORE_DAGGER = "before DAgger"
+
+
+def planned_steps(cfg: DemoConfig) -> list[str]:
+    """Every step's name in order: STEPS, then dagger_N and robots_N for each DAgger round N."""
+    rounds = [name for n in range(1, cfg.dagger_rounds + 1) for name in (f"dagger_{n}", f"robots_{n}")]
+    return [*STEPS, *rounds]
 
 
 @contextmanager
@@ -51,13 +64,13 @@ def _home_env(home: Path):
 class _Steps:
     """Prints each step's heading and the time it took; remembers the times for the summary."""
 
-    def __init__(self, console) -> None:
-        self.console, self.seconds = console, {}
+    def __init__(self, console, names: list[str]) -> None:
+        self.console, self.names, self.seconds = console, names, {}
 
     @contextmanager
     def step(self, name: str, title: str):
-        index = STEPS.index(name) + 1
-        self.console.rule(f"[bold]{index}/{len(STEPS)} {title}", align="left")
+        index = self.names.index(name) + 1
+        self.console.rule(f"[bold]{index}/{len(self.names)} {title}", align="left")
         started = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - started
@@ -72,13 +85,25 @@ class _Steps:
             yield lambda line: status.update(f"{text}: {line}")
 
 
+def _drive(cfg: DemoConfig, steps: _Steps, name: str, label: str, serving, data):
+    """One drive of the robots over HTTP (the expert on the same scenes), printed next to each other."""
+    with steps.step(name, f"robots ({label}): {cfg.robots} MiniWorld robots through POST /v1/act"):
+        fleet = drive_fleet(cfg, serving, data, label)
+        steps.console.print(
+            f"{fleet.successes}/{fleet.robots} robots reached their target (expert on the same scenes: "
+            f"{fleet.expert_successes}/{fleet.robots}), served by version {', '.join(fleet.model_versions)}; "
+            f"round trip p50 {fleet.round_trip_p50_ms:.1f} ms, p99 {fleet.round_trip_p99_ms:.1f} ms"
+        )
+    return fleet
+
+
 def run_demo(cfg: DemoConfig, console=None) -> dict:
     """Runs every step; returns the summary (also written to <home>/demo_summary.json)."""
     console = console or Console()
     home = cfg.resolved_home()
     home.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    steps = _Steps(console)
+    steps = _Steps(console, planned_steps(cfg))
     cluster = None
     with _home_env(home):
         try:
@@ -90,6 +115,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
                     f"{'reused' if data.reused else 'wrote'} {data.episodes} episodes, {data.frames} frames "
                     f"in {data.folder}; expert success {data.expert_kept}/{data.expert_attempted}"
                 )
+                update_cfg = update_config(cfg, data) if cfg.dagger_rounds else None  # bad overrides fail now
             with steps.step(
                 "train",
                 f"train: {cfg.preset} policy, {cfg.epochs} epochs, Ray Train with "
@@ -127,16 +153,26 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
                 with steps.status("deploying", cfg.progress):
                     serving = start_serving(cfg, cluster)
                 console.print(f"serving version {serving.model_version} at {serving.url}/v1/act")
-            with steps.step("robots", f"robots: {cfg.robots} MiniWorld robots through POST /v1/act"):
-                fleet = drive_fleet(cfg, serving, data)
-                console.print(
-                    f"{fleet.successes}/{fleet.robots} robots reached their target; "
-                    f"round trip p50 {fleet.round_trip_p50_ms:.1f} ms, p99 {fleet.round_trip_p99_ms:.1f} ms"
-                )
+            fleets = [_drive(cfg, steps, "robots", BEFORE_DAGGER, serving, data)]
+            rounds = []
+            for n in range(1, cfg.dagger_rounds + 1):
+                with steps.step(
+                    f"dagger_{n}",
+                    f"DAgger round {n}: the served policy drives {cfg.dagger_episodes} {DAGGER_SPLIT} scenes over "
+                    "HTTP, the expert labels them via /v1/feedback, online update of @champion",
+                ):
+                    dagger = dagger_round(cfg, n, serving, data, update_cfg)
+                    console.print(dagger.collect.summary())
+                    console.print(dagger.update.summary())
+                    console.print(f"serving version {dagger.served_version}")
+                rounds.append(dagger)
+                fleets.append(_drive(cfg, steps, f"robots_{n}", f"after DAgger round {n}", serving, data))
             steps.seconds["total"] = time.perf_counter() - started
-            summary = build_summary(cfg, steps.seconds, data, train, export, evaluation, promotion, serving, fleet)
+            summary = build_summary(
+                cfg, steps.seconds, data, train, export, evaluation, promotion, serving, fleets, rounds
+            )
             path = write_summary(summary, home)
-            log_summary(summary, fleet, train.run_id)
+            log_summary(summary, fleets, train.run_id)
             print_summary(summary, console)
             console.print(f"summary: {path}")
             if cfg.keep_serving:

@@ -2,6 +2,7 @@
 
     cfg = small(home="./.mobile_vla/demo")                 # `make demo`: <= 20 minutes on 2 CPU cores
     cfg = tiny(home=tmp, episodes=8)                        # CI: the same loop in a few minutes
+    cfg = small(dagger_rounds=0)                            # no DAgger round: the robots drive once
 
 Every number a step uses is here, so the summary can say exactly what ran. Validation errors name
 the field and the value (`demo: robots = 0: Input should be greater than or equal to 1`).
@@ -16,6 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mobile_vla.config import StrictModel, validate_config
+from mobile_vla.sim.split_spec import TRAIN_SPLIT
 from mobile_vla.tracking.registry import DEFAULT_MODEL_NAME
 
 DEFAULT_HOME = Path(".mobile_vla") / "demo"
@@ -23,6 +25,7 @@ REGISTERED_MODEL = DEFAULT_MODEL_NAME
 EXPERIMENT = "mobile-vla"
 APP_NAME = "mobile-vla-demo"  # the demo's Ray Serve application
 EVAL_SPLIT = "val"  # the split evaluation, the speed check and the robots use
+DAGGER_SPLIT = TRAIN_SPLIT  # the split whose scenes the robots drive for DAgger labels (they become training data)
 
 
 class DemoConfig(StrictModel):
@@ -55,6 +58,22 @@ class DemoConfig(StrictModel):
     keep_serving: bool = False
     progress: bool = True
 
+    # DAgger through the fleet path (dagger.py): after the robots' drive, the served policy drives
+    # DAGGER_SPLIT scenes over HTTP, the expert labels every visited step (/v1/feedback), the online
+    # update fine-tunes @champion with replay of the demo's data, gates and promotes; serving follows
+    # @champion and the robots drive their scenes again. Round r executes the expert's command with
+    # probability dagger_beta ** r.
+    dagger_rounds: int = Field(1, ge=0, le=10, description="DAgger rounds after the robots' first drive (0: none)")
+    dagger_episodes: int = Field(16, ge=2, description="scenes driven per round (>= 2: one is held out)")
+    dagger_beta: float = Field(0.5, ge=0.0, le=1.0, description="probability the expert's command runs in round 1")
+    dagger_max_steps: int | None = Field(None, ge=1, description="DAgger episode step limit (None: episode_max_steps)")
+    dagger_finetune_steps: int = Field(100, ge=1, description="optimiser steps of the online update per round")
+    dagger_batch_size: int = Field(8, ge=1)
+    dagger_lr: float = Field(1e-4, gt=0.0)
+    update_overrides: list[str] = Field(
+        default_factory=list, description="extra key.sub=value for jobs/configs/online_update.yaml"
+    )
+
     @model_validator(mode="after")
     def _enough_data(self) -> DemoConfig:
         val = round(self.episodes * self.val_fraction)
@@ -68,6 +87,10 @@ class DemoConfig(StrictModel):
     def resolved_home(self) -> Path:
         return Path(self.home).expanduser().resolve()
 
+    def feedback_dir(self) -> Path:
+        """The feedback store the demo's server writes (/v1/feedback) and its online update reads."""
+        return self.resolved_home() / "feedback"
+
 
 def default_home() -> Path:
     """$MOBILE_VLA_HOME when set (the platform's own home), else ./.mobile_vla/demo."""
@@ -76,7 +99,9 @@ def default_home() -> Path:
 
 
 def tiny(**overrides) -> DemoConfig:
-    """CI: tiny policy, a dozen episodes, two epochs; exercises every step, learns nothing useful."""
+    """CI: tiny policy, a dozen episodes, two epochs, one DAgger round on 4 short episodes gated on
+    forgetting only; exercises every step, learns nothing useful.
+    """
     values = dict(
         preset="tiny",
         episodes=12,
@@ -89,12 +114,26 @@ def tiny(**overrides) -> DemoConfig:
         episode_max_steps=60,  # the expert needs about 36 steps
         success_floor=0.25,
         robots=2,
+        dagger_rounds=1,
+        dagger_episodes=4,  # one held out to measure the update on
+        dagger_beta=0.5,
+        dagger_max_steps=20,
+        dagger_finetune_steps=30,
+        dagger_batch_size=4,
+        dagger_lr=3e-3,
+        # The gate of the tiny round is only the shipped forgetting check (replay MAE within 5%): on a
+        # few 20-step episodes the corrected-step error of a one-epoch tiny policy did not fall (0.153 ->
+        # 0.164 and 0.220 -> 0.230 in two runs, loaded box), so the shipped "5% better where corrected"
+        # would reject every CI round. `small` keeps the shipped gate. The summary prints the gate's reason.
+        update_overrides=["finetune.trainable=policy_head", "finetune.augment=false", "gate.require_improvement={}"],
     )
     return validate_config({**values, **overrides}, DemoConfig, "demo")
 
 
 def small(**overrides) -> DemoConfig:
-    """`make demo`: the small policy (same classes as full, random init), budgeted at 20 minutes on 2 cores."""
+    """`make demo`: the small policy (same classes as full, random init) and one DAgger round, budgeted at
+    20 minutes on 2 cores (the round: about 4 of them).
+    """
     values = dict(
         preset="small",
         episodes=160,
@@ -106,6 +145,14 @@ def small(**overrides) -> DemoConfig:
         episode_max_steps=None,
         success_floor=0.25,
         robots=4,
+        dagger_rounds=1,
+        dagger_episodes=16,  # about 700 corrected steps; collected over HTTP in about a minute
+        dagger_beta=0.5,
+        dagger_max_steps=None,
+        dagger_finetune_steps=100,  # batch 8: about 3 passes over the feedback + replay mix, about a minute
+        dagger_batch_size=8,
+        dagger_lr=1e-4,
+        update_overrides=[],
     )
     return validate_config({**values, **overrides}, DemoConfig, "demo")
 

@@ -86,11 +86,15 @@ def generate_data(cfg: DemoConfig) -> DataOutcome:
 
 
 # -- train ------------------------------------------------------------------------------------------
-def train_config_path(preset: str) -> Path:
-    """jobs/configs/<preset>.yaml of this checkout: the demo trains exactly like `mobile-vla train`."""
-    path = Path(mobile_vla.__file__).resolve().parents[2] / "jobs" / "configs" / f"{preset}.yaml"
+def job_config_path(stem: str, what: str) -> Path:
+    """jobs/configs/<stem>.yaml of this checkout: the demo runs each job exactly like its command does.
+
+    Raises:
+        ConfigError: no such file (the demo runs from a checkout); the message says `what` it is.
+    """
+    path = Path(mobile_vla.__file__).resolve().parents[2] / "jobs" / "configs" / f"{stem}.yaml"
     if not path.is_file():
-        raise ConfigError(f"{path}: train config of preset {preset!r} not found (run the demo from a checkout)")
+        raise ConfigError(f"{path}: {what} not found (run the demo from a checkout)")
     return path
 
 
@@ -109,7 +113,9 @@ def train_policy(cfg: DemoConfig, data: DataOutcome) -> TrainOutcome:
     ]
     if cfg.max_steps_per_epoch:
         overrides.append(f"train.max_steps_per_epoch={cfg.max_steps_per_epoch}")
-    train_cfg = load_train_config(train_config_path(cfg.preset), overrides + list(cfg.train_overrides))
+    train_cfg = load_train_config(
+        job_config_path(cfg.preset, f"train config of preset {cfg.preset!r}"), overrides + list(cfg.train_overrides)
+    )
     with EpochProgress(cfg.epochs, cfg.progress) as forward_reports:
         result = run_training(train_cfg, callbacks=[forward_reports], mlflow_tags={"mobile_vla.demo": cfg.preset})
     if not (result.run_id and result.model_version):
