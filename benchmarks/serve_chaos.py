@@ -212,7 +212,7 @@ class FleetLoad:
                     outcome = Outcome(phase, robot.robot_id, sent_at, False, error=type(exc).__name__)
                 else:
                     mismatch, error = self._check(robot, answer)
-                    outcome = Outcome(phase, robot.robot_id, sent_at, True, mismatch, error)
+                    outcome = Outcome(phase, robot.robot_id, sent_at, True, mismatch=mismatch, action_error=error)
                 with self._lock:
                     self.outcomes.append(outcome)
                 next_at = max(next_at + period, time.monotonic())  # a late answer delays, never bunches, the next step
@@ -412,7 +412,7 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "settings": vars(args),
         "app": app_args(tokens_file).model_dump(exclude={"tokens_file"}),
-        "min_expected_gap": round(min_pairwise_gap(fleet), 4),
+        "min_expected_gap": float(f"{min_pairwise_gap(fleet):.3e}"),
         "action_atol": ACTION_ATOL,
         "goal_failed_share": 0.005,
         **result,
