@@ -24,7 +24,7 @@ from mobile_vla.policy.config import IMAGE_SIZE
 from mobile_vla.serve.auth import TokenVerifier, resolve_tokens_path
 from mobile_vla.serve.deployments import POLICY_DEPLOYMENTS, REPLICA_RESOURCES, OnnxPolicy
 from mobile_vla.serve.drills import DrillConfig, drill_deployment
-from mobile_vla.serve.memory_token import load_or_create_secret, resolve_secret_path
+from mobile_vla.serve.memory_token import prepare_memory_secret
 from mobile_vla.serve.routes import PolicyIngress
 from mobile_vla.serve.settings import ONNX, IngressConfig, PolicyUserConfig, ServeAppConfig, ShadowConfig
 from mobile_vla.tracking import resolve_model
@@ -70,15 +70,15 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         The bound ingress deployment, for `serve.run` or a Serve config's `import_path`.
 
     Raises:
-        ConfigError: bad arguments, no tokens file, or shadow mode without a registered model.
+        ConfigError: bad arguments, no tokens file, a configured memory secret file that is missing, or
+            shadow mode without a registered model.
         ModelError: the model (or the shadow alias) cannot be resolved.
     """
     if not isinstance(args, ServeAppConfig):
         args = validate_config(dict(args or {}), ServeAppConfig, "serve app args")
     tokens_path = resolve_tokens_path(args.tokens_file)
     TokenVerifier.from_file(tokens_path)  # fail here, not in a replica restart loop
-    secret_path = resolve_secret_path(args.memory_secret_file)
-    load_or_create_secret(secret_path)
+    secret_path = prepare_memory_secret(args.memory_secret_file)  # a configured file must exist: never made per node
     resolved = resolve_model(args.model_uri)
     pinned_uri = (
         f"models:/{resolved.name}/{resolved.version}" if args.model_uri.startswith("models:/") else str(resolved.path)

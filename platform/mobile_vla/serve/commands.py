@@ -18,7 +18,16 @@ from pydantic import ValidationError
 
 from mobile_vla.config import platform_home, read_yaml
 from mobile_vla.errors import ConfigError, ResourceError
-from mobile_vla.serve.auth import create_tokens_file
+from mobile_vla.serve.auth import (
+    ALL_ROBOTS,
+    LEGACY_SCOPES,
+    SCOPES,
+    add_token,
+    create_tokens_file,
+    list_grants,
+    revoke_tokens,
+)
+from mobile_vla.serve.memory_token import format_time, parse_memory_keys, resolve_secret_path, rotate_memory_keys
 
 DEFAULT_CONFIG = "serve_configs/local.yaml"
 
@@ -40,6 +49,108 @@ def register(subparsers) -> None:
         "ports on ALL interfaces: see docs/http_api.md#haproxy-mode before using it",
     )
     parser.set_defaults(func=run_serve)
+    _register_secrets(parser.add_subparsers(dest="serve_command", metavar="[tokens|memory-key]", required=False))
+
+
+def _register_secrets(subparsers) -> None:
+    """`mobile-vla serve tokens add|revoke|list` and `mobile-vla serve memory-key rotate|list`."""
+    tokens = subparsers.add_parser(
+        "tokens",
+        help="add, revoke or list API tokens (the file every replica follows; docs/operations.md#security)",
+        description="Edits the tokens file in place (atomically); running replicas pick the change up within seconds.",
+    )
+    actions = tokens.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="add a token for robots with scopes; prints the token once")
+    add.add_argument("--name", required=True, help="a label to revoke it by (e.g. the robot id)")
+    add.add_argument(
+        "--robots", required=True, help=f"robot id, id prefix ending in * (warehouse-a-*), comma list, or {ALL_ROBOTS}"
+    )
+    add.add_argument(
+        "--scopes",
+        default=",".join(LEGACY_SCOPES),
+        help=f"comma list of {', '.join(SCOPES)} (default {','.join(LEGACY_SCOPES)})",
+    )
+    revoke = actions.add_parser("revoke", help="remove a token (by --name, or by the plain --token)")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name")
+    which.add_argument("--token", help="the plain token (for entries without a name)")
+    listing = actions.add_parser("list", help="names, robots and scopes (never the tokens)")
+    for sub in (add, revoke, listing):
+        sub.add_argument(
+            "--file",
+            type=Path,
+            default=None,
+            help="tokens file (default: MOBILE_VLA_TOKENS_FILE, else the platform home's)",
+        )
+    tokens.set_defaults(func=run_tokens)
+
+    keys = subparsers.add_parser(
+        "memory-key",
+        help="rotate or list the keys that sign memory tokens",
+        description="Edits the memory secret file in place (atomically); running replicas follow it within seconds.",
+    )
+    key_actions = keys.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    rotate = key_actions.add_parser(
+        "rotate", help="add a new signing key; the old one keeps verifying for --window-s (creates the file if absent)"
+    )
+    rotate.add_argument(
+        "--window-s", type=float, default=3600.0, help="how long the old key still verifies (default 3600)"
+    )
+    rotate.add_argument(
+        "--activate-in-s",
+        type=float,
+        default=0.0,
+        help="the new key signs from this many seconds on (default 0); on several nodes: longer than the file's copy",
+    )
+    key_list = key_actions.add_parser("list", help="key ids and their from/until (never the secrets)")
+    for sub in (rotate, key_list):
+        sub.add_argument(
+            "--file",
+            type=Path,
+            default=None,
+            help="memory secret file (default: MOBILE_VLA_MEMORY_SECRET_FILE, else the platform home's)",
+        )
+    keys.set_defaults(func=run_memory_key)
+
+
+def _tokens_path(chosen: Path | None) -> Path:
+    if chosen is not None:
+        return chosen
+    configured = os.environ.get("MOBILE_VLA_TOKENS_FILE")
+    return Path(configured) if configured else platform_home() / "serve" / "tokens"
+
+
+def run_tokens(args: argparse.Namespace) -> int:
+    """`mobile-vla serve tokens add|revoke|list`."""
+    path = _tokens_path(args.file)
+    if args.tokens_command == "add":
+        scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
+        token = add_token(path, args.robots, scopes, args.name)
+        print(f"added {args.name!r} (robots={args.robots} scopes={','.join(scopes)}) to {path}; stored as its SHA-256")
+        print(f"token (shown once; give it to the robot): {token}")
+    elif args.tokens_command == "revoke":
+        removed = revoke_tokens(path, name=args.name, token=args.token)
+        print(f"revoked {', '.join(removed)} in {path}; replicas answer 401 for it within seconds")
+    else:
+        for grant in list_grants(path):
+            print(f"{grant.name}\trobots={','.join(grant.robots)}\tscopes={','.join(sorted(grant.scopes))}")
+    return 0
+
+
+def run_memory_key(args: argparse.Namespace) -> int:
+    """`mobile-vla serve memory-key rotate|list`."""
+    path = args.file if args.file is not None else resolve_secret_path(None)
+    if args.key_command == "rotate":
+        key = rotate_memory_keys(path, window_s=args.window_s, activate_in_s=args.activate_in_s)
+        print(f"new memory key {key.key_id} in {path}; earlier keys verify for {args.window_s:g} s more")
+    else:
+        if not path.is_file():
+            raise ConfigError(f"{path}: memory secret file not found")
+        for key in parse_memory_keys(path.read_bytes(), str(path)).keys:
+            since = format_time(key.valid_from) if key.valid_from is not None else "-"
+            until = format_time(key.valid_until) if key.valid_until is not None else "-"
+            print(f"{key.key_id}\tfrom={since}\tuntil={until}")
+    return 0
 
 
 # Seen with `ss` on a local run: the ingress replicas' HTTP ports (30000-31000) follow the node address

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 
 from mobile_vla.errors import MobileVLAError
-from mobile_vla.serve.auth import TokenVerifier
+from mobile_vla.serve.auth import TokenGrant, TokenVerifier
 from mobile_vla.serve.errors_http import ApiError, describe_errors
 
 DECODE_INLINE_PIXELS = 64 * 64  # only tiny images decode on the event loop; the rest in a thread
@@ -28,10 +28,19 @@ MAX_JPEG_SCANS = 32  # a progressive JPEG has ~10 scans; thousands make a small 
 SOS_MARKER = b"\xff\xda"  # JPEG start of scan: 0xFF in entropy-coded data is always followed by 0x00 or RST
 
 
-def authorize(request: Request, verifier: TokenVerifier) -> None:
-    """401 unless the request carries a known bearer token."""
-    if not verifier.verify_header(request.headers.get("authorization")):
+def authorize(request: Request, verifier: TokenVerifier) -> TokenGrant:
+    """The grant of the request's bearer token; 401 unless it carries a known one."""
+    grant = verifier.grant_for(request.headers.get("authorization"))
+    if grant is None:
         raise ApiError(401, "unauthorized", "missing or invalid bearer token")
+    return grant
+
+
+def permit(grant: TokenGrant, scope: str, robot_id: str | None = None) -> None:
+    """403 unless the token has `scope` and covers `robot_id`."""
+    refusal = grant.refusal(scope, robot_id)
+    if refusal is not None:
+        raise ApiError(403, "forbidden", refusal)
 
 
 async def read_json(request: Request, model: type[BaseModel], max_body_bytes: int) -> BaseModel:

@@ -25,9 +25,10 @@ from mobile_vla.serve.admission import AdmissionGate, step_budget_s
 from mobile_vla.serve.auth import TokenVerifier
 from mobile_vla.serve.errors_http import ApiError, error_response, install_error_handlers, retry_after
 from mobile_vla.serve.feedback_sink import feedback_key
-from mobile_vla.serve.memory_token import MemoryCodec, MemoryTokenError, RecurrentMemory, load_or_create_secret
+from mobile_vla.serve.memory_token import MemoryCodec, MemoryTokenError, RecurrentMemory
 from mobile_vla.serve.metrics import IngressMetrics
-from mobile_vla.serve.request_checks import authorize, check_state, decode_image, read_json
+from mobile_vla.serve.readiness import CachedStatus
+from mobile_vla.serve.request_checks import authorize, check_state, decode_image, permit, read_json
 from mobile_vla.serve.router import BatchRouter, BreakerState, ServedVersions
 from mobile_vla.serve.schemas import (
     ActRequest,
@@ -38,6 +39,7 @@ from mobile_vla.serve.schemas import (
     Health,
     ModelInfo,
     ModelRef,
+    ModelSummary,
     Readiness,
     StepRequest,
 )
@@ -47,7 +49,7 @@ from mobile_vla.serve.watcher import AliasWatcher
 
 logger = logging.getLogger("ray.serve")
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 415, 422, 429, 503, 504)}
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 415, 422, 429, 503, 504)}
 
 
 def _body_schema(model) -> dict:
@@ -70,8 +72,8 @@ class PolicyIngress:
 
     def __init__(self, settings: dict, primary=None, fallback=None, shadow=None):
         self.settings = IngressConfig.model_validate(settings)
-        self._auth = TokenVerifier.from_file(Path(self.settings.tokens_file))
-        self._codec = MemoryCodec(load_or_create_secret(Path(self.settings.memory_secret_file)))
+        self._auth = TokenVerifier.from_file(Path(self.settings.tokens_file))  # follows the file: revocation
+        self._codec = MemoryCodec.from_file(Path(self.settings.memory_secret_file))  # never created here
         self._sink = FeedbackStore(self.settings.feedback_dir)  # a FeedbackSink: durable when append returns
         self._metrics = IngressMetrics()
         versions = ServedVersions()
@@ -80,25 +82,40 @@ class PolicyIngress:
         self._admission = AdmissionGate(pending, self.settings.retry_after_s)
         self._watcher = AliasWatcher(self.settings, versions, self._router.backend_statuses)
         self._shadow = ShadowMirror(self.settings.shadow, shadow, self._metrics) if shadow is not None else None
+        self._readiness = CachedStatus(self._router.backend_statuses)  # a probe costs no RPCs
 
     @fastapi_app.get("/healthz", responses=_ERRORS)
     async def healthz(self) -> Health:
         """Liveness: the ingress answers. No token needed."""
         return Health()
 
-    @fastapi_app.get("/readyz", response_model=Readiness, responses=_ERRORS)
-    async def readyz(self):
-        """Ready when some backend has a model loaded."""
-        statuses = await self._router.backend_statuses()
-        if any(s.loaded for s in statuses):
-            return Readiness(backends=statuses)
-        return error_response(503, "not_ready", "no backend has a model loaded yet")
+    @fastapi_app.get("/readyz", response_model=Readiness, response_model_exclude_none=True, responses=_ERRORS)
+    async def readyz(self, request: Request):
+        """Ready when some backend has a model loaded; each backend's state only for an operator token."""
+        statuses = await self._readiness.get()
+        if not any(s.loaded for s in statuses):
+            return error_response(503, "not_ready", "no backend has a model loaded yet")
+        grant = self._auth.grant_for(request.headers.get("authorization"))
+        operator = grant is not None and grant.refusal("operator") is None
+        return Readiness(backends=statuses if operator else None)
 
-    @fastapi_app.get("/v1/model", response_model=ModelInfo, responses=_ERRORS)
-    async def model(self, request: Request) -> ModelInfo:
-        """The model the requests are checked against, each backend's state and which one answers now."""
-        authorize(request, self._auth)
+    @fastapi_app.get("/v1/model", response_model=ModelInfo | ModelSummary, responses=_ERRORS)
+    async def model(self, request: Request):
+        """The model the requests are checked against; with the operator scope also each backend's state
+        and which one answers now.
+        """
+        grant = authorize(request, self._auth)
         self._watcher.ensure_running()
+        side = self._watcher.side
+        summary = ModelSummary(
+            name=side.name,
+            version=side.version,
+            state_dim=side.state_dim,
+            chunk=side.chunk,
+            state_input=side.state_input,
+        )
+        if grant.refusal("operator") is not None:
+            return JSONResponse(summary.model_dump(mode="json"))
         statuses = await self._router.backend_statuses()
         primary_current = self._router.primary_is_current
         active = next(
@@ -109,14 +126,10 @@ class PolicyIngress:
             ),
             None,
         )
-        side = self._watcher.side
-        return ModelInfo(
-            name=side.name,
-            version=side.version,
+        info = ModelInfo(
+            **summary.model_dump(),
             alias=side.alias,
             uri=side.uri,
-            state_dim=side.state_dim,
-            chunk=side.chunk,
             backends=statuses,
             active=active,
             alias_version=self._router.versions.alias_version,
@@ -124,6 +137,7 @@ class PolicyIngress:
             watch_error=self._watcher.watch_error,
             shadow=self._shadow.summary() if self._shadow else None,
         )
+        return JSONResponse(info.model_dump(mode="json"))
 
     @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_body_schema(ActRequest))
     async def act(self, request: Request):
@@ -132,8 +146,9 @@ class PolicyIngress:
         backend_tag, status = "none", 500
         self._watcher.ensure_running()
         try:
-            authorize(request, self._auth)
+            grant = authorize(request, self._auth)
             body: ActRequest = await read_json(request, ActRequest, self.settings.max_body_bytes)
+            permit(grant, "act", body.robot_id)
             with self._admission.admit():  # 429 + Retry-After past the replica's limit, before any decoding
                 step = await self._step_request(body, arrival)
                 routed = await self._router.route(step)
@@ -218,8 +233,9 @@ class PolicyIngress:
         """One executed step; 202 only once the record is durably stored."""
         status = 500
         try:
-            authorize(request, self._auth)
+            grant = authorize(request, self._auth)
             body: FeedbackRequest = await read_json(request, FeedbackRequest, self.settings.max_body_bytes)
+            permit(grant, "feedback", body.robot_id)
             side = self._watcher.side
             check_state(body.state, side.state_dim)
             # refuse what training could never read

@@ -150,10 +150,10 @@ class BackendStatus(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Some backend has a model loaded (`GET /readyz`)."""
+    """Some backend has a model loaded (`GET /readyz`); `backends` only for an operator token."""
 
     status: Literal["ready"] = "ready"
-    backends: list[BackendStatus]
+    backends: list[BackendStatus] | None = None
 
 
 class ShadowSummary(BaseModel):
@@ -172,15 +172,26 @@ class ShadowSummary(BaseModel):
     in_flight: int
 
 
-class ModelInfo(BaseModel):
-    """The served model and the state of each backend (`GET /v1/model`)."""
+class ModelSummary(BaseModel):
+    """What a robot needs to know of the served model (`GET /v1/model` without the operator scope).
+
+    A field robots need belongs here; `ModelInfo` adds what only operators see.
+    """
 
     name: str
     version: str
-    alias: str | None
-    uri: str
     state_dim: int
     chunk: int
+    # what to send as `state` (signature.json preprocessing.state_input): "previous_command" = the command
+    # executed at the previous step, "measured_velocity" = the velocity the base realised then, "none" = zeros
+    state_input: str = "previous_command"
+
+
+class ModelInfo(ModelSummary):
+    """The served model and the state of each backend (`GET /v1/model` with the operator scope)."""
+
+    alias: str | None
+    uri: str
     backends: list[BackendStatus]
     active: str | None = Field(
         description="Backend that answers now: primary if its breaker is closed, it is loaded "
