@@ -142,6 +142,8 @@ async def sample_rss(samples: list, stop: asyncio.Event) -> None:
 async def breaker(session, base: str, headers: dict) -> str | None:
     try:
         async with session.get(f"{base}/v1/model", headers=headers) as response:
+            if response.status != 200:  # e.g. Serve's own 429 (plain text) while the proxy sheds
+                return f"not read (HTTP {response.status})"
             info = json.loads(await response.read())
         return next(b["breaker"] for b in info["backends"] if b["role"] == "primary")
     except Exception as exc:
