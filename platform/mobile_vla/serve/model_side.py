@@ -30,6 +30,7 @@ class ModelSide:
     prepare_image: Callable[[Any], np.ndarray]  # PIL image of any size -> uint8 [224, 224, 3]
     control_hz: float = 5.0  # the robots' control rate the model was trained at: a step's default deadline is 1 / it
     image_size: int = 224  # what prepare_image makes (JPEGs larger than it are DCT-downscaled while decoding)
+    state_input: str = "previous_command"  # what robots send as `state` (signature.json preprocessing.state_input)
     from_cache: bool = False  # read from the verified local cache while the registry was unreachable
 
 
@@ -44,6 +45,7 @@ def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
         alias=alias or resolved.alias,
         uri=model_uri,
         state_dim=int(signature.preprocessing.state_dim),
+        state_input=signature.preprocessing.state_input,
         chunk=int(signature.chunk),
         prepare_image=preprocessing.prepare_image,
         control_hz=float(preprocessing.control_hz),
