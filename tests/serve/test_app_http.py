@@ -312,7 +312,9 @@ def test_feedback_is_stored_before_202_and_retries_are_duplicates(served):
     stored = [r for r in FeedbackStore(served.home / "feedback", repair=False).replay() if r.meta["robot_id"] == "fb-1"]
     assert len(stored) == 2  # both writes are in the log; assembly keeps one per key
     assert stored[0].meta["action_corrected"] == [0.1, 0.0, 0.0] and stored[0].meta["model"]["version"] == "1"
-    assert stored[0].image == base64.b64decode(IMAGE)  # the robot's JPEG bytes, not re-encoded
+    with Image.open(io.BytesIO(stored[0].image)) as frame:  # the robot's 320x240 JPEG, letterboxed at write
+        assert frame.format == "JPEG" and frame.size == (224, 224)
+    assert stored[0].meta["image_source_size"] == [320, 240]
     summary = describe_feedback(served.home / "feedback")
     assert summary["unique_steps"] >= 1 and summary["intervention_steps"] >= 1 and summary["torn_or_corrupt"] == []
     bad = served.http.post("/v1/feedback", json={**body, "action_executed": [0.1, 0.2]}, headers=served.auth)
