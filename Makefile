@@ -51,7 +51,7 @@ bench: setup
 	for b in $(CPU_BENCHMARKS); do $(PY) benchmarks/$$b.py || exit 1; done
 
 # The quality report: the whole budgeted recipe (benchmarks/quality.py: data, behaviour cloning on
-# jobs/configs/small_drive.yaml, DAgger rounds, closed loop on the held-out splits next to the expert),
+# jobs/configs/small.yaml, DAgger rounds, closed loop on the held-out splits next to the expert),
 # CPU per stage, in its own platform home (.mobile_vla/quality). Run on a quiet box; flags in QUALITY_ARGS.
 quality: setup
 	$(PY) benchmarks/quality.py $(QUALITY_ARGS)

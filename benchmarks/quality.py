@@ -1,6 +1,6 @@
 """The whole budgeted recipe in one command: data, behaviour cloning, DAgger rounds, closed-loop evaluation.
 
-    make quality                                   # the defaults: `small`, jobs/configs/small_drive.yaml, 2 rounds
+    make quality                                   # defaults: small.yaml (best measured), 2 rounds
     .venv/bin/python benchmarks/quality.py --rounds 3 --betas 0.5 0.3 0.1 --collect-episodes 100
     .venv/bin/python benchmarks/quality.py --rounds 0 --train-set loss.first_step_weight=1   # an ablation row
     .venv/bin/python benchmarks/quality.py --preset tiny --episodes 12 --epochs 1 --rounds 1 \
@@ -191,12 +191,12 @@ def run_stage(name: str, kind: str, command: list[str], env: dict[str, str]) -> 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--config", type=Path, default=ROOT / "jobs/configs/small_drive.yaml", help="train config (small_drive)")
+    add("--config", type=Path, default=ROOT / "jobs/configs/small.yaml", help="train config (small: best measured)")
     add("--update-config", type=Path, default=ROOT / "jobs/configs/online_update.yaml", help="online-update config")
     add("--preset", default=None, help="model.preset override (default: the config's)")
     add("--episodes", type=int, default=400, help="expert episodes to generate, train + val (400)")
     add("--val-fraction", type=float, default=0.1, help="share of the episodes in val (0.1); the rest is train")
-    add("--action-noise", type=float, default=0.2, help="DART noise on the executed command (0.2)")
+    add("--action-noise", type=float, default=0.0, help="DART noise on the executed command (0: best measured)")
     add("--data-seed", type=int, default=0)
     add("--epochs", type=int, default=None, help="train.epochs (default: the config's)")
     add("--workers", type=int, default=None, help="scaling.num_workers (default: the config's)")

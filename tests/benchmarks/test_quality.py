@@ -107,7 +107,8 @@ def test_main_answers_bad_settings_with_exit_2_before_running_anything(quality, 
 
 def test_the_defaults_are_the_documented_recipe(quality):
     args = quality.parse_args([])
-    assert args.config == ROOT / "jobs/configs/small_drive.yaml"
+    assert args.config == ROOT / "jobs/configs/small.yaml"
+    assert args.action_noise == 0.0
     assert (args.rounds, args.betas, args.eval_episodes, args.budget_cpu_min) == (2, [0.5, 0.3], 200, 60.0)
     assert args.splits == ["unseen_layout", "unseen_pair", "unseen_paraphrase"]
     assert args.home == ROOT / ".mobile_vla" / "quality"
