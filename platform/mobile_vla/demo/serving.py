@@ -2,6 +2,7 @@
 
     serving = start_serving(cfg, cluster)      # waits for /readyz; says which version and backend answer
     serving.url, serving.token                 # what a robot needs (token: first line of serving.tokens_file)
+    wait_for_version(serving, "2")             # after a promotion: until the replicas serve it
 
 A Serve already running on the cluster is joined on its port; otherwise Serve starts on --port (or a
 free one) and `cluster.serve_started` tells `stop_cluster` to shut it down again.
@@ -24,6 +25,8 @@ from mobile_vla.errors import ConfigError, ResourceError
 from mobile_vla.serve.app import ServeAppConfig, build_app
 from mobile_vla.serve.auth import create_tokens_file
 from mobile_vla.tracking.registry import CHAMPION
+
+SIMULATED_STEP_DEADLINE_S = 30.0  # a step's server-side budget: the robot clients' own timeout
 
 
 @dataclass
@@ -52,9 +55,13 @@ def start_serving(cfg: DemoConfig, cluster: Cluster, max_wait_s: float = 300.0) 
         model_uri=f"models:/{REGISTERED_MODEL}@{CHAMPION}",
         primary="onnx",
         tokens_file=str(tokens_file),
+        feedback_dir=str(cfg.feedback_dir()),
         max_batch_size=max(8, cfg.robots),
         batch_wait_timeout_s=0.005,
         primary_timeout_s=10.0,
+        # Simulated robots step in lockstep and wait for every answer, so no step goes stale: the default
+        # budget (one control period) would drop steps (504) whenever a loaded 2-core box queues a batch.
+        deadline_s=SIMULATED_STEP_DEADLINE_S,
     )
     try:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
@@ -81,13 +88,41 @@ def _wait_until_ready(serving: Serving, max_wait_s: float) -> None:
             if time.monotonic() > deadline:
                 raise ResourceError(f"{serving.url}/readyz: not ready after {max_wait_s:.0f} s")
             time.sleep(1.0)
-        answer = http.get("/v1/model", headers={"Authorization": f"Bearer {serving.token}"})
+        _note_served_model(serving, http)
+
+
+def wait_for_version(serving: Serving, version: str, max_wait_s: float = 300.0) -> float:
+    """Waits until the server answers with `version` (the replicas follow @champion on their own, every
+    `alias_poll_s`): /v1/model names it and its active backend serves it. Returns the seconds waited.
+
+    Raises:
+        ResourceError: still another version after `max_wait_s`.
+    """
+    started = time.monotonic()
+    with httpx.Client(base_url=serving.url, timeout=10.0) as http:
+        while True:
+            active = _note_served_model(serving, http)
+            if serving.model_version == version and active and active["model_version"] == version:
+                return time.monotonic() - started
+            if time.monotonic() - started > max_wait_s:
+                raise ResourceError(
+                    f"{serving.url}/v1/model: still version {serving.model_version} "
+                    f"({active and active['model_version']} active) {max_wait_s:.0f} s after @champion "
+                    f"moved to {version}"
+                )
+            time.sleep(1.0)
+
+
+def _note_served_model(serving: Serving, http: httpx.Client) -> dict | None:
+    """Fills in the version and backend /v1/model says answer now; returns the active backend's status."""
+    answer = http.get("/v1/model", headers={"Authorization": f"Bearer {serving.token}"})
     if answer.status_code != 200:
         raise ResourceError(f"{serving.url}/v1/model: HTTP {answer.status_code}: {answer.text[:500]}")
     info = answer.json()
     serving.model_version = info["version"]
     active = [b for b in info["backends"] if b["deployment"] == info["active"]]
     serving.backend = active[0]["backend"] if active else None
+    return active[0] if active else None
 
 
 def _port_is_free(port: int) -> bool:
