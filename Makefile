@@ -30,7 +30,7 @@ format: setup
 # test-fast leaves out the tests marked `slow` (real training, sweeps, Serve apps, the demo): about 4
 # minutes on 2 cores instead of about 17; `make test` runs everything.
 test: setup
-	$(PY) -m pytest tests -p no:randomly $(PYTEST_ARGS)
+	$(PY) -m pytest tests -p no:randomly --durations=40 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest tests -p no:randomly -m "not slow" $(PYTEST_ARGS)

@@ -43,6 +43,7 @@ def test_a_dagger_round_through_serve_feedback_update_and_gate(ray_cluster, dagg
         feedback_dir=str(dagger_home / "feedback"),
         primary_timeout_s=20.0,
         alias_poll_s=0.3,
+        deadline_s=30.0,  # a loaded 2-core box: this test is about the DAgger round, not latency
     )
     with deployed_app(APP, dagger_home, args) as served:
         assert served.model()["version"] == "1"

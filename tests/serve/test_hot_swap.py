@@ -68,6 +68,7 @@ def app(ray_cluster, swap_home):
         batch_wait_timeout_s=0.01,
         primary_timeout_s=20.0,
         alias_poll_s=0.3,
+        deadline_s=30.0,  # a loaded 2-core box: this test is about the swap, not latency
     )
     drill = DrillConfig(primary_prepare_delay_s=ENGINE_BUILD_S)  # test-only: the primary's "engine build"
     with deployed_app(APP, swap_home, args, drill=drill) as client:

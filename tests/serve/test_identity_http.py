@@ -49,6 +49,7 @@ def identity_app(ray_cluster, serve_home, tmp_path_factory):
         memory_secret_file=str(keys),
         feedback_dir=str(files / "feedback"),
         batch_wait_timeout_s=0.0,
+        deadline_s=30.0,  # a loaded 2-core box: this test is about identity, not latency
     )
     with deployed_app("mobile-vla-identity", serve_home, args) as app:
         app.robot_tokens, app.tokens_file, app.keys_file = robots, tokens, keys

@@ -299,7 +299,9 @@ def test_app_replica_restarted_while_mlflow_is_stopped_serves_from_the_cache(hom
     app_name, primary = "mobile-vla-registry-down", "OnnxPolicy"
     registry_port, http_port = free_port(), free_port()
     token = create_tokens_file(home / "app-tokens")
-    args = ServeAppConfig(tokens_file=str(home / "app-tokens"), alias_poll_s=0.5, primary_timeout_s=20.0)
+    args = ServeAppConfig(
+        tokens_file=str(home / "app-tokens"), alias_poll_s=0.5, primary_timeout_s=20.0, deadline_s=30.0
+    )  # deadline: a loaded 2-core box (CI saw a 504 at the default 100 ms); this test is about the registry
     monkeypatch.setenv("MOBILE_VLA_HOME", str(home))
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     app = AppClient(app_name, f"http://127.0.0.1:{http_port}", token, home)

@@ -68,6 +68,7 @@ def app(ray_cluster, shadow_home):
         primary_timeout_s=20.0,
         alias_poll_s=0.3,
         shadow=ShadowConfig(tolerance=TOLERANCE),
+        deadline_s=30.0,  # a loaded 2-core box: this test is about shadow mode, not latency
     )
     drill = DrillConfig(primary_faults=[{"mode": "error", "robot_prefix": "drill-error-"}])
     with deployed_app(APP, shadow_home, args, drill=drill) as client:
