@@ -81,3 +81,36 @@ def test_registry_down_refuses_a_corrupt_or_unchecked_cache(registered, monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the registry is back: the copy is checked and recorded again
     assert not resolve_model(f"models:/{NAME}@champion").from_cache
     assert "policy/config.json" in json.loads((registered.path / "cache_manifest.json").read_text())
+
+
+def test_a_file_unchanged_since_it_was_hashed_is_not_read_again_and_a_hidden_write_still_is(registered, monkeypatch):
+    """Replica starts resolve the same version again and again: a file whose size, mtime and ctime are
+    those recorded with its hash is trusted without reading it; a same-size write that puts the old
+    mtime back changes the ctime, so it is hashed, found corrupt and fetched again."""
+    import os
+
+    from mobile_vla.tracking import registry, resolve_model
+
+    monkeypatch.setattr(registry, "_RACY_WINDOW_NS", 0)  # no waiting out the racy window in a test
+    hashed = []
+    real_digest = registry._digest
+    monkeypatch.setattr(registry, "_digest", lambda path: hashed.append(path.name) or real_digest(path))
+    manifest_file = registered.path / "cache_manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert all("stat" in entry for entry in manifest.values())  # recorded at download
+    for entry in manifest.values():
+        del entry["stat"]  # as a cache written before stat records were kept
+    manifest_file.write_text(json.dumps(manifest))
+    resolve_model(f"models:/{NAME}/1")  # hashes every file and records its stat
+    assert "config.json" in hashed and all("stat" in e for e in json.loads(manifest_file.read_text()).values())
+    hashed.clear()
+    resolve_model(f"models:/{NAME}/1")
+    assert hashed == []  # nothing read: every stat is the recorded one
+
+    config = registered.path / "policy" / "config.json"
+    before = config.stat()
+    config.write_text(config.read_text().replace('"a"', '"x"'))  # same size, other bytes
+    os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))  # the old mtime back
+    again = resolve_model(f"models:/{NAME}/1")
+    assert hashed == ["config.json", "config.json"]  # only the file whose ctime moved: found bad, then fetched
+    assert json.loads((again.path / "policy" / "config.json").read_text())["marker"] == "a"  # fetched again

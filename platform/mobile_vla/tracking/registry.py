@@ -15,7 +15,11 @@ The cache is checked, and it carries a model through a registry outage:
 
 - every file fetched from the registry has its SHA-256 and size recorded at download
   (`VERSION/cache_manifest.json`) and checked on every resolve; a corrupt or missing file is
-  fetched again while the registry answers, and refused (ModelError naming the file) while it does not;
+  fetched again while the registry answers, and refused (ModelError naming the file) while it does not.
+  A file whose size, mtime and ctime are those recorded with its hash is not hashed again (a write,
+  even one that restores the mtime, changes the ctime), unless it was modified within
+  `_RACY_WINDOW_NS` of the recording (a write in the same clock tick could leave the stat unchanged);
+  so a replica start does not re-read gigabytes of weights;
 - where an alias pointed when this node last asked is recorded next to the versions
   (`model_cache/NAME/aliases.json`);
 - when the registry is unreachable (`RegistryUnreachable`: a connection error, a timeout, a
@@ -34,6 +38,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -52,11 +57,12 @@ CHALLENGER = "challenger"
 PREVIOUS_CHAMPION = "previous-champion"  # kept for a one-line rollback: promote --from-alias previous-champion --force
 MODEL_ARTIFACT_PATH = "model"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
-CACHE_MANIFEST = "cache_manifest.json"  # in a version's cache folder: {relative path: {"sha256", "bytes"}}
+CACHE_MANIFEST = "cache_manifest.json"  # in a version's cache folder: {path: {"sha256", "bytes", "stat"}}
 ALIAS_RECORD = "aliases.json"  # in a model's cache folder: {alias: {"version", "recorded_at"}}
 _NOT_REGISTRY_FILES = {CACHE_MANIFEST, "model_version.json"}  # what the cache writes itself
 _ADOPTED_PREFIXES = ("policy/", "onnx/")  # registry-only files; a cache older than its manifest gets them recorded
 _HASH_CHUNK = 1 << 20
+_RACY_WINDOW_NS = 2_000_000_000  # a file modified this close before its hash was recorded is always re-hashed
 
 log = logging.getLogger(__name__)
 
@@ -215,27 +221,68 @@ def _files_under(folder: Path, rel: str) -> list[str]:
     return [r for r in out if r not in _NOT_REGISTRY_FILES and not r.rsplit("/", 1)[-1].startswith(".")]
 
 
+def _stat_record(stat: os.stat_result, recorded_ns: int) -> dict:
+    return {"mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "recorded_ns": recorded_ns}
+
+
+def _unchanged_since_hashed(stat: os.stat_result, entry: dict) -> bool:
+    """True when the file's stat is the one recorded with its hash, and that record is not racy."""
+    record = entry.get("stat")
+    if not isinstance(record, dict):
+        return False
+    return (
+        record.get("mtime_ns") == stat.st_mtime_ns
+        and record.get("ctime_ns") == stat.st_ctime_ns
+        and isinstance(record.get("recorded_ns"), int)
+        and record["recorded_ns"] - stat.st_mtime_ns > _RACY_WINDOW_NS
+    )
+
+
 def cache_problems(folder: str | Path) -> list[str]:
-    """Files of a cached version that are gone or whose size or SHA-256 differ from the ones recorded at download."""
-    folder = Path(folder)
+    """Files of a cached version that are gone or whose size or SHA-256 differ from the ones recorded at
+    download (a file whose stat is unchanged since it was hashed is not read again: module doc).
+    """
+    return _check_cache(Path(folder))[0]
+
+
+def _check_cache(folder: Path) -> tuple[list[str], dict | None]:
+    """(the files that fail their check, the manifest with fresh stat records where a file was hashed,
+    found good and is no longer racy: None when nothing changed).
+    """
     manifest = _read_json(folder / CACHE_MANIFEST)
     if manifest is None:
-        return [CACHE_MANIFEST]
-    bad = []
+        return [CACHE_MANIFEST], None
+    bad, changed = [], False
     for rel, entry in sorted(manifest.items()):
         path = folder / rel
         try:
-            if path.stat().st_size != entry["bytes"] or _digest(path) != entry["sha256"]:
+            stat = path.stat()
+            if stat.st_size != entry["bytes"]:
                 bad.append(rel)
-        except (OSError, KeyError, TypeError):
+            elif _unchanged_since_hashed(stat, entry):
+                continue
+            elif _digest(path) != entry["sha256"]:
+                bad.append(rel)
+            elif (now := time.time_ns()) - stat.st_mtime_ns > _RACY_WINDOW_NS and _same_stat(path.stat(), stat):
+                entry["stat"] = _stat_record(stat, now)
+                changed = True
+        except (OSError, KeyError, TypeError, AttributeError):
             bad.append(rel)
-    return bad
+    return bad, manifest if changed else None
+
+
+def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
 
 
 def _drop_corrupt(dest: Path, uri: str) -> None:
-    """Deletes what failed its checksum (the whole download entry holding it), so the sync fetches it again."""
-    bad = cache_problems(dest)
+    """Deletes what failed its checksum (the whole download entry holding it), so the sync fetches it
+    again; when all is good, records the stat of the files just hashed (the next resolve skips them).
+    """
+    bad, refreshed = _check_cache(dest)
     if not bad:
+        if refreshed is not None:
+            _write_json(dest / CACHE_MANIFEST, refreshed)
         return
     log.warning("%s: cached files failed their checksum, fetching them again: %s", uri, ", ".join(bad[:5]))
     if CACHE_MANIFEST in bad:  # no record left to trust: fetch the whole version again
@@ -263,7 +310,8 @@ def _record_checksums(dest: Path, fetched: list[str]) -> None:
         return
     for rel in sorted(new):
         path = dest / rel
-        manifest[rel] = {"sha256": _digest(path), "bytes": path.stat().st_size}
+        stat = path.stat()  # before reading: a write during the hash changes the ctime and forces a re-hash
+        manifest[rel] = {"sha256": _digest(path), "bytes": stat.st_size, "stat": _stat_record(stat, time.time_ns())}
     _write_json(dest / CACHE_MANIFEST, manifest)
 
 
