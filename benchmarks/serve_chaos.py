@@ -369,7 +369,7 @@ def app_args(tokens_file: str):
 
 
 def main() -> int:
-    from serve_load import prepare_model  # the sibling benchmark's scratch-home model (as serve_overload does)
+    from serve_load import local_serve_app, prepare_model  # the sibling benchmark's helpers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="load per phase")
@@ -384,27 +384,14 @@ def main() -> int:
     model_uri, tokens_file = prepare_model("tiny", home)
     fleet = make_fleet(model_uri, args.robots)
 
-    import ray
-    from ray import serve
-
     from mobile_vla.serve.app import compose_app
     from mobile_vla.serve.memory_token import MemoryCodec, default_secret_path
 
-    ray.init(
-        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
-    )
-    port = args.port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app_name, url = "chaos", f"http://127.0.0.1:{port}"
-    serve.run(compose_app(app_args(tokens_file)), name=app_name, route_prefix="/")
-    token = Path(tokens_file).read_text().split()[0]
-    codec = MemoryCodec.from_file(default_secret_path())  # the app made it under this home
-    load = FleetLoad(url, token, fleet, codec, hz=args.hz, deadline_s=args.deadline_s)
-    try:
+    app_name, url = "chaos", f"http://127.0.0.1:{args.port}"
+    with local_serve_app(compose_app(app_args(tokens_file)), app_name, args.port, tokens_file) as token:
+        codec = MemoryCodec.from_file(default_secret_path())  # the app made it under this home
+        load = FleetLoad(url, token, fleet, codec, hz=args.hz, deadline_s=args.deadline_s)
         result = run_chaos(load, app_name, url, args.seconds)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     report = {
         "benchmark": "serve_chaos",
         "preset": "tiny",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -52,6 +53,30 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
         "p99_ms": round(float(np.percentile(arr, 99)), 2),
         "mean_ms": round(float(arr.mean()), 2),
     }
+
+
+@contextlib.contextmanager
+def local_serve_app(app, name: str, port: int, tokens_file: str):
+    """A local Ray (4 logical CPUs, no dashboard) with Serve on 127.0.0.1:`port` running `app` at "/";
+    yields the first token in `tokens_file`. Serve and Ray are shut down when the block ends (a
+    complaint from Serve's shutdown about handles bound to a closed event loop is printed, not raised)."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app, name=name, route_prefix="/")
+        yield Path(tokens_file).read_text().split()[0]
+    finally:
+        try:
+            serve.shutdown()
+        except Exception as exc:
+            print(f"serve.shutdown: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            ray.shutdown()
 
 
 def sample_jpeg(seed: int = 0) -> str:
@@ -214,15 +239,8 @@ async def _measured_phase(phase: dict, url: str, token: str, image: str) -> tupl
 
 def serve_child(spec: dict) -> dict:
     """Runs in a fresh process: local Ray + the Serve app, then the load phases in `spec`."""
-    import ray
-    from ray import serve
-
     from mobile_vla.serve.app import ServeAppConfig, build_app
 
-    ray.init(
-        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": spec["port"]})
     args = ServeAppConfig(
         model_uri=spec["model_uri"],
         tokens_file=spec["tokens_file"],
@@ -232,17 +250,9 @@ def serve_child(spec: dict) -> dict:
         primary_timeout_s=5.0,
         cpu_threads=spec.get("cpu_threads", 1),
     )
-    serve.run(build_app(args), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{spec['port']}/v1/act"
-    token = Path(spec["tokens_file"]).read_text().split()[0]
-    image = sample_jpeg()
-    results = asyncio.run(_run_phases(spec, url, token, image))
-    try:  # handles made on the (now closed) phase loop can make Serve's cleanup complain
-        serve.shutdown()
-    except Exception as exc:
-        print(f"serve.shutdown: {type(exc).__name__}: {exc}", flush=True)
-    finally:
-        ray.shutdown()
+    with local_serve_app(build_app(args), "bench", spec["port"], spec["tokens_file"]) as token:
+        url = f"http://127.0.0.1:{spec['port']}/v1/act"
+        results = asyncio.run(_run_phases(spec, url, token, sample_jpeg()))
     return {"results": results}
 
 

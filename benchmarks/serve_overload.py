@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from serve_load import INSTRUCTION, percentiles, prepare_model, sample_jpeg
+from serve_load import INSTRUCTION, local_serve_app, percentiles, prepare_model, sample_jpeg
 
 RESULTS = Path(__file__).resolve().parent / "results"
 APP = "overload"
@@ -215,15 +215,8 @@ async def run_phases(spec: dict, base: str, token: str) -> dict:
 
 def serve_child(spec: dict) -> dict:
     """Runs in a fresh process: local Ray + the Serve app (fallback included), then the phases."""
-    import ray
-    from ray import serve
-
     from mobile_vla.serve.app import ServeAppConfig, build_app
 
-    ray.init(
-        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": spec["port"]})
     args = ServeAppConfig(
         model_uri=spec["model_uri"],
         tokens_file=spec["tokens_file"],
@@ -231,15 +224,8 @@ def serve_child(spec: dict) -> dict:
         max_batch_size=spec["max_batch_size"],
         **spec["app_args"],
     )
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    token = Path(spec["tokens_file"]).read_text().split()[0]
-    try:
+    with local_serve_app(build_app(args), APP, spec["port"], spec["tokens_file"]) as token:
         return asyncio.run(run_phases(spec, f"http://127.0.0.1:{spec['port']}", token))
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 def main() -> int:

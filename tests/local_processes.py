@@ -9,12 +9,15 @@ session, and each is checked free by binding it first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,45 @@ def wait_until(check, timeout_s: float, every_s: float = 0.2, what: str = "condi
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(every_s)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_db: Path, artifacts: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:`port` over the SQLite file `backend_db`, serving artifacts
+    from `artifacts`; yields its URL once /health answers; stopped (SIGTERM, then SIGKILL) when the
+    block ends. The same address can be served again later (a registry that comes back)."""
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{backend_db}",
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if process.poll() is not None:
+            pytest.fail(f"mlflow server exited with {process.returncode}")
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, 180, every_s=0.5, what="mlflow server answering")
+        yield url
+    finally:
+        stop_process_group(process, signal.SIGTERM, 30)

@@ -11,20 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.local_processes import stop_process_group
+from tests.local_processes import mlflow_server
 from tests.serve.conftest import AppClient, free_port, wait_until
 from tests.serve.test_hot_swap import IMAGE
 
@@ -239,47 +233,6 @@ def test_ingress_retries_a_failed_side_load_and_clears_the_error(in_home, monkey
     assert watcher.watch_error is None and not watcher.side.from_cache
 
 
-@contextlib.contextmanager
-def mlflow_server(home: Path, port: int):
-    """A real `mlflow server` on 127.0.0.1:`port` over the home's own SQLite store (the versions' artifacts
-    are folders under the home, read directly); stopped (SIGTERM, then SIGKILL) when the block ends."""
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{home / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(home / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        if process.poll() is not None:
-            pytest.fail("mlflow server exited")
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_until(healthy, 180, every_s=0.5, what="mlflow server answering")
-        yield url
-    finally:
-        stop_process_group(process, signal.SIGTERM, 30)
-
-
 def kill_replica(deployment: str) -> None:
     """kill -9 of the deployment's replica actor (Serve starts a new one)."""
     import ray
@@ -306,7 +259,7 @@ def test_app_replica_restarted_while_mlflow_is_stopped_serves_from_the_cache(hom
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     app = AppClient(app_name, f"http://127.0.0.1:{http_port}", token, home)
     try:
-        with mlflow_server(home, registry_port) as url:
+        with mlflow_server(home / "mlflow.db", home / "server-artifacts", registry_port) as url:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the replicas get it through their runtime_env
             point_champion_at("2")
             serve.run(compose_app(args), name=app_name, route_prefix="/")
@@ -329,7 +282,8 @@ def test_app_replica_restarted_while_mlflow_is_stopped_serves_from_the_cache(hom
         backend = next(b for b in app.model()["backends"] if b["role"] == "primary")
         assert backend["from_cache"] and backend["registry_error"], backend
 
-        with mlflow_server(home, registry_port):  # the registry is back on the same address
+        # the registry is back on the same address
+        with mlflow_server(home / "mlflow.db", home / "server-artifacts", registry_port):
             wait_until(
                 lambda: not (i := app.policy_info(primary))["from_cache"] and i["registry_error"] is None,
                 120,

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.local_processes import free_port
+from tests.local_processes import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -218,57 +215,23 @@ def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoin
 
 
 @pytest.fixture()
-def mlflow_server(tmp_path):
+def mlflow_server_url(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts."""
-    port = free_port()
-    mlflow_exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [
-            str(mlflow_exe),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server_artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
+    with mlflow_server(tmp_path / "server.db", tmp_path / "server_artifacts", free_port()) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
-def test_run_against_an_mlflow_server(ray_cluster, tiny_dataset, platform_home, mlflow_server, monkeypatch):
+def test_run_against_an_mlflow_server(ray_cluster, tiny_dataset, platform_home, mlflow_server_url, monkeypatch):
     from mlflow import MlflowClient
 
     from mobile_vla.policy import load_policy
     from mobile_vla.tracking import resolve_model
     from mobile_vla.train.trainer import run_training
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_url)
     cfg = _config(tiny_dataset, platform_home, "run.name=served", "train.epochs=1", "train.max_steps_per_epoch=2")
     result = run_training(cfg)
-    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server_url, registry_uri=mlflow_server_url)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["run.name"] == "served"
     assert len(client.get_metric_history(result.run_id, "train_loss_step")) == 2
