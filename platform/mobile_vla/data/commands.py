@@ -1,4 +1,4 @@
-"""`mobile-vla data ...`: generate (MiniWorld, sim/generate.py), import (original collector), inspect.
+"""`mobile-vla data ...`: generate (MiniWorld, sim/generate.py), import (original collector), inspect, merge.
 
     mobile-vla data generate --out data/nav --episodes 200 --seed 0
     mobile-vla data generate --out data/nav_dart --episodes 200 --action-noise 0.2     # DART noise
@@ -6,6 +6,7 @@
     mobile-vla data generate --show-split-spec > my_splits.yaml      # the defaults, to edit
     mobile-vla data import --format minuum-h5 ~/robot_logs data/robot
     mobile-vla data inspect data/robot [--check] [--json]
+    mobile-vla data merge --out data/agg data/nav --train-only ~/.mobile_vla/online_updates/<time>/feedback
 
 `inspect` prints a list of sections; other stages add theirs (feedback data, say) with
 `register_inspect_section(fn)` where fn(folder, manifest, console) prints one section.
@@ -51,7 +52,7 @@ def register_inspect_section(section: Callable) -> Callable:
 
 
 def register(subparsers) -> None:
-    """Adds `data generate`, `data import` and `data inspect` to the CLI."""
+    """Adds `data generate`, `data import`, `data inspect` and `data merge` to the CLI."""
     data = subparsers.add_parser("data", help="generate, import and inspect episode datasets")
     data_subparsers = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
@@ -85,6 +86,29 @@ def register(subparsers) -> None:
     importer.epilog = "Exit status 1 when some files were skipped (each is named), 2 when nothing was imported."
 
     _register_generate(data_subparsers)
+    _register_merge(data_subparsers)
+
+
+def _register_merge(data_subparsers) -> None:
+    parser = data_subparsers.add_parser(
+        "merge",
+        help="one dataset folder with the episodes of several (aggregated DAgger)",
+        description="Links (or copies) every episode of every SRC into a new dataset folder; each keeps its "
+        "split, except those of --train-only sources, which all go to train.",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="new or empty dataset folder")
+    parser.add_argument("sources", type=Path, nargs="+", metavar="SRC", help="dataset folders (with manifest.json)")
+    parser.add_argument(
+        "--train-only",
+        type=Path,
+        action="append",  # one folder per flag: `--train-only A B` must not swallow the plain source B
+        default=[],
+        metavar="SRC",
+        help="a source whose episodes all go to train, e.g. a feedback dataset of online-update (added to the "
+        "SRC list when not in it; repeatable)",
+    )
+    parser.add_argument("--copy", action="store_true", help="copy the episode files (default: absolute symlinks)")
+    parser.set_defaults(func=run_merge)
 
 
 def _register_generate(data_subparsers) -> None:
@@ -316,3 +340,24 @@ def run_import(args) -> int:
         f"{args.dst}; skipped {len(report.skipped)}; splits: {split_text}"
     )
     return 1 if report.skipped else 0
+
+
+def run_merge(args) -> int:
+    """`data merge`: writes the merged folder, prints each split's episodes and frames."""
+    from rich.console import Console
+
+    from mobile_vla.data.merge import merge_datasets
+
+    manifest = merge_datasets(args.out, args.sources, train_only=args.train_only, copy=args.copy)
+    console = Console()
+    for split, count in manifest["counts"].items():
+        if split != "total":
+            console.print(f"{split:>18}: {count['episodes']:4d} episodes, {count['frames']} frames")
+    total = manifest["counts"]["total"]
+    how = "copied" if args.copy else "linked"
+    sources = len(manifest["generator"]["sources"])
+    console.print(
+        f"wrote {total['episodes']} episodes ({how}), {total['frames']} frames, from {sources} sources to {args.out}",
+        soft_wrap=True,
+    )
+    return 0
