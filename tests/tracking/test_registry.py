@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from mobile_vla.errors import ModelError
-from tests.local_processes import free_port
+from tests.local_processes import free_port, mlflow_server
 
 
 def make_model_dir(root: Path, marker: str) -> Path:
@@ -79,40 +75,9 @@ def test_registry_on_embedded_sqlite_store(platform_home, tmp_path):
 
 @pytest.mark.slow  # an `mlflow server` process: it takes a while to answer on 2 cores
 def test_registry_through_an_mlflow_server(platform_home, tmp_path, monkeypatch):
-    port = free_port()
     server_dir = tmp_path / "server"
     server_dir.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{server_dir / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(server_dir / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not come up")
-                time.sleep(1)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with mlflow_server(server_dir / "mlflow.db", server_dir / "artifacts", free_port()) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         exercise_registry(tmp_path)
         assert not (platform_home / "mlflow.db").exists()  # everything went to the server
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
