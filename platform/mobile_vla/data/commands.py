@@ -348,7 +348,7 @@ def run_merge(args) -> int:
 
     from mobile_vla.data.merge import merge_datasets
 
-    manifest = merge_datasets(args.out, args.sources, train_only=args.train_only, copy=args.copy)
+    manifest = merge_datasets(args.out, args.sources, train_only=args.train_only, copy=args.copy, progress=True)
     console = Console()
     for split, count in manifest["counts"].items():
         if split != "total":
