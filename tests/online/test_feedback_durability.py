@@ -305,6 +305,33 @@ def test_injected_enospc_answers_storage_full_leaves_no_litter_and_recovers(tmp_
     assert len(list((root / "segments").glob("*.wal"))) == 1
 
 
+def test_a_full_disk_at_startup_keeps_the_torn_tail_for_later_and_the_store_opens(tmp_path, monkeypatch):
+    # An ingress restart (or the online update, which frees space) on a full disk with a dead writer's
+    # torn tail: the quarantine copy cannot be written, so the tail stays where readers stop at it.
+    root = tmp_path / "feedback"
+    with FeedbackStore(root) as writer:
+        for step in range(3):
+            writer.append(record("r", "e", step))
+    (segment,) = (root / "segments").glob("*.wal")
+    frame = encode_frame(*normalise_record(record("r", "torn", 0)))
+    with open(segment, "ab") as handle:
+        handle.write(frame[: len(frame) // 2])  # a dead writer's half-written frame
+    size = segment.stat().st_size
+    disk = FullDisk(root)  # every write under the feedback root, the quarantine copy included
+    monkeypatch.setattr(os, "write", disk.write)
+    disk.full = True
+    for _ in range(2):  # the first refusal writes half the copy first (FullDisk): no partial copy may stay
+        store = FeedbackStore(root)
+        assert segment.stat().st_size == size and [p.name for p in (root / "quarantine").glob("*")] == []
+    assert disk.refused >= 2 and stored_keys(root) == {"r/e/0", "r/e/1", "r/e/2"}
+    with pytest.raises(StorageFullError):
+        store.append(record("r", "e", 3))
+    disk.full = False  # space freed: the next start cuts the tail to quarantine/ as usual
+    FeedbackStore(root).append(record("r", "e", 3))
+    assert scan_segment(segment).problem is None and len(list((root / "quarantine").glob("*.torn"))) == 1
+    assert stored_keys(root) == {f"r/e/{s}" for s in range(4)}
+
+
 TMPFS_WRITER = textwrap.dedent(
     """
     import json, os, sys

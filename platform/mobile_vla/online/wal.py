@@ -261,10 +261,19 @@ def _lock_dead_writers_segment(path: Path) -> int | None:
     return fd
 
 
+def _remove_partial_copy(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("feedback %s: could not remove a partial quarantine copy: %s", path.name, exc)
+
+
 def repair_segments(segments_dir: Path, quarantine_dir: Path) -> list[SegmentScan]:
     """Cuts torn tails off segments whose writer is gone (its flock released): the cut bytes are
     written to `quarantine_dir` and fsynced before the segment is truncated. Reads only each
-    segment's last frame (`last_frame_end`). Segments of live writers are left alone. Returns what was cut.
+    segment's last frame (`last_frame_end`). Segments of live writers are left alone. A tail whose
+    copy cannot be written (a full disk) stays in its segment, with no partial copy left, for a
+    later start to cut: opening a store never fails on it. Returns what was cut.
     """
     repaired = []
     for path in segment_paths(segments_dir):
@@ -277,7 +286,13 @@ def repair_segments(segments_dir: Path, quarantine_dir: Path) -> list[SegmentSca
             if valid_end < size:
                 problem = _frame_at(fd, valid_end, size)[0]
                 tail = os.pread(fd, size - valid_end, valid_end)
-                write_durably(quarantine_dir / f"{path.name}.{valid_end}.torn", tail)  # before the truncate
+                copy = quarantine_dir / f"{path.name}.{valid_end}.torn"
+                try:
+                    write_durably(copy, tail)  # before the truncate
+                except OSError as exc:  # a full disk: the store must still open (an update frees space)
+                    _remove_partial_copy(copy)
+                    log.warning("feedback %s: %s; tail left for a later start: %s", path.name, problem, exc)
+                    continue  # readers stop at a torn tail anyway
                 os.ftruncate(fd, valid_end)
                 os.fsync(fd)
                 log.warning("feedback %s: %s; cut %d bytes to quarantine/", path.name, problem, len(tail))
