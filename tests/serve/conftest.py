@@ -75,16 +75,23 @@ class AppClient:
 
 
 @contextlib.contextmanager
-def deployed_app(app_name: str, home: Path, args, drill=None):
-    """`compose_app(args, drill)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards."""
+def deployed_app(app_name: str, home: Path, args, drill=None, ingress_replicas: int | None = None):
+    """`compose_app(args, drill)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards.
+
+    `ingress_replicas` runs that many PolicyIngress replicas, as a Serve config's `deployments:` entry
+    for PolicyIngress does in production (serve_configs/gpu.yaml); `serve.run` takes no such override,
+    so the deployment `compose_app` builds on is swapped for the block.
+    """
     from ray import serve
 
-    from mobile_vla.serve.app import compose_app
+    from mobile_vla.serve import app as serve_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    with home_env(home):
-        serve.run(compose_app(args, drill=drill), name=app_name, route_prefix="/")
+    with home_env(home), pytest.MonkeyPatch.context() as patch:
+        if ingress_replicas is not None:
+            patch.setattr(serve_app, "PolicyIngress", serve_app.PolicyIngress.options(num_replicas=ingress_replicas))
+        serve.run(serve_app.compose_app(args, drill=drill), name=app_name, route_prefix="/")
     client = AppClient(app_name, f"http://127.0.0.1:{port}", (home / "token").read_text(), home)
     try:
         yield client
