@@ -95,6 +95,9 @@ def ray_head():
         "RAY_AUTH_TOKEN": token,  # instead of ~/.ray/auth_token, which the shared test cluster uses
         "RAY_TMPDIR": str(tmp),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # `ray start --block` drains its node for up to 30 s on SIGTERM (Ray 2.60, for Serve proxies on
+        # Kubernetes) and waits the whole 30 s whenever a worker lease is held: 0 = shut down at once.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         # The job entrypoint's `python` is whatever the node's PATH gives: here, this venv.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
