@@ -112,9 +112,12 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_dct_scale_in_a_thread():
     assert recorder.threads == [False]  # off the event loop's thread
 
 
-def test_only_tiny_images_decode_on_the_event_loop():
-    assert _decode(_b64(Image.new("RGB", (32, 32)), format="PNG")).threads == [True]
-    assert _decode(_b64(Image.new("RGB", (224, 224)), format="PNG")).threads == [False]
+def test_frames_up_to_a_half_scale_vga_decode_on_the_event_loop_larger_ones_in_a_thread():
+    # a thread hop costs as much as decoding the API's frame, and spreads a batch's arrivals (request_checks)
+    assert _decode(_b64(Image.new("RGB", (224, 224)), format="PNG")).threads == [True]
+    vga = _decode(_b64(Image.new("RGB", (640, 480)), format="JPEG"))
+    assert vga.sizes == [(320, 240)] and vga.threads == [True]  # decoded at half scale: 76,800 pixels
+    assert _decode(_b64(Image.new("RGB", (640, 480)), format="PNG")).threads == [False]  # no DCT scaling for PNG
 
 
 def test_pixel_budget_is_checked_from_the_header_before_decoding():

@@ -23,7 +23,12 @@ from mobile_vla.errors import MobileVLAError
 from mobile_vla.serve.auth import TokenGrant, TokenVerifier
 from mobile_vla.serve.errors_http import ApiError, describe_errors
 
-DECODE_INLINE_PIXELS = 64 * 64  # only tiny images decode on the event loop; the rest in a thread
+# Decoded pixels (after DCT scaling) up to which an image decodes on the event loop: the API's 224 x 224 frame,
+# or a VGA camera frame decoded at half scale, costs about a millisecond, as much as the hop to a worker thread;
+# measured (benchmarks/serve_load.py, HAProxy, 64 robots), a thread hop per request spread the arrivals at the
+# ingress batcher so its batches shrank from ~11 to ~4 robots and throughput fell ~25%. Larger decodes go to a
+# thread so that one robot's big frame does not stall the others.
+DECODE_INLINE_PIXELS = 320 * 240
 MAX_JPEG_SCANS = 32  # a progressive JPEG has ~10 scans; thousands make a small file cost seconds to decode
 SOS_MARKER = b"\xff\xda"  # JPEG start of scan: 0xFF in entropy-coded data is always followed by 0x00 or RST
 
@@ -75,8 +80,9 @@ async def decode_image(
 
     Budgets before any pixel is decoded: the header's pixel count (`max_pixels`, 413) and a JPEG's
     scan count (`MAX_JPEG_SCANS`, 413). A JPEG larger than `target_size` is decoded at a reduced DCT
-    scale (`Image.draft`, still >= target_size on both sides), and every image but a tiny one is
-    decoded in a worker thread, off the event loop.
+    scale (`Image.draft`, still >= target_size on both sides). An image that decodes to more than
+    `DECODE_INLINE_PIXELS` is decoded in a worker thread, off the event loop; a frame of the API's size
+    decodes inline.
     """
     try:
         raw = base64.b64decode(text, validate=True)
@@ -107,8 +113,10 @@ async def decode_image(
             image.load()  # truncated or corrupt data fails here, before any resize
             return prepare_image(image.convert("RGB"))
 
+    decoded_width, decoded_height = image.size  # after DCT scaling
     try:
-        return decode() if width * height <= DECODE_INLINE_PIXELS else await asyncio.to_thread(decode)
+        inline = decoded_width * decoded_height <= DECODE_INLINE_PIXELS
+        return decode() if inline else await asyncio.to_thread(decode)
     except (OSError, SyntaxError, ValueError, MobileVLAError) as exc:
         raise ApiError(400, "invalid_image", f"image cannot be decoded: {exc}") from None
 
