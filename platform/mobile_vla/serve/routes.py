@@ -226,7 +226,7 @@ class PolicyIngress:
         "/v1/feedback",
         status_code=202,
         response_model=FeedbackAccepted,
-        responses=_ERRORS,
+        responses={**_ERRORS, 507: {"model": ErrorBody}},  # a full feedback disk
         openapi_extra=_body_schema(FeedbackRequest),
     )
     async def feedback(self, request: Request):
