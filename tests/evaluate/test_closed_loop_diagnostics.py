@@ -76,6 +76,7 @@ def drive_into_a_wall(runs: list[tuple[str, int | None]], steps: int) -> list[di
     return out
 
 
+@pytest.mark.slow  # two 40-step MiniWorld episodes in a Ray task: ~13 s on a loaded 2-core box
 def test_a_stuck_robot_reads_zero_velocity_only_with_the_measured_state(ray_cluster):
     steps = 40
     task = ray_cluster.remote(num_cpus=1)(drive_into_a_wall)

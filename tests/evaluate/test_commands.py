@@ -34,6 +34,7 @@ def test_missing_data_folder_is_named(capsys, platform_home, tmp_path):
     assert str(tmp_path / "none") in capsys.readouterr().err
 
 
+@pytest.mark.slow  # offline and closed loop (model and expert) in Ray tasks on two splits
 def test_offline_and_closed_loop_onto_the_version(ray_cluster, tiny_dataset, registered_model, tmp_path, capsys):
     name, version = registered_model
     out = tmp_path / "results"

@@ -41,6 +41,7 @@ def test_errors_per_axis_and_chunk_alignment():
     assert metrics["chunk_mae"] == pytest.approx((5 * 0.1 + 4 * 0.4) / (9 * 3), abs=1e-6)
 
 
+@pytest.mark.slow  # the policy replayed over a split in Ray tasks: ~15 s on a loaded 2-core box
 def test_offline_on_a_generated_split(tiny_dataset, tiny_model_dir):
     from mobile_vla.data.manifest import load_manifest
     from mobile_vla.evaluate.offline import offline_report, save_offline

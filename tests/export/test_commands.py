@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from mobile_vla.cli import main
 
 
@@ -16,6 +18,7 @@ def test_tensorrt_without_gpu_says_so_and_exits_non_zero(exported_copy, capsys):
     assert not (exported_copy / "onnx").exists()
 
 
+@pytest.mark.slow  # an ONNX export (fp32 + fp16, parity) through the registry: ~20 s on a loaded 2-core box
 def test_export_attaches_graphs_to_the_same_model_version(platform_home, make_policy_dir, tmp_path, capsys):
     import mlflow
 

@@ -176,6 +176,7 @@ def update_config(tmp_path: Path, *overrides: str):
     return load_update_config(SHIPPED_CONFIG, update_overrides(tmp_path, *overrides))
 
 
+@pytest.mark.slow  # two fine-tunes, exports and gate evaluations: ~20 s on a loaded 2-core box
 def test_online_update_learns_corrections_and_takes_over_only_through_the_gate(online_setup, capsys):
     from mobile_vla import tracking
     from mobile_vla.cli import main

@@ -2,6 +2,7 @@
 window, chunk head, loss) carries enough signal to fit real targets."""
 
 import numpy as np
+import pytest
 import torch
 
 from mobile_vla.policy import build_policy, policy_loss
@@ -30,6 +31,7 @@ def _two_episodes(config, tokenizer, frames=8):
     return {key: torch.from_numpy(value) for key, value in batch.items()}
 
 
+@pytest.mark.slow  # 80 optimiser steps on 16 frames: half a minute on a loaded 2-core box
 def test_tiny_overfits_two_episodes(tiny_config, tiny_tokenizer):
     # Frozen random backbones (a supported config: how `full` trains) keep this test to seconds on CPU.
     config = tiny_config.replace(freeze_kosmos=True, freeze_clip=True)

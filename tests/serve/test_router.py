@@ -146,6 +146,7 @@ def test_a_failed_robot_goes_to_the_fallback_or_gets_503(fallback):
         assert isinstance(bad, ApiError) and bad.status == 503
 
 
+@pytest.mark.slow  # starts Serve and deploys an app: ~12 s on a loaded 2-core box
 def test_serve_delivers_a_replica_exception_as_its_own_class(ray_cluster):
     """Ray 2.x as installed: what the ingress catches when a policy replica raises BackendUnavailable."""
     from ray import serve

@@ -218,6 +218,7 @@ def test_recorded_commands_replay_to_success_in_a_rebuilt_scene(ray_cluster, tin
 
 
 # -- generation -------------------------------------------------------------------------------------
+@pytest.mark.slow  # two datasets generated in MiniWorld on Ray: ~15 s on a loaded 2-core box
 def test_same_seed_same_episodes_whatever_the_task_size(ray_cluster, tmp_path):
     spec = spec_with({"train": 0.5, "unseen_layout": 0.5})
     a = generate_dataset(tmp_path / "a", 2, spec, seed=11, settings=GeneratorConfig(seeds_per_task=1), progress=False)

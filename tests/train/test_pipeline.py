@@ -76,6 +76,7 @@ def test_shuffle_is_seeded_and_evaluation_order_is_stable(ray_cluster, dataset):
     assert sorted(shuffled) == list(range(7)) and shuffled != list(range(7))
 
 
+@pytest.mark.slow  # a real Ray Train run (worker group start-up): half a minute on a loaded 2-core box
 def test_ray_train_worker_reads_its_dataset_shard(ray_cluster, dataset, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

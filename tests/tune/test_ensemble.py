@@ -143,6 +143,7 @@ def test_combining_saved_policies_checks_their_preprocessing(tmp_path, make_memb
         combine_policy_dirs([tmp_path / "a", tmp_path / "c"])
 
 
+@pytest.mark.slow  # a three-member ONNX export with parity: half a minute on a loaded 2-core box
 def test_registered_ensemble_exports_and_serves_on_onnx_runtime(platform_home, make_member, tiny_preprocessing):
     """One MLflow version; `export_model` writes the same graph contract (only a wider state); the ONNX
     backend's answers match the torch backend's on the same version."""
