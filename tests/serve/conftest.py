@@ -75,12 +75,12 @@ class AppClient:
 
 
 @contextlib.contextmanager
-def deployed_app(app_name: str, home: Path, args, drill=None, ingress_replicas: int | None = None):
+def deployed_app(app_name: str, home: Path, args, drill=None, ingress_options: dict | None = None):
     """`compose_app(args, drill)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards.
 
-    `ingress_replicas` runs that many PolicyIngress replicas, as a Serve config's `deployments:` entry
-    for PolicyIngress does in production (serve_configs/gpu.yaml); `serve.run` takes no such override,
-    so the deployment `compose_app` builds on is swapped for the block.
+    `ingress_options` (e.g. `num_replicas`) override PolicyIngress's deployment options, as a Serve
+    config's `deployments:` entry for PolicyIngress does in production (serve_configs/gpu.yaml);
+    `serve.run` takes no such override, so the deployment `compose_app` builds on is swapped for the block.
     """
     from ray import serve
 
@@ -89,8 +89,8 @@ def deployed_app(app_name: str, home: Path, args, drill=None, ingress_replicas: 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with home_env(home), pytest.MonkeyPatch.context() as patch:
-        if ingress_replicas is not None:
-            patch.setattr(serve_app, "PolicyIngress", serve_app.PolicyIngress.options(num_replicas=ingress_replicas))
+        if ingress_options:
+            patch.setattr(serve_app, "PolicyIngress", serve_app.PolicyIngress.options(**ingress_options))
         serve.run(serve_app.compose_app(args, drill=drill), name=app_name, route_prefix="/")
     client = AppClient(app_name, f"http://127.0.0.1:{port}", (home / "token").read_text(), home)
     try:

@@ -143,7 +143,9 @@ def identity_app(ray_cluster, serve_home, tmp_path_factory):
             batch_wait_timeout_s=0.0,
             deadline_s=30.0,  # a loaded 2-core box: this test is about identity, not latency
         )
-        with deployed_app(APP, serve_home, args, ingress_replicas=INGRESS_REPLICAS) as app:
+        # Serve replaces a dead replica at its next health check: every second here, not every 10 s
+        ingress = {"num_replicas": INGRESS_REPLICAS, "health_check_period_s": 1.0}
+        with deployed_app(APP, serve_home, args, ingress_options=ingress) as app:
             app.robot_tokens, app.tokens_file, app.keys_file = robots, tokens, keys
             app.disk, app.feedback_dir, app.logs = disk, files / "disk" / "feedback", IngressReplicaLogs(APP)
             yield app
