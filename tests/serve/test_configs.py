@@ -97,11 +97,19 @@ def test_replica_grpc_messages_fit_a_full_batch_of_frames(monkeypatch):
 def test_serve_command_proxy_environment(monkeypatch):
     from mobile_vla.serve.commands import proxy_environment
 
+    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
-    assert proxy_environment(False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}  # no HAProxy unless asked
+    monkeypatch.delenv(drain, raising=False)
+    # no HAProxy unless asked; a stopping replica is not held 30 s for a load balancer a local Ray does not have
+    assert proxy_environment(False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", drain: "0"}
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
-    assert proxy_environment(False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}  # the operator's opt-out holds
-    assert proxy_environment(True) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    monkeypatch.setenv(drain, "5")
+    assert proxy_environment(False) == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", drain: "5"}  # the operator's values hold
+    assert proxy_environment(True) == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        drain: "5",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    }
 
 
 def test_test_only_drills_are_no_app_argument():

@@ -161,9 +161,17 @@ HAPROXY_ALL_INTERFACES = "8404 (HAProxy stats) and 9101 (HAProxy metrics)"
 def proxy_environment(haproxy: bool) -> dict[str, str]:
     """Environment for the local Ray: Serve's throughput mode always (gRPC proxy->replica, user code on
     the replica's loop: about 1.2x the stock settings on the same box, docs/performance.md; set
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to opt out), HAProxy mode only when asked for.
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to opt out), HAProxy mode only when asked for. A stopping ingress
+    replica is not held open for an external load balancer to deregister it (Serve's default in throughput
+    mode: 30 s, so every Ctrl-C waited out serve.shutdown's timeout): this Ray is local, with no balancer in
+    front; in-flight requests are still drained. An operator's own value of either variable wins.
     """
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")}
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1"),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": os.environ.get(
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0"
+        ),
+    }
     if haproxy:
         env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
     return env
