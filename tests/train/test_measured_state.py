@@ -161,25 +161,14 @@ def test_small_measured_is_small_with_the_measured_state():
     assert measured.model_dump(exclude={"model"}) == small.model_dump(exclude={"model"})
 
 
-@pytest.mark.slow  # generation, one real Ray Train epoch on tiny and a short closed loop: about two minutes
-def test_tiny_end_to_end_trains_and_drives_with_the_measured_state(ray_cluster, tiny_dataset, platform_home):
+@pytest.mark.slow  # one real Ray Train run (shared with the aux and recipe tests) and a short closed loop
+def test_tiny_end_to_end_trains_and_drives_with_the_measured_state(options_home):
+    """The shared options run of tests/train/conftest.py trained with the measured-velocity state."""
     from mobile_vla.evaluate.closed_loop import evaluate_closed_loop
     from mobile_vla.policy import load_policy
-    from mobile_vla.train.trainer import run_training
 
-    cfg = load_train_config(
-        REPO / "jobs/configs/tiny.yaml",
-        [
-            f"data.path={tiny_dataset}",
-            f"run.storage_path={platform_home / 'ray_results'}",
-            "run.name=measured",
-            "scaling.num_workers=1",
-            "train.epochs=1",
-            "train.keep_best=1",
-            f"model.overrides.state_input={MEASURED_VELOCITY}",
-        ],
-    )
-    result = run_training(cfg)
+    cfg, result = options_home.cfg, options_home.result
+    assert cfg.model.overrides["state_input"] == MEASURED_VELOCITY
     model, pre = load_policy(result.best_checkpoint_dir / "policy")
     assert model.config.state_input == pre.state_input == MEASURED_VELOCITY  # saved with the model
     assert describe_policy(model, pre).preprocessing.state_input == MEASURED_VELOCITY  # what robots are told

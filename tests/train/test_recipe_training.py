@@ -1,6 +1,6 @@
-"""A real Ray Train run with the issue-15 recipe options on the tiny preset: the options reach the
-workers, the model is saved with them, and the checkpoint kept and registered is the one with the
-lowest k = 0 validation MAE."""
+"""A real Ray Train run with the issue-15 recipe options on the tiny preset (the shared options run of
+tests/train/conftest.py): the options reach the workers, the model is saved with them, and the checkpoint
+kept and registered is the one with the lowest k = 0 validation MAE."""
 
 from __future__ import annotations
 
@@ -8,43 +8,22 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 MODEL = "mobile-vla-policy"
 
-pytestmark = pytest.mark.slow  # one real Ray Train run: about a minute on 2 cores
+pytestmark = pytest.mark.slow  # one real Ray Train run (shared with the aux and measured-state tests)
 
 
-def test_recipe_run_selects_by_the_executed_step_and_saves_the_options(ray_cluster, tiny_dataset, platform_home):
+def test_recipe_run_selects_by_the_executed_step_and_saves_the_options(options_home, tiny_dataset):
     from mlflow import MlflowClient
 
     from mobile_vla.policy import load_policy
     from mobile_vla.tracking import configure_mlflow
     from mobile_vla.train.checkpointing import read_history
-    from mobile_vla.train.job_config import load_train_config
-    from mobile_vla.train.trainer import run_training, steps_per_epoch
+    from mobile_vla.train.trainer import steps_per_epoch
     from mobile_vla.train.windows import count_windows
 
-    cfg = load_train_config(
-        TINY,
-        [
-            f"data.path={tiny_dataset}",
-            f"run.storage_path={platform_home / 'ray_results'}",
-            "run.name=recipe",
-            "scaling.num_workers=1",
-            "train.epochs=3",
-            "train.keep_best=1",
-            "train.select_by=val_mae_now",
-            "data.stride=4",
-            "loss.first_step_weight=5",
-            "model.overrides.state_dropout=0.5",
-            "model.overrides.confidence_steps=1",
-            "model.overrides.image_size=112",
-            "model.overrides.kosmos.patch_size=16",
-            "model.overrides.clip.patch_size=16",
-        ],
-    )
-    result = run_training(cfg)
+    cfg, result = options_home.cfg, options_home.result
+    assert (cfg.train.select_by, cfg.data.stride, cfg.loss.first_step_weight) == ("val_mae_now", 4, 5)
 
     # the stride reached the pipeline: non-overlapping windows set the number of optimiser steps
     windows = count_windows(tiny_dataset, "train", window=cfg.data.window, stride=4)
