@@ -132,6 +132,7 @@ def identity_app(ray_cluster, serve_home, tmp_path_factory):
         "robot-b": add_token(tokens, "rb-1", ("act", "feedback"), "robot-b"),
         "robot-c": add_token(tokens, "rc-1", ("act", "feedback"), "robot-c"),
         "reporter": add_token(tokens, "ra-1", ("feedback",), "reporter"),
+        "revoked": add_token(tokens, "rv-1", ("act", "feedback"), "revoked"),  # the revocation test's alone
     }
     keys = files / "memory_secret"
     assert main(["serve", "memory-key", "rotate", "--file", str(keys)]) == 0  # the operator makes it once
@@ -270,12 +271,12 @@ def test_a_revoked_token_gets_401_from_every_replica_old_and_new_within_10_s(ide
     import ray
 
     app, tokens = identity_app, identity_app.robot_tokens
-    old = _replicas_answering(app, tokens["robot-b"], "rb-1", 200)  # both ingress replicas serve robot-b
-    assert main(["serve", "tokens", "revoke", "--file", str(app.tokens_file), "--name", "robot-b"]) == 0
+    old = _replicas_answering(app, tokens["revoked"], "rv-1", 200)  # both ingress replicas serve it
+    assert main(["serve", "tokens", "revoke", "--file", str(app.tokens_file), "--name", "revoked"]) == 0
     revoked_at = time.monotonic()
     refused = set()
     while refused != old:  # until each replica has refused the token
-        answer = _act(app, tokens["robot-b"], "rb-1")
+        answer = _act(app, tokens["revoked"], "rv-1")
         assert answer.status_code in (200, 401), answer.text
         replica, waited = app.logs.replica_of(answer), time.monotonic() - revoked_at
         if answer.status_code == 401:
@@ -283,15 +284,15 @@ def test_a_revoked_token_gets_401_from_every_replica_old_and_new_within_10_s(ide
         assert replica not in refused or answer.status_code == 401, f"replica {replica} accepted the token again"
         assert waited < REVOCATION_LIMIT_S, f"replicas {old - refused} still accept the revoked token"
         time.sleep(0.1)
-    assert all(_act(app, tokens["robot-b"], "rb-1").status_code == 401 for _ in range(5))
-    assert _feedback(app, tokens["robot-b"], "rb-1").status_code == 401
+    assert all(_act(app, tokens["revoked"], "rv-1").status_code == 401 for _ in range(5))
+    assert _feedback(app, tokens["revoked"], "rv-1").status_code == 401
 
     # A replica started after the edit (Serve replaces a killed one, as after a crash or a scale-up).
     killed = sorted(old)[0]
     ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#PolicyIngress#{killed}", namespace="serve"))
     killed_at, started = time.monotonic(), set()
     while not started:
-        answer = _act(app, tokens["robot-b"], "rb-1")
+        answer = _act(app, tokens["revoked"], "rv-1")
         assert answer.status_code != 200, "the revoked token was accepted after a replica restart"
         if answer.status_code == 401:  # else the proxy's own error for the killed replica, once
             started = {app.logs.replica_of(answer)} - old
@@ -299,7 +300,7 @@ def test_a_revoked_token_gets_401_from_every_replica_old_and_new_within_10_s(ide
         time.sleep(0.2)
     live = (old - {killed}) | started
     assert _replicas_answering(app, tokens["robot-a"], "ra-1", 200) == live  # the others keep working everywhere
-    assert all(_act(app, tokens["robot-b"], "rb-1").status_code == 401 for _ in range(5))
+    assert all(_act(app, tokens["revoked"], "rv-1").status_code == 401 for _ in range(5))
 
 
 def test_memory_key_rotation_keeps_old_tokens_valid_in_the_window(identity_app):
