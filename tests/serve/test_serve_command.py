@@ -47,10 +47,6 @@ def _start_serve(serve_home: Path, tmp_path: Path, port: int) -> tuple[subproces
         MOBILE_VLA_TOKENS_FILE=str(serve_home / "tokens"),
         MLFLOW_DISABLE_TELEMETRY="true",
         RAY_USAGE_STATS_ENABLED="0",
-        # Serve's throughput mode (direct ingress) holds a stopping ingress replica open for this long so
-        # an external load balancer can deregister it (default 30 s, the whole of serve.shutdown's wait):
-        # there is none on loopback. In-flight requests are still drained.
-        RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0",
     )
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "serve.log"
