@@ -28,10 +28,8 @@ format: setup
 # Tests run in file order (-p no:randomly); test-shuffled runs them in a random order (pytest-randomly,
 # its seed is printed at the top; repeat that order with: make test-shuffled PYTEST_ARGS="--randomly-seed=SEED").
 # test-fast leaves out the tests marked `slow` (real training and fine-tunes, ONNX exports of new models, sweeps,
-# Serve apps, Ray Train, MiniWorld rollouts over ~5 s, the demo); `make test` runs everything. On 2 cores
-# (2026-12-06): test-fast took 5 min 31 s quiet and 8 min 33 s loaded before ten more such tests were marked
-# (40% of that loaded run); after, 8 min 19 s on a box twice as loaded (load average 6-10) and about 3 min 20 s
-# quiet by that 40% (estimated, not measured); the full suite (`make test`) takes about 38 minutes loaded.
+# Serve apps, Ray Train, MiniWorld rollouts over ~5 s, the demo); `make test` runs everything. Measured on 2 cores,
+# 2026-12-06: test-fast 3 min 45 s on a quiet box (579 tests); make test about 38 minutes.
 test: setup
 	$(PY) -m pytest tests -p no:randomly --durations=40 $(PYTEST_ARGS)
 
