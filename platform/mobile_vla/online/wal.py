@@ -211,15 +211,27 @@ def make_dirs(path: Path) -> None:
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    """Writes a new file and fsyncs it and its name (the copy exists on disk when this returns)."""
+    """Writes a new file and fsyncs it and its name (the copy exists on disk when this returns); a write
+    that fails (a full disk) leaves no partial file behind.
+    """
     make_dirs(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         _write_all(fd, data)
         os.fsync(fd)
+    except OSError:
+        _remove_partial(path)
+        raise
     finally:
         os.close(fd)
     fsync_dir(path.parent)
+
+
+def _remove_partial(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("feedback %s: could not remove a partial copy: %s", path.name, exc)
 
 
 def storage_error(exc: OSError, where: Path) -> OSError:
@@ -261,13 +273,6 @@ def _lock_dead_writers_segment(path: Path) -> int | None:
     return fd
 
 
-def _remove_partial_copy(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("feedback %s: could not remove a partial quarantine copy: %s", path.name, exc)
-
-
 def repair_segments(segments_dir: Path, quarantine_dir: Path) -> list[SegmentScan]:
     """Cuts torn tails off segments whose writer is gone (its flock released): the cut bytes are
     written to `quarantine_dir` and fsynced before the segment is truncated. Reads only each
@@ -290,7 +295,6 @@ def repair_segments(segments_dir: Path, quarantine_dir: Path) -> list[SegmentSca
                 try:
                     write_durably(copy, tail)  # before the truncate
                 except OSError as exc:  # a full disk: the store must still open (an update frees space)
-                    _remove_partial_copy(copy)
                     log.warning("feedback %s: %s; tail left for a later start: %s", path.name, problem, exc)
                     continue  # readers stop at a torn tail anyway
                 os.ftruncate(fd, valid_end)

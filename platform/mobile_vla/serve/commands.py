@@ -158,6 +158,10 @@ def run_memory_key(args: argparse.Namespace) -> int:
 HAPROXY_ALL_INTERFACES = "8404 (HAProxy stats) and 9101 (HAProxy metrics)"
 
 
+# Serve settings for the local Ray `mobile-vla serve` starts; an operator's own environment value wins.
+LOCAL_SERVE_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
 def proxy_environment(haproxy: bool) -> dict[str, str]:
     """Environment for the local Ray: Serve's throughput mode always (gRPC proxy->replica, user code on
     the replica's loop: about 1.2x the stock settings on the same box, docs/performance.md; set
@@ -166,12 +170,7 @@ def proxy_environment(haproxy: bool) -> dict[str, str]:
     mode: 30 s, so every Ctrl-C waited out serve.shutdown's timeout): this Ray is local, with no balancer in
     front; in-flight requests are still drained. An operator's own value of either variable wins.
     """
-    env = {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1"),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": os.environ.get(
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0"
-        ),
-    }
+    env = {name: os.environ.get(name, default) for name, default in LOCAL_SERVE_DEFAULTS.items()}
     if haproxy:
         env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
     return env
