@@ -111,6 +111,12 @@ def wait_until(check, timeout_s: float, every_s: float = 0.2, what: str = "condi
         time.sleep(every_s)
 
 
+# MLflow 3's server also starts a job runner (GenAI jobs and periodic tasks) with seven huey consumer
+# processes, each importing MLflow: on 2 cores they took the CPU the server needed to answer /health
+# (147 s for the registry test, loaded). Nothing here submits MLflow jobs.
+MLFLOW_SERVER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_db: Path, artifacts: Path, port: int):
     """A real `mlflow server` on 127.0.0.1:`port` over the SQLite file `backend_db`, serving artifacts
@@ -133,7 +139,7 @@ def mlflow_server(backend_db: Path, artifacts: Path, port: int):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        env={**os.environ, **MLFLOW_SERVER_ENV},
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
