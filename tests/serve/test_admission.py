@@ -1,5 +1,6 @@
 """Issue 16, the pure parts of the request path: float32-range checks at the edge, the admission gate,
-step budgets, the Retry-After header and the image decode budgets (pixels, scans, DCT draft, thread)."""
+Serve's limits in front of the ingress, step budgets, the Retry-After header and the image decode
+budgets (pixels, scans, DCT draft, thread)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import asyncio
 import base64
 import io
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from mobile_vla.serve import app as serve_app
 from mobile_vla.serve.admission import AdmissionGate, step_budget_s
+from mobile_vla.serve.auth import create_tokens_file
 from mobile_vla.serve.errors_http import ApiError, retry_after
 from mobile_vla.serve.request_checks import MAX_JPEG_SCANS, decode_image
 from mobile_vla.serve.schemas import FLOAT32_MAX, ActRequest, FeedbackRequest
+from mobile_vla.serve.settings import INGRESS_OTHER_REQUESTS, ingress_limits
 
 ACT = {"robot_id": "r-1", "instruction": "go to the red box", "image": "AAAA", "state": [0.0, 0.0, 0.0]}
 FEEDBACK = {
@@ -70,6 +75,26 @@ def test_the_gate_sheds_past_its_limit_with_retry_after_and_frees_slots():
     assert gate.inside == 0
     with pytest.raises(ValueError):
         AdmissionGate(limit=0, retry_after_s=1)
+
+
+@pytest.mark.parametrize(("args", "ongoing", "queued"), [({}, 2 * 4 + 8, 8), ({"max_pending_requests": 3}, 3 + 8, 8)])
+def test_serve_admits_to_the_ingress_what_its_gate_admits(tmp_path, monkeypatch, args, ongoing, queued):
+    # Serve's own limits shed the excess before the ingress's code runs (no 256-deep queue in front of
+    # the gate, where admitted requests waited seconds under a 10x overload)
+    monkeypatch.setenv("MOBILE_VLA_HOME", str(tmp_path))
+    monkeypatch.setattr(
+        serve_app, "resolve_model", lambda uri: SimpleNamespace(name="m", version="1", alias="champion", path=tmp_path)
+    )
+    create_tokens_file(tmp_path / "tokens")
+    app = serve_app.build_app(
+        {"model_uri": "models:/m@champion", "tokens_file": str(tmp_path / "tokens"), "max_batch_size": 4, **args}
+    )
+    ingress = app._bound_deployment
+    assert ingress.name == "PolicyIngress"
+    config = ingress._deployment_config
+    assert (config.max_ongoing_requests, config.max_queued_requests) == (ongoing, queued)
+    assert config.backpressure_config.status_code == 429 and config.backpressure_config.retry_after_s == 1.0
+    assert ingress_limits(args.get("max_pending_requests"), 4)[0] == ongoing - INGRESS_OTHER_REQUESTS
 
 
 def test_step_budget_request_then_app_then_control_period():

@@ -263,13 +263,16 @@ def test_a_full_policy_queue_sheds_with_429_and_retry_after_not_the_fallback():
     assert fallback.step_batch.calls == 0 and router.breaker.state is BreakerState.CLOSED
 
 
-def test_a_step_whose_deadline_passed_is_dropped_not_computed():
+def test_a_step_that_waited_past_its_deadline_is_shed_with_429_not_computed():
+    # Overload's excess gets 429 + Retry-After wherever it waited: a step late in the batch queue or in
+    # a policy replica's queue is shed like one refused at the door, not answered 504
     primary, fallback = _Handle(_result), _Handle(_result)
-    router = _router(primary, fallback, failures=1)
+    router = _timed(_router(primary, fallback, failures=1), retry_after_s=2.0)
     late = _step("late")
     late.deadline = time.time() - 0.01
     [[outcome]] = [asyncio.run(type(router)._route_batch.__wrapped__(router, [late]))]
-    assert isinstance(outcome, ApiError) and (outcome.status, outcome.code) == (504, "deadline_exceeded")
+    assert isinstance(outcome, ApiError) and (outcome.status, outcome.code) == (429, "overloaded")
+    assert outcome.headers == {"Retry-After": "2"}
     assert primary.step_batch.calls == fallback.step_batch.calls == 0
 
     def expired_in_replica(steps):  # the replica dropped them: its queue was longer than their budget
@@ -277,8 +280,23 @@ def test_a_step_whose_deadline_passed_is_dropped_not_computed():
 
     router = _router(_Handle(expired_in_replica), fallback, failures=1)
     [[dropped]] = _route_all(router, ["a"])
-    assert isinstance(dropped, ApiError) and dropped.status == 504
+    assert isinstance(dropped, ApiError) and (dropped.status, dropped.code) == (429, "overloaded")
+    assert "Retry-After" in dropped.headers
     assert router.breaker.state is BreakerState.CLOSED and fallback.step_batch.calls == 0
+
+
+def test_a_step_whose_deadline_passed_while_the_primary_failed_gets_504_not_the_fallback():
+    def slow_failure(steps):
+        time.sleep(0.05)  # the budget runs out while the primary fails (not a timing assertion)
+        raise _remote_error(RuntimeError("primary down"))
+
+    fallback = _Handle(_result)
+    router = _router(_Handle(slow_failure), fallback, failures=5)
+    step = _step("a")
+    step.deadline = time.time() + 0.02
+    [[outcome]] = [asyncio.run(type(router)._route_batch.__wrapped__(router, [step]))]
+    assert isinstance(outcome, ApiError) and (outcome.status, outcome.code) == (504, "deadline_exceeded")
+    assert fallback.step_batch.calls == 0
 
 
 def test_the_fallback_call_has_its_own_timeout():

@@ -26,7 +26,14 @@ from mobile_vla.serve.deployments import POLICY_DEPLOYMENTS, REPLICA_RESOURCES, 
 from mobile_vla.serve.drills import DrillConfig, drill_deployment
 from mobile_vla.serve.memory_token import prepare_memory_secret
 from mobile_vla.serve.routes import PolicyIngress
-from mobile_vla.serve.settings import ONNX, IngressConfig, PolicyUserConfig, ServeAppConfig, ShadowConfig
+from mobile_vla.serve.settings import (
+    ONNX,
+    IngressConfig,
+    PolicyUserConfig,
+    ServeAppConfig,
+    ShadowConfig,
+    ingress_limits,
+)
 from mobile_vla.tracking import resolve_model
 
 # the app arguments, importable beside their builders
@@ -165,8 +172,12 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         shadow=args.shadow,
         shadow_name=shadow_name,
     )
+    # Serve admits to the ingress about what the ingress's own gate would admit: the excess is shed by
+    # Serve (in its proxy, or in the replica's HTTP server behind HAProxy) before any of our code runs.
+    _, ingress_ongoing = ingress_limits(args.max_pending_requests, args.max_batch_size)
     ingress = PolicyIngress.options(
         ray_actor_options={"num_cpus": 0.5, **env},
+        max_ongoing_requests=ingress_ongoing,
         max_queued_requests=args.ingress_max_queued_requests,
         backpressure_config=shed,
     )

@@ -3,9 +3,11 @@
 Concurrent requests are gathered into one batch (`@serve.batch`), sent to the primary with one
 timeout, then the robots the primary did not answer go to the fallback (the whole batch on a
 timeout, an error or an open breaker; only the failed robots when the primary answered the rest),
-which has its own timeout. Each step carries a deadline: a step whose deadline passed is dropped
-(504), never sent; a policy queue that is full sheds the batch (429 with Retry-After, no fallback:
-moving an overload onto the slower fallback only spreads it). A circuit breaker stops sending the
+which has its own timeout. Each step carries a deadline: a step that waited in a queue (this batch
+queue, a policy replica's) past its deadline is shed, never computed: 429 with Retry-After like any
+other step the service had no room for; a step whose deadline passed while the primary failed is
+dropped before the fallback (504). A policy queue that is full sheds the batch (429 with Retry-After,
+no fallback: moving an overload onto the slower fallback only spreads it). A circuit breaker stops sending the
 primary traffic after N failed batches in a row, for a while, then lets one probe batch through
 (half-open) and closes again if it succeeds. Only the primary's own faults count: not a robot's
 bad input (422), not a shed or expired step, not a timeout while the primary answered other calls
@@ -118,6 +120,9 @@ def _deadline_exceeded() -> ApiError:
     return ApiError(504, "deadline_exceeded", "the step's deadline passed before the model ran it; send the next step")
 
 
+QUEUED_PAST_DEADLINE = "the step waited past its deadline in a queue (overload); shed, not computed"
+
+
 class ServedVersions:
     """What the ingress knows of versions: where the alias points and what each role serves.
 
@@ -193,10 +198,11 @@ class BatchRouter:
     async def _route_batch(self, steps: list[StepRequest]) -> list[Routed | ApiError]:
         """One primary call (one breaker verdict for the batch: a failure only when it answered none of
         it), then the fallback for the robots the primary did not answer. Steps whose deadline passed
-        are dropped (504) before any call; a full queue sheds (429); neither counts against the primary.
+        waited in this queue are shed (429) before any call, as is a batch a full policy queue refuses;
+        neither counts against the primary.
         """
         outcomes: list[Routed | ApiError | None] = [None] * len(steps)
-        self._drop_expired(steps, outcomes)
+        self._drop_expired(steps, outcomes, overloaded(QUEUED_PAST_DEADLINE, self.settings.retry_after_s))
         reason = "absent"
         if not any(outcome is None for outcome in outcomes):
             return outcomes
@@ -204,7 +210,7 @@ class BatchRouter:
             reason = "primary_behind"  # e.g. building the new version's TensorRT engine
         elif self._primary is not None:
             reason = await self._try_primary(steps, outcomes)
-        self._drop_expired(steps, outcomes)  # the fallback only for robots that can still use an answer
+        self._drop_expired(steps, outcomes, _deadline_exceeded())  # the fallback only for robots still in time
         pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if not pending:
             return outcomes
@@ -219,12 +225,12 @@ class BatchRouter:
             outcomes[i] = outcome or ApiError(503, "unavailable", "no backend could answer; retry later")
         return outcomes
 
-    def _drop_expired(self, steps: list[StepRequest], outcomes: list) -> None:
-        """504 for every unanswered step whose deadline has passed: its answer would come too late."""
+    def _drop_expired(self, steps: list[StepRequest], outcomes: list, refusal: ApiError) -> None:
+        """`refusal` for every unanswered step whose deadline has passed: its answer would come too late."""
         now = time.time()
         for i, step in enumerate(steps):
             if outcomes[i] is None and step.expired(now):
-                outcomes[i] = _deadline_exceeded()
+                outcomes[i] = refusal
 
     async def _call_fallback(self, steps: list[StepRequest]) -> list:
         """The fallback's answers, with its own timeout: 429 when its queue is full, failures otherwise."""
@@ -311,8 +317,8 @@ class BatchRouter:
             return Routed(result, name, reason)
         if isinstance(result, StepFailure) and result.refused:
             return ApiError(422, "invalid_request", result.error)
-        if isinstance(result, StepFailure) and result.expired:
-            return _deadline_exceeded()
+        if isinstance(result, StepFailure) and result.expired:  # it waited in the replica's queue: shed
+            return overloaded(QUEUED_PAST_DEADLINE, self.settings.retry_after_s)
         return None
 
     async def backend_statuses(self) -> list[BackendStatus]:

@@ -43,7 +43,7 @@ from mobile_vla.serve.schemas import (
     Readiness,
     StepRequest,
 )
-from mobile_vla.serve.settings import IngressConfig
+from mobile_vla.serve.settings import IngressConfig, ingress_limits
 from mobile_vla.serve.shadow import ShadowMirror
 from mobile_vla.serve.watcher import AliasWatcher
 
@@ -78,7 +78,7 @@ class PolicyIngress:
         self._metrics = IngressMetrics()
         versions = ServedVersions()
         self._router = BatchRouter(self.settings, primary, fallback, self._metrics, versions)
-        pending = self.settings.max_pending_requests or 2 * self.settings.max_batch_size
+        pending, _ = ingress_limits(self.settings.max_pending_requests, self.settings.max_batch_size)
         self._admission = AdmissionGate(pending, self.settings.retry_after_s)
         self._watcher = AliasWatcher(self.settings, versions, self._router.backend_statuses)
         self._shadow = ShadowMirror(self.settings.shadow, shadow, self._metrics) if shadow is not None else None
@@ -147,9 +147,11 @@ class PolicyIngress:
         self._watcher.ensure_running()
         try:
             grant = authorize(request, self._auth)
-            body: ActRequest = await read_json(request, ActRequest, self.settings.max_body_bytes)
-            permit(grant, "act", body.robot_id)
-            with self._admission.admit():  # 429 + Retry-After past the replica's limit, before any decoding
+            # 429 + Retry-After past the replica's limit before the body is even parsed: shedding costs
+            # the least it can in here (Serve's own limits in front shed before this handler runs)
+            with self._admission.admit():
+                body: ActRequest = await read_json(request, ActRequest, self.settings.max_body_bytes)
+                permit(grant, "act", body.robot_id)
                 step = await self._step_request(body, arrival)
                 routed = await self._router.route(step)
             result = routed.result

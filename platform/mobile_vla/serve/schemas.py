@@ -59,7 +59,8 @@ class ActRequest(StrictBody):
         default=None,
         description="Time budget of this step from its arrival, in ms; default: the model's control period "
         "(1 / control_hz) or the app's `deadline_s`. A step whose deadline passes before the model runs "
-        "it is not computed (504 deadline_exceeded).",
+        "it is not computed: 429 overloaded when it waited in a queue, 504 deadline_exceeded when the "
+        "primary failed meanwhile.",
     )
 
 
@@ -256,8 +257,8 @@ class StepFailure:
     `refused`: the request itself is wrong for this model (e.g. an instruction with more tokens than
     the model takes, a state that overflows once normalised): the robot gets 422, no other backend is
     tried and the replica is not at fault. `expired`: the step's deadline passed before the model
-    ran it, so it was dropped (504); not the replica's fault either. Neither: the model failed for
-    this robot (e.g. a non-finite output): the fallback is tried for it alone, else 503.
+    ran it (it waited in the replica's queue), so it was shed (429); not the replica's fault either.
+    Neither: the model failed for this robot (e.g. a non-finite output): the fallback is tried for it alone, else 503.
     """
 
     error: str

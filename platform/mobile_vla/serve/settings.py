@@ -22,7 +22,8 @@ DEFAULT_BATCH_WAIT_S = 0.005
 DEFAULT_ALIAS_POLL_S = 2.0
 DEFAULT_FALLBACK_TIMEOUT_S = 1.0
 DEFAULT_RETRY_AFTER_S = 1.0
-DEFAULT_INGRESS_MAX_QUEUED = 256
+DEFAULT_INGRESS_MAX_QUEUED = 8  # waiting in front of the ingress adds to every admitted step's latency
+INGRESS_OTHER_REQUESTS = 8  # ingress slots beyond the /v1/act limit: health, model info, feedback
 DEFAULT_POLICY_MAX_QUEUED = 64
 DEFAULT_MAX_IMAGE_PIXELS = 2048 * 2048  # 12 MiB as RGB; larger camera frames are downscaled on the robot
 
@@ -109,12 +110,14 @@ class ServeAppConfig(StrictModel):
         default=None,
         ge=1,
         description="/v1/act requests one ingress replica works on at once; more get 429 with Retry-After "
-        "(default 2 x max_batch_size)",
+        "(default 2 x max_batch_size). The ingress deployment's max_ongoing_requests follows it "
+        f"(+{INGRESS_OTHER_REQUESTS} for other routes), so Serve sheds the excess before the ingress runs",
     )
     ingress_max_queued_requests: int = Field(
         default=DEFAULT_INGRESS_MAX_QUEUED,
         ge=1,
-        description="requests Serve's proxy holds for busy ingress replicas; more get Serve's own 429",
+        description="requests Serve holds for a busy ingress replica (in its proxy, or in the replica behind "
+        "HAProxy); more get Serve's own 429 with Retry-After. Each one waits: keep it small",
     )
     policy_max_queued_requests: int = Field(
         default=DEFAULT_POLICY_MAX_QUEUED,
@@ -142,6 +145,12 @@ class ServeAppConfig(StrictModel):
                 "batches could never fill"
             )
         return self
+
+
+def ingress_limits(max_pending_requests: int | None, max_batch_size: int) -> tuple[int, int]:
+    """(/v1/act requests one ingress replica admits at once, the ingress deployment's max_ongoing_requests)."""
+    pending = max_pending_requests or 2 * max_batch_size
+    return pending, pending + INGRESS_OTHER_REQUESTS
 
 
 class IngressConfig(StrictModel):
