@@ -63,9 +63,21 @@ def local_serve_app(app, name: str, port: int, tokens_file: str):
     import ray
     from ray import serve
 
-    ray.init(
-        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
-    )
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: a busy 2-core box can miss that
+        try:
+            ray.init(
+                num_cpus=4,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            break
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            print(f"ray.init: {exc}; trying again", flush=True)
+            ray.shutdown()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app, name=name, route_prefix="/")
@@ -287,20 +299,42 @@ async def _run_phases(spec: dict, url: str, token: str, image: str) -> list[dict
     return results
 
 
-def run_child(spec: dict, netns: bool, timeout_s: float = 900) -> list[dict]:
+PROXIES = ("default", "optimized", "haproxy")
+
+
+def child_environment(proxy: str) -> dict[str, str]:
+    """The environment of a benchmark's child process for one of `PROXIES` (see the module docstring)."""
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", RAY_USAGE_STATS_ENABLED="0")
+    # as `mobile-vla serve` does: no load balancer in front to deregister a stopping replica, so Serve's
+    # shutdown does not wait out a 30 s draining period in throughput mode
+    env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     env.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
     env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
-    if spec["proxy"] == "optimized":
+    if proxy == "optimized":
         env.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
-    elif spec["proxy"] == "haproxy":
+    elif proxy == "haproxy":
         env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+    return env
+
+
+def netns_available() -> bool:
+    """Whether a child can run in a private network namespace (root and `unshare` here)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def in_netns(command: list[str]) -> list[str]:
+    """`command` inside a loopback-only network namespace: HAProxy's all-interface binds reach nothing else."""
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+
+
+def run_child(spec: dict, netns: bool, timeout_s: float = 900) -> list[dict]:
+    env = child_environment(spec["proxy"])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     out_path = handle.name + ".out"
     command = [sys.executable, __file__, "--child", handle.name, "--child-out", out_path]
-    if netns:  # loopback-only network namespace: HAProxy's all-interface binds reach nothing else
-        command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+    if netns:
+        command = in_netns(command)
     try:
         subprocess.run(command, env=env, check=True, timeout=timeout_s)
         return json.loads(Path(out_path).read_text())["results"]
@@ -359,7 +393,7 @@ def main() -> int:
         return 0
     if args.quick:
         args.seconds, args.sweep = 4.0, "8,16"
-    netns = not args.no_netns and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare") is not None
+    netns = not args.no_netns and netns_available()
     home = Path(args.home).resolve() if args.home else Path(tempfile.mkdtemp(prefix="serve-bench-"))
     home.mkdir(parents=True, exist_ok=True)
     model_uri, tokens_file = prepare_model(args.preset, home)
