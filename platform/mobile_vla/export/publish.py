@@ -22,7 +22,9 @@ from mobile_vla.export.signature import ONNX_DIR, ExportSignature, load_signatur
 from mobile_vla.export.tensorrt_engine import (
     DEFAULT_MAX_BATCH,
     TENSORRT_DIR,
+    BuildFailures,
     build_engine,
+    plan_build_lock,
     require_cuda_gpu,
     require_tensorrt,
     select_plan,
@@ -143,8 +145,11 @@ def publish_plan(
     A plan is tied to the GPU model and the TensorRT version (`tensorrt/<gpu>__trt<ver>/`). One that
     another replica or `mobile-vla export --tensorrt` attached arrives with resolve_model; without
     one it is built here and attached, so the other replicas on this GPU model fetch it instead of
-    building again. Replicas that start building at the same moment each build once; the plans are
-    equivalent and the last attached one stays.
+    building again. On one node, builders take turns (`plan_build_lock`): the second one waits and
+    then keeps the plan the first one wrote. Builders on different nodes each build once; the plans
+    are equivalent and the last attached one stays. After a failed build of the same graphs on this
+    node no new build starts until its backoff has passed (`BuildFailures`: 5 min doubling to 1 h);
+    `rebuild` ignores the backoff.
 
     Args:
         resolved: the model version (resolve it just before: that fetches plans attached since).
@@ -159,24 +164,37 @@ def publish_plan(
 
     Raises:
         ResourceError: no TensorRT or no CUDA GPU here.
-        ModelError: the version has no verified ONNX graphs, or TensorRT cannot build the plan.
+        ModelError: the version has no verified ONNX graphs, TensorRT cannot build the plan, or an
+            earlier failed build here is still backing off.
     """
     trt = require_tensorrt()
     gpu_name = require_cuda_gpu()
+    version = trt.__version__
     signature = load_signature(resolved.path / ONNX_DIR)
-    if not rebuild:
+    with plan_build_lock(resolved.path, gpu_name, version, fp16):  # a builder beside us: wait, then use its plan
+        if not rebuild:
+            try:
+                plan, meta = select_plan(resolved.path, signature, gpu_name, version, fp16)
+            except ModelError as missing:
+                log.info("no usable TensorRT plan for %s (%s); building one", resolved.uri, missing)
+            else:
+                if max_batch is None or meta.max_batch == max_batch:
+                    return plan
+                log.info("%s: plan has max batch %d, %d asked; rebuilding", plan, meta.max_batch, max_batch)
+        failures = BuildFailures(resolved.path, gpu_name, version, fp16)
+        onnx_id = ",".join(sorted(graph.sha256 for graph in signature.graphs.values()))
+        if not rebuild:
+            failures.check(onnx_id)  # a failed build here backs off before the next one
         try:
-            plan, meta = select_plan(resolved.path, signature, gpu_name, trt.__version__, fp16)
-        except ModelError as missing:
-            log.info("no usable TensorRT plan for %s (%s); building one", resolved.uri, missing)
-        else:
-            if max_batch is None or meta.max_batch == max_batch:
-                return plan
-            log.info("%s: plan has max batch %d, %d asked; rebuilding", plan, meta.max_batch, max_batch)
-    folder = build_engine(resolved.path, signature, max_batch=max_batch or DEFAULT_MAX_BATCH, fp16=fp16)
+            folder = build_engine(resolved.path, signature, max_batch=max_batch or DEFAULT_MAX_BATCH, fp16=fp16)
+        except Exception as exc:  # TensorRT raises its own classes too; each failure counts
+            delay = failures.record(onnx_id, f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}")
+            log.warning("TensorRT build for %s failed; no new build here for %.0f s", resolved.uri, delay)
+            raise
+        failures.clear()
+        plan, _ = select_plan(resolved.path, signature, gpu_name, version, fp16)
     if attach and is_registered(resolved):
         attach_artifacts(resolved.name, resolved.version, folder, f"{TENSORRT_DIR}/{folder.name}")
         precision = "fp16" if fp16 else "fp32"
         set_version_tags(resolved.name, resolved.version, {f"export.tensorrt.{folder.name}": precision})
-    plan, _ = select_plan(resolved.path, signature, gpu_name, trt.__version__, fp16)
     return plan

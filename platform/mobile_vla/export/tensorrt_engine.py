@@ -19,19 +19,27 @@ the machines the platform was written on (no GPU, no TensorRT wheels); the parts
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import re
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mobile_vla.data.manifest import write_json_atomic
 from mobile_vla.errors import ModelError, ResourceError
 from mobile_vla.export.signature import BATCH, ONNX_DIR, ExportSignature, TensorSpec, file_sha256
+from mobile_vla.tracking.registry import file_lock
 
 log = logging.getLogger(__name__)
+trt_log = logging.getLogger("mobile_vla.tensorrt")  # what TensorRT itself reports (tensorrt_logger)
 
 PLAN_FILE = "model.plan"
 FP16_PLAN_FILE = "model.fp16.plan"
@@ -39,6 +47,8 @@ ENGINE_META_FILE = "engine.json"
 TENSORRT_DIR = "tensorrt"
 DEFAULT_MAX_BATCH = 32  # the largest batch of the optimisation profile
 DEFAULT_OPT_BATCH = 8  # the batch TensorRT tunes its kernels for
+BUILD_RETRY_BASE_S = 300.0  # no new build of the same graphs for this long after a failed one (BuildFailures)
+BUILD_RETRY_CAP_S = 3600.0  # doubling per further failure, up to this
 INSTALL_HINT = 'pip install -e ".[gpu]" --extra-index-url https://pypi.nvidia.com'
 
 
@@ -102,8 +112,8 @@ class EngineMeta:
     build_seconds: float
 
     def save(self, folder: Path, fp16: bool) -> None:
-        path = folder / _meta_name(fp16)
-        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        """Writes the record in one rename (temp + fsync + os.replace): never half a file."""
+        write_json_atomic(folder / _meta_name(fp16), dict(self.__dict__))
 
     @classmethod
     def load(cls, folder: Path, fp16: bool) -> EngineMeta:
@@ -151,6 +161,105 @@ def select_plan(
     return plan, meta
 
 
+def save_plan(model_dir: str | Path, meta: EngineMeta, plan_bytes: bytes) -> Path:
+    """Writes a built plan and then its build record into `tensorrt/<gpu>__trt<ver>/`; returns the folder.
+
+    The plan goes through a temporary file unique to this call (in `tensorrt/`, outside the folder
+    that is attached to the registry), fsynced and renamed over `model[.fp16].plan`; the record is
+    written the same way. Callers that may race hold `plan_build_lock`.
+    """
+    root = Path(model_dir) / TENSORRT_DIR
+    folder = root / engine_key(meta.gpu, meta.tensorrt)
+    folder.mkdir(parents=True, exist_ok=True)
+    fp16 = meta.precision == "fp16"
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{plan_file_name(fp16)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(plan_bytes)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / plan_file_name(fp16))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta.save(folder, fp16)
+    return folder
+
+
+def _build_state_name(model_dir: str | Path, gpu_name: str, tensorrt_version: str, fp16: bool) -> Path:
+    # tensorrt/.<key>.<plan file>: the lock and the failure record live beside the plan folder, never
+    # in it (the folder is attached to the registry whole)
+    return Path(model_dir) / TENSORRT_DIR / f"{engine_key(gpu_name, tensorrt_version)}.{plan_file_name(fp16)}"
+
+
+@contextmanager
+def plan_build_lock(model_dir: str | Path, gpu_name: str, tensorrt_version: str, fp16: bool) -> Iterator[None]:
+    """Holds the node-wide lock for building one plan (`tensorrt/.<key>.<plan>.lock`): two builders on
+    one node (replicas, `mobile-vla export --tensorrt`) never write the same files; the second finds
+    the first one's plan once it gets the lock.
+    """
+    with file_lock(_build_state_name(model_dir, gpu_name, tensorrt_version, fp16)):
+        yield
+
+
+class BuildFailures:
+    """Failed builds of one plan on this node, so builders back off instead of retrying at once.
+
+    Kept in `tensorrt/.<key>.<plan>.failed.json` (shared by the processes of the node, kept across
+    restarts): after the n-th consecutive failure of the same ONNX graphs no build starts for
+    `BUILD_RETRY_BASE_S * 2**(n-1)` seconds, at most `BUILD_RETRY_CAP_S`; a build of other graphs
+    (a new export) or a forced rebuild goes ahead, and a success clears the record.
+
+    Args:
+        model_dir: the model folder.
+        gpu_name: this GPU's name.
+        tensorrt_version: the installed TensorRT version.
+        fp16: the fp16 plan.
+        clock: wall-clock seconds (the record outlives the process).
+    """
+
+    def __init__(
+        self, model_dir: str | Path, gpu_name: str, tensorrt_version: str, fp16: bool, clock=time.time
+    ) -> None:
+        base = _build_state_name(model_dir, gpu_name, tensorrt_version, fp16)
+        self.plan = base.name  # <key>.<plan file>
+        self.path = base.with_name(f".{base.name}.failed.json")
+        self.clock = clock
+
+    def _load(self) -> dict:
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def check(self, onnx_id: str) -> None:
+        """Raises ModelError while the last failed build of these graphs is backing off."""
+        record = self._load()
+        if record.get("onnx") != onnx_id:
+            return
+        wait = float(record.get("retry_after", 0)) - self.clock()
+        if wait > 0:
+            raise ModelError(
+                f"TensorRT build of {self.plan} failed {record.get('failures')} "
+                f"time(s) here, last: {record.get('error')}; next try in {wait:.0f} s "
+                "(or rebuild now: mobile-vla export --tensorrt --force)"
+            )
+
+    def record(self, onnx_id: str, error: str) -> float:
+        """Records a failed build of these graphs; returns the seconds until the next try."""
+        previous = self._load()
+        failures = int(previous.get("failures", 0)) + 1 if previous.get("onnx") == onnx_id else 1
+        delay = min(BUILD_RETRY_CAP_S, BUILD_RETRY_BASE_S * 2 ** (failures - 1))
+        record = {"onnx": onnx_id, "failures": failures, "error": error[:1000], "retry_after": self.clock() + delay}
+        write_json_atomic(self.path, record)
+        return delay
+
+    def clear(self) -> None:
+        """Forgets the failures (after a build that worked)."""
+        self.path.unlink(missing_ok=True)
+
+
 def require_tensorrt():
     """The `tensorrt` module, or a ResourceError saying how to install it."""
     try:
@@ -160,6 +269,28 @@ def require_tensorrt():
     if not hasattr(tensorrt, "Builder"):  # the PyPI stub package without NVIDIA's libraries
         raise ResourceError(f"the installed 'tensorrt' package has no libraries (PyPI stub); {INSTALL_HINT}")
     return tensorrt
+
+
+@functools.cache
+def tensorrt_logger():
+    """The process's one TensorRT logger (warnings and errors into Python logging), shared by every
+    builder and runtime: TensorRT expects one logger per process and warns when handed another.
+    """
+    trt = require_tensorrt()
+
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                trt_log.error("%s", msg)
+            elif severity == trt.ILogger.WARNING:
+                trt_log.warning("%s", msg)
+            elif severity == trt.ILogger.INFO:
+                trt_log.debug("%s", msg)  # TensorRT's INFO is build chatter
+
+    return _Logger()
 
 
 def require_cuda_gpu() -> str:
@@ -186,7 +317,7 @@ def build_engine(
     graph = signature.graph(graph_key)
     onnx_path = Path(model_dir) / ONNX_DIR / graph.file
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     flags = 0
     if mode == "strongly-typed" and int(version.split(".")[0]) == 10:  # 11.x is always strongly typed
@@ -213,13 +344,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelError(f"{onnx_path}: TensorRT build failed for {gpu_name} (see the TensorRT log above)")
-    folder = Path(model_dir) / TENSORRT_DIR / engine_key(gpu_name, version)
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = folder / plan_file_name(fp16)
-    tmp = plan.with_suffix(".tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(plan)
-    EngineMeta(
+    meta = EngineMeta(
         gpu=gpu_name,
         tensorrt=version,
         precision="fp16" if fp16 else "fp32",
@@ -231,5 +356,5 @@ def build_engine(
         model_name=signature.model.name,
         model_version=signature.model.version,
         build_seconds=round(time.perf_counter() - started, 1),
-    ).save(folder, fp16)
-    return folder
+    )
+    return save_plan(model_dir, meta, bytes(serialized))

@@ -1,7 +1,7 @@
 """TensorRT: run the plan built for this GPU model and TensorRT version (export/tensorrt_engine.py builds it).
 
     runner = TensorRTRunner(model_dir, signature, fp16=False)   # checks TensorRT, the GPU and the plan
-    outs = runner.run({name: cuda_tensor, ...})                # batch <= runner.max_batch
+    outs = runner.run({name: tensor, ...})                     # batch <= runner.max_batch; any thread
 
 `tensorrt` itself is imported on first use (require_tensorrt): most machines have none. This module
 never ran on the machines the platform was written on (no GPU, no TensorRT wheels); see docs/gpu.md.
@@ -9,6 +9,8 @@ never ran on the machines the platform was written on (no GPU, no TensorRT wheel
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,36 +19,52 @@ import torch
 
 from mobile_vla.errors import ModelError
 from mobile_vla.export.signature import ONNX_DIR, STEP_OUTPUTS, TEXT_OUTPUTS, ExportSignature
-from mobile_vla.export.tensorrt_engine import require_cuda_gpu, require_tensorrt, select_plan
+from mobile_vla.export.tensorrt_engine import require_cuda_gpu, require_tensorrt, select_plan, tensorrt_logger
 from mobile_vla.runtime.base import Backend, LoadOptions, ModelFiles
 from mobile_vla.runtime.onnx_backend import open_session
 from mobile_vla.runtime.registry import BackendSpec
 
 
 class TensorRTRunner:
-    """Executes a plan on torch CUDA tensors (inputs stay on the GPU; outputs are new CUDA tensors).
+    """Executes a plan on torch tensors (inputs are copied to the GPU; outputs are new CUDA tensors).
+
+    Thread-safe: one lock guards the whole set_input_shape -> set_tensor_address -> execute_async_v3 ->
+    synchronise sequence, because a TensorRT execution context keeps the shapes and addresses of the
+    call in progress and must never be driven from two threads (the policy replica runs
+    `CONCURRENT_BATCHES` batches at once, each through `asyncio.to_thread`). A lock, not a pool of
+    contexts: a pool needs one optimisation profile per context in every plan (plans are built with
+    one) and doubles the activation memory, while the replica's overlap only needs the CPU work around
+    the step (unpacking, tokens, de-normalisation) to run beside it, which the lock leaves free.
+    The runner enqueues on its own CUDA stream, never the legacy default stream (which synchronises
+    with every other stream and makes TensorRT warn on each call).
 
     Args:
         model_dir: the model folder holding `tensorrt/<gpu>__trt<version>/`.
         signature: the version's signature.json (the plan must be built from its step graph).
         fp16: run the fp16 plan.
+        device: where the I/O tensors live: "cuda" (tests drive a FAKE TensorRT with "cpu").
 
     Raises:
         ResourceError: no TensorRT or no CUDA GPU here.
         ModelError: no plan for this GPU and TensorRT version, a stale one, or one TensorRT cannot load.
     """
 
-    def __init__(self, model_dir: str | Path, signature: ExportSignature, fp16: bool = False):
+    def __init__(self, model_dir: str | Path, signature: ExportSignature, fp16: bool = False, device: str = "cuda"):
         trt = require_tensorrt()
         gpu_name = require_cuda_gpu()
         plan, self.meta = select_plan(model_dir, signature, gpu_name, trt.__version__, fp16)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = trt.Runtime(tensorrt_logger())
         self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise ModelError(f"{plan}: TensorRT cannot deserialize this plan (corrupt, or another TensorRT build)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ModelError(f"{plan}: TensorRT cannot create an execution context (GPU memory?)")
+        self.plan = plan
         self.max_batch = self.meta.max_batch
+        self.device = torch.device(device)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._lock = threading.Lock()  # one call at a time on self.context (see the class docstring)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -60,22 +78,56 @@ class TensorRTRunner:
         self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """feeds: name -> tensor (moved to CUDA in the engine's dtype); batch <= max_batch. Returns name -> tensor."""
-        for name in self.inputs:
-            tensor = feeds[name].to(device="cuda", dtype=self._dtypes[name]).contiguous()
-            feeds[name] = tensor  # keep a reference until the work has run
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        results = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            results[name] = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, results[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ModelError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        stream.synchronize()
+        """Runs one batch (any thread; calls are serialised).
+
+        Args:
+            feeds: input name -> tensor (any device and dtype: copied to the runner's device in the
+                engine's dtype); batch <= max_batch.
+
+        Returns:
+            Output name -> a new tensor on the runner's device, complete when this returns.
+
+        Raises:
+            ModelError: a missing input, a shape outside the plan's profile, or TensorRT refused the call.
+        """
+        missing = [name for name in self.inputs if name not in feeds]
+        if missing:
+            raise ModelError(f"{self.plan}: feeds lack the inputs {missing}")
+        with self._lock, self._on_stream():
+            # keep the device copies referenced until the stream has finished with them
+            inputs = {
+                name: feeds[name].to(device=self.device, dtype=self._dtypes[name]).contiguous() for name in self.inputs
+            }
+            for name, tensor in inputs.items():
+                if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                    raise ModelError(
+                        f"{self.plan}: TensorRT refused input {name!r} of shape {tuple(tensor.shape)} "
+                        f"(the plan's profile takes batch 1..{self.max_batch})"
+                    )
+                self._bind(name, tensor)
+            results = {}
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise ModelError(f"{self.plan}: output {name!r} shape {shape} is unresolved after the inputs")
+                results[name] = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+                self._bind(name, results[name])
+            if not self.context.execute_async_v3(self._stream_handle()):
+                raise ModelError(f"{self.plan}: TensorRT execute_async_v3 failed (see the TensorRT log)")
+            if self._stream is not None:
+                self._stream.synchronize()
+            del inputs
         return results
+
+    def _bind(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise ModelError(f"{self.plan}: TensorRT refused the address of tensor {name!r}")
+
+    def _on_stream(self):
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def _stream_handle(self) -> int:
+        return self._stream.cuda_stream if self._stream is not None else 0
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:

@@ -194,7 +194,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Exclusive lock on `path` among the processes of this node (replicas of one node share a cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "a") as handle:
@@ -324,7 +324,7 @@ def remember_alias(name: str, alias: str, version: str) -> None:
     path = _alias_record(name)
     if ((_read_json(path) or {}).get(alias) or {}).get("version") == str(version):
         return
-    with _file_lock(path):
+    with file_lock(path):
         record = _read_json(path) or {}
         record[alias] = {"version": str(version), "recorded_at": datetime.now(UTC).isoformat(timespec="seconds")}
         _write_json(path, record)
@@ -341,7 +341,7 @@ def _from_cache(uri: str, name: str, version: str, alias: str | None, why: str) 
     dest = platform_home() / "model_cache" / name / version
     if not (dest / "policy").is_dir():
         raise RegistryUnreachable(f"{why}; no cached copy of version {version} at {dest} either")
-    with _file_lock(dest):
+    with file_lock(dest):
         manifest = _read_json(dest / CACHE_MANIFEST)
         bad = cache_problems(dest) if manifest else []
     if not manifest:
@@ -396,7 +396,7 @@ def resolve_model(uri: str | Path) -> ResolvedModel:
         return _from_cache(text, name, version, alias, str(exc))
     dest = platform_home() / "model_cache" / name / str(mv.version)
     fetch_error = None
-    with _file_lock(dest):
+    with file_lock(dest):
         _drop_corrupt(dest, text)
         try:
             fetched = _sync_folder(mv.source, dest)
