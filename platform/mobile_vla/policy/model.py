@@ -207,8 +207,16 @@ class MobileVLAPolicy(nn.Module):
         return self.fusion(kosmos, clip_image, clip_text, self._state_input(state.to(pixels.dtype)))  # [N, D]
 
     def _recurrent_step(self, features: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, Memory]:
-        # features [B, D] -> hidden output [B, hidden]
-        out, (h, c) = self.lstm(features.unsqueeze(1), memory)
+        # features [B, D] -> hidden output [B, hidden]. Under autocast the LSTM runs in fp32 with autocast
+        # off: autocast would run the cuDNN LSTM in fp16 even under a bf16 autocast (no loss scaling, so
+        # small gradients underflow) and hand h/c back in low precision to the next step. Without
+        # autocast (fp32 training, ONNX export) nothing changes: no casts, no context in the graph.
+        if not torch.is_autocast_enabled(features.device.type):
+            out, (h, c) = self.lstm(features.unsqueeze(1), memory)
+            return out.squeeze(1), (h, c)
+        h, c = memory
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            out, (h, c) = self.lstm(features.float().unsqueeze(1), (h.float(), c.float()))
         return out.squeeze(1), (h, c)
 
     def _heads(self, hidden: torch.Tensor):
