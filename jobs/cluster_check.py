@@ -8,9 +8,13 @@ Run it after `ray up`, after changing the runtime env, or when a job fails in a 
 the environment. It imports `mobile_vla` on the driver and on every alive node and says where each
 copy came from (the runtime env's py_module, not a copy installed on the node), shows the
 cluster's resources, and optionally checks the shared storage every node must see (Ray Train's
-`storage_path`), the MLflow server (reachable, credentials accepted) and one GPU worker (CUDA,
-ONNX Runtime providers, TensorRT). It exits 1 with one line per problem, so CI can gate on it; the
-last line is `CLUSTER_CHECK {json}` for scripts.
+`storage_path`), the MLflow server (reachable, credentials accepted) and one GPU worker. On that
+worker it proves the GPU stack rather than listing it: torch sees CUDA; an ONNX Runtime session asked
+for CUDA (opened the way serving opens one: preloaded CUDA libraries, memory limit) runs with
+CUDAExecutionProvider FIRST in `session.get_providers()` (onnxruntime falls back to the CPU silently
+when the CUDA libraries do not load); and, when `tensorrt` imports, a one-layer TensorRT network is
+built, run and compared. It exits 1 with one line per problem, so CI can gate on it; the last line
+is `CLUSTER_CHECK {json}` for scripts.
 """
 
 from __future__ import annotations
@@ -82,8 +86,95 @@ def probe_node(storage_path: str | None, marker: str | None) -> dict:
     return report
 
 
+def run_cuda_session() -> dict:
+    """A one-node ONNX graph (y = relu(x)) in an ONNX Runtime session asked for CUDA, opened the way
+    serving opens one (`session_providers`: preloaded CUDA libraries, memory limit, arena strategy).
+
+    Returns:
+        requested: the providers asked for; providers: `session.get_providers()` (what it runs on);
+        correct: whether the output is relu(x).
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from mobile_vla.runtime.onnx_backend import CUDA_PROVIDER, session_providers
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "cluster_check",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every supported onnxruntime reads
+    requested = [CUDA_PROVIDER, "CPUExecutionProvider"]
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(
+        onnx.shape_inference.infer_shapes(model).SerializeToString(), options, providers=session_providers(requested)
+    )
+    x = np.array([[-1, 0, 1, 2], [3, -4, 5, -6]], np.float32)
+    (y,) = session.run(["y"], {"x": x})
+    return {
+        "requested": requested,
+        "providers": session.get_providers(),
+        "correct": bool(np.array_equal(y, np.maximum(x, 0))),
+    }
+
+
+def cuda_fallback_problem(session: dict) -> str | None:
+    """The problem when a session asked for CUDA does not run on it first (ONNX Runtime's silent CPU fallback)."""
+    wanted = session["requested"][0]
+    providers = session["providers"]
+    if not providers or providers[0] != wanted:
+        return (
+            f"onnxruntime session asked for {wanted} runs on {providers}: silent CPU fallback (the CUDA/cuDNN "
+            "libraries did not load; check onnxruntime-gpu's CUDA major against the driver and torch's)"
+        )
+    if not session["correct"]:
+        return f"onnxruntime session on {providers[0]} computed a wrong relu"
+    return None
+
+
+def run_tensorrt_network() -> dict:
+    """Builds, runs and checks a one-layer TensorRT network (y = relu(x), 2x4) on this GPU."""
+    import tensorrt as trt
+    import torch
+
+    from mobile_vla.export.tensorrt_engine import tensorrt_logger
+
+    logger = tensorrt_logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    layer = network.add_activation(network.add_input("x", trt.float32, (2, 4)), trt.ActivationType.RELU)
+    layer.get_output(0).name = "y"
+    network.mark_output(layer.get_output(0))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 28)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("build_serialized_network returned None (see the TensorRT log)")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise RuntimeError("deserialize_cuda_engine returned None")
+    context = engine.create_execution_context()
+    x = torch.tensor([[-1.0, 0.0, 1.0, 2.0], [3.0, -4.0, 5.0, -6.0]], device="cuda")
+    y = torch.full_like(x, float("nan"))
+    torch.cuda.synchronize()  # x and y are written on the default stream; the network runs on its own
+    stream = torch.cuda.Stream()
+    for name, tensor in (("x", x), ("y", y)):
+        if not context.set_tensor_address(name, tensor.data_ptr()):
+            raise RuntimeError(f"set_tensor_address({name!r}) refused")
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError("execute_async_v3 failed")
+    stream.synchronize()
+    return {"version": trt.__version__, "correct": bool(torch.equal(y, torch.relu(x)))}
+
+
 def probe_gpu() -> dict:
-    """Runs on a worker holding one GPU: the stack the GPU backends need, as the node sees it."""
+    """Runs on a worker holding one GPU: proves the stack the GPU backends need (module docstring)."""
     import torch
 
     report = describe_package()
@@ -93,15 +184,46 @@ def probe_gpu() -> dict:
         import onnxruntime
 
         report["onnxruntime_providers"] = onnxruntime.get_available_providers()
-    except ImportError as exc:
-        report["onnxruntime_providers"] = f"import failed: {exc}"
+        report["onnxruntime_cuda_session"] = run_cuda_session()
+    except Exception as exc:  # an import error, a provider that failed to initialise
+        report["onnxruntime_providers"] = report.get("onnxruntime_providers", [])
+        report["onnxruntime_error"] = f"{type(exc).__name__}: {exc}"[:500]
     try:
         import tensorrt
-
-        report["tensorrt"] = tensorrt.__version__
     except ImportError as exc:
         report["tensorrt"] = f"import failed: {exc}"
+    else:
+        report["tensorrt"] = getattr(tensorrt, "__version__", "stub")
+        try:
+            report["tensorrt_network"] = run_tensorrt_network()
+        except Exception as exc:  # the stub package, a build or run failure
+            report["tensorrt_network"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     return report
+
+
+def gpu_problems(gpu: dict) -> list[str]:
+    """One line per way the GPU worker's stack falls short (see probe_gpu)."""
+    host = gpu["hostname"]
+    problems = []
+    if not gpu["cuda_available"]:
+        problems.append(f"gpu node {host}: torch sees no CUDA device")
+    if "CUDAExecutionProvider" not in gpu["onnxruntime_providers"]:
+        problems.append(
+            f"gpu node {host}: onnxruntime has no CUDAExecutionProvider "
+            f"({gpu['onnxruntime_providers']}): install the package with the gpu extra"
+        )
+    if "onnxruntime_error" in gpu:
+        problems.append(f"gpu node {host}: onnxruntime CUDA session failed: {gpu['onnxruntime_error']}")
+    elif "onnxruntime_cuda_session" in gpu:
+        problem = cuda_fallback_problem(gpu["onnxruntime_cuda_session"])
+        if problem:
+            problems.append(f"gpu node {host}: {problem}")
+    network = gpu.get("tensorrt_network")
+    if network is not None and "error" in network:
+        problems.append(f"gpu node {host}: TensorRT one-layer network failed: {network['error']}")
+    elif network is not None and not network["correct"]:
+        problems.append(f"gpu node {host}: TensorRT one-layer network computed a wrong relu")
+    return problems
 
 
 def check_mlflow() -> dict:
@@ -179,13 +301,7 @@ def run_checks(args: argparse.Namespace) -> tuple[dict, list[str]]:
         try:
             gpu = ray.get(ray.remote(num_gpus=1)(probe_gpu).remote(), timeout=args.gpu_timeout_s)
             report["gpu"] = gpu
-            if not gpu["cuda_available"]:
-                problems.append(f"gpu node {gpu['hostname']}: torch sees no CUDA device")
-            if "CUDAExecutionProvider" not in gpu["onnxruntime_providers"]:
-                problems.append(
-                    f"gpu node {gpu['hostname']}: onnxruntime has no CUDAExecutionProvider "
-                    f"({gpu['onnxruntime_providers']}): install the package with the gpu extra"
-                )
+            problems.extend(gpu_problems(gpu))
         except ray.exceptions.GetTimeoutError:
             problems.append(
                 f"gpu: no worker with a free GPU within {args.gpu_timeout_s:.0f} s "
@@ -222,8 +338,10 @@ def print_summary(report: dict, problems: list[str]) -> None:
     console.print(table)
     if "gpu" in report:
         gpu = report["gpu"]
+        session = gpu.get("onnxruntime_cuda_session", {}).get("providers", gpu.get("onnxruntime_error"))
         console.print(
-            f"gpu: {gpu['cuda_devices']} · onnxruntime {gpu['onnxruntime_providers']} · tensorrt {gpu['tensorrt']}"
+            f"gpu: {gpu['cuda_devices']} · onnxruntime {gpu['onnxruntime_providers']} (CUDA session runs on "
+            f"{session}) · tensorrt {gpu['tensorrt']} (one-layer network: {gpu.get('tensorrt_network', 'not run')})"
         )
     if "mlflow" in report:
         console.print(f"mlflow: {report['mlflow']['tracking_uri']} answers")

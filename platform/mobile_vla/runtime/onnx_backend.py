@@ -3,15 +3,28 @@
     session = open_session(model_dir / "onnx", signature.graph("text_encoder"), ["CPUExecutionProvider"])
 
 A session is only opened on a file whose sha256 and I/O match signature.json.
+
+CUDA sessions (`session_providers`): before the first one, `onnxruntime.preload_dlls()` (where this
+onnxruntime has it) loads the CUDA and cuDNN libraries of the nvidia-* wheels, so the CUDA provider
+initialises whether or not torch was imported first; the CUDA provider gets a memory limit and an
+arena strategy, because on a GPU node the ONNX Runtime fallback replica shares the GPU with a
+TensorRT replica and must not grow into its memory:
+- `MOBILE_VLA_ORT_CUDA_MEM_LIMIT_GIB` (default 16; 0 = no limit): ONNX Runtime's `gpu_mem_limit`,
+  the most its CUDA arena may hold (the `full` model's fp32 weights take about 6.6 GB of it);
+- `MOBILE_VLA_ORT_CUDA_ARENA` (default `kSameAsRequested`): `arena_extend_strategy`; grow by what is
+  asked rather than ONNX Runtime's default `kNextPowerOfTwo`, which can reserve up to twice that.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from pathlib import Path
 
 import onnxruntime as ort
 
-from mobile_vla.errors import ModelError, ResourceError
+from mobile_vla.errors import ConfigError, ModelError, ResourceError
 from mobile_vla.export.signature import (
     ONNX_DIR,
     STEP_OUTPUTS,
@@ -31,6 +44,14 @@ _ORT_DTYPES = {
     "tensor(uint8)": "uint8",
 }
 _PROVIDER_HINTS = {"CUDAExecutionProvider": "install onnxruntime-gpu on GPU nodes"}
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CUDA_MEM_LIMIT_ENV = "MOBILE_VLA_ORT_CUDA_MEM_LIMIT_GIB"
+CUDA_ARENA_ENV = "MOBILE_VLA_ORT_CUDA_ARENA"
+DEFAULT_CUDA_MEM_LIMIT_GIB = 16.0
+DEFAULT_CUDA_ARENA = "kSameAsRequested"
+ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+
+log = logging.getLogger(__name__)
 
 
 def session_io(args) -> list[TensorSpec]:
@@ -53,6 +74,57 @@ def require_provider(provider: str) -> None:
         raise ResourceError(
             f"onnxruntime {ort.__version__} has no {provider} (has {available})" + (f"; {hint}" if hint else "")
         )
+
+
+@functools.cache
+def preload_cuda_libraries() -> bool:
+    """Calls `onnxruntime.preload_dlls()` once per process where it exists; returns whether it ran.
+
+    A failure is logged, not raised: the session that follows then says what is missing.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return False
+    try:
+        preload()
+    except Exception as exc:  # its own OSErrors and RuntimeErrors, depending on what is missing
+        log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+        return False
+    return True
+
+
+def cuda_provider_options(environ: dict[str, str] | None = None) -> dict[str, str | int]:
+    """The CUDA provider's options: memory limit and arena strategy (module docstring), from the environment.
+
+    Raises:
+        ConfigError: a value that is not a number >= 0, or an unknown arena strategy.
+    """
+    environ = os.environ if environ is None else environ
+    raw_limit = environ.get(CUDA_MEM_LIMIT_ENV, str(DEFAULT_CUDA_MEM_LIMIT_GIB))
+    try:
+        limit_gib = float(raw_limit)
+    except ValueError:
+        limit_gib = -1.0
+    if not limit_gib >= 0:
+        raise ConfigError(f"{CUDA_MEM_LIMIT_ENV} = {raw_limit!r}: expected a number of GiB >= 0 (0: no limit)")
+    arena = environ.get(CUDA_ARENA_ENV, DEFAULT_CUDA_ARENA)
+    if arena not in ARENA_STRATEGIES:
+        raise ConfigError(f"{CUDA_ARENA_ENV} = {arena!r}: expected one of {list(ARENA_STRATEGIES)}")
+    options: dict[str, str | int] = {"arena_extend_strategy": arena}
+    if limit_gib > 0:
+        options["gpu_mem_limit"] = int(limit_gib * (1 << 30))
+    return options
+
+
+def session_providers(providers: list[str]) -> list[str | tuple[str, dict]]:
+    """`providers` as InferenceSession takes them: the CUDA provider with its options, after
+    `preload_cuda_libraries()`; other providers as they are (nothing is preloaded for them).
+    """
+    if CUDA_PROVIDER not in providers:
+        return list(providers)
+    options = cuda_provider_options()
+    preload_cuda_libraries()
+    return [(p, options) if p == CUDA_PROVIDER else p for p in providers]
 
 
 def open_session(
@@ -80,8 +152,9 @@ def open_session(
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
+    provider_list = session_providers(providers)  # a bad option is a ConfigError, not a load failure
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=provider_list)
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... classes
         raise ModelError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0][:300]}") from None
     check_io_matches(str(path), graph.inputs, session_io(session.get_inputs()), "inputs")
