@@ -127,6 +127,7 @@ def test_same_run_name_resumes_and_continues_the_epoch_count(ray_cluster, tiny_d
         tiny_dataset,
         home,
         "run.name=resumed",
+        "scaling.num_workers=1",  # resuming a 2-worker group is the killed-worker test's; one starts faster
         "train.epochs=1",
         "train.max_steps_per_epoch=2",
         "mlflow.registered_model=null",
@@ -229,7 +230,14 @@ def test_run_against_an_mlflow_server(ray_cluster, tiny_dataset, platform_home, 
     from mobile_vla.train.trainer import run_training
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_url)
-    cfg = _config(tiny_dataset, platform_home, "run.name=served", "train.epochs=1", "train.max_steps_per_epoch=2")
+    cfg = _config(
+        tiny_dataset,
+        platform_home,
+        "run.name=served",
+        "scaling.num_workers=1",  # what goes to the server, not DDP: one worker starts faster on 2 cores
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+    )
     result = run_training(cfg)
     client = MlflowClient(tracking_uri=mlflow_server_url, registry_uri=mlflow_server_url)
     run = client.get_run(result.run_id)
