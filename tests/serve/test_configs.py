@@ -9,6 +9,7 @@ import yaml
 from mobile_vla.config import validate_config
 from mobile_vla.errors import ConfigError
 from mobile_vla.serve.app import ServeAppConfig
+from mobile_vla.serve.settings import ingress_limits
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "serve_configs").glob("*.yaml"))
@@ -29,9 +30,16 @@ def test_config_validates_against_ray_schema_and_app_args(path):
     if args.fallback:
         expected.add("OnnxPolicy")
     assert names == expected
+    _, ingress_ongoing = ingress_limits(args.max_pending_requests, args.max_batch_size)
     for deployment in app.deployments:
         if deployment.name != "PolicyIngress" and deployment.max_ongoing_requests is not None:
             assert deployment.max_ongoing_requests >= args.max_batch_size
+        if deployment.name == "PolicyIngress":  # Serve must not admit past the ingress's own gate (issue 16)
+            written = deployment.model_dump(exclude_unset=True)
+            limit = written.get("max_ongoing_requests")
+            assert limit is None or limit == ingress_ongoing, (limit, ingress_ongoing)
+            target = (written.get("autoscaling_config") or {}).get("target_ongoing_requests")
+            assert target is None or target < ingress_ongoing, (target, ingress_ongoing)
 
 
 def test_the_import_path_builder_takes_only_the_args():
