@@ -4,8 +4,10 @@
     .venv/bin/python benchmarks/serve_overload.py --preset tiny --quick   # a ~30 s smoke run
 
 Phases, in one fresh local Ray (a child process, like serve_load.py; `--proxy` picks Ray's Python proxy
-in throughput mode, what `mobile-vla serve` runs, the stock proxy, or HAProxy inside a loopback-only
-network namespace):
+in throughput mode, what `mobile-vla serve` runs, the stock proxy, HAProxy inside a loopback-only
+network namespace, or `front`: Ray's proxy in throughput mode behind the admission front, a standalone
+HAProxy on another loopback port that sheds /v1/act past ingress replicas x max_pending_requests in
+flight + 8 queued with 429 itself, mobile_vla.serve.admission_front; every phase goes through it):
   capacity   closed loop, `--robots` robots each sending its next step when the answer arrives, each
              step with a 60 s `deadline_ms` so none is dropped for its deadline or shed: the answered
              requests/s are the capacity C.
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from mobile_vla.serve.admission_front import front_limit, render_front_config, running_front
 from serve_load import (
     INSTRUCTION,
     PROXIES,
@@ -365,7 +368,17 @@ def serve_child(spec: dict) -> dict:
         **spec["app_args"],
     )
     with local_serve_app(build_app(args), APP, spec["port"], spec["tokens_file"]) as token:
-        return asyncio.run(run_phases(spec, f"http://127.0.0.1:{spec['port']}", token))
+        if spec["proxy"] != "front":
+            return asyncio.run(run_phases(spec, f"http://127.0.0.1:{spec['port']}", token))
+        front_port = spec["port"] + 1
+        limit = front_limit(args.max_pending_requests, args.max_batch_size)  # one ingress replica
+        config = render_front_config(
+            listen_port=front_port, serve_port=spec["port"], max_in_flight=limit, retry_after_s=args.retry_after_s
+        )
+        with running_front(config, front_port):
+            out = asyncio.run(run_phases(spec, f"http://127.0.0.1:{front_port}", token))
+        out["front"] = {"max_in_flight": limit, "config": config}
+        return out
 
 
 def main() -> int:
@@ -374,9 +387,10 @@ def main() -> int:
     parser.add_argument(
         "--proxy",
         default="optimized",
-        choices=PROXIES,
+        choices=(*PROXIES, "front"),
         help="optimized: Ray's proxy in throughput mode (what `mobile-vla serve` runs); default: stock "
-        "settings; haproxy: `mobile-vla serve --haproxy` (in a loopback-only network namespace)",
+        "settings; haproxy: `mobile-vla serve --haproxy` (in a loopback-only network namespace); front: "
+        "optimized behind the admission front (mobile_vla.serve.admission_front)",
     )
     parser.add_argument("--robots", type=int, default=32, help="closed-loop concurrency of the capacity phase")
     parser.add_argument("--hz", type=float, default=10.0, help="each robot's control rate")
@@ -427,7 +441,8 @@ def main() -> int:
             print("--proxy haproxy needs root and `unshare` (HAProxy binds ports on all interfaces)", file=sys.stderr)
             return 2
         command = in_netns(command)
-    subprocess.run(command, env=child_environment(args.proxy), check=True)
+    serve_proxy = "optimized" if args.proxy == "front" else args.proxy  # the front sits before Ray's proxy
+    subprocess.run(command, env=child_environment(serve_proxy), check=True)
     result = {
         "benchmark": "serve_overload",
         "preset": args.preset,
