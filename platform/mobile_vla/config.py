@@ -10,6 +10,8 @@ Also the platform home (`MOBILE_VLA_HOME`, default ./.mobile_vla) where embedded
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +47,39 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
     return parts, value
+
+
+def _field_types(annotation: Any) -> tuple[Any, ...]:
+    """`X | None` -> (X, NoneType); `X` -> (X,)."""
+    return (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+
+
+def has_key(model: type[BaseModel], key: str) -> bool:
+    """Whether the dotted `key` (the part of an override before `=`) names a field of `model`.
+
+    A dict field (e.g. `model.overrides`) takes any key below it; a value field takes none.
+
+    Args:
+        model: the config class, e.g. TrainJobConfig.
+        key: dotted key such as "data.path".
+    """
+    section: type[BaseModel] | None = model
+    parts = key.strip().split(".")
+    for index, part in enumerate(parts):
+        field = section.model_fields.get(part) if section is not None else None
+        if field is None:
+            return False
+        kinds = _field_types(field.annotation)
+        if any(kind is dict or typing.get_origin(kind) is dict for kind in kinds):
+            return True
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if section is None:
+            return index == len(parts) - 1
+    return True
 
 
 def apply_overrides(data: dict, overrides: list[str] | None, source: str = "overrides") -> dict:

@@ -2,7 +2,7 @@
 
     mobile-vla data generate --out data/nav --episodes 200 --seed 0
     mobile-vla data generate --out data/nav_dart --episodes 200 --action-noise 0.2     # DART noise
-    mobile-vla data generate --out data/nav --split-spec my_splits.yaml --set splits.val.fraction=0.2 ...
+    mobile-vla data generate --out data/nav --split-spec my_splits.yaml splits.val.fraction=0.2 ...
     mobile-vla data generate --show-split-spec > my_splits.yaml      # the defaults, to edit
     mobile-vla data import --format minuum-h5 ~/robot_logs data/robot
     mobile-vla data inspect data/robot [--check] [--json]
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,11 +123,17 @@ def _register_generate(data_subparsers) -> None:
     parser.add_argument("--split-spec", type=Path, default=None, help="YAML split spec (default: built in)")
     parser.add_argument(
         "--set",
-        dest="overrides",
+        dest="set_overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a split spec field, e.g. splits.val.fraction=0.2 (repeatable)",
+        help="deprecated: write KEY=VALUE after the flags instead",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides of the split spec, as for `mobile-vla train`, e.g. splits.val.fraction=0.2",
     )
     parser.add_argument("--seed", type=int, default=0, help="same seed, same episodes")
     parser.add_argument("--control-hz", type=float, default=5.0, help="control rate of the recorded commands")
@@ -148,7 +155,9 @@ def run_generate(args) -> int:
     """`data generate`: validates the options, generates, prints each split's expert success."""
     from mobile_vla.sim.generate import GeneratorConfig, generate_dataset
 
-    spec = load_split_spec(args.split_spec, args.overrides)
+    if args.set_overrides:
+        print("warning: --set is deprecated: write the override as a plain KEY=VALUE after the flags", file=sys.stderr)
+    spec = load_split_spec(args.split_spec, [*args.set_overrides, *args.overrides])
     if args.show_split_spec:
         print(split_spec_yaml(spec), end="")
         return 0

@@ -6,7 +6,18 @@ The tune modules import Ray (and MLflow, torch) at the top, so they load inside 
 
 from __future__ import annotations
 
+import sys
+
 from mobile_vla.errors import ConfigError
+
+TRAIN_OVERRIDE_DEPRECATED = (
+    "warning: --train-override is deprecated: write the override as a plain KEY=VALUE after the flags, "
+    "as for `mobile-vla train` (keys the tune config does not have go to the training preset)"
+)
+OVERRIDES_HELP = (
+    "dotted overrides, as for `mobile-vla train`: keys of the tune config (tune.num_samples=8 run.name=sweep-1) "
+    "set the sweep; any other key (data.path=DIR train.epochs=2) overrides the base training preset"
+)
 
 
 def register(subparsers) -> None:
@@ -32,46 +43,38 @@ def register(subparsers) -> None:
     source.add_argument("--seeds", type=int, metavar="M", help="train the --config sweep's base preset with M seeds")
     ensemble.add_argument("--config", help="tune config (jobs/configs/tune_X.yaml): MLflow names, base preset, data")
     ensemble.add_argument("--members", type=int, default=3, help="members taken from the sweep (default 3)")
-    ensemble.add_argument(
-        "--train-override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)",
-    )
-    ensemble.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the tune config")
+    _add_overrides(ensemble)
     ensemble.set_defaults(func=run_ensemble)
 
 
 def add_arguments(parser) -> None:
     """The `tune` arguments (also used by `python jobs/tune.py`)."""
     parser.add_argument("--config", required=True, help="tune config, e.g. jobs/configs/tune_small.yaml")
+    _add_overrides(parser)
+    parser.add_argument("--check", action="store_true", help="validate the config, search space and data, then stop")
+
+
+def _add_overrides(parser) -> None:
+    """Plain KEY=VALUE overrides (tune config or training preset, by key), and the deprecated spelling."""
     parser.add_argument(
         "--train-override",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="dotted override of the base training preset, e.g. data.path=DIR (repeatable)",
+        help="deprecated: write KEY=VALUE after the flags instead",
     )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted overrides of the tune config, e.g. tune.num_samples=8 run.name=sweep-1",
-    )
-    parser.add_argument("--check", action="store_true", help="validate the config, search space and data, then stop")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
 
 def _load(args):
     from pathlib import Path
 
-    from mobile_vla.tune.sweep_config import load_tune_config
+    from mobile_vla.tune.sweep_config import load_tune_config, split_overrides
 
-    cfg = load_tune_config(args.config, args.overrides) if args.config else load_tune_config(None, args.overrides)
     if args.train_override:
-        cfg = cfg.model_copy(
-            update={"train": cfg.train.model_copy(update={"overrides": [*cfg.train.overrides, *args.train_override]})}
-        )
+        print(TRAIN_OVERRIDE_DEPRECATED, file=sys.stderr)
+    sweep_overrides, train_overrides = split_overrides(args.overrides)
+    cfg = load_tune_config(args.config, sweep_overrides, [*args.train_override, *train_overrides])
     return cfg, (Path(args.config).resolve().parent if args.config else None)
 
 

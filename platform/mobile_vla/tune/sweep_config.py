@@ -1,6 +1,7 @@
 """`TuneJobConfig`: a Ray Tune sweep over a training preset, read from YAML plus dotted overrides.
 
-    cfg = load_tune_config("jobs/configs/tune_tiny.yaml", ["tune.num_samples=8", "train.overrides=[data.path=DIR]"])
+    tune_keys, train_keys = split_overrides(["tune.num_samples=8", "data.path=DIR"])  # as `mobile-vla tune` does
+    cfg = load_tune_config("jobs/configs/tune_tiny.yaml", tune_keys, train_keys)
 
 `train` names the training preset every trial starts from (jobs/configs/*.yaml, plus its own dotted
 overrides); `search_space` maps dotted TrainJobConfig keys to one sampling rule each
@@ -18,7 +19,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import tune
 
-from mobile_vla.config import StrictModel, dump_config, format_validation_error, load_config
+from mobile_vla.config import StrictModel, dump_config, format_validation_error, has_key, load_config, parse_override
 from mobile_vla.errors import ConfigError
 from mobile_vla.tracking.registry import CHALLENGER
 from mobile_vla.train.job_config import (
@@ -176,22 +177,57 @@ class TuneJobConfig(StrictModel):
         return self.run.storage_uri()
 
 
-def load_tune_config(path: str | Path | None, overrides: list[str] | None = None) -> TuneJobConfig:
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Sorts `key=value` overrides into the tune config's and the base training preset's, by key.
+
+    A key the tune config has (tune.*, run.*, mlflow.*, train.config, ...) goes to the tune config; any
+    other key the training preset has (data.path, train.epochs, scaling.*, ...) to `train.overrides`.
+    So `mobile-vla tune` takes the same `key=value` words as `mobile-vla train`.
+
+    Raises:
+        ConfigError: a malformed override, or a key neither config has.
+    """
+    sweep, training = [], []
+    for text in overrides:
+        parts, _ = parse_override(text)
+        key = ".".join(parts)
+        if has_key(TuneJobConfig, key):
+            sweep.append(text)
+        elif has_key(TrainJobConfig, key):
+            training.append(text)
+        else:
+            raise ConfigError(f"override {text!r}: {key!r} is a key of neither the tune config nor the training preset")
+    return sweep, training
+
+
+def load_tune_config(
+    path: str | Path | None, overrides: list[str] | None = None, train_overrides: list[str] | None = None
+) -> TuneJobConfig:
     """A TuneJobConfig from YAML (None: the defaults) plus dotted overrides.
+
+    Args:
+        path: the tune config file.
+        overrides: dotted overrides of the tune config.
+        train_overrides: dotted overrides of the base training preset, applied after its train.overrides.
 
     Raises:
         ConfigError: a bad file, key or value (the message names it).
     """
-    return load_config(path, TuneJobConfig, overrides)
+    cfg = load_config(path, TuneJobConfig, overrides)
+    if train_overrides:
+        cfg.train.overrides = [*cfg.train.overrides, *train_overrides]
+    return cfg
 
 
 def load_base_train_config(cfg: TuneJobConfig, base_dir: Path | None = None):
     """The trials' starting TrainJobConfig: train.config (relative to the working directory, else to the
-    tune config's folder) with train.overrides.
+    tune config's folder or the nearest folder above it that holds it, e.g. the repository root for
+    `jobs/configs/tiny.yaml`, so the sweep runs from any working directory) with train.overrides.
     """
     path = Path(cfg.train.config).expanduser()
-    if not path.is_absolute() and not path.is_file() and base_dir is not None and (base_dir / path).is_file():
-        path = base_dir / path
+    if not path.is_absolute() and not path.is_file() and base_dir is not None:
+        base_dir = base_dir.resolve()
+        path = next((folder / path for folder in (base_dir, *base_dir.parents) if (folder / path).is_file()), path)
     if not path.is_file():
         raise ConfigError(f"train.config = {cfg.train.config!r}: no such file")
     return load_train_config(path, cfg.train.overrides)
