@@ -44,7 +44,7 @@ def run_train(args) -> int:
 
     from mobile_vla.train.trainer import run_training
 
-    result = run_training(cfg)
+    result = run_training(cfg, show_progress=True)  # epoch, step, loss, ETA on stderr while it trains
     table = Table(title=f"run {result.run_name}", show_header=False)
     for key in ("epoch", "val_loss", "val_mae", "val_rmse", "val_r2"):
         if key in result.metrics:

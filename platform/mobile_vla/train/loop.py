@@ -44,6 +44,7 @@ from mobile_vla.train.distributed import (
 from mobile_vla.train.evaluation import evaluate_windows
 from mobile_vla.train.job_config import TrainJobConfig
 from mobile_vla.train.preflight import resolve_policy_config
+from mobile_vla.train.progress import StepUpdate, publish
 from mobile_vla.train.step import TrainStep, param_groups, warmup_cosine
 
 VAL_SAMPLE_POINTS = 3000  # predicted-vs-true points kept per epoch for the plot
@@ -142,6 +143,8 @@ class WorkerRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: checkpointing.Progress
     tracker: RankZeroTracker | None = None
+    progress_queue: object | None = None  # rank 0 only: the driver's terminal progress (train.progress)
+    total_steps: int = 0  # optimiser steps of the whole run (steps_per_epoch x epochs)
     resumed_from_epoch: int = 0  # 0 for a fresh start; > 0 after a resume or a worker restart
 
 
@@ -202,6 +205,8 @@ def _set_up(config: dict) -> WorkerRun:
         scheduler=scheduler,
         progress=checkpointing.Progress(),
         tracker=tracker,
+        progress_queue=config.get("progress_queue") if rank == 0 else None,
+        total_steps=total_steps,
     )
 
 
@@ -251,6 +256,8 @@ def _train_epoch(run: WorkerRun, step: TrainStep, shard, epoch: int) -> EpochSta
             progress.steps.append(point)
             if run.tracker:
                 run.tracker.log({"train_loss_step": point["loss"], "lr": point["lr"]}, progress.step)
+            update = StepUpdate(epoch + 1, cfg.train.epochs, progress.step, run.total_steps, point["loss"])
+            publish(run.progress_queue, update)
         window_loss = 0.0
     stats.waited_s = waited[0]
     return stats

@@ -12,6 +12,7 @@ model with the alias.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,11 +39,13 @@ from mobile_vla.tracking import (
     register_policy,
     set_alias,
 )
+from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.train import checkpointing, plots
 from mobile_vla.train.job_config import TrainJobConfig
 from mobile_vla.train.loop import train_loop_per_worker
 from mobile_vla.train.pipeline import build_window_dataset
 from mobile_vla.train.preflight import preflight
+from mobile_vla.train.progress import TerminalProgress, progress_queue
 from mobile_vla.train.windows import AugmentConfig, build_split_index
 
 log = logging.getLogger(__name__)
@@ -188,7 +191,7 @@ def prepare_run(cfg: TrainJobConfig, mlflow_tags: dict | None = None) -> Prepare
     return prepared
 
 
-def build_trainer(cfg: TrainJobConfig, prepared: PreparedRun | None = None, callbacks=None):
+def build_trainer(cfg: TrainJobConfig, prepared: PreparedRun | None = None, callbacks=None, progress=None):
     """A Ray Train V2 TorchTrainer for this config (constructs only; `fit()` starts the workers).
 
     Ray Tune trials: `build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()` inside the trial's
@@ -214,7 +217,7 @@ def build_trainer(cfg: TrainJobConfig, prepared: PreparedRun | None = None, call
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=prepared.loop_config(),
+        train_loop_config={**prepared.loop_config(), "progress_queue": progress},
         scaling_config=scaling,
         run_config=run,
         datasets=prepared.datasets,
@@ -229,11 +232,14 @@ def _mlflow_run(cfg: TrainJobConfig, policy_config, tags: dict | None = None) ->
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'", max_results=1
     )
+    code = provenance_tags()  # the commit and version that ran it (a resumed run: the latest launch's)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        for key, value in code.items():
+            client.set_tag(run_id, key, value)
     else:
-        run_tags = {**(tags or {}), RUN_NAME_TAG: cfg.run.name}
+        run_tags = {**(tags or {}), **code, RUN_NAME_TAG: cfg.run.name}
         run_id = client.create_run(experiment_id, run_name=cfg.run.name, tags=run_tags).info.run_id
     _log_params(client, run_id, cfg, policy_config)
     return run_id, uri
@@ -333,10 +339,13 @@ def _completed(cfg: TrainJobConfig):
     return result if done >= cfg.train.epochs else None
 
 
-def run_training(cfg: TrainJobConfig, callbacks=None, mlflow_tags: dict | None = None) -> TrainResult:
+def run_training(
+    cfg: TrainJobConfig, callbacks=None, mlflow_tags: dict | None = None, show_progress: bool = False
+) -> TrainResult:
     """The whole job on the current Ray cluster (local when none is configured).
 
     mlflow_tags go on a newly created MLflow run (e.g. `mlflow.parentRunId` for a sweep's trials).
+    show_progress prints rank 0's epoch, step, loss and ETA on this process's stderr while it trains.
     """
     prepared = prepare_run(cfg, mlflow_tags)
     cfg, run_id, uri = prepared.cfg, prepared.run_id, prepared.tracking_uri
@@ -344,9 +353,11 @@ def run_training(cfg: TrainJobConfig, callbacks=None, mlflow_tags: dict | None =
     if result is not None:
         log.info("run %s already trained %d epochs: nothing to resume", cfg.run.name, cfg.train.epochs)
     else:
-        trainer = build_trainer(cfg, prepared, callbacks)
+        queue = progress_queue() if show_progress else None
+        trainer = build_trainer(cfg, prepared, callbacks, progress=queue)
         try:
-            result = trainer.fit()
+            with TerminalProgress(queue) if queue is not None else contextlib.nullcontext():
+                result = trainer.fit()
         except BaseException:
             if run_id:
                 MlflowClient(tracking_uri=uri).set_terminated(run_id, "FAILED")

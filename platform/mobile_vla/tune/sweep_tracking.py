@@ -26,6 +26,7 @@ from ray.train import Checkpoint
 from mobile_vla.config import dump_config, flatten
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, log_version_metrics, register_policy
+from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.train.checkpointing import POLICY_DIR
 from mobile_vla.train.job_config import TrainJobConfig
 from mobile_vla.tune import plots
@@ -65,7 +66,7 @@ def parent_run(cfg: TuneJobConfig, name: str, base: TrainJobConfig) -> tuple[str
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, client
-    tags = {SWEEP_TAG: name, TRIAL_TAG: PARENT_TRIAL}
+    tags = {**provenance_tags(), SWEEP_TAG: name, TRIAL_TAG: PARENT_TRIAL}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     params = {f"tune.{k}": v for k, v in flatten(dump_config(cfg.tune)).items()}
     params.update({f"search_space.{k}": json.dumps({d.rule: d.values}) for k, d in cfg.search_space.items()})
