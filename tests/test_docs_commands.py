@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shlex
 import signal
@@ -24,6 +25,7 @@ import pytest
 from tests.local_processes import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
+MOBILE_VLA_SCRIPT = str(Path(sys.executable).parent / "mobile-vla")  # the installed console script
 MODEL = "mobile-vla-policy"
 DOCS = ["README.md", "docs/quickstart.md"]
 
@@ -135,7 +137,8 @@ def _leading_strings(node: ast.AST) -> tuple[str, ...]:
 
 def _cli_calls(function: ast.FunctionDef) -> set[tuple[str, ...]]:
     """Argument lists the function hands the CLI: `main([...])` (or `main(argv)` with `argv = [...]` in
-    the function) and process command lists `[..., "mobile_vla.cli", <args>]` / `[".../mobile-vla", <args>]`."""
+    the function) and process command lists `[..., "mobile_vla.cli", <args>]` / `[".../mobile-vla", <args>]`
+    / `[MOBILE_VLA_SCRIPT, <args>]`."""
     lists = {
         target.id: node.value
         for node in ast.walk(function)
@@ -153,6 +156,8 @@ def _cli_calls(function: ast.FunctionDef) -> set[tuple[str, ...]]:
         if isinstance(node, ast.List):
             for index, element in enumerate(node.elts):
                 value = element.value if isinstance(element, ast.Constant) else None
+                if isinstance(element, ast.Name) and element.id == "MOBILE_VLA_SCRIPT":
+                    value = "mobile-vla"
                 if value == "mobile_vla.cli" or (isinstance(value, str) and value.endswith("mobile-vla")):
                     calls.add(_leading_strings(ast.List(elts=node.elts[index + 1 :])))
     return calls
@@ -199,6 +204,10 @@ def test_through_the_function_behind_the_cli(cfg):
 
 def test_as_a_process():
     subprocess.run([sys.executable, "-m", "mobile_vla.cli", "data", "generate", "--out", str(out)])
+
+
+def test_as_the_console_script():
+    subprocess.run([MOBILE_VLA_SCRIPT, "tune", "--config", str(config)])
 """
 
 
@@ -210,6 +219,7 @@ def test_the_coverage_check_sees_real_invocations_only(tmp_path):
     assert cli_invocations(str(module), "test_through_a_fixture") == {("train", "--config", "x.yaml")}
     assert cli_invocations(str(module), "test_through_the_function_behind_the_cli") == set()
     assert cli_invocations(str(module), "test_as_a_process") == {("data", "generate", "--out")}
+    assert cli_invocations(str(module), "test_as_the_console_script") == {("tune", "--config")}
     with pytest.raises(KeyError):
         cli_invocations(str(module), "test_renamed")
 
@@ -230,6 +240,7 @@ def test_documented_command_is_run_for_real_by_a_test(doc, command):
         )
 
 
+@pytest.mark.unseeded_home  # asserts that --check creates no store
 def test_documented_train_check_runs(ray_cluster, tiny_dataset, platform_home, capsys):
     """The quickstart's `train ... --check` line as written, pointed at the session's tiny dataset: it
     checks the config, data and resources and trains nothing; a missing dataset fails the check."""
@@ -257,9 +268,10 @@ def test_documented_data_generate_writes_a_dataset(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_documented_train_trains_and_registers_a_tiny_run(ray_cluster, tiny_dataset, platform_home):
+def test_documented_train_trains_and_registers_a_tiny_run(ray_cluster, tiny_dataset, platform_home, capsys):
     """`mobile-vla train --config PRESET data.path=DIR`: one short epoch of the tiny preset, tracked in
-    the platform's MLflow store and registered as @challenger."""
+    the platform's MLflow store (with the commit and version that ran it) and registered as @challenger;
+    the terminal shows rank 0's progress while it trains."""
     from mlflow import MlflowClient
 
     from mobile_vla.cli import main
@@ -283,36 +295,45 @@ def test_documented_train_trains_and_registers_a_tiny_run(ray_cluster, tiny_data
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.params["run.name"] == "docs-train"
     assert (platform_home / "mlflow.db").is_file()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert run.data.tags["mlflow.source.git.commit"] == head.strip() and run.data.tags["mobile_vla.version"] == "0.1.0"
+    progress = re.findall(r"train: epoch 1/1 · step (\d+)/(\d+) · loss \d+\.\d+ · .* ETA \S+", capsys.readouterr().err)
+    assert progress and progress[-1][0] == progress[-1][1], progress  # the last line: the last step
 
 
 @pytest.mark.slow
-def test_documented_tune_runs_a_one_trial_sweep(ray_cluster, tiny_dataset, platform_home):
-    """`mobile-vla tune --config SWEEP`: one trial of one short epoch; the sweep's best trial is registered."""
+def test_documented_tune_runs_a_one_trial_sweep(ray_cluster, tiny_dataset, platform_home, tmp_path):
+    """`mobile-vla tune --config SWEEP data.path=DIR` as a user types it: the installed console script, in
+    its own process (the CLI's rich console reaches Tune's callbacks, which Tune pickles: issue 19 found
+    `cannot pickle '_thread.RLock'` there), joined to the session's cluster; one trial of one short epoch,
+    plain KEY=VALUE overrides for both the sweep and the training preset; the best trial is registered."""
     from mlflow import MlflowClient
 
-    from mobile_vla.cli import main
     from mobile_vla.tracking import configure_mlflow
 
-    code = main(
-        [
-            "tune",
-            "--config",
-            str(REPO / "jobs" / "configs" / "tune_tiny.yaml"),
-            "--train-override",
-            f"data.path={tiny_dataset}",
-            "--train-override",
-            "train.epochs=1",
-            "--train-override",
-            "train.max_steps_per_epoch=2",
-            "tune.num_samples=1",
-            "tune.driver_cpus=0.5",
-            "run.name=docs-sweep",
-        ]
-    )
-    assert code == 0
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = [
+        MOBILE_VLA_SCRIPT,
+        "tune",
+        "--config",
+        str(REPO / "jobs" / "configs" / "tune_tiny.yaml"),
+        f"data.path={tiny_dataset}",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        "tune.num_samples=1",
+        "tune.driver_cpus=0.5",
+        "run.name=docs-sweep",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "deprecated" not in done.stderr and "models:/mobile-vla-policy/" in done.stdout
     configure_mlflow()
-    version = MlflowClient().get_model_version_by_alias(MODEL, "challenger")
+    client = MlflowClient()
+    version = client.get_model_version_by_alias(MODEL, "challenger")
     assert version.tags["sweep"] == "docs-sweep"
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    tags = client.get_run(version.run_id).data.tags  # the trial's training run records the code that ran it
+    assert tags["mlflow.source.git.commit"] == head.strip() and tags["mobile_vla.version"] == "0.1.0"
 
 
 @pytest.mark.slow  # an `mlflow server` process: half a minute to answer on 2 cores
