@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run:
         print(config, end="")
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds running_front: HAProxy stops too
     with running_front(config, args.port, args.host) as process, contextlib.suppress(KeyboardInterrupt):
         process.wait()
     return 0
