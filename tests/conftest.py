@@ -1,5 +1,9 @@
 """Shared fixtures: one local Ray cluster per test session, a fresh MLflow SQLite store per test.
 
+Fresh stores are copies of one empty store that the platform's own code migrates once per session
+(`mlflow_store_template`): MLflow's migrations take ~10 s per new SQLite file on 2 cores. A test
+marked `unseeded_home` gets an empty home instead (a store created from nothing, or none at all).
+
 One tiny policy, saved and exported once per session (dynamo exporter, fp32 + fp16, parity on
 MiniWorld frames), shared by the export, runtime and serve tests; tests that damage files work on a copy.
 Stage-specific fixtures live in the stage's own tests/<stage>/conftest.py. Heavy libraries (torch,
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +34,44 @@ def pytest_configure(config):
     """The environment every test (and every process a test starts) runs with, unless already set."""
     for key, value in TEST_ENV.items():
         os.environ.setdefault(key, value)
+    config.addinivalue_line(
+        "markers",
+        "unseeded_home: platform_home starts empty, without a copy of the session's migrated MLflow store",
+    )
+
+
+# How the platform opens its embedded store: configure_mlflow(), then its first query
+# (get_or_create_experiment's lookup). Opening a new SQLite file runs MLflow's migrations.
+OPEN_EMBEDDED_STORE = """
+import mlflow
+from mobile_vla.tracking.store import DEFAULT_EXPERIMENT, configure_mlflow
+configure_mlflow()
+assert mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT) is None
+"""
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty embedded MLflow store (mlflow.db), migrated once per session by the platform's own
+    code with the installed MLflow, in a child process (this one keeps no connection to it)."""
+    home = tmp_path_factory.mktemp("mlflow-store-template")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MOBILE_VLA_HOME"] = str(home)
+    subprocess.run([sys.executable, "-c", OPEN_EMBEDDED_STORE], env=env, check=True, timeout=600)
+    db = home / "mlflow.db"
+    assert db.is_file(), f"the platform created no store at {db}"
+    return db
+
+
+def seed_mlflow_store(template: Path) -> Path:
+    """Copies the migrated empty store to where the platform opens its embedded store (per the current
+    MOBILE_VLA_HOME); returns that path. The folder must exist and hold no store yet."""
+    from mobile_vla.tracking.store import embedded_paths
+
+    db, _ = embedded_paths()
+    assert not db.exists(), f"{db} already holds a store"
+    shutil.copyfile(template, db)
+    return db
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +89,15 @@ def ray_cluster():
 
 
 @pytest.fixture()
-def platform_home(tmp_path, monkeypatch):
-    """An isolated platform home (MLflow SQLite store, artifacts, results) for one test."""
+def platform_home(tmp_path, monkeypatch, request):
+    """An isolated platform home (MLflow SQLite store, artifacts, results) for one test, holding a
+    copy of the session's migrated empty store unless the test is marked `unseeded_home`."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("MOBILE_VLA_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if request.node.get_closest_marker("unseeded_home") is None:
+        seed_mlflow_store(request.getfixturevalue("mlflow_store_template"))
     return home
 
 

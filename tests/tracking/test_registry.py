@@ -67,6 +67,7 @@ def exercise_registry(tmp_path: Path) -> None:
         tracking.register_policy(tmp_path, start_run(), name="reg-test")
 
 
+@pytest.mark.unseeded_home  # the platform creates its store from nothing (other homes get a copy)
 def test_registry_on_embedded_sqlite_store(platform_home, tmp_path):
     exercise_registry(tmp_path)
     assert (platform_home / "mlflow.db").is_file()
@@ -74,6 +75,7 @@ def test_registry_on_embedded_sqlite_store(platform_home, tmp_path):
 
 
 @pytest.mark.slow  # an `mlflow server` process: it takes a while to answer on 2 cores
+@pytest.mark.unseeded_home  # asserts that no embedded store is created
 def test_registry_through_an_mlflow_server(platform_home, tmp_path, monkeypatch):
     server_dir = tmp_path / "server"
     server_dir.mkdir()

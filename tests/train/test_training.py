@@ -222,6 +222,7 @@ def mlflow_server_url(tmp_path):
         yield url
 
 
+@pytest.mark.unseeded_home  # asserts that no embedded store is created
 def test_run_against_an_mlflow_server(ray_cluster, tiny_dataset, platform_home, mlflow_server_url, monkeypatch):
     from mlflow import MlflowClient
 
