@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 def run_ui(args) -> int:
     """Runs `mlflow server` on the embedded store until Ctrl-C (or prints its command line)."""
     # Deferred: the tracking package loads mlflow, and this module is imported while `--help` is parsed.
-    from mobile_vla.tracking.store import embedded_paths, ui_command
+    from mobile_vla.tracking.store import UI_ENV, embedded_paths, ui_command
 
     if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
         print(f"MLFLOW_TRACKING_URI points at a server: open {os.environ['MLFLOW_TRACKING_URI']}")
@@ -35,7 +35,7 @@ def run_ui(args) -> int:
     db.parent.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C to stop)")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, **UI_ENV}
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

@@ -78,6 +78,11 @@ def get_or_create_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
         return existing.experiment_id
 
 
+# The UI server's environment. MLflow 3's server also starts a job runner (GenAI jobs, seven huey
+# consumer processes each importing MLflow) by default; the platform submits no MLflow jobs.
+UI_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def ui_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The `mlflow server` line that opens the UI on the embedded store (loopback only)."""
     db, artifacts = embedded_paths()
