@@ -77,7 +77,14 @@ def test_the_gate_sheds_past_its_limit_with_retry_after_and_frees_slots():
         AdmissionGate(limit=0, retry_after_s=1)
 
 
-@pytest.mark.parametrize(("args", "ongoing", "queued"), [({}, 2 * 4 + 8, 8), ({"max_pending_requests": 3}, 3 + 8, 8)])
+@pytest.mark.parametrize(
+    ("args", "ongoing", "queued"),
+    [
+        ({}, 2 * 4 + 8, 2 * 4),
+        ({"max_pending_requests": 3}, 3 + 8, 3),
+        ({"ingress_max_queued_requests": 5}, 2 * 4 + 8, 5),
+    ],
+)
 def test_serve_admits_to_the_ingress_what_its_gate_admits(tmp_path, monkeypatch, args, ongoing, queued):
     # Serve's own limits shed the excess before the ingress's code runs (no 256-deep queue in front of
     # the gate, where admitted requests waited seconds under a 10x overload)

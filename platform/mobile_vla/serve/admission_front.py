@@ -33,7 +33,7 @@ from pathlib import Path
 from mobile_vla.errors import ConfigError
 from mobile_vla.serve.settings import DEFAULT_RETRY_AFTER_S, INGRESS_OTHER_REQUESTS, ingress_limits
 
-DEFAULT_MAX_QUEUED = 8  # like ingress_max_queued_requests: each queued request waits in front of the ingress
+DEFAULT_MAX_QUEUED = 8  # each queued request waits in front of the ingress: keep it small
 ACT_BACKEND = "serve_act"
 OTHER_BACKEND = "serve_other"
 SHED_MESSAGE = "the admission front is at its limit; retry later"

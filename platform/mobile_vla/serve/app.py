@@ -174,11 +174,11 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
     )
     # Serve admits to the ingress about what the ingress's own gate would admit: the excess is shed by
     # Serve (in its proxy, or in the replica's HTTP server behind HAProxy) before any of our code runs.
-    _, ingress_ongoing = ingress_limits(args.max_pending_requests, args.max_batch_size)
+    ingress_pending, ingress_ongoing = ingress_limits(args.max_pending_requests, args.max_batch_size)
     ingress = PolicyIngress.options(
         ray_actor_options={"num_cpus": 0.5, **env},
         max_ongoing_requests=ingress_ongoing,
-        max_queued_requests=args.ingress_max_queued_requests,
+        max_queued_requests=args.ingress_max_queued_requests or ingress_pending,
         backpressure_config=shed,
     )
     return ingress.bind(

@@ -22,7 +22,6 @@ DEFAULT_BATCH_WAIT_S = 0.005
 DEFAULT_ALIAS_POLL_S = 2.0
 DEFAULT_FALLBACK_TIMEOUT_S = 1.0
 DEFAULT_RETRY_AFTER_S = 1.0
-DEFAULT_INGRESS_MAX_QUEUED = 8  # waiting in front of the ingress adds to every admitted step's latency
 INGRESS_OTHER_REQUESTS = 8  # ingress slots beyond the /v1/act limit: health, model info, feedback
 DEFAULT_POLICY_MAX_QUEUED = 64
 DEFAULT_MAX_IMAGE_PIXELS = 2048 * 2048  # 12 MiB as RGB; larger camera frames are downscaled on the robot
@@ -113,11 +112,14 @@ class ServeAppConfig(StrictModel):
         "(default 2 x max_batch_size). The ingress deployment's max_ongoing_requests follows it "
         f"(+{INGRESS_OTHER_REQUESTS} for other routes), so Serve sheds the excess before the ingress runs",
     )
-    ingress_max_queued_requests: int = Field(
-        default=DEFAULT_INGRESS_MAX_QUEUED,
+    ingress_max_queued_requests: int | None = Field(
+        default=None,
         ge=1,
         description="requests Serve holds for a busy ingress replica (in its proxy, or in the replica behind "
-        "HAProxy); more get Serve's own 429 with Retry-After. Each one waits: keep it small",
+        "HAProxy); more get Serve's own 429 with Retry-After. Default: the ingress's max_pending_requests. "
+        "Ray's direct ingress counts every arriving request as queued until it takes a slot, so a burst of "
+        "robots arriving together needs that many queue slots even when the replica has free ones (with 8, "
+        "16 robots arriving at once got Serve's 429)",
     )
     policy_max_queued_requests: int = Field(
         default=DEFAULT_POLICY_MAX_QUEUED,
