@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from mobile_vla.serve.admission_front import front_limit, render_front_config, running_front
+from mobile_vla.serve.admission_front import DEFAULT_MAX_QUEUED, front_limit, render_front_config, running_front
 from serve_load import (
     INSTRUCTION,
     PROXIES,
@@ -373,11 +373,15 @@ def serve_child(spec: dict) -> dict:
         front_port = spec["port"] + 1
         limit = front_limit(args.max_pending_requests, args.max_batch_size)  # one ingress replica
         config = render_front_config(
-            listen_port=front_port, serve_port=spec["port"], max_in_flight=limit, retry_after_s=args.retry_after_s
+            listen_port=front_port,
+            serve_port=spec["port"],
+            max_in_flight=limit,
+            max_queued=spec["front_queued"],
+            retry_after_s=args.retry_after_s,
         )
         with running_front(config, front_port):
             out = asyncio.run(run_phases(spec, f"http://127.0.0.1:{front_port}", token))
-        out["front"] = {"max_in_flight": limit, "config": config}
+        out["front"] = {"max_in_flight": limit, "max_queued": spec["front_queued"], "config": config}
         return out
 
 
@@ -401,6 +405,13 @@ def main() -> int:
     parser.add_argument(
         "--app-args", default="{}", help='extra ServeAppConfig fields as JSON, e.g. {"deadline_s": 0.2}'
     )
+    parser.add_argument(
+        "--front-queued",
+        type=int,
+        default=DEFAULT_MAX_QUEUED,
+        help="--proxy front: /v1/act requests HAProxy queues past max_pending_requests in flight (0: none, "
+        "the excess gets 429 at once; each queued request waits in front of the ingress)",
+    )
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run of the load phases")
     parser.add_argument("--home", default=None, help="platform home to keep (and reuse) the exported model in")
     parser.add_argument("--out", default=str(RESULTS / "serve_overload.json"))
@@ -422,6 +433,7 @@ def main() -> int:
         "tokens_file": tokens_file,
         "max_batch_size": args.max_batch_size,
         "app_args": json.loads(args.app_args),
+        "front_queued": args.front_queued,
         "robots": args.robots,
         "hz": args.hz,
         "factor": args.factor,
