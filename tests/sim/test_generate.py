@@ -359,7 +359,7 @@ def test_cli_prints_the_resolved_split_spec(tmp_path, capsys):
     [
         (["--episodes", "0"], "--episodes 0: expected at least 1"),
         (["--split-spec", "missing.yaml"], "missing.yaml: config file not found"),
-        (["--set", "splits.val.seeds.start=10"], "splits.train.seeds and splits.val.seeds overlap"),
+        (["splits.val.seeds.start=10"], "splits.train.seeds and splits.val.seeds overlap"),
         (["--control-hz", "0"], "--control-hz 0.0: expected a positive number"),
         (["--action-noise", "1.5"], "--action-noise 1.5: expected a number in [0, 1]"),
         (["--action-noise", "-0.1"], "--action-noise -0.1: expected a number in [0, 1]"),
