@@ -272,7 +272,7 @@ def generate_command(args: argparse.Namespace, data: Path) -> list[str]:
     """Every episode in train/val: held-out splits get fraction 0 (closed loop draws their scenes)."""
     fractions = {name: 0.0 for name in default_split_spec().splits}
     fractions.update({TRAIN_SPLIT: 1.0 - args.val_fraction, VAL_SPLIT: args.val_fraction})
-    sets = [arg for name, f in fractions.items() for arg in ("--set", f"splits.{name}.fraction={f:.6g}")]
+    sets = [f"splits.{name}.fraction={f:.6g}" for name, f in fractions.items()]  # KEY=VALUE after the flags
     return [
         *CLI,
         "data",
