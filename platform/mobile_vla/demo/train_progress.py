@@ -1,16 +1,17 @@
 """Epoch progress of a Ray Train run, shown by the driver while `fit()` blocks.
 
 Train V2 calls `UserCallback.after_report` in its controller actor, not in the driver, so the
-callback forwards each report through a Ray queue and a driver thread moves a rich progress bar.
+callback forwards each report through a Ray queue and a driver thread (train.progress.QueueFollower)
+moves a rich progress bar.
 """
 
 from __future__ import annotations
 
-import threading
-
 from ray.train import UserCallback
-from ray.util.queue import Empty, Queue
+from ray.util.queue import Queue
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mobile_vla.train.progress import QueueFollower
 
 
 class ReportForwarder(UserCallback):
@@ -34,7 +35,6 @@ class EpochProgress:
 
     def __enter__(self) -> ReportForwarder:
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self._stop = threading.Event()
         self._bar = None
         if self.enabled:
             self._bar = Progress(
@@ -46,19 +46,9 @@ class EpochProgress:
             )
             self._bar.start()
             self._task = self._bar.add_task("epochs", total=self.epochs, line="starting workers")
-        self._thread = threading.Thread(target=self._follow, name="demo-epoch-progress", daemon=True)
-        self._thread.start()
+        self._follower = QueueFollower(self.queue, self._show, "demo-epoch-progress", poll_s=2.0)
+        self._follower.start()
         return ReportForwarder(self.queue)
-
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            try:
-                report = self.queue.get(timeout=2.0)
-            except Empty:
-                continue
-            except Exception:  # the queue actor is gone (Ctrl-C, cluster shutting down)
-                return
-            self._show(report)
 
     def _show(self, report: dict) -> None:
         self.reports.append(report)
@@ -68,16 +58,6 @@ class EpochProgress:
             self._bar.update(self._task, completed=int(report.get("epoch", len(self.reports))), line=line)
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        try:  # reports that arrived after the thread's last look
-            while True:
-                self._show(self.queue.get_nowait())
-        except Exception:
-            pass
+        self._follower.stop()  # shows the reports that arrived after its last look
         if self._bar is not None:
             self._bar.stop()
-        try:
-            self.queue.shutdown()
-        except Exception:
-            pass

@@ -80,6 +80,46 @@ def publish(queue: Queue | None, update: StepUpdate) -> None:
         log.debug("progress update dropped: %s", exc)
 
 
+class QueueFollower:
+    """A driver thread that hands each item of a Ray queue to `show` while a run goes on.
+
+    `stop()` joins the thread, hands over what arrived after its last read (a run's last report) and
+    shuts the queue's actor down. Ray going away under it ends the thread quietly: progress is never
+    worth failing a run for.
+    """
+
+    def __init__(self, queue: Queue, show, name: str, poll_s: float) -> None:
+        self.queue, self.show, self.poll_s = queue, show, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self.queue.get(timeout=self.poll_s)
+            except Empty:
+                continue
+            except Exception:  # Ray shut down under us: nothing left to show
+                return
+            self.show(item)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            while True:  # items sent after the thread's last read
+                self.show(self.queue.get_nowait())
+        except Exception:  # Empty, or Ray already down
+            pass
+        try:
+            self.queue.shutdown()
+        except Exception as error:  # Ray already down
+            log.debug("progress queue shutdown: %s", error)
+
+
 class TerminalProgress:
     """Prints rank 0's updates from `queue` on the driver: the first, then one every `every_s` seconds,
     and the last of each epoch.
@@ -95,8 +135,7 @@ class TerminalProgress:
         self.queue, self.stream, self.every_s, self.clock = queue, stream or sys.stderr, every_s, clock
         self.first: tuple[int, float] | None = None  # (step of the first update, when it arrived)
         self.last_shown: tuple[int, float] | None = None  # (epoch, when)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="train-progress", daemon=True)
+        self._follower = QueueFollower(queue, self.show, "train-progress", poll_s=0.5)
 
     def show(self, update: StepUpdate) -> str | None:
         """Prints the update's line when it is due; returns the line printed (None: skipped)."""
@@ -117,29 +156,9 @@ class TerminalProgress:
         self.last_shown = (update.epoch, now)
         return line
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                update = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            except Exception:  # Ray shut down under us: nothing left to show
-                return
-            self.show(update)
-
     def __enter__(self) -> TerminalProgress:
-        self._thread.start()
+        self._follower.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        try:
-            while True:  # updates sent after the thread's last read (the run's last step)
-                self.show(self.queue.get_nowait())
-        except Exception:  # Empty, or Ray already down
-            pass
-        try:
-            self.queue.shutdown()
-        except Exception as error:  # Ray already down
-            log.debug("progress queue shutdown: %s", error)
+        self._follower.stop()
