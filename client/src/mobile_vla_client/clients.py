@@ -1,0 +1,270 @@
+"""`Client` (blocking) and `AsyncClient` (asyncio): one robot's connection to the policy server.
+
+    with Client("http://127.0.0.1:8000", token, robot_id="r-17") as robot:
+        robot.start_episode("go to the red box")
+        answer = robot.act(frame, state=[0.0, 0.0, 0.0])   # frame: uint8 [H, W, 3], PIL image or JPEG bytes
+        send_velocity(*answer.action_now)
+
+    async with AsyncClient(url, token, robot_id="r-17") as robot:
+        robot.start_episode("go to the red box")
+        answer = await robot.act(frame, state=[0.0, 0.0, 0.0])
+
+Both build their requests and read their answers with the same core (`mobile_vla_client.core`); they
+differ only in how a try is sent and how a retry waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from mobile_vla_client.answers import ActResult, FeedbackResult, ModelSummary
+from mobile_vla_client.core import Call, RetryPolicy, RobotSession, outcome_of
+from mobile_vla_client.errors import ApiError
+from mobile_vla_client.wire import Frame, JsonWire
+
+
+class _ClientBase:
+    """What both clients hold: the robot's session, the retry policy, the wire format and the deadlines."""
+
+    _clock = staticmethod(time.monotonic)  # the deadlines' clock (tests replace it, and the retry wait)
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        robot_id: str,
+        *,
+        timeout_s: float = 1.0,
+        retries: int = 2,
+        backoff_s: float = 0.05,
+        jpeg_quality: int = 85,
+        deadline_s: float | None = None,
+        send_deadline: bool = False,
+    ):
+        deadline_s = timeout_s if deadline_s is None else deadline_s
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        if not 1 <= jpeg_quality <= 95:
+            raise ValueError(f"jpeg_quality must be in 1..95, got {jpeg_quality!r}")
+        self.session = RobotSession(robot_id, jpeg_quality)
+        self.policy = RetryPolicy(retries, backoff_s)
+        self.wire = JsonWire()
+        self.deadline_s = deadline_s  # total per call, retries included
+        self.send_deadline = send_deadline
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    # -- the robot's session -------------------------------------------------------------------------
+    @property
+    def robot_id(self) -> str:
+        return self.session.robot_id
+
+    @property
+    def memory(self) -> str | None:
+        """The memory token the next act sends (None: a fresh memory)."""
+        return self.session.memory
+
+    @memory.setter
+    def memory(self, token: str | None) -> None:
+        self.session.memory = token
+
+    @property
+    def instruction(self) -> str | None:
+        return self.session.instruction
+
+    @property
+    def episode_id(self) -> str | None:
+        return self.session.episode_id
+
+    @property
+    def step(self) -> int:
+        """The step the next feedback reports."""
+        return self.session.step
+
+    def start_episode(self, instruction: str, episode_id: str | None = None) -> str:
+        """A new episode (id returned): forgets the memory token, so the next act starts a fresh memory."""
+        return self.session.start_episode(instruction, episode_id)
+
+    def __repr__(self) -> str:  # never show the token
+        name = type(self).__name__
+        return f"{name}(robot_id={self.robot_id!r}, episode_id={self.episode_id!r}, step={self.step})"
+
+    # -- calls ---------------------------------------------------------------------------------------
+    def _ends_at(self, deadline_s: float | None) -> float:
+        return self._clock() + (self.deadline_s if deadline_s is None else deadline_s)
+
+    def _act_call(self, frame: Frame, state, instruction, deadline_s) -> Call:
+        return self.session.act_call(frame, state, instruction, self._ends_at(deadline_s), self.send_deadline)
+
+    def _feedback_call(self, frame: Frame, state, action_executed, options: dict[str, Any]) -> Call:
+        deadline_s = options.pop("deadline_s", None)
+        return self.session.feedback_call(frame, state, action_executed, self._ends_at(deadline_s), **options)
+
+
+class Client(_ClientBase):
+    """One robot's blocking client: keeps its memory token and feedback step, retries only what is safe.
+
+    Args:
+        base_url: the server, e.g. `http://127.0.0.1:8000`.
+        token: the API token (Bearer); never logged or shown in repr.
+        robot_id: letters, digits, `.`, `_`, `-` (at most 64); the token must cover it.
+        timeout_s: the default total deadline of a call, retries included (when `deadline_s` is not given).
+        retries: tries after the first, made only while the call's deadline allows.
+        backoff_s: first wait before a retry when the server names no Retry-After (doubles, jittered).
+        jpeg_quality: JPEG quality of the frames sent.
+        deadline_s: the total deadline of a call; a call may pass its own.
+        send_deadline: send what is left of the deadline as `deadline_ms`, so the server drops a step
+            nobody waits for any more instead of computing it.
+        transport: an httpx transport (tests: `httpx.MockTransport`).
+    """
+
+    _sleep = staticmethod(time.sleep)
+
+    def __init__(self, base_url: str, token: str, robot_id: str, *, transport: httpx.BaseTransport | None = None, **kw):
+        super().__init__(base_url, token, robot_id, **kw)
+        self._http = httpx.Client(base_url=self._base_url, headers=self._headers, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def act(
+        self,
+        frame: Frame,
+        state: Sequence[float],
+        instruction: str | None = None,
+        deadline_s: float | None = None,
+    ) -> ActResult:
+        """One control step: the next action chunk for `frame` and `state`; keeps the answer's memory token.
+
+        `instruction` defaults to the episode's; `deadline_s` (default the client's) bounds the whole call.
+        Raises ApiError (the server refused, or stayed unavailable) or NoAnswer (nothing within the deadline).
+        """
+        started = time.perf_counter()
+        call = self._act_call(frame, state, instruction, deadline_s)
+        reset = False
+        try:
+            body = self._send(call)
+        except ApiError as error:
+            fresh = self.session.memory_refused(call, error)
+            if fresh is None:
+                raise
+            body, reset = self._send(fresh), True
+        return self.session.accept_act(body, (time.perf_counter() - started) * 1000, reset)
+
+    def feedback(
+        self, frame: Frame, state: Sequence[float], action_executed: Sequence[float], **options: Any
+    ) -> FeedbackResult:
+        """Reports the step just executed (`action_corrected`, `intervention`, `episode_done`, `success`,
+        `deadline_s` as keywords); the step counter advances once the server has stored it (202).
+        """
+        return self.session.accept_feedback(self._send(self._feedback_call(frame, state, action_executed, options)))
+
+    def model_info(self, deadline_s: float | None = None) -> ModelSummary:
+        """The served model: name, version, state length, chunk length and what `state` is."""
+        return ModelSummary.from_body(self._send(Call("GET", "/v1/model", self._ends_at(deadline_s))))
+
+    def _send(self, call: Call) -> Any:
+        """Tries `call` until an answer is final or its deadline leaves no room; the answer's body."""
+        outcome: Any = None
+        for attempt in range(self.policy.retries + 1):
+            left = call.ends_at - self._clock()
+            if left <= 0:
+                break
+            content, headers = call.body(self.wire, left)
+            try:
+                outcome = self._http.request(call.method, call.path, content=content, headers=headers, timeout=left)
+            except httpx.TransportError as exc:
+                outcome = exc
+            wait = self.policy.wait_before_retry(call, attempt, outcome, self._clock())
+            if wait is None:
+                break
+            self._sleep(wait)
+        return outcome_of(call, outcome, self.wire)
+
+
+class AsyncClient(_ClientBase):
+    """One robot's asyncio client: the same calls as `Client`, awaited (arguments as `Client`'s).
+
+    Many robots in one process: one AsyncClient per robot, their calls gathered on one event loop.
+    """
+
+    _sleep = staticmethod(asyncio.sleep)
+
+    def __init__(
+        self, base_url: str, token: str, robot_id: str, *, transport: httpx.AsyncBaseTransport | None = None, **kw
+    ):
+        super().__init__(base_url, token, robot_id, **kw)
+        self._http = httpx.AsyncClient(base_url=self._base_url, headers=self._headers, transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def act(
+        self,
+        frame: Frame,
+        state: Sequence[float],
+        instruction: str | None = None,
+        deadline_s: float | None = None,
+    ) -> ActResult:
+        """One control step (see `Client.act`)."""
+        started = time.perf_counter()
+        call = self._act_call(frame, state, instruction, deadline_s)
+        reset = False
+        try:
+            body = await self._send(call)
+        except ApiError as error:
+            fresh = self.session.memory_refused(call, error)
+            if fresh is None:
+                raise
+            body, reset = await self._send(fresh), True
+        return self.session.accept_act(body, (time.perf_counter() - started) * 1000, reset)
+
+    async def feedback(
+        self, frame: Frame, state: Sequence[float], action_executed: Sequence[float], **options: Any
+    ) -> FeedbackResult:
+        """Reports the step just executed (see `Client.feedback`)."""
+        call = self._feedback_call(frame, state, action_executed, options)
+        return self.session.accept_feedback(await self._send(call))
+
+    async def model_info(self, deadline_s: float | None = None) -> ModelSummary:
+        """The served model (see `Client.model_info`)."""
+        return ModelSummary.from_body(await self._send(Call("GET", "/v1/model", self._ends_at(deadline_s))))
+
+    async def _send(self, call: Call) -> Any:
+        """Tries `call` until an answer is final or its deadline leaves no room (see `Client._send`)."""
+        outcome: Any = None
+        for attempt in range(self.policy.retries + 1):
+            left = call.ends_at - self._clock()
+            if left <= 0:
+                break
+            content, headers = call.body(self.wire, left)
+            try:
+                outcome = await self._http.request(
+                    call.method, call.path, content=content, headers=headers, timeout=left
+                )
+            except httpx.TransportError as exc:
+                outcome = exc
+            wait = self.policy.wait_before_retry(call, attempt, outcome, self._clock())
+            if wait is None:
+                break
+            await self._sleep(wait)
+        return outcome_of(call, outcome, self.wire)

@@ -1,0 +1,61 @@
+"""The wire format and the typed answers: frames become JPEG, bodies are HTTP API v1 JSON, answers parse
+into dataclasses, and fields the server adds later are read when present."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mobile_vla_client import ActResult, ModelSummary, Safety, encode_jpeg, jpeg_base64
+from mobile_vla_client.wire import JsonWire
+
+
+def test_frames_become_jpeg_and_encoded_bytes_pass_through():
+    frame = np.full((48, 64, 3), 200, np.uint8)
+    jpeg = encode_jpeg(frame, quality=90)
+    with Image.open(io.BytesIO(jpeg)) as image:
+        assert image.format == "JPEG" and image.size == (64, 48)
+        assert np.abs(np.asarray(image, np.int16) - 200).max() <= 2
+    assert encode_jpeg(jpeg) == jpeg  # e.g. a ROS CompressedImage's data, sent as it is
+    assert encode_jpeg(Image.fromarray(frame)) == encode_jpeg(frame)
+    assert base64.b64decode(jpeg_base64(frame, 90)) == jpeg
+    with pytest.raises(ValueError, match=r"uint8 \[H, W, 3\]"):
+        encode_jpeg(np.zeros((4, 4, 4), np.uint8))
+
+
+def test_json_wire_puts_the_frame_in_base64_and_refuses_nan():
+    content, headers = JsonWire.encode({"robot_id": "r-1", "state": [0.0]}, b"\xff\xd8jpeg")
+    assert headers == {"Content-Type": "application/json"}
+    body = json.loads(content)
+    assert body == {"robot_id": "r-1", "state": [0.0], "image": base64.b64encode(b"\xff\xd8jpeg").decode()}
+    with pytest.raises(ValueError):
+        JsonWire.encode({"state": [float("nan")]}, None)
+
+
+def test_answers_are_typed_and_later_fields_are_optional():
+    body = {
+        "actions": [[0.4, -0.1, 0.2]] * 10,
+        "confidence": 0.8,
+        "memory": "m2.a.b.c",
+        "model": {"name": "mobile-vla-policy", "version": "7"},
+        "backend": "onnx-cpu",
+        "memory_reset": False,
+        "latency_ms": 7.5,
+    }
+    answer = ActResult.from_body(body, round_trip_ms=12.0)
+    assert answer.actions.dtype == np.float64 and answer.actions.shape == (10, 3)
+    assert answer.model.version == "7" and answer.anchor_step is None and answer.safety is None
+    assert all(type(v) is float for v in answer.action_now)
+    fleet_fields = {"anchor_step": 41, "queue_ms": 3, "safety": {"level": "slow", "reason": "x"}}
+    later = ActResult.from_body({**body, **fleet_fields}, 1.0)
+    assert later.anchor_step == 41 and later.queue_ms == 3.0 and later.safety == Safety("slow", "x")
+    assert Safety.parse("stop", "low confidence") == Safety("stop", "low confidence")
+    with pytest.raises(ValueError, match="K x 3"):
+        ActResult.from_body({**body, "actions": [[0.1, 0.2]]}, 1.0)
+    summary = ModelSummary.from_body({"name": "m", "version": "3", "state_dim": 3, "chunk": 10})
+    assert summary.state_input == "previous_command" and summary.chunk == 10
