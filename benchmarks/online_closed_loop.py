@@ -82,7 +82,8 @@ def break_champion(base_uri: str, workdir: Path) -> str:
 
 def send_corrections(root: Path, episodes: int, workdir: Path, champion: str) -> dict:
     """Fresh expert episodes (data seed 1) become feedback: every step an operator correction."""
-    from mobile_vla.client import encode_jpeg
+    from mobile_vla_client import jpeg_base64
+
     from mobile_vla.data.episodes import read_episode
     from mobile_vla.online.feedback_store import FeedbackStore
     from mobile_vla.sim.generate import generate_dataset
@@ -103,7 +104,7 @@ def send_corrections(root: Path, episodes: int, workdir: Path, champion: str) ->
                     "episode_id": f"fleet-{e}",
                     "step": t,
                     "instruction": episode.instruction,
-                    "image": encode_jpeg(episode.images[t], quality=90),
+                    "image": jpeg_base64(episode.images[t], quality=90),
                     "state": [float(v) for v in episode.state[t]] if episode.state is not None else [0.0, 0.0, 0.0],
                     "action_executed": [expert[0], expert[1], -0.9],
                     "action_corrected": expert,

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/serve_chaos.py --seconds 8          # a short run
 
 The real app (ONNX Runtime primary `OnnxPolicy` + an ONNX fallback deployment `OnnxFallbackPolicy`,
-ingress `PolicyIngress`) on a local Ray, HTTP on 127.0.0.1 only. Robots are `mobile_vla.client.RobotClient`s
+ingress `PolicyIngress`) on a local Ray, HTTP on 127.0.0.1 only. Robots are `mobile_vla_client.Client`s
 (the fleet's own client: retries on 429/502/503 and connection errors inside one call deadline, the
 remaining budget sent as `deadline_ms`), each stepping at `hz` on its own schedule.
 
@@ -29,7 +29,6 @@ in this project, with other work): the figures are for the whole, loaded box.
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import os
@@ -45,8 +44,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-from mobile_vla.client import ApiError, RobotClient, encode_jpeg
+from mobile_vla_client import Client, ClientError, encode_jpeg
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACTION_ATOL = 1e-3  # an answer off its robot's own chunk by more is wrong (batched vs single rows: ~1e-6 apart)
@@ -118,7 +116,7 @@ def make_fleet(model_uri: str, robots: int) -> list[ChaosRobot]:
     fleet = []
     for i in range(robots):
         frame = _frame(100 + i)
-        sent = Image.open(io.BytesIO(base64.b64decode(encode_jpeg(frame))))
+        sent = Image.open(io.BytesIO(encode_jpeg(frame)))
         image = side.prepare_image(sent.convert("RGB"))  # [224, 224, 3] what the policy replica gets
         state = [float(v) for v in rng.uniform(-0.4, 0.4, side.state_dim).round(3)]
         out = backend.predict(
@@ -165,7 +163,7 @@ class Outcome:
 
 @dataclass
 class FleetLoad:
-    """`robots` threads, each stepping at `hz` with its own RobotClient until `stop()`."""
+    """`robots` threads, each stepping at `hz` with its own Client until `stop()`."""
 
     url: str
     token: str
@@ -194,7 +192,7 @@ class FleetLoad:
 
     def _drive(self, robot: ChaosRobot, index: int) -> None:
         period = 1.0 / self.hz
-        with RobotClient(
+        with Client(
             self.url, self.token, robot.robot_id, timeout_s=self.deadline_s, retries=2, send_deadline=True
         ) as client:
             next_at = time.monotonic() + period * index / len(self.fleet)  # robots spread over one period
@@ -206,7 +204,7 @@ class FleetLoad:
                 client.start_episode(robot.instruction)  # no memory sent: the expected answer stays fixed
                 try:
                     answer = client.act(robot.frame, robot.state)
-                except ApiError as exc:
+                except ClientError as exc:  # refused (status, code) or no answer within the deadline
                     outcome = Outcome(phase, robot.robot_id, sent_at, False, error=f"{exc.status} {exc.code}")
                 except Exception as exc:  # anything else the client lets through: a failed call, counted
                     outcome = Outcome(phase, robot.robot_id, sent_at, False, error=type(exc).__name__)

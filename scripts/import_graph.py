@@ -35,7 +35,6 @@ LAYERS = {
     "tracking": 2,
     "data": 1,
     "ray_session": 1,
-    "client": 1,
     "config": 0,
     "errors": 0,
     "cli": 0,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything `make test` and `make demo` need, from nothing; quick when already done.
 #   - Debian packages for headless MiniWorld rendering (Mesa EGL)
-#   - a Python 3.11 virtual environment in $VENV (default .venv) with the package and its extras
+#   - a Python 3.11 virtual environment in $VENV (default .venv) with the package and its extras, and the
+#     robot client (./client, package mobile-vla-client) the package depends on, both editable
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -20,11 +21,12 @@ if [ ${#need_debs[@]} -gt 0 ]; then
 fi
 
 stamp="$VENV/.mobile-vla-installed"
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt client/pyproject.toml ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-echo "setup: installing mobile-vla[$EXTRAS] into $VENV (a few minutes the first time)"
-"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+echo "setup: installing mobile-vla-client and mobile-vla[$EXTRAS] into $VENV (a few minutes the first time)"
+# one resolve for both: the platform's dependency on mobile-vla-client is met by ./client, never a registry
+"$VENV/bin/python" -m pip install -q -e ./client -e ".[$EXTRAS]"
 touch "$stamp"

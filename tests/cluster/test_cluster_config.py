@@ -85,7 +85,7 @@ def test_image_is_ray_2_60_with_cuda_and_setup_installs_the_gpu_extra(cluster_fi
     assert match, image
     assert match.group(1).split(".")[:2] == ray.__version__.split(".")[:2] == ["2", "60"]
     setup = "\n".join(config["setup_commands"])
-    assert 'pip install -q -e ".[gpu]" --extra-index-url https://pypi.nvidia.com' in setup
+    assert 'pip install -q -e ./client -e ".[gpu]" --extra-index-url https://pypi.nvidia.com' in setup
 
 
 def test_nothing_is_exposed_and_token_auth_is_on(cluster_file):

@@ -324,27 +324,6 @@ def test_feedback_is_stored_before_202_and_retries_are_duplicates(served):
     assert served.http.post("/v1/feedback", json=body).status_code == 401
 
 
-# -- the robot client ---------------------------------------------------------------------------------
-def test_robot_client_keeps_memory_and_steps(served):
-    from mobile_vla.client import ApiError, RobotClient
-
-    frame = np.random.default_rng(3).integers(0, 255, (480, 640, 3), dtype=np.uint8)
-    with RobotClient(served.url, served.token, robot_id="client-1", timeout_s=30) as robot:
-        robot.start_episode(INSTRUCTION, episode_id="ep-1")
-        first = robot.act(frame, state=[0.0, 0.0, 0.0])
-        token = robot.memory
-        second = robot.act(frame, state=[0.0, 0.0, 0.0])
-        assert len(first.actions) == 10 and robot.memory not in (None, token) and not second.memory_reset
-        robot.memory = token[:-4] + "AAAA"  # a token the server refuses (e.g. after a secret rotation)
-        recovered = robot.act(frame, state=[0.0, 0.0, 0.0])
-        assert recovered.memory_reset and recovered.actions == first.actions  # fresh state, same frame
-        robot.feedback(frame, [0.0, 0.0, 0.0], first.actions[0], episode_done=True, success=True)
-        assert robot.step == 1 and "token" not in repr(robot).lower()
-        with pytest.raises(ApiError) as refused:
-            robot.act(frame, state=[0.0, 0.0])
-        assert refused.value.status == 422
-
-
 # -- fallback: a slow or failing primary (test-only drill faults for drill-* robots) ------------------
 def test_slow_then_failing_primary_falls_back_and_breaker_opens(served):
     slow = served.act(robot_id="drill-slow-1")  # primary stalls past primary_timeout_s

@@ -2,7 +2,7 @@
 
     rows = fan_out(drive_robots, [[("val", 1000040), ("val", 1000041)]], (spec_json, url, token, settings), ...)
 
-One Ray task runs a group of robots: each robot is one `RobotClient` (its own robot id, its memory
+One Ray task runs a group of robots: each robot is one `mobile_vla_client.Client` (its own robot id, its memory
 token carried from answer to answer) and one MiniWorld episode. Every control step the group's
 requests go out together from threads, so the server sees concurrent robots and may batch them.
 The episode rules (success, wrong target, timeout, collisions) are closed-loop evaluation's
@@ -39,7 +39,7 @@ class TimedHttpPolicy(HttpPolicy):
                 "server_ms": answer.latency_ms,
                 "memory_reset": answer.memory_reset,
                 "backend": answer.backend,
-                "model_version": answer.model.get("version"),
+                "model_version": answer.model.version,
             }
         )
 

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from mobile_vla_client import Client
 
-from mobile_vla.client import RobotClient
 from mobile_vla.errors import ConfigError, ModelError
 from mobile_vla.policy.config import MEASURED_VELOCITY, PREVIOUS_COMMAND
 from mobile_vla.runtime.backends import load_backend
@@ -248,13 +248,13 @@ class HttpPolicy:
     def start(self, episodes: list[tuple[str, str]]) -> None:
         self.close()
         self.clients = [
-            RobotClient(self.endpoint, self.token, robot_id=episode_id, timeout_s=30.0) for episode_id, _ in episodes
+            Client(self.endpoint, self.token, robot_id=episode_id, timeout_s=30.0) for episode_id, _ in episodes
         ]
         for client, (episode_id, instruction) in zip(self.clients, episodes, strict=True):
             client.start_episode(instruction, episode_id=episode_id)
         self.served = {slot: set() for slot in range(len(episodes))}
         if self.clients:  # GET /v1/model names the state its robots send (older servers: the command)
-            self.state_input = self.clients[0].model_info().get("state_input") or PREVIOUS_COMMAND
+            self.state_input = self.clients[0].model_info().state_input
 
     def reset_memory(self, slots: list[int]) -> None:
         """The robots of `slots` forget their memory token: the next act starts from a fresh memory (their
@@ -277,7 +277,7 @@ class HttpPolicy:
 
     def note_answer(self, slot: int, answer) -> None:
         """Remembers which model version and backend answered `slot` (subclasses keep more)."""
-        self.served[slot].add(f"{answer.model.get('name')}/{answer.model.get('version')} {answer.backend}")
+        self.served[slot].add(f"{answer.model.name}/{answer.model.version} {answer.backend}")
 
     def close(self) -> None:
         for client in self.clients:

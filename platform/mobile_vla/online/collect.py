@@ -37,9 +37,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from mobile_vla_client import jpeg_base64
 from pydantic import ValidationError
 
-from mobile_vla.client import encode_jpeg
 from mobile_vla.config import format_validation_error
 from mobile_vla.errors import ConfigError, DataError
 from mobile_vla.evaluate import EXPERT
@@ -117,7 +117,7 @@ def feedback_body(episode_id: str, instruction: str, visit: VisitedStep, final: 
         "episode_id": episode_id,
         "step": visit.step,
         "instruction": instruction,
-        "image": encode_jpeg(visit.image, quality),
+        "image": jpeg_base64(visit.image, quality),
         "state": [float(v) for v in visit.state],
         "action_executed": [float(v) for v in visit.executed],
         "action_corrected": [float(v) for v in visit.expert_action],
