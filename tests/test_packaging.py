@@ -22,8 +22,8 @@ def test_stdlib_platform_still_imports_from_repo_root():
     assert Path(out[1]).is_relative_to(REPO / "platform" / "mobile_vla")
 
 
-COMMANDS = ["data", "model", "train", "tune", "ensemble", "evaluate", "export", "mlflow-ui", "serve", "promote",
-            "online-update", "collect", "demo"]  # fmt: skip
+COMMANDS = ["data", "model", "train", "tune", "ensemble", "evaluate", "export", "mlflow-ui", "models", "serve",
+            "promote", "online-update", "collect", "demo"]  # fmt: skip
 
 
 def test_cli_help_lists_commands_and_bad_command_fails():

@@ -173,10 +173,10 @@ def demo_gate(cfg: DemoConfig) -> GateConfig:
 
 def promote_policy(cfg: DemoConfig, train: TrainOutcome) -> PromotionOutcome:
     """Promotes the version through the demo gate; a fresh home's first version is forced in."""
-    decision = promote(REGISTERED_MODEL, version=train.version, gate=demo_gate(cfg))
+    decision = promote(REGISTERED_MODEL, version=train.version, gate=demo_gate(cfg), actor="demo")
     first = decision.compared_to is None
     if not decision.promoted and first:
-        decision = promote(REGISTERED_MODEL, version=train.version, gate=demo_gate(cfg), force=True)
+        decision = promote(REGISTERED_MODEL, version=train.version, gate=demo_gate(cfg), force=True, actor="demo")
         reason = (
             f"first champion, promoted although the gate {decision.reason.removeprefix('forced by operator; gate ')}"
         )

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
         help="a gate YAML file (e.g. jobs/configs/gate.yaml) and/or key=value overrides",
     )
     promote.add_argument("--force", action="store_true", help="move @champion even if the gate fails (tagged 'forced')")
+    promote.add_argument(
+        "--reason", default="", help="why, in the operator's words: kept in the audit of the move (models history)"
+    )
     promote.set_defaults(func=run_promote)
 
     update = subparsers.add_parser(
@@ -192,7 +195,15 @@ def run_promote(args) -> int:
 
     gate_file, overrides = split_gate_args(args.gate)
     gate = load_gate(gate_file, overrides)
-    decision = promote(args.model, version=args.version, from_alias=args.from_alias, gate=gate, force=args.force)
+    decision = promote(
+        args.model,
+        version=args.version,
+        from_alias=args.from_alias,
+        gate=gate,
+        force=args.force,
+        actor="cli promote",
+        note=args.reason,
+    )
     print_decision(decision)
     return 0 if decision.promoted else 1
 

@@ -257,7 +257,7 @@ def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
             tracking.log_version_metrics(cfg.model, version, report.metrics[role])
             tracking.set_version_tags(cfg.model, version, {"online.eval_set": str(workdir / "feedback")})
 
-        decision = promote(cfg.model, version=report.challenger_version, gate=cfg.gate)
+        decision = promote(cfg.model, version=report.challenger_version, gate=cfg.gate, actor="online-update")
         report.status, report.reason = decision.decision, decision.reason
         if decision.promoted or cfg.cursor_advance == "always":
             store.commit_cursor(
@@ -381,6 +381,7 @@ def _train_register_evaluate(
                 "online.feedback_episodes": str(len(assembled.episodes)),
             },
             description=f"online update of v{champion_version} on {len(assembled.episodes)} feedback episodes",
+            actor="online-update",
         )
     if (champion_dir / "onnx").is_dir():  # serving loads onnx/: the challenger must be servable like its parent
         publish_onnx(

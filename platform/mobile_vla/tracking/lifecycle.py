@@ -32,6 +32,7 @@ from pydantic import Field, field_validator
 from mobile_vla.config import StrictModel, load_config
 from mobile_vla.errors import ConfigError, ModelError
 from mobile_vla.sim.success import wilson_interval
+from mobile_vla.tracking.audit import set_alias
 from mobile_vla.tracking.registry import (
     CHALLENGER,
     CHAMPION,
@@ -39,7 +40,6 @@ from mobile_vla.tracking.registry import (
     get_version_by_alias,
     get_version_metrics,
     get_version_tags,
-    set_alias,
     set_version_tags,
 )
 
@@ -251,9 +251,13 @@ def promote(
     from_alias: str | None = None,
     gate: GateConfig | None = None,
     force: bool = False,
+    actor: str = "promote",
+    note: str = "",
 ) -> PromotionDecision:
     """Runs the gate for one version against the current champion; moves `@champion` if it passes
-    (or if forced) and tags the version with the decision either way.
+    (or if forced) and tags the version with the decision either way. The alias moves are recorded
+    in the audit (`mobile_vla.tracking.audit`) with `actor` (e.g. "cli promote", "online-update") and,
+    as the reason, the operator's `note` followed by the gate's decision.
     """
     gate = gate or GateConfig()
     candidate = resolve_candidate(name, version, from_alias)
@@ -286,9 +290,11 @@ def promote(
         # Compare-and-set: refuse if someone moved the alias while the gate ran.
         if get_version_by_alias(name, CHAMPION) != champion:
             raise ModelError(f"models:/{name}@{CHAMPION} moved while the gate ran; run promote again")
-        set_alias(name, CHAMPION, candidate)
+        why = f"{decision.decision}: {decision.reason}"
+        set_alias(name, CHAMPION, candidate, actor=actor, reason=f"operator: {note}; gate {why}" if note else why)
         if champion:
-            set_alias(name, PREVIOUS_CHAMPION, champion)
+            kept = f"kept for rollback: @{CHAMPION} moved {champion} -> {candidate}"
+            set_alias(name, PREVIOUS_CHAMPION, champion, actor=actor, reason=kept)
             set_version_tags(name, champion, {"promotion.superseded_by": candidate, "promotion.superseded_time": now})
     set_version_tags(name, candidate, decision.tags())
     return decision

@@ -47,7 +47,8 @@ from pathlib import Path
 
 from mobile_vla.config import platform_home
 from mobile_vla.errors import ModelError
-from mobile_vla.tracking.store import configure_mlflow
+from mobile_vla.tracking.audit import set_alias
+from mobile_vla.tracking.store import mlflow_client
 
 DEFAULT_MODEL_NAME = "mobile-vla-policy"
 # The registered model's aliases: serving follows CHAMPION, which only the promotion gate (or a person)
@@ -88,10 +89,7 @@ class ResolvedModel:
 
 
 def _client():
-    from mlflow import MlflowClient
-
-    configure_mlflow()
-    return MlflowClient()
+    return mlflow_client()
 
 
 def _not_found(exc: Exception) -> bool:
@@ -113,8 +111,11 @@ def register_policy(
     alias: str | None = CHALLENGER,
     tags: dict[str, str] | None = None,
     description: str | None = None,
+    actor: str = "register",
 ) -> str:
-    """Logs `model_dir` (holding `policy/`) under the run and registers it as a new version."""
+    """Logs `model_dir` (holding `policy/`) under the run and registers it as a new version; `alias`
+    moves to it (recorded in the audit with `actor`, see `mobile_vla.tracking.audit`).
+    """
     model_dir = Path(model_dir)
     if not (model_dir / "policy").is_dir():
         raise ModelError(f"{model_dir}: no policy/ folder to register (expected save_policy output)")
@@ -130,7 +131,7 @@ def register_policy(
         name, source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}, description=description
     ).version
     if alias:
-        client.set_registered_model_alias(name, alias, version)
+        set_alias(name, alias, version, actor=actor, reason=f"version {version} registered from run {run_id}")
     return str(version)
 
 
@@ -428,11 +429,6 @@ def attach_artifacts(name: str, version: str, local_dir: str | Path, artifact_pa
     if not mv.run_id:
         raise ModelError(f"models:/{name}/{version}: version has no source run to attach artifacts to")
     client.log_artifacts(mv.run_id, str(local_dir), f"{MODEL_ARTIFACT_PATH}/{artifact_path.strip('/')}")
-
-
-def set_alias(name: str, alias: str, version: str) -> None:
-    """Points `models:/name@alias` at `version` (moving it if it pointed elsewhere)."""
-    _client().set_registered_model_alias(name, alias, str(version))
 
 
 def get_version_by_alias(name: str, alias: str) -> str | None:

@@ -57,6 +57,14 @@ def configure_mlflow() -> str:
     return uri
 
 
+def mlflow_client():
+    """An `MlflowClient` on the platform's store (tracking and registry)."""
+    from mlflow import MlflowClient  # deferred, as in configure_mlflow: the CLI's --help must not load MLflow
+
+    configure_mlflow()
+    return MlflowClient()
+
+
 def get_or_create_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     """Experiment id; with the embedded store its artifacts go under the platform home, not ./mlruns."""
     import mlflow
@@ -83,8 +91,10 @@ def get_or_create_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
 UI_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def ui_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The `mlflow server` line that opens the UI on the embedded store (loopback only)."""
+def ui_command(host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+    """The `mlflow server` line that opens the UI on the embedded store (loopback only). One worker by
+    default: a UI for one person on a laptop (mlflow's default, 4, is four processes each importing MLflow).
+    """
     db, artifacts = embedded_paths()
     return [
         "mlflow",
@@ -97,4 +107,6 @@ def ui_command(host: str = "127.0.0.1", port: int = 5000) -> list[str]:
         host,
         "--port",
         str(port),
+        "--workers",
+        str(workers),
     ]
