@@ -3,6 +3,8 @@
 #   - Debian packages for headless MiniWorld rendering (Mesa EGL)
 #   - a Python 3.11 virtual environment in $VENV (default .venv) with the package and its extras, and the
 #     robot client (./client, package mobile-vla-client) the package depends on, both editable
+#   - the dev extra holds the test tools, Playwright among them: it drives the system's Chromium
+#     (/usr/bin/chromium, Debian's chromium package, which .ci/run installs); never `playwright install`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

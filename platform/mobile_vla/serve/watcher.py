@@ -10,6 +10,11 @@ fetched yet, one registry error) keeps the old checks and is tried again after a
 (`SIDE_RETRY_BASE_S` doubling to `SIDE_RETRY_CAP_S`); a failed registry lookup is retried the
 same way, and meanwhile the version the alias named when this node last asked stands in. Each last
 error shows in `/v1/model` (`watch_error`) until the next success clears it.
+
+The watcher also keeps the audit of alias moves (mobile_vla.tracking.audit) complete: when the
+registry names a version this watcher has not checked yet, it records a `detected` move if the
+alias's last audit record names another version (a move made by hand in the MLflow UI). Every
+ingress replica does so; the audit's keys make it one record per move.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mobile_vla.serve.retry import Backoff, bound_registry_calls
 from mobile_vla.serve.router import ServedVersions
 from mobile_vla.serve.schemas import BackendStatus
 from mobile_vla.serve.settings import IngressConfig
-from mobile_vla.tracking import get_version_by_alias, remembered_alias_version
+from mobile_vla.tracking import detect_alias_move, get_version_by_alias, remembered_alias_version
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +60,7 @@ class AliasWatcher:
         self._side_retry = Backoff(SIDE_RETRY_BASE_S, SIDE_RETRY_CAP_S)
         self._registry = Backoff(REGISTRY_RETRY_BASE_S, REGISTRY_RETRY_CAP_S)
         self._registry_errors = registry_errors_counter()
+        self._audited: str | None = None  # the alias version whose audit record this watcher has checked
         self._task: asyncio.Task | None = None
 
     def _load_side(self, model_uri: str) -> ModelSide:
@@ -111,8 +117,23 @@ class AliasWatcher:
                     logger.info("the registry answers again: %s@%s is version %s", name, alias, version)
                 if self.side.from_cache and version == self.side.version:
                     self.side = dataclasses.replace(self.side, from_cache=False)  # the registry confirms it
+                if version is not None and version != self._audited:
+                    await self._audit(name, alias, version)
                 return version
         return await asyncio.to_thread(remembered_alias_version, name, alias)
+
+    async def _audit(self, name: str, alias: str, version: str) -> None:
+        """Records a move of the alias made outside the platform, once this watcher sees its new version."""
+        try:
+            move = await asyncio.to_thread(detect_alias_move, name, alias, detector="serve ingress watcher")
+        except Exception as exc:  # the audit must never stop the watch: checked again at the next poll
+            logger.warning("alias audit check failed (next poll tries again): %s", str(exc).splitlines()[0][:200])
+            return
+        self._audited = version
+        if move is not None:
+            logger.info(
+                "recorded a move made outside the platform: %s@%s %s -> %s", name, alias, move.from_version, version
+            )
 
     async def refresh(self) -> None:
         """One look at the registry and the replicas; moves the request checks when a replica serves the alias."""
