@@ -51,6 +51,10 @@ COVERAGE = {
     "export": ["tests/export/test_commands.py::test_export_attaches_graphs_to_the_same_model_version"],
     # mobile-vla promote --model mobile-vla-policy --from-alias challenger [--gate jobs/configs/gate.yaml]
     "promote": ["tests/tracking/test_lifecycle.py::test_promote_cli_exit_codes_and_shipped_gate_file"],
+    # mobile-vla models history  (quickstart prose, after promote)
+    "models history": [
+        "tests/tracking/test_audit.py::test_cli_promote_records_each_move_with_its_reason_and_history_prints_them"
+    ],
     # mobile-vla serve --config serve_configs/local.yaml
     "serve": ["tests/serve/test_serve_command.py::test_serve_command_answers_on_loopback_and_stops_on_ctrl_c"],
     # mobile-vla online-update --config jobs/configs/online_update.yaml replay.data=data/mini

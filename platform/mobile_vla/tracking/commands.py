@@ -14,7 +14,7 @@ from mobile_vla.errors import ConfigError
 
 
 def register(subparsers) -> None:
-    """Adds `mlflow-ui` to the `mobile-vla` subcommands."""
+    """Adds `mlflow-ui` and `models history` to the `mobile-vla` subcommands."""
     ui = subparsers.add_parser("mlflow-ui", help="open the MLflow UI on the embedded store (127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (keep loopback; use SSH forwarding)")
