@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mobile_vla_client import ApiError, AsyncClient, Client, NoAnswer
+from mobile_vla_client.core import Call, RetryPolicy
 
 FRAME = np.zeros((32, 32, 3), np.uint8)
 STATE = [0.0, 0.0, 0.0]
@@ -126,8 +127,6 @@ def test_a_read_timeout_is_retried_for_idempotent_calls_only():
     robot, _ = _robot(server, deadline_s=5.0)
     assert robot.act(FRAME, STATE).memory == "m2.k.x.y"
     # a call the server may have applied is never sent twice; one that never left is
-    from mobile_vla_client.core import Call, RetryPolicy
-
     once = Call("POST", "/v1/example", ends_at=10.0, fields={}, idempotent=False)
     policy = RetryPolicy(retries=2, backoff_s=0.01)
     assert policy.wait_before_retry(once, 0, httpx.ReadTimeout("slow"), now=0.0) is None

@@ -93,10 +93,11 @@ def test_the_client_installs_alone_into_a_fresh_python_and_passes_there(client_a
     fresh = str(env_dir / "bin" / "python")
     site = Path(_ask(fresh, "import sysconfig; print(sysconfig.get_path('purelib'))"))
     bare_mb = _megabytes(site)
-    wheels = tmp_path / "wheels"
+    wheels, source = tmp_path / "wheels", tmp_path / "client"  # a copy: the build leaves the checkout alone
+    shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     pip = [fresh, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "download", "-d", str(wheels), str(CLIENT)], check=True, timeout=600)
-    subprocess.run([*pip, "install", str(CLIENT)], check=True, timeout=600)  # not editable: the built wheel
+    subprocess.run([*pip, "download", "-d", str(wheels), str(source)], check=True, timeout=600)
+    subprocess.run([*pip, "install", str(source)], check=True, timeout=600)  # not editable: the built wheel
 
     installed = subprocess.run([*pip[:3], "list", "--format=freeze"], capture_output=True, text=True, check=True)
     names = {line.split("==")[0].lower() for line in installed.stdout.split()}
@@ -106,7 +107,7 @@ def test_the_client_installs_alone_into_a_fresh_python_and_passes_there(client_a
     assert download_mb <= MAX_DOWNLOAD_MB and added_mb <= MAX_INSTALLED_MB, (download_mb, added_mb)
 
     subprocess.run([*pip, "install", "pytest"], check=True, timeout=600)  # to run the tests, after measuring
-    tests = tmp_path / "client"
-    shutil.copytree(CLIENT / "tests", tests / "tests")  # away from the checkout: the installed package is tested
+    tests = tmp_path / "client-tests"
+    shutil.copytree(CLIENT / "tests", tests / "tests")  # no src/ beside them: the installed package is tested
     assert Path(_ask(fresh, "import mobile_vla_client; print(mobile_vla_client.__file__)")).is_relative_to(site)
     _passed_without_skips(_run_client_tests(fresh, client_app, tests))

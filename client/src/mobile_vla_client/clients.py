@@ -23,8 +23,7 @@ from typing import Any
 import httpx
 
 from mobile_vla_client.answers import ActResult, FeedbackResult, ModelSummary
-from mobile_vla_client.core import Call, RetryPolicy, RobotSession, outcome_of
-from mobile_vla_client.errors import ApiError
+from mobile_vla_client.core import SLEEP, Call, RetryPolicy, RobotSession, Steps, act_attempts, attempts
 from mobile_vla_client.wire import Frame, JsonWire
 
 
@@ -100,12 +99,17 @@ class _ClientBase:
     def _ends_at(self, deadline_s: float | None) -> float:
         return self._clock() + (self.deadline_s if deadline_s is None else deadline_s)
 
-    def _act_call(self, frame: Frame, state, instruction, deadline_s) -> Call:
-        return self.session.act_call(frame, state, instruction, self._ends_at(deadline_s), self.send_deadline)
+    def _act_steps(self, frame: Frame, state, instruction, deadline_s) -> Steps:
+        call = self.session.act_call(frame, state, instruction, self._ends_at(deadline_s), self.send_deadline)
+        return act_attempts(call, self.policy, self.wire, self._clock)
 
-    def _feedback_call(self, frame: Frame, state, action_executed, options: dict[str, Any]) -> Call:
+    def _feedback_steps(self, frame: Frame, state, action_executed, options: dict[str, Any]) -> Steps:
         deadline_s = options.pop("deadline_s", None)
-        return self.session.feedback_call(frame, state, action_executed, self._ends_at(deadline_s), **options)
+        call = self.session.feedback_call(frame, state, action_executed, self._ends_at(deadline_s), **options)
+        return attempts(call, self.policy, self.wire, self._clock)
+
+    def _model_steps(self, deadline_s: float | None) -> Steps:
+        return attempts(Call("GET", "/v1/model", self._ends_at(deadline_s)), self.policy, self.wire, self._clock)
 
 
 class Client(_ClientBase):
@@ -153,15 +157,7 @@ class Client(_ClientBase):
         Raises ApiError (the server refused, or stayed unavailable) or NoAnswer (nothing within the deadline).
         """
         started = time.perf_counter()
-        call = self._act_call(frame, state, instruction, deadline_s)
-        reset = False
-        try:
-            body = self._send(call)
-        except ApiError as error:
-            fresh = self.session.memory_refused(call, error)
-            if fresh is None:
-                raise
-            body, reset = self._send(fresh), True
+        body, reset = self._run(self._act_steps(frame, state, instruction, deadline_s))
         return self.session.accept_act(body, (time.perf_counter() - started) * 1000, reset)
 
     def feedback(
@@ -170,29 +166,27 @@ class Client(_ClientBase):
         """Reports the step just executed (`action_corrected`, `intervention`, `episode_done`, `success`,
         `deadline_s` as keywords); the step counter advances once the server has stored it (202).
         """
-        return self.session.accept_feedback(self._send(self._feedback_call(frame, state, action_executed, options)))
+        return self.session.accept_feedback(self._run(self._feedback_steps(frame, state, action_executed, options)))
 
     def model_info(self, deadline_s: float | None = None) -> ModelSummary:
         """The served model: name, version, state length, chunk length and what `state` is."""
-        return ModelSummary.from_body(self._send(Call("GET", "/v1/model", self._ends_at(deadline_s))))
+        return ModelSummary.from_body(self._run(self._model_steps(deadline_s)))
 
-    def _send(self, call: Call) -> Any:
-        """Tries `call` until an answer is final or its deadline leaves no room; the answer's body."""
-        outcome: Any = None
-        for attempt in range(self.policy.retries + 1):
-            left = call.ends_at - self._clock()
-            if left <= 0:
-                break
-            content, headers = call.body(self.wire, left)
+    def _run(self, steps: Steps) -> Any:
+        """Makes the tries and waits `steps` (core.attempts) asks for; what it returns."""
+        reply: Any = None
+        while True:
             try:
-                outcome = self._http.request(call.method, call.path, content=content, headers=headers, timeout=left)
-            except httpx.TransportError as exc:
-                outcome = exc
-            wait = self.policy.wait_before_retry(call, attempt, outcome, self._clock())
-            if wait is None:
-                break
-            self._sleep(wait)
-        return outcome_of(call, outcome, self.wire)
+                kind, value = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+            reply = self._sleep(value) if kind == SLEEP else self._try(*value)
+
+    def _try(self, method: str, path: str, content: bytes | None, headers: dict, timeout_s: float) -> Any:
+        try:
+            return self._http.request(method, path, content=content, headers=headers, timeout=timeout_s)
+        except httpx.TransportError as exc:
+            return exc
 
 
 class AsyncClient(_ClientBase):
@@ -227,44 +221,32 @@ class AsyncClient(_ClientBase):
     ) -> ActResult:
         """One control step (see `Client.act`)."""
         started = time.perf_counter()
-        call = self._act_call(frame, state, instruction, deadline_s)
-        reset = False
-        try:
-            body = await self._send(call)
-        except ApiError as error:
-            fresh = self.session.memory_refused(call, error)
-            if fresh is None:
-                raise
-            body, reset = await self._send(fresh), True
+        body, reset = await self._run(self._act_steps(frame, state, instruction, deadline_s))
         return self.session.accept_act(body, (time.perf_counter() - started) * 1000, reset)
 
     async def feedback(
         self, frame: Frame, state: Sequence[float], action_executed: Sequence[float], **options: Any
     ) -> FeedbackResult:
         """Reports the step just executed (see `Client.feedback`)."""
-        call = self._feedback_call(frame, state, action_executed, options)
-        return self.session.accept_feedback(await self._send(call))
+        steps = self._feedback_steps(frame, state, action_executed, options)
+        return self.session.accept_feedback(await self._run(steps))
 
     async def model_info(self, deadline_s: float | None = None) -> ModelSummary:
         """The served model (see `Client.model_info`)."""
-        return ModelSummary.from_body(await self._send(Call("GET", "/v1/model", self._ends_at(deadline_s))))
+        return ModelSummary.from_body(await self._run(self._model_steps(deadline_s)))
 
-    async def _send(self, call: Call) -> Any:
-        """Tries `call` until an answer is final or its deadline leaves no room (see `Client._send`)."""
-        outcome: Any = None
-        for attempt in range(self.policy.retries + 1):
-            left = call.ends_at - self._clock()
-            if left <= 0:
-                break
-            content, headers = call.body(self.wire, left)
+    async def _run(self, steps: Steps) -> Any:
+        """Makes the tries and waits `steps` (core.attempts) asks for, awaited; what it returns."""
+        reply: Any = None
+        while True:
             try:
-                outcome = await self._http.request(
-                    call.method, call.path, content=content, headers=headers, timeout=left
-                )
-            except httpx.TransportError as exc:
-                outcome = exc
-            wait = self.policy.wait_before_retry(call, attempt, outcome, self._clock())
-            if wait is None:
-                break
-            await self._sleep(wait)
-        return outcome_of(call, outcome, self.wire)
+                kind, value = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+            reply = await (self._sleep(value) if kind == SLEEP else self._try(*value))
+
+    async def _try(self, method: str, path: str, content: bytes | None, headers: dict, timeout_s: float) -> Any:
+        try:
+            return await self._http.request(method, path, content=content, headers=headers, timeout=timeout_s)
+        except httpx.TransportError as exc:
+            return exc

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -99,6 +99,44 @@ def retry_after_s(response: httpx.Response) -> float | None:
     return seconds
 
 
+SEND, SLEEP = "send", "sleep"  # what a driver is asked to do: one try (content, headers, timeout), or a wait
+Steps = Generator[tuple[str, Any], Any, Any]
+
+
+def attempts(call: Call, policy: RetryPolicy, wire: JsonWire, clock: Callable[[], float]) -> Steps:
+    """The tries of one call, without I/O: yields (SEND, (method, path, content, headers, timeout_s)) and
+    (SLEEP, seconds);
+    a SEND is answered with the try's outcome (an httpx.Response or the httpx.TransportError it raised).
+    Returns the final answer's body, or raises what it means (ApiError, NoAnswer).
+    """
+    outcome: Any = None
+    for attempt in range(policy.retries + 1):
+        left = call.ends_at - clock()
+        if left <= 0:
+            break
+        content, headers = call.body(wire, left)
+        outcome = yield SEND, (call.method, call.path, content, headers, left)
+        wait = policy.wait_before_retry(call, attempt, outcome, clock())
+        if wait is None:
+            break
+        yield SLEEP, wait
+    return outcome_of(call, outcome, wire)
+
+
+def act_attempts(call: Call, policy: RetryPolicy, wire: JsonWire, clock: Callable[[], float]) -> Steps:
+    """`attempts` of an act call, returning (body, memory_reset): a memory token the server refuses (secret
+    rotated past its window, server replaced) is dropped and the step tried once more from a fresh memory,
+    inside the same deadline, rather than stop the robot.
+    """
+    try:
+        return (yield from attempts(call, policy, wire, clock)), False
+    except ApiError as error:
+        if error.code != "invalid_memory" or call.fields is None or "memory" not in call.fields:
+            raise
+    fresh = replace(call, fields={k: v for k, v in call.fields.items() if k != "memory"})
+    return (yield from attempts(fresh, policy, wire, clock)), True
+
+
 def outcome_of(call: Call, outcome: Any, wire: JsonWire) -> Any:
     """The final try's result: the answer's decoded body, or the error it means (raised)."""
     if outcome is None:
@@ -163,17 +201,6 @@ class RobotSession:
             fields["memory"] = self.memory
         image = encode_jpeg(frame, self.jpeg_quality)
         return Call("POST", "/v1/act", ends_at, fields, image, send_deadline=send_deadline)
-
-    @staticmethod
-    def memory_refused(call: Call, error: ApiError) -> Call | None:
-        """The same call without its memory token when the server refused the token, else None.
-
-        The server no longer accepts the token (secret rotated past its window, server replaced): the
-        robot goes on from a fresh memory rather than stop, and the answer says so in memory_reset.
-        """
-        if error.code != "invalid_memory" or call.fields is None or "memory" not in call.fields:
-            return None
-        return replace(call, fields={k: v for k, v in call.fields.items() if k != "memory"})
 
     def accept_act(self, body: dict[str, Any], round_trip_ms: float, reset: bool) -> ActResult:
         """The typed answer; the token it carries becomes the one the next step sends."""
