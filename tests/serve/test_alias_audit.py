@@ -135,6 +135,16 @@ def require_browser() -> None:
         pytest.skip(message)
 
 
+def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-chromium"):
+        require_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"no-chromium \(apt-get install -y chromium"):
+        require_browser()
+
+
 @pytest.fixture(scope="module")
 def browser_available() -> None:
     """Checked before the app and the UI start, so a missing browser costs no minute of setup."""
