@@ -21,6 +21,8 @@ from mobile_vla.tracking import get_version_metrics
         (["--model", "expert", "--closed-loop", "--episodes", "0"], "--episodes 0"),
         (["--model", "m", "--closed-loop", "--endpoint", "http://127.0.0.1:9"], "--token-file"),
         (["--model", "m", "--endpoint", "http://127.0.0.1:9"], "add --closed-loop"),
+        (["--model", "m", "--closed-loop", "--precision", "int8"], "--precision int8: add --no-log"),
+        (["--model", "expert", "--closed-loop", "--precision", "int8", "--no-log"], "give --model MODEL_URI"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv, message, capsys, platform_home):

@@ -301,6 +301,7 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
     endpoint: str | None = None,
     token: str | None = None,
     prefer: tuple[str, ...] = (),
+    precision: str = "fp32",
     episodes_per_task: int = 8,
     max_steps: int | None = None,
     control_hz: float | None = None,
@@ -330,7 +331,9 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
         policy = PolicySpec.expert()
     else:
         resolved = resolve_model(model)
-        policy = PolicySpec("model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer))
+        policy = PolicySpec(
+            "model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer), precision=precision
+        )
     model_dir = resolved.path if resolved else None
     hz = control_hz or _control_hz(model_dir) or 5.0
     reset_every = memory_reset_steps(memory_reset_every, model_dir) if policy.kind != "expert" else None
@@ -368,6 +371,7 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
             "max_steps": max_steps,
             "policy": policy.kind,
             "prefer": list(prefer),
+            "precision": policy.precision,
             "endpoint": endpoint,
             "split_spec": spec.splits[split].model_dump(mode="json"),
             # val: training layouts, pairs and templates (never trained on); else a held-out split

@@ -4,6 +4,8 @@ r"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop Min
     mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \
         --episodes 200 --split unseen_layout --split unseen_pair --split unseen_paraphrase
     mobile-vla evaluate --model expert --data data/nav --closed-loop --episodes 200 --split unseen_pair
+    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \
+        --no-offline --episodes 200 --precision int8 --no-log    # the int8 graph (export --int8)
     mobile-vla evaluate --model models:/mobile-vla-policy@champion --closed-loop --episodes 50 \
         --endpoint http://127.0.0.1:8000 --token-file .mobile_vla/serve/tokens
     mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --state-ablation \
@@ -99,6 +101,13 @@ def register(subparsers) -> None:
         metavar="NAME",
         help="backend chain, e.g. --backend onnx-cpu --backend torch (default: onnx-cpu if exported, else torch)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="the exported step graph to run (fp16/int8: ONNX Runtime's model.<precision>.onnx, from "
+        "mobile-vla export --fp16/--int8; needs --no-log: the version's metrics are its fp32 model's)",
+    )
     parser.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs per closed-loop Ray task")
     parser.add_argument("--endpoint", metavar="URL", help="closed loop through the HTTP API at URL instead")
     parser.add_argument("--token-file", type=Path, metavar="F", help="API token file for --endpoint (first line)")
@@ -114,6 +123,13 @@ def _check_args(args) -> None:
         raise ConfigError("--model MODEL_URI is required (or --endpoint URL for the served model)")
     if args.endpoint and not args.closed_loop:
         raise ConfigError("--endpoint is for closed-loop evaluation: add --closed-loop")
+    if args.precision != "fp32" and (args.endpoint or args.model == EXPERT):
+        raise ConfigError(f"--precision {args.precision} picks a model's exported graph: give --model MODEL_URI")
+    if args.precision != "fp32" and not args.no_log:
+        raise ConfigError(
+            f"--precision {args.precision}: add --no-log (the version's metrics, which the promotion gate reads, "
+            "are its fp32 model's)"
+        )
     if args.endpoint and args.model == EXPERT:
         raise ConfigError("--endpoint and --model expert exclude each other")
     _check_diagnostic_args(args)
@@ -195,7 +211,9 @@ def run_evaluate(args) -> int:
 
     if args.data is not None and not args.no_offline and args.model != EXPERT:
         for index, split in enumerate(splits):
-            report = offline_report(args.model, args.data, split, prefer=prefer, progress=progress)
+            report = offline_report(
+                args.model, args.data, split, prefer=prefer, precision=args.precision, progress=progress
+            )
             files = save_offline(report, out_dir)
             if not args.no_log:
                 log_offline(report, files, primary=index == 0)
@@ -213,6 +231,7 @@ def run_evaluate(args) -> int:
                 endpoint=args.endpoint,
                 token=token,
                 prefer=prefer,
+                precision=args.precision,
                 episodes_per_task=args.episodes_per_task,
                 max_steps=args.max_steps,
                 record_frames=args.gifs,

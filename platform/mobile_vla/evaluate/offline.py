@@ -144,6 +144,7 @@ def offline_report(
     split: str,
     *,
     prefer: tuple[str, ...] = (),
+    precision: str = "fp32",
     episodes_per_task: int = 16,
     progress: bool = True,
 ) -> OfflineReport:
@@ -158,7 +159,9 @@ def offline_report(
     if episodes_per_task < 1:
         raise DataError(f"episodes_per_task = {episodes_per_task}: expected at least 1")
     resolved = resolve_model(model)
-    policy = PolicySpec("model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer))
+    policy = PolicySpec(
+        "model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer), precision=precision
+    )
 
     started = time.time()
     paths = [str((data_dir / name).resolve()) for name in names]

@@ -78,6 +78,7 @@ class PolicySpec:
     model_path: str | None = None  # resolved local model folder (policy/, onnx/)
     model_uri: str | None = None  # resolved again on a worker that lacks model_path (another node)
     prefer: tuple[str, ...] = ()  # backend chain; () = onnx-cpu when onnx/ exists, else torch
+    precision: str = "fp32"  # the step graph: "fp32", "fp16" or "int8" (ONNX Runtime's model.<precision>.onnx)
     endpoint: str | None = None
     token: str | None = field(default=None, repr=False)  # API token: never logged or repr'd
 
@@ -488,8 +489,13 @@ def make_policy(spec: PolicySpec, settings: RolloutConfig):
     return BackendPolicy(worker_backend(spec))
 
 
-def default_prefer(model_dir: Path) -> tuple[str, ...]:
-    """ONNX Runtime on the CPU when the version was exported (fast, what CPU serving runs), else torch."""
+def default_prefer(model_dir: Path, precision: str = "fp32") -> tuple[str, ...]:
+    """ONNX Runtime on the CPU when the version was exported (fast, what CPU serving runs), else torch.
+
+    fp16 and int8 are ONNX Runtime graphs only: no torch fallback, which would run fp32 under their name.
+    """
+    if precision != "fp32":
+        return ("onnx-cpu",)
     return ("onnx-cpu", "torch") if (model_dir / "onnx" / "signature.json").is_file() else ("torch",)
 
 
@@ -498,11 +504,13 @@ def worker_backend(spec: PolicySpec):
     path = Path(spec.model_path) if spec.model_path else None
     if path is None or not path.is_dir():  # a worker on another node: fetch the version there
         path = resolve_model(spec.model_uri or spec.model_path).path
-    prefer = spec.prefer or default_prefer(path)
-    key = (str(path), prefer)
+    prefer = spec.prefer or default_prefer(path, spec.precision)
+    key = (str(path), prefer, spec.precision)
     if _WORKER.get("backend_key") != key:
         _WORKER.pop("backend", None)
-        _WORKER["backend"] = load_backend(path, prefer=prefer, threads=1)
+        _WORKER["backend"] = load_backend(
+            path, prefer=prefer, fp16=spec.precision == "fp16", int8=spec.precision == "int8", threads=1
+        )
         _WORKER["backend_key"] = key
     return _WORKER["backend"]
 

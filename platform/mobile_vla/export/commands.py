@@ -1,12 +1,15 @@
-"""`mobile-vla export --model MODEL_URI [--fp16] [--tensorrt]`: graphs + parity + signature, attached to the version.
+"""`mobile-vla export --model MODEL_URI [--fp16] [--int8] [--tensorrt]`: graphs, parity, signature, on the version.
 
     mobile-vla export --model models:/mobile-vla-policy@challenger --fp16
+    mobile-vla export --model models:/mobile-vla-policy@challenger --int8 --data data/nav   # CPU / edge
     mobile-vla export --model models:/mobile-vla-policy/3 --tensorrt      # on a GPU node, per GPU model
 
 The ONNX files go to the version's `onnx/` (the same MLflow model version they came from), a
 TensorRT plan to `tensorrt/<gpu>__trt<version>/`. A version that already has verified ONNX graphs
 keeps them (a plan is built from exactly those bytes), and a valid plan for this GPU stays, unless
---force. The work is `mobile_vla.export.publish` (the demo and serving replicas use it too).
+--force; --int8 adds model.int8.onnx to such graphs (quantized from their model.onnx, calibrated on
+--data's frames, refused if it answers too differently from fp32). The work is
+`mobile_vla.export.publish` (the demo and serving replicas use it too).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ def register(subparsers) -> None:
     """Adds `mobile-vla export` to the CLI."""
     parser = subparsers.add_parser(
         "export",
-        help="export a model version to ONNX (fp32/fp16) and TensorRT, with parity checks",
+        help="export a model version to ONNX (fp32/fp16/int8) and TensorRT, with parity checks",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -34,13 +37,19 @@ def register(subparsers) -> None:
         "--fp16", action="store_true", help="also write model.fp16.onnx (and an fp16 plan with --tensorrt)"
     )
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write model.int8.onnx (ONNX Runtime static int8, calibrated on --data's frames; for CPUs and edge)",
+    )
+    parser.add_argument(
         "--tensorrt", action="store_true", help="build a TensorRT plan for this GPU (needs a GPU and TensorRT)"
     )
     parser.add_argument(
         "--data",
         metavar="DIR",
         default=None,
-        help="dataset folder whose frames the parity check uses (default: render MiniWorld frames)",
+        help="dataset folder whose frames the parity check (and --int8's calibration) uses "
+        "(default: render MiniWorld frames)",
     )
     parser.add_argument(
         "--exporter",
@@ -92,6 +101,7 @@ def run_export(args) -> int:
         published = publish_onnx(
             resolved,
             fp16=args.fp16,
+            int8=args.int8,
             exporter=args.exporter,
             opset=args.opset,
             data_dir=args.data,
@@ -144,5 +154,11 @@ def _print_summary(resolved, signature, plan, attached: bool) -> None:
             fp16 = ", ".join(f"{k} {v:.2g}" for k, v in p.fp16_max_abs_diff.items())
             line += f"; fp16 {fp16} (tol {p.fp16_tolerance:g})"
         Console().print(line)
+        if p.int8 is not None:
+            worst = {k: max(d[k] for d in p.int8.max_abs_diff.values()) for k in ("actions", "confidence")}
+            Console().print(
+                f"int8 vs fp32 (max abs diff): actions {worst['actions']:.2g} (tol {p.int8.actions_tolerance:g}), "
+                f"confidence {worst['confidence']:.2g} (tol {p.int8.confidence_tolerance:g})"
+            )
     where = f"attached to {resolved.name} version {resolved.version}" if attached else f"written to {resolved.path}"
     Console().print(where)

@@ -38,6 +38,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from mobile_vla.errors import ModelError
 from mobile_vla.export import parity
+from mobile_vla.export.quantize import STEP_INT8_FILE, quantize_step_graph
 from mobile_vla.export.signature import (
     BATCH,
     ONNX_DIR,
@@ -50,10 +51,13 @@ from mobile_vla.export.signature import (
     RecurrentSpec,
     TokenizerSpec,
     file_sha256,
+    load_signature,
+    verify_graph_file,
 )
 from mobile_vla.export.torch_graphs import EXPORTERS, export_graphs, io_specs
 from mobile_vla.policy import load_policy
 from mobile_vla.policy.config import MEASURED_VELOCITY
+from mobile_vla.policy.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -211,24 +215,23 @@ def _install(scratch: Path, target: Path) -> Path:
     return target
 
 
-def _cpu_session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def export_model(
     model_dir: str | Path,
     *,
     name: str | None = None,
     version: str | None = None,
     fp16: bool = False,
+    int8: bool = False,
     exporter: str = "dynamo",
     opset: int = DEFAULT_OPSET,
     data_dir: str | Path | None = None,
     progress=None,
 ) -> ExportResult:
-    """Exports `model_dir/policy` to `model_dir/onnx/` after the parity checks pass (else ModelError)."""
+    """Exports `model_dir/policy` to `model_dir/onnx/` after the parity checks pass (else ModelError).
+
+    `int8` adds model.int8.onnx (export/quantize.py: calibrated on `data_dir`'s frames, checked
+    against the fp32 graph).
+    """
     if exporter not in EXPORTERS:
         raise ModelError(f"exporter = {exporter!r}: expected one of {EXPORTERS}")
     say = progress or (lambda text: log.info("%s", text))
@@ -265,9 +268,9 @@ def export_model(
         figures = parity.measure_parity(
             model,
             preprocessing,
-            fp32_session=_cpu_session(scratch / STEP_FILE),
-            text_session=_cpu_session(scratch / TEXT_FILE),
-            fp16_session=_cpu_session(scratch / STEP_FP16_FILE) if fp16 else None,
+            fp32_session=parity.cpu_session(scratch / STEP_FILE),
+            text_session=parity.cpu_session(scratch / TEXT_FILE),
+            fp16_session=parity.cpu_session(scratch / STEP_FP16_FILE) if fp16 else None,
             frames=frames,
         )
         seconds["parity"] = time.perf_counter() - clock - sum(seconds.values())
@@ -278,6 +281,13 @@ def export_model(
         }
         if fp16:
             graphs["step_fp16"] = _graph_file(scratch, STEP_FP16_FILE, "fp16", step_in, step_out)
+        quantizer = None
+        if int8:
+            figures, quantizer = _add_int8(
+                scratch, base.model_copy(update={"graphs": graphs}), preprocessing, frames, data_dir, say
+            )
+            graphs["step_int8"] = _graph_file(scratch, STEP_INT8_FILE, "int8", step_in, step_out)
+            seconds["int8"] = time.perf_counter() - clock - sum(seconds.values())
         signature = base.model_copy(
             update={
                 "graphs": graphs,
@@ -291,6 +301,7 @@ def export_model(
                     onnxruntime=ort.__version__,
                     offline_optimisation="ORT_ENABLE_BASIC",
                     fp16_converter=converter,
+                    int8_quantizer=quantizer,
                 ),
                 "parity": figures,
             }
@@ -301,3 +312,47 @@ def export_model(
         shutil.rmtree(scratch, ignore_errors=True)
     seconds["total"] = time.perf_counter() - clock
     return ExportResult(onnx_dir=target, signature=signature, seconds=seconds, exporter_notes=notes)
+
+
+def _add_int8(folder: Path, signature: ExportSignature, preprocessing, frames, data_dir, say) -> tuple:
+    """model.int8.onnx beside the fp32 graph in `folder`, checked -> (parity figures with int8, quantizer)."""
+    int8, quantizer = quantize_step_graph(folder, signature, preprocessing, frames, data_dir, say=say)
+    _check_graph(folder / STEP_INT8_FILE)
+    figures = signature.parity.model_copy(update={"int8": int8})
+    return figures, quantizer
+
+
+def add_int8(model_dir: str | Path, data_dir: str | Path | None = None, progress=None) -> ExportSignature:
+    """Adds model.int8.onnx to a version's verified export (no torch export: it is made from model.onnx).
+
+    The graph and the new signature.json go in only after the int8 parity check passed; signature.json
+    is replaced in one rename, so a reader sees the old export or the new one, never half of each.
+
+    Raises:
+        ModelError: no verified export, or the int8 graph is refused (the export is then unchanged).
+    """
+    say = progress or (lambda text: log.info("%s", text))
+    folder = Path(model_dir) / ONNX_DIR
+    signature = load_signature(folder)
+    for graph in signature.graphs.values():
+        verify_graph_file(folder, graph)
+    if signature.parity is None:
+        raise ModelError(f"{folder}: signature.json has no parity figures (re-export with --force)")
+    preprocessing = Preprocessing.load(Path(model_dir) / signature.preprocessing.saved_at)
+    frames = parity.parity_frames(
+        max(max(parity.PARITY_BATCHES), 2 * preprocessing.window), preprocessing.image_size, data_dir
+    )
+    figures, quantizer = _add_int8(folder, signature, preprocessing, frames, data_dir, say)
+    graphs = {
+        **signature.graphs,
+        "step_int8": _graph_file(folder, STEP_INT8_FILE, "int8", signature.inputs, signature.outputs),
+    }
+    updated = signature.model_copy(
+        update={
+            "graphs": graphs,
+            "parity": figures,
+            "exporter": signature.exporter.model_copy(update={"int8_quantizer": quantizer}),
+        }
+    )
+    updated.save(folder)
+    return updated

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from mobile_vla.data.episodes import list_episode_files, read_episode
@@ -142,23 +143,37 @@ def _max_abs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> fl
 
 
 def step_feeds(model, preprocessing, images: np.ndarray, instructions: list[str], seed: int) -> dict[str, np.ndarray]:
-    """Feeds for one step: real frames, plausible normalised state, a non-zero memory."""
+    """Feeds for one step: real frames, plausible normalised state, a non-zero memory (text from PyTorch)."""
+
+    def encode(clip_input_ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model.encode_instruction(torch.from_numpy(clip_input_ids)).numpy()
+
+    config = model.config
+    return graph_feeds(preprocessing, encode, (config.lstm_layers, config.lstm_hidden), images, instructions, seed)
+
+
+def graph_feeds(
+    preprocessing, encode_text, memory: tuple[int, int], images: np.ndarray, instructions: list[str], seed: int
+) -> dict[str, np.ndarray]:
+    """`step_feeds` for any text encoder (`encode_text(clip_input_ids) -> clip_text`, e.g. the exported
+    text graph) and a recurrent state of (layers, hidden); no torch needed.
+    """
     batch = len(images)
     rng = np.random.default_rng(seed)
     texts = [instructions[i % len(instructions)] for i in range(batch)]
     tokens = preprocessing.tokenize(texts)
-    with torch.inference_mode():
-        clip_text = model.encode_instruction(torch.from_numpy(tokens["clip_input_ids"])).numpy()
-    h, c = (m.numpy() for m in model.initial_memory(batch))
+    clip_text = encode_text(tokens["clip_input_ids"])
+    layers, hidden = memory
     return {
         "images": images,
         "state": rng.normal(size=(batch, preprocessing.state_dim)).astype(np.float32),
-        "clip_text": clip_text.astype(np.float32),
+        "clip_text": np.asarray(clip_text, np.float32),
         "kosmos_input_ids": tokens["kosmos_input_ids"],
         "kosmos_attention_mask": tokens["kosmos_attention_mask"],
         "kosmos_image_embeds_position_mask": tokens["kosmos_image_embeds_position_mask"],
-        "h_in": (0.5 * rng.standard_normal(h.shape)).astype(np.float32),
-        "c_in": (0.5 * rng.standard_normal(c.shape)).astype(np.float32),
+        "h_in": (0.5 * rng.standard_normal((layers, batch, hidden))).astype(np.float32),
+        "c_in": (0.5 * rng.standard_normal((layers, batch, hidden))).astype(np.float32),
     }
 
 
@@ -171,6 +186,13 @@ def torch_step(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             t["images"], t["state"], tokens, (t["h_in"], t["c_in"]), clip_text=t["clip_text"]
         )
     return dict(zip(STEP_OUTPUTS, (x.numpy() for x in (actions, confidence, h, c)), strict=True))
+
+
+def cpu_session(path: str | Path):
+    """An ONNX Runtime CPU session on a graph file (quiet: errors only), for the checks at export time."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def ort_step(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """Publish an export on its MLflow model version: the ONNX graphs, and a TensorRT plan for this GPU.
 
-    published = publish_onnx(resolve_model("models:/mobile-vla-policy/3"), fp16=True)
+    published = publish_onnx(resolve_model("models:/mobile-vla-policy/3"), fp16=True, int8=True)
     plan = publish_plan(resolve_model("models:/mobile-vla-policy/3"), fp16=True)    # on a GPU node
 
 The one place that decides what a version gets and attaches it, used by `mobile-vla export`, the demo
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobile_vla.errors import ModelError
-from mobile_vla.export.onnx_export import DEFAULT_OPSET, export_model
+from mobile_vla.export.onnx_export import DEFAULT_OPSET, add_int8, export_model
 from mobile_vla.export.signature import ONNX_DIR, ExportSignature, load_signature, verify_graph_file
 from mobile_vla.export.tensorrt_engine import (
     DEFAULT_MAX_BATCH,
@@ -50,7 +50,10 @@ def is_registered(resolved: ResolvedModel) -> bool:
 
 
 def verified_signature(folder: Path, fp16: bool) -> ExportSignature | None:
-    """The folder's signature if every graph it names verifies (and an fp16 graph exists when asked)."""
+    """The folder's signature if every graph it names verifies (and an fp16 graph exists when asked).
+
+    An int8 graph is not asked for here: publish_onnx adds one to verified graphs without re-exporting.
+    """
     try:
         signature = load_signature(folder / ONNX_DIR)
         for graph in signature.graphs.values():
@@ -66,6 +69,7 @@ def publish_onnx(
     resolved: ResolvedModel,
     *,
     fp16: bool = False,
+    int8: bool = False,
     exporter: str = "dynamo",
     opset: int = DEFAULT_OPSET,
     data_dir: str | Path | None = None,
@@ -78,6 +82,7 @@ def publish_onnx(
     Args:
         resolved: the model version (resolve_model), or a plain folder.
         fp16: also the fp16 step graph.
+        int8: also the int8 step graph (added to verified graphs that lack it, from their model.onnx).
         exporter: "dynamo" or "legacy" (export_model).
         opset: the ONNX opset.
         data_dir: dataset folder whose frames the parity check uses (None: MiniWorld renders).
@@ -93,12 +98,19 @@ def publish_onnx(
     """
     signature = None if force else verified_signature(resolved.path, fp16)
     if signature is not None:
-        return PublishedOnnx(signature=signature, exported=False, attached=False)
+        if not int8 or "step_int8" in signature.graphs:
+            return PublishedOnnx(signature=signature, exported=False, attached=False)
+        signature = add_int8(resolved.path, data_dir=data_dir, progress=progress)
+        attached = attach and is_registered(resolved)
+        if attached:
+            attach_onnx(resolved, signature)
+        return PublishedOnnx(signature=signature, exported=True, attached=attached)
     result = export_model(
         resolved.path,
         name=resolved.name,
         version=resolved.version,
         fp16=fp16,
+        int8=int8,
         exporter=exporter,
         opset=opset,
         data_dir=data_dir,
@@ -129,6 +141,8 @@ def attach_onnx(resolved: ResolvedModel, signature: ExportSignature) -> None:
     }
     if parity.fp16_max_abs_diff:
         metrics["parity_fp16_max_abs_diff"] = max(parity.fp16_max_abs_diff.values())
+    if parity.int8 is not None:
+        metrics["parity_int8_actions_max_abs_diff"] = max(d["actions"] for d in parity.int8.max_abs_diff.values())
     log_version_metrics(resolved.name, resolved.version, metrics)
 
 

@@ -57,7 +57,7 @@ class GraphFile(StrictModel):
     """One ONNX file, its precision, its I/O and a checksum of its bytes."""
 
     file: str  # relative to the folder holding signature.json
-    precision: Literal["fp32", "fp16"]
+    precision: Literal["fp32", "fp16", "int8"]
     sha256: str
     bytes: int
     inputs: list[TensorSpec]
@@ -140,6 +140,26 @@ class ExporterInfo(StrictModel):
     onnxruntime: str
     offline_optimisation: str  # the ORT level applied to model.onnx before it was written
     fp16_converter: str | None = None
+    int8_quantizer: str | None = None  # how model.int8.onnx was made (export/quantize.py)
+
+
+class Int8Parity(StrictModel):
+    """The int8 step graph against the fp32 step graph (both ONNX Runtime CPU), measured at export time.
+
+    Keys of `max_abs_diff`: "batch_1", "batch_32" (one step from a non-zero memory) and
+    "sequence_<T>" (T steps from zero memory, each graph feeding its own state back); values: the max
+    abs difference of "actions" (normalised, in [-1, 1]), "confidence", "h" and "c". The export is
+    refused when actions or confidence exceed their tolerance anywhere (h and c are recorded only:
+    their effect on the answers is what the sequence figures measure).
+    """
+
+    method: str  # e.g. "static-qdq"
+    frames: str  # where the parity frames came from
+    calibration: str  # where the calibration frames came from
+    calibration_steps: int  # feeds the quantizer's calibration ran
+    actions_tolerance: float
+    confidence_tolerance: float
+    max_abs_diff: dict[str, dict[str, float]]
 
 
 class ParityFigures(StrictModel):
@@ -154,6 +174,7 @@ class ParityFigures(StrictModel):
     text_encoder_max_abs_diff: float
     fp16_tolerance: float | None = None
     fp16_max_abs_diff: dict[str, float] | None = None
+    int8: Int8Parity | None = None  # against the fp32 graph (absent: no int8 graph)
 
 
 class ExportSignature(StrictModel):

@@ -27,6 +27,7 @@ def load_backend(
     prefer: Sequence[str] | None = None,
     fp16: bool = False,
     *,
+    int8: bool = False,
     threads: int = 0,
     spinning: bool = True,
     cache_size: int = 1024,
@@ -38,6 +39,7 @@ def load_backend(
         model_dir: a resolved model folder (policy/, onnx/, tensorrt/) or a models:/ URI.
         prefer: names from `registry.BACKENDS`, tried in this order (default: all of them, in table order).
         fp16: the fp16 ONNX graph / TensorRT plan (torch stays fp32: it is the reference).
+        int8: the int8 ONNX graph (ONNX Runtime backends; TensorRT is skipped, torch stays fp32).
         threads: ONNX Runtime intra-op threads (0: one per core).
         spinning: whether idle ONNX Runtime pool threads busy-wait.
         cache_size: instructions kept by the per-instruction text cache.
@@ -47,7 +49,7 @@ def load_backend(
         The chosen backend; `backend.skipped` maps each backend tried before it to the reason.
 
     Raises:
-        ConfigError: `prefer` is empty or names an unknown backend.
+        ConfigError: `prefer` is empty or names an unknown backend, or fp16 and int8 are both asked.
         ModelError: no backend could serve the model (the message names every reason).
     """
     table = registry.BACKENDS  # read at call time: the one table, whatever was added to it
@@ -57,7 +59,7 @@ def load_backend(
         raise ConfigError(f"prefer = {list(prefer)!r}: expected names from {list(table)}")
     resolved = resolve_model(model_dir)
     model = ModelFiles(Path(resolved.path), resolved.name, resolved.version)
-    options = LoadOptions(fp16=fp16, threads=threads, spinning=spinning, cache_size=cache_size)
+    options = LoadOptions(fp16=fp16, int8=int8, threads=threads, spinning=spinning, cache_size=cache_size)
     skipped: dict[str, str] = {}
     for choice in prefer:
         spec = table[choice]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobile_vla.errors import DataError, ModelError
+from mobile_vla.errors import ConfigError, DataError, ModelError
 from mobile_vla.export.signature import ONNX_DIR, STEP_OUTPUTS, ExportSignature, load_signature
 from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.runtime.instruction_cache import InstructionCache
@@ -58,15 +58,29 @@ class LoadOptions:
 
     Args:
         fp16: the fp16 ONNX graph / TensorRT plan (torch stays fp32: it is the reference).
+        int8: the int8 ONNX graph (model.int8.onnx; ONNX Runtime only: TensorRT has no int8 plans).
         threads: ONNX Runtime intra-op threads (0: one per core).
         spinning: whether idle ONNX Runtime pool threads busy-wait (False for serving replicas).
         cache_size: instructions kept by the per-instruction text cache.
+
+    Raises:
+        ConfigError: fp16 and int8 both asked.
     """
 
     fp16: bool = False
+    int8: bool = False
     threads: int = 0
     spinning: bool = True
     cache_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.fp16 and self.int8:
+            raise ConfigError("fp16 and int8 exclude each other: choose one precision")
+
+    @property
+    def precision(self) -> str:
+        """The step graph's precision, "fp32", "fp16" or "int8" (its key in signature.json: step_<precision>)."""
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
 
 
 class ModelFiles:

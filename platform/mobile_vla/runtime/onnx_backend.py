@@ -172,9 +172,9 @@ class OnnxBackend(Backend):
         providers = list(spec.providers)
         require_provider(providers[0])
         folder = model.folder / ONNX_DIR
-        step_key = "step_fp16" if options.fp16 else "step_fp32"
+        step_key = f"step_{options.precision}"
         if step_key not in signature.graphs:
-            hint = " (export with --fp16)" if options.fp16 else ""
+            hint = f" (export with --{options.precision})" if options.precision != "fp32" else ""
             raise ModelError(f"{folder}: no {step_key} graph{hint}")
         backend.session = open_session(folder, signature.graphs[step_key], providers, options.threads, options.spinning)
         if backend.session.get_providers()[0] != providers[0]:
@@ -188,7 +188,7 @@ class OnnxBackend(Backend):
         backend.text_session = open_session(
             folder, signature.graph("text_encoder"), providers, options.threads, options.spinning
         )
-        backend.precision = "fp16" if options.fp16 else "fp32"
+        backend.precision = options.precision
         return backend
 
     def _encode_text(self, clip_input_ids):

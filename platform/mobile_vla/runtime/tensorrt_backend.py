@@ -150,6 +150,8 @@ class TensorRTBackend(Backend):
     @classmethod
     def open(cls, name: str, spec: BackendSpec, model: ModelFiles, options: LoadOptions) -> TensorRTBackend:
         signature, preprocessing = model.exported()
+        if options.int8:  # the chain moves on to the ONNX Runtime backends, which run model.int8.onnx
+            raise ModelError("TensorRT has no int8 plans here: int8 runs in ONNX Runtime (model.int8.onnx)")
         backend = cls(name, model.folder, signature, preprocessing, options.cache_size)
         backend.runner = TensorRTRunner(model.folder, signature, fp16=options.fp16)  # checks TensorRT, GPU, plan
         backend.max_batch = backend.runner.max_batch

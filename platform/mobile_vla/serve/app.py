@@ -102,6 +102,7 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=0.0,  # the ingress waited to fill the batch; the policy merges what queues meanwhile
         fp16=args.fp16,
+        int8=args.int8,
         cpu_threads=args.cpu_threads,
         alias_poll_s=args.alias_poll_s,
     )

@@ -212,6 +212,7 @@ class PolicyReplica:
             previous is not None
             and previous.model_uri == config.model_uri
             and previous.fp16 == config.fp16
+            and previous.int8 == config.int8
             and self._model is not None
         ):
             return  # batching change only

@@ -37,7 +37,9 @@ class LoadedModel:
 def load_model(config: PolicyUserConfig, prefer: tuple[str, ...]) -> LoadedModel:
     """Resolves `config.model_uri` and opens the first backend of `prefer` that works on this machine."""
     resolved = resolve_model(config.model_uri)
-    backend = load_backend(resolved.path, prefer=prefer, fp16=config.fp16, threads=config.cpu_threads, spinning=False)
+    backend = load_backend(
+        resolved.path, prefer=prefer, fp16=config.fp16, int8=config.int8, threads=config.cpu_threads, spinning=False
+    )
     h, _ = backend.initial_memory(1)  # [..., 1, ...]: the recurrent state's shape comes from the signature
     name = backend.model_name or resolved.name or "unknown"
     version = str(backend.model_version or resolved.version or "unknown")

@@ -86,6 +86,9 @@ class ServeAppConfig(StrictModel):
         default=None, ge=1, description="per policy replica; default 2 x max_batch_size"
     )
     fp16: bool = False
+    int8: bool = Field(
+        default=False, description="the int8 ONNX graph (export --int8): ONNX Runtime policies only, not with fp16"
+    )
     cpu_threads: int = Field(
         default=1,
         ge=0,
@@ -140,6 +143,16 @@ class ServeAppConfig(StrictModel):
     )
 
     @model_validator(mode="after")
+    def _one_precision(self):
+        if self.int8 and self.fp16:
+            raise ValueError("int8 = true and fp16 = true: choose one precision")
+        if self.int8 and TENSORRT in (self.primary, self.fallback):
+            raise ValueError(
+                f"int8 = true with a {TENSORRT} policy: TensorRT has no int8 plans; serve int8 with primary: onnx"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batches_fit(self):
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
@@ -189,6 +202,7 @@ class PolicyUserConfig(StrictModel):
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=DEFAULT_BATCH_WAIT_S, ge=0, le=1)
     fp16: bool = False
+    int8: bool = False
     cpu_threads: int = Field(
         default=1, ge=0, le=256, description="ONNX Runtime intra-op threads (0: one per core); idle threads never spin"
     )
