@@ -51,10 +51,11 @@ def test_answers_are_typed_and_later_fields_are_optional():
     assert answer.actions.dtype == np.float64 and answer.actions.shape == (10, 3)
     assert answer.model.version == "7" and answer.anchor_step is None and answer.safety is None
     assert all(type(v) is float for v in answer.action_now)
-    fleet_fields = {"anchor_step": 41, "queue_ms": 3, "safety": {"level": "slow", "reason": "x"}}
-    later = ActResult.from_body({**body, **fleet_fields}, 1.0)
-    assert later.anchor_step == 41 and later.queue_ms == 3.0 and later.safety == Safety("slow", "x")
-    assert Safety.parse("stop", "low confidence") == Safety("stop", "low confidence")
+    safety = {"level": "stop", "reasons": ["low_confidence"], "speed_factor": 0.0, "novelty": None}
+    later = ActResult.from_body({**body, "anchor_step": 41, "queue_ms": 3, "safety": safety}, 1.0)
+    assert later.anchor_step == 41 and later.queue_ms == 3.0 and later.safety.must_stop
+    assert later.safety == Safety("stop", ("low_confidence",), 0.0) and later.safety.raw["novelty"] is None
+    assert not Safety.parse({"level": "slow", "reasons": ["novel_frame"], "speed_factor": 0.5}).must_stop
     with pytest.raises(ValueError, match="K x 3"):
         ActResult.from_body({**body, "actions": [[0.1, 0.2]]}, 1.0)
     summary = ModelSummary.from_body({"name": "m", "version": "3", "state_dim": 3, "chunk": 10})

@@ -34,8 +34,6 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-STOP_LEVELS = ("stop", "handover")  # server safety decisions the base must not drive through
-
 
 def frame_of(msg: Image) -> np.ndarray:
     """A sensor_msgs/Image (rgb8 or bgr8) -> uint8 [H, W, 3] RGB; rows may carry padding (`step`)."""
@@ -118,8 +116,8 @@ class VlaDriver(Node):
             except ClientError as exc:  # refused, or no answer within the step's deadline
                 self.get_logger().warning(str(exc), throttle_duration_sec=2.0)
             else:
-                safety = answer.safety.level if answer.safety else "normal"
-                if answer.confidence >= self.min_confidence and safety not in STOP_LEVELS:
+                stop = answer.safety is not None and answer.safety.must_stop  # the server's safety decision
+                if answer.confidence >= self.min_confidence and not stop:
                     command.linear.x, command.linear.y, command.angular.z = answer.action_now
         self.cmd.publish(command)
         self.command = command

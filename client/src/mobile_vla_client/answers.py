@@ -20,22 +20,37 @@ class ModelRef:
     version: str
 
 
+STOP_LEVELS = ("stop", "handover")  # safety levels whose actions are zero: stand still
+
+
 @dataclass(frozen=True)
 class Safety:
-    """The server's safety decision for this step: `normal`, `slow`, `stop` or `handover`, and why."""
+    """The server's safety decision for this step (the answer's `safety`, docs/http_api.md).
+
+    `level`: normal (execute), slow (the actions are already scaled by `speed_factor`), stop (zero
+    actions: stand still) or handover (stand still and call an operator); `reasons`: the rules that
+    raised it, most severe first. The rest of the server's decision is in `raw`.
+    """
 
     level: str
-    reason: str | None = None
+    reasons: tuple[str, ...] = ()
+    speed_factor: float | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def must_stop(self) -> bool:
+        """Stand still: the level is stop or handover."""
+        return self.level in STOP_LEVELS
 
     @classmethod
-    def parse(cls, value: Any, reason: Any = None) -> Safety | None:
-        """From `"stop"` (with a separate reason) or `{"level"|"decision": "stop", "reason": ...}`; None if absent."""
+    def parse(cls, value: Any) -> Safety | None:
+        """From `{"level": ..., "reasons": [...], "speed_factor": ...}` (or a bare level); None when absent."""
         if value is None:
             return None
-        if isinstance(value, dict):
-            level = value.get("level", value.get("decision"))
-            return cls(str(level), value.get("reason")) if level is not None else None
-        return cls(str(value), None if reason is None else str(reason))
+        if not isinstance(value, dict):
+            return cls(str(value))
+        reasons = tuple(str(r) for r in value.get("reasons") or ())
+        return cls(str(value["level"]), reasons, _optional(float, value.get("speed_factor")), value)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,7 +96,7 @@ class ActResult:
             anchor_step=_optional(int, body.get("anchor_step")),
             queue_ms=_optional(float, body.get("queue_ms")),
             compute_ms=_optional(float, body.get("compute_ms")),
-            safety=Safety.parse(body.get("safety"), body.get("safety_reason")),
+            safety=Safety.parse(body.get("safety")),
             raw=body,
         )
 

@@ -190,7 +190,13 @@ class RobotSession:
         return self.episode_id
 
     def act_call(
-        self, frame: Frame, state: Sequence[float], instruction: str | None, ends_at: float, send_deadline: bool
+        self,
+        frame: Frame,
+        state: Sequence[float],
+        instruction: str | None,
+        ends_at: float,
+        send_deadline: bool,
+        delay_ms: float | None = None,
     ) -> Call:
         instruction = instruction or self.instruction
         if not instruction:
@@ -199,6 +205,8 @@ class RobotSession:
         fields["state"] = floats("state", state)
         if self.memory is not None:
             fields["memory"] = self.memory
+        if delay_ms is not None:  # sent only when the robot measures it (servers before the field refuse it)
+            fields["delay_ms"] = float(delay_ms)
         image = encode_jpeg(frame, self.jpeg_quality)
         return Call("POST", "/v1/act", ends_at, fields, image, send_deadline=send_deadline)
 
