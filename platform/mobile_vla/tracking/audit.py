@@ -146,10 +146,13 @@ def _write(client, move: AliasMove) -> AliasMove:
 
 
 def _detected_move(name: str, alias: str, current: str, last: AliasMove | None, detector: str) -> AliasMove:
-    if last is None:
+    if last is None:  # a move made outside the platform, or one made before the platform kept an audit
         why = f"first sight of @{alias} at version {current}: no earlier record of this alias"
     else:
-        why = f"@{alias} was at version {last.to_version} in the last record; moved outside the platform"
+        why = (
+            f"@{alias} was at version {last.to_version} in the last record; moved outside the platform "
+            "(the MLflow UI or a plain MlflowClient call)"
+        )
     return AliasMove(
         model=name,
         alias=alias,
@@ -159,7 +162,7 @@ def _detected_move(name: str, alias: str, current: str, last: AliasMove | None, 
         time=_now(),
         actor=DETECTED,
         by=detector,
-        reason=f"{why} (MLflow UI or a plain MlflowClient call)",
+        reason=why,
     )
 
 
