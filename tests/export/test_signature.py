@@ -58,7 +58,11 @@ def test_signature_contract_fields(exported_dir):
     assert specs["images"].dtype == "uint8" and specs["images"].shape == ["B", 224, 224, 3]
     assert specs["h_in"].shape == [1, "B", 64]
     assert specs["kosmos_input_ids"].shape == ["B", model.config.token_length]
-    assert signature.signature_version == 1
+    assert signature.signature_version == 2
+    outputs = {s.name: s for s in signature.outputs}  # version 2: the safety ladder's two outputs
+    assert outputs["confidence_now"].shape == ["B"]
+    assert outputs["vision_features"].shape == ["B", model.vision_feature_dim]
+    assert signature.has_safety_outputs
     assert signature.chunk == signature.actions.chunk == 10
     assert signature.recurrent.layers == 1 and signature.recurrent.hidden == 64
     assert signature.actions.low == preprocessing.action_low and signature.actions.high == preprocessing.action_high

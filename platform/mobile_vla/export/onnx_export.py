@@ -6,7 +6,8 @@ Graphs (I/O in signature.json; B is dynamic, everything else fixed):
     model.onnx         images uint8 [B,224,224,3], state f32 [B,S] (normalised), clip_text f32 [B,D],
                        kosmos_input_ids / kosmos_attention_mask / kosmos_image_embeds_position_mask
                        int64 [B,L], h_in / c_in f32 [layers,B,hidden]
-                       -> actions f32 [B,K,3] (normalised), confidence f32 [B], h_out / c_out
+                       -> actions f32 [B,K,3] (normalised), confidence f32 [B], h_out / c_out,
+                       confidence_now f32 [B] (k=0), vision_features f32 [B,F] (novelty; signature v2)
     model.fp16.onnx    the same graph computing in fp16, fp32 I/O (so callers never change)
     text_encoder.onnx  clip_input_ids int64 [B,77] -> clip_text f32 [B,D], once per instruction,
                        so ONNX-only serving needs no torch

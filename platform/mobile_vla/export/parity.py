@@ -131,6 +131,9 @@ def _dataset_frames(folder: Path, count: int, size: int) -> Frames:
 
 
 def _max_abs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    """Max abs difference over the step outputs; vision_features (unbounded backbone features, e.g. a
+    pretrained CLIP's of norm ~10) count relative to their largest magnitude when that exceeds 1.
+    """
     worst = 0.0
     for key in STEP_OUTPUTS:
         a, b = np.asarray(reference[key], np.float64), np.asarray(got[key], np.float64)
@@ -138,7 +141,8 @@ def _max_abs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> fl
             raise ModelError(f"parity: output {key} shape {list(b.shape)}, PyTorch gives {list(a.shape)}")
         if not np.isfinite(b).all():
             return float("inf")
-        worst = max(worst, float(np.abs(a - b).max()))
+        scale = max(1.0, float(np.abs(a).max())) if key == "vision_features" else 1.0
+        worst = max(worst, float(np.abs(a - b).max()) / scale)
     return worst
 
 
@@ -178,14 +182,14 @@ def graph_feeds(
 
 
 def torch_step(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One PyTorch `policy.step` on numpy feeds named as STEP_INPUTS -> outputs named as STEP_OUTPUTS."""
+    """One PyTorch `policy.step_with_safety` on numpy feeds named as STEP_INPUTS -> outputs named as STEP_OUTPUTS."""
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     tokens = {k: t[k] for k in STEP_INPUTS[3:6]}
     with torch.inference_mode():
-        actions, confidence, (h, c) = model.step(
-            t["images"], t["state"], tokens, (t["h_in"], t["c_in"]), clip_text=t["clip_text"]
-        )
-    return dict(zip(STEP_OUTPUTS, (x.numpy() for x in (actions, confidence, h, c)), strict=True))
+        out = model.step_with_safety(t["images"], t["state"], tokens, (t["h_in"], t["c_in"]), clip_text=t["clip_text"])
+    h, c = out.memory
+    values = (out.actions, out.confidence, h, c, out.confidence_now, out.vision_features)
+    return dict(zip(STEP_OUTPUTS, (x.numpy() for x in values), strict=True))
 
 
 def cpu_session(path: str | Path):

@@ -7,7 +7,11 @@ graphs were made (exporter, opset) and the parity figures measured at export tim
 graph file so a corrupt or swapped file is refused before it is loaded.
 
 Versioned: `signature_version` changes when a field changes meaning; readers refuse versions they do
-not know instead of guessing.
+not know instead of guessing. Version 2 added two step-graph outputs for the serving safety ladder:
+`confidence_now` [B] (the executed step's, k=0, confidence) and `vision_features` [B, F] (the frame's
+pooled vision feature, scored for novelty against the version's training statistics). Version 1
+artifacts still load and serve; they lack both outputs, so serving runs with novelty off and the
+ladder reads `confidence` (the chunk's) instead (`has_safety_outputs`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from mobile_vla.config import StrictModel, format_validation_error
 from mobile_vla.errors import ModelError
 from mobile_vla.policy.config import PREVIOUS_COMMAND, STATE_INPUTS
 
-SIGNATURE_VERSION = 1
+SIGNATURE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SIGNATURE_FILE = "signature.json"
 ONNX_DIR = "onnx"  # the model version's folder holding signature.json and the graphs
 BATCH = "B"
@@ -40,7 +45,9 @@ STEP_INPUTS = [
     "h_in",
     "c_in",
 ]
-STEP_OUTPUTS = ["actions", "confidence", "h_out", "c_out"]
+STEP_OUTPUTS_V1 = ["actions", "confidence", "h_out", "c_out"]
+SAFETY_OUTPUTS = ["confidence_now", "vision_features"]  # since signature_version 2
+STEP_OUTPUTS = STEP_OUTPUTS_V1 + SAFETY_OUTPUTS
 TEXT_INPUTS = ["clip_input_ids"]
 TEXT_OUTPUTS = ["clip_text"]
 
@@ -180,12 +187,12 @@ class ParityFigures(StrictModel):
 class ExportSignature(StrictModel):
     """signature.json: the step graph's I/O, the graph files, preprocessing, actions, recurrent state, parity."""
 
-    signature_version: Literal[1] = SIGNATURE_VERSION
+    signature_version: Literal[1, 2] = SIGNATURE_VERSION
     model: ModelRef
     created_at: str
     inputs: list[TensorSpec]  # of the step graph (fp32 and fp16 variants share them)
     outputs: list[TensorSpec]
-    graphs: dict[str, GraphFile]  # "step_fp32", "step_fp16" (optional), "text_encoder"
+    graphs: dict[str, GraphFile]  # "step_fp32", "step_fp16" / "step_int8" (optional), "text_encoder"
     preprocessing: PreprocessingSpec
     tokenizer: TokenizerSpec
     actions: ActionSpec
@@ -194,6 +201,16 @@ class ExportSignature(StrictModel):
     opset: int | None  # None only for the in-memory signature of an unexported model (torch backend)
     exporter: ExporterInfo | None
     parity: ParityFigures | None = None  # None only for the in-memory signature of the torch backend
+
+    @property
+    def output_names(self) -> list[str]:
+        """The step graph's outputs, in signature order (STEP_OUTPUTS; STEP_OUTPUTS_V1 for a version 1 export)."""
+        return [spec.name for spec in self.outputs]
+
+    @property
+    def has_safety_outputs(self) -> bool:
+        """Whether the step graph gives confidence_now and vision_features (signature_version >= 2)."""
+        return all(name in self.output_names for name in SAFETY_OUTPUTS)
 
     def graph(self, key: str) -> GraphFile:
         if key not in self.graphs:
@@ -220,8 +237,9 @@ def load_signature(folder: str | Path) -> ExportSignature:
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object")
     version = data.get("signature_version")
-    if version != SIGNATURE_VERSION:
-        raise ModelError(f"{path}: signature_version = {version!r}: this reader knows version {SIGNATURE_VERSION} only")
+    if version not in READABLE_VERSIONS:
+        known = list(READABLE_VERSIONS)
+        raise ModelError(f"{path}: signature_version = {version!r}: this reader knows versions {known}")
     try:
         return ExportSignature.model_validate(data)
     except ValidationError as exc:

@@ -3,7 +3,7 @@
     step_args, text_args = example_inputs(model, preprocessing)
     torch_export(StepGraph(model).eval(), step_args, path, step_in, step_out, "dynamo", opset=18, large=False)
 
-StepGraph is `policy.step` with clip_text and the LSTM state as explicit tensors (its forward's
+StepGraph is `policy.step_with_safety` with clip_text and the LSTM state as explicit tensors (its forward's
 arguments are named like the graph inputs, STEP_INPUTS); TextGraph is the CLIP text encoder, run once
 per instruction. The batch axis is dynamic in both exporters.
 """
@@ -26,7 +26,9 @@ MAX_EXPORT_BATCH = 4096  # the dynamo exporter wants a bound on the dynamic batc
 
 
 class StepGraph(nn.Module):
-    """policy.step with clip_text and the LSTM state as explicit tensors (names = STEP_INPUTS)."""
+    """policy.step_with_safety with clip_text and the LSTM state as explicit tensors (names = STEP_INPUTS,
+    outputs = STEP_OUTPUTS: the step's, then the safety ladder's confidence_now and vision_features).
+    """
 
     def __init__(self, policy: nn.Module) -> None:
         super().__init__()
@@ -51,8 +53,9 @@ class StepGraph(nn.Module):
             "kosmos_attention_mask": kosmos_attention_mask,
             "kosmos_image_embeds_position_mask": kosmos_image_embeds_position_mask,
         }
-        actions, confidence, (h_out, c_out) = self.policy.step(images, state, tokens, (h_in, c_in), clip_text=clip_text)
-        return actions, confidence, h_out, c_out
+        out = self.policy.step_with_safety(images, state, tokens, (h_in, c_in), clip_text=clip_text)
+        h_out, c_out = out.memory
+        return out.actions, out.confidence, h_out, c_out, out.confidence_now, out.vision_features  # = STEP_OUTPUTS
 
 
 class TextGraph(nn.Module):
@@ -86,6 +89,8 @@ def io_specs(model, preprocessing) -> tuple[list[TensorSpec], list[TensorSpec], 
         TensorSpec(name="confidence", dtype="float32", shape=[BATCH]),
         TensorSpec(name="h_out", dtype="float32", shape=[layers, BATCH, hidden]),
         TensorSpec(name="c_out", dtype="float32", shape=[layers, BATCH, hidden]),
+        TensorSpec(name="confidence_now", dtype="float32", shape=[BATCH]),
+        TensorSpec(name="vision_features", dtype="float32", shape=[BATCH, model.vision_feature_dim]),
     ]
     text_in = [TensorSpec(name="clip_input_ids", dtype="int64", shape=[BATCH, 77])]
     text_out = [TensorSpec(name="clip_text", dtype="float32", shape=[BATCH, D])]

@@ -42,7 +42,7 @@ from torch import nn
 
 from mobile_vla.errors import ConfigError
 from mobile_vla.policy.config import PolicyConfig
-from mobile_vla.policy.model import MobileVLAPolicy, PolicyOutput, build_policy, chunk_confidence
+from mobile_vla.policy.model import MobileVLAPolicy, PolicyOutput, StepOutput, build_policy, chunk_confidence
 
 Memory = tuple[torch.Tensor, torch.Tensor]
 # members must agree on these
@@ -259,24 +259,39 @@ class EnsemblePolicy(nn.Module):
 
     def step_distribution(self, images, state, tokens, memory=None, clip_text=None):
         """`step` plus the combined log-variance [B, K, 3] (evaluation and benchmarks read it)."""
+        mean, log_var, confidence, memory, _ = self._step_members(images, state, tokens, memory, clip_text)
+        return mean, log_var, confidence, memory
+
+    def step_with_safety(self, images, state, tokens, memory=None, clip_text=None) -> StepOutput:
+        """= MobileVLAPolicy.step_with_safety; the vision feature is the members' side by side [B, sum F_m]."""
+        mean, log_var, confidence, memory, vision = self._step_members(images, state, tokens, memory, clip_text)
+        confidence_now = chunk_confidence(torch.exp(0.5 * log_var), self.config.confidence_tolerance, 1)  # [B]
+        return StepOutput(mean, confidence, memory, confidence_now, vision)
+
+    @property
+    def vision_feature_dim(self) -> int:
+        return sum(member.vision_feature_dim for member in self.members)
+
+    def _step_members(self, images, state, tokens, memory=None, clip_text=None):
         tokens = {key: torch.as_tensor(value) for key, value in tokens.items()}
         images, state = torch.as_tensor(images), torch.as_tensor(state)
         if clip_text is None:
             clip_text = self.encode_instruction(tokens["clip_input_ids"])
         memories = self._split(memory) if memory is not None else [None] * len(self.members)
         texts = torch.split(clip_text, self.text_widths, dim=-1)
-        actions, log_vars, new_memories = [], [], []
+        actions, log_vars, new_memories, visions = [], [], [], []
         for member, text, mem in zip(self.members, texts, memories, strict=True):
             mem = member.initial_memory(images.shape[0]) if mem is None else mem
             # the member's own step, keeping its log-variance (its public step returns only confidence)
-            features = member._frame_features(images, state, tokens, text)  # [B, D]
+            features, vision = member._frame_features_and_vision(images, state, tokens, text)  # [B, D], [B, F_m]
+            visions.append(vision)
             out, mem = member._recurrent_step(features, mem)
             member_actions, member_log_var, _ = member._heads(out)
             actions.append(member_actions)
             log_vars.append(member_log_var)
             new_memories.append(mem)
         mean, log_var, confidence = self._combine(actions, log_vars)
-        return mean, log_var, confidence, self._join(new_memories)
+        return mean, log_var, confidence, self._join(new_memories), torch.cat(visions, dim=-1)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {f"member_{i}": sum(p.numel() for p in m.parameters()) for i, m in enumerate(self.members)}

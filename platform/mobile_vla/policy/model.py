@@ -84,6 +84,16 @@ class PolicyOutput(NamedTuple):
     aux: AuxPrediction | None = None  # with config.aux_heads only
 
 
+class StepOutput(NamedTuple):
+    """One serving step (`step_with_safety`): shapes below; actions in the normalised range."""
+
+    actions: torch.Tensor  # [B, K, 3] normalised
+    confidence: torch.Tensor  # [B]: over the first confidence_span chunk steps
+    memory: Memory  # (h, c), each [layers, B, hidden]
+    confidence_now: torch.Tensor  # [B]: the executed step's (k=0) confidence
+    vision_features: torch.Tensor  # [B, F]: the frame's pooled vision feature (novelty)
+
+
 class MobileVLAPolicy(nn.Module):
     """The hybrid policy (see the module docstring): backbones, fusion, LSTM and the action/variance head."""
 
@@ -191,6 +201,11 @@ class MobileVLAPolicy(nn.Module):
 
     def _frame_features(self, images, state, tokens, clip_text) -> torch.Tensor:
         # images [N, H, W, C] uint8, state [N, S], tokens 3 x [N, L], clip_text [N, D_c] -> [N, D]
+        return self._frame_features_and_vision(images, state, tokens, clip_text)[0]
+
+    def _frame_features_and_vision(self, images, state, tokens, clip_text) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> fused [N, D], and the frame's vision feature [N, F]: the pooled CLIP image feature [N, D_c] and the
+        # pixel layout [N, 51] (instruction-free: what novelty measures; `vision_feature_dim`)
         pixels = self._pixels(images)
         token_inputs = (
             tokens["kosmos_input_ids"],
@@ -199,12 +214,13 @@ class MobileVLAPolicy(nn.Module):
         )
         if self.patch_attention is None:
             kosmos = self.kosmos(pixels, *token_inputs)  # [N, D_k]
-            clip_image = self.clip.encode_image(pixels)  # [N, D_c]
+            clip_image = vision = self.clip.encode_image(pixels)  # [N, D_c]
         else:
             kosmos, kosmos_patches = self.kosmos(pixels, *token_inputs, with_patches=True)  # [N, D_k], [N, P, C_k]
-            clip_image, clip_patches = self.clip.encode_image(pixels, with_patches=True)  # [N, D_c], [N, P, C_c]
-            kosmos, clip_image = self.patch_attention(kosmos, kosmos_patches, clip_image, clip_patches, clip_text)
-        return self.fusion(kosmos, clip_image, clip_text, self._state_input(state.to(pixels.dtype)))  # [N, D]
+            vision, clip_patches = self.clip.encode_image(pixels, with_patches=True)  # [N, D_c], [N, P, C_c]
+            kosmos, clip_image = self.patch_attention(kosmos, kosmos_patches, vision, clip_patches, clip_text)
+        fused = self.fusion(kosmos, clip_image, clip_text, self._state_input(state.to(pixels.dtype)))  # [N, D]
+        return fused, torch.cat([vision, pixel_layout(pixels)], dim=-1)  # [N, D], [N, D_c + 51]
 
     def _recurrent_step(self, features: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, Memory]:
         # features [B, D] -> hidden output [B, hidden]. Under autocast the LSTM runs in fp32 with autocast
@@ -273,15 +289,35 @@ class MobileVLAPolicy(nn.Module):
         clip_text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Memory]:
         """One frame per robot: images [B, H, W, C] uint8, state [B, S] -> actions [B, K, 3], confidence [B]."""
+        out = self.step_with_safety(images, state, tokens, memory, clip_text)
+        return out.actions, out.confidence, out.memory
+
+    def step_with_safety(
+        self,
+        images: torch.Tensor,
+        state: torch.Tensor,
+        tokens: dict,
+        memory: Memory | None = None,
+        clip_text: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """`step` plus what the serving safety ladder reads: the executed step's (k=0) confidence [B]
+        and the frame's pooled vision feature [B, F] (its novelty is scored against training statistics).
+        """
         tokens = {key: _tensor(value) for key, value in tokens.items()}
         if clip_text is None:
             clip_text = self.encode_instruction(tokens["clip_input_ids"])
         images = _tensor(images)
         memory = self.initial_memory(images.shape[0]) if memory is None else memory
-        features = self._frame_features(images, _tensor(state), tokens, clip_text)  # [B, D]
+        features, vision = self._frame_features_and_vision(images, _tensor(state), tokens, clip_text)  # [B, D], [B, F]
         out, memory = self._recurrent_step(features, memory)
-        actions, _, confidence = self._heads(out)
-        return actions, confidence, memory
+        actions, log_var, confidence = self._heads(out)
+        confidence_now = chunk_confidence(torch.exp(0.5 * log_var), self.config.confidence_tolerance, 1)  # [B]
+        return StepOutput(actions, confidence, memory, confidence_now, vision)
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """F: the width of `step_with_safety`'s vision feature (pooled CLIP image feature + pixel layout)."""
+        return self.clip.feature_dim + PIXEL_LAYOUT_DIM
 
     def parameter_counts(self) -> dict[str, int]:
         parts = {"kosmos": self.kosmos, "clip": self.clip, "fusion": self.fusion, "lstm": self.lstm, "head": self.head}
@@ -291,6 +327,25 @@ class MobileVLAPolicy(nn.Module):
         counts["total"] = sum(counts.values())
         counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return counts
+
+
+LAYOUT_GRID = 4
+PIXEL_LAYOUT_DIM = 3 * LAYOUT_GRID * LAYOUT_GRID + 3
+
+
+def pixel_layout(pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised pixels [N, C, H, W] -> [N, 51]: the mean colour of a 4 x 4 grid of cells [N, 48] and
+    each channel's standard deviation over the frame [N, 3].
+
+    Why beside the backbone feature for novelty: a covered, blank or washed-out frame differs from the
+    training frames first in these low-level statistics, which a backbone's pooled feature (random or
+    frozen, and normalised) may hardly move with; together the distance sees both kinds of shift.
+    """
+    cell = pixels.shape[-1] // LAYOUT_GRID
+    grid = F.avg_pool2d(pixels, kernel_size=cell, stride=cell)[..., :LAYOUT_GRID, :LAYOUT_GRID]  # [N, C, 4, 4]
+    mean = pixels.mean(dim=(-2, -1))  # [N, C]
+    spread = torch.sqrt(torch.clamp((pixels * pixels).mean(dim=(-2, -1)) - mean * mean, min=0.0) + 1e-6)  # [N, C]
+    return torch.cat([grid.flatten(1), spread], dim=-1)
 
 
 def chunk_confidence(sigma: torch.Tensor, tolerance: float, steps: int) -> torch.Tensor:

@@ -2,6 +2,11 @@
 
     out = backend.predict(images, state, ["go to the red box"] * B, memory=None)
     out.actions [B,K,3] (m/s, m/s, rad/s) · out.confidence [B] · out.memory (h, c) [layers,B,hidden]
+    out.confidence_now [B] (k=0) · out.novelty [B] or None (novelty off: `backend.safety_note` says why)
+
+Novelty: the version's `policy/safety_calibration.json` (policy/novelty.py, written at training time)
+scores the step graph's `vision_features` output. A version without that file, or exported under
+signature version 1 (no such output), serves with novelty off; `describe()` says so.
 
 `Backend` holds the code around the graph (validation, tokenisation, the per-instruction text cache,
 state scaling, action de-normalisation, batch slicing), so backends can only differ in the step
@@ -18,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from mobile_vla.errors import ConfigError, DataError, ModelError
-from mobile_vla.export.signature import ONNX_DIR, STEP_OUTPUTS, ExportSignature, load_signature
+from mobile_vla.export.signature import ONNX_DIR, ExportSignature, load_signature
+from mobile_vla.policy.novelty import SAFETY_FILE, SafetyCalibration, load_safety_calibration
 from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.runtime.instruction_cache import InstructionCache
 from mobile_vla.runtime.registry import BackendSpec
@@ -33,11 +39,13 @@ TextRow = tuple[dict[str, np.ndarray], np.ndarray]  # one instruction: Kosmos to
 
 @dataclass
 class BackendOutput:
-    """One batched step: de-normalised actions, confidence and the next recurrent state."""
+    """One batched step: de-normalised actions, confidence, the next recurrent state and the safety inputs."""
 
     actions: np.ndarray  # float32 [B, K, 3], de-normalised (m/s, m/s, rad/s)
     confidence: np.ndarray  # float32 [B], in [0, 1]
     memory: tuple[np.ndarray, np.ndarray]  # (h, c) float32 [layers, B, hidden]
+    confidence_now: np.ndarray | None = None  # float32 [B]: the executed step's (k=0); None for a v1 export
+    novelty: np.ndarray | None = None  # float32 [B]; None with novelty off
 
     def nonfinite_rows(self) -> list[int]:
         """Rows (robots) whose actions, confidence or next memory hold NaN or inf: a fault of that row only."""
@@ -169,6 +177,7 @@ class Backend:
         self.state_dim = signature.preprocessing.state_dim
         self.layers = signature.recurrent.layers
         self.hidden = signature.recurrent.hidden
+        self.safety, self.safety_note = safety_for(model_dir, signature)
 
     # --- what subclasses provide -------------------------------------------------------------
     @classmethod
@@ -181,7 +190,7 @@ class Backend:
         raise NotImplementedError
 
     def _step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Feeds named as STEP_INPUTS (numpy) -> outputs named as STEP_OUTPUTS (numpy float32)."""
+        """Feeds named as STEP_INPUTS (numpy) -> outputs named as the signature's (`output_names`; numpy float32)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -244,13 +253,20 @@ class Backend:
         else:  # an engine with a largest batch (TensorRT profile): run slices, join them
             parts = [self._step(_rows(feeds, i, i + step)) for i in range(0, batch, step)]
             out = {
-                k: np.concatenate([p[k] for p in parts], axis=1 if k in RECURRENT_OUTPUTS else 0) for k in STEP_OUTPUTS
+                k: np.concatenate([p[k] for p in parts], axis=1 if k in RECURRENT_OUTPUTS else 0)
+                for k in self.signature.output_names
             }
         actions = np.asarray(self.preprocessing.denormalise_actions(out["actions"]), dtype=np.float32)
+        confidence_now = out.get("confidence_now")
+        novelty = None
+        if self.safety is not None:  # vision_features [B, F] -> novelty [B]
+            novelty = self.safety.stats.score(out["vision_features"])
         return BackendOutput(
             actions=actions,
             confidence=out["confidence"].astype(np.float32, copy=False),
             memory=(out["h_out"].astype(np.float32, copy=False), out["c_out"].astype(np.float32, copy=False)),
+            confidence_now=None if confidence_now is None else confidence_now.astype(np.float32, copy=False),
+            novelty=novelty,
         )
 
     def _encode_instructions(self, texts: list[str]) -> list[TextRow]:
@@ -309,7 +325,32 @@ class Backend:
             "backend": self.name,
             "model": {"name": self.model_name, "version": self.model_version},
             "skipped": dict(self.skipped),
+            "novelty": self.safety is not None,
+            "novelty_note": self.safety_note,
         }
+
+
+def safety_for(model_dir: Path, signature: ExportSignature) -> tuple[SafetyCalibration | None, str]:
+    """The version's safety calibration when novelty can run on it, else None and why not (for /v1/model).
+
+    Raises:
+        ModelError: the calibration file exists but is unreadable (a damaged version is not served quietly).
+    """
+    policy_dir = Path(model_dir) / Path(signature.preprocessing.saved_at).parent
+    if not signature.has_safety_outputs:
+        return None, (
+            f"novelty off: exported under signature_version {signature.signature_version} (no vision_features "
+            "output); re-export the version (mobile-vla export) to enable it"
+        )
+    calibration = load_safety_calibration(policy_dir)
+    if calibration is None:
+        return None, f"novelty off: the version has no {SAFETY_FILE} (saved without training-set novelty statistics)"
+    width = next(s.shape[-1] for s in signature.outputs if s.name == "vision_features")
+    if calibration.stats.feature_dim != width:
+        return None, (
+            f"novelty off: {SAFETY_FILE} has features of width {calibration.stats.feature_dim}, the graph gives {width}"
+        )
+    return calibration, f"novelty on: statistics of {calibration.stats.frames} training frames"
 
 
 def _rows(feeds: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:

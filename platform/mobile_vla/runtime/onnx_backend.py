@@ -27,7 +27,6 @@ import onnxruntime as ort
 from mobile_vla.errors import ConfigError, ModelError, ResourceError
 from mobile_vla.export.signature import (
     ONNX_DIR,
-    STEP_OUTPUTS,
     TEXT_OUTPUTS,
     GraphFile,
     TensorSpec,
@@ -195,7 +194,8 @@ class OnnxBackend(Backend):
         return self.text_session.run(TEXT_OUTPUTS, {"clip_input_ids": clip_input_ids})[0]
 
     def _step(self, feeds):
-        return dict(zip(STEP_OUTPUTS, self.session.run(STEP_OUTPUTS, feeds), strict=True))
+        names = self.signature.output_names  # STEP_OUTPUTS; STEP_OUTPUTS_V1 for a version 1 export
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
 
     def close(self):
         self.session = self.text_session = None

@@ -41,14 +41,16 @@ class TorchBackend(Backend):
     def _step(self, feeds):
         t = {k: self._tensor(v) for k, v in feeds.items()}
         with torch.inference_mode():
-            actions, confidence, (h, c) = self.model.step(
+            out = self.model.step_with_safety(
                 t["images"],
                 t["state"],
                 {k: t[k] for k in KOSMOS_KEYS},
                 (t["h_in"], t["c_in"]),
                 clip_text=t["clip_text"],
             )
-        return {k: v.float().cpu().numpy() for k, v in zip(STEP_OUTPUTS, (actions, confidence, h, c), strict=True)}
+        h, c = out.memory
+        values = (out.actions, out.confidence, h, c, out.confidence_now, out.vision_features)
+        return {k: v.float().cpu().numpy() for k, v in zip(STEP_OUTPUTS, values, strict=True)}
 
     def close(self):
         self.model = None
