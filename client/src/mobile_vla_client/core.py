@@ -104,9 +104,8 @@ Steps = Generator[tuple[str, Any], Any, Any]
 
 
 def attempts(call: Call, policy: RetryPolicy, wire: JsonWire, clock: Callable[[], float]) -> Steps:
-    """The tries of one call, without I/O: yields (SEND, (method, path, content, headers, timeout_s)) and
-    (SLEEP, seconds);
-    a SEND is answered with the try's outcome (an httpx.Response or the httpx.TransportError it raised).
+    """The tries of one call, without I/O: yields (SEND, (method, path, content, headers, timeout_s)), answered
+    with the try's outcome (an httpx.Response or the httpx.TransportError it raised), and (SLEEP, seconds).
     Returns the final answer's body, or raises what it means (ApiError, NoAnswer).
     """
     outcome: Any = None
