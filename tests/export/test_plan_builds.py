@@ -69,7 +69,7 @@ def fake_builder(monkeypatch):
     """FAKE TensorRT and GPU for publish_plan; `builds` counts build_engine calls, `fail` makes them raise."""
     state = types.SimpleNamespace(builds=0, fail=False)
 
-    def build_engine(model_dir, signature, max_batch, fp16):
+    def build_engine(model_dir, signature, max_batch, fp16, check=None):
         state.builds += 1
         time.sleep(0.2)  # a build takes a while: a second builder arrives meanwhile
         if state.fail:

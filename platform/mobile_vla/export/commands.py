@@ -119,7 +119,14 @@ def run_export(args) -> int:
     plan = None
     if args.tensorrt:
         with console.status("building the TensorRT plan (minutes)"):
-            plan = publish_plan(resolved, fp16=args.fp16, max_batch=args.max_batch, rebuild=args.force, attach=attach)
+            plan = publish_plan(
+                resolved,
+                fp16=args.fp16,
+                max_batch=args.max_batch,
+                rebuild=args.force,
+                attach=attach,
+                data_dir=args.data,
+            )
     _print_summary(resolved, published.signature, plan, attached=attach and is_registered(resolved))
     return 0
 

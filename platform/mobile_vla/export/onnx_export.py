@@ -285,7 +285,12 @@ def export_model(
         quantizer = None
         if int8:
             figures, quantizer = _add_int8(
-                scratch, base.model_copy(update={"graphs": graphs}), preprocessing, frames, data_dir, say
+                scratch,
+                base.model_copy(update={"graphs": graphs, "parity": figures}),
+                preprocessing,
+                frames,
+                data_dir,
+                say,
             )
             graphs["step_int8"] = _graph_file(scratch, STEP_INT8_FILE, "int8", step_in, step_out)
             seconds["int8"] = time.perf_counter() - clock - sum(seconds.values())

@@ -17,21 +17,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobile_vla.errors import ModelError
+from mobile_vla.export import parity
+from mobile_vla.export.graph_parity import compare_steps, over_tolerance, session_step
 from mobile_vla.export.onnx_export import DEFAULT_OPSET, add_int8, export_model
 from mobile_vla.export.signature import ONNX_DIR, ExportSignature, load_signature, verify_graph_file
 from mobile_vla.export.tensorrt_engine import (
     DEFAULT_MAX_BATCH,
     TENSORRT_DIR,
     BuildFailures,
+    EngineMeta,
     build_engine,
     plan_build_lock,
+    plan_file_name,
     require_cuda_gpu,
     require_tensorrt,
     select_plan,
 )
+from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.runtime.tensorrt_backend import TensorRTRunner
 from mobile_vla.tracking import ResolvedModel, attach_artifacts, log_version_metrics, set_version_tags
 
 log = logging.getLogger(__name__)
+
+# A plan against the fp32 ONNX graph (ONNX Runtime CPU), on actions and confidence: fp32 plans are built
+# with TF32 off, so GPU and CPU kernels differ only in summation order (1e-3 leaves room for the full
+# model's depth; TF32 left on gives about that much by itself); fp16 plans as the fp16 ONNX graph.
+PLAN_TOLERANCE = {"fp32": 1e-3, "fp16": parity.FP16_TOLERANCE}
+PLAN_PARITY_BATCHES = (1, 8)
+PLAN_DEVICE = "cuda"  # where the build-time check runs the plan (tests drive a FAKE TensorRT on "cpu")
 
 
 @dataclass
@@ -153,6 +166,7 @@ def publish_plan(
     max_batch: int | None = None,
     rebuild: bool = False,
     attach: bool = True,
+    data_dir: str | Path | None = None,
 ) -> Path:
     """The TensorRT plan for this GPU model and TensorRT version: the version's own, else built here and attached.
 
@@ -163,7 +177,8 @@ def publish_plan(
     then keeps the plan the first one wrote. Builders on different nodes each build once; the plans
     are equivalent and the last attached one stays. After a failed build of the same graphs on this
     node no new build starts until its backoff has passed (`BuildFailures`: 5 min doubling to 1 h);
-    `rebuild` ignores the backoff.
+    `rebuild` ignores the backoff. A new plan is run on real frames against the fp32 ONNX graph before
+    it is written (`plan_parity`): one above PLAN_TOLERANCE is refused like a failed build.
 
     Args:
         resolved: the model version (resolve it just before: that fetches plans attached since).
@@ -172,14 +187,15 @@ def publish_plan(
             (None: keep any valid plan, build with DEFAULT_MAX_BATCH).
         rebuild: build even if a valid plan exists.
         attach: attach a new plan to the registry version.
+        data_dir: dataset folder whose frames the parity check uses (None: MiniWorld renders).
 
     Returns:
         The plan file.
 
     Raises:
         ResourceError: no TensorRT or no CUDA GPU here.
-        ModelError: the version has no verified ONNX graphs, TensorRT cannot build the plan, or an
-            earlier failed build here is still backing off.
+        ModelError: the version has no verified ONNX graphs, TensorRT cannot build the plan, the plan
+            answers too differently from the fp32 graph, or an earlier failed build here is still backing off.
     """
     trt = require_tensorrt()
     gpu_name = require_cuda_gpu()
@@ -200,7 +216,10 @@ def publish_plan(
         if not rebuild:
             failures.check(onnx_id)  # a failed build here backs off before the next one
         try:
-            folder = build_engine(resolved.path, signature, max_batch=max_batch or DEFAULT_MAX_BATCH, fp16=fp16)
+            check = plan_parity(resolved.path, signature, data_dir)
+            folder = build_engine(
+                resolved.path, signature, max_batch=max_batch or DEFAULT_MAX_BATCH, fp16=fp16, check=check
+            )
         except Exception as exc:  # TensorRT raises its own classes too; each failure counts
             delay = failures.record(onnx_id, f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}")
             log.warning("TensorRT build for %s failed; no new build here for %.0f s", resolved.uri, delay)
@@ -212,3 +231,39 @@ def publish_plan(
         precision = "fp16" if fp16 else "fp32"
         set_version_tags(resolved.name, resolved.version, {f"export.tensorrt.{folder.name}": precision})
     return plan
+
+
+def plan_parity(model_dir: Path, signature: ExportSignature, data_dir: str | Path | None = None):
+    """The build-time check of a new plan (build_engine's `check`): it runs the plan bytes on real frames
+    (graph_parity.compare_steps: batch 1 and 8, a window-step round trip) against the fp32 ONNX graph on
+    the CPU, returns the figures for engine.json, or raises ModelError naming each figure over
+    PLAN_TOLERANCE (nothing is written then; serving keeps the version on ONNX Runtime).
+    """
+
+    def check(plan_bytes: bytes, meta: EngineMeta) -> dict:
+        precision = meta.precision
+        onnx_dir = Path(model_dir) / ONNX_DIR
+        preprocessing = Preprocessing.load(Path(model_dir) / signature.preprocessing.saved_at)
+        text = parity.cpu_session(onnx_dir / signature.graph("text_encoder").file)
+
+        def encode(clip_input_ids):
+            return text.run(None, {"clip_input_ids": clip_input_ids})[0]
+
+        where = f"new {plan_file_name(precision == 'fp16')} for {meta.gpu} (not written)"
+        runner = TensorRTRunner.from_plan_bytes(plan_bytes, meta, signature, where, device=PLAN_DEVICE)
+        batches = tuple(b for b in PLAN_PARITY_BATCHES if b <= meta.max_batch)
+        count = max(max(batches), 2 * preprocessing.window)
+        frames = parity.parity_frames(count, preprocessing.image_size, data_dir)
+        reference = session_step(parity.cpu_session(onnx_dir / signature.graph("step_fp32").file))
+        memory = (signature.recurrent.layers, signature.recurrent.hidden)
+        figures = compare_steps(reference, runner.run_numpy, preprocessing, encode, memory, frames.images, batches)
+        tolerance = PLAN_TOLERANCE[precision]
+        failures = over_tolerance(figures, {"actions": tolerance, "confidence": tolerance})
+        if failures:
+            raise ModelError(
+                f"TensorRT {precision} plan refused for {meta.gpu}: it answers differently from the fp32 ONNX "
+                f"graph ({'; '.join(failures)}); no plan written, the version keeps serving on ONNX Runtime"
+            )
+        return {"frames": frames.source, "tolerance": tolerance, "reference": "onnx step_fp32", "max_abs_diff": figures}
+
+    return check

@@ -46,7 +46,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from mobile_vla.errors import ModelError
-from mobile_vla.export import parity
+from mobile_vla.export import graph_parity, parity
 from mobile_vla.export.signature import ExportSignature, Int8Parity
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ INT8_CONFIDENCE_TOLERANCE = 5e-2
 QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
 FP32_LAYERS = ("policy.fusion.", "policy.head.")  # weights of the policy's own layers: kept fp32 (see above)
 CALIBRATION_SEQUENCES = 8  # sequences of `window` steps each
-SEQUENCE_BATCH = 2  # sequences of the parity check's recurrent round trip
 CALIBRATION_SEED = 1  # MiniWorld frames other than the parity check's (seed 0)
 
 
@@ -174,33 +173,6 @@ class _FeedsReader(CalibrationDataReader):
         return next(self._feeds, None)
 
 
-def recurrent_feeds(
-    session, preprocessing, encode_text, memory: tuple[int, int], frames: np.ndarray, steps: int, seed: int
-) -> list[dict[str, np.ndarray]]:
-    """The feeds of `steps` fp32 steps over frames [B*steps] as B sequences from zero memory, each step
-    fed the state the previous one returned (what a robot's episode looks like to the graph).
-    """
-    batch = len(frames) // steps
-    images = frames[: batch * steps].reshape(batch, steps, *frames.shape[1:])  # [B, T, H, W, C]
-    base = parity.graph_feeds(preprocessing, encode_text, memory, images[:, 0], parity.PARITY_INSTRUCTIONS, seed)
-    rng = np.random.default_rng(seed)
-    h = np.zeros_like(base["h_in"])
-    c = np.zeros_like(base["c_in"])
-    feeds = []
-    for t in range(steps):
-        step = {
-            **base,
-            "images": np.ascontiguousarray(images[:, t]),
-            "state": rng.normal(scale=0.5, size=base["state"].shape).astype(np.float32),
-            "h_in": h,
-            "c_in": c,
-        }
-        feeds.append(step)
-        out = _run(session, step)
-        h, c = out["h_out"], out["c_out"]
-    return feeds
-
-
 def quantize_file(source: Path, target: Path, calibration: list[dict[str, np.ndarray]]) -> str:
     """Quantizes `source` (the fp32 step graph) into `target`: fold, then static QDQ; returns how it did."""
     model = onnx.load(str(source))
@@ -232,21 +204,6 @@ def quantize_file(source: Path, target: Path, calibration: list[dict[str, np.nda
 # --- 3. parity against fp32 ------------------------------------------------------------------------
 
 
-def _run(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output of a step graph session by name (version 1 and 2 graphs alike)."""
-    names = [out.name for out in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
-
-
-def _diffs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
-    names = {"actions": "actions", "confidence": "confidence", "h_out": "h", "c_out": "c"}
-    out = {}
-    for key, label in names.items():
-        b = np.asarray(got[key], np.float64)
-        out[label] = float(np.abs(np.asarray(reference[key], np.float64) - b).max()) if np.isfinite(b).all() else np.inf
-    return out
-
-
 def measure_int8_parity(
     fp32_session,
     int8_session,
@@ -259,26 +216,16 @@ def measure_int8_parity(
     seed: int = 0,
 ) -> Int8Parity:
     """Every figure of Int8Parity; raises ModelError (naming each figure over tolerance) if one is."""
-    figures: dict[str, dict[str, float]] = {}
-    for batch in parity.PARITY_BATCHES:
-        feeds = parity.graph_feeds(
-            preprocessing, encode_text, memory, frames.images[:batch], parity.PARITY_INSTRUCTIONS, seed + batch
-        )
-        figures[f"batch_{batch}"] = _diffs(_run(fp32_session, feeds), _run(int8_session, feeds))
-    steps = preprocessing.window
-    sequence = recurrent_feeds(
-        fp32_session, preprocessing, encode_text, memory, frames.images[: SEQUENCE_BATCH * steps], steps, seed
+    figures = graph_parity.compare_steps(
+        graph_parity.session_step(fp32_session),
+        graph_parity.session_step(int8_session),
+        preprocessing,
+        encode_text,
+        memory,
+        frames.images,
+        parity.PARITY_BATCHES,
+        seed,
     )
-    worst: dict[str, float] = {}
-    h = np.zeros_like(sequence[0]["h_in"])
-    c = np.zeros_like(sequence[0]["c_in"])
-    for step in sequence:  # fp32 follows its own states (recorded in the feeds), int8 its own
-        reference = _run(fp32_session, step)
-        got = _run(int8_session, {**step, "h_in": h, "c_in": c})
-        h, c = got["h_out"], got["c_out"]
-        for label, value in _diffs(reference, got).items():
-            worst[label] = max(worst.get(label, 0.0), value)
-    figures[f"sequence_{steps}"] = worst
     result = Int8Parity(
         method=INT8_METHOD,
         frames=frames.source,
@@ -300,13 +247,8 @@ def measure_int8_parity(
 
 def int8_failures(figures: Int8Parity) -> list[str]:
     """Every actions / confidence figure above its tolerance (NaN and inf count), as readable lines."""
-    failures = []
-    for key, diffs in figures.max_abs_diff.items():
-        for label, tolerance in (("actions", figures.actions_tolerance), ("confidence", figures.confidence_tolerance)):
-            value = diffs.get(label, float("nan"))
-            if not value <= tolerance:
-                failures.append(f"{key} {label} max abs diff {value:.3g} > {tolerance:g}")
-    return failures
+    tolerances = {"actions": figures.actions_tolerance, "confidence": figures.confidence_tolerance}
+    return graph_parity.over_tolerance(figures.max_abs_diff, tolerances)
 
 
 # --- the whole step --------------------------------------------------------------------------------
@@ -364,7 +306,9 @@ def quantize_step_graph(
     steps = preprocessing.window
     calibration = calibration_frames(CALIBRATION_SEQUENCES * steps, preprocessing.image_size, data_dir)
     say(f"calibrating int8 on {CALIBRATION_SEQUENCES} x {steps} frames ({calibration.source})")
-    feeds = recurrent_feeds(fp32, preprocessing, encode_text, memory, calibration.images, steps, CALIBRATION_SEED)
+    feeds = graph_parity.recurrent_feeds(
+        graph_parity.session_step(fp32), preprocessing, encode_text, memory, calibration.images, steps, CALIBRATION_SEED
+    )
     target = folder / STEP_INT8_FILE
     partial = folder / f".{STEP_INT8_FILE}.partial"
     try:

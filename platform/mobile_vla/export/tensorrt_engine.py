@@ -19,6 +19,7 @@ the machines the platform was written on (no GPU, no TensorRT wheels); the parts
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,7 +27,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,8 @@ class EngineMeta:
     model_name: str | None
     model_version: str | None
     build_seconds: float
+    tf32: bool = False  # TF32 kernels allowed (cleared for fp32 plans since issue 20)
+    parity: dict | None = None  # the plan vs the fp32 ONNX graph at build time (publish.plan_parity)
 
     def save(self, folder: Path, fp16: bool) -> None:
         """Writes the record in one rename (temp + fsync + os.replace): never half a file."""
@@ -307,8 +310,14 @@ def build_engine(
     opt_batch: int = DEFAULT_OPT_BATCH,
     fp16: bool = False,
     workspace_gib: float = 4.0,
+    check: Callable[[bytes, EngineMeta], dict] | None = None,
 ) -> Path:
-    """Builds and writes `tensorrt/<gpu>__trt<ver>/model[.fp16].plan` + its build record; returns the folder."""
+    """Builds and writes `tensorrt/<gpu>__trt<ver>/model[.fp16].plan` + its build record; returns the folder.
+
+    fp32 plans are built with TF32 cleared (TensorRT enables it by default: ~1e-3 differences, ten times
+    the fp32 export tolerance). `check(plan_bytes, meta)` runs before anything is written: it returns
+    the parity figures recorded in engine.json, or raises (then no plan is written).
+    """
     trt = require_tensorrt()
     gpu_name = require_cuda_gpu()
     version = trt.__version__
@@ -332,6 +341,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if mode == "builder-flag":
         config.set_flag(trt.BuilderFlag.FP16)
+    if not fp16:
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile_shapes(signature.inputs, max_batch, opt_batch).items():
         profile.set_shape(name, low, opt, high)
@@ -356,5 +367,9 @@ def build_engine(
         model_name=signature.model.name,
         model_version=signature.model.version,
         build_seconds=round(time.perf_counter() - started, 1),
+        tf32=fp16,  # fp32 plans: cleared; fp16 plans keep TensorRT's default (on)
     )
-    return save_plan(model_dir, meta, bytes(serialized))
+    plan_bytes = bytes(serialized)
+    if check is not None:
+        meta = dataclasses.replace(meta, parity=check(plan_bytes, meta))
+    return save_plan(model_dir, meta, plan_bytes)

@@ -52,9 +52,30 @@ class TensorRTRunner:
     def __init__(self, model_dir: str | Path, signature: ExportSignature, fp16: bool = False, device: str = "cuda"):
         trt = require_tensorrt()
         gpu_name = require_cuda_gpu()
-        plan, self.meta = select_plan(model_dir, signature, gpu_name, trt.__version__, fp16)
+        plan, meta = select_plan(model_dir, signature, gpu_name, trt.__version__, fp16)
+        self._open(trt, plan.read_bytes(), meta, signature, plan, device)
+
+    @classmethod
+    def from_plan_bytes(
+        cls, data: bytes, meta, signature: ExportSignature, where: str | Path, device: str = "cuda"
+    ) -> TensorRTRunner:
+        """A runner on a plan not yet written anywhere (the build-time parity check runs it first).
+
+        Args:
+            data: the serialized plan.
+            meta: its build record (EngineMeta: max_batch).
+            signature: the signature the plan was built from.
+            where: how errors name the plan.
+            device: as for the constructor.
+        """
+        runner = cls.__new__(cls)
+        runner._open(require_tensorrt(), data, meta, signature, Path(where), device)
+        return runner
+
+    def _open(self, trt, data: bytes, meta, signature: ExportSignature, plan: Path, device: str) -> None:
+        self.meta = meta
         self._runtime = trt.Runtime(tensorrt_logger())
-        self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise ModelError(f"{plan}: TensorRT cannot deserialize this plan (corrupt, or another TensorRT build)")
         self.context = self.engine.create_execution_context()
@@ -118,6 +139,11 @@ class TensorRTRunner:
                 self._stream.synchronize()
             del inputs
         return results
+
+    def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run` on numpy feeds (extra keys ignored) -> numpy float32 outputs on the host."""
+        outs = self.run({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items() if k in self.inputs})
+        return {k: v.float().cpu().numpy() for k, v in outs.items()}
 
     def _bind(self, name: str, tensor: torch.Tensor) -> None:
         if not self.context.set_tensor_address(name, tensor.data_ptr()):
