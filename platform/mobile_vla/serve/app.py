@@ -172,6 +172,7 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         alias_poll_s=args.alias_poll_s,
         shadow=args.shadow,
         shadow_name=shadow_name,
+        safety=args.safety,
     )
     # Serve admits to the ingress about what the ingress's own gate would admit: the excess is shed by
     # Serve (in its proxy, or in the replica's HTTP server behind HAProxy) before any of our code runs.

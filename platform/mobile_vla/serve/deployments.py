@@ -386,6 +386,10 @@ class PolicyReplica:
         h1, c1 = out.memory
         actions = np.asarray(out.actions, dtype=np.float32)  # [B, K, 3]
         confidence = np.asarray(out.confidence, dtype=np.float32)  # [B]
+        confidence_now = None if out.confidence_now is None else np.asarray(out.confidence_now, np.float32)  # [B]
+        novelty = None if out.novelty is None else np.asarray(out.novelty, dtype=np.float32)  # [B]
+        safety = model.backend.safety  # the version's calibration (policy/novelty.py), or None
+        thresholds = safety.thresholds if safety is not None else None
         broken = set(out.nonfinite_rows())
         if broken:
             self._metrics.nonfinite_rows.inc(float(len(broken)))
@@ -402,6 +406,9 @@ class PolicyReplica:
                 model.version,
                 model.backend.name,
                 reset[b],
+                confidence_now=None if confidence_now is None else float(confidence_now[b]),
+                novelty=None if novelty is None else float(novelty[b]),
+                thresholds=thresholds,
             )
             for b in range(B)
         ]

@@ -2,7 +2,9 @@ r"""The memory token: the LSTM state a robot carries between /v1/act calls, so r
 
 A token is `m2.<key id>.<payload>.<signature>` (base64url, no padding). The payload is
 zlib-compressed `header_json \n h_bytes c_bytes` with h and c stored as float16 [layers, hidden];
-the header names the model name and version the state belongs to, the robot and the shapes. The
+the header names the model name and version the state belongs to, the robot and the shapes, and
+`stops`: how many answers in a row the safety ladder stopped the robot (serve/safety.py; absent in
+older tokens, read as 0). The
 signature is HMAC-SHA256 over the key id and the payload with a server key, so a robot cannot forge
 or edit the state it sends back: a bad signature, an unknown key id or a malformed token is an error
 (4xx), while a valid token from another model version is simply not used (the caller sets
@@ -66,6 +68,7 @@ class RecurrentMemory:
     robot_id: str
     h: np.ndarray
     c: np.ndarray
+    stops: int = 0  # consecutive safety stops up to this answer (the handover rule counts them)
 
 
 def _b64encode(data: bytes) -> str:
@@ -229,6 +232,8 @@ class MemoryCodec:
             "robot": memory.robot_id,
             "shape": list(h.shape),
         }
+        if memory.stops:
+            header["stops"] = int(memory.stops)
         raw = json.dumps(header, separators=(",", ":")).encode() + b"\n" + h.tobytes() + c.tobytes()
         payload = _b64encode(zlib.compress(raw, level=1))
         key = self._ring().signing_key(self._clock())
@@ -269,7 +274,10 @@ class MemoryCodec:
                 raise ValueError(f"expected {2 * n} state values, found {values.size}")
             h = values[:n].reshape(layers, hidden).astype(np.float32)
             c = values[n:].reshape(layers, hidden).astype(np.float32)
-            return RecurrentMemory(str(header["name"]), str(header["version"]), str(header["robot"]), h, c)
+            stops = int(header.get("stops", 0))
+            if stops < 0:
+                raise ValueError(f"stops = {stops}")
+            return RecurrentMemory(str(header["name"]), str(header["version"]), str(header["robot"]), h, c, stops)
         except (zlib.error, ValueError, KeyError, TypeError) as exc:
             # Signed by us but unreadable: a bug or a format change, still the client's token to drop.
             raise MemoryTokenError(f"memory token payload is unreadable: {exc}") from exc

@@ -23,6 +23,7 @@ SWAP_SECONDS_BOUNDARIES = [0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200]
 ACTION_DIFF_BOUNDARIES = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500]
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128]
+NOVELTY_BOUNDARIES = [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 50, 100]
 CONFIDENCE_BOUNDARIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 
 
@@ -51,6 +52,18 @@ class IngressMetrics:
             tag_keys=("backend",),
         )
         self.memory_resets = Counter("mobile_vla_memory_resets", "Memory tokens dropped (other model version).")
+        self.safety = Counter(
+            "mobile_vla_safety_decisions",
+            "Answered /v1/act steps by safety level (normal, slow, stop, handover) and reason (low_confidence, "
+            "novel_frame, stale, consecutive_stops; none for normal). A step with two reasons counts under each.",
+            tag_keys=("level", "reason"),
+        )
+        self.novelty = Histogram(
+            "mobile_vla_novelty",
+            "Novelty of answered frames (about 1 in distribution; versions with training statistics only).",
+            boundaries=NOVELTY_BOUNDARIES,
+            tag_keys=("backend",),
+        )
         self.breaker_open = Gauge("mobile_vla_primary_breaker_open", "1 while the primary's circuit breaker is open.")
         self.registry_errors = registry_errors_counter()
         self.shadow = Counter(

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from mobile_vla.export.signature import load_signature
+from mobile_vla.policy.novelty import SafetyThresholds
 from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.runtime.base import safety_for
 from mobile_vla.tracking import resolve_model
 
 
@@ -32,6 +34,9 @@ class ModelSide:
     image_size: int = 224  # what prepare_image makes (JPEGs larger than it are DCT-downscaled while decoding)
     state_input: str = "previous_command"  # what robots send as `state` (signature.json preprocessing.state_input)
     from_cache: bool = False  # read from the verified local cache while the registry was unreachable
+    novelty: bool = False  # whether the policy replicas score novelty for this version (runtime.base.safety_for)
+    safety_note: str = ""  # why novelty is on or off (GET /v1/model)
+    calibrated: SafetyThresholds | None = None  # the version's calibrated safety thresholds
 
 
 def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
@@ -39,6 +44,7 @@ def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
     resolved = resolve_model(model_uri)
     signature = load_signature(resolved.path / "onnx")
     preprocessing = Preprocessing.load(resolved.path / signature.preprocessing.saved_at, with_tokenizer=False)
+    calibration, safety_note = safety_for(resolved.path, signature)
     return ModelSide(
         name=signature.model.name or resolved.name or "unknown",
         version=str(signature.model.version or resolved.version or "unknown"),
@@ -51,4 +57,7 @@ def load_model_side(model_uri: str, alias: str | None = None) -> ModelSide:
         control_hz=float(preprocessing.control_hz),
         image_size=int(preprocessing.image_size),
         from_cache=resolved.from_cache,
+        novelty=calibration is not None,
+        safety_note=safety_note,
+        calibrated=calibration.thresholds if calibration is not None else None,
     )

@@ -30,6 +30,8 @@ from mobile_vla.serve.metrics import IngressMetrics
 from mobile_vla.serve.readiness import CachedStatus
 from mobile_vla.serve.request_checks import authorize, check_state, decode_image, permit, read_json
 from mobile_vla.serve.router import BatchRouter, BreakerState, ServedVersions
+from mobile_vla.serve.safety import NORMAL, SafetyInputs, apply_level, decide, effective_thresholds, speed_factor
+from mobile_vla.serve.safety import SafetyDecision as Decision
 from mobile_vla.serve.schemas import (
     ActRequest,
     ActResponse,
@@ -41,7 +43,10 @@ from mobile_vla.serve.schemas import (
     ModelRef,
     ModelSummary,
     Readiness,
+    SafetyDecision,
+    SafetyInfo,
     StepRequest,
+    StepResult,
 )
 from mobile_vla.serve.settings import IngressConfig, ingress_limits
 from mobile_vla.serve.shadow import ShadowMirror
@@ -107,12 +112,22 @@ class PolicyIngress:
         grant = authorize(request, self._auth)
         self._watcher.ensure_running()
         side = self._watcher.side
+        safety = self.settings.safety
+        limits = effective_thresholds(safety, side.calibrated, side.control_hz, side.chunk)
         summary = ModelSummary(
             name=side.name,
             version=side.version,
             state_dim=side.state_dim,
             chunk=side.chunk,
             state_input=side.state_input,
+            safety=SafetyInfo(
+                enabled=safety.enabled,
+                novelty=side.novelty,
+                note=side.safety_note,
+                thresholds=dict(vars(limits)),
+                slow_factor=safety.slow_factor,
+                handover_after_stops=safety.handover_after_stops,
+            ),
         )
         if grant.refusal("operator") is not None:
             return JSONResponse(summary.model_dump(mode="json"))
@@ -157,20 +172,32 @@ class PolicyIngress:
             result = routed.result
             if self._shadow is not None:
                 self._shadow.copy(step, result)
+            safety, confidence_now, stale_ms = self._safety_decision(body, step, result, arrival)
             token = self._codec.encode(
-                RecurrentMemory(result.model_name, result.model_version, body.robot_id, result.h, result.c)
+                RecurrentMemory(
+                    result.model_name, result.model_version, body.robot_id, result.h, result.c, stops=safety.stops
+                )
             )
             latency_ms = (time.perf_counter() - start) * 1000
             backend_tag, status = result.backend, 200
             self._observe(body.robot_id, routed, latency_ms)
+            factor = speed_factor(safety.level, self.settings.safety.slow_factor)
             answer = ActResponse(
-                actions=result.actions.tolist(),
+                actions=apply_level(result.actions, safety.level, self.settings.safety.slow_factor).tolist(),
                 confidence=result.confidence,
                 memory=token,
                 model=ModelRef(name=result.model_name, version=result.model_version),
                 backend=result.backend,
                 memory_reset=result.memory_reset,
                 latency_ms=round(latency_ms, 3),
+                safety=SafetyDecision(
+                    level=safety.level,
+                    reasons=safety.reasons,
+                    speed_factor=factor,
+                    confidence_now=confidence_now,
+                    novelty=result.novelty,
+                    stale_ms=None if stale_ms is None else round(stale_ms, 3),
+                ),
             )
             headers = {"X-Served-By": routed.served_by, "X-Fallback-Reason": routed.fallback_reason or "none"}
             return JSONResponse(answer.model_dump(mode="json"), headers=headers)
@@ -205,7 +232,29 @@ class PolicyIngress:
                 raise ApiError(400, "invalid_memory", "memory token belongs to another robot_id")
             step.memory_name, step.memory_version = memory.model_name, memory.model_version
             step.h, step.c = memory.h, memory.c
+            step.safety_stops = memory.stops
         return step
+
+    def _safety_decision(
+        self, body: ActRequest, step: StepRequest, result: StepResult, arrival: float
+    ) -> tuple[Decision, float, float | None]:
+        """The safety ladder's decision for this answer (serve/safety.py), counted in the metrics; with the
+        executed step's confidence and the step's age (None without delay_ms) it was judged on.
+        """
+        config = self.settings.safety
+        side = self._watcher.side
+        confidence_now = result.confidence if result.confidence_now is None else result.confidence_now
+        stale_ms = None if body.delay_ms is None else body.delay_ms + (time.time() - arrival) * 1000
+        decision = Decision(NORMAL)
+        if config.enabled:
+            limits = effective_thresholds(config, result.thresholds, side.control_hz, side.chunk)
+            inputs = SafetyInputs(confidence_now, result.novelty, stale_ms, step.safety_stops)
+            decision = decide(inputs, limits, config.handover_after_stops)
+        for reason in decision.reasons or ["none"]:
+            self._metrics.safety.inc(tags={"level": decision.level, "reason": reason})
+        if result.novelty is not None:
+            self._metrics.novelty.observe(result.novelty, tags={"backend": result.backend})
+        return decision, confidence_now, stale_ms
 
     def _observe(self, robot_id: str, routed, latency_ms: float) -> None:
         """Metrics and the one log line of an answered /v1/act."""

@@ -16,6 +16,7 @@ import mlflow
 import torch
 
 from mobile_vla.export.onnx_export import export_model
+from mobile_vla.export.parity import parity_frames
 from mobile_vla.export.publish import attach_onnx
 from mobile_vla.export.signature import ONNX_DIR, SIGNATURE_FILE
 from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
@@ -29,6 +30,7 @@ from mobile_vla.tracking import (
     get_or_create_experiment,
     register_policy,
 )
+from mobile_vla.train.safety_calibration import calibrate_on_frames
 
 SAMPLE_EXPERIMENT = "mobile-vla-serve-samples"
 
@@ -39,8 +41,14 @@ def register_random_policy(
     alias: str = CHAMPION,
     seed: int = 0,
     fp16: bool = False,
+    safety_frames: int = 96,
 ) -> str:
-    """Builds, saves, registers and exports a random `preset` policy; returns `models:/NAME@alias`."""
+    """Builds, saves, registers and exports a random `preset` policy; returns `models:/NAME@alias`.
+
+    With `safety_frames` > 0 the version carries novelty statistics and safety thresholds fitted on
+    that many MiniWorld frames (two thirds as "training", a third from other rooms as "validation"), as a trained
+    version does; 0 leaves them out (the version serves with novelty off).
+    """
     config = presets.get_preset(preset)
     torch.manual_seed(seed)
     model = build_policy(config).eval()
@@ -62,6 +70,11 @@ def register_random_policy(
     ):
         model_dir = Path(tmp) / "model"
         save_policy(model_dir / "policy", model, preprocessing)
+        if safety_frames:
+            train_frames = parity_frames(2 * safety_frames // 3, 224, seed=seed + 100).images
+            val_frames = parity_frames(safety_frames - len(train_frames), 224, seed=seed + 200).images
+            source = {"frames": f"miniworld random walks, seeds {seed + 100} and {seed + 200}", "sample": "random"}
+            calibrate_on_frames(model_dir / "policy", train_frames, val_frames, source=source)
         version = register_policy(
             model_dir, run.info.run_id, name=name, alias=alias, tags={"sample": "random-weights", "preset": preset}
         )

@@ -18,12 +18,16 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from mobile_vla.policy.novelty import SafetyThresholds
 from mobile_vla.runtime import BACKEND_NAMES
 
 MAX_INSTRUCTION_CHARS = 512
 MAX_STATE_DIM = 64
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028235e38: a larger JSON number becomes inf in the model
 MAX_DEADLINE_MS = 60_000
+MAX_DELAY_MS = 600_000
+SafetyLevel = Literal["normal", "slow", "stop", "handover"]  # = serve.safety.LEVELS
+SafetyReason = Literal["low_confidence", "novel_frame", "stale", "consecutive_stops"]  # = serve.safety.REASONS
 
 
 def _float32_range(value: float) -> float:
@@ -62,6 +66,28 @@ class ActRequest(StrictBody):
         "it is not computed: 429 overloaded when it waited in a queue, 504 deadline_exceeded when the "
         "primary failed meanwhile.",
     )
+    delay_ms: Annotated[float, Field(ge=0, le=MAX_DELAY_MS, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="The robot's measured delay for this step, in ms: how old the camera frame was when the "
+        "request left the robot plus its last measured round trip. The safety ladder adds the time the step "
+        "spent in the server and slows or stops a step that is too old; without it a step is never stale.",
+    )
+
+
+class SafetyDecision(BaseModel):
+    """What the robot may do with this answer (docs/http_api.md "Safety")."""
+
+    level: SafetyLevel = Field(
+        description="normal: execute; slow: the actions are already scaled by speed_factor; stop: the actions "
+        "are zero, stand still; handover: zero actions, stand still and call an operator."
+    )
+    reasons: list[SafetyReason] = Field(description="The rules that raised the level, most severe first; [] if normal.")
+    speed_factor: float = Field(description="What the chunk's velocities were multiplied by: 1, slow_factor or 0.")
+    confidence_now: float = Field(description="Confidence of the executed step (actions[0]).")
+    novelty: float | None = Field(
+        description="How unlike the training frames this frame is (about 1 in distribution); null: novelty off."
+    )
+    stale_ms: float | None = Field(description="The step's age (delay_ms + time in the server); null without delay_ms.")
 
 
 class ModelRef(BaseModel):
@@ -81,6 +107,7 @@ class ActResponse(BaseModel):
     backend: Literal[BACKEND_NAMES]
     memory_reset: bool
     latency_ms: float
+    safety: SafetyDecision
 
 
 class FeedbackRequest(StrictBody):
@@ -173,6 +200,17 @@ class ShadowSummary(BaseModel):
     in_flight: int
 
 
+class SafetyInfo(BaseModel):
+    """The safety ladder for the served version: on or off, whether novelty runs, and the thresholds in force."""
+
+    enabled: bool
+    novelty: bool = Field(description="Whether answers carry a novelty score (the version has training statistics).")
+    note: str = Field(description="Why novelty is on or off for this version.")
+    thresholds: dict[str, float | None] = Field(description="The thresholds in force (serve config over calibration).")
+    slow_factor: float
+    handover_after_stops: int
+
+
 class ModelSummary(BaseModel):
     """What a robot needs to know of the served model (`GET /v1/model` without the operator scope).
 
@@ -186,6 +224,7 @@ class ModelSummary(BaseModel):
     # what to send as `state` (signature.json preprocessing.state_input): "previous_command" = the command
     # executed at the previous step, "measured_velocity" = the velocity the base realised then, "none" = zeros
     state_input: str = "previous_command"
+    safety: SafetyInfo | None = None
 
 
 class ModelInfo(ModelSummary):
@@ -230,6 +269,7 @@ class StepRequest:
     h: np.ndarray | None = None  # float32 [layers, hidden]
     c: np.ndarray | None = None
     deadline: float | None = None  # wall clock (time.time()) after which the step is dropped, not computed
+    safety_stops: int = 0  # consecutive safety stops before this step (from the memory token; ingress only)
 
     def expired(self, now: float) -> bool:
         """Whether the step's deadline has passed at wall-clock time `now`."""
@@ -248,6 +288,9 @@ class StepResult:
     model_version: str
     backend: str
     memory_reset: bool
+    confidence_now: float | None = None  # the executed step's; None from a signature version 1 export
+    novelty: float | None = None  # None: novelty off for this version
+    thresholds: SafetyThresholds | None = None  # the version's calibrated ones (None: uncalibrated)
 
 
 @dataclass

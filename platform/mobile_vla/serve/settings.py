@@ -58,6 +58,52 @@ class ShadowConfig(StrictModel):
     )
 
 
+class SafetyConfig(StrictModel):
+    """The safety ladder of /v1/act answers (serve/safety.py; docs/operations.md "Safe stop").
+
+    Thresholds left at None come from the served version's calibration (policy/safety_calibration.json,
+    computed on its validation split at training time); a version without one has the confidence and
+    novelty rules off unless set here. Staleness thresholds default to the model's control period
+    (slow) and the chunk's horizon, K control periods (stop).
+    """
+
+    enabled: bool = Field(default=True, description="false: every answer is `normal` (no scaling, no stops)")
+    slow_factor: float = Field(default=0.5, gt=0, lt=1, description="`slow` scales every velocity by this")
+    confidence_slow: float | None = Field(
+        default=None, ge=0, le=1, description="slow below this executed-step confidence (None: calibrated)"
+    )
+    confidence_stop: float | None = Field(
+        default=None, ge=0, le=1, description="stop below this executed-step confidence (None: calibrated)"
+    )
+    novelty_slow: float | None = Field(default=None, gt=0, description="slow above this novelty (None: calibrated)")
+    novelty_stop: float | None = Field(default=None, gt=0, description="stop above this novelty (None: calibrated)")
+    stale_slow_ms: float | None = Field(
+        default=None, gt=0, description="slow when the step is older than this (None: one control period)"
+    )
+    stale_stop_ms: float | None = Field(
+        default=None, gt=0, description="stop when the step is older than this (None: the chunk's horizon)"
+    )
+    handover_after_stops: int = Field(
+        default=10,
+        ge=0,
+        description="after this many `stop` answers in a row the robot is handed to an operator (0: never)",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        pairs = (
+            ("confidence_stop", self.confidence_stop, "confidence_slow", self.confidence_slow, "<="),
+            ("novelty_stop", self.novelty_stop, "novelty_slow", self.novelty_slow, ">="),
+            ("stale_stop_ms", self.stale_stop_ms, "stale_slow_ms", self.stale_slow_ms, ">="),
+        )
+        for stop_name, stop, slow_name, slow, relation in pairs:
+            if stop is None or slow is None:
+                continue
+            if (relation == "<=" and stop > slow) or (relation == ">=" and stop < slow):
+                raise ValueError(f"safety.{stop_name} = {stop} must be {relation} safety.{slow_name} = {slow}")
+        return self
+
+
 class ServeAppConfig(StrictModel):
     """Arguments of the application (`args:` in a Serve config file, or key=value for `serve run`)."""
 
@@ -141,6 +187,9 @@ class ServeAppConfig(StrictModel):
     shadow: ShadowConfig | None = Field(
         default=None, description="copy live requests to a challenger (off the request path)"
     )
+    safety: SafetyConfig = Field(
+        default_factory=SafetyConfig, description="the safe-stop ladder of /v1/act answers (thresholds, slow factor)"
+    )
 
     @model_validator(mode="after")
     def _one_precision(self):
@@ -192,6 +241,7 @@ class IngressConfig(StrictModel):
     alias_poll_s: float = Field(default=DEFAULT_ALIAS_POLL_S, ge=0)
     shadow: ShadowConfig | None = None
     shadow_name: str | None = None
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
 
 
 class PolicyUserConfig(StrictModel):
