@@ -1,6 +1,6 @@
 """The whole budgeted recipe in one command: data, behaviour cloning, DAgger rounds, closed-loop evaluation.
 
-    make quality                                   # defaults: small.yaml (best measured), 2 rounds
+    make quality                       # defaults: small.yaml, 1,700 scenes, one epoch (best measured), 2 rounds
     .venv/bin/python benchmarks/quality.py --rounds 3 --betas 0.5 0.3 0.1 --collect-episodes 100
     .venv/bin/python benchmarks/quality.py --rounds 0 --train-set loss.first_step_weight=1   # an ablation row
     .venv/bin/python benchmarks/quality.py --preset tiny --episodes 12 --epochs 1 --rounds 1 \
@@ -194,11 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--config", type=Path, default=ROOT / "jobs/configs/small.yaml", help="train config (small: best measured)")
     add("--update-config", type=Path, default=ROOT / "jobs/configs/online_update.yaml", help="online-update config")
     add("--preset", default=None, help="model.preset override (default: the config's)")
-    add("--episodes", type=int, default=400, help="expert episodes to generate, train + val (400)")
+    add("--episodes", type=int, default=1700, help="expert episodes, train + val (1700: x3 scenes)")
     add("--val-fraction", type=float, default=0.1, help="share of the episodes in val (0.1); the rest is train")
     add("--action-noise", type=float, default=0.0, help="DART noise on the executed command (0: best measured)")
     add("--data-seed", type=int, default=0)
-    add("--epochs", type=int, default=None, help="train.epochs (default: the config's)")
+    add("--epochs", type=int, default=1, help="train.epochs (1: each scene once, best measured)")
     add("--workers", type=int, default=None, help="scaling.num_workers (default: the config's)")
     add("--train-set", action="append", default=[], metavar="KEY=VALUE", help="extra train override (repeatable)")
     add("--rounds", type=int, default=2, help="DAgger rounds (2; 0: behaviour cloning only)")
