@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 from mobile_vla.errors import ModelError
-from mobile_vla.export.signature import ONNX_DIR, STEP_OUTPUTS, TEXT_OUTPUTS, ExportSignature
+from mobile_vla.export.signature import ONNX_DIR, TEXT_OUTPUTS, ExportSignature
 from mobile_vla.export.tensorrt_engine import require_cuda_gpu, require_tensorrt, select_plan, tensorrt_logger
 from mobile_vla.runtime.base import Backend, LoadOptions, ModelFiles
 from mobile_vla.runtime.onnx_backend import open_session
@@ -192,7 +192,7 @@ class TensorRTBackend(Backend):
 
     def _step(self, feeds):
         outs = self.runner.run({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()})
-        return {k: outs[k].float().cpu().numpy() for k in STEP_OUTPUTS}
+        return {k: outs[k].float().cpu().numpy() for k in self.signature.output_names}
 
     def close(self):
         self.runner = self.text_session = None

@@ -46,6 +46,7 @@ from mobile_vla.train.loop import train_loop_per_worker
 from mobile_vla.train.pipeline import build_window_dataset
 from mobile_vla.train.preflight import preflight
 from mobile_vla.train.progress import TerminalProgress, progress_queue
+from mobile_vla.train.safety_calibration import calibrate_policy_dir
 from mobile_vla.train.windows import AugmentConfig, build_split_index
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,7 @@ def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, bes
                 figure = plots.predicted_vs_true(*sample, title=f"Validation, best epoch {epoch}: predicted vs true")
                 client.log_figure(run_id, figure, "plots/predicted_vs_true.png")
             shutil.copytree(Path(best_dir) / checkpointing.POLICY_DIR, tmp / "model" / checkpointing.POLICY_DIR)
+        safety_note = _calibrate_safety(cfg, tmp / "model" / checkpointing.POLICY_DIR)
         summary = {f"best_{k}": float(v) for k, v in best_metrics.items() if isinstance(v, (int, float))}
         client.log_batch(run_id, metrics=_metric_list(summary))
         if cfg.mlflow.registered_model:
@@ -304,11 +306,28 @@ def _finish_mlflow(cfg: TrainJobConfig, run_id: str, uri: str, result, best, bes
                     "checkpoint": Path(best.path).name,
                     "epoch": str(best_metrics.get("epoch")),
                     "preset": cfg.model.preset,
+                    "safety_calibration": safety_note,
                 },
             )
             log_version_metrics(cfg.mlflow.registered_model, version, evaluation)
     client.set_terminated(run_id, "FINISHED")
     return version
+
+
+def _calibrate_safety(cfg: TrainJobConfig, policy_dir: Path) -> str:
+    """Novelty statistics + safety thresholds into the version's policy/ (train/safety_calibration.py).
+
+    A failure is logged and the version registered without them (it then serves with novelty off):
+    the trained weights are not thrown away over it. Returns a one-line note for the version's tags.
+    """
+    try:
+        calibration = calibrate_policy_dir(policy_dir, cfg.data_path(), cfg.data.train_split, cfg.data.val_split)
+    except Exception as exc:  # data, model or numerical errors alike: the note says which
+        note = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); novelty off"
+        log.warning("safety calibration %s", note)
+        return note
+    t = calibration.thresholds
+    return f"novelty_slow {t.novelty_slow:.3g}, confidence_slow {t.confidence_slow:.3g}"
 
 
 def _registered_version(client, cfg: TrainJobConfig, run_id: str, checkpoint_name: str) -> str | None:
