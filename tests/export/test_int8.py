@@ -22,7 +22,7 @@ from mobile_vla.runtime.backends import load_backend
 from mobile_vla.serve.settings import ServeAppConfig
 
 
-def _patch_graph(pads: list[int]) -> onnx.ModelProto:
+def _patch_graph(pads: list[int], pooled: bool = False) -> onnx.ModelProto:
     """uint8 NHWC frames -> Cast -> * scale[3] + shift[3] -> Transpose -> Conv 4x4 stride 4 (+ bias)."""
     rng = np.random.default_rng(0)
     inits = [
@@ -40,19 +40,27 @@ def _patch_graph(pads: list[int]) -> onnx.ModelProto:
             "Conv", ["nchw", "weight", "bias"], ["patches"], kernel_shape=[4, 4], strides=[4, 4], pads=pads
         ),
     ]
+    outputs = [helper.make_tensor_value_info("patches", TensorProto.FLOAT, None)]
+    if pooled:  # e.g. image statistics for novelty, read from the same normalised frames
+        nodes.append(helper.make_node("GlobalAveragePool", ["nchw"], ["pooled"]))
+        outputs.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None))
     graph = helper.make_graph(
         nodes,
         "patches",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 8, 8, 3])],
-        [helper.make_tensor_value_info("patches", TensorProto.FLOAT, None)],
+        outputs,
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def _run(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+def _run_all(model: onnx.ModelProto, images: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": images})[0]
+    return session.run(None, {"images": images})
+
+
+def _run(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    return _run_all(model, images)[0]
 
 
 def test_fold_moves_the_pixel_normalisation_into_the_patch_conv():
@@ -62,6 +70,14 @@ def test_fold_moves_the_pixel_normalisation_into_the_patch_conv():
     assert quantize.fold_pixel_affine(model) == 1
     assert sorted(n.op_type for n in model.graph.node) == ["Cast", "Conv", "Transpose"]  # Mul and Add gone
     np.testing.assert_allclose(_run(model, images), before, rtol=1e-5, atol=1e-4)
+
+    pooled = _patch_graph(pads=[0, 0, 0, 0], pooled=True)  # another reader of the normalised frames
+    before = _run_all(pooled, images)
+    assert quantize.fold_pixel_affine(pooled) == 1
+    ops = [n.op_type for n in pooled.graph.node]
+    assert ops.count("Mul") == 1 and ops.count("Transpose") == 1  # one channel-first normalisation left
+    for got, want in zip(_run_all(pooled, images), before, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
     padded = _patch_graph(pads=[1, 1, 1, 1])  # padded zeros would be normalised differently: left alone
     assert quantize.fold_pixel_affine(padded) == 0
