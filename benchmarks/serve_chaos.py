@@ -360,10 +360,18 @@ def run_chaos(load: FleetLoad, app_name: str, url: str, seconds: float, targets=
 
 
 def app_args(tokens_file: str):
-    """The app under test: ONNX primary + ONNX fallback, the shipped defaults otherwise."""
+    """The app under test: ONNX primary + ONNX fallback, the shipped defaults otherwise, but the safety ladder
+    off: it scales the answers of novel frames (these synthetic ones are), and the cross-talk check compares
+    each answer with the robot's raw chunk (tests/serve/test_safety_http.py covers the ladder)."""
     from mobile_vla.serve.app import ServeAppConfig
 
-    return ServeAppConfig(tokens_file=tokens_file, fallback="onnx", max_batch_size=16, batch_wait_timeout_s=0.01)
+    return ServeAppConfig(
+        tokens_file=tokens_file,
+        fallback="onnx",
+        max_batch_size=16,
+        batch_wait_timeout_s=0.01,
+        safety={"enabled": False},
+    )
 
 
 def main() -> int:

@@ -100,7 +100,8 @@ def test_act_round_trip_and_memory_token(served):
     first = served.act()
     assert first.status_code == 200, first.text
     body = first.json()
-    assert set(body) == {"actions", "confidence", "memory", "model", "backend", "memory_reset", "latency_ms"}
+    assert set(body) == {"actions", "confidence", "memory", "model", "backend", "memory_reset", "latency_ms", "safety"}
+    assert body["safety"]["level"] in ("normal", "slow", "stop", "handover"), body["safety"]
     actions = np.asarray(body["actions"])
     assert actions.shape == (10, 3) and np.isfinite(actions).all()
     assert (np.abs(actions[:, :2]) <= 0.5 + 1e-6).all() and (np.abs(actions[:, 2]) <= 1.0 + 1e-6).all()
