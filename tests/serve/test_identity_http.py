@@ -211,7 +211,7 @@ def test_model_and_readiness_details_only_for_operators(identity_app):
     robot = {"Authorization": f"Bearer {app.robot_tokens['robot-a']}"}
     summary = app.http.get("/v1/model", headers=robot)
     assert summary.status_code == 200
-    assert set(summary.json()) == {"name", "version", "state_dim", "state_input", "chunk"}
+    assert set(summary.json()) == {"name", "version", "state_dim", "state_input", "chunk", "safety"}  # no backends
     assert (summary.json()["state_dim"], summary.json()["state_input"]) == (3, "previous_command")
     details = app.http.get("/v1/model", headers=app.auth).json()
     assert details["backends"] and details["active"] == "OnnxPolicy" and details["uri"].startswith("models:/")
