@@ -27,11 +27,12 @@ format: setup
 
 # client/tests are the robot client's own (client/, a package of its own); its live tests run against the
 # real app from tests/serve/test_client_package.py. Tests run in file order (-p no:randomly); test-shuffled
-# runs them in a random order (pytest-randomly,
-# its seed is printed at the top; repeat that order with: make test-shuffled PYTEST_ARGS="--randomly-seed=SEED").
+# runs them in a random order (pytest-randomly, its seed is printed at the top; repeat that order with:
+# make test-shuffled PYTEST_ARGS="--randomly-seed=SEED").
 # test-fast leaves out the tests marked `slow` (real training and fine-tunes, ONNX exports of new models, sweeps,
-# Serve apps, Ray Train, MiniWorld rollouts over ~5 s, the demo); `make test` runs everything. Measured on 2 cores,
-# 2026-12-06: test-fast 3 min 45 s on a quiet box (579 tests); make test about 38 minutes.
+# Serve apps, Ray Train, MiniWorld rollouts over ~5 s, the demo); `make test` runs everything. Measured on 2 cores:
+# test-fast 3 min 45 s on a quiet box (2026-12-06, 579 tests); make test 43 minutes on a partly loaded box
+# (2026-12-07, 802 tests).
 test: setup
 	$(PY) -m pytest tests client/tests -p no:randomly --durations=40 $(PYTEST_ARGS)
 
