@@ -47,6 +47,7 @@ import numpy as np
 from mobile_vla_client import Client, ClientError, encode_jpeg
 
 RESULTS = Path(__file__).resolve().parent / "results"
+WARMUP_TIMEOUT_S = 60.0  # every robot answered once before the calm phase starts
 ACTION_ATOL = 1e-3  # an answer off its robot's own chunk by more is wrong (batched vs single rows: ~1e-6 apart)
 MIN_EXPECTED_GAP = 1e-4  # robots' chunks at least this far apart (100x the batching noise): a swap is visible
 INGRESS, PRIMARY, FALLBACK = "PolicyIngress", "OnnxPolicy", "OnnxFallbackPolicy"
@@ -321,12 +322,32 @@ def wait_breaker_closed(url: str, token: str, timeout_s: float = 120) -> float:
     return round(time.monotonic() - start, 2)
 
 
+def wait_until_every_robot_answered(load: FleetLoad, timeout_s: float) -> None:
+    """Warm-up: until every robot had an answer and then one more second (connections up, each replica's
+    first batches through), so that `calm` starts from the steady state and not from a cold app (a fixed
+    two-second wait let a slow start count as calm-phase failures).
+
+    Raises:
+        RuntimeError: some robot got no answer within `timeout_s`.
+    """
+    robots = {robot.robot_id for robot in load.fleet}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with load._lock:
+            answered = {o.robot_id for o in load.outcomes if o.ok}
+        if robots <= answered:
+            time.sleep(1.0)
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"warm-up: {sorted(robots - answered)} got no answer within {timeout_s:.0f} s")
+
+
 def run_chaos(load: FleetLoad, app_name: str, url: str, seconds: float, targets=TARGETS) -> dict:
     """`calm`, then one phase per target: kill a fifth into the phase, the phase lasting at least
     `seconds` and until the replica recovered and the primary's breaker closed again (so each kill
     starts from the steady state). Returns the phases' summaries, the kills and the overall figures."""
     load.start()
-    time.sleep(2.0)  # connections up, first batches through (the warmup outcomes are not counted)
+    wait_until_every_robot_answered(load, WARMUP_TIMEOUT_S)  # the warmup outcomes are not counted
     kills, seconds_in = [], {}
     try:
         for name, deployment in (("calm", None), *targets):
