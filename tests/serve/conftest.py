@@ -74,6 +74,20 @@ class AppClient:
         return serve.get_deployment_handle(deployment, app_name=self.app_name).info.remote().result()
 
 
+def two_version_home(home: Path, use_home, serve_home: Path, name: str = "mobile-vla-policy") -> Path:
+    """`home` holding v1 @champion and v2 (actions offset by 0.1, no alias): copies of the session's
+    exported tiny model, so that a test can tell which version answered."""
+    from mobile_vla.serve.sample_model import register_version_copy
+    from mobile_vla.tracking import resolve_model
+
+    with use_home(serve_home):
+        exported = resolve_model(f"models:/{name}/1").path
+    with use_home(home):
+        assert register_version_copy(exported, name, alias="champion") == "1"
+        assert register_version_copy(exported, name, action_offset=0.1) == "2"
+    return home
+
+
 @contextlib.contextmanager
 def deployed_app(app_name: str, home: Path, args, drill=None, ingress_options: dict | None = None):
     """`compose_app(args, drill)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards.

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.local_processes import stop_process_group
-from tests.serve.conftest import deployed_app, free_port, wait_until
+from tests.serve.conftest import deployed_app, free_port, two_version_home, wait_until
 from tests.serve.test_hot_swap import IMAGE
 
 NAME = "mobile-vla-policy"
@@ -48,15 +48,8 @@ CHROMIUM_FLAGS = [
 def audit_home(tmp_path_factory, use_home, serve_home):
     """v1 @champion and v2 (actions offset by 0.1, no alias): copies of the session's exported tiny model."""
     from mobile_vla.serve.auth import create_tokens_file
-    from mobile_vla.serve.sample_model import register_version_copy
-    from mobile_vla.tracking import resolve_model
 
-    with use_home(serve_home):
-        exported = resolve_model(f"models:/{NAME}/1").path
-    home = tmp_path_factory.mktemp("alias-audit-home")
-    with use_home(home):
-        assert register_version_copy(exported, NAME, alias="champion") == "1"
-        assert register_version_copy(exported, NAME, action_offset=0.1) == "2"
+    home = two_version_home(tmp_path_factory.mktemp("alias-audit-home"), use_home, serve_home, NAME)
     (home / "token").write_text(create_tokens_file(home / "tokens"))
     return home
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.local_processes import mlflow_server
-from tests.serve.conftest import AppClient, free_port, wait_until
+from tests.serve.conftest import AppClient, free_port, two_version_home, wait_until
 from tests.serve.test_hot_swap import IMAGE
 
 NAME = "mobile-vla-policy"
@@ -28,16 +28,7 @@ NAME = "mobile-vla-policy"
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, use_home, serve_home):
     """v1 @champion and v2 (actions offset by 0.1): copies of the session's exported tiny model."""
-    from mobile_vla.serve.sample_model import register_version_copy
-    from mobile_vla.tracking import resolve_model
-
-    with use_home(serve_home):
-        exported = resolve_model(f"models:/{NAME}/1").path
-    home = tmp_path_factory.mktemp("resilience-home")
-    with use_home(home):
-        assert register_version_copy(exported, NAME, alias="champion") == "1"
-        assert register_version_copy(exported, NAME, action_offset=0.1) == "2"
-    return home
+    return two_version_home(tmp_path_factory.mktemp("resilience-home"), use_home, serve_home, NAME)
 
 
 @pytest.fixture()
