@@ -335,7 +335,13 @@ def _registered_version(client, cfg: TrainJobConfig, run_id: str, checkpoint_nam
     for version in client.search_model_versions(f"name = '{cfg.mlflow.registered_model}' and run_id = '{run_id}'"):
         if version.tags.get("checkpoint") == checkpoint_name:
             if cfg.mlflow.alias:
-                set_alias(cfg.mlflow.registered_model, cfg.mlflow.alias, version.version)
+                set_alias(
+                    cfg.mlflow.registered_model,
+                    cfg.mlflow.alias,
+                    version.version,
+                    actor="train",
+                    reason=f"re-run of finished run {cfg.run.name}: the version its checkpoint registered",
+                )
             return str(version.version)
     return None
 
