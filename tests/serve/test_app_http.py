@@ -100,7 +100,12 @@ def test_act_round_trip_and_memory_token(served):
     first = served.act()
     assert first.status_code == 200, first.text
     body = first.json()
-    assert set(body) == {"actions", "confidence", "memory", "model", "backend", "memory_reset", "latency_ms", "safety"}
+    assert set(body) == {
+        *("actions", "confidence", "memory", "model", "backend", "memory_reset", "latency_ms", "safety"),
+        *("queue_ms", "compute_ms", "anchor_step"),
+    }
+    assert body["anchor_step"] is None  # no step cursor sent
+    assert body["compute_ms"] > 0 and 0 <= body["queue_ms"] <= body["latency_ms"]
     assert body["safety"]["level"] in ("normal", "slow", "stop", "handover"), body["safety"]
     actions = np.asarray(body["actions"])
     assert actions.shape == (10, 3) and np.isfinite(actions).all()
@@ -109,8 +114,9 @@ def test_act_round_trip_and_memory_token(served):
     assert body["backend"] == "onnx-cpu" and body["model"] == {"name": "mobile-vla-policy", "version": "1"}
     assert body["memory_reset"] is False and first.headers["x-served-by"] == "OnnxPolicy"
 
-    second = served.act(memory=body["memory"])
+    second = served.act(memory=body["memory"], step=7)
     again = served.act(memory=body["memory"])  # a retry with the same token is the same step
+    assert second.json()["anchor_step"] == 7  # the robot's step cursor, echoed: actions[0] is for step 7
     assert second.status_code == again.status_code == 200
     assert second.json()["memory_reset"] is False
     assert second.json()["actions"] == again.json()["actions"]

@@ -376,9 +376,8 @@ class PolicyReplica:
             reset.append(r.h is not None and not usable)
         start = time.perf_counter()
         out = await asyncio.to_thread(model.backend.predict, images, state, instructions, (h0, c0))
-        self._metrics.batch_latency_ms.observe(
-            (time.perf_counter() - start) * 1000, tags={"backend": model.backend.name}
-        )
+        compute_ms = (time.perf_counter() - start) * 1000
+        self._metrics.batch_latency_ms.observe(compute_ms, tags={"backend": model.backend.name})
         self._metrics.batch_size.observe(B, tags={"backend": model.backend.name})
         self._metrics.sample_resources()
         self._batches += 1
@@ -409,6 +408,7 @@ class PolicyReplica:
                 confidence_now=None if confidence_now is None else float(confidence_now[b]),
                 novelty=None if novelty is None else float(novelty[b]),
                 thresholds=thresholds,
+                compute_ms=compute_ms,
             )
             for b in range(B)
         ]

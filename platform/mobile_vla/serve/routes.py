@@ -190,6 +190,9 @@ class PolicyIngress:
                 backend=result.backend,
                 memory_reset=result.memory_reset,
                 latency_ms=round(latency_ms, 3),
+                queue_ms=round(max(0.0, latency_ms - result.compute_ms), 3),
+                compute_ms=round(result.compute_ms, 3),
+                anchor_step=body.step,
                 safety=SafetyDecision(
                     level=safety.level,
                     reasons=safety.reasons,

@@ -72,6 +72,12 @@ class ActRequest(StrictBody):
         "request left the robot plus its last measured round trip. The safety ladder adds the time the step "
         "spent in the server and slows or stops a step that is too old; without it a step is never stale.",
     )
+    step: Annotated[int, Field(ge=0, le=10_000_000)] | None = Field(
+        default=None,
+        description="The robot's step cursor: the control step this frame was taken at. Echoed as the answer's "
+        "`anchor_step` (the step `actions[0]` is for), so a robot that kept moving while the request was in "
+        "flight knows which actions it has already overtaken.",
+    )
 
 
 class SafetyDecision(BaseModel):
@@ -107,6 +113,9 @@ class ActResponse(BaseModel):
     backend: Literal[BACKEND_NAMES]
     memory_reset: bool
     latency_ms: float
+    queue_ms: float = Field(description="The rest of latency_ms: parsing, decoding, waiting in queues.")
+    compute_ms: float = Field(description="The model call that computed this step (its whole batch), in ms.")
+    anchor_step: int | None = Field(description="The request's `step`: `actions[0]` is for this step; null without it.")
     safety: SafetyDecision
 
 
@@ -291,6 +300,7 @@ class StepResult:
     confidence_now: float | None = None  # the executed step's; None from a signature version 1 export
     novelty: float | None = None  # None: novelty off for this version
     thresholds: SafetyThresholds | None = None  # the version's calibrated ones (None: uncalibrated)
+    compute_ms: float = 0.0  # the backend call of the batch this step ran in
 
 
 @dataclass
