@@ -381,3 +381,53 @@ def test_metrics_reach_the_ray_metrics_endpoint(served):
         time.sleep(2)
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
+
+
+# -- the binary wire form (issue 17): the frame's bytes as the body, the fields in X-Act-Fields -------
+def _binary_act(served, fields: dict | None, frame: bytes, content_type="image/jpeg") -> httpx.Response:
+    headers = {**served.auth, "Content-Type": content_type}
+    if fields is not None:
+        headers["X-Act-Fields"] = json.dumps(fields)
+    return served.http.post("/v1/act", content=frame, headers=headers)
+
+
+def test_the_binary_form_answers_as_the_json_form(served):
+    fields = {"robot_id": "bin-1", "instruction": INSTRUCTION, "state": [0.1, 0.0, -0.2]}
+    binary = _binary_act(served, fields, base64.b64decode(IMAGE))
+    as_json = served.act(robot_id="bin-1")  # the same frame, state and fresh memory, as base64 JSON
+    assert binary.status_code == as_json.status_code == 200, binary.text
+    assert set(binary.json()) == set(as_json.json())
+    np.testing.assert_allclose(binary.json()["actions"], as_json.json()["actions"], atol=1e-5)
+    follow = _binary_act(served, {**fields, "memory": binary.json()["memory"]}, base64.b64decode(IMAGE))
+    assert follow.status_code == 200 and follow.json()["memory_reset"] is False
+
+
+def test_bad_binary_requests_get_4xx_beside_robots_that_are_served(served):
+    frame = base64.b64decode(IMAGE)
+    fields = {"instruction": INSTRUCTION, "state": [0.0, 0.0, 0.0]}
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(png, format="PNG")
+    bad = {  # robot -> (X-Act-Fields or None, body, content type, status, code)
+        "bin-bad-truncated": (fields, frame[:1500], "image/jpeg", 400, "invalid_image"),
+        "bin-bad-png-as-jpeg": (fields, png.getvalue(), "image/jpeg", 400, "invalid_image"),
+        "bin-bad-no-header": (None, frame, "image/jpeg", 400, "missing_fields"),
+        "bin-bad-type": (fields, frame, "text/plain", 415, "unsupported_media_type"),
+        "bin-bad-field": ({**fields, "state": [0.0, 0.0]}, frame, "image/jpeg", 422, "invalid_request"),
+        "bin-bad-huge": (fields, frame + b"\0" * (5 * 1024 * 1024), "image/jpeg", 413, "body_too_large"),
+    }
+
+    def act(robot: str) -> httpx.Response:
+        if robot not in bad:
+            return _binary_act(served, {"robot_id": robot, **fields}, frame)
+        header, body, content_type, _, _ = bad[robot]
+        return _binary_act(served, None if header is None else {"robot_id": robot, **header}, body, content_type)
+
+    robots = [*bad, *(f"bin-good-{i}" for i in range(6))]
+    with ThreadPoolExecutor(len(robots)) as pool:
+        answers = dict(zip(robots, pool.map(act, robots), strict=True))
+    for robot, answer in answers.items():
+        if robot in bad:
+            assert (answer.status_code, _error(answer)["code"]) == bad[robot][3:], (robot, answer.text)
+        else:
+            assert answer.status_code == 200 and answer.headers["x-fallback-reason"] == "none", answer.text
+    assert served.http.get("/healthz").status_code == 200

@@ -28,11 +28,21 @@ from mobile_vla.serve.feedback_sink import feedback_key
 from mobile_vla.serve.memory_token import MemoryCodec, MemoryTokenError, RecurrentMemory
 from mobile_vla.serve.metrics import IngressMetrics
 from mobile_vla.serve.readiness import CachedStatus
-from mobile_vla.serve.request_checks import authorize, check_state, decode_image, permit, read_json
+from mobile_vla.serve.request_checks import (
+    FIELDS_HEADER,
+    ActInput,
+    authorize,
+    check_state,
+    decode_image,
+    permit,
+    read_act,
+    read_json,
+)
 from mobile_vla.serve.router import BatchRouter, BreakerState, ServedVersions
 from mobile_vla.serve.safety import NORMAL, SafetyInputs, apply_level, decide, effective_thresholds, speed_factor
 from mobile_vla.serve.safety import SafetyDecision as Decision
 from mobile_vla.serve.schemas import (
+    ActFields,
     ActRequest,
     ActResponse,
     ErrorBody,
@@ -59,6 +69,24 @@ _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 415, 
 
 def _body_schema(model) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _act_schema() -> dict:
+    """`/v1/act`'s two wire forms: JSON (`ActRequest`) and the binary form v1 (frame bytes + `X-Act-Fields`)."""
+    frame = {"schema": {"type": "string", "format": "binary"}}
+    fields = ActFields.model_json_schema()
+    header = {
+        "name": FIELDS_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "Binary form v1 only (body image/jpeg or image/png), and required there: the step's other "
+        "fields as one ASCII JSON object (non-ASCII characters as \\uXXXX escapes), checked as the JSON form's. "
+        "Schema: ActFields.",
+        "content": {"application/json": {"schema": fields}},
+    }
+    body = _body_schema(ActRequest)["requestBody"]
+    body["content"].update({"image/jpeg": frame, "image/png": frame})
+    return {"requestBody": body, "parameters": [header]}
 
 
 fastapi_app = FastAPI(
@@ -154,9 +182,13 @@ class PolicyIngress:
         )
         return JSONResponse(info.model_dump(mode="json"))
 
-    @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_body_schema(ActRequest))
+    @fastapi_app.post("/v1/act", response_model=ActResponse, responses=_ERRORS, openapi_extra=_act_schema())
     async def act(self, request: Request):
-        """One control step for one robot: next action chunk, confidence and the new memory token."""
+        """One control step for one robot: next action chunk, confidence and the new memory token.
+
+        Two wire forms (docs/http_api.md): JSON with the frame as base64 `image`, or the binary form v1: the
+        frame's bytes as the body (image/jpeg or image/png) and the other fields in the X-Act-Fields header.
+        """
         start, arrival = time.perf_counter(), time.time()
         backend_tag, status = "none", 500
         self._watcher.ensure_running()
@@ -165,9 +197,10 @@ class PolicyIngress:
             # 429 + Retry-After past the replica's limit before the body is even parsed: shedding costs
             # the least it can in here (Serve's own limits in front shed before this handler runs)
             with self._admission.admit():
-                body: ActRequest = await read_json(request, ActRequest, self.settings.max_body_bytes)
+                sent = await read_act(request, self.settings.max_body_bytes)
+                body = sent.fields
                 permit(grant, "act", body.robot_id)
-                step = await self._step_request(body, arrival)
+                step = await self._step_request(sent, arrival)
                 routed = await self._router.route(step)
             result = routed.result
             if self._shadow is not None:
@@ -211,13 +244,14 @@ class PolicyIngress:
         finally:
             self._metrics.request("/v1/act", backend_tag, status)
 
-    async def _step_request(self, body: ActRequest, arrival: float) -> StepRequest:
-        """The checked body as the policy's input: state [S], frame [224, 224, 3], the verified memory,
+    async def _step_request(self, sent: ActInput, arrival: float) -> StepRequest:
+        """The checked request as the policy's input: state [S], frame [224, 224, 3], the verified memory,
         and the deadline (wall clock) past which the step is dropped, not computed.
         """
-        side = self._watcher.side
+        side, body = self._watcher.side, sent.fields
         state = check_state(body.state, side.state_dim)
-        image = await decode_image(body.image, self.settings.max_image_pixels, side.prepare_image, side.image_size)
+        limit = self.settings.max_image_pixels
+        image = await decode_image(sent.image, limit, side.prepare_image, side.image_size, sent.formats)
         budget_s = step_budget_s(body.deadline_ms, self.settings.deadline_s, side.control_hz)
         step = StepRequest(
             robot_id=body.robot_id,
@@ -239,7 +273,7 @@ class PolicyIngress:
         return step
 
     def _safety_decision(
-        self, body: ActRequest, step: StepRequest, result: StepResult, arrival: float
+        self, body: ActFields, step: StepRequest, result: StepResult, arrival: float
     ) -> tuple[Decision, float, float | None]:
         """The safety ladder's decision for this answer (serve/safety.py), counted in the metrics; with the
         executed step's confidence and the step's age (None without delay_ms) it was judged on.

@@ -49,12 +49,13 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class ActRequest(StrictBody):
-    """One control step of one robot (`POST /v1/act`)."""
+class ActFields(StrictBody):
+    """The fields of one control step besides the frame: the JSON object of the binary form's `X-Act-Fields`
+    header (docs/http_api.md "Binary wire format"), and `ActRequest` without `image`.
+    """
 
     robot_id: RobotId = Field(description="Robot name: letters, digits, '.', '_', '-' (max 64).")
     instruction: Instruction
-    image: str = Field(description="Base64 JPEG or PNG of the current camera frame, any size.", min_length=1)
     state: Annotated[list[FiniteFloat], Field(max_length=MAX_STATE_DIM)] = Field(
         description="Robot state, S floats (S from /v1/model)."
     )
@@ -78,6 +79,12 @@ class ActRequest(StrictBody):
         "`anchor_step` (the step `actions[0]` is for), so a robot that kept moving while the request was in "
         "flight knows which actions it has already overtaken.",
     )
+
+
+class ActRequest(ActFields):
+    """One control step of one robot (`POST /v1/act`, JSON form)."""
+
+    image: str = Field(description="Base64 JPEG or PNG of the current camera frame, any size.", min_length=1)
 
 
 class SafetyDecision(BaseModel):
