@@ -149,12 +149,13 @@ def test_memory_is_kept_only_from_answers_and_dropped_when_refused():
     assert robot.memory is None and robot.step == 0
 
 
-def test_the_measured_delay_is_sent_only_when_given():
+def test_the_measured_delay_and_step_cursor_are_sent_only_when_given():
     server = _Server([(200, {}), (200, {})])
     robot, _ = _robot(server, deadline_s=5.0)
     robot.act(FRAME, STATE)
-    robot.act(FRAME, STATE, delay_ms=180)
+    robot.act(FRAME, STATE, delay_ms=180, step=41)
     assert "delay_ms" not in server.bodies[0] and server.bodies[1]["delay_ms"] == 180.0
+    assert "step" not in server.bodies[0] and server.bodies[1]["step"] == 41
 
 
 def test_feedback_advances_the_step_only_once_stored_and_retries_a_full_disk():

@@ -6,13 +6,17 @@ Installs alone (httpx, numpy, Pillow; Python 3.9+), so a robot needs neither tor
 from mobile_vla_client.answers import ActResult, FeedbackResult, ModelRef, ModelSummary, Safety
 from mobile_vla_client.clients import AsyncClient, Client
 from mobile_vla_client.errors import ApiError, ClientError, NoAnswer
+from mobile_vla_client.executor import Accepted, ChunkExecutor, ChunkRunner
 from mobile_vla_client.wire import encode_jpeg, jpeg_base64
 
 __version__ = "0.1.0"
 __all__ = [
+    "Accepted",
     "ActResult",
     "ApiError",
     "AsyncClient",
+    "ChunkExecutor",
+    "ChunkRunner",
     "Client",
     "ClientError",
     "FeedbackResult",

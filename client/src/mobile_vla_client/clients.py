@@ -99,9 +99,9 @@ class _ClientBase:
     def _ends_at(self, deadline_s: float | None) -> float:
         return self._clock() + (self.deadline_s if deadline_s is None else deadline_s)
 
-    def _act_steps(self, frame: Frame, state, instruction, deadline_s, delay_ms) -> Steps:
+    def _act_steps(self, frame: Frame, state, instruction, deadline_s, delay_ms, step=None) -> Steps:
         ends_at = self._ends_at(deadline_s)
-        call = self.session.act_call(frame, state, instruction, ends_at, self.send_deadline, delay_ms)
+        call = self.session.act_call(frame, state, instruction, ends_at, self.send_deadline, delay_ms, step)
         return act_attempts(call, self.policy, self.wire, self._clock)
 
     def _feedback_steps(self, frame: Frame, state, action_executed, options: dict[str, Any]) -> Steps:
@@ -152,16 +152,18 @@ class Client(_ClientBase):
         instruction: str | None = None,
         deadline_s: float | None = None,
         delay_ms: float | None = None,
+        step: int | None = None,
     ) -> ActResult:
         """One control step: the next action chunk for `frame` and `state`; keeps the answer's memory token.
 
         `instruction` defaults to the episode's; `deadline_s` (default the client's) bounds the whole call;
         `delay_ms`, the robot's measured delay (frame age + last round trip), lets the server's safety
-        ladder slow or stop a step that is too old (sent only when given).
+        ladder slow or stop a step that is too old (sent only when given); `step`, the robot's step cursor
+        (the control step the frame was taken at), comes back as the answer's `anchor_step` (ChunkExecutor).
         Raises ApiError (the server refused, or stayed unavailable) or NoAnswer (nothing within the deadline).
         """
         started = time.perf_counter()
-        body, reset = self._run(self._act_steps(frame, state, instruction, deadline_s, delay_ms))
+        body, reset = self._run(self._act_steps(frame, state, instruction, deadline_s, delay_ms, step))
         return self.session.accept_act(body, (time.perf_counter() - started) * 1000, reset)
 
     def feedback(
@@ -223,10 +225,11 @@ class AsyncClient(_ClientBase):
         instruction: str | None = None,
         deadline_s: float | None = None,
         delay_ms: float | None = None,
+        step: int | None = None,
     ) -> ActResult:
         """One control step (see `Client.act`)."""
         started = time.perf_counter()
-        body, reset = await self._run(self._act_steps(frame, state, instruction, deadline_s, delay_ms))
+        body, reset = await self._run(self._act_steps(frame, state, instruction, deadline_s, delay_ms, step))
         return self.session.accept_act(body, (time.perf_counter() - started) * 1000, reset)
 
     async def feedback(

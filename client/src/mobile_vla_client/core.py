@@ -196,6 +196,7 @@ class RobotSession:
         ends_at: float,
         send_deadline: bool,
         delay_ms: float | None = None,
+        step: int | None = None,
     ) -> Call:
         instruction = instruction or self.instruction
         if not instruction:
@@ -206,6 +207,8 @@ class RobotSession:
             fields["memory"] = self.memory
         if delay_ms is not None:  # sent only when the robot measures it (servers before the field refuse it)
             fields["delay_ms"] = float(delay_ms)
+        if step is not None:  # the robot's step cursor, echoed as anchor_step (ChunkExecutor)
+            fields["step"] = int(step)
         image = encode_jpeg(frame, self.jpeg_quality)
         return Call("POST", "/v1/act", ends_at, fields, image, send_deadline=send_deadline)
 
