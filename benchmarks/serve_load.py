@@ -18,6 +18,9 @@ RAY_SERVE_THROUGHPUT_OPTIMIZED=1). Each HTTP run is a fresh Ray in a child proce
 the only interface, because HAProxy mode binds its ports on all interfaces.
 Every robot carries its memory token, sends an ~8 KB 224x224 JPEG and a 3-float state. The load
 client shares the machine's cores with the server: the figures are for the whole box.
+Wire format (`--wire`, docs/http_api.md): `json` (the frame as base64 in a JSON body), `binary` (the
+binary form v1: the JPEG bytes as the body, the fields in the X-Act-Fields header) or `both` (every
+proxy mode measured with each, JSON beside binary; rows and summary keys name the wire).
 """
 
 from __future__ import annotations
@@ -139,22 +142,33 @@ def run_inprocess(model_dir: Path, batches: list[int], seconds: float) -> dict:
 
 
 # -- HTTP load ------------------------------------------------------------------------------------
+WIRES = ("json", "binary")
+
+
 class Robot:
-    def __init__(self, robot_id: str, image: str):
-        self.body = {"robot_id": robot_id, "instruction": INSTRUCTION, "image": image, "state": [0.1, 0.0, 0.0]}
+    """One simulated robot: its fields, its frame (base64 for JSON, the JPEG bytes for binary), its memory."""
+
+    def __init__(self, robot_id: str, image: str, wire: str = "json"):
+        self.body = {"robot_id": robot_id, "instruction": INSTRUCTION, "state": [0.1, 0.0, 0.0]}
+        self.wire, self.image = wire, image if wire == "json" else base64.b64decode(image)
         self.memory: str | None = None
 
-    def payload(self) -> bytes:
+    def payload(self) -> tuple[bytes, dict[str, str]]:
+        """(body, headers) of the robot's next /v1/act in its wire format."""
         body = dict(self.body)
         if self.memory:
             body["memory"] = self.memory
-        return json.dumps(body).encode()
+        if self.wire == "json":
+            body["image"] = self.image
+            return json.dumps(body).encode(), {"Content-Type": "application/json"}
+        return self.image, {"Content-Type": "image/jpeg", "X-Act-Fields": json.dumps(body, separators=(",", ":"))}
 
 
 async def _post(session, url: str, headers: dict, robot: Robot, record: dict, scheduled: float | None = None) -> None:
     t0 = scheduled if scheduled is not None else time.perf_counter()
     try:
-        async with session.post(url, data=robot.payload(), headers=headers) as response:
+        data, wire_headers = robot.payload()
+        async with session.post(url, data=data, headers={**headers, **wire_headers}) as response:
             data = await response.read()
             if response.status != 200:
                 record["errors"][str(response.status)] = record["errors"].get(str(response.status), 0) + 1
@@ -186,14 +200,14 @@ def _summary(record: dict, elapsed: float) -> dict:
     }
 
 
-async def closed_loop(url: str, token: str, robots: int, seconds: float, image: str) -> dict:
+async def closed_loop(url: str, token: str, robots: int, seconds: float, image: str, wire: str = "json") -> dict:
     import aiohttp
 
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {token}"}
     record = _new_record()
     connector = aiohttp.TCPConnector(limit=robots + 8)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        fleet = [Robot(f"bench-{i}", image) for i in range(robots)]
+        fleet = [Robot(f"bench-{i}", image, wire) for i in range(robots)]
         for robot in fleet[: min(4, robots)]:  # warm the connection pool
             await _post(session, url, headers, robot, _new_record())
         stop = time.perf_counter() + seconds
@@ -205,18 +219,20 @@ async def closed_loop(url: str, token: str, robots: int, seconds: float, image: 
 
         await asyncio.gather(*(drive(r) for r in fleet))
         elapsed = time.perf_counter() - start
-    return {"mode": "closed_loop", "robots": robots, "seconds": seconds, **_summary(record, elapsed)}
+    return {"mode": "closed_loop", "wire": wire, "robots": robots, "seconds": seconds, **_summary(record, elapsed)}
 
 
-async def open_loop(url: str, token: str, robots: int, hz: float, seconds: float, image: str) -> dict:
+async def open_loop(
+    url: str, token: str, robots: int, hz: float, seconds: float, image: str, wire: str = "json"
+) -> dict:
     import aiohttp
 
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {token}"}
     record = _new_record()
     period = 1.0 / hz
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
-        fleet = [Robot(f"bench-{i}", image) for i in range(robots)]
+        fleet = [Robot(f"bench-{i}", image, wire) for i in range(robots)]
         start = time.perf_counter() + 0.2
         tasks = []
 
@@ -232,7 +248,14 @@ async def open_loop(url: str, token: str, robots: int, hz: float, seconds: float
         await asyncio.gather(*(drive(i, r) for i, r in enumerate(fleet)))
         await asyncio.gather(*tasks)
         elapsed = seconds
-    return {"mode": "open_loop", "robots": robots, "hz": hz, "seconds": seconds, **_summary(record, elapsed)}
+    return {
+        "mode": "open_loop",
+        "wire": wire,
+        "robots": robots,
+        "hz": hz,
+        "seconds": seconds,
+        **_summary(record, elapsed),
+    }
 
 
 async def _measured_phase(phase: dict, url: str, token: str, image: str) -> tuple[dict, dict, dict]:
@@ -243,9 +266,10 @@ async def _measured_phase(phase: dict, url: str, token: str, image: str) -> tupl
     policy = serve.get_deployment_handle("OnnxPolicy", app_name="bench")
     before = await policy.info.remote()
     if phase["kind"] == "closed":
-        out = await closed_loop(url, token, phase["robots"], phase["seconds"], image)
+        out = await closed_loop(url, token, phase["robots"], phase["seconds"], image, phase.get("wire", "json"))
     else:
-        out = await open_loop(url, token, phase["robots"], phase["hz"], phase["seconds"], image)
+        wire = phase.get("wire", "json")
+        out = await open_loop(url, token, phase["robots"], phase["hz"], phase["seconds"], image, wire)
     return before, out, await policy.info.remote()
 
 
@@ -284,9 +308,9 @@ def serve_child(spec: dict) -> dict:
 async def _run_phases(spec: dict, url: str, token: str, image: str) -> list[dict]:
     """All phases on one event loop (handles stay bound to the loop that created them)."""
     results = []
-    over_target = False
+    over_target = {}  # per wire
     for phase in spec["phases"]:
-        if phase["kind"] == "open" and over_target:
+        if phase["kind"] == "open" and over_target.get(phase.get("wire", "json")):
             continue  # the sweep ascends: once p99 > 100 ms more robots will not meet it either
         before, out, after = await _measured_phase(phase, url, token, image)
         batches = after["batches"] - before["batches"]
@@ -295,7 +319,7 @@ async def _run_phases(spec: dict, url: str, token: str, image: str) -> list[dict
         print(json.dumps({k: v for k, v in out.items() if k != "backend_mix"}), flush=True)
         results.append(out)
         if phase["kind"] == "open" and (out["error_rate"] > 0 or out["p99_ms"] is None or out["p99_ms"] > 100):
-            over_target = True
+            over_target[phase.get("wire", "json")] = True
     return results
 
 
@@ -380,6 +404,12 @@ def main() -> int:
         help="capacity: nothing shed or dropped for its deadline (the serving path's throughput); "
         "default: the app's own admission control (goodput under shedding)",
     )
+    parser.add_argument(
+        "--wire",
+        default="json",
+        choices=[*WIRES, "both"],
+        help="how /v1/act bodies go: json (base64 frame), binary (JPEG bytes + X-Act-Fields), both (side by side)",
+    )
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     parser.add_argument("--no-netns", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "serve_load.json"))
@@ -409,6 +439,7 @@ def main() -> int:
     }
     report["inprocess"] = run_inprocess(resolve_model(model_uri).path, [1, 8, 32, 64], min(args.seconds, 8.0))
     sweep = [int(v) for v in args.sweep.split(",") if v]
+    wires = WIRES if args.wire == "both" else (args.wire,)
     report["http"] = []
     for index, proxy in enumerate(p for p in args.proxies.split(",") if p):
         base = {
@@ -420,38 +451,32 @@ def main() -> int:
             "cpu_threads": args.cpu_threads,
             "admission": args.admission,
         }
-        phases = [{"kind": "closed", "robots": args.robots, "seconds": args.seconds}]
-        phases += [
-            {"kind": "open", "robots": n, "hz": args.hz, "seconds": max(args.seconds * 2 / 3, 4.0)} for n in sweep
-        ]
+        phases, closed = [], []
+        for wire in wires:  # in one child per batching mode: the same app serves both wires
+            closed.append({"kind": "closed", "robots": args.robots, "seconds": args.seconds, "wire": wire})
+            phases.append(closed[-1])
+            open_s = max(args.seconds * 2 / 3, 4.0)
+            phases += [{"kind": "open", "robots": n, "hz": args.hz, "seconds": open_s, "wire": wire} for n in sweep]
         report["http"] += run_child(
             {**base, "label": f"{proxy}-batched", "max_batch_size": args.max_batch_size, "phases": phases}, netns
         )
         report["http"] += run_child(
-            {
-                **base,
-                "label": f"{proxy}-unbatched",
-                "max_batch_size": 1,
-                "phases": [{"kind": "closed", "robots": args.robots, "seconds": args.seconds}],
-            },
+            {**base, "label": f"{proxy}-unbatched", "max_batch_size": 1, "phases": closed},
             netns,
         )
     limit = report["inprocess"]["max_steps_per_s"]
     summary = {"inprocess_max_steps_per_s": limit}
-    for proxy in args.proxies.split(","):
-        rows = {r["label"]: r for r in report["http"] if r["mode"] == "closed_loop" and r["proxy"] == proxy}
+    for proxy, wire in ((p, w) for p in args.proxies.split(",") for w in wires):
+        mine = [r for r in report["http"] if r["proxy"] == proxy and r["wire"] == wire]
+        rows = {r["label"]: r for r in mine if r["mode"] == "closed_loop"}
         batched, unbatched = rows.get(f"{proxy}-batched"), rows.get(f"{proxy}-unbatched")
         ok = [
             r["robots"]
-            for r in report["http"]
-            if r["mode"] == "open_loop"
-            and r["proxy"] == proxy
-            and r["error_rate"] == 0
-            and r["p99_ms"] is not None
-            and r["p99_ms"] <= 100
+            for r in mine
+            if r["mode"] == "open_loop" and r["error_rate"] == 0 and r["p99_ms"] is not None and r["p99_ms"] <= 100
         ]
         if batched and unbatched:
-            summary[proxy] = {
+            summary[proxy if wire == "json" else f"{proxy}/{wire}"] = {  # JSON keeps the keys of earlier results
                 "batched_rps": batched["throughput_rps"],
                 "batched_p50_ms": batched["p50_ms"],
                 "batched_p99_ms": batched["p99_ms"],
