@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml client/pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml client/pyproject.toml scripts/setup.sh requirements/dev.lock.txt
 	VENV=$(VENV) bash scripts/setup.sh
 
 lint: setup
