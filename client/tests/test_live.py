@@ -81,3 +81,17 @@ def test_async_robots_step_together_each_with_its_own_memory():
     assert all(not answer.memory_reset for answer in second) and all(a != b for a, b in zip(tokens, after))
     for one, other in zip(first[1:], first[:-1]):  # same frame, same state, fresh memory: the same chunk
         assert np.allclose(one.actions, other.actions, atol=1e-5)
+
+
+def test_the_binary_wire_gets_the_json_wires_answer():
+    with _client("client-test-b1", wire="binary") as binary, _client("client-test-b1") as as_json:
+        state = [0.0] * binary.model_info().state_dim
+        for robot in (binary, as_json):
+            robot.start_episode(INSTRUCTION)
+        first, same = binary.act(FRAME, state), as_json.act(FRAME, state)
+        assert np.allclose(first.actions, same.actions, atol=1e-5) and first.model == same.model
+        second = binary.act(FRAME, state)  # the memory token travels in X-Act-Fields
+        assert not second.memory_reset and binary.memory == second.memory != first.memory
+        with pytest.raises(ApiError) as refused:
+            binary.act(FRAME[:, :, :3].tobytes()[:100], state)  # bytes that are no JPEG, sent as they are
+        assert refused.value.status == 400 and refused.value.code == "invalid_image"

@@ -7,12 +7,13 @@ import base64
 import io
 import json
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from mobile_vla_client import ActResult, ModelSummary, Safety, encode_jpeg, jpeg_base64
-from mobile_vla_client.wire import JsonWire
+from mobile_vla_client import ActResult, Client, ModelSummary, Safety, encode_jpeg, jpeg_base64
+from mobile_vla_client.wire import BinaryWire, JsonWire, wire_named
 
 
 def test_frames_become_jpeg_and_encoded_bytes_pass_through():
@@ -60,3 +61,67 @@ def test_answers_are_typed_and_later_fields_are_optional():
         ActResult.from_body({**body, "actions": [[0.1, 0.2]]}, 1.0)
     summary = ModelSummary.from_body({"name": "m", "version": "3", "state_dim": 3, "chunk": 10})
     assert summary.state_input == "previous_command" and summary.chunk == 10
+
+
+def test_binary_wire_sends_the_frame_bytes_and_the_fields_as_ascii_json():
+    jpeg = encode_jpeg(np.full((24, 32, 3), 90, np.uint8))
+    fields = {"robot_id": "r-1", "instruction": "à la boîte rouge", "state": [0.0, 1.5], "memory": "m2.a.b.c"}
+    content, headers = BinaryWire.encode(fields, jpeg)
+    assert content is jpeg  # no copy, no base64
+    assert headers["Content-Type"] == "image/jpeg" and headers["X-Act-Fields"].isascii()
+    assert json.loads(headers["X-Act-Fields"]) == fields
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    assert BinaryWire.encode(fields, png.getvalue())[1]["Content-Type"] == "image/png"  # named by the bytes
+    with pytest.raises(ValueError):
+        BinaryWire.encode({"state": [float("inf")]}, jpeg)
+    assert BinaryWire.takes("/v1/act") and not BinaryWire.takes("/v1/feedback") and JsonWire.takes("/v1/feedback")
+    assert wire_named("binary") is BinaryWire and wire_named("json") is JsonWire
+    with pytest.raises(ValueError, match="wire must be one of"):
+        wire_named("msgpack")
+
+
+def test_a_binary_client_sends_act_in_the_binary_form_and_feedback_as_json():
+    seen = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.headers["content-type"], request.headers.get("x-act-fields")))
+        if request.url.path == "/v1/feedback":
+            assert json.loads(request.read())["image"]  # base64, as the feedback route takes it
+            return httpx.Response(202, json={"stored": True, "key": "r-1/ep/0"})
+        assert request.read()[:2] == b"\xff\xd8"  # the JPEG itself
+        return httpx.Response(200, json=ANSWER)
+
+    with Client("http://server", "token-123", "r-1", wire="binary", transport=httpx.MockTransport(server)) as robot:
+        robot.start_episode("go to the red box", episode_id="ep")
+        answer = robot.act(np.zeros((16, 16, 3), np.uint8), [0.0, 0.0, 0.0], delay_ms=20)
+        robot.act(np.zeros((16, 16, 3), np.uint8), [0.0, 0.0, 0.0])
+        robot.feedback(np.zeros((16, 16, 3), np.uint8), [0.0, 0.0, 0.0], answer.action_now)
+    (act_path, act_type, first), (_, _, second), (feedback_path, feedback_type, none) = seen
+    assert (act_path, act_type, feedback_path, feedback_type, none) == (
+        "/v1/act",
+        "image/jpeg",
+        "/v1/feedback",
+        "application/json",
+        None,
+    )
+    assert json.loads(first) == {
+        "robot_id": "r-1",
+        "instruction": "go to the red box",
+        "state": [0.0] * 3,
+        "delay_ms": 20.0,
+    }
+    assert json.loads(second)["memory"] == ANSWER["memory"]  # the token travels in the header
+    with pytest.raises(ValueError, match="wire must be one of"):
+        Client("http://server", "token-123", "r-1", wire="jpeg2000")
+
+
+ANSWER = {
+    "actions": [[0.1, 0.0, 0.0]] * 4,
+    "confidence": 0.9,
+    "memory": "m2.k.x.y",
+    "model": {"name": "m", "version": "1"},
+    "backend": "onnx-cpu",
+    "memory_reset": False,
+    "latency_ms": 5.0,
+}

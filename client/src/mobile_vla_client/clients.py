@@ -24,7 +24,7 @@ import httpx
 
 from mobile_vla_client.answers import ActResult, FeedbackResult, ModelSummary
 from mobile_vla_client.core import SLEEP, Call, RetryPolicy, RobotSession, Steps, act_attempts, attempts
-from mobile_vla_client.wire import Frame, JsonWire
+from mobile_vla_client.wire import Frame, wire_named
 
 
 class _ClientBase:
@@ -44,6 +44,7 @@ class _ClientBase:
         jpeg_quality: int = 85,
         deadline_s: float | None = None,
         send_deadline: bool = False,
+        wire: str = "json",
     ):
         deadline_s = timeout_s if deadline_s is None else deadline_s
         if not deadline_s > 0:
@@ -54,7 +55,7 @@ class _ClientBase:
             raise ValueError(f"jpeg_quality must be in 1..95, got {jpeg_quality!r}")
         self.session = RobotSession(robot_id, jpeg_quality)
         self.policy = RetryPolicy(retries, backoff_s)
-        self.wire = JsonWire()
+        self.wire = wire_named(wire)()  # how bodies go on the wire: "json" (base64 frame) or "binary"
         self.deadline_s = deadline_s  # total per call, retries included
         self.send_deadline = send_deadline
         self._base_url = base_url.rstrip("/")
@@ -127,6 +128,8 @@ class Client(_ClientBase):
         deadline_s: the total deadline of a call; a call may pass its own.
         send_deadline: send what is left of the deadline as `deadline_ms`, so the server drops a step
             nobody waits for any more instead of computing it.
+        wire: "json" (default: the frame as base64 in a JSON body) or "binary" (`/v1/act` in the binary
+            form v1: the JPEG bytes as the body, no base64; servers before it answer 415).
         transport: an httpx transport (tests: `httpx.MockTransport`).
     """
 

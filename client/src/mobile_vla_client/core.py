@@ -56,7 +56,7 @@ class Call:
         if self.fields is None:
             return None, {}
         fields = {**self.fields, "deadline_ms": max(1, int(left_s * 1000))} if self.send_deadline else self.fields
-        return wire.encode(fields, self.image)
+        return (wire if wire.takes(self.path) else JsonWire).encode(fields, self.image)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The wire format: frames to JPEG bytes, request fields to an HTTP body, and back.
 
-Today's format is JSON with the frame as base64 text (docs/http_api.md, HTTP API v1). Every body the
-client sends goes through `JsonWire.encode` and every answer through `JsonWire.decode`, so a second
-format (the frame's JPEG bytes as they are, with the other fields beside them) is one more class with
-these two methods, chosen per client, and nothing else in the client changes.
+Two formats (docs/http_api.md, HTTP API v1), chosen per client (`Client(..., wire="json" | "binary")`):
+`JsonWire`, JSON with the frame as base64 text, and `BinaryWire`, the binary form v1 of `/v1/act`: the
+frame's bytes as they are for the body (`image/jpeg` or `image/png`) and the other fields as one ASCII
+JSON object in the `X-Act-Fields` header. Every body the client sends goes through a wire's `encode`
+and every answer (JSON either way) through its `decode`; a path the binary form does not cover
+(`/v1/feedback`) goes as JSON (`takes`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from PIL import Image
 # of a ROS sensor_msgs/CompressedImage), sent as it is.
 Frame = Union[np.ndarray, Image.Image, bytes, bytearray, memoryview]
 JSON_CONTENT_TYPE = "application/json"
+FIELDS_HEADER = "X-Act-Fields"  # binary form v1: the step's fields besides the frame
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def encode_jpeg(frame: Frame, quality: int = 85) -> bytes:
@@ -49,6 +53,11 @@ class JsonWire:
     name = "json"
 
     @staticmethod
+    def takes(path: str) -> bool:
+        """Whether `path` has a body in this format (JSON: every path)."""
+        return True
+
+    @staticmethod
     def encode(fields: dict[str, Any], image: bytes | None) -> tuple[bytes, dict[str, str]]:
         """(body, headers) of a request: `fields` as they go on the wire, `image` the encoded frame (or None)."""
         body = dict(fields)
@@ -60,3 +69,37 @@ class JsonWire:
     def decode(content: bytes) -> Any:
         """An answer's body -> its fields (raises ValueError on a body that is not JSON)."""
         return json.loads(content)
+
+
+class BinaryWire(JsonWire):
+    """The binary form v1 of `/v1/act`: the frame's bytes as the body, no base64; answers are JSON."""
+
+    name = "binary"
+    paths = ("/v1/act",)
+
+    @classmethod
+    def takes(cls, path: str) -> bool:
+        """Whether `path` has a binary form (only `/v1/act`; the client sends the others as JSON)."""
+        return path in cls.paths
+
+    @staticmethod
+    def encode(fields: dict[str, Any], image: bytes | None) -> tuple[bytes, dict[str, str]]:
+        """(frame bytes, headers): the content type from the bytes' signature (PNG, else JPEG), the fields as
+        ASCII JSON (`ensure_ascii`: other characters as JSON escapes) in `X-Act-Fields`.
+        """
+        if image is None:
+            raise ValueError("the binary form carries a frame: image is None")
+        content_type = "image/png" if image[:8] == PNG_SIGNATURE else "image/jpeg"
+        header = json.dumps(fields, allow_nan=False, ensure_ascii=True, separators=(",", ":"))
+        return image, {"Content-Type": content_type, FIELDS_HEADER: header}
+
+
+WIRES = {wire.name: wire for wire in (JsonWire, BinaryWire)}
+
+
+def wire_named(name: str) -> type[JsonWire]:
+    """The wire format called `name` ("json" or "binary"); a clear error for another."""
+    try:
+        return WIRES[name]
+    except KeyError:
+        raise ValueError(f"wire must be one of {sorted(WIRES)}, got {name!r}") from None
