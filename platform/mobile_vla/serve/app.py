@@ -7,7 +7,8 @@ The model alias is resolved here, once, to a version (`models:/NAME/V`) that eve
 so every replica starts on the same version; after that each policy replica and the ingress follow
 the alias themselves every `alias_poll_s` (hot swap: docs/operations.md). With `shadow` set, a
 third deployment serves the shadow alias (default `@challenger`) and gets a copy of live requests
-off the request path. Replicas get the builder's platform home and
+off the request path. With `canary` set, a CanaryPolicy deployment follows `@canary` and serves the
+share of robots `mobile-vla rollout` sets (serve/canary.py). Replicas get the builder's platform home and
 MLflow URI through their runtime_env, so they read the same store and model cache.
 """
 
@@ -34,7 +35,7 @@ from mobile_vla.serve.settings import (
     ShadowConfig,
     ingress_limits,
 )
-from mobile_vla.tracking import resolve_model
+from mobile_vla.tracking import get_version_by_alias, resolve_model
 
 # the app arguments, importable beside their builders
 __all__ = ["ServeAppConfig", "ShadowConfig", "build_app", "compose_app"]
@@ -150,6 +151,10 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
                 }
             ).model_dump(mode="json"),
         )
+    canary = canary_name = None
+    if args.canary is not None:
+        canary_name = "CanaryPolicy"
+        canary = _canary_deployment(args, resolved, policy_config, ongoing, env)
     settings = IngressConfig(
         model_uri=pinned_uri,
         alias=resolved.alias,
@@ -173,6 +178,8 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         shadow=args.shadow,
         shadow_name=shadow_name,
         safety=args.safety,
+        canary=args.canary,
+        canary_name=canary_name,
     )
     # Serve admits to the ingress about what the ingress's own gate would admit: the excess is shed by
     # Serve (in its proxy, or in the replica's HTTP server behind HAProxy) before any of our code runs.
@@ -184,5 +191,28 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
         backpressure_config=shed,
     )
     return ingress.bind(
-        settings.model_dump(), primary.bind(), fallback.bind() if fallback else None, shadow.bind() if shadow else None
+        settings.model_dump(),
+        primary.bind(),
+        fallback.bind() if fallback else None,
+        shadow.bind() if shadow else None,
+        canary.bind() if canary else None,
+    )
+
+
+def _canary_deployment(args: ServeAppConfig, resolved, policy_config: PolicyUserConfig, ongoing: int, env: dict):
+    """An ONNX policy that follows `@canary`; until the alias exists it loads the champion's version (it
+    serves nobody then: the ingress routes to it only while `@canary` names another version).
+    """
+    if not args.model_uri.startswith("models:/"):
+        raise ConfigError(
+            f"canary: model_uri = {args.model_uri!r}: a canary rollout needs a registered model (models:/NAME@alias)"
+        )
+    version = get_version_by_alias(resolved.name, args.canary.alias) or resolved.version
+    return OnnxPolicy.options(
+        name="CanaryPolicy",
+        max_ongoing_requests=ongoing,
+        ray_actor_options={**REPLICA_RESOURCES[ONNX], **env},
+        user_config=policy_config.model_copy(
+            update={"model_uri": f"models:/{resolved.name}/{version}", "alias": args.canary.alias}
+        ).model_dump(mode="json"),
     )

@@ -28,6 +28,7 @@ from mobile_vla.serve.auth import (
     revoke_tokens,
 )
 from mobile_vla.serve.memory_token import format_time, parse_memory_keys, resolve_secret_path, rotate_memory_keys
+from mobile_vla.serve.rollout_command import register as register_rollout
 
 DEFAULT_CONFIG = "serve_configs/local.yaml"
 
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
     )
     parser.set_defaults(func=run_serve)
     _register_secrets(parser.add_subparsers(dest="serve_command", metavar="[tokens|memory-key]", required=False))
+    register_rollout(subparsers)
 
 
 def _register_secrets(subparsers) -> None:

@@ -81,6 +81,65 @@ class IngressMetrics:
         self.requests.inc(tags={"route": route, "backend": backend, "status": str(status)})
 
 
+JERK_BOUNDARIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]
+
+
+class VersionMetrics:
+    """Per-model-version KPIs of live /v1/act traffic (canary rollout, serve/canary.py), labelled by version."""
+
+    def __init__(self):
+        self.steps = Counter(
+            "mobile_vla_version_steps",
+            "Answered /v1/act steps by the version the robot is assigned to (sticky), the version that "
+            "answered, and whether another deployment answered (fallback: true/false).",
+            tag_keys=("assigned", "version", "fallback"),
+        )
+        self.confidence = Histogram(
+            "mobile_vla_version_confidence",
+            "Confidence of answered actions, by model version.",
+            boundaries=CONFIDENCE_BOUNDARIES,
+            tag_keys=("version",),
+        )
+        self.safety = Counter(
+            "mobile_vla_version_safety", "Answered steps by version and safety level.", tag_keys=("version", "level")
+        )
+        self.jerk = Histogram(
+            "mobile_vla_version_action_jerk",
+            "Mean |second difference| of an answered action chunk times control rate squared, by version.",
+            boundaries=JERK_BOUNDARIES,
+            tag_keys=("version",),
+        )
+        self.latency_ms = Histogram(
+            "mobile_vla_version_latency_ms",
+            "Ingress latency of answered /v1/act steps, by version.",
+            boundaries=LATENCY_MS_BOUNDARIES,
+            tag_keys=("version",),
+        )
+        self.divergence = Histogram(
+            "mobile_vla_version_divergence",
+            "Mean absolute difference of a version's chunk from the champion's on mirrored steps (m/s, rad/s).",
+            boundaries=ACTION_DIFF_BOUNDARIES,
+            tag_keys=("version",),
+        )
+        self.canary_share = Gauge("mobile_vla_canary_share", "Percent of robots the @canary version serves now.")
+        self.mirror = Counter(
+            "mobile_vla_canary_mirror_requests",
+            "Canary steps mirrored to the champion for the divergence KPI, by outcome: agree, disagree, error, "
+            "dropped.",
+            tag_keys=("outcome",),
+        )
+
+    def answered(
+        self, assigned: str, served: str, fallback: bool, confidence: float, level: str, jerk: float, latency_ms: float
+    ) -> None:
+        tags = {"version": served}
+        self.steps.inc(tags={"assigned": assigned, "version": served, "fallback": str(fallback).lower()})
+        self.confidence.observe(confidence, tags=tags)
+        self.safety.inc(tags={"version": served, "level": level})
+        self.jerk.observe(jerk, tags=tags)
+        self.latency_ms.observe(latency_ms, tags=tags)
+
+
 class PolicyMetrics:
     """Per-batch, hot-swap and resource metrics of a policy replica."""
 

@@ -12,6 +12,8 @@ The request checks follow the version the alias serves (`watcher`).
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -23,10 +25,11 @@ from mobile_vla.errors import DataError
 from mobile_vla.online.feedback_store import FeedbackStore, StorageFullError
 from mobile_vla.serve.admission import AdmissionGate, step_budget_s
 from mobile_vla.serve.auth import TokenVerifier
+from mobile_vla.serve.canary import CanaryRoute, FleetKpis, RolloutStatus
 from mobile_vla.serve.errors_http import ApiError, error_response, install_error_handlers, retry_after
 from mobile_vla.serve.feedback_sink import feedback_key
 from mobile_vla.serve.memory_token import MemoryCodec, MemoryTokenError, RecurrentMemory
-from mobile_vla.serve.metrics import IngressMetrics
+from mobile_vla.serve.metrics import IngressMetrics, VersionMetrics
 from mobile_vla.serve.readiness import CachedStatus
 from mobile_vla.serve.request_checks import (
     FIELDS_HEADER,
@@ -103,12 +106,13 @@ install_error_handlers(fastapi_app)
 class PolicyIngress:
     """The HTTP face: one replica per node or more; holds no per-robot state (the memory token does)."""
 
-    def __init__(self, settings: dict, primary=None, fallback=None, shadow=None):
+    def __init__(self, settings: dict, primary=None, fallback=None, shadow=None, canary=None):
         self.settings = IngressConfig.model_validate(settings)
         self._auth = TokenVerifier.from_file(Path(self.settings.tokens_file))  # follows the file: revocation
         self._codec = MemoryCodec.from_file(Path(self.settings.memory_secret_file))  # never created here
         self._sink = FeedbackStore(self.settings.feedback_dir)  # a FeedbackSink: durable when append returns
         self._metrics = IngressMetrics()
+        self._replica_id = f"{socket.gethostname()}:{os.getpid()}"
         versions = ServedVersions()
         self._router = BatchRouter(self.settings, primary, fallback, self._metrics, versions)
         pending, _ = ingress_limits(self.settings.max_pending_requests, self.settings.max_batch_size)
@@ -116,6 +120,13 @@ class PolicyIngress:
         self._watcher = AliasWatcher(self.settings, versions, self._router.backend_statuses)
         self._shadow = ShadowMirror(self.settings.shadow, shadow, self._metrics) if shadow is not None else None
         self._readiness = CachedStatus(self._router.backend_statuses)  # a probe costs no RPCs
+        version_metrics = VersionMetrics()
+        self._kpis = FleetKpis(version_metrics)  # per-version KPIs of live traffic (the rollout controller reads them)
+        self._canary = None
+        if canary is not None:
+            self._canary = CanaryRoute(
+                self.settings, canary, primary, self._metrics, version_metrics, self._kpis, versions
+            )
 
     @fastapi_app.get("/healthz", responses=_ERRORS)
     async def healthz(self) -> Health:
@@ -201,7 +212,7 @@ class PolicyIngress:
                 body = sent.fields
                 permit(grant, "act", body.robot_id)
                 step = await self._step_request(sent, arrival)
-                routed = await self._router.route(step)
+                routed, assigned, canary_failed = await self._route(step)
             result = routed.result
             if self._shadow is not None:
                 self._shadow.copy(step, result)
@@ -214,6 +225,16 @@ class PolicyIngress:
             latency_ms = (time.perf_counter() - start) * 1000
             backend_tag, status = result.backend, 200
             self._observe(body.robot_id, routed, latency_ms)
+            self._kpis.control_hz = self._watcher.side.control_hz
+            self._kpis.answered(
+                assigned or result.model_version,
+                result.model_version,
+                canary_failed or bool(routed.fallback_reason),
+                result.confidence,
+                safety.level,
+                result.actions,
+                latency_ms,
+            )
             factor = speed_factor(safety.level, self.settings.safety.slow_factor)
             answer = ActResponse(
                 actions=apply_level(result.actions, safety.level, self.settings.safety.slow_factor).tolist(),
@@ -309,6 +330,28 @@ class PolicyIngress:
             "latency_ms": round(latency_ms, 2),
         }
         logger.info(json.dumps(event))
+
+    async def _route(self, step: StepRequest):
+        """(the answer, the canary version the robot is assigned to or None, whether the canary failed it)."""
+        if self._canary is None:
+            return await self._router.route(step), None, False
+        self._canary.ensure_running()
+        return await self._canary.route(step, self._router)
+
+    @fastapi_app.get("/v1/rollout", response_model=RolloutStatus, responses=_ERRORS)
+    async def rollout(self, request: Request):
+        """Operator scope: the canary as this ingress replica routes it (version, share of robots, whether it
+        serves) and each model version's KPIs on live traffic since this replica started (counts and rates).
+        """
+        permit(authorize(request, self._auth), "operator")
+        if self._canary is not None:
+            self._canary.ensure_running()
+        status = RolloutStatus(
+            canary=self._canary.status() if self._canary is not None else None,
+            kpis=self._kpis.snapshot(),
+            replica=self._replica_id,
+        )
+        return JSONResponse(status.model_dump(mode="json"))
 
     @fastapi_app.post(
         "/v1/feedback",

@@ -58,6 +58,18 @@ class ShadowConfig(StrictModel):
     )
 
 
+class CanaryConfig(StrictModel):
+    """Canary rollout (serve/canary.py): the `alias` version serves the share of robots the rollout sets
+    (a registered-model tag), sticky by robot id; a sample of its steps is mirrored to the champion.
+    """
+
+    alias: str = Field(default="canary", min_length=1, description="registry alias the canary serves and follows")
+    mirror_rate: float = Field(
+        default=0.5, ge=0, le=1, description="share of canary steps also sent to the champion (divergence KPI)"
+    )
+    max_in_flight: int = Field(default=32, ge=1, description="mirrored steps waiting; more are dropped, never queued")
+
+
 class SafetyConfig(StrictModel):
     """The safety ladder of /v1/act answers (serve/safety.py; docs/operations.md "Safe stop").
 
@@ -190,6 +202,9 @@ class ServeAppConfig(StrictModel):
     safety: SafetyConfig = Field(
         default_factory=SafetyConfig, description="the safe-stop ladder of /v1/act answers (thresholds, slow factor)"
     )
+    canary: CanaryConfig | None = Field(
+        default=None, description="serve @canary to a share of robots set by `mobile-vla rollout` (sticky by robot id)"
+    )
 
     @model_validator(mode="after")
     def _one_precision(self):
@@ -242,6 +257,8 @@ class IngressConfig(StrictModel):
     shadow: ShadowConfig | None = None
     shadow_name: str | None = None
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    canary: CanaryConfig | None = None
+    canary_name: str | None = None
 
 
 class PolicyUserConfig(StrictModel):

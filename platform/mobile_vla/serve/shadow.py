@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,8 +27,16 @@ logger = logging.getLogger("ray.serve")
 class ShadowMirror:
     """Copies sampled steps to the shadow deployment and keeps the running agreement of this ingress."""
 
-    def __init__(self, config: ShadowConfig, handle, metrics: IngressMetrics):
+    def __init__(
+        self,
+        config: ShadowConfig,
+        handle,
+        metrics: IngressMetrics,
+        on_compare: Callable[[StepResult, StepResult, float], None] | None = None,
+    ):
+        """`on_compare(served, mirrored, diff)` sees every comparison (the canary's divergence KPI)."""
         self.config, self._handle, self._metrics = config, handle, metrics
+        self._on_compare = on_compare
         self._tasks: set[asyncio.Task] = set()
         self._memory: OrderedDict[str, tuple] = OrderedDict()  # robot_id -> (name, version, h, c)
         self._compared = self._agreed = self._errors = self._dropped = 0
@@ -68,6 +77,8 @@ class ShadowMirror:
         self._version = shadow.model_version
         self._metrics.shadow.inc(tags={"outcome": "agree" if agree else "disagree"})
         self._metrics.shadow_action_diff.observe(diff)
+        if self._on_compare is not None:
+            self._on_compare(champion, shadow, diff)
 
     def summary(self) -> ShadowSummary:
         compared = self._compared
