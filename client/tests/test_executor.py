@@ -150,3 +150,19 @@ def test_the_runner_keeps_one_request_in_flight_and_executes_the_chunk_meanwhile
     runner.tick()  # step 4: the failed call is counted, the next one goes out
     assert [a[0] for a in sent] == [0.0, 11.0, 12.0, 0.0, 0.0] and runner.errors == 1 and len(client.calls) == 4
     runner.close()
+
+
+def test_the_runner_stops_on_low_confidence_and_drops_the_answer_of_a_past_episode():
+    client, sent = _FakeClient(), []
+    runner = ChunkRunner(client, lambda: "frame", lambda: [], lambda *a: sent.append(a[0]), 5.0, min_confidence=0.95)
+    runner._pool = pool = _Pool()
+    runner.tick()  # step 0: request 1 (confidence 0.9 < 0.95 when it comes)
+    pool.futures[0].set_result(_answer(_chunk(10), anchor=0))
+    runner.tick()  # step 1: zeros instead of 11; request 2
+    runner.reset()  # a new episode while request 2 is in flight
+    pool.futures[1].set_result(_answer(_chunk(20), anchor=1))
+    runner.min_confidence = 0.0
+    runner.tick()  # step 2: request 2's answer is ignored; request 3 goes out
+    pool.futures[2].set_result(_answer(_chunk(30), anchor=2))
+    runner.tick()  # step 3: request 3's chunk, row 1
+    assert sent == [0.0, 0.0, 0.0, 31.0] and [c["step"] for c in client.calls] == [0, 1, 2, 3]

@@ -10,12 +10,16 @@ In:  `camera/image_raw` (sensor_msgs/Image, rgb8 or bgr8), `instruction` (std_ms
 Out: `cmd_vel` (geometry_msgs/Twist: linear.x, linear.y m/s and angular.z rad/s in the base frame,
      REP-103), at `control_hz`.
 
-Every control step sends the newest frame; the answer's first action is published. Anything doubtful
-publishes a zero Twist (stop) instead of guessing: no answer within the step's deadline, a refusal,
-a frame older than `max_frame_age_s`, a confidence under `min_confidence`, or a server safety decision
-`stop`/`handover`. The robot id defaults to the node's namespace (`/r17/...` -> `r17`); the token must
-cover it (docs/http_api.md, Auth). Written against rclpy's Humble/Jazzy API; ROS is not installed where
-this repository is tested, so the test suite only compiles this file (tests/test_ros2_example.py).
+Chunk execution (`mobile_vla_client.ChunkRunner`): at every control tick the node publishes the
+current chunk's action for this step while the next request (the newest frame, the step cursor and
+the measured delay) is in flight, so a round trip longer than a tick does not stall the base; an answer
+skips the actions the robot has overtaken meanwhile and blends into the new chunk over `blend_steps`.
+Anything doubtful publishes a zero Twist (stop) instead of guessing: a frame older than
+`max_frame_age_s`, a chunk used up with no new answer (no answer within the deadline, a refusal), a
+confidence under `min_confidence`, or a server safety decision `stop`/`handover`. The robot id
+defaults to the node's namespace (`/r17/...` -> `r17`); the token must cover it (docs/http_api.md,
+Auth). Written against rclpy's Humble/Jazzy API; ROS is not installed where this repository is
+tested, so the test suite only compiles this file (tests/test_ros2_example.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 import numpy as np
 import rclpy
 from geometry_msgs.msg import Twist
-from mobile_vla_client import Client, ClientError
+from mobile_vla_client import ChunkRunner, Client
 from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
@@ -56,12 +60,17 @@ class VlaDriver(Node):
         control_hz = float(self.declare_parameter("control_hz", 5.0).value)  # the rate the model was trained at
         self.min_confidence = float(self.declare_parameter("min_confidence", 0.3).value)
         self.max_frame_age_s = float(self.declare_parameter("max_frame_age_s", 0.5).value)
+        blend_steps = int(self.declare_parameter("blend_steps", 2).value)
         with open(token_file) as handle:
             token = handle.read().split()[0]
-        # one step's whole budget, retries included: the answer must come before the next step is due
-        self.robot = Client(url, token, robot_id=robot_id, deadline_s=0.8 / control_hz, send_deadline=True)
+        # a request's whole budget, retries included: the chunk in hand covers the wait, up to half of it
+        self.robot = Client(url, token, robot_id=robot_id, deadline_s=1.0 / control_hz, send_deadline=True)
         model = self.robot.model_info()  # what the served model wants as `state`, and how long it is
         self.state_input, self.state_dim = model.state_input, model.state_dim
+        self.robot.deadline_s = max(1.0, model.chunk / 2) / control_hz
+        self.runner = ChunkRunner(
+            self.robot, self.timed_frame, self.state, self.publish, control_hz, blend_steps, self.min_confidence
+        )
         self.get_logger().info(f"{robot_id}: model {model.name} v{model.version}, state = {self.state_input}")
 
         self.frame: np.ndarray | None = None
@@ -88,6 +97,7 @@ class VlaDriver(Node):
     def on_instruction(self, msg: String) -> None:
         if msg.data.strip():
             episode = self.robot.start_episode(msg.data)  # a new episode: a fresh memory
+            self.runner.reset()  # no chunk of the last episode, its answer in flight ignored
             self.get_logger().info(f"episode {episode}: {msg.data!r}")
 
     def on_odometry(self, msg: Odometry) -> None:
@@ -104,26 +114,31 @@ class VlaDriver(Node):
             values = []
         return (values + [0.0] * self.state_dim)[: self.state_dim]
 
-    def step(self) -> None:
-        if self.robot.instruction is None or self.frame is None:
-            return  # nothing to do yet
-        command = Twist()  # zero: stop unless the answer is good
-        if time.monotonic() - self.frame_at > self.max_frame_age_s:
-            self.get_logger().warning("camera frame too old: stopping", throttle_duration_sec=2.0)
-        else:
-            try:
-                answer = self.robot.act(self.frame, self.state())
-            except ClientError as exc:  # refused, or no answer within the step's deadline
-                self.get_logger().warning(str(exc), throttle_duration_sec=2.0)
-            else:
-                stop = answer.safety is not None and answer.safety.must_stop  # the server's safety decision
-                if answer.confidence >= self.min_confidence and not stop:
-                    command.linear.x, command.linear.y, command.angular.z = answer.action_now
+    def timed_frame(self) -> tuple[np.ndarray, float]:
+        """The newest frame and its age in ms (part of the delay the request reports)."""
+        return self.frame, (time.monotonic() - self.frame_at) * 1000
+
+    def publish(self, linear_x: float, linear_y: float, angular_z: float) -> None:
+        command = Twist()
+        command.linear.x, command.linear.y, command.angular.z = linear_x, linear_y, angular_z
         self.cmd.publish(command)
         self.command = command
 
+    def step(self) -> None:
+        if self.robot.instruction is None or self.frame is None:
+            return  # nothing to do yet
+        if time.monotonic() - self.frame_at > self.max_frame_age_s:
+            self.get_logger().warning("camera frame too old: stopping", throttle_duration_sec=2.0)
+            self.publish(0.0, 0.0, 0.0)
+            return
+        errors = self.runner.errors
+        self.runner.tick()  # the chunk's action for this step; the next request when none is in flight
+        if self.runner.errors > errors:  # refused, or no answer within the deadline
+            self.get_logger().warning(str(self.runner.last_error), throttle_duration_sec=2.0)
+
     def stop(self) -> None:
         self.cmd.publish(Twist())
+        self.runner.close()
         self.robot.close()
 
 

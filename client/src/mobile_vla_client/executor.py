@@ -164,8 +164,10 @@ class ChunkRunner:
     `frame()` gives the camera frame now (and optionally its age in ms as `(frame, age_ms)`); `state()`
     the robot state; `send(linear_x, linear_y, angular_z)` commands the base. A call that fails
     (`ClientError`) is counted in `errors` and the next request goes out at the next tick; the robot
-    keeps executing what is left of its chunk and then stands still. An answer whose safety decision is
-    stop or handover replaces the chunk at once (zeros, no blending).
+    keeps executing what is left of its chunk and then stands still (`last_error` keeps the exception).
+    An answer whose safety decision is stop or handover, or whose confidence is under `min_confidence`,
+    replaces the chunk at once with zeros (no blending). `reset()` at a new episode drops the chunk and
+    ignores the answer in flight.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class ChunkRunner:
         send: Callable[[float, float, float], None],
         control_hz: float,
         blend_steps: int = 2,
+        min_confidence: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -183,9 +186,12 @@ class ChunkRunner:
             raise ValueError(f"control_hz: expected > 0, got {control_hz!r}")
         self.client, self.frame, self.state, self.send = client, frame, state, send
         self.period_s = 1.0 / control_hz
+        self.blend_steps, self.min_confidence = blend_steps, min_confidence
         self.executor = ChunkExecutor(blend_steps)
         self.errors = 0
         self.last_answer = None
+        self.last_error: BaseException | None = None
+        self._generation = self._sent_generation = 0
         self._clock, self._sleep = clock, sleep
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-request")
         self._in_flight: Future | None = None
@@ -215,6 +221,11 @@ class ChunkRunner:
     def stop(self) -> None:
         self._stop.set()
 
+    def reset(self) -> None:
+        """A new episode: no chunk (stand still until the next answer), the answer in flight ignored."""
+        self.executor = ChunkExecutor(self.blend_steps, start_step=self.executor.step)
+        self._generation += 1
+
     def close(self) -> None:
         """Stops the loop and waits for the request in flight."""
         self._stop.set()
@@ -227,6 +238,7 @@ class ChunkRunner:
         state = list(self.state())
         self._in_flight = self._pool.submit(self.client.act, frame, state, delay_ms=delay_ms, step=step)
         self._sent_step = step  # the anchor when the server does not echo one
+        self._sent_generation = self._generation
 
     def _collect(self) -> None:
         future = self._in_flight
@@ -235,10 +247,13 @@ class ChunkRunner:
         self._in_flight = None
         try:
             answer = future.result()
-        except Exception:  # ClientError (NoAnswer, ApiError) or a transport fault: try again next tick
-            self.errors += 1
+        except Exception as exc:  # ClientError (NoAnswer, ApiError) or a transport fault: try again next tick
+            self.errors, self.last_error = self.errors + 1, exc
             return
         self.last_answer, self._round_trip_ms = answer, answer.round_trip_ms
+        if self._sent_generation != self._generation:  # sent before reset(): another episode's answer
+            return
         anchor = answer.anchor_step if answer.anchor_step is not None else self._sent_step
-        stop = answer.safety is not None and answer.safety.must_stop
-        self.executor.accept(answer.actions, anchor, answer.model.version, blend=not stop)
+        stop = (answer.safety is not None and answer.safety.must_stop) or answer.confidence < self.min_confidence
+        actions = np.zeros_like(answer.actions) if stop else answer.actions
+        self.executor.accept(actions, anchor, answer.model.version, blend=not stop)
