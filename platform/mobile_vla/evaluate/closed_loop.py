@@ -50,7 +50,8 @@ from mobile_vla.evaluate.tasks import fan_out, jsonable
 from mobile_vla.policy.config import PREVIOUS_COMMAND
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
 from mobile_vla.sim.success import failure_auroc, mean_or_nan, spl, wilson_interval
-from mobile_vla.tracking import configure_mlflow, log_version_metrics, resolve_model, set_version_tags
+from mobile_vla.tracking import CHAMPION, configure_mlflow, log_version_metrics, resolve_model, set_version_tags
+from mobile_vla.tracking.model_card import refresh_model_card
 
 log = logging.getLogger(__name__)
 
@@ -472,15 +473,18 @@ def log_to_version(
     split: str,
     tags: dict[str, str] | None = None,
 ) -> None:
-    """Metrics as version tags (+ source-run metrics), files under `evaluation/<split>/` of its run."""
+    """Metrics as version tags (+ source-run metrics), files under `evaluation/<split>/` of its run; then
+    the version's model card is rewritten with them (tracking/model_card.py).
+    """
     configure_mlflow()
-    log_version_metrics(name, version, metrics)
+    log_version_metrics(name, version, metrics, refresh_card=False)
     if tags:
         set_version_tags(name, version, tags)
     client = MlflowClient()
     run_id = run_id or client.get_model_version(name, str(version)).run_id
     for path in files if run_id else []:
         client.log_artifact(run_id, str(path), f"{EVALUATION_ARTIFACTS}/{split}")
+    refresh_model_card(name, str(version), champion_alias=CHAMPION)
 
 
 def log_closed_loop(report: ClosedLoopReport, files: list[Path], primary: bool = True) -> bool:

@@ -33,6 +33,7 @@ from mobile_vla.config import StrictModel, load_config
 from mobile_vla.errors import ConfigError, ModelError
 from mobile_vla.sim.success import wilson_interval
 from mobile_vla.tracking.audit import set_alias
+from mobile_vla.tracking.model_card import refresh_model_card
 from mobile_vla.tracking.registry import (
     CHALLENGER,
     CHAMPION,
@@ -296,5 +297,7 @@ def promote(
             kept = f"kept for rollback: @{CHAMPION} moved {champion} -> {candidate}"
             set_alias(name, PREVIOUS_CHAMPION, champion, actor=actor, reason=kept)
             set_version_tags(name, champion, {"promotion.superseded_by": candidate, "promotion.superseded_time": now})
+            refresh_model_card(name, champion, champion_alias=CHAMPION)
     set_version_tags(name, candidate, decision.tags())
+    refresh_model_card(name, candidate, champion_alias=CHAMPION)  # the card shows the gate's decision
     return decision

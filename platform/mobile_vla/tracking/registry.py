@@ -48,6 +48,7 @@ from pathlib import Path
 from mobile_vla.config import platform_home
 from mobile_vla.errors import ModelError
 from mobile_vla.tracking.audit import set_alias
+from mobile_vla.tracking.model_card import NOTE_TAG, refresh_model_card
 from mobile_vla.tracking.store import mlflow_client
 
 DEFAULT_MODEL_NAME = "mobile-vla-policy"
@@ -127,11 +128,11 @@ def register_policy(
     except Exception as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(getattr(exc, "error_code", exc)) and "already exists" not in str(exc):
             raise
-    version = client.create_model_version(
-        name, source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}, description=description
-    ).version
+    tags = {k: str(v) for k, v in (tags or {}).items()} | ({NOTE_TAG: description[:4900]} if description else {})
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description).version
     if alias:
         set_alias(name, alias, version, actor=actor, reason=f"version {version} registered from run {run_id}")
+    refresh_model_card(name, str(version), champion_alias=CHAMPION)  # the description becomes the model card
     return str(version)
 
 
@@ -464,14 +465,20 @@ def get_version_tags(name: str, version: str) -> dict[str, str]:
     return dict(_client().get_model_version(name, str(version)).tags)
 
 
-def log_version_metrics(name: str, version: str, metrics: dict[str, float], step: int = 0) -> None:
-    """Evaluation results on a version: tags `metric.<key>` (shown in the registry UI) + source-run metrics."""
+def log_version_metrics(
+    name: str, version: str, metrics: dict[str, float], step: int = 0, refresh_card: bool = True
+) -> None:
+    """Evaluation results on a version: tags `metric.<key>` (shown in the registry UI) + source-run metrics;
+    the version's model card is rewritten (`refresh_card` False: the caller rewrites it after more results).
+    """
     client = _client()
     mv = client.get_model_version(name, str(version))
     for key, value in metrics.items():
         client.set_model_version_tag(name, str(version), f"metric.{key}", f"{float(value):.6g}")
         if mv.run_id:
             client.log_metric(mv.run_id, key, float(value), step=step)
+    if refresh_card:
+        refresh_model_card(name, str(version), champion_alias=CHAMPION)
 
 
 def get_version_metrics(name: str, version: str) -> dict[str, float]:

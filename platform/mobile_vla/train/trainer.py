@@ -39,6 +39,7 @@ from mobile_vla.tracking import (
     register_policy,
     set_alias,
 )
+from mobile_vla.tracking.model_card import dataset_tags
 from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.train import checkpointing, plots
 from mobile_vla.train.job_config import TrainJobConfig
@@ -188,7 +189,8 @@ def prepare_run(cfg: TrainJobConfig, mlflow_tags: dict | None = None) -> Prepare
         )
     prepared = PreparedRun(cfg, policy_config, preprocessing, datasets, train_windows)
     if cfg.mlflow.enabled:
-        prepared.run_id, prepared.tracking_uri = _mlflow_run(cfg, policy_config, mlflow_tags)
+        run_tags = {**dataset_tags(manifest), **(mlflow_tags or {})}  # the data counts the model card shows
+        prepared.run_id, prepared.tracking_uri = _mlflow_run(cfg, policy_config, run_tags)
     return prepared
 
 
