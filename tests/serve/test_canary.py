@@ -240,3 +240,15 @@ def test_registry_moves_are_audited_as_rollout_with_why(platform_home, tmp_path)
     assert (champion.to_version, champion.actor, champion.reason) == (v2, "rollout", "canary promoted: held 10,100%")
     assert alias_history(MODEL, "previous-champion")[0].to_version == v1
     assert canary_state(MODEL) == (v1, 0.0)  # @canary stays where the rollback left it; the share is 0
+
+
+def test_rollout_cli_refuses_a_bad_plan_with_one_line_naming_it(capsys, tmp_path, monkeypatch):
+    from mobile_vla.cli import main
+
+    monkeypatch.setenv("MOBILE_VLA_HOME", str(tmp_path))  # no tokens file: a good plan would stop on the token
+    assert main(["rollout", "start", "--version", "2", "--steps", "50,10"]) == 2
+    assert "steps" in capsys.readouterr().err
+    assert main(["rollout", "start", "--version", "2", "--set", "max_divergence=-1"]) == 2
+    assert "max_divergence" in capsys.readouterr().err
+    assert main(["rollout", "start", "--version", "2"]) == 2
+    assert "--token-file" in capsys.readouterr().err

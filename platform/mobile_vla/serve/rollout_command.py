@@ -4,7 +4,7 @@
     mobile-vla rollout status            # the canary and per-version KPIs, as one ingress sees them
     mobile-vla rollout stop --reason "operator: robots 3 and 9 hesitate"     # roll back now
 
-The app must serve a canary (`canary:` in its args, serve_configs/canary.yaml). Bounds come from
+The app must serve a canary (`canary:` in its app args: docs/operations.md, canary rollout). Bounds come from
 `--bounds FILE` (YAML, the fields of `RolloutBounds`) and `--set key=value` overrides.
 """
 
@@ -90,17 +90,8 @@ def run_rollout(args: argparse.Namespace) -> int:
         champion = rollback_canary(args.model, args.reason)
         print(f"rolled back: share 0, @canary on the champion's version {champion}")
         return 0
-    token = operator_token(args.token_file)
-    kpis = HttpKpis(args.url, token)
-    try:
-        if args.rollout_command == "status":
-            import httpx
-
-            answer = httpx.get(f"{args.url.rstrip('/')}/v1/rollout", headers={"Authorization": f"Bearer {token}"})
-            if answer.status_code != 200:
-                raise ConfigError(f"GET {args.url}/v1/rollout answered {answer.status_code}: {answer.text[:300]}")
-            print(json.dumps(answer.json(), indent=2))
-            return 0
+    plan = None
+    if args.rollout_command == "start":  # a bad plan is refused before anything is read or moved
         bounds = load_config(args.bounds, RolloutBounds, args.overrides)
         plan = validate_config(
             {
@@ -115,6 +106,17 @@ def run_rollout(args: argparse.Namespace) -> int:
             RolloutPlan,
             "rollout start",
         )
+    token = operator_token(args.token_file)
+    kpis = HttpKpis(args.url, token)
+    try:
+        if plan is None:
+            import httpx
+
+            answer = httpx.get(f"{args.url.rstrip('/')}/v1/rollout", headers={"Authorization": f"Bearer {token}"})
+            if answer.status_code != 200:
+                raise ConfigError(f"GET {args.url}/v1/rollout answered {answer.status_code}: {answer.text[:300]}")
+            print(json.dumps(answer.json(), indent=2))
+            return 0
         report = RolloutController(plan, kpis).run()
     finally:
         kpis.close()
