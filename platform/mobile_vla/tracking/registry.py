@@ -122,6 +122,7 @@ def register_policy(
         raise ModelError(f"{model_dir}: no policy/ folder to register (expected save_policy output)")
     client = _client()
     client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+    _log_pyfunc_flavor(client, run_id, model_dir)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
     try:
         client.create_registered_model(name, description="Mobile VLA policy (Kosmos-2 + CLIP + LSTM)")
@@ -134,6 +135,19 @@ def register_policy(
         set_alias(name, alias, version, actor=actor, reason=f"version {version} registered from run {run_id}")
     refresh_model_card(name, str(version), champion_alias=CHAMPION)  # the description becomes the model card
     return str(version)
+
+
+def _log_pyfunc_flavor(client, run_id: str, model_dir: Path) -> None:
+    """`MLmodel` + input example beside policy/ (tracking/pyfunc_flavor.py): the version loads with
+    `mlflow.pyfunc.load_model`. A policy folder without saved preprocessing gets none (a warning).
+    """
+    # Deferred: pyfunc_flavor imports MLflow and pandas, and the CLI's --help imports this module.
+    from mobile_vla.tracking.pyfunc_flavor import log_pyfunc_files
+
+    try:
+        log_pyfunc_files(client, run_id, model_dir, MODEL_ARTIFACT_PATH)
+    except ValueError as exc:
+        log.warning("run %s: registered without the MLflow pyfunc flavor: %s", run_id, exc)
 
 
 def _version_of(client, name: str, alias: str | None, version: str | None, uri: str):
