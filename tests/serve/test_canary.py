@@ -8,7 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mobile_vla.serve.canary import CanaryView, FleetKpis, VersionKpis, action_jerk, on_canary, robot_bucket
+from mobile_vla.serve.canary import (
+    CanaryView,
+    FleetKpis,
+    VersionKpis,
+    action_jerk,
+    axis_divergence,
+    on_canary,
+    robot_bucket,
+)
 from mobile_vla.serve.rollout import HOLD, ROLLBACK, WIDEN, RolloutBounds, RolloutController, RolloutPlan, judge
 
 ROBOTS = [f"robot-{i:04d}" for i in range(4000)]
@@ -24,6 +32,16 @@ def test_robot_bucket_is_stable_and_spread():
     assert robot_bucket("r-17") == pytest.approx(
         (int.from_bytes(__import__("hashlib").blake2b(b"r-17", digest_size=8).digest(), "big") % 10_000) / 100
     )
+
+
+def test_divergence_is_the_largest_per_axis_mean_so_a_one_axis_bug_reads_at_full_size():
+    champion = np.zeros((10, 3), dtype=np.float32)  # [K, 3]
+    steering_bug = champion.copy()
+    steering_bug[:, 2] = 0.45  # angular_z shifted on every step: a mean over all axes would read 0.15
+    assert axis_divergence(steering_bug, champion) == pytest.approx(0.45)
+    everywhere = champion + 0.1
+    assert axis_divergence(everywhere, champion) == pytest.approx(0.1)
+    assert axis_divergence(champion, champion) == 0.0
 
 
 def test_on_canary_share_is_sticky_and_widening_only_adds_robots():
@@ -74,7 +92,7 @@ def test_fleet_kpis_count_the_assigned_and_the_answering_version_apart():
 
 
 def window(
-    steps=100, fallbacks=0, confidence=0.8, stops=0, jerk=0.1, latency=10.0, divergence=None, samples=0
+    steps=100, fallbacks=0, confidence=0.8, stops=0, jerk=0.1, latency=10.0, divergence=0.02, samples=10
 ) -> VersionKpis:
     return VersionKpis(
         assigned=steps,
@@ -120,6 +138,16 @@ def test_judge_holds_until_enough_steps_and_time_then_widens():
     assert early.action == ROLLBACK
     starved = judge(window(steps=3), window(), BOUNDS, held_s=60, plan=PLAN)
     assert starved.action == ROLLBACK and "not enough traffic" in starved.reason
+
+
+def test_judge_never_widens_on_a_divergence_it_could_not_judge():
+    unmirrored = window(divergence=None, samples=3)  # enough steps, too few mirrored
+    waiting = judge(unmirrored, window(), BOUNDS, held_s=30, plan=PLAN)
+    assert waiting.action == HOLD and "3/10 mirrored steps" in waiting.reason
+    no_mirror = BOUNDS.model_copy(update={"require_divergence": False})  # an app with mirror_rate 0
+    assert judge(unmirrored, window(), no_mirror, held_s=30, plan=PLAN).action == WIDEN
+    starved = judge(unmirrored, window(), BOUNDS, held_s=60, plan=PLAN)
+    assert starved.action == ROLLBACK and "mirrored steps" in starved.reason
 
 
 def test_judge_without_a_champion_baseline_uses_absolute_bounds_only():

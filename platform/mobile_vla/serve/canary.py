@@ -82,7 +82,7 @@ class VersionKpis:
     stop: int = 0  # stop or handover: the robot was told to stand still
     jerk_sum: float = 0.0
     latency_ms_sum: float = 0.0
-    divergence_sum: float = 0.0  # mean |a - a_champion| of mirrored chunks
+    divergence_sum: float = 0.0  # axis_divergence of mirrored chunks (largest per-axis mean |a - a_champion|)
     divergence_n: int = 0
 
     def minus(self, earlier: VersionKpis) -> VersionKpis:
@@ -182,7 +182,7 @@ class FleetKpis:
             self._metrics.answered(assigned, served, fallback, confidence, level, jerk, latency_ms)
 
     def diverged(self, version: str, diff: float) -> None:
-        """A mirrored step: `version`'s chunk differed from the champion's by `diff` (mean abs)."""
+        """A mirrored step: `version`'s chunk differed from the champion's by `diff` (`axis_divergence`)."""
         kpis = self._of(version)
         kpis.divergence_sum += diff
         kpis.divergence_n += 1
@@ -282,6 +282,14 @@ class RolloutStatus(BaseModel):
     replica: str = Field(description="Which ingress replica answered (host:pid): each keeps its own counts.")
 
 
+def axis_divergence(canary: np.ndarray, champion: np.ndarray) -> float:
+    """The divergence of one mirrored step: the largest per-axis mean |canary - champion| over the chunk
+    (actions [K, 3]: m/s, m/s, rad/s). A bug on one axis (a steering bias on angular_z) reads at its full
+    size instead of a third of it, as a mean over all three axes would.
+    """
+    return float(np.abs(canary - champion).mean(axis=0).max())  # [K, 3] -> [3] -> max
+
+
 class _Discard:
     """A histogram that records nothing: the mirror's diff goes to the per-version divergence instead."""
 
@@ -324,7 +332,9 @@ class CanaryRoute:
                 mirror,
                 primary,
                 _MirrorMetrics(version_metrics),
-                lambda served, _, diff: kpis.diverged(served.model_version, diff),
+                lambda served, mirrored, _: kpis.diverged(
+                    served.model_version, axis_divergence(served.actions, mirrored.actions)
+                ),
             )
 
     async def _canary_status(self):

@@ -55,12 +55,15 @@ class RolloutBounds(StrictModel):
 
     min_steps: int = Field(default=30, ge=1, description="canary steps in a window before any rate is judged")
     min_divergence_samples: int = Field(default=10, ge=1, description="mirrored steps before divergence is judged")
+    require_divergence: bool = Field(
+        default=True, description="widen only once divergence was judged (false when the app mirrors nothing)"
+    )
     max_fallback_rate_increase: float = Field(default=0.05, ge=0, description="canary minus champion, absolute")
     max_safe_stop_rate_increase: float = Field(default=0.10, ge=0, description="stop/handover share, absolute")
     max_confidence_drop: float = Field(default=0.15, ge=0, description="champion minus canary mean confidence")
     max_jerk_ratio: float = Field(default=2.0, gt=0, description="canary mean jerk / champion's (+ jerk_floor)")
     jerk_floor: float = Field(default=0.05, ge=0, description="added to both jerks: ratios of near-zero mean nothing")
-    max_divergence: float = Field(default=0.15, gt=0, description="mean |canary - champion| action, mirrored steps")
+    max_divergence: float = Field(default=0.15, gt=0, description="largest per-axis mean |canary - champion|, mirrored")
     max_latency_ratio: float = Field(default=2.0, gt=0, description="canary mean latency / champion's")
     latency_floor_ms: float = Field(default=20.0, ge=0, description="added to both latencies before the ratio")
 
@@ -154,23 +157,24 @@ def _breaches(canary: VersionKpis, baseline: VersionKpis | None, bounds: Rollout
 def judge(
     canary: VersionKpis, baseline: VersionKpis | None, bounds: RolloutBounds, held_s: float, plan: RolloutPlan
 ) -> Verdict:
-    """Rollback on any breach; widen once held `hold_s` with `min_steps` canary answers; else hold (and
-    rollback when a step finds no traffic within `max_hold_s`).
+    """Rollback on any breach; widen once held `hold_s` with `min_steps` canary answers and (with
+    `require_divergence`) `min_divergence_samples` mirrored steps, so no step widens on a bound it could not
+    judge; else hold (and rollback when a step finds too little traffic within `max_hold_s`).
     """
     kpis = canary.rates()
     breaches = _breaches(canary, baseline, bounds)
     if breaches:
         return Verdict(ROLLBACK, breaches, kpis)
-    enough = canary.answered >= bounds.min_steps
-    if held_s >= plan.hold_s and enough:
+    missing = []
+    if canary.answered < bounds.min_steps:
+        missing.append(f"{canary.answered}/{bounds.min_steps} canary steps")
+    if bounds.require_divergence and canary.divergence_n < bounds.min_divergence_samples:
+        missing.append(f"{canary.divergence_n}/{bounds.min_divergence_samples} mirrored steps")
+    if held_s >= plan.hold_s and not missing:
         return Verdict(WIDEN, [], kpis)
-    if held_s >= plan.hold_limit_s and not enough:
-        why = (
-            f"not enough traffic to judge: {canary.answered} canary steps in {held_s:.0f} s "
-            f"(min_steps {bounds.min_steps})"
-        )
+    if held_s >= plan.hold_limit_s and missing:
+        why = f"not enough traffic to judge: {', '.join(missing)} in {held_s:.0f} s"
         return Verdict(ROLLBACK, [why], kpis)
-    missing = [] if enough else [f"{canary.answered}/{bounds.min_steps} canary steps"]
     return Verdict(HOLD, missing or [f"held {held_s:.0f}/{plan.hold_s:g} s"], kpis)
 
 
