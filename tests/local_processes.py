@@ -118,27 +118,20 @@ MLFLOW_SERVER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_J
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_db: Path, artifacts: Path, port: int):
-    """A real `mlflow server` on 127.0.0.1:`port` over the SQLite file `backend_db`, serving artifacts
-    from `artifacts`; yields its URL once /health answers; stopped (SIGTERM, then SIGKILL) when the
-    block ends. The same address can be served again later (a registry that comes back)."""
+def mlflow_server(backend: Path | str, artifacts: Path, port: int, log: Path | None = None, timeout_s: float = 180):
+    """A real `mlflow server` on 127.0.0.1:`port` over `backend` (a Path: that SQLite file; a str: a
+    backend-store URI as given, e.g. PostgreSQL's), serving artifacts from `artifacts`; its output goes
+    to `log` (shown if it exits early) or nowhere; yields its URL once /health answers; stopped (SIGTERM,
+    then SIGKILL) when the block ends. The same address can be served again later (a registry that
+    comes back)."""
+    backend_uri = f"sqlite:///{backend}" if isinstance(backend, Path) else backend
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", backend_uri]
+    command += ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port)]
+    output = log.open("w") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{backend_db}",
-            "--artifacts-destination",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [*command, "--workers", "1"],
+        stdout=output,
+        stderr=subprocess.STDOUT,
         env={**os.environ, **MLFLOW_SERVER_ENV},
         start_new_session=True,
     )
@@ -146,14 +139,17 @@ def mlflow_server(backend_db: Path, artifacts: Path, port: int):
 
     def healthy():
         if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}")
+            shown = f": {log.read_text()}" if log is not None else ""
+            pytest.fail(f"mlflow server exited with {process.returncode}{shown}")
         try:
             return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
         except OSError:
             return False
 
     try:
-        wait_until(healthy, 180, every_s=0.5, what="mlflow server answering")
+        wait_until(healthy, timeout_s, every_s=0.5, what=f"mlflow server on {backend_uri.split(':')[0]} answering")
         yield url
     finally:
         stop_process_group(process, signal.SIGTERM, 30)
+        if log is not None:
+            output.close()

@@ -8,16 +8,13 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.local_processes import MLFLOW_SERVER_ENV, free_port, stop_process_group, wait_until
+from tests.local_processes import free_port, mlflow_server
 from tests.tracking.test_registry import exercise_registry, make_model_dir, start_run
 
 PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))  # Debian's postgresql-NN layout: initdb, pg_ctl
@@ -58,35 +55,10 @@ def postgres_url():
 @pytest.fixture()
 def server_on_postgres(postgres_url, platform_home, tmp_path, monkeypatch):  # after platform_home: it unsets the URI
     """An `mlflow server` whose backend store is the PostgreSQL database; MLFLOW_TRACKING_URI points at it."""
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", postgres_url]
-    command += ["--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    log = (tmp_path / "mlflow-server.log").open("w")
-    process = subprocess.Popen(
-        [*command, "--workers", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **MLFLOW_SERVER_ENV},
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        if process.poll() is not None:
-            pytest.fail(
-                f"mlflow server exited with {process.returncode}: {(tmp_path / 'mlflow-server.log').read_text()}"
-            )
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_until(healthy, 240, every_s=0.5, what="mlflow server on PostgreSQL answering")
+    log = tmp_path / "mlflow-server.log"
+    with mlflow_server(postgres_url, tmp_path / "artifacts", free_port(), log=log, timeout_s=240) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         yield url
-    finally:
-        stop_process_group(process, signal.SIGTERM, 30)
 
 
 def test_registry_promotion_and_alias_polling_on_postgresql(server_on_postgres, platform_home, tmp_path):
