@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import resource
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "data_generate.json"
@@ -63,7 +64,6 @@ def main() -> int:
     completed = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load_after = os.getloadavg()
     # CPU time of the command and the Ray processes it started (reaped descendants): unlike wall
     # time it does not depend on what else the machine runs.
     cpu_seconds = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -82,13 +82,7 @@ def main() -> int:
     result = {
         "benchmark": "data_generate",
         "command": " ".join(["mobile-vla"] + command[1:]).replace(str(out), "DIR"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": host.platform(),
-            "python": host.python_version(),
-            "load_average_1m_before": round(load_before[0], 2),
-            "load_average_1m_after": round(load_after[0], 2),
-        },
+        "machine": machine(load_before),
         "episodes": manifest["counts"]["total"]["episodes"],
         "frames": frames,
         "wall_seconds": round(seconds, 2),

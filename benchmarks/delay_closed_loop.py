@@ -25,13 +25,14 @@ import argparse
 import json
 import math
 import os
-import platform as host
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "delay_closed_loop.json"
@@ -264,13 +265,7 @@ def main() -> int:
         "blend_steps": args.blend_steps,
         "max_steps": args.max_steps,
         "backend": getattr(backend, "name", None),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": host.platform(),
-            "python": sys.version.split()[0],
-            "load_avg_before": [round(v, 1) for v in load_before],
-            "load_avg_after": [round(v, 1) for v in os.getloadavg()],
-        },
+        "machine": machine(load_before),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import tempfile
 import time
 from pathlib import Path
 
 from bench_data import ensure_data
+from bench_machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ensemble_quality.json"
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     summary["ensemble_vs_best_member_mae"] = summary["ensemble_mae"] / summary["best_member_mae"] - 1.0
     report = {
         "benchmark": "ensemble_quality",
-        "machine": {"cpus": os.cpu_count(), "platform": host.platform(), "python": host.python_version()},
+        "machine": machine(),
         "settings": {
             **{k: v for k, v in vars(args).items() if k not in ("out",)},
             "data": str(data),

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "inference.json"
 TARGET_SPEEDUP = 2.0
@@ -157,22 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    report = {
-        "benchmark": "inference",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "load_average_start": [round(x, 2) for x in os.getloadavg()],
-        },
-        "presets": {},
-    }
+    load_before = os.getloadavg()
+    report = {"benchmark": "inference", "machine": {}, "presets": {}}  # machine: filled in when the run ends
     for preset in args.presets:
         print(f"{preset}: build, export, parity ...", flush=True)
         report["presets"][preset] = measure_preset(preset, args.batches, args.rounds, args.threads)
-    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"] = machine(load_before, torch=torch.__version__, onnxruntime=onnxruntime.__version__)
     small = report["presets"].get("small", {}).get("batches", {}).get("1")
     if small:
         speedup = small["onnx_fp32_speedup_vs_torch_p50"]

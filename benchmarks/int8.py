@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_machine import machine
 from inference import _session, time_variants
 
 RESULTS = Path(__file__).resolve().parent / "results" / "int8.json"
@@ -151,23 +151,13 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()
     started = time.time()
-    report = {
-        "benchmark": "int8",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "onnxruntime": onnxruntime.__version__,
-            "load_average_start": [round(x, 2) for x in load_start],
-        },
-        "presets": {},
-    }
+    report = {"benchmark": "int8", "machine": {}, "presets": {}}  # machine: filled in when the run ends
     for preset in args.presets:
         print(f"{preset}: build, export (fp32 + int8, parity), time ...", flush=True)
         report["presets"][preset] = measure_preset(preset, args.batches, args.rounds, args.threads)
-    load_end = os.getloadavg()
+    report["machine"] = machine(load_start, onnxruntime=onnxruntime.__version__)
+    load_end = report["machine"]["load_avg_after"]
     quiet = load_start[0] < QUIET_LOAD and load_end[0] < QUIET_LOAD
-    report["machine"]["load_average_end"] = [round(x, 2) for x in load_end]
     report["machine"]["quiet"] = quiet
     report["seconds"] = round(time.time() - started, 1)
     b32 = report["presets"].get("small", {}).get("threads", {}).get("threads_1", {}).get("32")

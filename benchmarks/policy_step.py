@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "policy_step.json"
 REPEATS = {"tiny": 20, "small": 10, "full": 3}
@@ -124,17 +125,8 @@ def main() -> int:
     from rich.console import Console
 
     console = Console()
-    report = {
-        "benchmark": "policy_step",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg(),
-            "mem_available_gib_at_start": round(available_gib(), 1),
-        },
-        "presets": {},
-    }
+    load_before, mem_before_gib = os.getloadavg(), round(available_gib(), 1)
+    report = {"benchmark": "policy_step", "machine": {}, "presets": {}}  # machine: filled in when the run ends
     for preset in args.presets:
         if preset == "full" and args.device == "cpu" and available_gib() < FULL_MIN_AVAILABLE_GIB:
             report["presets"][preset] = {
@@ -171,7 +163,7 @@ def main() -> int:
                 f"({timing['frames_per_s']} frames/s), {result['parameters']:,} params, "
                 f"peak RSS {result['peak_rss_mib']:.0f} MiB"
             )
-    report["machine"]["load_average_at_end"] = os.getloadavg()
+    report["machine"] = machine(load_before, mem_available_gib_at_start=mem_before_gib)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {args.out}")

@@ -36,7 +36,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform as host
 import resource
 import shlex
 import subprocess
@@ -48,6 +47,7 @@ from pathlib import Path
 import mlflow
 
 from ablation_report import ablation_table
+from bench_machine import machine
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.sim.split_spec import TRAIN_SPLIT, default_split_spec
 from mobile_vla.tracking import configure_mlflow, get_version_by_alias, get_version_metrics, get_version_tags
@@ -487,12 +487,7 @@ def build_report(run: QualityRun, started: str, load_before: tuple, failure: str
         "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "failed": failure,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": host.platform(),
-            "load_avg_before": [round(v, 1) for v in load_before],
-            "load_avg_after": [round(v, 1) for v in os.getloadavg()],
-        },
+        "machine": machine(load_before),
         "settings": settings,
         "dataset": dataset_summary(run.data) if (run.data / "manifest.json").is_file() else None,
         "stages": [asdict(s) for s in run.stages],

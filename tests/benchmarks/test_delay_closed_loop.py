@@ -4,6 +4,7 @@ whose n-th chunk of an episode is 10n, 10n + 1, ... shows which request and row 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bench():
+    """benchmarks/delay_closed_loop.py as a module (it imports its sibling bench_machine, as the script does)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("delay_closed_loop", ROOT / "benchmarks" / "delay_closed_loop.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
