@@ -4,17 +4,22 @@ TensorRT cannot be installed on these machines (no GPU; the PyPI wheels are stub
 go through `publish_plan` replace `require_tensorrt`, `require_cuda_gpu` and `build_engine` with FAKES
 (a module with a version string, a GPU name, a builder that writes a few bytes through the real
 `save_plan`); the lock, the plan selection, the failure record and the files are the real ones.
+The last tests check that the plans' max batch follows the serve configs' `max_batch_size`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
+import yaml
 
 from mobile_vla.errors import ModelError
 from mobile_vla.export import publish
@@ -146,3 +151,67 @@ def test_backoff_is_capped_and_other_graphs_go_ahead(tmp_path):
     now[0] += trt_engine.BUILD_RETRY_CAP_S + 1
     failures.check("graphs-a")
     assert os.path.basename(failures.path).startswith(".")  # hidden, beside (not in) the plan folder
+
+
+# -- the plan's max batch follows the serve config ------------------------------------------------
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "serve_configs").glob("*.yaml"))
+GPU_DOC = Path(__file__).resolve().parents[2] / "docs" / "gpu.md"
+
+
+def _plan_max_batch(plan) -> int:
+    return json.loads((plan.parent / "engine.json").read_text())["max_batch"]
+
+
+def test_a_plan_smaller_than_the_serve_batch_is_refused_by_name():
+    with pytest.raises(ModelError) as refused:
+        trt_engine.check_plan_batch(32, 64, "tensorrt/x/model.plan")
+    message = str(refused.value)
+    assert "max_batch_size = 64" in message and "max batch = 32" in message and "2 calls" in message
+    assert "--max-batch 64" in message and "tensorrt/x/model.plan" in message
+    trt_engine.check_plan_batch(64, 64, "p")  # equal or larger: fine
+    trt_engine.check_plan_batch(64, 8, "p")
+    trt_engine.check_plan_batch(8, None, "p")  # no serve config: nothing to check
+
+
+def test_provisioning_rebuilds_a_plan_smaller_than_the_deployment_batch(exported_copy, fake_builder):
+    """FAKE TensorRT (module docstring): a 32 plan (the CLI default) is rebuilt for a deployment that
+    batches 64; a plan at or above the deployment's batch is kept."""
+    from mobile_vla.serve.engine_provision import ensure_engine
+
+    assert _plan_max_batch(publish.publish_plan(resolve_model(exported_copy), max_batch=32, attach=False)) == 32
+    plan = ensure_engine(str(exported_copy), max_batch_size=64)
+    assert _plan_max_batch(plan) == 64 and fake_builder.builds == 2
+    assert _plan_max_batch(ensure_engine(str(exported_copy), max_batch_size=48)) == 64  # kept: takes 48
+    assert _plan_max_batch(publish.publish_plan(resolve_model(exported_copy), max_batch=32, attach=False)) == 64
+    assert fake_builder.builds == 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_config_batch_matches_the_plans_built_for_it(path, exported_copy, fake_builder):
+    """FAKE TensorRT (module docstring). For every shipped serve config: the plan a TensorRT replica
+    provisions for its `max_batch_size` (PolicyUserConfig -> _prepare_version -> ensure_engine) takes
+    a full batch in one call and passes the load-time check; and when the config batches more than
+    `mobile-vla export --tensorrt` builds by default, the config and docs/gpu.md give the export
+    command with a `--max-batch` that covers it (plans built at promotion, not in replicas)."""
+    from mobile_vla.config import validate_config
+    from mobile_vla.export.commands import register
+    from mobile_vla.serve.app import ServeAppConfig
+    from mobile_vla.serve.deployments import TensorRTReplica
+    from mobile_vla.serve.settings import PolicyUserConfig
+
+    text = path.read_text()
+    args = validate_config(yaml.safe_load(text)["applications"][0]["args"], ServeAppConfig, str(path))
+    config = PolicyUserConfig(model_uri=str(exported_copy), max_batch_size=args.max_batch_size)
+    TensorRTReplica._prepare_version(object.__new__(TensorRTReplica), config)
+    plan = publish.publish_plan(resolve_model(exported_copy), attach=False)  # what the replica left there
+    assert _plan_max_batch(plan) >= args.max_batch_size
+    trt_engine.check_plan_batch(_plan_max_batch(plan), args.max_batch_size, plan)
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    cli_default = parser.parse_args(["export", "--model", "m", "--tensorrt"]).max_batch
+    if args.max_batch_size > cli_default:
+        for where, source in ((path.name, text), ("docs/gpu.md", GPU_DOC.read_text())):
+            given = [int(n) for n in re.findall(r"--tensorrt[^\n]*--max-batch (\d+)", source)]
+            assert given and min(given) >= args.max_batch_size, (where, given, args.max_batch_size)

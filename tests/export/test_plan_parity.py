@@ -205,3 +205,23 @@ def test_a_plan_over_tolerance_is_refused_and_onnx_keeps_serving(exported_copy, 
         publish.publish_plan(resolved, attach=False, max_batch=8, data_dir=frames_dataset)
     backend = load_backend(exported_copy, prefer=("tensorrt", "onnx-cpu"))
     assert backend.name == "onnx-cpu" and "no plan" in backend.skipped["tensorrt"]
+
+
+def test_a_plan_smaller_than_the_serve_batch_is_refused_at_load(
+    exported_copy, frames_dataset, fake_tensorrt, monkeypatch
+):
+    """FAKE TensorRT (module docstring): a replica whose config batches more robots than the plan's
+    profile takes does not load the plan (the chain names both sizes); one within it loads."""
+
+    class CpuRunner(tensorrt_backend.TensorRTRunner):  # the FAKE engine reads CPU tensors
+        def __init__(self, model_dir, signature, fp16=False):
+            super().__init__(model_dir, signature, fp16=fp16, device="cpu")
+
+    monkeypatch.setattr(tensorrt_backend, "TensorRTRunner", CpuRunner)
+    publish.publish_plan(resolve_model(exported_copy), attach=False, max_batch=8, data_dir=frames_dataset)
+    backend = load_backend(exported_copy, prefer=("tensorrt", "onnx-cpu"), max_batch_size=8)
+    assert backend.name == "tensorrt" and backend.max_batch == 8
+    backend = load_backend(exported_copy, prefer=("tensorrt", "onnx-cpu"), max_batch_size=16)
+    assert backend.name == "onnx-cpu"
+    reason = backend.skipped["tensorrt"]
+    assert "max_batch_size = 16 exceeds the TensorRT plan's max batch = 8" in reason and "--max-batch 16" in reason

@@ -2,14 +2,16 @@
 
     mobile-vla export --model models:/mobile-vla-policy@challenger --fp16
     mobile-vla export --model models:/mobile-vla-policy@challenger --int8 --data data/nav   # CPU / edge
-    mobile-vla export --model models:/mobile-vla-policy/3 --tensorrt      # on a GPU node, per GPU model
+    mobile-vla export --model models:/mobile-vla-policy/3 --tensorrt --max-batch 64   # per GPU model
 
 The ONNX files go to the version's `onnx/` (the same MLflow model version they came from), a
 TensorRT plan to `tensorrt/<gpu>__trt<version>/`. A version that already has verified ONNX graphs
 keeps them (a plan is built from exactly those bytes), and a valid plan for this GPU stays, unless
---force; --int8 adds model.int8.onnx to such graphs (quantized from their model.onnx, calibrated on
---data's frames, refused if it answers too differently from fp32). The work is
-`mobile_vla.export.publish` (the demo and serving replicas use it too).
+--force or its max batch is below --max-batch (give the serve config's max_batch_size: serving
+refuses a plan that takes fewer robots than the config batches); --int8 adds model.int8.onnx to such
+graphs (quantized from their model.onnx, calibrated on --data's frames, refused if it answers too
+differently from fp32). The work is `mobile_vla.export.publish` (the demo and serving replicas use
+it too).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def register(subparsers) -> None:
         "--max-batch",
         type=int,
         default=32,  # tensorrt_engine.DEFAULT_MAX_BATCH (not imported here: it loads torch)
-        help="largest batch of the TensorRT profile (default 32)",
+        help="largest batch the TensorRT plan must take: the serve config's max_batch_size "
+        "(default 32; serve_configs/gpu.yaml: 64); a valid plan with a larger one is kept",
     )
     parser.add_argument(
         "--force",

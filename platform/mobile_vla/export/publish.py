@@ -183,7 +183,8 @@ def publish_plan(
     Args:
         resolved: the model version (resolve it just before: that fetches plans attached since).
         fp16: the fp16 plan.
-        max_batch: the largest batch of the plan's profile; a plan with another one is rebuilt
+        max_batch: the largest batch the plan must take (a serve config's `max_batch_size`): a plan
+            whose profile stops below it is rebuilt with this max batch, one at or above it is kept
             (None: keep any valid plan, build with DEFAULT_MAX_BATCH).
         rebuild: build even if a valid plan exists.
         attach: attach a new plan to the registry version.
@@ -208,9 +209,16 @@ def publish_plan(
             except ModelError as missing:
                 log.info("no usable TensorRT plan for %s (%s); building one", resolved.uri, missing)
             else:
-                if max_batch is None or meta.max_batch == max_batch:
+                if max_batch is None or meta.max_batch >= max_batch:
                     return plan
-                log.info("%s: plan has max batch %d, %d asked; rebuilding", plan, meta.max_batch, max_batch)
+                log.warning(
+                    "%s: the plan's max batch = %d is below the %d asked (a serve config's max_batch_size); "
+                    "building one for %d",
+                    plan,
+                    meta.max_batch,
+                    max_batch,
+                    max_batch,
+                )
         failures = BuildFailures(resolved.path, gpu_name, version, fp16)
         onnx_id = ",".join(sorted(graph.sha256 for graph in signature.graphs.values()))
         if not rebuild:

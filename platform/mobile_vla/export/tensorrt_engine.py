@@ -129,6 +129,32 @@ class EngineMeta:
             raise ModelError(f"{path}: invalid build record ({exc})") from None
 
 
+def check_plan_batch(plan_max_batch: int, max_batch_size: int | None, plan: str | Path) -> None:
+    """Refuses a plan whose profile takes fewer robots than the serve config batches.
+
+    A batch above the plan's max batch would run in several calls (each one the whole step), against
+    `primary_timeout_s`; the plan for the config is built with `--max-batch` = its `max_batch_size`
+    (TensorRT replicas build it themselves when the version's plan is smaller).
+
+    Args:
+        plan_max_batch: the plan's largest batch (engine.json `max_batch`).
+        max_batch_size: the serve config's `max_batch_size` (None: no serve config, nothing to check).
+        plan: the plan file, for the message.
+
+    Raises:
+        ModelError: naming the config field, both batch sizes and the command that builds the right plan.
+    """
+    if max_batch_size is None or max_batch_size <= plan_max_batch:
+        return
+    calls = -(-max_batch_size // plan_max_batch)
+    raise ModelError(
+        f"serve config max_batch_size = {max_batch_size} exceeds the TensorRT plan's max batch = {plan_max_batch} "
+        f"({plan}, engine.json max_batch): a full batch would run in {calls} calls; build a plan for the config: "
+        f"mobile-vla export --model MODEL_URI --tensorrt --max-batch {max_batch_size} (a TensorRT replica builds "
+        "one itself before it loads the version)"
+    )
+
+
 def _meta_name(fp16: bool) -> str:
     return "engine.fp16.json" if fp16 else ENGINE_META_FILE
 

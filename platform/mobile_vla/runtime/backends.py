@@ -32,6 +32,7 @@ def load_backend(
     spinning: bool = True,
     cache_size: int = 1024,
     self_test: bool = True,
+    max_batch_size: int | None = None,
 ) -> Backend:
     """The first backend in `prefer` that loads, matches its signature and passes a self-test step.
 
@@ -44,6 +45,8 @@ def load_backend(
         spinning: whether idle ONNX Runtime pool threads busy-wait.
         cache_size: instructions kept by the per-instruction text cache.
         self_test: run one step before choosing a backend.
+        max_batch_size: the serve config's batch; a TensorRT plan whose max batch is below it is
+            skipped with a reason naming both (None: no check).
 
     Returns:
         The chosen backend; `backend.skipped` maps each backend tried before it to the reason.
@@ -59,7 +62,9 @@ def load_backend(
         raise ConfigError(f"prefer = {list(prefer)!r}: expected names from {list(table)}")
     resolved = resolve_model(model_dir)
     model = ModelFiles(Path(resolved.path), resolved.name, resolved.version)
-    options = LoadOptions(fp16=fp16, int8=int8, threads=threads, spinning=spinning, cache_size=cache_size)
+    options = LoadOptions(
+        fp16=fp16, int8=int8, threads=threads, spinning=spinning, cache_size=cache_size, max_batch_size=max_batch_size
+    )
     skipped: dict[str, str] = {}
     for choice in prefer:
         spec = table[choice]

@@ -70,6 +70,8 @@ class LoadOptions:
         threads: ONNX Runtime intra-op threads (0: one per core).
         spinning: whether idle ONNX Runtime pool threads busy-wait (False for serving replicas).
         cache_size: instructions kept by the per-instruction text cache.
+        max_batch_size: the serve config's batch (None: any); a TensorRT plan whose profile stops
+            below it is refused (check_plan_batch).
 
     Raises:
         ConfigError: fp16 and int8 both asked.
@@ -80,6 +82,7 @@ class LoadOptions:
     threads: int = 0
     spinning: bool = True
     cache_size: int = 1024
+    max_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.fp16 and self.int8:

@@ -19,7 +19,13 @@ import torch
 
 from mobile_vla.errors import ModelError
 from mobile_vla.export.signature import ONNX_DIR, TEXT_OUTPUTS, ExportSignature
-from mobile_vla.export.tensorrt_engine import require_cuda_gpu, require_tensorrt, select_plan, tensorrt_logger
+from mobile_vla.export.tensorrt_engine import (
+    check_plan_batch,
+    require_cuda_gpu,
+    require_tensorrt,
+    select_plan,
+    tensorrt_logger,
+)
 from mobile_vla.runtime.base import Backend, LoadOptions, ModelFiles
 from mobile_vla.runtime.onnx_backend import open_session
 from mobile_vla.runtime.registry import BackendSpec
@@ -181,6 +187,7 @@ class TensorRTBackend(Backend):
         backend = cls(name, model.folder, signature, preprocessing, options.cache_size)
         backend.runner = TensorRTRunner(model.folder, signature, fp16=options.fp16)  # checks TensorRT, GPU, plan
         backend.max_batch = backend.runner.max_batch
+        check_plan_batch(backend.max_batch, options.max_batch_size, backend.runner.plan)
         providers = [p for p in spec.providers if p in ort.get_available_providers()]
         backend.text_session = open_session(
             model.folder / ONNX_DIR, signature.graph("text_encoder"), providers, options.threads, options.spinning

@@ -454,6 +454,7 @@ class TensorRTReplica(PolicyReplica):
     def _prepare_version(self, config: PolicyUserConfig) -> None:
         """A new version rarely has a plan for this GPU yet: fetch it from the version, else build and
         attach it (minutes; the ingress sends this version's traffic to the ONNX fallback meanwhile).
+        The plan takes the config's `max_batch_size` in one call (a smaller one is rebuilt).
         """
         # Deferred: building an engine needs the exporter (torch, transformers, open_clip: ~1 GB and
         # seconds to import); importing it at the top put all that into every ONNX and ingress replica,
@@ -461,7 +462,7 @@ class TensorRTReplica(PolicyReplica):
         from mobile_vla.serve.engine_provision import ensure_engine
 
         super()._prepare_version(config)
-        ensure_engine(config.model_uri, fp16=config.fp16)
+        ensure_engine(config.model_uri, fp16=config.fp16, max_batch_size=config.max_batch_size)
 
 
 class OnnxReplica(PolicyReplica):

@@ -38,7 +38,13 @@ def load_model(config: PolicyUserConfig, prefer: tuple[str, ...]) -> LoadedModel
     """Resolves `config.model_uri` and opens the first backend of `prefer` that works on this machine."""
     resolved = resolve_model(config.model_uri)
     backend = load_backend(
-        resolved.path, prefer=prefer, fp16=config.fp16, int8=config.int8, threads=config.cpu_threads, spinning=False
+        resolved.path,
+        prefer=prefer,
+        fp16=config.fp16,
+        int8=config.int8,
+        threads=config.cpu_threads,
+        spinning=False,
+        max_batch_size=config.max_batch_size,  # a TensorRT plan that takes fewer is refused
     )
     h, _ = backend.initial_memory(1)  # [..., 1, ...]: the recurrent state's shape comes from the signature
     name = backend.model_name or resolved.name or "unknown"
