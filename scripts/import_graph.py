@@ -23,6 +23,7 @@ PACKAGE = "mobile_vla"
 # Top-level package or module under mobile_vla -> layer (design.md "Layout").
 LAYERS = {
     "demo": 5,
+    "doctor": 5,
     "serve": 4,
     "online": 4,
     "evaluate": 4,

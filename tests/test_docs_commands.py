@@ -67,6 +67,8 @@ COVERAGE = {
     "data import": ["tests/data/test_importer.py::test_import_converts_good_files_and_names_the_bad_ones"],
     # mobile-vla tune --config jobs/configs/tune_small.yaml  (quickstart prose)
     "tune": ["tests/test_docs_commands.py::test_documented_tune_runs_a_one_trial_sweep"],
+    # mobile-vla doctor  (quickstart troubleshooting, README)
+    "doctor": ["tests/test_doctor.py::test_the_real_checks_pass_on_this_box"],
     # mobile-vla mlflow-ui
     "mlflow-ui": ["tests/test_docs_commands.py::test_documented_mlflow_ui_serves_the_embedded_store"],
 }

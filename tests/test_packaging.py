@@ -23,7 +23,7 @@ def test_stdlib_platform_still_imports_from_repo_root():
 
 
 COMMANDS = ["data", "model", "train", "tune", "ensemble", "evaluate", "export", "mlflow-ui", "models", "serve",
-            "rollout", "promote", "online-update", "collect", "demo"]  # fmt: skip
+            "rollout", "promote", "online-update", "collect", "doctor", "demo"]  # fmt: skip
 
 
 def test_cli_help_lists_commands_and_bad_command_fails():

@@ -17,7 +17,7 @@ from mobile_vla import __version__
 from mobile_vla.errors import MobileVLAError
 
 # Order = order in `mobile-vla --help`.
-STAGES = ["data", "policy", "train", "tune", "evaluate", "export", "tracking", "serve", "online", "demo"]
+STAGES = ["data", "policy", "train", "tune", "evaluate", "export", "tracking", "serve", "online", "doctor", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
