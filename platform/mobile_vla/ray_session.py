@@ -1,7 +1,8 @@
 """The one way the platform starts or joins Ray: the running session, `RAY_ADDRESS`, or a local cluster.
 
     owned = ensure_ray()                                        # evaluation, generation, training
-    owned = ensure_ray(env_vars={...}, num_cpus=4, loopback=True)   # the demo, `mobile-vla serve`
+    owned = ensure_ray(env_vars={...}, num_cpus=4, loopback=True)   # the demo
+    owned = ensure_ray(loopback=True, dashboard_port=8265)         # `mobile-vla serve`: dashboard on 127.0.0.1
 
 Ray gives a starting raylet a fixed 30 s to register; a busy 2-core machine can miss that, so a
 LOCAL start is tried again (`attempts`); joining a cluster address is not retried (its error is the
@@ -29,6 +30,7 @@ def ensure_ray(
     num_cpus: int | None = None,
     loopback: bool = False,
     log_to_driver: bool = False,
+    dashboard_port: int | None = None,
     attempts: int = START_ATTEMPTS,
 ) -> bool:
     """Joins the Ray already initialised in this process, else `RAY_ADDRESS`, else starts a local one.
@@ -38,6 +40,8 @@ def ensure_ray(
         num_cpus: logical CPUs of a LOCAL cluster (None: Ray's default, the core count).
         loopback: bind a local cluster's node to 127.0.0.1 (servers, tests).
         log_to_driver: stream the workers' logs to this process.
+        dashboard_port: a LOCAL cluster runs Ray's dashboard (and Serve's REST API, which `serve status`
+            reads) on 127.0.0.1 at this port; None: no dashboard.
         attempts: tries for a local start that timed out.
 
     Returns:
@@ -53,7 +57,13 @@ def ensure_ray(
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=log_to_driver)
         return True
-    options = {"include_dashboard": False, "log_to_driver": log_to_driver, "runtime_env": runtime_env}
+    options = {
+        "include_dashboard": dashboard_port is not None,
+        "log_to_driver": log_to_driver,
+        "runtime_env": runtime_env,
+    }
+    if dashboard_port is not None:
+        options.update(dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     if num_cpus is not None:
         options["num_cpus"] = num_cpus
     if loopback:

@@ -1,12 +1,15 @@
 """`mobile-vla serve --config serve_configs/local.yaml`, as the quickstart runs it: its own local Ray,
-Serve's throughput mode, the shipped config, the tiny champion; a robot drives it over loopback, and
-Ctrl-C or SIGTERM stops it cleanly."""
+Serve's throughput mode, the shipped config, the tiny champion; a robot drives it over loopback, Ray's
+own `serve status` and `serve run` work against it, and Ctrl-C or SIGTERM stops it cleanly. A config
+whose deployments set ray_actor_options, deployed as the command deploys it, keeps the replicas'
+environment."""
 
 from __future__ import annotations
 
 import base64
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,11 +20,14 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import yaml
 from PIL import Image
 
 from tests.local_processes import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVE_CLI = str(Path(sys.executable).parent / "serve")  # Ray's own `serve` console script
+GRPC = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
 
 pytestmark = pytest.mark.slow  # `mobile-vla serve` as a process with its own Ray cluster
 
@@ -39,16 +45,26 @@ def _listeners(port: int) -> list[str]:
     return [line.split()[3] for line in out.splitlines() if line.strip()]
 
 
-def _start_serve(serve_home: Path, tmp_path: Path, port: int) -> tuple[subprocess.Popen, Path]:
-    """`mobile-vla serve` on the shipped local config, in its own session, output in a log file."""
+def _serve_env(serve_home: Path) -> dict[str, str]:
+    """The environment of `mobile-vla serve` and of Ray's CLI beside it (token auth, as field-notes.md says)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(
         MOBILE_VLA_HOME=str(serve_home),
         MOBILE_VLA_TOKENS_FILE=str(serve_home / "tokens"),
         MLFLOW_DISABLE_TELEMETRY="true",
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
     )
     env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _start_serve(
+    serve_home: Path, tmp_path: Path, port: int, dashboard_port: int | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """`mobile-vla serve` on the shipped local config, in its own session, output in a log file."""
+    env = _serve_env(serve_home)
+    dashboard = ["--dashboard-port", str(dashboard_port or free_port())]
     log = tmp_path / "serve.log"
     with open(log, "w") as sink:
         process = subprocess.Popen(
@@ -61,6 +77,7 @@ def _start_serve(serve_home: Path, tmp_path: Path, port: int) -> tuple[subproces
                 str(ROOT / "serve_configs" / "local.yaml"),
                 "--port",
                 str(port),
+                *dashboard,
             ],
             cwd=tmp_path,
             env=env,
@@ -79,14 +96,29 @@ def _wait_until_serving(process: subprocess.Popen, log: Path) -> None:
         time.sleep(2)
 
 
+def _ray_cli(args: list[str], serve_home: Path, timeout_s: float = 300) -> str:
+    """Ray's `serve` CLI with `args`; its stdout (the test fails with its output if it fails)."""
+    done = subprocess.run(
+        [SERVE_CLI, *args], env=_serve_env(serve_home), capture_output=True, text=True, timeout=timeout_s
+    )
+    assert done.returncode == 0, f"serve {' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
 def test_serve_command_answers_on_loopback_and_stops_on_ctrl_c(serve_home, tmp_path):
-    port = free_port()
-    process, log = _start_serve(serve_home, tmp_path, port)
+    port, dashboard_port = free_port(), free_port()
+    process, log = _start_serve(serve_home, tmp_path, port, dashboard_port)
     try:
         _wait_until_serving(process, log)
         text = log.read_text()
         assert f"http://127.0.0.1:{port}/v1/act" in text
         assert all(address.startswith("127.0.0.1:") for address in _listeners(port)), _listeners(port)
+        assert all(address.startswith("127.0.0.1:") for address in _listeners(dashboard_port)), "no dashboard"
+
+        # Ray's own CLI sees it: `serve status` through the dashboard on loopback
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        status = yaml.safe_load(_ray_cli(["status", "--address", dashboard], serve_home))
+        assert status["applications"]["mobile-vla"]["status"] == "RUNNING", status
 
         token = (serve_home / "token").read_text().strip()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
@@ -106,6 +138,18 @@ def test_serve_command_answers_on_loopback_and_stops_on_ctrl_c(serve_home, tmp_p
             )
             assert again.status_code == 200 and again.json()["memory_reset"] is False
             assert http.post("/v1/act", json=body).status_code == 401
+
+            # `serve run` of the import path against the same cluster redeploys the app with other args
+            gcs = re.search(r"local Ray at (\S+);", text).group(1)
+            args = ["model_uri=models:/mobile-vla-policy@champion", "max_batch_size=4", "primary_timeout_s=2"]
+            _ray_cli(
+                ["run", "mobile_vla.serve.app:build_app", *args, "--name", "mobile-vla"]
+                + ["--address", gcs, "--non-blocking"],
+                serve_home,
+            )
+            assert http.get("/healthz").json() == {"status": "ok"}
+            rerun = http.post("/v1/act", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert rerun.status_code == 200, rerun.text
     finally:
         if process.poll() is None:
             stop_process_group(process, signal.SIGINT, timeout_s=120)
@@ -134,3 +178,50 @@ def test_serve_command_stops_cleanly_on_sigterm(serve_home, tmp_path):
     _, alive = psutil.wait_procs(descendants, timeout=30)
     assert not alive, [(p.pid, p.name()) for p in alive]
     assert _listeners(port) == []
+
+
+def test_config_actor_options_keep_the_replicas_environment(ray_cluster, serve_home, use_home, tmp_path, monkeypatch):
+    """A copy of serve_configs/local.yaml whose deployments set ray_actor_options (as gpu.yaml's do),
+    deployed the way `mobile-vla serve` deploys a config: the replicas run with the config's resources AND
+    the environment the code sizes for max_batch_size (Serve's own override would drop it)."""
+    import ray
+    from ray import serve
+
+    from mobile_vla.serve.app import _replica_env
+    from mobile_vla.serve.commands import load_serve_config
+    from mobile_vla.serve.launch import deploy_config, wait_until_running
+
+    monkeypatch.delenv(GRPC, raising=False)
+    data = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())
+    app = data["applications"][0]
+    app["name"] = "actor-options"
+    app["args"].update(max_batch_size=40, tokens_file=str(serve_home / "tokens"))  # 40 frames: past gRPC's 4 MiB
+    app["deployments"] = [
+        {"name": "PolicyIngress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+        {"name": "OnnxPolicy", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+    ]
+    path = tmp_path / "actor_options.yaml"
+    path.write_text(yaml.safe_dump(data))
+    expected = _replica_env(40)[GRPC]
+    assert int(expected) > 4 * 1024 * 1024
+    with use_home(serve_home):
+        names = deploy_config(load_serve_config(path, port=free_port()), str(path))
+    try:
+        wait_until_running(names, str(path), timeout_s=300)
+        for deployment, cpus in (("OnnxPolicy", 0.5), ("PolicyIngress", 0.25)):
+            [named] = [
+                a
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::actor-options#{deployment}#")
+            ]
+            replica = ray.get_actor(named["name"], namespace=named["namespace"])
+            seen = ray.get(
+                replica.__ray_call__.remote(
+                    lambda self: (os.environ.get(GRPC), ray.get_runtime_context().get_assigned_resources())
+                )
+            )
+            assert seen[0] == expected, (deployment, seen)
+            assert seen[1].get("CPU") == cpus, (deployment, seen)
+    finally:
+        serve.delete("actor-options")
+        serve.shutdown()

@@ -23,6 +23,7 @@ from mobile_vla.errors import ConfigError
 from mobile_vla.online.feedback_store import feedback_root
 from mobile_vla.policy.config import IMAGE_SIZE
 from mobile_vla.serve.auth import TokenVerifier, resolve_tokens_path
+from mobile_vla.serve.deploy_options import DeploymentOverrides
 from mobile_vla.serve.deployments import POLICY_DEPLOYMENTS, REPLICA_RESOURCES, OnnxPolicy
 from mobile_vla.serve.drills import DrillConfig, drill_deployment
 from mobile_vla.serve.memory_token import prepare_memory_secret
@@ -67,23 +68,30 @@ def build_app(args: ServeAppConfig | dict | None = None):
     return compose_app(args)
 
 
-def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | None = None):
+def compose_app(
+    args: ServeAppConfig | dict | None = None,
+    drill: DrillConfig | None = None,
+    overrides: DeploymentOverrides | None = None,
+):
     """The Serve application: ingress, primary policy, optional fallback and optional shadow.
 
     Args:
         args: the app arguments; a dict (from `serve run/deploy`) is validated as `ServeAppConfig`.
         drill: TEST-ONLY fault injection into the primary (`serve.drills`); never in production.
+        overrides: a Serve config's section for this app (`mobile-vla serve`): its deployments' options
+            merged over the code's, the replicas' environment kept (serve/deploy_options.py).
 
     Returns:
         The bound ingress deployment, for `serve.run` or a Serve config's `import_path`.
 
     Raises:
-        ConfigError: bad arguments, no tokens file, a configured memory secret file that is missing, or
-            shadow mode without a registered model.
+        ConfigError: bad arguments, no tokens file, a configured memory secret file that is missing,
+            shadow mode without a registered model, or `overrides` naming a deployment the app lacks.
         ModelError: the model (or the shadow alias) cannot be resolved.
     """
     if not isinstance(args, ServeAppConfig):
         args = validate_config(dict(args or {}), ServeAppConfig, "serve app args")
+    overrides = overrides or DeploymentOverrides()
     tokens_path = resolve_tokens_path(args.tokens_file)
     TokenVerifier.from_file(tokens_path)  # fail here, not in a replica restart loop
     secret_path = prepare_memory_secret(args.memory_secret_file)  # a configured file must exist: never made per node
@@ -112,23 +120,33 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
     primary_config = policy_config
     if drill is not None:
         primary_cls, primary_config = drill_deployment(args.primary), drill.policy_config(policy_config)
-    primary = primary_cls.options(
-        max_ongoing_requests=ongoing,
-        **policy_queue,
-        ray_actor_options={**REPLICA_RESOURCES[args.primary], **env},
-        user_config=primary_config.model_dump(mode="json"),
-    )
     primary_name = primary_cls.name
+    primary = primary_cls.options(
+        **overrides.apply(
+            primary_name,
+            {
+                "max_ongoing_requests": ongoing,
+                **policy_queue,
+                "ray_actor_options": {**REPLICA_RESOURCES[args.primary], **env},
+                "user_config": primary_config.model_dump(mode="json"),
+            },
+        )
+    )
     fallback = fallback_name = None
     if args.fallback is not None:
         fallback_cls = POLICY_DEPLOYMENTS[args.fallback]
         fallback_name = "OnnxFallbackPolicy" if args.fallback == args.primary else fallback_cls.name
         fallback = fallback_cls.options(
             name=fallback_name,
-            max_ongoing_requests=ongoing,
-            **policy_queue,
-            ray_actor_options={**REPLICA_RESOURCES[args.fallback], **env},
-            user_config=policy_config.model_dump(mode="json"),
+            **overrides.apply(
+                fallback_name,
+                {
+                    "max_ongoing_requests": ongoing,
+                    **policy_queue,
+                    "ray_actor_options": {**REPLICA_RESOURCES[args.fallback], **env},
+                    "user_config": policy_config.model_dump(mode="json"),
+                },
+            ),
         )
     shadow = shadow_name = None
     if args.shadow is not None:
@@ -140,21 +158,27 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
             f"models:/{resolved.name}@{args.shadow.alias}"
         )  # ModelError names a missing alias
         shadow_name = "ShadowPolicy"
+        shadow_user_config = policy_config.model_copy(
+            update={
+                "model_uri": f"models:/{shadow_resolved.name}/{shadow_resolved.version}",
+                "alias": args.shadow.alias,
+            }
+        )
         shadow = OnnxPolicy.options(
             name=shadow_name,
-            max_ongoing_requests=ongoing,
-            ray_actor_options={**REPLICA_RESOURCES[ONNX], **env},
-            user_config=policy_config.model_copy(
-                update={
-                    "model_uri": f"models:/{shadow_resolved.name}/{shadow_resolved.version}",
-                    "alias": args.shadow.alias,
-                }
-            ).model_dump(mode="json"),
+            **overrides.apply(
+                shadow_name,
+                {
+                    "max_ongoing_requests": ongoing,
+                    "ray_actor_options": {**REPLICA_RESOURCES[ONNX], **env},
+                    "user_config": shadow_user_config.model_dump(mode="json"),
+                },
+            ),
         )
     canary = canary_name = None
     if args.canary is not None:
         canary_name = "CanaryPolicy"
-        canary = _canary_deployment(args, resolved, policy_config, ongoing, env)
+        canary = _canary_deployment(args, resolved, policy_config, ongoing, env, overrides)
     settings = IngressConfig(
         model_uri=pinned_uri,
         alias=resolved.alias,
@@ -185,10 +209,18 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
     # Serve (in its proxy, or in the replica's HTTP server behind HAProxy) before any of our code runs.
     ingress_pending, ingress_ongoing = ingress_limits(args.max_pending_requests, args.max_batch_size)
     ingress = PolicyIngress.options(
-        ray_actor_options={"num_cpus": 0.5, **env},
-        max_ongoing_requests=ingress_ongoing,
-        max_queued_requests=args.ingress_max_queued_requests or ingress_pending,
-        backpressure_config=shed,
+        **overrides.apply(
+            PolicyIngress.name,
+            {
+                "ray_actor_options": {"num_cpus": 0.5, **env},
+                "max_ongoing_requests": ingress_ongoing,
+                "max_queued_requests": args.ingress_max_queued_requests or ingress_pending,
+                "backpressure_config": shed,
+            },
+        )
+    )
+    overrides.check_names(
+        {PolicyIngress.name, primary_name} | {n for n in (fallback_name, shadow_name, canary_name) if n is not None}
     )
     return ingress.bind(
         settings.model_dump(),
@@ -199,7 +231,14 @@ def compose_app(args: ServeAppConfig | dict | None = None, drill: DrillConfig | 
     )
 
 
-def _canary_deployment(args: ServeAppConfig, resolved, policy_config: PolicyUserConfig, ongoing: int, env: dict):
+def _canary_deployment(
+    args: ServeAppConfig,
+    resolved,
+    policy_config: PolicyUserConfig,
+    ongoing: int,
+    env: dict,
+    overrides: DeploymentOverrides,
+):
     """An ONNX policy that follows `@canary`; until the alias exists it loads the champion's version (it
     serves nobody then: the ingress routes to it only while `@canary` names another version).
     """
@@ -208,11 +247,17 @@ def _canary_deployment(args: ServeAppConfig, resolved, policy_config: PolicyUser
             f"canary: model_uri = {args.model_uri!r}: a canary rollout needs a registered model (models:/NAME@alias)"
         )
     version = get_version_by_alias(resolved.name, args.canary.alias) or resolved.version
+    user_config = policy_config.model_copy(
+        update={"model_uri": f"models:/{resolved.name}/{version}", "alias": args.canary.alias}
+    )
     return OnnxPolicy.options(
         name="CanaryPolicy",
-        max_ongoing_requests=ongoing,
-        ray_actor_options={**REPLICA_RESOURCES[ONNX], **env},
-        user_config=policy_config.model_copy(
-            update={"model_uri": f"models:/{resolved.name}/{version}", "alias": args.canary.alias}
-        ).model_dump(mode="json"),
+        **overrides.apply(
+            "CanaryPolicy",
+            {
+                "max_ongoing_requests": ongoing,
+                "ray_actor_options": {**REPLICA_RESOURCES[ONNX], **env},
+                "user_config": user_config.model_dump(mode="json"),
+            },
+        ),
     )

@@ -2,8 +2,11 @@
 or SIGTERM (either shuts Serve and the local Ray down: no process left behind, the port freed).
 
 The config is a Ray Serve config file (the same one `serve deploy` takes), validated with Ray's
-own schema; this command only adds the embedded defaults: a local Ray, host forced to 127.0.0.1,
-and an API token file under the platform home when none is configured.
+own schema and deployed on Serve's public APIs (serve/launch.py); this command only adds the embedded
+defaults: a local Ray with its dashboard on 127.0.0.1 (so Ray's `serve status`, `serve run` and the
+dashboard see it), host forced to 127.0.0.1, and an API token file under the platform home when none
+is configured. With RAY_ADDRESS set it joins that cluster instead, and a Ctrl-C there leaves the
+application running unless `--shutdown-on-exit` says otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from mobile_vla.config import platform_home, read_yaml
-from mobile_vla.errors import ConfigError, ResourceError
+from mobile_vla.errors import ConfigError
 from mobile_vla.serve.auth import (
     ALL_ROBOTS,
     LEGACY_SCOPES,
@@ -27,10 +30,12 @@ from mobile_vla.serve.auth import (
     list_grants,
     revoke_tokens,
 )
+from mobile_vla.serve.launch import deploy_config, shutdown_on_exit, stop_serving, wait_until_running
 from mobile_vla.serve.memory_token import format_time, parse_memory_keys, resolve_secret_path, rotate_memory_keys
 from mobile_vla.serve.rollout_command import register as register_rollout
 
 DEFAULT_CONFIG = "serve_configs/local.yaml"
+DEFAULT_DASHBOARD_PORT = 8265  # Ray's own default: `serve status` and `serve deploy` look there
 
 
 def register(subparsers) -> None:
@@ -38,7 +43,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve the policy over HTTP (local Ray + Serve on 127.0.0.1:8000)",
-        description="Starts a local Ray cluster and deploys the Serve config; blocks until Ctrl-C or SIGTERM.",
+        description="Starts a local Ray cluster (or joins RAY_ADDRESS) and deploys the Serve config; blocks until "
+        "Ctrl-C or SIGTERM.",
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"Ray Serve config file (default {DEFAULT_CONFIG})")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
@@ -48,6 +54,20 @@ def register(subparsers) -> None:
         action="store_true",
         help="HAProxy instead of Ray's Python proxy (about 2x requests/s on a small CPU box); binds "
         "ports on ALL interfaces: see docs/http_api.md#haproxy-mode before using it",
+    )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        help=f"port of the local Ray's dashboard, on 127.0.0.1 (default {DEFAULT_DASHBOARD_PORT}): "
+        "`serve status`, `serve run`, the Serve REST API",
+    )
+    parser.add_argument(
+        "--shutdown-on-exit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on Ctrl-C/SIGTERM delete the application(s) this command deployed (default: yes on the local Ray "
+        "it started, no on an existing cluster joined through RAY_ADDRESS)",
     )
     parser.set_defaults(func=run_serve)
     _register_secrets(parser.add_subparsers(dest="serve_command", metavar="[tokens|memory-key]", required=False))
@@ -224,8 +244,14 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Deploys the config on a local Ray and blocks; Ctrl-C or SIGTERM shut everything down."""
+    """Deploys the config and blocks; Ctrl-C or SIGTERM stop it (deleting the application per
+    `--shutdown-on-exit`, by default only on the local Ray this command started).
+    """
     config = load_serve_config(args.config, args.port, args.model)
+    attached = bool(os.environ.get("RAY_ADDRESS"))  # ensure_ray joins it rather than starting a local Ray
+    shutdown = shutdown_on_exit(args.shutdown_on_exit, attached)
+    if not attached and not shutdown:
+        print("note: --no-shutdown-on-exit has no effect on the local Ray this command starts: it stops with it")
     tokens = ensure_tokens_file()
     os.environ["MOBILE_VLA_HOME"] = str(platform_home())  # replicas and the app builder see the same home
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -238,34 +264,24 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # Here, not at the top: `mobile-vla --help` imports this module and must not load Ray.
     import ray
-    from ray import serve
-    from ray.serve._private.api import serve_start
 
     from mobile_vla.ray_session import ensure_ray
 
-    owned = ensure_ray(loopback=True, log_to_driver=True)  # replica logs show here
+    owned = ensure_ray(loopback=True, log_to_driver=True, dashboard_port=args.dashboard_port)  # replica logs show here
     # After ray.init, which installs its own SIGTERM handlers (Ray's C++ one aborts the process, leaving
     # the Serve proxy holding the port); ours replaces them.
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    names = [app.name for app in config.applications]
     try:
-        client = serve_start(
-            http_options=config.http_options.model_dump(exclude_unset=True), proxy_location=config.proxy_location
-        )
-        client.deploy_apps(config)
-        names = [app.name for app in config.applications]
+        if attached:
+            print(f"joined the Ray cluster at {os.environ['RAY_ADDRESS']}")
+        else:
+            dashboard = f"http://127.0.0.1:{args.dashboard_port}"
+            print(f"local Ray at {ray.get_runtime_context().gcs_address}; dashboard {dashboard}")
+            print(f"  RAY_AUTH_MODE=token serve status --address {dashboard}")
+        deploy_config(config, args.config)
         print(f"deploying {names} from {args.config} ...")
-        deadline = time.monotonic() + 600
-        while True:
-            statuses = {name: serve.status().applications.get(name) for name in names}
-            states = {n: (s.status if s else "NOT_STARTED") for n, s in statuses.items()}
-            if all(str(v).endswith("RUNNING") for v in states.values()):
-                break
-            failed = {n: s.message for n, s in statuses.items() if s and str(s.status).endswith("DEPLOY_FAILED")}
-            if failed:
-                raise ResourceError(f"{args.config}: deployment failed: {failed}")
-            if time.monotonic() > deadline:
-                raise ResourceError(f"{args.config}: not running after 600 s: {states}")
-            time.sleep(1.0)
+        wait_until_running(names, args.config)
         port = config.http_options.port
         for app in config.applications:
             print(f"serving {app.name} at http://127.0.0.1:{port}{(app.route_prefix or '').rstrip('/')}/v1/act")
@@ -275,7 +291,7 @@ def run_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     finally:
         try:
-            serve.shutdown()
+            stop_serving(names, shutdown=shutdown, attached=attached)
         finally:
             if owned:
                 ray.shutdown()
