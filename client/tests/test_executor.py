@@ -1,14 +1,12 @@
-"""ChunkExecutor: skip, aligned replace, blend at the seam, version change (pure: no clock, no sleeping),
-and ChunkRunner's bookkeeping over a fake client with futures completed by hand."""
+"""ChunkExecutor: skip, aligned replace, blend at the seam, version change (pure: no clock, no sleeping).
+Its drivers, ChunkRunner and AsyncChunkRunner: test_runners.py."""
 
 from __future__ import annotations
-
-from concurrent.futures import Future
 
 import numpy as np
 import pytest
 
-from mobile_vla_client import ActResult, ChunkExecutor, ChunkRunner, ModelRef, Safety
+from mobile_vla_client import ChunkExecutor
 
 
 def _chunk(base: float, k: int = 5) -> np.ndarray:
@@ -92,77 +90,3 @@ def test_answers_that_are_all_overtaken_or_out_of_order_are_ignored():
 def test_bad_chunks_are_refused_with_the_reason(actions, anchor, message):
     with pytest.raises(ValueError, match=message):
         ChunkExecutor().accept(actions, anchor_step=anchor)
-
-
-# -- the threaded driver, without threads that matter: the fake client returns futures we complete ---------
-class _FakeClient:
-    def __init__(self):
-        self.calls = []
-
-    def act(self, frame, state, delay_ms=None, step=None):
-        self.calls.append({"state": state, "delay_ms": delay_ms, "step": step})
-        return self.calls[-1]
-
-
-def _answer(actions, anchor, version="1", level="normal", round_trip_ms=150.0):
-    return ActResult(
-        actions=np.asarray(actions, np.float64),
-        confidence=0.9,
-        memory="m",
-        model=ModelRef("m", version),
-        backend="onnx-cpu",
-        memory_reset=False,
-        latency_ms=5.0,
-        round_trip_ms=round_trip_ms,
-        anchor_step=anchor,
-        safety=Safety(level),
-    )
-
-
-class _Pool:
-    """Stands in for the runner's thread pool: futures stay pending until the test resolves them."""
-
-    def __init__(self):
-        self.futures = []
-
-    def submit(self, fn, *args, **kwargs):
-        fn(*args, **kwargs)
-        self.futures.append(Future())
-        return self.futures[-1]
-
-    def shutdown(self, wait=True):
-        pass
-
-
-def test_the_runner_keeps_one_request_in_flight_and_executes_the_chunk_meanwhile():
-    client, sent = _FakeClient(), []
-    runner = ChunkRunner(client, lambda: ("frame", 20.0), lambda: [0.0, 0.0, 0.0], lambda *a: sent.append(a), 5.0)
-    runner._pool = pool = _Pool()
-    runner.tick()  # step 0: request 1 goes out with step 0; no chunk yet: stand still
-    pool.futures[0].set_result(_answer(_chunk(10), anchor=0))
-    runner.tick()  # step 1: the answer is taken in (row 0 overtaken), request 2 goes out with step 1
-    runner.tick()  # step 2: request 2 still in flight, the chunk goes on
-    assert [c["step"] for c in client.calls] == [0, 1]
-    assert client.calls[0]["delay_ms"] == 20.0 and client.calls[1]["delay_ms"] == 170.0  # frame age + round trip
-    pool.futures[1].set_result(_answer(np.zeros((5, 3)), anchor=1, level="stop"))
-    runner.tick()  # step 3: a stop answer replaces at once, no blending
-    pool.futures[2].set_exception(TimeoutError("no answer"))
-    runner.tick()  # step 4: the failed call is counted, the next one goes out
-    assert [a[0] for a in sent] == [0.0, 11.0, 12.0, 0.0, 0.0] and runner.errors == 1 and len(client.calls) == 4
-    runner.close()
-
-
-def test_the_runner_stops_on_low_confidence_and_drops_the_answer_of_a_past_episode():
-    client, sent = _FakeClient(), []
-    runner = ChunkRunner(client, lambda: "frame", lambda: [], lambda *a: sent.append(a[0]), 5.0, min_confidence=0.95)
-    runner._pool = pool = _Pool()
-    runner.tick()  # step 0: request 1 (confidence 0.9 < 0.95 when it comes)
-    pool.futures[0].set_result(_answer(_chunk(10), anchor=0))
-    runner.tick()  # step 1: zeros instead of 11; request 2
-    runner.reset()  # a new episode while request 2 is in flight
-    pool.futures[1].set_result(_answer(_chunk(20), anchor=1))
-    runner.min_confidence = 0.0
-    runner.tick()  # step 2: request 2's answer is ignored; request 3 goes out
-    pool.futures[2].set_result(_answer(_chunk(30), anchor=2))
-    runner.tick()  # step 3: request 3's chunk, row 1
-    assert sent == [0.0, 0.0, 0.0, 31.0] and [c["step"] for c in client.calls] == [0, 1, 2, 3]

@@ -19,18 +19,14 @@ A chunk all of whose rows are overtaken, or one anchored before the chunk being 
 that arrived out of order), is ignored. Past the end of its chunk the robot gets zeros (stand still):
 `exhausted` says so.
 
-`ChunkRunner` is the thin threaded driver: one request in flight at a time on a `Client`, the executor
-ticked at `control_hz`.
+The drivers that tick it at the control rate with one request in flight live in `runners.py`:
+`ChunkRunner` (a thread, over a `Client`) and `AsyncChunkRunner` (an asyncio loop, over an `AsyncClient`).
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -152,108 +148,3 @@ class ChunkExecutor:
         """The rows of the current chunk, as executed (blend included), for steps `step`, `step + 1`, ..."""
         r = max(0, step - self._first)
         return np.array([self.action_at(self._first + i) for i in range(r, len(self._chunk))]).reshape(-1, ACTION_DIM)
-
-
-class ChunkRunner:
-    """The threaded driver: ticks a `ChunkExecutor` at `control_hz` and keeps one `/v1/act` request in
-    flight on `client` (a `mobile_vla_client.Client`), sending the step cursor and the measured delay.
-
-        runner = ChunkRunner(client, camera.frame, odometry, base.send_velocity, control_hz=5.0)
-        runner.run(until=lambda: done)  # blocks; or run_for(steps)
-
-    `frame()` gives the camera frame now (and optionally its age in ms as `(frame, age_ms)`); `state()`
-    the robot state; `send(linear_x, linear_y, angular_z)` commands the base. A call that fails
-    (`ClientError`) is counted in `errors` and the next request goes out at the next tick; the robot
-    keeps executing what is left of its chunk and then stands still (`last_error` keeps the exception).
-    An answer whose safety decision is stop or handover, or whose confidence is under `min_confidence`,
-    replaces the chunk at once with zeros (no blending). `reset()` at a new episode drops the chunk and
-    ignores the answer in flight.
-    """
-
-    def __init__(
-        self,
-        client: Any,
-        frame: Callable[[], Any],
-        state: Callable[[], Sequence[float]],
-        send: Callable[[float, float, float], None],
-        control_hz: float,
-        blend_steps: int = 2,
-        min_confidence: float = 0.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if not control_hz > 0:
-            raise ValueError(f"control_hz: expected > 0, got {control_hz!r}")
-        self.client, self.frame, self.state, self.send = client, frame, state, send
-        self.period_s = 1.0 / control_hz
-        self.blend_steps, self.min_confidence = blend_steps, min_confidence
-        self.executor = ChunkExecutor(blend_steps)
-        self.errors = 0
-        self.last_answer = None
-        self.last_error: BaseException | None = None
-        self._generation = self._sent_generation = 0
-        self._clock, self._sleep = clock, sleep
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-request")
-        self._in_flight: Future | None = None
-        self._sent_step = 0
-        self._round_trip_ms = 0.0
-        self._stop = threading.Event()
-
-    def tick(self) -> np.ndarray:
-        """One control tick: take in an answer that has arrived, send the next request if none is in
-        flight, execute the command for this step; returns it.
-        """
-        self._collect()
-        if self._in_flight is None:
-            self._request()
-        action = self.executor.tick()
-        self.send(float(action[0]), float(action[1]), float(action[2]))
-        return action
-
-    def run(self, until: Callable[[], bool]) -> None:
-        """Ticks at the control rate until `until()` is true or `stop()` is called."""
-        next_at = self._clock()
-        while not until() and not self._stop.is_set():
-            self.tick()
-            next_at += self.period_s
-            self._sleep(max(0.0, next_at - self._clock()))
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def reset(self) -> None:
-        """A new episode: no chunk (stand still until the next answer), the answer in flight ignored."""
-        self.executor = ChunkExecutor(self.blend_steps, start_step=self.executor.step)
-        self._generation += 1
-
-    def close(self) -> None:
-        """Stops the loop and waits for the request in flight."""
-        self._stop.set()
-        self._pool.shutdown(wait=True)
-
-    def _request(self) -> None:
-        got = self.frame()
-        frame, age_ms = got if isinstance(got, tuple) else (got, 0.0)
-        step, delay_ms = self.executor.step, age_ms + self._round_trip_ms
-        state = list(self.state())
-        self._in_flight = self._pool.submit(self.client.act, frame, state, delay_ms=delay_ms, step=step)
-        self._sent_step = step  # the anchor when the server does not echo one
-        self._sent_generation = self._generation
-
-    def _collect(self) -> None:
-        future = self._in_flight
-        if future is None or not future.done():
-            return
-        self._in_flight = None
-        try:
-            answer = future.result()
-        except Exception as exc:  # ClientError (NoAnswer, ApiError) or a transport fault: try again next tick
-            self.errors, self.last_error = self.errors + 1, exc
-            return
-        self.last_answer, self._round_trip_ms = answer, answer.round_trip_ms
-        if self._sent_generation != self._generation:  # sent before reset(): another episode's answer
-            return
-        anchor = answer.anchor_step if answer.anchor_step is not None else self._sent_step
-        stop = (answer.safety is not None and answer.safety.must_stop) or answer.confidence < self.min_confidence
-        actions = np.zeros_like(answer.actions) if stop else answer.actions
-        self.executor.accept(actions, anchor, answer.model.version, blend=not stop)
