@@ -64,7 +64,12 @@ COVERAGE = {
     # mobile-vla collect --model models:/mobile-vla-policy@champion --data data/mini --episodes 50 --in-process
     "collect": ["tests/online/test_collect.py::test_the_command_runs_a_round_and_prints_where_the_corrections_went"],
     # mobile-vla data import --format minuum-h5 SRC DST  (quickstart prose)
-    "data import": ["tests/data/test_importer.py::test_import_converts_good_files_and_names_the_bad_ones"],
+    "data import": [
+        "tests/data/test_importer.py::test_import_converts_good_files_and_names_the_bad_ones",
+        "tests/data/test_lerobot.py::test_export_then_import_is_lossless",  # --format lerobot
+    ],
+    # mobile-vla data export --format lerobot data/mini DST  (quickstart prose)
+    "data export": ["tests/data/test_lerobot.py::test_export_writes_the_v3_layout"],
     # mobile-vla tune --config jobs/configs/tune_small.yaml  (quickstart prose)
     "tune": ["tests/test_docs_commands.py::test_documented_tune_runs_a_one_trial_sweep"],
     # mobile-vla doctor  (quickstart troubleshooting, README)

@@ -1,10 +1,12 @@
-"""`mobile-vla data ...`: generate (MiniWorld, sim/generate.py), import (original collector), inspect, merge.
+"""`mobile-vla data ...`: generate (MiniWorld, sim/generate.py), import/export (collector, LeRobot), inspect, merge.
 
     mobile-vla data generate --out data/nav --episodes 200 --seed 0
     mobile-vla data generate --out data/nav_dart --episodes 200 --action-noise 0.2     # DART noise
     mobile-vla data generate --out data/nav --split-spec my_splits.yaml splits.val.fraction=0.2 ...
     mobile-vla data generate --show-split-spec > my_splits.yaml      # the defaults, to edit
     mobile-vla data import --format minuum-h5 ~/robot_logs data/robot
+    mobile-vla data import --format lerobot ~/lerobot/my_set data/from_lerobot      # LeRobotDataset v3
+    mobile-vla data export --format lerobot data/nav exports/nav_lerobot
     mobile-vla data inspect data/robot [--check] [--json]
     mobile-vla data merge --out data/agg data/nav --train-only ~/.mobile_vla/online_updates/<time>/feedback
 
@@ -53,7 +55,7 @@ def register_inspect_section(section: Callable) -> Callable:
 
 
 def register(subparsers) -> None:
-    """Adds `data generate`, `data import`, `data inspect` and `data merge` to the CLI."""
+    """Adds `data generate`, `data import`, `data export`, `data inspect` and `data merge` to the CLI."""
     data = subparsers.add_parser("data", help="generate, import and inspect episode datasets")
     data_subparsers = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
@@ -64,12 +66,29 @@ def register(subparsers) -> None:
     inspect.set_defaults(func=run_inspect)
 
     importer = data_subparsers.add_parser(
-        "import", help="import the original collector's episodes into a dataset folder"
+        "import", help="import the original collector's episodes or a LeRobotDataset v3 into a dataset folder"
     )
-    importer.add_argument("--format", required=True, choices=["minuum-h5"], help="source file format")
-    importer.add_argument("src", type=Path, metavar="SRC", help="folder (searched recursively) or one .h5 file")
+    importer.add_argument(
+        "--format",
+        default="minuum-h5",
+        choices=["minuum-h5", "lerobot"],
+        help="source format: the original collector's HDF5 files (default) or a LeRobotDataset v3 folder",
+    )
+    importer.add_argument(
+        "src",
+        type=Path,
+        metavar="SRC",
+        help="minuum-h5: folder (searched recursively) or one .h5 file; "
+        "lerobot: the dataset root (with meta/info.json)",
+    )
     importer.add_argument("dst", type=Path, metavar="DST", help="new dataset folder")
-    importer.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes in split 'val'")
+    importer.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of episodes in split 'val' (lerobot: only when the set names no splits of its own)",
+    )
+    importer.add_argument("--camera", default=None, metavar="KEY", help="lerobot: the image feature to import")
     importer.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     importer.add_argument(
         "--control-hz",
@@ -77,7 +96,12 @@ def register(subparsers) -> None:
         default=None,
         help="control rate (default: median num_frames/total_duration of the files)",
     )
-    importer.add_argument("--resize-rule", choices=["letterbox", "center_crop"], default="letterbox")
+    importer.add_argument(
+        "--resize-rule",
+        choices=["letterbox", "center_crop"],
+        default="letterbox",
+        help="how frames that are not 224x224 become 224x224 (both formats)",
+    )
     importer.add_argument(
         "--default-instruction",
         default=None,
@@ -85,6 +109,17 @@ def register(subparsers) -> None:
     )
     importer.set_defaults(func=run_import)
     importer.epilog = "Exit status 1 when some files were skipped (each is named), 2 when nothing was imported."
+
+    exporter = data_subparsers.add_parser(
+        "export",
+        help="write a dataset folder in another format (LeRobotDataset v3)",
+        description="Writes every episode of a dataset folder as a LeRobotDataset v3 folder (meta/, data/; frames "
+        "as PNG image features); `data import --format lerobot` reads it back unchanged.",
+    )
+    exporter.add_argument("--format", required=True, choices=["lerobot"], help="target format")
+    exporter.add_argument("src", type=Path, metavar="SRC", help="dataset folder (with manifest.json)")
+    exporter.add_argument("dst", type=Path, metavar="DST", help="new or empty folder")
+    exporter.set_defaults(func=run_export)
 
     _register_generate(data_subparsers)
     _register_merge(data_subparsers)
@@ -328,8 +363,13 @@ def run_inspect(args) -> int:
 
 
 def run_import(args) -> int:
-    """`data import`: converts the collector's files; exit 1 when some files were skipped."""
+    """`data import`: converts the collector's files (exit 1 when some were skipped) or a LeRobot set."""
     from mobile_vla.data.importer import import_minuum_h5
+
+    if args.format == "lerobot":
+        return _run_import_lerobot(args)
+    if args.camera is not None:
+        raise DataError("--camera: only for --format lerobot")
 
     report = import_minuum_h5(
         args.src,
@@ -349,6 +389,47 @@ def run_import(args) -> int:
         f"{args.dst}; skipped {len(report.skipped)}; splits: {split_text}"
     )
     return 1 if report.skipped else 0
+
+
+def _run_import_lerobot(args) -> int:
+    from mobile_vla.data.lerobot import import_lerobot
+
+    if args.control_hz is not None or args.default_instruction is not None:
+        raise DataError(
+            "--control-hz and --default-instruction: only for --format minuum-h5 (LeRobot sets carry fps and tasks)"
+        )
+    report = import_lerobot(
+        args.src,
+        args.dst,
+        camera=args.camera,
+        resize_rule=args.resize_rule,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
+    if report.resized_from:
+        sizes = ", ".join(report.resized_from)
+        print(f"resized frames of {sizes} to 224x224 ({args.resize_rule})")
+    counts = report.manifest["counts"]
+    split_text = ", ".join(f"{s} {c['episodes']}" for s, c in counts.items() if s != "total")
+    print(
+        f"imported {len(report.imported)} episodes ({report.frames} frames, camera {report.camera}, state "
+        f"{report.state}) into {args.dst}; splits: {split_text}"
+    )
+    return 0
+
+
+def run_export(args) -> int:
+    """`data export --format lerobot`: writes the LeRobotDataset v3 folder, prints what it holds."""
+    from mobile_vla.data.lerobot import export_lerobot
+
+    report = export_lerobot(args.src, args.dst)
+    for dropped in report.dropped:
+        print(f"warning: not exported (only some episodes have it): {dropped}", file=sys.stderr)
+    print(
+        f"exported {report.episodes} episodes ({report.frames} frames) to {args.dst} as LeRobotDataset v3.0 "
+        f"({len(report.data_files)} data files, frames as PNG image features)"
+    )
+    return 0
 
 
 def run_merge(args) -> int:
