@@ -7,6 +7,11 @@ Per row and held-out split: success with its Wilson 95% interval, wrong target, 
 the AUROC of predicting failure from low confidence, and the ratio to the expert on the same seeds.
 Against the baseline row: the paired difference in success on the same seeds (pooled over the splits)
 and the exact McNemar p-value from the discordant seeds (one model succeeded, the other not).
+
+When a document was written with `benchmarks/closed_loop.py --safety-ladder` (issue 18), a second table
+compares each such row without and with the serving safety ladder on the same seeds, pooled over its
+splits: success, collisions per episode, episodes with a collision, handovers, share of steps slowed and
+stopped, and the paired difference in success (McNemar) and in collisions.
 """
 
 from __future__ import annotations
@@ -93,6 +98,64 @@ def ablation_table(rows: list[tuple[str, dict]], baseline: str | None = None) ->
     return table, lines
 
 
+def safety_ladder_table(rows: list[tuple[str, dict]]) -> tuple[list[dict], list[str]]:
+    """Rows whose splits carry `safety_ladder` (closed_loop.py --safety-ladder) -> (JSON entries, markdown
+    lines) of no ladder -> ladder on the same seeds, pooled over the splits (episode-weighted); ([], [])
+    when no row has it.
+    """
+    table, lines = [], []
+    for label, document in rows:
+        splits = [s for s, part in document["splits"].items() if part.get("safety_ladder")]
+        if not splits:
+            continue
+        parts = [document["splits"][s] for s in splits]
+        weights = [part["policy"]["episodes"] for part in parts]
+        n = sum(weights)
+
+        def pooled(side: str, key: str, parts: list[dict] = parts, weights: list[int] = weights, n: int = n):
+            values = [(part[side].get(key), w) for part, w in zip(parts, weights, strict=True)]
+            values = [(v, w) for v, w in values if v is not None]
+            total = sum(w for _, w in values)
+            return sum(v * w for v, w in values) / total if total else float("nan")
+
+        plain = [o == "success" for part in parts for o in part["outcomes"]]
+        laddered = [o == "success" for part in parts for o in part["ladder_outcomes"]]
+        compared = mcnemar(plain, laddered)
+        fewer = sum(c["collisions_fewer"] for c in (part["safety_ladder_comparison"] for part in parts))
+        more = sum(c["collisions_more"] for c in (part["safety_ladder_comparison"] for part in parts))
+        entry = {"row": label, "splits": splits, "episodes": n, "versus_no_ladder": compared}
+        for side in ("policy", "safety_ladder"):
+            entry[side] = {
+                key: pooled(side, key)
+                for key in (
+                    "success_rate",
+                    "collisions_per_episode",
+                    "collision_rate",
+                    "handover_rate",
+                    "slowed_share",
+                    "stopped_share",
+                )
+            }
+        entry.update(collisions_fewer=fewer, collisions_more=more)
+        p, s = entry["policy"], entry["safety_ladder"]
+        lines.append(
+            f"| {label} | {n} | {p['success_rate']:.1%} -> {s['success_rate']:.1%}"
+            f" | {p['collisions_per_episode']:.2f} -> {s['collisions_per_episode']:.2f}"
+            f" | {p['collision_rate']:.1%} -> {s['collision_rate']:.1%} | {s['handover_rate']:.1%}"
+            f" | {s['slowed_share']:.1%} | {s['stopped_share']:.1%}"
+            f" | {compared['difference']:+.1%} (+{compared['gained']}/-{compared['lost']}, p={compared['p_value']:.2g})"
+            f" | {fewer} fewer / {more} more |"
+        )
+        table.append(entry)
+    if not lines:
+        return [], []
+    header = (
+        "| row (safety ladder) | episodes | success | collisions / episode | collided | handover | slowed"
+        " | stopped | success vs no ladder | seeds' collisions |"
+    )
+    return table, [header, "|" + "---|" * (header.count("|") - 1), *lines]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", nargs="+", help="LABEL=closed_loop.json, in table order")
@@ -100,13 +163,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    table, lines = ablation_table([load_row(spec) for spec in args.rows], args.baseline)
+    rows = [load_row(spec) for spec in args.rows]
+    table, lines = ablation_table(rows, args.baseline)
+    ladder, ladder_lines = safety_ladder_table(rows)
     print("\n".join(lines))
+    if ladder_lines:
+        print("\n" + "\n".join(ladder_lines))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps({"benchmark": "recipe_ablation", "rows": table, "markdown": lines}, indent=2) + "\n"
-        )
+        document = {"benchmark": "recipe_ablation", "rows": table, "markdown": lines}
+        if ladder:
+            document.update(safety_ladder=ladder, safety_ladder_markdown=ladder_lines)
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
     return 0
 
 

@@ -21,6 +21,16 @@ ablation_report.py pools every split of the file as held-out); each split record
 kind with the gap between them
 (`evaluate.closed_loop.split_comparison`); `--memory-reset-every N|window` resets the policy's LSTM
 memory every N steps (window: the model's training W) to measure memory skew, recorded per split.
+
+Issue 18 (closed-loop half of safe stop): `--safety-ladder` drives every seed a second time with the
+serving safety ladder applied to each executed step (evaluate/rollout.py `SafetyLadderPolicy`, the
+code of serve/safety.py): per split `safety_ladder` (success, collisions per episode, episodes with a
+collision, handovers, share of steps slowed/stopped) next to `policy` (no ladder, same seeds) and
+`safety_ladder_comparison` (paired per seed); benchmarks/ablation_report.py shows the columns.
+
+    .venv/bin/python benchmarks/closed_loop.py --model models:/mobile-vla-policy@champion --data data/nav \
+        --splits unseen_layout unseen_pair unseen_paraphrase visual_shift --with-val --safety-ladder \
+        --out benchmarks/results/closed_loop_safety_ladder.json
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ def summary(s) -> dict:
         "timeout_rate": round(s.timeout_rate, 4),
         "spl": None if s.spl != s.spl else round(s.spl, 4),
         "collision_rate": round(s.collision_rate, 4),
+        "collisions_per_episode": round(s.collisions_per_episode, 4),
+        "handover_rate": round(s.handover_rate, 4),
+        "slowed_share": None if s.slowed_share != s.slowed_share else round(s.slowed_share, 4),
+        "stopped_share": None if s.stopped_share != s.stopped_share else round(s.stopped_share, 4),
         "mean_steps": round(s.mean_steps, 2),
         "confidence_success": None if s.confidence_success != s.confidence_success else round(s.confidence_success, 4),
         "confidence_failure": None if s.confidence_failure != s.confidence_failure else round(s.confidence_failure, 4),
@@ -70,6 +84,11 @@ def main() -> int:
         default=None,
         help="reset the policy's LSTM memory every N steps ('window': the model's training W)",
     )
+    parser.add_argument(
+        "--safety-ladder",
+        action="store_true",
+        help="also drive each seed with the serving safety ladder applied (paired with the plain run)",
+    )
     parser.add_argument("--episodes", type=int, default=200, help="scene seeds per split")
     parser.add_argument("--episodes-per-task", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=None)
@@ -80,7 +99,12 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from mobile_vla.evaluate.closed_loop import evaluate_closed_loop, split_comparison, split_spec_for
+    from mobile_vla.evaluate.closed_loop import (
+        evaluate_closed_loop,
+        safety_ladder_comparison,
+        split_comparison,
+        split_spec_for,
+    )
     from mobile_vla.ray_session import ensure_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_closed_loop_") as tmp:
@@ -105,6 +129,7 @@ def main() -> int:
                 episodes_per_task=args.episodes_per_task,
                 record_frames=0,
                 memory_reset_every=args.memory_reset_every,
+                safety_ladder=args.safety_ladder or None,
             )
             reports.append(report)
             results[split] = {
@@ -121,13 +146,30 @@ def main() -> int:
                 "outcomes": [row["outcome"] for row in report.episodes],
                 "expert_outcomes": [row["expert"]["outcome"] for row in report.episodes],
                 "mean_confidence": [row["mean_confidence"] for row in report.episodes],
+                "collisions": [row["collisions"] for row in report.episodes],
             }
+            if report.safety_ladder is not None:
+                results[split].update(
+                    safety_ladder=summary(report.safety_ladder),
+                    safety_ladder_comparison=safety_ladder_comparison(report.episodes),
+                    safety_limits=report.settings["safety_limits"],
+                    ladder_outcomes=[row["safety_ladder"]["outcome"] for row in report.episodes],
+                    ladder_collisions=[row["safety_ladder"]["collisions"] for row in report.episodes],
+                    ladder_levels=[row["safety_ladder"]["safety_levels"] for row in report.episodes],
+                )
             p, e = report.policy, report.expert
             print(
                 f"{split:>18}: {args.model} {p.success_rate:6.1%} [{p.success_low:.1%}, {p.success_high:.1%}]"
                 f"  expert {e.success_rate:6.1%} [{e.success_low:.1%}, {e.success_high:.1%}]"
                 f"  {report.seconds:6.1f} s, {report.worker_cpu_seconds / len(report.seeds):.2f} CPU s/episode"
             )
+            if report.safety_ladder is not None:
+                s = report.safety_ladder
+                print(
+                    f"{'':>18}  ladder {s.success_rate:6.1%}, collisions/episode {p.collisions_per_episode:.2f} -> "
+                    f"{s.collisions_per_episode:.2f}, collided {p.collision_rate:.1%} -> {s.collision_rate:.1%}, "
+                    f"handover {s.handover_rate:.1%}, slowed {s.slowed_share:.1%}, stopped {s.stopped_share:.1%}"
+                )
         ray.shutdown()
         gap = split_comparison(reports)["generalisation_gap"]
         if gap is not None:
@@ -142,6 +184,7 @@ def main() -> int:
         "episodes_per_task": args.episodes_per_task,
         "max_steps": args.max_steps,
         "memory_reset_every": args.memory_reset_every,
+        "safety_ladder": args.safety_ladder,
         "machine": machine(load_before),
         "splits": results,
         # in-distribution (val) vs held-out success, pooled, and the gap

@@ -21,6 +21,12 @@ templates; never trained on): closed loop there next to the held-out splits sepa
 drive" from "cannot generalise". Every report records `in_distribution` (the split spec's
 `is_held_out`), `memory_reset_every` and the model's `state_input` in its settings.
 
+Safety ladder (issue 18, `safety_ladder=SafetyConfig()` or `--safety-ladder`): the model drives every
+seed twice, without and with the serving ladder (rollout.SafetyLadderPolicy), so `report.safety_ladder`
+and `safety_ladder_comparison(...)` compare the two on the same seeds: success, collisions per episode,
+episodes with a collision, handovers (a new outcome, neither success nor collision) and the share of
+steps slowed and stopped. `report.policy` stays the plain run (what the promotion gate reads).
+
 Episodes are spread over Ray tasks (`episodes_per_task` per task, stepped in lockstep so a model
 predicts for all of them in one batch; see `rollout.py` for the episode rules). Ray: the running
 cluster, `RAY_ADDRESS`, or a local `ray.init()`. Use >= 200 episodes to compare policies: 50 seeds
@@ -45,9 +51,19 @@ from mobile_vla.config import platform_home
 from mobile_vla.data.manifest import load_manifest
 from mobile_vla.errors import ConfigError
 from mobile_vla.evaluate import EXPERT, plots
-from mobile_vla.evaluate.rollout import SUCCESS, TIMEOUT, WRONG_TARGET, PolicySpec, RolloutConfig, rollout_seeds
+from mobile_vla.evaluate.rollout import (
+    HANDOVER,
+    SUCCESS,
+    TIMEOUT,
+    WRONG_TARGET,
+    PolicySpec,
+    RolloutConfig,
+    rollout_seeds,
+)
 from mobile_vla.evaluate.tasks import fan_out, jsonable
 from mobile_vla.policy.config import PREVIOUS_COMMAND
+from mobile_vla.serve.safety import SLOW, STOP
+from mobile_vla.serve.settings import SafetyConfig
 from mobile_vla.sim.split_spec import SplitSpec, default_split_spec, load_split_spec
 from mobile_vla.sim.success import failure_auroc, mean_or_nan, spl, wilson_interval
 from mobile_vla.tracking import CHAMPION, configure_mlflow, log_version_metrics, resolve_model, set_version_tags
@@ -60,6 +76,16 @@ PRIMARY_KEYS = ("success_rate", "episodes", "collision_rate", "spl", "wrong_targ
 OUTCOMES = (SUCCESS, WRONG_TARGET, TIMEOUT)
 MEMORY_RESET_WINDOW = "window"  # --memory-reset-every window: the model's training window W
 IN_DISTRIBUTION_SPLIT = "val"  # closed loop's in-distribution seeds (the val split's scene pool)
+# closed_loop.<split>.ladder_<name>: the run with the safety ladder applied
+LADDER_KEYS = (
+    "success_rate",
+    "collisions_per_episode",
+    "collision_rate",
+    "timeout",
+    "handover_rate",
+    "slowed_share",
+    "stopped_share",
+)
 
 
 @dataclass
@@ -87,6 +113,11 @@ class PolicySummary:
     # {"timeout": {"collided": 40, "no_collision": 8}, ...}: a timeout after a collision is a robot
     # that pushed into an obstacle until the step limit
     collisions_by_outcome: dict[str, dict[str, int]] = field(default_factory=dict)
+    # with the safety ladder applied (rows carry `safety_levels`; NaN shares without it): episodes handed
+    # over to an operator, and the share of all steps the ladder slowed / stopped (stop + handover)
+    handover_rate: float = 0.0
+    slowed_share: float = math.nan
+    stopped_share: float = math.nan
 
     @classmethod
     def from_rows(cls, rows: list[dict], reference: list[dict]) -> PolicySummary:
@@ -95,6 +126,9 @@ class PolicySummary:
         successes = sum(r["outcome"] == SUCCESS for r in rows)
         low, high = wilson_interval(successes, n)
         solved = [(r, e) for r, e in zip(rows, reference, strict=True) if e["outcome"] == SUCCESS]
+        levels = [r["safety_levels"] for r in rows if r.get("safety_levels") is not None]
+        ladder_steps = sum(sum(counts.values()) for counts in levels)
+        outcomes = OUTCOMES + ((HANDOVER,) if levels else ())
         return cls(
             episodes=n,
             successes=successes,
@@ -120,8 +154,11 @@ class PolicySummary:
                     "collided": sum(r["outcome"] == outcome and r["collisions"] > 0 for r in rows),
                     "no_collision": sum(r["outcome"] == outcome and r["collisions"] == 0 for r in rows),
                 }
-                for outcome in OUTCOMES
+                for outcome in outcomes
             },
+            handover_rate=sum(r["outcome"] == HANDOVER for r in rows) / n if n else math.nan,
+            slowed_share=sum(c[SLOW] for c in levels) / ladder_steps if ladder_steps else math.nan,
+            stopped_share=sum(c[STOP] + c[HANDOVER] for c in levels) / ladder_steps if ladder_steps else math.nan,
         )
 
 
@@ -143,6 +180,7 @@ class ClosedLoopReport:
     worker_cpu_seconds: float = 0.0  # CPU the Ray tasks spent (simulation, rendering, the model): load-independent
     served_by: list[str] = field(default_factory=list)  # HTTP: the model versions and backends that answered
     frames: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # seed -> uint8 [N, H, W, 3]
+    safety_ladder: PolicySummary | None = None  # the policy again, the serving ladder applied (same seeds)
 
     def metrics(self, primary: bool = True) -> dict[str, float]:
         """`closed_loop.<split>.<name>` for the policy and `...expert_<name>` for the expert; with
@@ -154,6 +192,10 @@ class ClosedLoopReport:
             out[prefix + name] = value
         for name in ("success_rate", "success_low", "success_high", "collision_rate", "mean_steps"):
             out[f"{prefix}expert_{name}"] = float(getattr(self.expert, name))
+        if self.safety_ladder is not None:
+            ladder = _summary_metrics(self.safety_ladder)
+            for name in LADDER_KEYS:
+                out[f"{prefix}ladder_{name}"] = float(ladder.get(name, getattr(self.safety_ladder, name, math.nan)))
         if primary:
             out.update({f"closed_loop.{name}": out[prefix + name] for name in PRIMARY_KEYS if prefix + name in out})
         return {k: v for k, v in out.items() if math.isfinite(v)}
@@ -172,6 +214,8 @@ class ClosedLoopReport:
             "seconds": round(self.seconds, 2),
             "worker_cpu_seconds": round(self.worker_cpu_seconds, 2),
             "served_by": self.served_by,
+            "safety_ladder": jsonable(asdict(self.safety_ladder)) if self.safety_ladder is not None else None,
+            "safety_ladder_comparison": safety_ladder_comparison(self.episodes) if self.safety_ladder else None,
             "metrics": self.metrics(),
             "episodes": episodes,
         }
@@ -197,6 +241,37 @@ def _summary_metrics(summary: PolicySummary) -> dict[str, float]:
             summary.collisions_by_outcome[TIMEOUT]["collided"] / summary.episodes if summary.episodes else math.nan
         ),
     }
+
+
+def safety_ladder_comparison(rows: list[dict]) -> dict:
+    """The policy without and with the safety ladder on the same seeds (rows carrying `safety_ladder`),
+    paired per seed: success and collisions of each, their differences (ladder minus none), the seeds
+    whose success was gained or lost and whose collisions fell or rose with the ladder. JSON-ready.
+    """
+    pairs = [(r, r["safety_ladder"]) for r in rows if r.get("safety_ladder") is not None]
+    n = len(pairs)
+    if not n:
+        return {"episodes": 0}
+    plain = PolicySummary.from_rows([p for p, _ in pairs], [p["expert"] for p, _ in pairs])
+    safe = PolicySummary.from_rows([s for _, s in pairs], [p["expert"] for p, _ in pairs])
+
+    def side(summary: PolicySummary) -> dict:
+        keys = ("success_rate", "collisions_per_episode", "collision_rate", "timeout_rate", "handover_rate")
+        return {k: getattr(summary, k) for k in (*keys, "slowed_share", "stopped_share")}
+
+    return jsonable(
+        {
+            "episodes": n,
+            "no_ladder": side(plain),
+            "ladder": side(safe),
+            "success_difference": safe.success_rate - plain.success_rate,
+            "collisions_per_episode_difference": safe.collisions_per_episode - plain.collisions_per_episode,
+            "success_gained": sum(s["outcome"] == SUCCESS and p["outcome"] != SUCCESS for p, s in pairs),
+            "success_lost": sum(p["outcome"] == SUCCESS and s["outcome"] != SUCCESS for p, s in pairs),
+            "collisions_fewer": sum(s["collisions"] < p["collisions"] for p, s in pairs),
+            "collisions_more": sum(s["collisions"] > p["collisions"] for p, s in pairs),
+        }
+    )
 
 
 # -- what to evaluate -------------------------------------------------------------------------------
@@ -309,12 +384,15 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
     record_frames: int = 4,
     num_gpus: float = 0,
     memory_reset_every: int | str | None = None,
+    safety_ladder: SafetyConfig | bool | None = None,
     progress: bool = True,
 ) -> ClosedLoopReport:
     """Runs `model` ("expert", a models:/ URI or a model folder; or the server at `endpoint`) on
     `episodes` scene seeds of `split`, and the scripted expert on the same seeds. With
     `memory_reset_every` (steps, or "window": the model's W) the policy's memory is reset to zero
-    before every N-th step of an episode (see the module doc).
+    before every N-th step of an episode (see the module doc). With `safety_ladder` (True: the serve
+    defaults, thresholds from the version's calibration; or a SafetyConfig) the model also drives the
+    same seeds with the serving ladder applied (`report.safety_ladder`).
     """
     if episodes_per_task < 1:
         raise ConfigError(f"episodes_per_task = {episodes_per_task}: expected at least 1")
@@ -336,6 +414,12 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
             "model", model_path=str(resolved.path), model_uri=str(model), prefer=tuple(prefer), precision=precision
         )
     model_dir = resolved.path if resolved else None
+    ladder = SafetyConfig() if safety_ladder is True else (safety_ladder or None)
+    if ladder is not None and policy.kind != "model":
+        raise ConfigError(
+            "--safety-ladder applies the serving ladder to a model run in-process: give --model MODEL_URI "
+            "(not the expert; a server at --endpoint applies its own ladder to its answers)"
+        )
     hz = control_hz or _control_hz(model_dir) or 5.0
     reset_every = memory_reset_steps(memory_reset_every, model_dir) if policy.kind != "expert" else None
     settings = RolloutConfig(
@@ -343,6 +427,7 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
         max_steps=max_steps,
         record_frames=tuple(seeds[: max(record_frames, 0)]),
         memory_reset_every=reset_every,
+        safety_ladder=ladder,
     )
 
     started = time.time()
@@ -355,6 +440,11 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
     for r in rows:
         r.pop("frames", None)
     served_by = sorted({s for r in rows for s in r.pop("served_by", [])})
+    laddered = [r["safety_ladder"] for r in rows if r.get("safety_ladder") is not None]
+    limits = next((r.pop("limits", None) for r in laddered), None)
+    for r in laddered:
+        r.pop("limits", None)
+        r.pop("served_by", None)
     report = ClosedLoopReport(
         split=split,
         model=str(model) if model is not None else (endpoint or EXPERT),
@@ -380,11 +470,14 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
             "memory_reset_every": reset_every,
             "memory_reset_requested": memory_reset_every,  # e.g. "window", resolved to the number above
             "state_input": _saved_preprocessing(model_dir).get("state_input", PREVIOUS_COMMAND) if model_dir else None,
+            "safety_ladder": ladder.model_dump(mode="json") if ladder is not None else None,
+            "safety_limits": limits,  # the thresholds in force (config over the version's calibration)
         },
         seconds=time.time() - started,
         worker_cpu_seconds=float(sum(r.get("cpu_seconds", 0.0) for r in rows)),
         served_by=served_by,
         frames=frames,
+        safety_ladder=PolicySummary.from_rows(laddered, [r["expert"] for r in rows]) if laddered else None,
     )
     log.info(
         "closed loop %s on %s: success %.3f [%.3f, %.3f] (expert %.3f) over %d episodes in %.0f s",

@@ -12,6 +12,8 @@ r"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop Min
         --no-offline      # k=0 error with the state input recorded, zeroed, shuffled: a copycat?
     mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \
         --no-offline --split unseen_layout --with-val --memory-reset-every window   # issue 15 diagnostics
+    mobile-vla evaluate --model models:/mobile-vla-policy@champion --data data/nav --closed-loop \
+        --no-offline --split visual_shift --safety-ladder --no-log   # without and with the safe-stop ladder
 
 Results go to `--out` (default $MOBILE_VLA_HOME/evaluations/...) and, for a registered model
 version, onto the version: metrics as `metric.offline.<split>.mae`, `metric.closed_loop.<split>.
@@ -21,6 +23,9 @@ the promotion gate reads. The scripted expert always runs on the same scene seed
 `--with-val` adds closed loop on the val split's (in-distribution) seeds after the given splits and
 writes closed_loop_splits.json (in-distribution vs held-out success and their gap);
 `--memory-reset-every N|window` resets the policy's memory every N steps (window: its training W).
+`--safety-ladder` drives the same seeds a second time with the serving safety ladder applied to each
+executed step (serve/safety.py; thresholds calibrated with the version): success, collisions,
+handovers and the share of steps slowed/stopped, next to the plain run (issue 18).
 """
 
 from __future__ import annotations
@@ -81,6 +86,12 @@ def register(subparsers) -> None:
         default=None,
         help="closed loop: reset the policy's LSTM memory to zero every N steps ('window': the model's "
         "training window W) to measure memory skew",
+    )
+    parser.add_argument(
+        "--safety-ladder",
+        action="store_true",
+        help="closed loop: also drive the same seeds with the serving safety ladder applied (slow scales, stop "
+        "waits, handover ends the episode) and compare",
     )
     parser.add_argument("--episodes", type=int, default=200, help="closed-loop episodes (scene seeds) per split")
     parser.add_argument("--seed-offset", type=int, default=0, help="start this far into each split's seed range")
@@ -160,6 +171,13 @@ def _check_diagnostic_args(args) -> None:
             raise ConfigError(f"{flag} is for closed-loop evaluation: add --closed-loop")
     if args.memory_reset_every is not None and args.model == EXPERT:
         raise ConfigError("--memory-reset-every resets a model's memory: the expert has none")
+    if args.safety_ladder and not args.closed_loop:
+        raise ConfigError("--safety-ladder is for closed-loop evaluation: add --closed-loop")
+    if args.safety_ladder and (args.endpoint or args.model == EXPERT):
+        raise ConfigError(
+            "--safety-ladder judges a model's own confidence and novelty in-process: give --model MODEL_URI "
+            "(a server at --endpoint applies its own ladder)"
+        )
 
 
 def read_token(path: Path | None) -> str:
@@ -237,6 +255,7 @@ def run_evaluate(args) -> int:
                 record_frames=args.gifs,
                 num_gpus=args.gpus_per_task,
                 memory_reset_every=args.memory_reset_every,
+                safety_ladder=args.safety_ladder or None,
                 progress=progress,
             )
             files = save_closed_loop(report, out_dir, gifs=args.gifs)
@@ -294,6 +313,8 @@ def _print_summary(results: dict[str, dict], out_dir: Path) -> None:
             table.add_row("confidence: failure AUROC", _num(p.failure_auroc), "-")
             console.print(table)
             console.print(_collision_table(report))
+            if report.safety_ladder is not None:
+                console.print(_safety_ladder_table(report))
         if "offline" in parts:
             metrics = parts["offline"].metrics
             offline = Table(
@@ -390,6 +411,25 @@ def _collision_table(report):
             f"{p[outcome]['collided']} | {e[outcome]['collided']}",
             f"{p[outcome]['no_collision']} | {e[outcome]['no_collision']}",
         )
+    return table
+
+
+def _safety_ladder_table(report):
+    """The policy without and with the safety ladder on the same seeds."""
+    from rich.table import Table
+
+    table = Table(title=f"split {report.split}: safety ladder (same seeds)", title_justify="left")
+    table.add_column("closed loop")
+    table.add_column("no ladder", justify="right")
+    table.add_column("ladder", justify="right")
+    p, s = report.policy, report.safety_ladder
+    table.add_row("success [Wilson 95%]", _rate(p), _rate(s))
+    table.add_row("collisions / episode", _num(p.collisions_per_episode), _num(s.collisions_per_episode))
+    table.add_row("episodes with a collision", _pct(p.collision_rate), _pct(s.collision_rate))
+    table.add_row("timeout", _pct(p.timeout_rate), _pct(s.timeout_rate))
+    table.add_row("handover", "-", _pct(s.handover_rate))
+    table.add_row("steps slowed", "-", _pct(s.slowed_share))
+    table.add_row("steps stopped", "-", _pct(s.stopped_share))
     return table
 
 

@@ -26,6 +26,14 @@ length is the SPL reference and its outcome sits next to the policy's in every r
 DAgger (`mobile_vla.online.collect`) steps the same loop with a `BetaMixPolicy`: the learned policy
 answers every step (its memory follows the whole episode), the scripted expert labels every visited
 state, and per step, with probability beta, the expert's command is the one executed.
+
+`RolloutConfig.safety_ladder` (a serve `SafetyConfig`; issue 18): the model also drives every scene a
+second time through `SafetyLadderPolicy`, which applies the serving ladder (serve/safety.py: the same
+`effective_thresholds`, `decide` and `apply_level` as /v1/act answers) to each executed step: `slow`
+scales the command, `stop` sends zero (the robot waits and the episode goes on: stops until the step
+limit are a timeout), `handover` sends zero and ends the episode as outcome "handover" (neither success
+nor collision). Thresholds: the config's, else the version's calibration, as in serving; the step's
+age is never stale (the simulator has no network). Each such episode records its decisions per level.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -45,12 +53,15 @@ from mobile_vla_client import Client
 from mobile_vla.errors import ConfigError, ModelError
 from mobile_vla.policy.config import MEASURED_VELOCITY, PREVIOUS_COMMAND
 from mobile_vla.runtime.backends import load_backend
+from mobile_vla.serve import safety as ladder
+from mobile_vla.serve.settings import SafetyConfig
 from mobile_vla.sim.expert import ScriptedExpert
 from mobile_vla.sim.scenes import CONTROL_HZ, SceneSpec, realised_velocity, scene_from_seed
 from mobile_vla.sim.split_spec import SplitSpec
 from mobile_vla.tracking import resolve_model
 
 SUCCESS, WRONG_TARGET, TIMEOUT = "success", "wrong_target", "timeout"
+HANDOVER = ladder.HANDOVER  # outcome: the safety ladder handed the robot to an operator (SafetyLadderPolicy)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class RolloutConfig:
     record_frames: tuple[int, ...] = ()  # seeds whose camera frames come back (for GIFs)
     expert: dict = field(default_factory=dict)  # ScriptedExpert field overrides
     memory_reset_every: int | None = None  # reset the policy's memory before steps N, 2N, ... (diagnostic)
+    safety_ladder: SafetyConfig | None = None  # also drive each scene with the serving ladder applied
 
     def __post_init__(self) -> None:
         every = self.memory_reset_every
@@ -100,6 +112,7 @@ class EpisodeRecord:
     trajectory: list[tuple[float, float]] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)  # uint8 [H, W, 3] per step, if recorded
     served_by: set[str] = field(default_factory=set)  # "name/version backend" answers came from (HTTP)
+    safety_levels: dict[str, int] | None = None  # steps per ladder level; None: the ladder was not applied
 
     @property
     def mean_confidence(self) -> float:
@@ -117,6 +130,7 @@ class EpisodeRecord:
             "trajectory": np.asarray(self.trajectory, np.float32),  # [steps + 1, 2]
             "frames": np.stack(self.frames) if self.frames else None,  # uint8 [N, H, W, 3]
             "served_by": sorted(self.served_by),
+            "safety_levels": self.safety_levels,
         }
 
 
@@ -198,6 +212,26 @@ class BackendPolicy:
     def __init__(self, backend) -> None:
         self.backend = backend
         self.memory: tuple[np.ndarray, np.ndarray] | None = None
+        # the last act's ladder inputs: the executed step's confidence [B] and novelty [B] (None: off)
+        self.safety_inputs: tuple[np.ndarray, np.ndarray | None] | None = None
+
+    @property
+    def safety_thresholds(self):
+        """The version's calibrated ladder thresholds (policy/novelty.py), None where serving has none."""
+        return self.backend.safety.thresholds if self.backend.safety is not None else None
+
+    @property
+    def safety_note(self) -> str:
+        return self.backend.safety_note
+
+    @property
+    def control_hz(self) -> float:
+        """The control rate the model was trained at (what serving reads the staleness rule at)."""
+        return self.backend.preprocessing.control_hz
+
+    @property
+    def chunk(self) -> int:
+        return self.backend.signature.chunk
 
     @property
     def state_dim(self) -> int:
@@ -230,7 +264,79 @@ class BackendPolicy:
         state = state[:, : self.backend.state_dim]  # [B, S]
         out = self.backend.predict(images, state, instructions, (h[:, rows], c[:, rows]))
         h[:, rows], c[:, rows] = out.memory
+        # as serving judges a step (serve/routes.py): the executed step's confidence where the graph gives it
+        self.safety_inputs = (out.confidence if out.confidence_now is None else out.confidence_now, out.novelty)
         return out.actions[:, 0], out.confidence  # [B, 3] now, [B]
+
+
+class SafetyLadderPolicy:
+    """A model's policy with the serving safety ladder applied to every executed step (module doc).
+
+    `inner` is a BackendPolicy or anything with its `safety_inputs`, `safety_thresholds`, `safety_note`,
+    `control_hz` and `chunk`. The consecutive-stop count per episode is what the memory token carries in
+    serving. `levels[slot]` counts the episode's steps per level; `handed_over(slot)`: its last step was
+    a handover.
+    """
+
+    needs_frames = True
+
+    def __init__(self, inner, config: SafetyConfig) -> None:
+        self.inner, self.config = inner, config
+        self.limits: ladder.SafetyLimits | None = None
+        self.stops: list[int] = []
+        self.levels: list[dict[str, int]] = []
+        self.last: list[str] = []
+
+    @property
+    def state_input(self) -> str:
+        return self.inner.state_input
+
+    @property
+    def state_dim(self) -> int:
+        return self.inner.state_dim
+
+    def reset_memory(self, slots: list[int]) -> None:
+        self.inner.reset_memory(slots)
+
+    def start(self, episodes: list[tuple[str, str]]) -> None:
+        """Starts the inner policy; the thresholds in force as serving sets them.
+
+        Raises:
+            ConfigError: no confidence or novelty threshold, given or calibrated: the ladder would never act.
+        """
+        self.inner.start(episodes)
+        self.limits = ladder.effective_thresholds(
+            self.config, self.inner.safety_thresholds, self.inner.control_hz, self.inner.chunk
+        )
+        rules = ("confidence_slow", "confidence_stop", "novelty_slow", "novelty_stop")
+        if self.config.enabled and all(getattr(self.limits, name) is None for name in rules):
+            raise ConfigError(
+                f"--safety-ladder: no confidence or novelty threshold ({self.inner.safety_note}; none set in "
+                "the safety config): the ladder would never act"
+            )
+        self.stops = [0] * len(episodes)
+        self.levels = [dict.fromkeys(ladder.LEVELS, 0) for _ in episodes]
+        self.last = [ladder.NORMAL] * len(episodes)
+
+    def act(self, slots, images, state, instructions, worlds):
+        actions, confidence = self.inner.act(slots, images, state, instructions, worlds)  # [B, 3], [B]
+        confidence_now, novelty = self.inner.safety_inputs  # [B] each (novelty None: off)
+        allowed = np.array(actions, np.float32, copy=True)  # [B, 3]
+        for j, slot in enumerate(slots):
+            decision = ladder.SafetyDecision(ladder.NORMAL)
+            if self.config.enabled:
+                inputs = ladder.SafetyInputs(
+                    float(confidence_now[j]), None if novelty is None else float(novelty[j]), None, self.stops[slot]
+                )
+                decision = ladder.decide(inputs, self.limits, self.config.handover_after_stops)
+            self.stops[slot] = decision.stops
+            self.levels[slot][decision.level] += 1
+            self.last[slot] = decision.level
+            allowed[j] = ladder.apply_level(allowed[j : j + 1], decision.level, self.config.slow_factor)[0]
+        return allowed, confidence
+
+    def handed_over(self, slot: int) -> bool:
+        return self.last[slot] == ladder.HANDOVER
 
 
 class HttpPolicy:
@@ -408,6 +514,7 @@ def run_lockstep(
     state = np.zeros((len(scenes), 3), np.float32)  # [B, S]: previous command, or velocity realised then
     active = list(range(len(scenes)))
     max_steps = max(scene.max_steps for scene in scenes)
+    handed_over = policy.handed_over if isinstance(policy, SafetyLadderPolicy) else (lambda slot: False)
 
     for _ in range(max_steps):
         if not active:
@@ -429,10 +536,9 @@ def run_lockstep(
             record.collisions += not moved
             record.confidence.append(float(confidence[j]))
             record.steps += 1
-            if env.near(env.target):
-                record.outcome = SUCCESS
-            elif any(env.near(d) for d in env.distractors):
-                record.outcome = WRONG_TARGET
+            ended = _episode_end(env, handed_over(slot))
+            if ended is not None:
+                record.outcome = ended
             elif record.steps < scenes[slot].max_steps:
                 still_running.append(slot)
             recording = record.seed in settings.record_frames
@@ -441,10 +547,23 @@ def run_lockstep(
                 if recording:
                     record.frames.append(frames[slot])
         active = still_running
-    if isinstance(policy, HttpPolicy):
-        for slot, record in enumerate(records):
+    for slot, record in enumerate(records):
+        if isinstance(policy, HttpPolicy):
             record.served_by = policy.served.get(slot, set())
+        if isinstance(policy, SafetyLadderPolicy):
+            record.safety_levels = dict(policy.levels[slot])
     return records
+
+
+def _episode_end(env, handed_over: bool) -> str | None:
+    """The outcome that ends the episode after this step, or None while it goes on (to its step limit)."""
+    if handed_over:  # zero velocity sent; an operator takes the robot over
+        return HANDOVER
+    if env.near(env.target):
+        return SUCCESS
+    if any(env.near(d) for d in env.distractors):
+        return WRONG_TARGET
+    return None
 
 
 def _reset_memory_when_due(policy, records: list[EpisodeRecord], active: list[int], every: int | None) -> None:
@@ -533,6 +652,8 @@ def rollout_seeds(
     worlds = worker_slots(scenes[0], settings.obs_size)
 
     expert_settings = RolloutConfig(settings.control_hz, settings.obs_size, settings.max_steps, (), settings.expert)
+    laddered: list[EpisodeRecord | None] = [None] * len(scenes)
+    limits: dict | None = None  # the ladder's thresholds in force (SafetyLimits as a dict)
     if policy.kind == "expert":
         reference = run_lockstep(worlds, scenes, ExpertPolicy(settings.expert), settings)
         driven = reference
@@ -544,9 +665,16 @@ def rollout_seeds(
         finally:
             if isinstance(runner, HttpPolicy):
                 runner.close()
+        if settings.safety_ladder is not None:  # the same scenes again, the ladder applied (paired)
+            if policy.kind != "model":
+                raise ConfigError("--safety-ladder runs a model in-process: a server applies its own ladder")
+            ladder_settings = replace(settings, record_frames=())
+            safe = SafetyLadderPolicy(make_policy(policy, ladder_settings), settings.safety_ladder)
+            laddered = run_lockstep(worlds, scenes, safe, ladder_settings)
+            limits = vars(safe.limits)
     cpu_seconds = (time.process_time() - cpu_start) / len(scenes)  # this process only (not a server's)
     results = []
-    for scene, mine, expert in zip(scenes, driven, reference, strict=True):
+    for scene, mine, expert, safe_run in zip(scenes, driven, reference, laddered, strict=True):
         row = mine.to_dict()
         row.update(
             split=scene.split,
@@ -555,5 +683,8 @@ def rollout_seeds(
             cpu_seconds=cpu_seconds,
             expert={k: v for k, v in expert.to_dict().items() if k != "frames"},
         )
+        if safe_run is not None:
+            row["safety_ladder"] = {k: v for k, v in safe_run.to_dict().items() if k != "frames"}
+            row["safety_ladder"]["limits"] = limits
         results.append(row)
     return results
