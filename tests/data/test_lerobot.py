@@ -85,6 +85,10 @@ def test_export_writes_the_v3_layout(exported):
     assert [(m["dataset_from_index"], m["dataset_to_index"], m["length"]) for m in meta][-1] == (12, 18, 6)
     assert meta[2]["mobile_vla/split"] == "val" and meta[2]["tasks"] == [episodes["val_000000.h5"].instruction]
     assert json.loads(meta[0]["mobile_vla/attrs"])["scene"] == episodes["train_000000.h5"].attrs["scene"]
+    last = episodes["tu_0.h5"]  # per-episode statistics, as LeRobot's episode metadata holds them
+    np.testing.assert_allclose(meta[3]["stats/action/max"], last.actions.max(axis=0), rtol=1e-6)
+    assert meta[3]["stats/index/min"] == [12] and meta[3]["stats/observation.images.front/count"] == [6]
+    assert np.asarray(meta[3]["stats/observation.images.front/mean"]).shape == (3, 1, 1)
     stats = json.loads((out / "meta/stats.json").read_text())
     all_actions = np.concatenate([e.actions for e in episodes.values()])
     np.testing.assert_allclose(stats["action"]["mean"], all_actions.mean(axis=0), rtol=1e-5)
@@ -248,5 +252,8 @@ def test_cli_errors_are_one_line_and_export_refuses_a_non_empty_target(exported,
     (tmp_path / "full/keep.txt").write_text("mine")
     assert main(["data", "export", "--format", "lerobot", str(root / "nav"), str(tmp_path / "full")]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+    # without --format, `data import` reads the original collector's files, as before
+    assert main(["data", "import", str(root / "nav_lerobot"), str(tmp_path / "y")]) == 2
+    assert "no .h5/.hdf5 files to import" in capsys.readouterr().err
     assert (tmp_path / "full/keep.txt").read_text() == "mine"
     shutil.rmtree(tmp_path / "full")

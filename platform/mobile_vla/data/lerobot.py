@@ -167,6 +167,16 @@ class _Stats:
     def add(self, key: str, values: np.ndarray) -> None:
         self.vectors.setdefault(key, []).append(np.asarray(values, np.float64).reshape(len(values), -1))
 
+    def add_table(self, table: pa.Table, images: np.ndarray) -> None:
+        """One episode: its frames uint8 [T, H, W, 3] and the numeric columns of its data table."""
+        self.add_images(images)
+        for key in table.column_names:
+            column = table.column(key).combine_chunks()
+            if pa.types.is_struct(column.type):  # the camera, counted by add_images
+                continue
+            values = column.flatten() if pa.types.is_fixed_size_list(column.type) else column
+            self.add(key, values.to_numpy(zero_copy_only=False).reshape(len(column), -1))
+
     def add_images(self, images: np.ndarray) -> None:  # uint8 [T, H, W, 3]
         flat = images.reshape(-1, 3).astype(np.float64)
         self.pixels["sum"] += flat.sum(axis=0)
@@ -281,12 +291,9 @@ def _export(
             writer.write_table(table)  # one row group per episode
             written += table.nbytes
             report.dropped += [f"{name}: {key}" for key in sorted(set(episode.extras) - set(frame_keys))]
-            stats.add_images(episode.images)
-            for key in (STATE_KEY, ACTION_KEY, *(EXTRA_PREFIX + k for k in frame_keys), *INDEX_KEYS):
-                if key in table.column_names:
-                    column = table.column(key).combine_chunks()
-                    values = column.flatten() if pa.types.is_fixed_size_list(column.type) else column
-                    stats.add(key, values.to_numpy(zero_copy_only=False).reshape(len(column), -1))
+            episode_stats = _Stats()  # LeRobot's editing tools (merge, delete, split) read per-episode stats
+            for accumulator in (stats, episode_stats):
+                accumulator.add_table(table, episode.images)
             episode_rows.append(
                 {
                     "episode_index": episode_index,
@@ -301,6 +308,11 @@ def _export(
                     FILE_COLUMN: name,
                     SPLIT_COLUMN: split,
                     ATTRS_COLUMN: json.dumps(episode.attrs, sort_keys=True),
+                    **{
+                        f"stats/{key}/{stat}": value
+                        for key, by_stat in episode_stats.to_json(episode.num_frames).items()
+                        for stat, value in by_stat.items()
+                    },
                 }
             )
             split_ranges.setdefault(split, [episode_index, episode_index])[1] = episode_index + 1
@@ -672,6 +684,7 @@ def _import(src, dst, layout, platform_meta, tasks, rows, resize_rule, val_fract
     )
     resized: set[str] = set()
     names: dict[int, str] = {}
+    used: set[str] = set()  # file names taken
     for path, episode_index, table in _progress(_episode_tables(src), "importing episodes", progress):
         meta = rows.get(episode_index)
         if meta is None:
@@ -680,13 +693,14 @@ def _import(src, dst, layout, platform_meta, tasks, rows, resize_rule, val_fract
             raise DataError(f"{path}: episode_index {episode_index}: rows in more than one data file")
         episode = _convert(path, episode_index, table, layout, meta, tasks, resize_rule, resized)
         name = str(meta.get(FILE_COLUMN) or "")
-        if not _SAFE_NAME.match(name) or name in names.values():
+        if not _SAFE_NAME.match(name) or name in used:
             name = f"episode_{episode_index:06d}.h5"
         try:
             write_episode(dst / name, episode)
         except DataError as exc:
             raise DataError(f"{path}: episode {episode_index}: {exc}") from None
         names[episode_index] = name
+        used.add(name)
         report.frames += episode.num_frames
     missing = sorted(set(rows) - set(names))
     if missing:
