@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import mobile_vla
@@ -42,3 +44,38 @@ def test_uncommitted_changes_to_the_package_mark_the_run_dirty(tmp_path):
     assert clean[GIT_COMMIT_TAG] == _git(tmp_path, "rev-parse", "HEAD") and clean[GIT_DIRTY_TAG] == "false"
     (package / "model.py").write_text("x = 2\n")
     assert provenance_tags(package)[GIT_DIRTY_TAG] == "true"
+
+
+def _run_creators() -> list[str]:
+    """`module:function` for every package function that starts an MLflow run (create_run / start_run)."""
+    found = []
+    for path in sorted((REPO / "platform" / "mobile_vla").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            calls = {getattr(c.func, "attr", None) for c in ast.walk(node) if isinstance(c, ast.Call)}
+            if calls & {"create_run", "start_run"}:
+                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                found.append(f"{path.relative_to(REPO)}:{node.name}:{'provenance_tags' in names}")
+    return found
+
+
+def test_every_function_that_starts_a_run_tags_it_with_provenance():
+    """Training, sweeps, ensembles, online updates and sample versions: each run names its code (the
+    online update's and the ensemble's runs had no commit before)."""
+    creators = _run_creators()
+    assert len(creators) >= 5, creators  # the scan finds them (trainer, sweep, ensemble, online, samples)
+    assert [c for c in creators if c.endswith(":False")] == []
+
+
+def test_the_online_update_run_records_commit_and_version(platform_home):
+    from mlflow import MlflowClient
+
+    from mobile_vla.online.update import _mlflow_run
+    from mobile_vla.tracking import configure_mlflow
+
+    configure_mlflow()
+    run_id = _mlflow_run(types.SimpleNamespace(experiment="mobile-vla-online"), "3")
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags[GIT_COMMIT_TAG] == _git(REPO, "rev-parse", "HEAD") and tags[VERSION_TAG] == mobile_vla.__version__
+    assert tags["mobile_vla.parent_version"] == "3"

@@ -54,6 +54,7 @@ from mobile_vla.online.finetune import FinetuneConfig, PlainWindows, WeightedWin
 from mobile_vla.policy.checkpoint import PREPROCESSING_DIR, load_policy, save_policy
 from mobile_vla.policy.preprocessing import Preprocessing
 from mobile_vla.tracking.lifecycle import GateConfig, promote
+from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.tracking.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def _mlflow_run(cfg: OnlineUpdateConfig, champion_version: str) -> str:
     experiment_id = tracking.get_or_create_experiment(cfg.experiment)
     name = f"online-update-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run = mlflow.MlflowClient().create_run(
-        experiment_id, run_name=name, tags={"mobile_vla.parent_version": champion_version}
+        experiment_id, run_name=name, tags={**provenance_tags(), "mobile_vla.parent_version": champion_version}
     )
     return run.info.run_id
 

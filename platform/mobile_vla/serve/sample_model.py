@@ -30,6 +30,7 @@ from mobile_vla.tracking import (
     get_or_create_experiment,
     register_policy,
 )
+from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.train.safety_calibration import calibrate_on_frames
 
 SAMPLE_EXPERIMENT = "mobile-vla-serve-samples"
@@ -66,7 +67,7 @@ def register_random_policy(
     experiment_id = get_or_create_experiment(SAMPLE_EXPERIMENT)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        mlflow.start_run(experiment_id=experiment_id, run_name=f"random-{preset}") as run,
+        mlflow.start_run(experiment_id=experiment_id, run_name=f"random-{preset}", tags=provenance_tags()) as run,
     ):
         model_dir = Path(tmp) / "model"
         save_policy(model_dir / "policy", model, preprocessing)
@@ -105,7 +106,7 @@ def register_version_copy(
     experiment_id = get_or_create_experiment(SAMPLE_EXPERIMENT)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        mlflow.start_run(experiment_id=experiment_id, run_name="version-copy") as run,
+        mlflow.start_run(experiment_id=experiment_id, run_name="version-copy", tags=provenance_tags()) as run,
     ):
         model_dir = Path(tmp) / "model"
         shutil.copytree(source / "policy", model_dir / "policy")

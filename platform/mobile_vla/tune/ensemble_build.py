@@ -27,6 +27,7 @@ from mobile_vla.errors import ConfigError, MobileVLAError, ModelError
 from mobile_vla.policy import load_policy, save_policy
 from mobile_vla.policy.ensemble import EnsemblePolicy
 from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, log_version_metrics, register_policy
+from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.train.evaluation import evaluate_windows, window_batches
 from mobile_vla.train.windows import WindowDataset
 from mobile_vla.tune.sweep_config import TuneJobConfig
@@ -256,7 +257,7 @@ def build_and_register(
     ensemble, preprocessing = combine_policies(models, preps, sources)
     uri = configure_mlflow()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    tags = {SWEEP_TAG: sweep_name, TRIAL_TAG: ENSEMBLE_TRIAL}
+    tags = {**provenance_tags(), SWEEP_TAG: sweep_name, TRIAL_TAG: ENSEMBLE_TRIAL}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(
