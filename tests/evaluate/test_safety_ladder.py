@@ -15,6 +15,7 @@ import pytest
 from mobile_vla.cli import main
 from mobile_vla.errors import ConfigError
 from mobile_vla.evaluate.closed_loop import ClosedLoopReport, PolicySummary, safety_ladder_comparison
+from mobile_vla.evaluate.commands import _print_summary
 from mobile_vla.evaluate.rollout import (
     HANDOVER,
     SUCCESS,
@@ -185,7 +186,7 @@ def ladder_rows() -> list[dict]:
     return rows
 
 
-def test_handover_is_its_own_outcome_in_the_summary_json_and_metrics():
+def test_handover_is_its_own_outcome_in_the_summary_json_and_metrics(capsys, tmp_path):
     rows = ladder_rows()
     expert = [r["expert"] for r in rows]
     ladder = PolicySummary.from_rows([r["safety_ladder"] for r in rows], expert)
@@ -229,6 +230,11 @@ def test_handover_is_its_own_outcome_in_the_summary_json_and_metrics():
         "closed_loop.val.ladder_success_rate"
         not in ClosedLoopReport(**{**vars(report), "safety_ladder": None}).metrics()
     )
+
+    _print_summary({"val": {"closed_loop": report}}, tmp_path)  # `mobile-vla evaluate`'s tables
+    printed = capsys.readouterr().out
+    assert "split val: safety ladder (same seeds)" in printed
+    assert "2.500" in printed and "0.750" in printed and "25.0%" in printed
 
 
 def test_ablation_report_shows_the_ladder_columns_only_when_present(monkeypatch):
