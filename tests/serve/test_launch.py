@@ -11,7 +11,12 @@ import pytest
 import yaml
 
 from mobile_vla.errors import ConfigError
-from mobile_vla.serve.deploy_options import DeploymentOverrides, merge_deployment_options
+from mobile_vla.serve.deploy_options import (
+    DeploymentOverrides,
+    grpc_limit_shortfall,
+    grpc_message_bytes,
+    merge_deployment_options,
+)
 from mobile_vla.serve.launch import shutdown_on_exit, stop_serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,3 +119,14 @@ def test_shipped_configs_give_replicas_the_grpc_limit_under_serve_deploy(path, m
         needed = int(_replica_env(app["args"].get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))[GRPC])
         carried = (app.get("runtime_env") or {}).get("env_vars", {}).get(GRPC)
         assert carried is not None and int(carried) >= needed, f"{path.name}: {app['name']}: {GRPC} = {carried}"
+
+
+def test_a_replica_names_a_grpc_limit_too_small_for_its_batches():
+    # what a policy replica logs at start when a config dropped the limit the code sets (Ray's `serve deploy`)
+    assert grpc_message_bytes(64) == 21364736 and grpc_message_bytes(8) == 4 * 1024 * 1024
+    assert grpc_limit_shortfall(8, {}) is None  # 8 frames fit gRPC's default 4 MiB
+    assert grpc_limit_shortfall(64, {GRPC: "21364736"}) is None
+    missing = grpc_limit_shortfall(64, {})
+    assert missing is not None and f"{GRPC} = 4194304" in missing and "21364736" in missing
+    assert "runtime_env" in missing  # says where to set it
+    assert "no number" in grpc_limit_shortfall(64, {GRPC: "lots"})

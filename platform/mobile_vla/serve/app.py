@@ -21,9 +21,8 @@ from ray.serve.config import BackpressureConfig
 from mobile_vla.config import platform_home, validate_config
 from mobile_vla.errors import ConfigError
 from mobile_vla.online.feedback_store import feedback_root
-from mobile_vla.policy.config import IMAGE_SIZE
 from mobile_vla.serve.auth import TokenVerifier, resolve_tokens_path
-from mobile_vla.serve.deploy_options import DeploymentOverrides
+from mobile_vla.serve.deploy_options import FRAME_BYTES, GRPC_LIMIT_VAR, DeploymentOverrides, grpc_message_bytes
 from mobile_vla.serve.deployments import POLICY_DEPLOYMENTS, REPLICA_RESOURCES, OnnxPolicy
 from mobile_vla.serve.drills import DrillConfig, drill_deployment
 from mobile_vla.serve.memory_token import prepare_memory_secret
@@ -39,21 +38,16 @@ from mobile_vla.serve.settings import (
 from mobile_vla.tracking import get_version_by_alias, resolve_model
 
 # the app arguments, importable beside their builders
-__all__ = ["ServeAppConfig", "ShadowConfig", "build_app", "compose_app"]
-
-FRAME_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # one decoded uint8 frame, what the ingress sends a policy replica per robot
+__all__ = ["FRAME_BYTES", "ServeAppConfig", "ShadowConfig", "build_app", "compose_app"]
 
 
 def _replica_env(max_batch_size: int) -> dict[str, str]:
     # In Serve's throughput mode replicas call each other over gRPC, whose messages stop at 4 MiB by
     # default: 27 decoded frames. A batch of max_batch_size frames (and its answer) must fit.
-    grpc_bytes = max(4 * 1024 * 1024, 2 * max_batch_size * (FRAME_BYTES + 16 * 1024))
     env = {
         "MOBILE_VLA_HOME": str(platform_home()),
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": os.environ.get(
-            "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH", str(grpc_bytes)
-        ),
+        GRPC_LIMIT_VAR: os.environ.get(GRPC_LIMIT_VAR, str(grpc_message_bytes(max_batch_size))),
     }
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]

@@ -18,6 +18,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mobile_vla.errors import ConfigError
+from mobile_vla.policy.config import IMAGE_SIZE
+
+GRPC_LIMIT_VAR = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+GRPC_DEFAULT_BYTES = 4 * 1024 * 1024  # gRPC's (and Serve's) default: 27 decoded frames
+FRAME_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # one decoded uint8 frame, what the ingress sends a policy replica per robot
+
+
+def grpc_message_bytes(max_batch_size: int) -> int:
+    """The replica-to-replica gRPC message limit a batch of `max_batch_size` frames (and its answer) needs
+    in Serve's throughput mode, where replicas call each other over gRPC.
+    """
+    return max(GRPC_DEFAULT_BYTES, 2 * max_batch_size * (FRAME_BYTES + 16 * 1024))
+
+
+def grpc_limit_shortfall(max_batch_size: int, environ: dict[str, str]) -> str | None:
+    """Why a replica started with `environ` cannot take a full batch over gRPC, or None when it can."""
+    needed = grpc_message_bytes(max_batch_size)
+    value = environ.get(GRPC_LIMIT_VAR)
+    try:
+        limit = int(value) if value else GRPC_DEFAULT_BYTES
+    except ValueError:
+        return f"{GRPC_LIMIT_VAR} = {value!r} is no number of bytes (max_batch_size {max_batch_size} needs {needed})"
+    if limit >= needed:
+        return None
+    return (
+        f"{GRPC_LIMIT_VAR} = {limit} bytes in this replica's environment, below the {needed} a batch of "
+        f"max_batch_size = {max_batch_size} frames needs: in Serve's throughput mode larger batches fail. "
+        "Set it in the Serve config's application runtime_env env_vars (a deployment's ray_actor_options "
+        "replace the code's under `serve deploy`)"
+    )
 
 
 def _merged_runtime_env(*layers: dict[str, Any] | None) -> dict[str, Any]:

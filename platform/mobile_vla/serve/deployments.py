@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
 import time
 
@@ -43,6 +44,7 @@ import numpy as np
 from ray import serve
 
 from mobile_vla.errors import DataError
+from mobile_vla.serve.deploy_options import grpc_limit_shortfall
 from mobile_vla.serve.heap import freeze_long_lived_heap
 from mobile_vla.serve.metrics import PolicyMetrics
 from mobile_vla.serve.model_versions import (
@@ -204,6 +206,9 @@ class PolicyReplica:
     def reconfigure(self, user_config: dict) -> None:
         config = self.CONFIG.model_validate(user_config)
         self._check_batch_fits(config)
+        shortfall = grpc_limit_shortfall(config.max_batch_size, dict(os.environ))  # a config that dropped our env
+        if shortfall:
+            logger.warning("policy %s: %s", type(self).__name__, shortfall)
         self._predict_chunks.set_max_batch_size(config.max_batch_size)
         self._predict_chunks.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         previous = self._config
