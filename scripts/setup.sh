@@ -18,6 +18,11 @@ need_debs=()
 for deb in libegl1 libegl-mesa0 libgl1-mesa-dri libglu1-mesa; do
   dpkg -s "$deb" >/dev/null 2>&1 || need_debs+=("$deb")
 done
+# Debian's python3.11 makes no venv without python3.11-venv (ensurepip is split out): install both if missing
+if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1 && command -v dpkg >/dev/null; then
+  command -v "$PYTHON" >/dev/null || need_debs+=("${PYTHON##*/}")
+  need_debs+=("${PYTHON##*/}-venv")
+fi
 if [ ${#need_debs[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_debs[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

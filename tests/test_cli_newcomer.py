@@ -131,3 +131,24 @@ def test_a_sweep_finds_its_training_preset_from_any_working_directory(tmp_path, 
     assert main(["tune", "--config", TUNE_TINY, f"data.path={missing}", "--check"]) == 2
     err = capsys.readouterr().err
     assert f"data.path = '{missing}': no such folder" in err and "train.config" not in err
+
+
+def test_the_quickstart_curl_line_sends_a_request_that_is_in_the_repo_and_valid():
+    """Before: `-d @request.json` named a file that existed nowhere. The body it names now ships in the
+    repository (relative to the root, where the quickstart's commands run) and is a valid /v1/act request."""
+    import base64
+    import io
+    import json
+    import re
+
+    from PIL import Image
+
+    from mobile_vla.serve.schemas import ActRequest
+
+    text = (REPO / "docs" / "quickstart.md").read_text()
+    bodies = re.findall(r"/v1/act -d @(\S+)", text)
+    assert bodies, "no curl line to /v1/act in the quickstart"
+    for body in bodies:
+        request = ActRequest.model_validate(json.loads((REPO / body).read_text()))  # FileNotFoundError fails
+        frame = Image.open(io.BytesIO(base64.b64decode(request.image)))
+        assert frame.format == "JPEG" and min(frame.size) >= 32 and len(request.state) == 3
