@@ -16,8 +16,9 @@ Steps (the GPU ones SKIP under --cpu, and say so):
                   CPU fallback) and answers like the CPU session                    (GPU)
   tensorrt_plan   publish_plan: build a TensorRT plan (batch 1..8) and its build-time parity against
                   the fp32 graph                                                    (GPU + tensorrt)
-  serve_requests  load_backend through the chain (tensorrt, onnx-cuda, onnx-cpu) and answer a few
-                  batched requests, memory carried between them
+  serve_requests  load_backend through the chain (tensorrt, onnx-cuda, onnx-cpu) for a batch of 8
+                  and answer a few batched requests, memory carried between them; on ONNX Runtime the
+                  last step again with IO binding switched (on CUDA: on by default; --cpu: off)
 The run exits 1 when a step FAILs (0 with SKIPs). Nothing leaves the machine; no network is needed.
 """
 
@@ -203,17 +204,32 @@ def step_serve_requests(ctx: dict) -> str:
     if "model_dir" not in ctx:
         raise Skip("no exported model (the export step failed)")
     prefer = ("tensorrt", "onnx-cuda", "onnx-cpu") if ctx["gpu_mode"] else ("onnx-cpu",)
-    backend = load_backend(ctx["model_dir"], prefer=prefer)
+    # max_batch_size as a serve config batching 8 robots gives it (a plan for fewer is refused)
+    backend = load_backend(ctx["model_dir"], prefer=prefer, max_batch_size=8)
     if ctx["gpu_mode"] and backend.name == "onnx-cpu":
         raise AssertionError(f"no GPU backend loaded: {backend.skipped}")
     frames = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
-    memory = None
+    state, instructions = np.zeros((8, 3), np.float32), ["go to the red box"] * 8
+    memory = previous = None
     for _ in range(3):  # three control steps of 8 robots, the memory carried over
-        out = backend.predict(frames, np.zeros((8, 3), np.float32), ["go to the red box"] * 8, memory)
+        out = backend.predict(frames, state, instructions, memory)
         if out.nonfinite_rows():
             raise AssertionError(f"non-finite answers for rows {out.nonfinite_rows()}")
-        memory = out.memory
-    return f"{backend.name} answered 3 x 8 requests (skipped: {backend.skipped or 'none'})"
+        previous, memory = memory, out.memory
+    binding = ""
+    if backend.name.startswith("onnx"):  # the last step again with IO binding switched (CUDA binds by default)
+        default = backend.binding_device
+        switched = None if default else ("cuda" if backend.name == "onnx-cuda" else "cpu")
+        backend.binding_device = switched
+        try:
+            other = backend.predict(frames, state, instructions, previous)
+        finally:
+            backend.binding_device = default
+        diff = float(np.abs(other.actions - out.actions).max())
+        if not diff < 1e-5:
+            raise AssertionError(f"IO binding to {default} and to {switched} differ by {diff:.3g}")
+        binding = f"; IO binding {default} vs {switched}: max abs diff {diff:.2g}"
+    return f"{backend.name} answered 3 x 8 requests (skipped: {backend.skipped or 'none'}){binding}"
 
 
 STEPS = [

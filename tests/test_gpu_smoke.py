@@ -28,5 +28,7 @@ def test_cpu_dry_run_passes_and_skips_the_gpu_steps(tmp_path):
     assert status == {**dict.fromkeys(CPU_STEPS, "PASS"), **dict.fromkeys(GPU_STEPS, "SKIP")}
     assert summary["mode"] == "cpu" and summary["passed"]
     assert all(s["detail"] == "--cpu: a GPU step" for s in summary["steps"] if s["step"] in GPU_STEPS)
+    serve = next(s["detail"] for s in summary["steps"] if s["step"] == "serve_requests")
+    assert "IO binding None vs cpu" in serve  # the bound step answered like the plain one
     for step in GPU_STEPS | CPU_STEPS:  # one line per step on stdout, as a person reads it
         assert any(line.split()[1:2] == [step] for line in done.stdout.splitlines()), done.stdout

@@ -13,6 +13,13 @@ TensorRT replica and must not grow into its memory:
   the most its CUDA arena may hold (the `full` model's fp32 weights take about 6.6 GB of it);
 - `MOBILE_VLA_ORT_CUDA_ARENA` (default `kSameAsRequested`): `arena_extend_strategy`; grow by what is
   asked rather than ONNX Runtime's default `kNextPowerOfTwo`, which can reserve up to twice that.
+
+The step runs through ONNX Runtime's IO binding (`run_bound`) on CUDA and through plain `run` on the
+CPU (`MOBILE_VLA_ORT_IO_BINDING`: `auto`, the default, or `1`/`0` to force it). On CUDA the binding
+asks for the outputs in device memory and copies them to the host once the run is done (ONNX
+Runtime's documented way to control the copies around a CUDA run; what it saves for this model was
+never measured on a GPU). On the CPU it saves nothing (measured: docs/gpu.md). Both paths give
+identical answers (tests/runtime/test_io_binding.py).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from mobile_vla.errors import ConfigError, ModelError, ResourceError
@@ -49,6 +57,8 @@ CUDA_ARENA_ENV = "MOBILE_VLA_ORT_CUDA_ARENA"
 DEFAULT_CUDA_MEM_LIMIT_GIB = 16.0
 DEFAULT_CUDA_ARENA = "kSameAsRequested"
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+IO_BINDING_ENV = "MOBILE_VLA_ORT_IO_BINDING"
+_BINDING_DEVICES = {CUDA_PROVIDER: "cuda", "CPUExecutionProvider": "cpu"}  # where outputs are bound
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +136,41 @@ def session_providers(providers: list[str]) -> list[str | tuple[str, dict]]:
     return [(p, options) if p == CUDA_PROVIDER else p for p in providers]
 
 
+def io_binding_device(provider: str, environ: dict[str, str] | None = None) -> str | None:
+    """The device a session on `provider` binds its step outputs to, or None for plain `run`.
+
+    `MOBILE_VLA_ORT_IO_BINDING`: `auto` (default: CUDA binds, the CPU runs plainly), `1` (bind on any
+    provider with a known device), `0` (never).
+
+    Raises:
+        ConfigError: another value.
+    """
+    environ = os.environ if environ is None else environ
+    mode = environ.get(IO_BINDING_ENV, "auto")
+    if mode not in ("auto", "1", "0"):
+        raise ConfigError(f"{IO_BINDING_ENV} = {mode!r}: expected auto, 1 or 0")
+    if mode == "0" or (mode == "auto" and provider != CUDA_PROVIDER):
+        return None
+    return _BINDING_DEVICES.get(provider)
+
+
+def run_bound(
+    session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray], device: str
+) -> list[np.ndarray]:
+    """`session.run(names, feeds)` through IO binding: host inputs bound as they are, outputs bound to
+    `device` ("cuda" or "cpu") and copied to the host once the run is done.
+
+    A binding per call: the serving replica runs two batches at once on one session.
+    """
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in names:
+        binding.bind_output(name, device)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()
+
+
 def open_session(
     folder: Path, graph: GraphFile, providers: list[str], threads: int = 0, spinning: bool = True
 ) -> ort.InferenceSession:
@@ -164,6 +209,8 @@ def open_session(
 class OnnxBackend(Backend):
     """The step and text-encoder graphs in ONNX Runtime, on the providers its table row names."""
 
+    binding_device: str | None = None  # the step's IO binding output device (io_binding_device); None: plain run
+
     @classmethod
     def open(cls, name: str, spec: BackendSpec, model: ModelFiles, options: LoadOptions) -> OnnxBackend:
         signature, preprocessing = model.exported()
@@ -188,6 +235,7 @@ class OnnxBackend(Backend):
             folder, signature.graph("text_encoder"), providers, options.threads, options.spinning
         )
         backend.precision = options.precision
+        backend.binding_device = io_binding_device(providers[0])  # None: plain run
         return backend
 
     def _encode_text(self, clip_input_ids):
@@ -195,7 +243,9 @@ class OnnxBackend(Backend):
 
     def _step(self, feeds):
         names = self.signature.output_names  # STEP_OUTPUTS; STEP_OUTPUTS_V1 for a version 1 export
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
+        if self.binding_device is None:
+            return dict(zip(names, self.session.run(names, feeds), strict=True))
+        return dict(zip(names, run_bound(self.session, names, feeds, self.binding_device), strict=True))
 
     def close(self):
         self.session = self.text_session = None
