@@ -31,6 +31,9 @@ collision, handovers, share of steps slowed/stopped) next to `policy` (no ladder
     .venv/bin/python benchmarks/closed_loop.py --model models:/mobile-vla-policy@champion --data data/nav \
         --splits unseen_layout unseen_pair unseen_paraphrase visual_shift --with-val --safety-ladder \
         --out benchmarks/results/closed_loop_safety_ladder.json
+
+Issue 15: `--chunk-ensemble M` executes the temporal ensemble of the overlapping chunks (ACT; the chunk
+planned a steps ago weighted exp(-M * a)) instead of each step's newest first action; recorded per split.
 """
 
 from __future__ import annotations
@@ -89,6 +92,13 @@ def main() -> int:
         action="store_true",
         help="also drive each seed with the serving safety ladder applied (paired with the plain run)",
     )
+    parser.add_argument(
+        "--chunk-ensemble",
+        type=float,
+        metavar="DECAY",
+        default=None,
+        help="execute the temporal ensemble of overlapping chunks, weights exp(-DECAY * age) (0: equal)",
+    )
     parser.add_argument("--episodes", type=int, default=200, help="scene seeds per split")
     parser.add_argument("--episodes-per-task", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=None)
@@ -130,11 +140,13 @@ def main() -> int:
                 record_frames=0,
                 memory_reset_every=args.memory_reset_every,
                 safety_ladder=args.safety_ladder or None,
+                chunk_ensemble=args.chunk_ensemble,
             )
             reports.append(report)
             results[split] = {
                 "in_distribution": report.settings["in_distribution"],
                 "memory_reset_every": report.settings["memory_reset_every"],
+                "chunk_ensemble": report.settings["chunk_ensemble"],
                 "state_input": report.settings["state_input"],
                 "seeds": [report.seeds[0], report.seeds[-1] + 1],
                 "policy": summary(report.policy),
@@ -185,6 +197,7 @@ def main() -> int:
         "max_steps": args.max_steps,
         "memory_reset_every": args.memory_reset_every,
         "safety_ladder": args.safety_ladder,
+        "chunk_ensemble": args.chunk_ensemble,
         "machine": machine(load_before),
         "splits": results,
         # in-distribution (val) vs held-out success, pooled, and the gap

@@ -385,6 +385,7 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
     num_gpus: float = 0,
     memory_reset_every: int | str | None = None,
     safety_ladder: SafetyConfig | bool | None = None,
+    chunk_ensemble: float | None = None,
     progress: bool = True,
 ) -> ClosedLoopReport:
     """Runs `model` ("expert", a models:/ URI or a model folder; or the server at `endpoint`) on
@@ -392,7 +393,8 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
     `memory_reset_every` (steps, or "window": the model's W) the policy's memory is reset to zero
     before every N-th step of an episode (see the module doc). With `safety_ladder` (True: the serve
     defaults, thresholds from the version's calibration; or a SafetyConfig) the model also drives the
-    same seeds with the serving ladder applied (`report.safety_ladder`).
+    same seeds with the serving ladder applied (`report.safety_ladder`). With `chunk_ensemble` (a decay
+    m >= 0) the model executes the temporal ensemble of its overlapping chunks (evaluate/rollout.py).
     """
     if episodes_per_task < 1:
         raise ConfigError(f"episodes_per_task = {episodes_per_task}: expected at least 1")
@@ -420,6 +422,11 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
             "--safety-ladder applies the serving ladder to a model run in-process: give --model MODEL_URI "
             "(not the expert; a server at --endpoint applies its own ladder to its answers)"
         )
+    if chunk_ensemble is not None and policy.kind != "model":
+        raise ConfigError(
+            "--chunk-ensemble blends the chunks of a model run in-process: give --model MODEL_URI "
+            "(not the expert; a server at --endpoint answers one chunk per request)"
+        )
     hz = control_hz or _control_hz(model_dir) or 5.0
     reset_every = memory_reset_steps(memory_reset_every, model_dir) if policy.kind != "expert" else None
     settings = RolloutConfig(
@@ -428,6 +435,7 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
         record_frames=tuple(seeds[: max(record_frames, 0)]),
         memory_reset_every=reset_every,
         safety_ladder=ladder,
+        chunk_ensemble=chunk_ensemble,
     )
 
     started = time.time()
@@ -472,6 +480,7 @@ def evaluate_closed_loop(  # noqa: PLR0913 (the keyword-only options of `mobile-
             "state_input": _saved_preprocessing(model_dir).get("state_input", PREVIOUS_COMMAND) if model_dir else None,
             "safety_ladder": ladder.model_dump(mode="json") if ladder is not None else None,
             "safety_limits": limits,  # the thresholds in force (config over the version's calibration)
+            "chunk_ensemble": chunk_ensemble,  # decay of temporal chunk ensembling; None: actions[:, 0]
         },
         seconds=time.time() - started,
         worker_cpu_seconds=float(sum(r.get("cpu_seconds", 0.0) for r in rows)),

@@ -14,6 +14,8 @@ r"""`mobile-vla evaluate`: offline metrics on dataset splits and closed-loop Min
         --no-offline --split unseen_layout --with-val --memory-reset-every window   # issue 15 diagnostics
     mobile-vla evaluate --model models:/mobile-vla-policy@champion --data data/nav --closed-loop \
         --no-offline --split visual_shift --safety-ladder --no-log   # without and with the safe-stop ladder
+    mobile-vla evaluate --model models:/mobile-vla-policy@challenger --data data/nav --closed-loop \
+        --no-offline --split unseen_layout --chunk-ensemble 0.5 --no-log   # temporal chunk ensembling
 
 Results go to `--out` (default $MOBILE_VLA_HOME/evaluations/...) and, for a registered model
 version, onto the version: metrics as `metric.offline.<split>.mae`, `metric.closed_loop.<split>.
@@ -26,6 +28,9 @@ writes closed_loop_splits.json (in-distribution vs held-out success and their ga
 `--safety-ladder` drives the same seeds a second time with the serving safety ladder applied to each
 executed step (serve/safety.py; thresholds calibrated with the version): success, collisions,
 handovers and the share of steps slowed/stopped, next to the plain run (issue 18).
+`--chunk-ensemble M` executes the weighted mean of what the last K chunks planned for each step (weight
+exp(-M * age); ACT's temporal ensembling, issue 15) instead of the newest chunk's first action. Serving
+answers one chunk per request, so such results describe another execution: they need --no-log.
 """
 
 from __future__ import annotations
@@ -92,6 +97,14 @@ def register(subparsers) -> None:
         action="store_true",
         help="closed loop: also drive the same seeds with the serving safety ladder applied (slow scales, stop "
         "waits, handover ends the episode) and compare",
+    )
+    parser.add_argument(
+        "--chunk-ensemble",
+        type=float,
+        metavar="M",
+        default=None,
+        help="closed loop: execute the temporal ensemble of the overlapping chunks, the chunk planned a steps "
+        "ago weighted exp(-M * a) (0: equal weights); needs --no-log",
     )
     parser.add_argument("--episodes", type=int, default=200, help="closed-loop episodes (scene seeds) per split")
     parser.add_argument("--seed-offset", type=int, default=0, help="start this far into each split's seed range")
@@ -171,6 +184,18 @@ def _check_diagnostic_args(args) -> None:
             raise ConfigError(f"{flag} is for closed-loop evaluation: add --closed-loop")
     if args.memory_reset_every is not None and args.model == EXPERT:
         raise ConfigError("--memory-reset-every resets a model's memory: the expert has none")
+    if args.chunk_ensemble is not None:
+        if not args.closed_loop:
+            raise ConfigError("--chunk-ensemble is for closed-loop evaluation: add --closed-loop")
+        if args.endpoint or args.model == EXPERT:
+            raise ConfigError("--chunk-ensemble blends a model's own chunks in-process: give --model MODEL_URI")
+        if not (args.chunk_ensemble >= 0 and math.isfinite(args.chunk_ensemble)):
+            raise ConfigError(f"--chunk-ensemble {args.chunk_ensemble}: expected a decay >= 0 (0: equal weights)")
+        if not args.no_log:
+            raise ConfigError(
+                "--chunk-ensemble measures an execution serving does not do (one chunk per request): add --no-log "
+                "so the version's closed-loop metrics, which the promotion gate reads, stay the served policy's"
+            )
     if args.safety_ladder and not args.closed_loop:
         raise ConfigError("--safety-ladder is for closed-loop evaluation: add --closed-loop")
     if args.safety_ladder and (args.endpoint or args.model == EXPERT):
@@ -256,6 +281,7 @@ def run_evaluate(args) -> int:
                 num_gpus=args.gpus_per_task,
                 memory_reset_every=args.memory_reset_every,
                 safety_ladder=args.safety_ladder or None,
+                chunk_ensemble=args.chunk_ensemble,
                 progress=progress,
             )
             files = save_closed_loop(report, out_dir, gifs=args.gifs)

@@ -34,6 +34,11 @@ scales the command, `stop` sends zero (the robot waits and the episode goes on: 
 limit are a timeout), `handover` sends zero and ends the episode as outcome "handover" (neither success
 nor collision). Thresholds: the config's, else the version's calibration, as in serving; the step's
 age is never stale (the simulator has no network). Each such episode records its decisions per level.
+
+`RolloutConfig.chunk_ensemble` = m (issue 15): temporal ensembling of overlapping chunks (ACT, Zhao et
+al. 2023) instead of executing `actions[:, 0]` alone. The policy still plans every step; the command
+executed at step t is the weighted mean of what each of the last K chunks predicted for t, the chunk
+planned a steps ago weighted exp(-m * a): m = 0 averages them equally, a large m is the receding horizon.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -75,11 +81,15 @@ class RolloutConfig:
     expert: dict = field(default_factory=dict)  # ScriptedExpert field overrides
     memory_reset_every: int | None = None  # reset the policy's memory before steps N, 2N, ... (diagnostic)
     safety_ladder: SafetyConfig | None = None  # also drive each scene with the serving ladder applied
+    chunk_ensemble: float | None = None  # decay m of temporal chunk ensembling; None: actions[:, 0] alone
 
     def __post_init__(self) -> None:
         every = self.memory_reset_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ConfigError(f"--memory-reset-every {every!r}: expected a whole number of steps >= 1")
+        decay = self.chunk_ensemble
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0):
+            raise ConfigError(f"--chunk-ensemble {decay!r}: expected a decay >= 0 (0: equal weights)")
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,7 @@ class BackendPolicy:
     def __init__(self, backend) -> None:
         self.backend = backend
         self.memory: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_chunks: np.ndarray | None = None  # the last act's whole chunks [B, K, 3]
         # the last act's ladder inputs: the executed step's confidence [B] and novelty [B] (None: off)
         self.safety_inputs: tuple[np.ndarray, np.ndarray | None] | None = None
 
@@ -264,6 +275,7 @@ class BackendPolicy:
         state = state[:, : self.backend.state_dim]  # [B, S]
         out = self.backend.predict(images, state, instructions, (h[:, rows], c[:, rows]))
         h[:, rows], c[:, rows] = out.memory
+        self.last_chunks = out.actions  # [B, K, 3]
         # as serving judges a step (serve/routes.py): the executed step's confidence where the graph gives it
         self.safety_inputs = (out.confidence if out.confidence_now is None else out.confidence_now, out.novelty)
         return out.actions[:, 0], out.confidence  # [B, 3] now, [B]
@@ -337,6 +349,42 @@ class SafetyLadderPolicy:
 
     def handed_over(self, slot: int) -> bool:
         return self.last[slot] == ladder.HANDOVER
+
+
+class ChunkEnsemblePolicy:
+    """A model's policy executing the temporal ensemble of its overlapping chunks (module doc).
+
+    `inner` is a BackendPolicy (it keeps each act's whole chunks in `last_chunks`); every other attribute
+    (state input, memory, the ladder's inputs) is the inner policy's, so the safety ladder can wrap this.
+    """
+
+    needs_frames = True
+
+    def __init__(self, inner, decay: float) -> None:
+        self.inner, self.decay = inner, float(decay)
+        self.planned: list[deque] = []  # per slot: its last K chunks, newest first, each [K, 3]
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (a copy being built): no recursion through the line below
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def start(self, episodes: list[tuple[str, str]]) -> None:
+        self.inner.start(episodes)
+        self.planned = [deque(maxlen=self.inner.chunk) for _ in episodes]
+
+    def act(self, slots, images, state, instructions, worlds):
+        _, confidence = self.inner.act(slots, images, state, instructions, worlds)
+        chunks = self.inner.last_chunks  # [B, K, 3]
+        executed = np.empty((len(slots), chunks.shape[-1]), np.float32)  # [B, 3]
+        for j, slot in enumerate(slots):
+            planned = self.planned[slot]
+            planned.appendleft(np.asarray(chunks[j], np.float32))
+            ages = np.arange(len(planned))  # the chunk planned `age` steps ago predicts this step at [age]
+            weights = np.exp(-self.decay * ages)  # [A]
+            predictions = np.stack([chunk[age] for age, chunk in zip(ages, planned, strict=True)])  # [A, 3]
+            executed[j] = weights @ predictions / weights.sum()
+        return executed, confidence
 
 
 class HttpPolicy:
@@ -605,7 +653,8 @@ def make_policy(spec: PolicySpec, settings: RolloutConfig):
         return ExpertPolicy(settings.expert)
     if spec.kind == "http":
         return HttpPolicy(spec.endpoint, spec.token)
-    return BackendPolicy(worker_backend(spec))
+    policy = BackendPolicy(worker_backend(spec))
+    return policy if settings.chunk_ensemble is None else ChunkEnsemblePolicy(policy, settings.chunk_ensemble)
 
 
 def default_prefer(model_dir: Path, precision: str = "fp32") -> tuple[str, ...]:
