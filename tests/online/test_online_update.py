@@ -236,3 +236,20 @@ def test_online_update_refuses_bad_input_clearly(platform_home, tmp_path, capsys
         run_online_update(update_config(tmp_path))
     assert main(["online-update", "--config", str(SHIPPED_CONFIG), "finetune.steps=0"]) == 2
     assert "finetune.steps = 0" in capsys.readouterr().err
+
+
+def test_online_update_as_a_ray_job_refuses_to_keep_its_work_in_the_working_dir_copy(tmp_path, monkeypatch, capsys):
+    from mobile_vla.cli import main
+    from mobile_vla.tracking.job_storage import JOB_CONFIG_ENV
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"  # Ray's copy of the upload
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MOBILE_VLA_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"metadata": {"job_submission_id": "raysubmit_x"}}))
+    assert main(["online-update", "--config", str(SHIPPED_CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mobile-vla online-update: error: Ray job raysubmit_x: the MLflow store")
+    assert "workdir .mobile_vla/online_updates (MOBILE_VLA_HOME, unset) would be written inside Ray's" in err
+    assert f"temporary copy of the job's working dir, {copy}," in err

@@ -53,6 +53,7 @@ from mobile_vla.online.feedback_store import FeedbackStore, FeedbackWeights, fee
 from mobile_vla.online.finetune import FinetuneConfig, PlainWindows, WeightedWindows, feedback_metrics, finetune
 from mobile_vla.policy.checkpoint import PREPROCESSING_DIR, load_policy, save_policy
 from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.tracking.job_storage import check_job_storage, configured_place
 from mobile_vla.tracking.lifecycle import GateConfig, promote
 from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.tracking.registry import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME
@@ -207,6 +208,8 @@ def _closed_loop(cfg: OnlineUpdateConfig, version: str) -> dict[str, float]:
 
 def run_online_update(cfg: OnlineUpdateConfig) -> UpdateReport:
     """The whole job; see the module docstring. Raises MobileVLAError subclasses on bad input."""
+    default_workdir = str(platform_home() / "online_updates")
+    check_job_storage([configured_place("workdir", cfg.workdir, cfg.workdir or default_workdir)])
     tracking.configure_mlflow()
     root = cfg.feedback_root()
     if not (root / "segments").is_dir():

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mobile_vla.config import StrictModel, load_config, platform_home
 from mobile_vla.policy.config import AUX_LABELS
+from mobile_vla.tracking.job_storage import Place, configured_place
 from mobile_vla.tracking.registry import CHALLENGER, DEFAULT_MODEL_NAME
 
 
@@ -154,6 +155,10 @@ class NamedRunConfig(StrictModel):
         if "://" in raw:
             return raw
         return str(Path(raw).expanduser().resolve())
+
+    def storage_place(self) -> Place:
+        """Where results go, for `check_job_storage` (a Ray job must not keep them in its temporary copy)."""
+        return configured_place("run.storage_path", self.storage_path, self.storage_uri())
 
 
 class RunStorageConfig(NamedRunConfig):

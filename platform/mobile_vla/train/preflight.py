@@ -25,6 +25,7 @@ from mobile_vla.errors import ConfigError, DataError, ResourceError
 from mobile_vla.policy import presets
 from mobile_vla.policy.config import AUX_LABELS
 from mobile_vla.ray_session import ensure_ray
+from mobile_vla.tracking.job_storage import check_job_storage
 from mobile_vla.train.job_config import TrainJobConfig
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def check_model(cfg: TrainJobConfig):
 
 def preflight(cfg: TrainJobConfig, capacity: ClusterCapacity | None = None):
     """All checks, cheapest first. Returns (manifest, policy_config)."""
+    check_job_storage([cfg.run.storage_place()], mlflow=cfg.mlflow.enabled)  # a Ray job's results must outlive it
     policy_config = check_model(cfg)
     manifest = check_data(cfg)
     if capacity is None:

@@ -88,10 +88,12 @@ def run_tune(args) -> int:
         import ray
 
         from mobile_vla.ray_session import ensure_ray
+        from mobile_vla.tracking.job_storage import check_job_storage
         from mobile_vla.train.preflight import check_data, check_model
         from mobile_vla.tune.sweep_config import check_search_space, load_base_train_config
         from mobile_vla.tune.trial_resources import concurrency, total_trials
 
+        check_job_storage([cfg.run.storage_place()])
         base = load_base_train_config(cfg, config_dir)
         check_model(base)
         check_data(base)

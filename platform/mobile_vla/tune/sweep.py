@@ -27,6 +27,7 @@ from mobile_vla.config import dump_config, platform_home
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.ray_session import ensure_ray
 from mobile_vla.tracking import configure_mlflow
+from mobile_vla.tracking.job_storage import check_job_storage
 from mobile_vla.train.job_config import TrainJobConfig
 from mobile_vla.train.preflight import check_data, check_model
 from mobile_vla.tune.ensemble_build import register_sweep_ensemble
@@ -92,6 +93,7 @@ def run_sweep(cfg: TuneJobConfig, *, config_dir: Path | None = None, console=Non
         MobileVLAError: no trial produced a checkpoint (ConfigError/ResourceError before any trial runs).
     """
     started = time.perf_counter()
+    check_job_storage([cfg.run.storage_place()])  # a Ray job's results must outlive it
     base = load_base_train_config(cfg, config_dir)
     check_model(base)
     check_data(base)
