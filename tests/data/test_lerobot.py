@@ -207,6 +207,11 @@ def _edit_data(root, column, row, value):
 
 BAD = {
     "no info": (lambda r: (r / "meta/info.json").unlink(), "meta/info.json: missing - is this a LeRobotDataset v3"),
+    "info not json": (lambda r: (r / "meta/info.json").write_text("{oops"), "meta/info.json: not valid JSON ("),
+    "info a list": (
+        lambda r: (r / "meta/info.json").write_text("[1, 2]"),
+        "meta/info.json: expected a JSON object, got list",
+    ),
     "v2.1": (
         lambda r: _edit_info(r, lambda i: i.update(codebase_version="v2.1")),
         "codebase_version 'v2.1': this importer reads 'v3.0'",

@@ -120,6 +120,9 @@ def test_load_errors(dataset, tmp_path):
     (folder / MANIFEST_NAME).write_text("{oops")
     with pytest.raises(DataError, match=r"manifest\.json: not valid JSON"):
         load_manifest(folder)
+    (folder / MANIFEST_NAME).write_text('["t0.h5"]')
+    with pytest.raises(DataError, match=r"manifest\.json: expected a JSON object, got list"):
+        load_manifest(folder)
     manifest = build_manifest(folder, {"train": ["t0.h5"]}, {})
     broken = {k: v for k, v in manifest.items() if k != "stats"}
     (folder / MANIFEST_NAME).write_text(json.dumps(broken))

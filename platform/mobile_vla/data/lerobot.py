@@ -46,7 +46,14 @@ from PIL import Image
 
 from mobile_vla.data.episodes import ACTION_DIM, FRAME_KEYS, SCHEMA_VERSION, Episode, read_episode, write_episode
 from mobile_vla.data.frames import RESIZE_RULES, resize_frame
-from mobile_vla.data.manifest import MANIFEST_NAME, build_manifest, load_manifest, split_names, write_json_atomic
+from mobile_vla.data.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    load_manifest,
+    read_json_object,
+    split_names,
+    write_json_atomic,
+)
 from mobile_vla.errors import DataError
 
 CODEBASE_VERSION = "v3.0"
@@ -371,13 +378,7 @@ def _load_json(root: Path, relative: str, required: bool = True) -> dict | None:
             return None
         hint = " - is this a LeRobotDataset v3 folder?" if relative == INFO_PATH else ""
         raise DataError(f"{path}: missing{hint}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def _shape(info_path: Path, key: str, feature: Any) -> list[int]:

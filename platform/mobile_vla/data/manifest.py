@@ -65,6 +65,19 @@ def split_names(names: list[str], fractions: dict[str, float], seed: int = 0) ->
     return out
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in the file at `path`; DataError naming the file when it is not valid JSON
+    or holds something other than an object. The caller checks that the file exists (its own hint).
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Writes `data` as indented JSON through a temporary file and a rename: never half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -214,12 +227,7 @@ def load_manifest(folder: str | Path) -> dict:
         raise DataError(
             f"{folder}: no {MANIFEST_NAME} - is this a dataset folder? generate one with `mobile-vla data generate`"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(path)
     try:
         _Manifest.model_validate(data)
     except ValidationError as exc:
