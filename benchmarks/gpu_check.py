@@ -373,25 +373,11 @@ def _synthetic_dataset(folder: Path) -> Path:
 
 
 def export_preset(preset: str, folder: Path, fp16: bool = True) -> dict:
-    import torch
-
     from mobile_vla.errors import ModelError
     from mobile_vla.export.onnx_export import export_model
-    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.policy.preprocessing import Preprocessing
+    from mobile_vla.policy import save_random_policy
 
-    config = presets.get_preset(preset)
-    torch.manual_seed(0)
-    model = build_policy(config, load_pretrained=False).eval()
-    preprocessing = Preprocessing(
-        action_low=[-0.3, -0.3, -1.0],
-        action_high=[0.6, 0.3, 1.0],
-        state_mean=[0.0, 0.0, 0.0],
-        state_std=[0.3, 0.2, 0.5],
-        tokenizer=build_tokenizer(config),
-    )
-    save_policy(folder / "policy", model, preprocessing)
-    del model
+    save_random_policy(preset, folder)  # the model is not kept: the export loads it from the folder
     try:
         result = export_model(folder, fp16=fp16)
     except ModelError as exc:

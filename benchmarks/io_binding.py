@@ -43,23 +43,10 @@ def step_feeds(backend, batch: int) -> dict[str, np.ndarray]:
 
 
 def build_and_export(preset: str, folder: Path) -> None:
-    import torch
-
     from mobile_vla.export.onnx_export import export_model
-    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.policy.preprocessing import Preprocessing
+    from mobile_vla.policy import save_random_policy
 
-    config = presets.get_preset(preset)
-    torch.manual_seed(0)
-    model = build_policy(config, load_pretrained=False).eval()
-    preprocessing = Preprocessing(
-        action_low=[-0.3, -0.3, -1.0],
-        action_high=[0.6, 0.3, 1.0],
-        state_mean=[0.0, 0.0, 0.0],
-        state_std=[0.3, 0.2, 0.5],
-        tokenizer=build_tokenizer(config),
-    )
-    save_policy(folder / "policy", model, preprocessing)
+    save_random_policy(preset, folder)
     export_model(folder, exporter="legacy")
 
 

@@ -70,13 +70,13 @@ def step_torch_cuda(ctx: dict) -> str:
 def step_train_steps(ctx: dict) -> str:
     import torch
 
-    from mobile_vla.policy import build_policy, build_tokenizer, presets
+    from mobile_vla.policy import build_policy, presets, untrained_preprocessing
 
     device = torch.device("cuda" if ctx["gpu_mode"] else "cpu")
     config = presets.tiny()
     torch.manual_seed(0)
     model = build_policy(config).to(device).train()
-    tokens = _tiny_preprocessing(build_tokenizer(config)).tokenize(["go to the red box"] * 2)
+    tokens = untrained_preprocessing(config).tokenize(["go to the red box"] * 2)
     B, T = 2, config.window
     batch = {
         "images": torch.randint(0, 256, (B, T, 224, 224, 3), dtype=torch.uint8, device=device),
@@ -102,18 +102,6 @@ def step_train_steps(ctx: dict) -> str:
     return f"{'bf16 autocast on cuda' if ctx['gpu_mode'] else 'fp32 on cpu'}: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
-def _tiny_preprocessing(tokenizer):
-    from mobile_vla.policy.preprocessing import Preprocessing
-
-    return Preprocessing(
-        action_low=[-0.3, -0.3, -1.0],
-        action_high=[0.6, 0.3, 1.0],
-        state_mean=[0.0, 0.0, 0.0],
-        state_std=[0.3, 0.2, 0.5],
-        tokenizer=tokenizer,
-    )
-
-
 def _frames_dataset(folder: Path) -> Path:
     """One synthetic episode of structured frames (the export's parity check reads them)."""
     import numpy as np
@@ -135,17 +123,11 @@ def _frames_dataset(folder: Path) -> Path:
 
 
 def step_export(ctx: dict) -> str:
-    import torch
-
     from mobile_vla.export.onnx_export import export_model
-    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
+    from mobile_vla.policy import save_random_policy
 
-    config = presets.tiny()
-    torch.manual_seed(0)
-    model = build_policy(config).eval()
-    preprocessing = _tiny_preprocessing(build_tokenizer(config))
     model_dir = ctx["work"] / "model"
-    save_policy(model_dir / "policy", model, preprocessing)
+    save_random_policy("tiny", model_dir)
     ctx["data"] = _frames_dataset(ctx["work"] / "frames")
     result = export_model(model_dir, int8=True, data_dir=ctx["data"])
     ctx["model_dir"] = model_dir

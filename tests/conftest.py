@@ -124,26 +124,22 @@ def tiny_dataset(ray_cluster, tmp_path_factory):
     return out
 
 
+# the scaling the shared test policy is saved with (tests/runtime/test_backends.py checks answers against it)
+TEST_POLICY_SCALING = {
+    "action_low": [-0.2, -0.3, -1.0],
+    "action_high": [0.6, 0.3, 1.0],
+    "state_mean": [0.1, 0.0, 0.0],
+    "state_std": [0.2, 0.1, 0.5],
+}
+
+
 def _make_policy_dir(root: Path, seed: int = 0, freeze: bool = False) -> Path:
     """A saved tiny policy with real preprocessing (tokenizer included) in root/policy/."""
-    import torch
-
-    from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-    from mobile_vla.policy.preprocessing import Preprocessing
+    from mobile_vla.policy import presets, save_random_policy
 
     config = presets.tiny().replace(freeze_kosmos=freeze, freeze_clip=freeze)
-    torch.manual_seed(seed)
-    model = build_policy(config).eval()
-    with torch.no_grad():  # the head starts near zero; make its outputs vary so parity means something
-        model.head[-1].weight.normal_(std=0.2)
-    preprocessing = Preprocessing(
-        action_low=[-0.2, -0.3, -1.0],
-        action_high=[0.6, 0.3, 1.0],
-        state_mean=[0.1, 0.0, 0.0],
-        state_std=[0.2, 0.1, 0.5],
-        tokenizer=build_tokenizer(config),
-    )
-    save_policy(root / "policy", model, preprocessing)
+    # the head starts near zero; a spread makes its outputs vary so parity means something
+    save_random_policy(config, root, seed=seed, head_std=0.2, scaling=TEST_POLICY_SCALING)
     return root
 
 

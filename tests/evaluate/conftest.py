@@ -7,31 +7,23 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
-from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-from mobile_vla.policy.preprocessing import Preprocessing
+from mobile_vla.policy import save_random_policy
 from mobile_vla.tracking import configure_mlflow, get_or_create_experiment, register_policy
+
+# the action range and state scaling of the evaluation policy (tests/evaluate/test_offline.py reads answers in it)
+EVAL_POLICY_SCALING = {
+    "action_low": [-0.2, -0.4, -1.0],
+    "action_high": [0.75, 0.4, 1.0],
+    "state_mean": [0.3, 0.0, 0.0],
+    "state_std": [0.3, 0.2, 0.5],
+}
 
 
 def save_tiny_policy(root: Path, seed: int = 0) -> Path:
     """root/policy/: a tiny policy with random weights and plausible action/state scaling."""
-    config = presets.tiny()
-    torch.manual_seed(seed)
-    model = build_policy(config).eval()
-    with torch.no_grad():  # the head starts near zero: make the commands vary so the robot moves
-        model.head[-1].weight.normal_(std=0.2)
-    preprocessing = Preprocessing(
-        action_low=[-0.2, -0.4, -1.0],
-        action_high=[0.75, 0.4, 1.0],
-        state_mean=[0.3, 0.0, 0.0],
-        state_std=[0.3, 0.2, 0.5],
-        state_dim=config.state_dim,
-        window=config.window,
-        chunk=config.chunk,
-        tokenizer=build_tokenizer(config),
-    )
-    save_policy(root / "policy", model, preprocessing)
+    # the head starts near zero: a spread in its weights makes the commands vary so the robot moves
+    save_random_policy("tiny", root, seed=seed, head_std=0.2, scaling=EVAL_POLICY_SCALING)
     return root
 
 

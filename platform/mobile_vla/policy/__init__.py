@@ -25,6 +25,8 @@ _LAZY = {
     "build_tokenizer": "mobile_vla.policy.text",
     "load_tokenizer": "mobile_vla.policy.text",
     "TextTokenizer": "mobile_vla.policy.text",
+    "save_random_policy": "mobile_vla.policy.random_policy",
+    "untrained_preprocessing": "mobile_vla.policy.random_policy",
 }
 
 __all__ = ["ClipConfig", "KosmosConfig", "PolicyConfig", "presets", *_LAZY]

@@ -1,8 +1,9 @@
 """A served model with random weights: registered in MLflow, exported to ONNX, alias set.
 
 For tests, the serving benchmark and drills on a machine with no trained model: the same classes,
-files and registry entries as a trained version, only the weights are random. The preprocessing
-uses plausible fixed statistics (velocities within +-0.5 m/s, +-1 rad/s; state standardised as is).
+files and registry entries as a trained version, only the weights are random (policy/random_policy.py;
+no pretrained weights are loaded, whatever the preset). The preprocessing uses plausible fixed
+statistics (`SAMPLE_SCALING`: velocities within +-0.5 m/s, +-1 rad/s; state standardised as is).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import torch
 
 from mobile_vla.export.onnx_export import export_model
 from mobile_vla.export.parity import parity_frames
 from mobile_vla.export.publish import attach_onnx
 from mobile_vla.export.signature import ONNX_DIR, SIGNATURE_FILE
-from mobile_vla.policy import build_policy, build_tokenizer, presets, save_policy
-from mobile_vla.policy.preprocessing import PREPROCESSING_FILE, Preprocessing
+from mobile_vla.policy import presets
+from mobile_vla.policy.preprocessing import PREPROCESSING_FILE
+from mobile_vla.policy.random_policy import save_random_policy
 from mobile_vla.tracking import (
     CHAMPION,
     DEFAULT_MODEL_NAME,
@@ -34,6 +35,13 @@ from mobile_vla.tracking.provenance import provenance_tags
 from mobile_vla.train.safety_calibration import calibrate_on_frames
 
 SAMPLE_EXPERIMENT = "mobile-vla-serve-samples"
+# velocities within +-0.5 m/s, +-1 rad/s; state standardised as is
+SAMPLE_SCALING = {
+    "action_low": [-0.5, -0.5, -1.0],
+    "action_high": [0.5, 0.5, 1.0],
+    "state_mean": [0.0, 0.0, 0.0],
+    "state_std": [1.0, 1.0, 1.0],
+}
 
 
 def register_random_policy(
@@ -50,19 +58,7 @@ def register_random_policy(
     that many MiniWorld frames (two thirds as "training", a third from other rooms as "validation"), as a trained
     version does; 0 leaves them out (the version serves with novelty off).
     """
-    config = presets.get_preset(preset)
-    torch.manual_seed(seed)
-    model = build_policy(config).eval()
-    preprocessing = Preprocessing(
-        action_low=[-0.5, -0.5, -1.0],
-        action_high=[0.5, 0.5, 1.0],
-        state_mean=[0.0] * config.state_dim,
-        state_std=[1.0] * config.state_dim,
-        state_dim=config.state_dim,
-        window=config.window,
-        chunk=config.chunk,
-        tokenizer=build_tokenizer(config),
-    )
+    config = presets.get_preset(preset)  # an unknown preset fails here, before a run is opened
     configure_mlflow()
     experiment_id = get_or_create_experiment(SAMPLE_EXPERIMENT)
     with (
@@ -70,7 +66,7 @@ def register_random_policy(
         mlflow.start_run(experiment_id=experiment_id, run_name=f"random-{preset}", tags=provenance_tags()) as run,
     ):
         model_dir = Path(tmp) / "model"
-        save_policy(model_dir / "policy", model, preprocessing)
+        save_random_policy(config, model_dir, seed=seed, scaling=SAMPLE_SCALING)
         if safety_frames:
             train_frames = parity_frames(2 * safety_frames // 3, 224, seed=seed + 100).images
             val_frames = parity_frames(safety_frames - len(train_frames), 224, seed=seed + 200).images
