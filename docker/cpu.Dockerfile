@@ -1,4 +1,6 @@
-# The platform on CPU: the Ray head of a KubeRay cluster (deploy/kuberay/), CPU workers, CI-like runs.
+# The platform on CPU: the Ray head of a KubeRay cluster (deploy/kuberay/), CPU workers, CI-like runs, and the
+# shared MLflow server (deploy/kuberay/mlflow.yaml; the mlflow-server extra puts its PostgreSQL driver and
+# basic-auth app in the lock).
 # NOT BUILT HERE: the machine these files were written on runs no Docker engine. They are linted
 # (hadolint) and checked against the lock by tests/deploy/test_images.py; build and smoke-test before use:
 #   docker build -f docker/cpu.Dockerfile -t mobile-vla:cpu .
