@@ -189,8 +189,9 @@ def _check_diagnostic_args(args) -> None:
             raise ConfigError("--chunk-ensemble is for closed-loop evaluation: add --closed-loop")
         if args.endpoint or args.model == EXPERT:
             raise ConfigError("--chunk-ensemble blends a model's own chunks in-process: give --model MODEL_URI")
-        if not (args.chunk_ensemble >= 0 and math.isfinite(args.chunk_ensemble)):
-            raise ConfigError(f"--chunk-ensemble {args.chunk_ensemble}: expected a decay >= 0 (0: equal weights)")
+        from mobile_vla.evaluate.rollout import check_chunk_decay  # the config's own check, before any work
+
+        check_chunk_decay(args.chunk_ensemble)
         if not args.no_log:
             raise ConfigError(
                 "--chunk-ensemble measures an execution serving does not do (one chunk per request): add --no-log "

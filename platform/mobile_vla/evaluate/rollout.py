@@ -70,6 +70,13 @@ SUCCESS, WRONG_TARGET, TIMEOUT = "success", "wrong_target", "timeout"
 HANDOVER = ladder.HANDOVER  # outcome: the safety ladder handed the robot to an operator (SafetyLadderPolicy)
 
 
+def check_chunk_decay(decay) -> float:
+    """`decay` as the chunk ensemble's decay m (a finite number >= 0; 0: equal weights), else ConfigError."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (decay >= 0 and math.isfinite(decay)):
+        raise ConfigError(f"--chunk-ensemble {decay!r}: expected a decay >= 0 (0: equal weights)")
+    return float(decay)
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     """How episodes are stepped and what comes back; travels to every Ray task."""
@@ -87,9 +94,8 @@ class RolloutConfig:
         every = self.memory_reset_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ConfigError(f"--memory-reset-every {every!r}: expected a whole number of steps >= 1")
-        decay = self.chunk_ensemble
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0):
-            raise ConfigError(f"--chunk-ensemble {decay!r}: expected a decay >= 0 (0: equal weights)")
+        if self.chunk_ensemble is not None:
+            check_chunk_decay(self.chunk_ensemble)
 
 
 @dataclass(frozen=True)
