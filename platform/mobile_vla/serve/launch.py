@@ -113,7 +113,8 @@ def wait_until_running(names: list[str], source: str, timeout_s: float = RUNNING
 
     deadline = time.monotonic() + timeout_s
     while True:
-        statuses = {name: serve.status().applications.get(name) for name in names}
+        applications = serve.status().applications  # one controller call per poll
+        statuses = {name: applications.get(name) for name in names}
         states = {n: (s.status if s else "NOT_STARTED") for n, s in statuses.items()}
         if all(str(v).endswith("RUNNING") for v in states.values()):
             return
