@@ -23,14 +23,15 @@ SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "onl
 
 
 @pytest.fixture(scope="module")
-def dagger_home(tmp_path_factory):
-    """A platform home whose @champion (v1) is a random tiny policy exported to ONNX, and an API token."""
+def dagger_home(tmp_path_factory, exported_dir):
+    """A platform home whose @champion (v1) is a random tiny policy exported to ONNX (the session's
+    export, registered as a copy: a fresh export and calibration cost a minute), and an API token."""
     from mobile_vla.serve.auth import create_tokens_file
-    from mobile_vla.serve.sample_model import register_random_policy
+    from mobile_vla.serve.sample_model import register_version_copy
 
     home = tmp_path_factory.mktemp("dagger-home")
     with home_env(home):
-        register_random_policy(preset="tiny", name=NAME, alias="champion")
+        assert register_version_copy(exported_dir, NAME, alias="champion") == "1"
     (home / "token").write_text(create_tokens_file(home / "tokens"))
     return home
 
