@@ -227,6 +227,8 @@ def test_train_job_submits_and_logs_to_mlflow(ray_head, tiny_dataset, tmp_path):
     submitted, status, logs = submit(
         ray_head,
         # One Train worker: the 2-CPU head must keep a CPU for the Ray Data pipeline (train's preflight).
+        # One epoch of two steps: what is proved is the submission path (runtime env, entrypoint, the job's
+        # MLflow store), not learning (tests/train/test_training.py's runs prove that).
         [
             "python",
             "jobs/train.py",
@@ -234,6 +236,8 @@ def test_train_job_submits_and_logs_to_mlflow(ray_head, tiny_dataset, tmp_path):
             "jobs/configs/tiny.yaml",
             f"data.path={tiny_dataset}",
             "scaling.num_workers=1",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
         ],
         env_vars={"MOBILE_VLA_HOME": str(home)},
         timeout_s=420,
