@@ -2,6 +2,8 @@
 
 The sweep is built so ASHA must stop something: the first trial (points_to_evaluate) trains with a sound
 learning rate, the other three sample theirs from [1e-7, 1e-6], where three epochs cannot move a model.
+Every trial trains at most 4 steps per epoch (the ASHA logic needs epochs, rungs, not long epochs): 4 Adam
+steps at 3e-3 already move the good trial's validation loss well below an untrained model's.
 Their first-epoch validation loss is worse than the first trial's, so ASHA (grace period 1, reduction
 factor 2) stops at least one of them at the first or second rung, whatever order the two concurrent trials
 report in. The sweep also combines its top 3 trials into an ensemble version (alias `ensemble`, so
@@ -56,7 +58,7 @@ def home(tmp_path_factory):
 
 def _config(tiny_dataset):
     data = yaml.safe_load(TUNE_TINY.read_text())
-    data["train"]["overrides"].append(f"data.path={tiny_dataset}")
+    data["train"]["overrides"] += [f"data.path={tiny_dataset}", "train.max_steps_per_epoch=4"]
     data["search_space"]["optim.lr"] = {"loguniform": [1.0e-7, 1.0e-6]}
     data["tune"].update(points_to_evaluate=[GOOD], driver_cpus=0.5)  # 4 CPUs: (4 - 1) // (1 + 0.5) = 2 at once
     data["run"]["name"] = SWEEP
