@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,51 @@ def two_version_home(home: Path, use_home, serve_home: Path, name: str = "mobile
     return home
 
 
+_KEPT_SERVE: dict[str, int] = {}  # {"port": the HTTP port of the Serve that serve_on_loopback started}
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def serve_on_loopback() -> int:
+    """Serve's controller and HTTP proxy on 127.0.0.1 on the shared cluster, started once and kept for the
+    next app (a start and a shutdown cost seconds of a 2-core box per module); returns the proxy's port.
+    Started again (on a new port) when a test shut it down; a Serve started elsewhere, on a port not
+    known here, is shut down first, as `serve.start` would silently keep its port."""
+    from ray import serve
+
+    port = _KEPT_SERVE.get("port")
+    if port is not None and serve.status().proxies and _listening(port):
+        return port
+    serve.shutdown()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _KEPT_SERVE["port"] = port
+    return port
+
+
+def stop_kept_serve() -> None:
+    """Shuts down the Serve that serve_on_loopback kept, if any (its controller and proxy spend CPU)."""
+    if _KEPT_SERVE.pop("port", None) is not None:
+        from ray import serve
+
+        serve.shutdown()
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _serve_stopped_after_the_package():
+    """Serve kept between this package's modules (serve_on_loopback) stops when the package's tests end."""
+    yield
+    stop_kept_serve()
+
+
 @contextlib.contextmanager
 def deployed_app(app_name: str, home: Path, args, drill=None, ingress_options: dict | None = None):
-    """`compose_app(args, drill)` run under `home` on the shared cluster (own Serve HTTP port); deleted afterwards.
+    """`compose_app(args, drill)` run under `home` on the shared cluster's Serve (serve_on_loopback: the
+    controller and proxy are kept between apps, one app at a time at route "/"); deleted afterwards.
 
     `ingress_options` (e.g. `num_replicas`) override PolicyIngress's deployment options, as a Serve
     config's `deployments:` entry for PolicyIngress does in production (serve_configs/gpu.yaml);
@@ -100,8 +143,7 @@ def deployed_app(app_name: str, home: Path, args, drill=None, ingress_options: d
 
     from mobile_vla.serve import app as serve_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_on_loopback()
     with home_env(home), pytest.MonkeyPatch.context() as patch:
         if ingress_options:
             patch.setattr(serve_app, "PolicyIngress", serve_app.PolicyIngress.options(**ingress_options))
@@ -112,4 +154,3 @@ def deployed_app(app_name: str, home: Path, args, drill=None, ingress_options: d
     finally:
         client.http.close()
         serve.delete(app_name)
-        serve.shutdown()

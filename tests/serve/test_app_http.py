@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from mobile_vla.serve.memory_token import MemoryCodec, RecurrentMemory, load_or_create_secret
-from tests.local_processes import free_port, wait_until
+from tests.local_processes import wait_until
+from tests.serve.conftest import serve_on_loopback
 
 APP = "mobile-vla-test"
 
@@ -60,8 +61,7 @@ def served(ray_cluster, serve_home, use_home):
     from mobile_vla.serve.app import ServeAppConfig, compose_app
     from mobile_vla.serve.drills import DrillConfig
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_on_loopback()
 
     # Test-only faults hit robots named drill-slow-* / drill-error-* only; everyone else gets a healthy primary.
     drill = DrillConfig(
@@ -86,7 +86,6 @@ def served(ray_cluster, serve_home, use_home):
     yield app
     app.http.close()
     serve.delete(APP)
-    serve.shutdown()
 
 
 def _error(response: httpx.Response) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.local_processes import mlflow_server
-from tests.serve.conftest import AppClient, free_port, two_version_home, wait_until
+from tests.serve.conftest import AppClient, free_port, serve_on_loopback, two_version_home, wait_until
 from tests.serve.test_hot_swap import IMAGE
 
 NAME = "mobile-vla-policy"
@@ -241,13 +241,13 @@ def test_app_replica_restarted_while_mlflow_is_stopped_serves_from_the_cache(hom
     from mobile_vla.serve.auth import create_tokens_file
 
     app_name, primary = "mobile-vla-registry-down", "OnnxPolicy"
-    registry_port, http_port = free_port(), free_port()
+    registry_port = free_port()
     token = create_tokens_file(home / "app-tokens")
     args = ServeAppConfig(
         tokens_file=str(home / "app-tokens"), alias_poll_s=0.5, primary_timeout_s=20.0, deadline_s=30.0
     )  # deadline: a loaded 2-core box (CI saw a 504 at the default 100 ms); this test is about the registry
     monkeypatch.setenv("MOBILE_VLA_HOME", str(home))
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    http_port = serve_on_loopback()
     app = AppClient(app_name, f"http://127.0.0.1:{http_port}", token, home)
     try:
         with mlflow_server(home / "mlflow.db", home / "server-artifacts", registry_port) as url:
@@ -286,4 +286,3 @@ def test_app_replica_restarted_while_mlflow_is_stopped_serves_from_the_cache(hom
         with contextlib.suppress(httpx.HTTPError):
             app.http.close()
         serve.delete(app_name)
-        serve.shutdown()

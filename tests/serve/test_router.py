@@ -17,6 +17,7 @@ from mobile_vla.serve.errors_http import ApiError
 from mobile_vla.serve.router import BatchRouter, BreakerState, CircuitBreaker, ServedVersions, raised_by_replica
 from mobile_vla.serve.schemas import BackendUnavailable, StepFailure, StepRequest, StepResult
 from mobile_vla.serve.settings import IngressConfig
+from tests.serve.conftest import serve_on_loopback
 
 
 class _Response:
@@ -151,14 +152,12 @@ def test_serve_delivers_a_replica_exception_as_its_own_class(ray_cluster):
     """Ray 2.x as installed: what the ingress catches when a policy replica raises BackendUnavailable."""
     from ray import serve
 
-    from tests.local_processes import free_port
-
     @serve.deployment
     class NoModel:
         async def step_batch(self, steps):
             raise BackendUnavailable("NoModel has no model loaded")
 
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve_on_loopback()
     handle = serve.run(NoModel.bind(), name="typed-errors", route_prefix=None)
     try:
         with pytest.raises(RayTaskError) as caught:
@@ -166,7 +165,6 @@ def test_serve_delivers_a_replica_exception_as_its_own_class(ray_cluster):
         assert isinstance(caught.value, BackendUnavailable) and raised_by_replica(caught.value, BackendUnavailable)
     finally:
         serve.delete("typed-errors")
-        serve.shutdown()
 
 
 # -- issue 16: deadlines, shedding, only the primary's own faults count -----------------------------
