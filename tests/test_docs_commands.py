@@ -337,7 +337,8 @@ def test_documented_tune_runs_a_one_trial_sweep(ray_cluster, tiny_dataset, platf
     ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "deprecated" not in done.stderr and "models:/mobile-vla-policy/" in done.stdout
+    assert "deprecated" not in done.stderr and "Traceback" not in done.stderr
+    assert "models:/mobile-vla-policy/" in done.stdout
     configure_mlflow()
     client = MlflowClient()
     version = client.get_model_version_by_alias(MODEL, "challenger")

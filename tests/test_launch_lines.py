@@ -3,23 +3,20 @@
 A launch line is a header comment line that is a command (indented, or after a label such as
 `Launch:`, `On a cluster:` or a cron schedule), or a backticked command in the header with arguments.
 LAUNCH below says, for every such line, how this suite runs it:
-- RUN: through the installed console script (`.venv/bin/mobile-vla`, or `python jobs/...`), in its own
-  process, with the session's tiny data set and short settings appended as overrides;
 - CHECK: the same command (an identical command with another preset file) with `--check` appended,
   in this process: the preset, its data needs, the model and the cluster fit are validated;
 - elsewhere(test): another test runs this line through the CLI (checked here: that test exists and
-  calls the subcommand); reported as a skip naming it, so it cannot pass here silently;
+  calls the subcommand); reported as a skip naming it, so it cannot pass here silently (the tiny train
+  line's run is tests/test_docs_commands.py's tiny training run; the installed console script in its own
+  process, joined to the session's Ray from another directory, is run by its one-trial sweep);
 - cannot(reason): it needs what this machine lacks (a GPU, a cluster), said in the skip.
 A line added to a header, or changed, fails `test_every_launch_line_is_classified` until it is added here.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +24,7 @@ import pytest
 from tests.test_docs_commands import cli_invocations, subcommand_path
 
 REPO = Path(__file__).resolve().parents[1]
-CONSOLE_SCRIPT = str(Path(sys.executable).parent / "mobile-vla")
 CONFIG_FILES = sorted([*REPO.glob("jobs/configs/*.yaml"), *REPO.glob("serve_configs/*.yaml")])
-SHORT = ["train.epochs=1", "train.max_steps_per_epoch=2"]  # a real run, seconds long
 
 _COMMAND = r"(?:[A-Z_]+=\S+ )*(?:mobile-vla|python|\.venv/bin/python|ray|serve|cd)\s"
 _LINE = re.compile(r"^#\s+(?:[A-Za-z][\w ,:()]*?:\s+)?(?:(?:\S+\s+){5}\s*(?=cd\s))?(?P<cmd>" + _COMMAND + r".*)$")
@@ -61,11 +56,7 @@ def launch_lines(path: Path) -> list[str]:
     return found
 
 
-def RUN():  # noqa: N802 - the table reads as a list of verbs
-    return ("run", "")
-
-
-def CHECK():  # noqa: N802
+def CHECK():  # noqa: N802 - the table reads as a list of verbs
     return ("check", "")
 
 
@@ -172,7 +163,7 @@ LAUNCH = {
     (
         "jobs/configs/tiny.yaml",
         "mobile-vla train --config jobs/configs/tiny.yaml data.path=DIR run.name=smoke scaling.num_workers=1",
-    ): RUN(),
+    ): elsewhere("tests/test_docs_commands.py::test_documented_train_trains_and_registers_a_tiny_run"),
     (
         "jobs/configs/tiny.yaml",
         "python jobs/train.py --config jobs/configs/tiny.yaml data.path=DIR scaling.num_workers=1",
@@ -276,7 +267,7 @@ def test_launch_line_run_elsewhere_or_not_here(case):
 @pytest.mark.slow  # Ray Train; the preflight builds each preset's model
 @pytest.mark.parametrize("case", [c for c in CASES if LAUNCH[c][0] == "check"], ids=_case_id)
 def test_launch_line_checks(case, ray_cluster, tiny_dataset, platform_home, capsys):
-    """The same command as a RUN line with another preset file: `--check` validates that file (its keys,
+    """The line with `--check` appended (`python jobs/X.py` as `mobile-vla X`): it validates the preset (its keys,
     the data it needs, the model it builds, the cluster fit) without training."""
     from mobile_vla.cli import main
 
@@ -288,19 +279,3 @@ def test_launch_line_checks(case, ray_cluster, tiny_dataset, platform_home, caps
         argv.insert(-1, f"data.path={tiny_dataset}")
     assert main(argv) == 0, capsys.readouterr().err[-2000:]
     assert "ok" in capsys.readouterr().out.lower()
-
-
-@pytest.mark.slow  # a training run through the console script, in its own process
-@pytest.mark.parametrize("case", [c for c in CASES if LAUNCH[c][0] == "run"], ids=_case_id)
-def test_launch_line_runs(case, ray_cluster, tiny_dataset, platform_home, tmp_path):
-    """The header's line as typed, through the installed console script from another directory, joined
-    to the session's Ray (as a user's second terminal would be), with one short epoch appended."""
-    words = _argv(case[1], tiny_dataset)
-    assert words[0] == "mobile-vla"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    done = subprocess.run(
-        [CONSOLE_SCRIPT, *words[1:], *SHORT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "models:/mobile-vla-policy/" in done.stdout and "Traceback" not in done.stderr
-    assert (platform_home / "mlflow.db").is_file()
