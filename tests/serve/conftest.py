@@ -43,7 +43,8 @@ def serve_home(tmp_path_factory) -> Path:
 
     home = tmp_path_factory.mktemp("serve-home")
     with home_env(home):
-        register_random_policy(preset="tiny", alias="champion")
+        # the legacy exporter: a quarter of dynamo's export time; the session's exported_dir keeps dynamo's
+        register_random_policy(preset="tiny", alias="champion", exporter="legacy")
     (home / "token").write_text(create_tokens_file(home / "tokens"))
     return home
 

@@ -51,8 +51,12 @@ def register_random_policy(
     seed: int = 0,
     fp16: bool = False,
     safety_frames: int = 96,
+    exporter: str = "dynamo",
 ) -> str:
     """Builds, saves, registers and exports a random `preset` policy; returns `models:/NAME@alias`.
+
+    `exporter` is export_model's (the legacy TorchScript exporter takes about a quarter of dynamo's
+    time on 2 cores, and serving cannot tell the graphs apart: the test suite's sample model uses it).
 
     With `safety_frames` > 0 the version carries novelty statistics and safety thresholds fitted on
     that many MiniWorld frames (two thirds as "training", a third from other rooms as "validation"), as a trained
@@ -75,7 +79,7 @@ def register_random_policy(
         version = register_policy(
             model_dir, run.info.run_id, name=name, alias=alias, tags={"sample": "random-weights", "preset": preset}
         )
-        result = export_model(model_dir, name=name, version=version, fp16=fp16)
+        result = export_model(model_dir, name=name, version=version, fp16=fp16, exporter=exporter)
         registered = ResolvedModel(path=model_dir, uri=f"models:/{name}/{version}", name=name, version=version)
         attach_onnx(registered, result.signature)  # the same files, tags and parity metrics as a real export
     return f"models:/{name}@{alias}"
