@@ -3,7 +3,7 @@
 The sweep is built so ASHA must stop something: the first trial (points_to_evaluate) trains with a sound
 learning rate, the other three sample theirs from [1e-7, 1e-6], where three epochs cannot move a model.
 Every trial trains at most 4 steps per epoch (the ASHA logic needs epochs, rungs, not long epochs): 4 Adam
-steps at 3e-3 already move the good trial's validation loss well below an untrained model's.
+steps at 3e-3 are enough for the first trial's first-epoch validation loss to beat the others'.
 Their first-epoch validation loss is worse than the first trial's, so ASHA (grace period 1, reduction
 factor 2) stops at least one of them at the first or second rung, whatever order the two concurrent trials
 report in. The sweep also combines its top 3 trials into an ensemble version (alias `ensemble`, so
