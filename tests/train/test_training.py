@@ -1,7 +1,9 @@
 """Real Ray Train V2 runs on the shared local cluster: 2 CPU workers (DDP over gloo), tiny policy, tiny data.
 
 One baseline run is shared by the module (it is the expensive part): its MLflow run, registered
-version, resume and a fault-injected twin are all checked against it.
+version, resume and a fault-injected twin are all checked against it. The baseline and its twin train
+3 epochs of BASELINE_STEPS_PER_EPOCH global steps each (the tiny train split holds ~25 per epoch for 2
+workers); the other runs train 2 steps.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ MODEL = "mobile-vla-policy"
 # workers different windows of an epoch (different global batches), so it is not bit-identical.
 # Tolerance: final validation loss within 30% of the clean run's (same config, same epoch).
 FAULT_TOLERANCE = 0.30
+# Enough steps for the loss to fall over 3 epochs and for an epoch to outlast the killer thread's reaction
+# (it polls every 20 ms); each step is CPU time on a 2-core box, twice over in the faulted run.
+BASELINE_STEPS_PER_EPOCH = 8
 
 pytestmark = pytest.mark.slow  # several real Ray Train runs: minutes on 2 cores
 
@@ -51,7 +56,7 @@ def home(tmp_path_factory):
 def baseline(ray_cluster, tiny_dataset, home):
     from mobile_vla.train.trainer import run_training
 
-    cfg = _config(tiny_dataset, home, "run.name=baseline")
+    cfg = _config(tiny_dataset, home, "run.name=baseline", f"train.max_steps_per_epoch={BASELINE_STEPS_PER_EPOCH}")
     return cfg, run_training(cfg)
 
 
@@ -194,7 +199,14 @@ def test_killed_worker_is_replaced_and_training_finishes_from_the_last_checkpoin
     latest = max(clean.best_checkpoint_dir.parent.glob("checkpoint_epoch_*"))
     clean_epoch_3 = next(e for e in read_history(latest)["epochs"] if e["epoch"] == 3)
     pid_dir = tmp_path / "pids"
-    cfg = _config(tiny_dataset, home, "run.name=faulted", f"run.pid_dir={pid_dir}", "mlflow.registered_model=null")
+    cfg = _config(
+        tiny_dataset,
+        home,
+        "run.name=faulted",
+        f"run.pid_dir={pid_dir}",
+        f"train.max_steps_per_epoch={BASELINE_STEPS_PER_EPOCH}",  # the baseline's config: comparable losses
+        "mlflow.registered_model=null",
+    )
     killed: dict = {}
     killer = threading.Thread(
         target=_kill_rank_after_first_checkpoint,
