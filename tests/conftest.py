@@ -101,6 +101,37 @@ def platform_home(tmp_path, monkeypatch, request):
     return home
 
 
+# `make test` runs the suite in two pytest-xdist workers, one per group below (`--dist loadgroup`: a group's tests
+# run in one worker, in file order; each worker has its own session, so its own Ray cluster). The box has 2
+# cores and a serial run left about a quarter of them idle (process start-ups, waits on replicas and servers).
+# FOREGROUND holds the tests that measure time against a wall clock (deadlines, load, outages, robots over
+# HTTP); the other worker, BACKGROUND (training, sweeps, exports, jobs), runs at a lower CPU priority
+# (BACKGROUND_NICENESS, inherited by its Ray cluster) so that it takes only the CPU the foreground leaves.
+FOREGROUND, BACKGROUND = "foreground", "background"
+FOREGROUND_PATHS = ("tests/serve/", "tests/online/", "tests/demo/", "client/tests/", "tests/test_admission_front.py")
+BACKGROUND_NICENESS = 10
+
+
+def xdist_group_of(nodeid: str) -> str:
+    return FOREGROUND if nodeid.startswith(FOREGROUND_PATHS) else BACKGROUND
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test joins its xdist group (only when pytest-xdist runs the session: the marker is its own)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item.nodeid)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """In an xdist worker, lowers this process's priority before the first background test's fixtures start
+    anything (the Ray cluster, servers): what it starts after inherits the niceness."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and xdist_group_of(item.nodeid) == BACKGROUND and os.nice(0) == 0:
+        os.nice(BACKGROUND_NICENESS)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Stops the session's Ray cluster, if a test started one (Ray is not imported otherwise)."""
     ray = sys.modules.get("ray")
