@@ -33,12 +33,8 @@ format: setup
 # Serve apps, Ray Train, MiniWorld rollouts over ~5 s, the demo); `make test` runs everything. Measured on 2 cores:
 # test-fast 3 min 45 s on a quiet box (2026-12-06, 579 tests); make test 43 minutes on a partly loaded box
 # (2026-12-07, 802 tests).
-# make test runs two pytest-xdist workers, one per test group (tests/conftest.py: the tests that time things
-# against a wall clock in one, training, sweeps and exports at a lower CPU priority in the other), each with its
-# own Ray cluster; TEST_WORKERS=0 runs the suite in one process.
-TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests client/tests -p no:randomly -n $(TEST_WORKERS) --dist loadgroup --durations=40 $(PYTEST_ARGS)
+	$(PY) -m pytest tests client/tests -p no:randomly --durations=40 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest tests client/tests -p no:randomly -m "not slow" $(PYTEST_ARGS)

@@ -101,43 +101,6 @@ def platform_home(tmp_path, monkeypatch, request):
     return home
 
 
-# `make test` runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup`), one per group below: a group's
-# tests run in one worker, in file order; each worker is a session of its own, so it has its own Ray cluster.
-# The box has 2 cores and a serial run left about a quarter of them idle (process start-ups, waits on replicas
-# and servers). FOREGROUND holds the tests that time things against a wall clock (deadlines, load, outages,
-# robots over HTTP); BACKGROUND (training, sweeps, exports, jobs) runs at a lower CPU priority
-# (BACKGROUND_NICENESS, inherited by its Ray cluster), so that it takes the CPU the foreground leaves.
-FOREGROUND, BACKGROUND = "foreground", "background"
-FOREGROUND_PATHS = ("tests/serve/", "tests/online/", "tests/demo/", "client/tests/", "tests/test_admission_front.py")
-BACKGROUND_NICENESS = 10
-
-
-def xdist_group_of(nodeid: str) -> str:
-    return FOREGROUND if nodeid.startswith(FOREGROUND_PATHS) else BACKGROUND
-
-
-@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown without xdist (-p no:xdist)
-def pytest_xdist_make_scheduler(config, log):
-    """With `--dist loadgroup`: xdist's group scheduling, the group read from the test's path (the groups above)."""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    from xdist.scheduler import LoadGroupScheduling
-
-    class PathGroupScheduling(LoadGroupScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return xdist_group_of(nodeid)
-
-    return PathGroupScheduling(config, log)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    """In an xdist worker, lowers this process's priority before the first background test's fixtures start
-    anything (the Ray cluster, servers): what it starts after inherits the niceness."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and xdist_group_of(item.nodeid) == BACKGROUND and os.nice(0) == 0:
-        os.nice(BACKGROUND_NICENESS)
-
-
 def pytest_sessionfinish(session, exitstatus):
     """Stops the session's Ray cluster, if a test started one (Ray is not imported otherwise)."""
     ray = sys.modules.get("ray")
