@@ -2,15 +2,15 @@
 with the real CLI, its subcommand answers --help, the config files it names are in the repo, and a
 test runs that subcommand for real through the CLI (COVERAGE below says which; the check reads each
 listed test's source and fails unless it, or a fixture or helper of its module that it names, calls
-`main([<subcommand>, ...])` or starts `python -m mobile_vla.cli <subcommand>`). The commands no other
-test runs through the CLI (`data generate`, `train`, `tune`, `mlflow-ui`) are run here, small.
+`main([<subcommand>, ...])` or starts `python -m mobile_vla.cli <subcommand>` or the installed console
+script). The commands no other test runs through the CLI (`data generate`, `train`, `mlflow-ui`) are
+run here, small; `tune` is run by the ASHA sweep of tests/tune/test_sweep.py, through the console script.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import shlex
 import signal
@@ -25,7 +25,6 @@ import pytest
 from tests.local_processes import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
-MOBILE_VLA_SCRIPT = str(Path(sys.executable).parent / "mobile-vla")  # the installed console script
 MODEL = "mobile-vla-policy"
 DOCS = ["README.md", "docs/quickstart.md"]
 
@@ -71,7 +70,7 @@ COVERAGE = {
     # mobile-vla data export --format lerobot data/mini DST  (quickstart prose)
     "data export": ["tests/data/test_lerobot.py::test_export_writes_the_v3_layout"],
     # mobile-vla tune --config jobs/configs/tune_small.yaml  (quickstart prose)
-    "tune": ["tests/test_docs_commands.py::test_documented_tune_runs_a_one_trial_sweep"],
+    "tune": ["tests/tune/test_sweep.py::test_tune_console_script_exits_cleanly_and_records_the_code_that_ran"],
     # mobile-vla doctor  (quickstart troubleshooting, README)
     "doctor": ["tests/test_doctor.py::test_the_real_checks_pass_on_this_box"],
     # mobile-vla mlflow-ui
@@ -149,7 +148,7 @@ def _leading_strings(node: ast.AST) -> tuple[str, ...]:
 def _cli_calls(function: ast.FunctionDef) -> set[tuple[str, ...]]:
     """Argument lists the function hands the CLI: `main([...])` (or `main(argv)` with `argv = [...]` in
     the function) and process command lists `[..., "mobile_vla.cli", <args>]` / `[".../mobile-vla", <args>]`
-    / `[MOBILE_VLA_SCRIPT, <args>]`."""
+    / `[MOBILE_VLA_SCRIPT, <args>]` (a test module's name for the installed console script)."""
     lists = {
         target.id: node.value
         for node in ast.walk(function)
@@ -310,42 +309,6 @@ def test_documented_train_trains_and_registers_a_tiny_run(ray_cluster, tiny_data
     assert run.data.tags["mlflow.source.git.commit"] == head.strip() and run.data.tags["mobile_vla.version"] == "0.1.0"
     progress = re.findall(r"train: epoch 1/1 · step (\d+)/(\d+) · loss \d+\.\d+ · .* ETA \S+", capsys.readouterr().err)
     assert progress and progress[-1][0] == progress[-1][1], progress  # the last line: the last step
-
-
-@pytest.mark.slow
-def test_documented_tune_runs_a_one_trial_sweep(ray_cluster, tiny_dataset, platform_home, tmp_path):
-    """`mobile-vla tune --config SWEEP data.path=DIR` as a user types it: the installed console script, in
-    its own process (the CLI's rich console reaches Tune's callbacks, which Tune pickles: issue 19 found
-    `cannot pickle '_thread.RLock'` there), joined to the session's cluster; one trial of one short epoch,
-    plain KEY=VALUE overrides for both the sweep and the training preset; the best trial is registered."""
-    from mlflow import MlflowClient
-
-    from mobile_vla.tracking import configure_mlflow
-
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    command = [
-        MOBILE_VLA_SCRIPT,
-        "tune",
-        "--config",
-        str(REPO / "jobs" / "configs" / "tune_tiny.yaml"),
-        f"data.path={tiny_dataset}",
-        "train.epochs=1",
-        "train.max_steps_per_epoch=2",
-        "tune.num_samples=1",
-        "tune.driver_cpus=0.5",
-        "run.name=docs-sweep",
-    ]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "deprecated" not in done.stderr and "Traceback" not in done.stderr
-    assert "models:/mobile-vla-policy/" in done.stdout
-    configure_mlflow()
-    client = MlflowClient()
-    version = client.get_model_version_by_alias(MODEL, "challenger")
-    assert version.tags["sweep"] == "docs-sweep"
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    tags = client.get_run(version.run_id).data.tags  # the trial's training run records the code that ran it
-    assert tags["mlflow.source.git.commit"] == head.strip() and tags["mobile_vla.version"] == "0.1.0"
 
 
 @pytest.mark.slow  # an `mlflow server` process: half a minute to answer on 2 cores

@@ -7,8 +7,9 @@ LAUNCH below says, for every such line, how this suite runs it:
   in this process: the preset, its data needs, the model and the cluster fit are validated;
 - elsewhere(test): another test runs this line through the CLI (checked here: that test exists and
   calls the subcommand); reported as a skip naming it, so it cannot pass here silently (the tiny train
-  line's run is tests/test_docs_commands.py's tiny training run; the installed console script in its own
-  process, joined to the session's Ray from another directory, is run by its one-trial sweep);
+  line's run is tests/test_docs_commands.py's tiny training run; the tiny sweep line's is the ASHA sweep of
+  tests/tune/test_sweep.py: tune_tiny.yaml with that test's search space, through the installed console
+  script in its own process, joined to the session's Ray from another directory);
 - cannot(reason): it needs what this machine lacks (a GPU, a cluster), said in the skip.
 A line added to a header, or changed, fails `test_every_launch_line_is_classified` until it is added here.
 """
@@ -180,7 +181,7 @@ LAUNCH = {
     (
         "jobs/configs/tune_tiny.yaml",
         "mobile-vla tune --config jobs/configs/tune_tiny.yaml data.path=DIR run.name=tiny-sweep",
-    ): elsewhere("tests/test_docs_commands.py::test_documented_tune_runs_a_one_trial_sweep"),
+    ): elsewhere("tests/tune/test_sweep.py::test_tune_console_script_exits_cleanly_and_records_the_code_that_ran"),
     ("jobs/configs/tune_tiny.yaml", "python jobs/tune.py --config jobs/configs/tune_tiny.yaml data.path=DIR"): CHECK(),
     (
         "jobs/configs/tune_tiny.yaml",

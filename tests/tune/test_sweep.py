@@ -1,4 +1,10 @@
-"""A real 4-trial ASHA + Optuna sweep on the shared local cluster (tiny policy, tiny data), tracked in MLflow.
+"""A real 4-trial ASHA + Optuna sweep on the shared local cluster (tiny policy, tiny data), tracked in MLflow,
+run as a user types it: `mobile-vla tune --config FILE KEY=VALUE ...`, the installed console script in its own
+process, started from a scratch directory and joined to the session's cluster through RAY_ADDRESS. FILE is
+jobs/configs/tune_tiny.yaml with the changes below (its base preset's path made absolute, so that it resolves
+from the scratch directory); the overrides set both the sweep (run.name, tune.driver_cpus) and the training
+preset (data.path, train.max_steps_per_epoch). The tests read the sweep's outcome where the sweep recorded it:
+the parent MLflow run (sweep/trials.json, its tags and metrics), its child runs and the registry.
 
 The sweep is built so ASHA must stop something: the first trial (points_to_evaluate) trains with a sound
 learning rate, the other three sample theirs from [1e-7, 1e-6], where three epochs cannot move a model.
@@ -12,6 +18,8 @@ report in. The sweep also combines its top 3 trials into an ensemble version (al
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -21,19 +29,23 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from ray.experimental.internal_kv import _internal_kv_list
 from ray.util.placement_group import placement_group_table
 
 from mobile_vla.cli import main
 from mobile_vla.policy import load_policy
 from mobile_vla.policy.ensemble import EnsemblePolicy
 from mobile_vla.tracking import configure_mlflow, resolve_model
-from mobile_vla.tune.sweep import run_sweep
-from mobile_vla.tune.sweep_config import TuneJobConfig
+from mobile_vla.tune.placement_cleanup import KV_NAMESPACE
+from mobile_vla.tune.sweep_config import TuneJobConfig, load_tune_config, split_overrides
+from mobile_vla.tune.trials import ENSEMBLE_TRIAL, PARENT_TRIAL, SWEEP_TAG, TRIAL_TAG, SweepResult, TrialSummary
 
 REPO = Path(__file__).resolve().parents[2]
 TUNE_TINY = REPO / "jobs" / "configs" / "tune_tiny.yaml"
+MOBILE_VLA_SCRIPT = str(Path(sys.executable).parent / "mobile-vla")  # the installed console script
 MODEL = "mobile-vla-policy"
 SWEEP = "asha-test"
+SWEEP_TIMEOUT_S = 900  # as pyproject's per-test timeout (which also counts setup): a hang guard, not a bound
 
 pytestmark = pytest.mark.slow  # a 4-trial sweep of real Ray Train runs: minutes on 2 cores
 GOOD = {
@@ -56,20 +68,71 @@ def home(tmp_path_factory):
         yield path
 
 
-def _config(tiny_dataset):
+def _write_config(folder: Path) -> Path:
+    """tune_tiny.yaml with the sweep's search space, first point and ensemble, as a file the CLI reads."""
     data = yaml.safe_load(TUNE_TINY.read_text())
-    data["train"]["overrides"] += [f"data.path={tiny_dataset}", "train.max_steps_per_epoch=4"]
+    data["train"]["config"] = str(REPO / data["train"]["config"])  # relative to the repository, not to `folder`
     data["search_space"]["optim.lr"] = {"loguniform": [1.0e-7, 1.0e-6]}
-    data["tune"].update(points_to_evaluate=[GOOD], driver_cpus=0.5)  # 4 CPUs: (4 - 1) // (1 + 0.5) = 2 at once
-    data["run"]["name"] = SWEEP
+    data["tune"]["points_to_evaluate"] = [GOOD]
     data["ensemble"] = {"members": 3, "alias": "ensemble"}
-    return TuneJobConfig.model_validate(data)
+    path = folder / "tune_asha.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _overrides(tiny_dataset) -> list[str]:
+    return [
+        f"data.path={tiny_dataset}",
+        "train.max_steps_per_epoch=4",
+        "tune.driver_cpus=0.5",  # 4 CPUs: (4 - 1) // (1 + 0.5) = 2 at once
+        f"run.name={SWEEP}",
+    ]
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_cluster, tiny_dataset, home):
-    cfg = _config(tiny_dataset)
-    return cfg, run_sweep(cfg, config_dir=TUNE_TINY.parent)
+def sweep_process(ray_cluster, tiny_dataset, home, tmp_path_factory):
+    """The finished `mobile-vla tune` process (its exit code and output), run from a scratch directory."""
+    config = _write_config(tmp_path_factory.mktemp("tune_config"))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    command = [MOBILE_VLA_SCRIPT, "tune", "--config", str(config), *_overrides(tiny_dataset)]
+    cwd = tmp_path_factory.mktemp("tune_cwd")
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+
+
+def _recorded_result(cfg: TuneJobConfig) -> SweepResult:
+    """The sweep's outcome as it recorded it: the trials (sweep/trials.json of the parent run), the number
+    at once (its `concurrency` metric), the best trial (ranked as the sweep ranks them), the version of the
+    best trial (the parent's `mobile_vla.model_version` tag) and the ensemble's (registered from the
+    parent's `ensemble` child run)."""
+    client = _client()
+    experiment_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{SWEEP}'")
+    [parent] = [r for r in runs if r.data.tags[TRIAL_TAG] == PARENT_TRIAL]
+    [ensemble_run] = [r for r in runs if r.data.tags[TRIAL_TAG] == ENSEMBLE_TRIAL]
+    trials = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep/trials.json")).read_text())
+    result = SweepResult(
+        name=SWEEP,
+        parent_run_id=parent.info.run_id,
+        trials=[TrialSummary(**trial) for trial in trials],
+        best=None,
+        model_version=parent.data.tags.get("mobile_vla.model_version"),
+        concurrency=int(parent.data.metrics["concurrency"]),
+    )
+    ranked = result.ranked(cfg.tune.metric, cfg.tune.mode)
+    result.best = ranked[0] if ranked else None
+    [ensemble_version] = client.search_model_versions(f"run_id = '{ensemble_run.info.run_id}'")
+    result.ensemble_version = str(ensemble_version.version)
+    return result
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_process, tiny_dataset):
+    """(the tune config as the CLI read it, the sweep's result as MLflow holds it)."""
+    done = sweep_process
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    config = done.args[done.args.index("--config") + 1]
+    cfg = load_tune_config(config, *split_overrides(_overrides(tiny_dataset)))
+    return cfg, _recorded_result(cfg)
 
 
 def _client():
@@ -154,7 +217,9 @@ def test_top_trials_become_one_ensemble_version(sweep):
 
 
 def test_no_placement_group_outlives_the_sweep(sweep, ray_cluster):
-    """Stopped trials' worker groups are freed even without the dashboard's state API."""
+    """Stopped trials' worker groups are freed even without the dashboard's state API. The sweep ran in its
+    own process, and Ray removes a finished job's groups itself; so the sweep's own bookkeeping is checked
+    too: every worker group its trials recorded in the GCS was released (its record deleted) by the sweep."""
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -163,6 +228,25 @@ def test_no_placement_group_outlives_the_sweep(sweep, ray_cluster):
             break
         time.sleep(1)
     assert live == []
+    assert _internal_kv_list(f"{SWEEP}/", namespace=KV_NAMESPACE) == []
+
+
+def test_tune_console_script_exits_cleanly_and_records_the_code_that_ran(sweep_process):
+    """The sweep as a user types it (see the module docstring): the installed console script in its own
+    process (the CLI's rich console reaches Tune's callbacks, which Tune pickles: issue 19 found
+    `cannot pickle '_thread.RLock'` there) exits 0 with neither a deprecation warning nor a traceback,
+    prints the registered version, tags it with the sweep's name (run.name=, a sweep override), and the
+    best trial's training run records the code that ran it (git commit, package version)."""
+    done = sweep_process
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "deprecated" not in done.stderr and "Traceback" not in done.stderr
+    assert "models:/mobile-vla-policy/" in done.stdout
+    client = _client()
+    version = client.get_model_version_by_alias(MODEL, "challenger")
+    assert version.tags["sweep"] == SWEEP
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    tags = client.get_run(version.run_id).data.tags  # the trial's training run records the code that ran it
+    assert tags["mlflow.source.git.commit"] == head.strip() and tags["mobile_vla.version"] == "0.1.0"
 
 
 def test_ensemble_cli_combines_an_earlier_sweep(sweep, tiny_dataset, home):

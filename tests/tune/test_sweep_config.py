@@ -1,5 +1,6 @@
 """Tune config: search dimensions, keys the sweep owns, search-space checks against the training preset,
-concurrency from cluster resources, and the seed-ensemble rewrite. No cluster needed."""
+where the base preset is found, concurrency from cluster resources, and the seed-ensemble rewrite. No
+cluster needed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from ray import tune
 
 from mobile_vla.errors import ConfigError, ResourceError
+from mobile_vla.train.job_config import load_train_config
 from mobile_vla.train.preflight import resolve_policy_config
 from mobile_vla.tune.ensemble_build import seed_sweep_config
 from mobile_vla.tune.search import build_search_algorithm
@@ -114,6 +116,17 @@ def test_missing_base_preset_is_a_config_error(tmp_path):
     cfg = load_tune_config(_write(tmp_path, "train:\n  config: nowhere/preset.yaml\n"))
     with pytest.raises(ConfigError, match="train.config = 'nowhere/preset.yaml': no such file"):
         load_base_train_config(cfg, tmp_path)
+
+
+def test_relative_base_preset_resolves_above_the_tune_config_from_any_directory(tmp_path, monkeypatch):
+    """`mobile-vla tune --config jobs/configs/tune_tiny.yaml` from another directory: its train.config
+    (jobs/configs/tiny.yaml, relative) is found above the tune config's folder, at the repository root."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_tune_config(TUNE_TINY)
+    expected = load_train_config(REPO / cfg.train.config, cfg.train.overrides)
+    assert load_base_train_config(cfg, TUNE_TINY.parent) == expected
+    with pytest.raises(ConfigError, match="no such file"):
+        load_base_train_config(cfg)  # without the tune config's folder: not from this directory
 
 
 def test_concurrency_follows_cluster_resources():
