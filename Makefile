@@ -32,7 +32,7 @@ format: setup
 # test-fast leaves out the tests marked `slow` (real training and fine-tunes, ONNX exports of new models, sweeps,
 # Serve apps, Ray Train, MiniWorld rollouts over ~5 s, the demo); `make test` runs everything. Measured on 2 cores:
 # test-fast 3 min 45 s on a quiet box (2026-12-06, 579 tests); make test 43 minutes on a partly loaded box
-# (2026-12-07, 802 tests).
+# (2026-12-07, 802 tests), 55-60 minutes from fresh clones later that day (1,035 tests).
 test: setup
 	$(PY) -m pytest tests client/tests -p no:randomly --durations=40 $(PYTEST_ARGS)
 
